@@ -1,0 +1,234 @@
+//! Versioned cluster topologies and their differences.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Member, MemberId, ModelError};
+
+/// The members of one cluster at one version, as published by one source (a provider).
+///
+/// Members are kept sorted by id and unique, so two topologies with the same members compare
+/// equal and iterate in the same order on every node. The version is monotonic per source:
+/// a consumer applies a topology only if its version is higher than the one it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterTopology {
+    cluster_name: String,
+    version: u64,
+    members: Vec<Member>,
+}
+
+impl ClusterTopology {
+    /// Builds a topology; members are sorted by id. Two members with one id is an error.
+    pub fn new(
+        cluster_name: impl Into<String>,
+        version: u64,
+        members: impl IntoIterator<Item = Member>,
+    ) -> Result<Self, ModelError> {
+        let mut members: Vec<Member> = members.into_iter().collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(pair) = members.windows(2).find(|w| w[0].id == w[1].id) {
+            return Err(ModelError::DuplicateMember(pair[0].id.clone()));
+        }
+        Ok(Self {
+            cluster_name: cluster_name.into(),
+            version,
+            members,
+        })
+    }
+
+    /// The topology before anything is known: version 0, no members.
+    pub fn empty(cluster_name: impl Into<String>) -> Self {
+        Self {
+            cluster_name: cluster_name.into(),
+            version: 0,
+            members: Vec::new(),
+        }
+    }
+
+    /// The cluster this topology describes.
+    pub fn cluster_name(&self) -> &str {
+        &self.cluster_name
+    }
+
+    /// The source's version of this topology.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Members sorted by id.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The member with `id`, if present.
+    pub fn member(&self, id: &MemberId) -> Option<&Member> {
+        self.members
+            .binary_search_by(|m| m.id.cmp(id))
+            .ok()
+            .map(|i| &self.members[i])
+    }
+
+    /// Whether a member with `id` is present.
+    pub fn contains(&self, id: &MemberId) -> bool {
+        self.member(id).is_some()
+    }
+
+    /// Members hosting `kind`, in id order.
+    pub fn members_with_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Member> {
+        self.members.iter().filter(move |m| m.hosts(kind))
+    }
+
+    /// Member ids in order.
+    pub fn member_ids(&self) -> impl Iterator<Item = &MemberId> {
+        self.members.iter().map(|m| &m.id)
+    }
+
+    /// What changed from `self` to `newer` (which need not really be newer).
+    pub fn diff(&self, newer: &ClusterTopology) -> TopologyDiff {
+        let mut diff = TopologyDiff {
+            from_version: self.version,
+            to_version: newer.version,
+            ..TopologyDiff::default()
+        };
+        let (mut old, mut new) = (
+            self.members.iter().peekable(),
+            newer.members.iter().peekable(),
+        );
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => diff.left.extend(old.by_ref().cloned()),
+                (None, Some(_)) => diff.joined.extend(new.by_ref().cloned()),
+                (Some(o), Some(n)) => match o.id.cmp(&n.id) {
+                    Ordering::Less => diff.left.push(old.next().cloned().expect("peeked")),
+                    Ordering::Greater => diff.joined.push(new.next().cloned().expect("peeked")),
+                    Ordering::Equal => {
+                        let (o, n) = (old.next().expect("peeked"), new.next().expect("peeked"));
+                        if o != n {
+                            diff.changed.push(MemberChange {
+                                before: o.clone(),
+                                after: n.clone(),
+                            });
+                        }
+                    }
+                },
+            }
+        }
+        diff
+    }
+}
+
+/// A member whose description (address, kinds, zone or metadata) changed between versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberChange {
+    /// The description before.
+    pub before: Member,
+    /// The description after.
+    pub after: Member,
+}
+
+/// The difference between two topologies; every list is sorted by member id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyDiff {
+    /// Version of the older topology.
+    pub from_version: u64,
+    /// Version of the newer topology.
+    pub to_version: u64,
+    /// Members present only in the newer topology.
+    pub joined: Vec<Member>,
+    /// Members present only in the older topology.
+    pub left: Vec<Member>,
+    /// Members present in both with a different description.
+    pub changed: Vec<MemberChange>,
+}
+
+impl TopologyDiff {
+    /// Whether membership and every description are unchanged.
+    pub fn is_empty(&self) -> bool {
+        self.joined.is_empty() && self.left.is_empty() && self.changed.is_empty()
+    }
+
+    /// Applies this diff to `base` (the older topology's members), giving the newer members in
+    /// id order. Lets a consumer that receives only deltas rebuild the full member list.
+    pub fn apply(&self, base: &[Member]) -> Vec<Member> {
+        let mut out: std::collections::BTreeMap<&MemberId, &Member> =
+            base.iter().map(|m| (&m.id, m)).collect();
+        for m in &self.left {
+            out.remove(&m.id);
+        }
+        for c in &self.changed {
+            out.insert(&c.after.id, &c.after);
+        }
+        for m in &self.joined {
+            out.insert(&m.id, m);
+        }
+        out.into_values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: &str, addr: &str, kinds: &[&str]) -> Member {
+        Member::new(MemberId::parse(id).unwrap(), addr, kinds.iter().copied())
+    }
+
+    #[test]
+    fn members_are_sorted_and_unique() {
+        let t = ClusterTopology::new("c", 1, [m("b", "x:1", &[]), m("a", "x:2", &[])]).unwrap();
+        let ids: Vec<_> = t.member_ids().map(|i| i.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let err = ClusterTopology::new("c", 1, [m("a", "x:1", &[]), m("a", "x:2", &[])]);
+        assert!(matches!(err, Err(ModelError::DuplicateMember(_))));
+    }
+
+    #[test]
+    fn diff_reports_joined_left_changed() {
+        let old = ClusterTopology::new(
+            "c",
+            3,
+            [
+                m("a", "x:1", &["k"]),
+                m("b", "x:2", &["k"]),
+                m("c", "x:3", &["k"]),
+            ],
+        )
+        .unwrap();
+        let new = ClusterTopology::new(
+            "c",
+            4,
+            [
+                m("a", "x:1", &["k"]),
+                m("c", "x:3", &["k", "j"]),
+                m("d", "x:4", &["k"]),
+            ],
+        )
+        .unwrap();
+        let d = old.diff(&new);
+        assert_eq!((d.from_version, d.to_version), (3, 4));
+        assert_eq!(
+            d.joined.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["d"]
+        );
+        assert_eq!(
+            d.left.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(d.changed.len(), 1);
+        assert_eq!(d.changed[0].after.kinds.len(), 2);
+        assert_eq!(d.apply(old.members()), new.members());
+        assert!(new.diff(&new).is_empty());
+    }
+}
