@@ -47,6 +47,7 @@ pub mod events;
 pub mod metrics;
 pub mod placement;
 pub mod provider;
+pub mod registry;
 pub mod runtime;
 
 pub use cluster::{ClusterTopology, Member, MemberId, MemberLimits, ModelError, TopologyDiff};

@@ -95,6 +95,58 @@ impl EventMetrics {
     }
 }
 
+/// Serves `registry` in the Prometheus text format at `GET /metrics` on `listener`, forever.
+///
+/// A deliberately small HTTP/1.1 responder (one request per connection, 8 KiB request limit,
+/// 5 s read deadline) so a scrape endpoint needs no web framework.
+#[cfg(not(madsim))]
+pub async fn serve_http(listener: tokio::net::TcpListener, registry: std::sync::Arc<Registry>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = conn.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let response = if head.starts_with("GET /metrics ") {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    Err(_) => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+                }
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = conn.write_all(response.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

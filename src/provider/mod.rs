@@ -2,12 +2,15 @@
 
 mod context;
 pub mod memory;
-mod remote;
 
 use async_trait::async_trait;
 
 pub use context::ClusterProviderContext;
-pub use remote::{LocalPartitionManager, PartitionManagerClient, PartitionManagerHandle};
+pub mod remote;
+pub use remote::{
+    GrpcPartitionManager, LocalPartitionManager, PartitionManagerClient, PartitionManagerHandle,
+    PartitionService,
+};
 
 use crate::cluster::{MemberId, ModelError};
 

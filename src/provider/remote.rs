@@ -56,3 +56,142 @@ impl PartitionManagerClient for LocalPartitionManager {
         Ok(self.manager.version())
     }
 }
+
+/// Generated protocol types and gRPC stubs of the partition service (`shoal.partition.v1`).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("shoal.partition.v1");
+}
+
+/// Serves this node's partition manager to other members (`shoal.partition.v1.PartitionService`).
+/// Add [`PartitionService::server`] to the node's gRPC server at its advertised address.
+#[derive(Debug, Clone)]
+pub struct PartitionService {
+    manager: Arc<PartitionManager>,
+}
+
+impl PartitionService {
+    /// Serves `manager`.
+    pub fn new(manager: Arc<PartitionManager>) -> Self {
+        Self { manager }
+    }
+
+    /// The gRPC service to add to a server.
+    pub fn server(self) -> pb::partition_service_server::PartitionServiceServer<Self> {
+        pb::partition_service_server::PartitionServiceServer::new(self)
+            .max_decoding_message_size(16 * 1024)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::partition_service_server::PartitionService for PartitionService {
+    async fn owner(
+        &self,
+        request: tonic::Request<pb::OwnerRequest>,
+    ) -> Result<tonic::Response<pb::OwnerResponse>, tonic::Status> {
+        let req = request.into_inner();
+        if req.cluster != self.manager.cluster_name() {
+            return Err(tonic::Status::not_found(format!(
+                "this member serves cluster {:?}, not {:?}",
+                self.manager.cluster_name(),
+                req.cluster
+            )));
+        }
+        if req.kind.is_empty() || req.identity.is_empty() {
+            return Err(tonic::Status::invalid_argument(
+                "kind and identity are required",
+            ));
+        }
+        let version = self.manager.version();
+        let owner = self.manager.peek_owner(&req.kind, &req.identity);
+        Ok(tonic::Response::new(pb::OwnerResponse {
+            owner_id: owner.as_ref().map(|m| m.id.to_string()).unwrap_or_default(),
+            owner_address: owner.map(|m| m.address.clone()).unwrap_or_default(),
+            topology_version: version,
+        }))
+    }
+}
+
+/// A partition manager in another process, reached over gRPC at the member's address.
+#[derive(Debug, Clone)]
+pub struct GrpcPartitionManager {
+    cluster: String,
+    member: Member,
+    client: pb::partition_service_client::PartitionServiceClient<tonic::transport::Channel>,
+    rpc_timeout: std::time::Duration,
+    clock: crate::runtime::SharedClock,
+}
+
+impl GrpcPartitionManager {
+    /// A client for `member`'s partition service (connected lazily, at its address over
+    /// plaintext HTTP/2).
+    pub fn new(
+        cluster: String,
+        member: Member,
+        rpc_timeout: std::time::Duration,
+        clock: crate::runtime::SharedClock,
+    ) -> Result<Self, ProviderError> {
+        let url = format!("http://{}", member.address);
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| {
+                ProviderError::Rejected(format!(
+                    "member address {url:?} is not a valid endpoint: {e}"
+                ))
+            })?
+            .connect_timeout(rpc_timeout)
+            .connect_lazy();
+        Ok(Self {
+            cluster,
+            member,
+            client: pb::partition_service_client::PartitionServiceClient::new(channel),
+            rpc_timeout,
+            clock,
+        })
+    }
+
+    async fn ask(&self, kind: &str, identity: &str) -> Result<pb::OwnerResponse, ProviderError> {
+        let mut client = self.client.clone();
+        let req = pb::OwnerRequest {
+            cluster: self.cluster.clone(),
+            kind: kind.to_string(),
+            identity: identity.to_string(),
+        };
+        match crate::runtime::timeout(self.clock.as_ref(), self.rpc_timeout, client.owner(req))
+            .await
+        {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(ProviderError::Unavailable(format!(
+                "partition service of {}: {:?} {}",
+                self.member.id,
+                s.code(),
+                s.message()
+            ))),
+            Err(_) => Err(ProviderError::Unavailable(format!(
+                "partition service of {} did not answer within {:?}",
+                self.member.id, self.rpc_timeout
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl PartitionManagerClient for GrpcPartitionManager {
+    fn member_id(&self) -> &MemberId {
+        &self.member.id
+    }
+
+    async fn owner(&self, kind: &str, identity: &str) -> Result<Option<Member>, ProviderError> {
+        let r = self.ask(kind, identity).await?;
+        if r.owner_id.is_empty() {
+            return Ok(None);
+        }
+        let id = MemberId::parse(&r.owner_id)?;
+        // The answer names the owner; its full description is the caller's own topology's.
+        Ok(Some(Member::new(id, r.owner_address, [kind])))
+    }
+
+    async fn topology_version(&self) -> Result<u64, ProviderError> {
+        // Any well-formed question returns the version; the answer itself is not needed.
+        Ok(self.ask("_", "_").await?.topology_version)
+    }
+}

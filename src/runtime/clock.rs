@@ -234,6 +234,25 @@ pub fn jitter(clock: &dyn Clock, max: Duration) -> Duration {
     Duration::from_nanos(clock.random_u64() % (max_ns + 1))
 }
 
+/// The deadline of [`timeout`] passed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("deadline elapsed")]
+pub struct Elapsed;
+
+/// Runs `future` until it completes or `duration` passes on `clock`, whichever is first.
+pub async fn timeout<F: Future>(
+    clock: &dyn Clock,
+    duration: Duration,
+    future: F,
+) -> Result<F::Output, Elapsed> {
+    let deadline = clock.sleep(duration);
+    tokio::select! {
+        biased;
+        r = future => Ok(r),
+        _ = deadline => Err(Elapsed),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

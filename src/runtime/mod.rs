@@ -3,6 +3,6 @@
 mod clock;
 
 pub use clock::{
-    BoxFuture, Clock, Instant, MAX_DRIFT_PPM, SharedClock, SkewedClock, TaskHandle, TokioClock,
-    jitter, unix_millis,
+    BoxFuture, Clock, Elapsed, Instant, MAX_DRIFT_PPM, SharedClock, SkewedClock, TaskHandle,
+    TokioClock, jitter, timeout, unix_millis,
 };

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian machine; does nothing when it is already there.
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

@@ -1,0 +1,292 @@
+//! `shoal-registry`: the bundled registry server.
+//!
+//! Settings come from flags, `SHOAL_REGISTRY_*` environment variables and an optional TOML file
+//! (`--config`), in that order of precedence. See docs/providers/registry.md.
+
+#[cfg(not(madsim))]
+mod real {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use anyhow::{Context, Result, bail};
+    use clap::Parser;
+    use serde::Deserialize;
+    use shoal::registry::{RegistryConfig, RegistryServer};
+    use shoal::runtime::TokioClock;
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+    /// The Shoal membership registry.
+    #[derive(Parser, Debug)]
+    #[command(name = "shoal-registry", version)]
+    struct Cli {
+        /// TOML settings file (flags and environment variables override it).
+        #[arg(long, env = "SHOAL_REGISTRY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to serve gRPC on.
+        #[arg(long, env = "SHOAL_REGISTRY_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Address to serve Prometheus metrics on (`GET /metrics`); off when unset.
+        #[arg(long, env = "SHOAL_REGISTRY_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
+        /// Registration TTL, like `6s` or `1500ms`.
+        #[arg(long, env = "SHOAL_REGISTRY_TTL", value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Heartbeat interval members are told to use.
+        #[arg(long, env = "SHOAL_REGISTRY_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+        heartbeat_interval: Option<Duration>,
+        /// How often expired registrations are swept.
+        #[arg(long, env = "SHOAL_REGISTRY_SWEEP_INTERVAL", value_parser = humantime::parse_duration)]
+        sweep_interval: Option<Duration>,
+        /// How often a quiet watch carries a progress message.
+        #[arg(long, env = "SHOAL_REGISTRY_PROGRESS_INTERVAL", value_parser = humantime::parse_duration)]
+        progress_interval: Option<Duration>,
+        /// How long watchers wait for their first snapshot after a start, so members re-join
+        /// first.
+        #[arg(long, env = "SHOAL_REGISTRY_STARTUP_GRACE", value_parser = humantime::parse_duration)]
+        startup_grace: Option<Duration>,
+        /// Most members per cluster.
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_MEMBERS")]
+        max_members_per_cluster: Option<usize>,
+        /// Most clusters.
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_CLUSTERS")]
+        max_clusters: Option<usize>,
+        /// Most kinds per member.
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_KINDS")]
+        max_kinds: Option<usize>,
+        /// Longest cluster name, kind, zone or metadata key, in bytes.
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_NAME_LEN")]
+        max_name_len: Option<usize>,
+        /// Largest request, in bytes.
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_MESSAGE_BYTES")]
+        max_message_bytes: Option<usize>,
+        /// PEM certificate chain: serve TLS.
+        #[arg(long, env = "SHOAL_REGISTRY_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of the certificate.
+        #[arg(long, env = "SHOAL_REGISTRY_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA bundle: require client certificates signed by it (mTLS).
+        #[arg(long, env = "SHOAL_REGISTRY_CLIENT_CA", requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
+        /// A cluster's shared secret, as CLUSTER=TOKEN (repeatable).
+        #[arg(long = "cluster-token", env = "SHOAL_REGISTRY_CLUSTER_TOKENS", value_delimiter = ',', value_parser = parse_token)]
+        cluster_tokens: Vec<(String, String)>,
+    }
+
+    fn parse_token(s: &str) -> Result<(String, String), String> {
+        match s.split_once('=') {
+            Some((c, t)) if !c.is_empty() && !t.is_empty() => Ok((c.to_string(), t.to_string())),
+            _ => Err(format!("expected CLUSTER=TOKEN, got {s:?}")),
+        }
+    }
+
+    /// The TOML file: server settings plus the registry's own.
+    #[derive(Deserialize, Debug, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct FileConfig {
+        listen: Option<SocketAddr>,
+        metrics_listen: Option<SocketAddr>,
+        tls: Option<TlsFile>,
+        registry: RegistryConfig,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct TlsFile {
+        cert: PathBuf,
+        key: PathBuf,
+        client_ca: Option<PathBuf>,
+    }
+
+    struct Settings {
+        listen: SocketAddr,
+        metrics_listen: Option<SocketAddr>,
+        tls: Option<TlsFile>,
+        registry: RegistryConfig,
+    }
+
+    fn settings(cli: Cli) -> Result<Settings> {
+        let file: FileConfig = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--config: cannot read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| {
+                    format!("--config: {} is not a valid settings file", path.display())
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let mut r = file.registry;
+        if let Some(v) = cli.ttl {
+            r.ttl = v;
+        }
+        if let Some(v) = cli.heartbeat_interval {
+            r.heartbeat_interval = v;
+        }
+        if let Some(v) = cli.sweep_interval {
+            r.sweep_interval = v;
+        }
+        if let Some(v) = cli.progress_interval {
+            r.progress_interval = v;
+        }
+        if let Some(v) = cli.startup_grace {
+            r.startup_grace = v;
+        }
+        if let Some(v) = cli.max_members_per_cluster {
+            r.limits.max_members_per_cluster = v;
+        }
+        if let Some(v) = cli.max_clusters {
+            r.limits.max_clusters = v;
+        }
+        if let Some(v) = cli.max_kinds {
+            r.limits.member.max_kinds = v;
+        }
+        if let Some(v) = cli.max_name_len {
+            r.limits.member.max_name_len = v;
+            r.limits.max_cluster_name_len = v;
+        }
+        if let Some(v) = cli.max_message_bytes {
+            r.limits.max_message_bytes = v;
+        }
+        let tokens: BTreeMap<String, String> = cli.cluster_tokens.into_iter().collect();
+        r.cluster_tokens.extend(tokens);
+        if let Err(e) = r.validate() {
+            bail!(
+                "invalid settings: {e} (check --ttl, --heartbeat-interval and the settings file)"
+            );
+        }
+        let tls = match (cli.tls_cert, cli.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFile {
+                cert,
+                key,
+                client_ca: cli.client_ca,
+            }),
+            _ => file.tls,
+        };
+        Ok(Settings {
+            listen: cli
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:7600".parse().expect("valid default")),
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
+            tls,
+            registry: r,
+        })
+    }
+
+    fn tls_config(tls: &TlsFile) -> Result<ServerTlsConfig> {
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).with_context(|| format!("{flag}: cannot read {}", p.display()))
+        };
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
+            read("--tls-cert", &tls.cert)?,
+            read("--tls-key", &tls.key)?,
+        ));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read("--client-ca", ca)?));
+        }
+        Ok(config)
+    }
+
+    async fn shutdown_signal() {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received; draining");
+    }
+
+    pub async fn main() -> Result<()> {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        let s = settings(Cli::parse())?;
+        let server = RegistryServer::new(s.registry.clone(), TokioClock::shared())
+            .map_err(anyhow::Error::msg)?;
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<shoal::registry::pb::registry_server::RegistryServer<shoal::registry::RegistryService>>()
+            .await;
+
+        if let Some(addr) = s.metrics_listen {
+            let mut registry = prometheus_client::registry::Registry::with_prefix("shoal");
+            server.metrics().register(&mut registry);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-listen: cannot bind {addr}"))?;
+            tracing::info!(%addr, "serving metrics");
+            tokio::spawn(shoal::metrics::serve_http(
+                listener,
+                std::sync::Arc::new(registry),
+            ));
+        }
+
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .tcp_nodelay(true);
+        if let Some(tls) = &s.tls {
+            builder = builder
+                .tls_config(tls_config(tls)?)
+                .context("invalid TLS settings")?;
+        }
+        let listener = tokio::net::TcpListener::bind(s.listen)
+            .await
+            .with_context(|| format!("--listen: cannot bind {}", s.listen))?;
+        let local = listener.local_addr()?;
+        let sweeper = server.spawn_sweeper();
+        tracing::info!(addr = %local, ttl = ?s.registry.ttl, heartbeat_interval = ?s.registry.heartbeat_interval, tls = s.tls.is_some(), "registry serving");
+        // A line on stdout tells scripts and tests the bound address (useful with port 0).
+        println!("listening on {local}");
+        builder
+            .add_service(health_service)
+            .add_service(server.service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown_signal(),
+            )
+            .await
+            .context("serving")?;
+        sweeper.abort();
+        health_reporter
+            .set_not_serving::<shoal::registry::pb::registry_server::RegistryServer<shoal::registry::RegistryService>>()
+            .await;
+        tracing::info!("registry stopped");
+        Ok(())
+    }
+}
+
+#[cfg(not(madsim))]
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match real::main().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-registry: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(madsim)]
+fn main() {
+    eprintln!(
+        "shoal-registry is built for production; in simulation, run RegistryServer on a node"
+    );
+}

@@ -1,0 +1,119 @@
+//! Prometheus metrics of the registry server: what an operator watches.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tonic::Code;
+
+use super::state::RegistryState;
+
+/// Label of per-cluster metrics. Cardinality is bounded by the registry's cluster limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    /// Cluster name.
+    pub cluster: String,
+}
+
+/// Label of rejected requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    /// The RPC.
+    pub op: String,
+    /// The gRPC status code.
+    pub code: String,
+}
+
+/// Registry server metrics.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryMetrics {
+    /// Members per cluster.
+    pub members: Family<ClusterLabel, Gauge>,
+    /// Client registrations per cluster.
+    pub clients: Family<ClusterLabel, Gauge>,
+    /// Successful joins (including re-joins).
+    pub joins: Counter,
+    /// Successful leaves.
+    pub leaves: Counter,
+    /// Registrations removed by TTL.
+    pub expiries: Counter,
+    /// Heartbeats accepted.
+    pub heartbeats: Counter,
+    /// Open watch streams.
+    pub watchers: Gauge,
+    /// Snapshots sent to watchers.
+    pub snapshots: Counter,
+    /// Times a watcher fell behind its buffer and was sent a snapshot instead.
+    pub watch_lagged: Counter,
+    /// Rejected requests by RPC and status code.
+    pub rejections: Family<RejectLabel, Counter>,
+}
+
+impl RegistryMetrics {
+    /// Registers every metric under `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "registry_members",
+            "Members per cluster",
+            self.members.clone(),
+        );
+        registry.register(
+            "registry_clients",
+            "Client registrations per cluster",
+            self.clients.clone(),
+        );
+        registry.register("registry_joins", "Successful joins", self.joins.clone());
+        registry.register("registry_leaves", "Successful leaves", self.leaves.clone());
+        registry.register(
+            "registry_expiries",
+            "Registrations removed by TTL",
+            self.expiries.clone(),
+        );
+        registry.register(
+            "registry_heartbeats",
+            "Heartbeats accepted",
+            self.heartbeats.clone(),
+        );
+        registry.register(
+            "registry_watchers",
+            "Open watch streams",
+            self.watchers.clone(),
+        );
+        registry.register(
+            "registry_watch_snapshots",
+            "Snapshots sent to watchers",
+            self.snapshots.clone(),
+        );
+        registry.register(
+            "registry_watch_lagged",
+            "Watchers that fell behind and were sent a snapshot",
+            self.watch_lagged.clone(),
+        );
+        registry.register(
+            "registry_rejected_requests",
+            "Rejected requests",
+            self.rejections.clone(),
+        );
+    }
+
+    pub(crate) fn rejected(&self, op: &str, code: Code) {
+        self.rejections
+            .get_or_create(&RejectLabel {
+                op: op.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// Refreshes the per-cluster gauges from the state (clusters that are gone are dropped).
+    pub(crate) fn observe(&self, state: &RegistryState) {
+        self.members.clear();
+        self.clients.clear();
+        for (cluster, members, clients) in state.counts() {
+            let label = ClusterLabel { cluster };
+            self.members.get_or_create(&label).set(members as i64);
+            self.clients.get_or_create(&label).set(clients as i64);
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! `RegistryProvider`: joins a registry, heartbeats, watches with reconnect, and heals itself.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::pb::registry_client::RegistryClient;
+use super::{pb, wire};
+use crate::cluster::{ClusterTopology, MemberId};
+use crate::placement::PlacementError;
+use crate::provider::{
+    ClusterProvider, ClusterProviderContext, PartitionManagerHandle, ProviderError,
+    remote::GrpcPartitionManager,
+};
+use crate::runtime::{Clock, SharedClock, TaskHandle, jitter, timeout};
+
+/// Exponential backoff with jitter for reconnects and re-joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based): the capped exponential delay `d`,
+    /// drawn uniformly from `[d/2, d]` ("equal jitter"), so a fleet that lost the registry at
+    /// the same moment does not reconnect in lockstep.
+    pub fn delay(&self, attempt: u32, clock: &dyn Clock) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+            .min(self.max);
+        exp / 2 + jitter(clock, exp / 2)
+    }
+}
+
+/// Settings of a [`RegistryProvider`].
+#[derive(Clone, Debug)]
+pub struct RegistryProviderConfig {
+    /// The registry's URL: `http://host:port`, or `https://` with [`Self::tls`].
+    pub endpoint: String,
+    /// Deadline of every unary call.
+    pub rpc_timeout: Duration,
+    /// Deadline for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Reconnect and re-join pacing.
+    pub backoff: Backoff,
+    /// The cluster's shared secret, if the registry requires one.
+    pub cluster_token: Option<String>,
+    /// A watch stream that carries nothing (not even progress) for this long is reopened.
+    pub watch_idle_timeout: Duration,
+    /// How long `start_member`/`start_client` wait for the first topology.
+    pub startup_timeout: Duration,
+    /// HTTP/2 keepalive ping interval on the channel (dead connections are noticed without
+    /// waiting for the TTL).
+    pub keepalive_interval: Duration,
+    /// TLS settings for `https://` endpoints (normal build only; simulated tonic has no TLS).
+    #[cfg(not(madsim))]
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl RegistryProviderConfig {
+    /// Defaults for a registry at `endpoint`.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            rpc_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            backoff: Backoff::default(),
+            cluster_token: None,
+            watch_idle_timeout: Duration::from_secs(15),
+            startup_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            #[cfg(not(madsim))]
+            tls: None,
+        }
+    }
+
+    fn channel(&self) -> Result<Channel, ProviderError> {
+        let endpoint = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| {
+                ProviderError::Rejected(format!("bad registry endpoint {:?}: {e}", self.endpoint))
+            })?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(self.keepalive_interval)
+            .keep_alive_timeout(self.rpc_timeout)
+            .keep_alive_while_idle(true);
+        #[cfg(not(madsim))]
+        let endpoint = match &self.tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| ProviderError::Rejected(format!("bad TLS settings: {e}")))?,
+            None => endpoint,
+        };
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+/// A [`ClusterProvider`] backed by a Shoal registry server.
+///
+/// One long-lived channel carries every call. Heartbeats follow the interval the server asks
+/// for; a registration the server no longer knows (it expired, or the registry restarted) is
+/// re-joined at once. The watch reconnects with backoff and jitter, resumes from the version
+/// held, applies only newer versions, and is reopened if it goes quiet for longer than
+/// `watch_idle_timeout` (the server sends progress messages while nothing changes).
+#[derive(Debug)]
+pub struct RegistryProvider {
+    config: RegistryProviderConfig,
+    running: tokio::sync::Mutex<Option<Running>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    session: Arc<Session>,
+    tasks: Vec<TaskHandle>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What the heartbeat and watch tasks share.
+#[derive(Debug)]
+struct Session {
+    config: RegistryProviderConfig,
+    ctx: ClusterProviderContext,
+    role: pb::Role,
+    client: RegistryClient<Channel>,
+    /// The current registration token (replaced on every re-join).
+    token: Mutex<Option<String>>,
+}
+
+impl RegistryProvider {
+    /// A provider for one node.
+    pub fn new(config: RegistryProviderConfig) -> Self {
+        Self {
+            config,
+            running: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn start(
+        &self,
+        ctx: ClusterProviderContext,
+        role: pb::Role,
+    ) -> Result<(), ProviderError> {
+        let mut running = self.running.lock().await;
+        if running.is_some() {
+            return Err(ProviderError::AlreadyStarted);
+        }
+        let channel = self.config.channel()?;
+        let session = Arc::new(Session {
+            config: self.config.clone(),
+            client: RegistryClient::new(channel),
+            ctx: ctx.clone(),
+            role,
+            token: Mutex::new(None),
+        });
+        let interval = session.join().await?;
+        let clock = ctx.clock.clone();
+        let tasks = vec![
+            clock.spawn(
+                "registry-heartbeat",
+                Box::pin(session.clone().heartbeat_loop(interval)),
+            ),
+            clock.spawn("registry-watch", Box::pin(session.clone().watch_loop())),
+        ];
+        let started = Running {
+            session: session.clone(),
+            tasks,
+        };
+        // Wait for the first topology (one that contains this node, for a member).
+        let pm = ctx.partition_manager.clone();
+        let me = ctx.member.id.clone();
+        let ready = timeout(clock.as_ref(), self.config.startup_timeout, async {
+            while pm.version() == 0 || (role == pb::Role::Member && !pm.topology().contains(&me)) {
+                clock.sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if ready.is_err() {
+            drop(started);
+            return Err(ProviderError::Unavailable(format!(
+                "no topology from the registry at {} within {:?}",
+                self.config.endpoint, self.config.startup_timeout
+            )));
+        }
+        tracing::info!(cluster = %ctx.cluster_name, member = %ctx.member.id, role = ?role, registry = %self.config.endpoint, "registry provider started");
+        *running = Some(started);
+        Ok(())
+    }
+}
+
+impl Session {
+    fn clock(&self) -> &SharedClock {
+        &self.ctx.clock
+    }
+
+    fn cluster_token(&self) -> String {
+        self.config.cluster_token.clone().unwrap_or_default()
+    }
+
+    async fn call<T, F>(&self, fut: F) -> Result<T, Status>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        match timeout(self.clock().as_ref(), self.config.rpc_timeout, fut).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer from the registry within {:?}",
+                self.config.rpc_timeout
+            ))),
+        }
+    }
+
+    /// Joins (or re-joins); returns the heartbeat interval the server asks for.
+    async fn join(&self) -> Result<Duration, ProviderError> {
+        let req = pb::JoinRequest {
+            cluster: self.ctx.cluster_name.clone(),
+            member: Some(wire::member_to_pb(&self.ctx.member)),
+            role: self.role as i32,
+            cluster_token: self.cluster_token(),
+        };
+        let mut client = self.client.clone();
+        let resp = self.call(client.join(req)).await.map_err(provider_error)?;
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp.member_token);
+        tracing::debug!(member = %self.ctx.member.id, version = resp.topology_version, "joined the registry");
+        Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(1)))
+    }
+
+    async fn rejoin_until_done(&self) -> Duration {
+        let mut attempt = 0;
+        loop {
+            match self.join().await {
+                Ok(interval) => return interval,
+                Err(e) => {
+                    tracing::warn!(member = %self.ctx.member.id, error = %e, attempt, "re-join failed");
+                    self.clock()
+                        .sleep(self.config.backoff.delay(attempt, self.clock().as_ref()))
+                        .await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration) {
+        let mut failures = 0u32;
+        loop {
+            let pause = if failures == 0 {
+                interval
+            } else {
+                self.config
+                    .backoff
+                    .delay(failures - 1, self.clock().as_ref())
+                    .min(interval)
+            };
+            self.clock().sleep(pause).await;
+            let token = self
+                .token
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            let req = pb::HeartbeatRequest {
+                cluster: self.ctx.cluster_name.clone(),
+                member_token: token,
+            };
+            let mut client = self.client.clone();
+            match self.call(client.heartbeat(req)).await {
+                Ok(_) => failures = 0,
+                Err(s) if s.code() == Code::NotFound => {
+                    tracing::warn!(member = %self.ctx.member.id, "registry no longer knows this member (expired or restarted); re-joining");
+                    interval = self.rejoin_until_done().await;
+                    failures = 0;
+                }
+                Err(s) => {
+                    failures = failures.saturating_add(1);
+                    tracing::debug!(member = %self.ctx.member.id, code = ?s.code(), message = s.message(), failures, "heartbeat failed");
+                }
+            }
+        }
+    }
+
+    async fn watch_loop(self: Arc<Self>) {
+        let mut held: Option<Arc<ClusterTopology>> = None;
+        let mut attempt = 0u32;
+        loop {
+            let mut delivered = false;
+            let err = self.watch_once(&mut held, &mut delivered).await;
+            if delivered {
+                attempt = 0;
+            }
+            let delay = self.config.backoff.delay(attempt, self.clock().as_ref());
+            tracing::debug!(member = %self.ctx.member.id, error = %err, ?delay, "watch ended; reconnecting");
+            attempt = attempt.saturating_add(1);
+            self.clock().sleep(delay).await;
+        }
+    }
+
+    /// Runs one watch stream until it fails; returns why.
+    async fn watch_once(
+        &self,
+        held: &mut Option<Arc<ClusterTopology>>,
+        delivered: &mut bool,
+    ) -> String {
+        let req = pb::WatchRequest {
+            cluster: self.ctx.cluster_name.clone(),
+            from_version: held.as_ref().map_or(0, |t| t.version()),
+            cluster_token: self.cluster_token(),
+        };
+        let mut client = self.client.clone();
+        let mut stream = match self.call(client.watch(req)).await {
+            Ok(s) => s,
+            Err(s) => return format!("watch refused: {:?} {}", s.code(), s.message()),
+        };
+        loop {
+            let msg = match timeout(
+                self.clock().as_ref(),
+                self.config.watch_idle_timeout,
+                stream.message(),
+            )
+            .await
+            {
+                Err(_) => return format!("watch quiet for {:?}", self.config.watch_idle_timeout),
+                Ok(Err(s)) => return format!("watch failed: {:?} {}", s.code(), s.message()),
+                Ok(Ok(None)) => return "watch ended by the server".into(),
+                Ok(Ok(Some(msg))) => msg,
+            };
+            *delivered = true;
+            match wire::next_topology(&self.ctx.cluster_name, held.as_ref(), msg) {
+                Ok(None) => {}
+                Ok(Some(topology)) => {
+                    *held = Some(topology.clone());
+                    match self.ctx.apply_topology(topology) {
+                        Ok(_) | Err(PlacementError::StaleTopology { .. }) => {}
+                        Err(e) => tracing::warn!(error = %e, "topology not applied"),
+                    }
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    async fn leave(&self) {
+        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(token) = token else { return };
+        let req = pb::LeaveRequest {
+            cluster: self.ctx.cluster_name.clone(),
+            member_token: token,
+        };
+        let mut client = self.client.clone();
+        if let Err(s) = self.call(client.leave(req)).await {
+            tracing::warn!(member = %self.ctx.member.id, code = ?s.code(), message = s.message(), "leave failed; the registry will expire this member");
+        }
+    }
+}
+
+fn provider_error(s: Status) -> ProviderError {
+    match s.code() {
+        Code::InvalidArgument
+        | Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::ResourceExhausted
+        | Code::NotFound => ProviderError::Rejected(format!("{:?}: {}", s.code(), s.message())),
+        _ => ProviderError::Unavailable(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+#[async_trait]
+impl ClusterProvider for RegistryProvider {
+    async fn start_member(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
+        self.start(ctx, pb::Role::Member).await
+    }
+
+    async fn start_client(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
+        self.start(ctx, pb::Role::Client).await
+    }
+
+    async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError> {
+        let Some(mut running) = self.running.lock().await.take() else {
+            return Err(ProviderError::NotStarted);
+        };
+        for t in &running.tasks {
+            t.abort();
+        }
+        for t in &mut running.tasks {
+            t.join_ref().await;
+        }
+        if graceful {
+            running.session.leave().await;
+        }
+        tracing::info!(member = %running.session.ctx.member.id, graceful, "registry provider stopped");
+        Ok(())
+    }
+
+    async fn resolve_partition_manager(
+        &self,
+        member: &MemberId,
+    ) -> Result<PartitionManagerHandle, ProviderError> {
+        let session = {
+            let running = self.running.lock().await;
+            running
+                .as_ref()
+                .ok_or(ProviderError::NotStarted)?
+                .session
+                .clone()
+        };
+        let req = pb::ResolveRequest {
+            cluster: session.ctx.cluster_name.clone(),
+            member_id: member.to_string(),
+            cluster_token: session.cluster_token(),
+        };
+        let mut client = session.client.clone();
+        let resp = session
+            .call(client.resolve(req))
+            .await
+            .map_err(|s| match s.code() {
+                Code::NotFound => ProviderError::UnknownMember(member.clone()),
+                _ => provider_error(s),
+            })?;
+        let found = resp
+            .member
+            .ok_or_else(|| ProviderError::Unavailable("registry answered without a member".into()))
+            .and_then(|m| wire::member_from_pb(m).map_err(ProviderError::from))?;
+        Ok(Arc::new(GrpcPartitionManager::new(
+            session.ctx.cluster_name.clone(),
+            found,
+            session.config.rpc_timeout,
+            session.ctx.clock.clone(),
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::TokioClock;
+
+    #[tokio::test]
+    async fn backoff_grows_caps_and_jitters_within_bounds() {
+        let b = Backoff::default();
+        let clock = TokioClock;
+        for attempt in 0..30 {
+            let exp = (b.initial * 2u32.pow(attempt.min(20))).min(b.max);
+            let d = b.delay(attempt, &clock);
+            assert!(
+                d >= exp / 2 && d <= exp,
+                "attempt {attempt}: {d:?} not in [{:?}, {exp:?}]",
+                exp / 2
+            );
+        }
+        assert!(b.delay(40, &clock) <= b.max);
+    }
+}

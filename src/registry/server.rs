@@ -1,0 +1,438 @@
+//! The registry's gRPC service: a thin async shell around [`RegistryState`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use super::config::RegistryConfig;
+use super::metrics::RegistryMetrics;
+use super::pb;
+use super::state::{Change, RegistryError, RegistryState, Role};
+use super::wire;
+use crate::runtime::{Instant, SharedClock, TaskHandle, unix_millis};
+
+/// A registry server: the state, the watchers' feeds, the sweeper and the gRPC service.
+///
+/// Clone it freely; clones share one registry.
+#[derive(Clone, Debug)]
+pub struct RegistryServer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    clock: SharedClock,
+    config: Arc<RegistryConfig>,
+    ready_at: Instant,
+    core: Mutex<Core>,
+    metrics: RegistryMetrics,
+}
+
+#[derive(Debug)]
+struct Core {
+    state: RegistryState,
+    feeds: BTreeMap<String, Feed>,
+}
+
+/// The broadcast of one cluster's changes to its watchers.
+#[derive(Debug)]
+struct Feed {
+    tx: broadcast::Sender<Arc<Change>>,
+    watchers: usize,
+}
+
+impl RegistryServer {
+    /// A registry with `config`, its versions starting from the wall-clock time (so a restarted
+    /// registry never reuses a version).
+    pub fn new(config: RegistryConfig, clock: SharedClock) -> Result<Self, String> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let floor = unix_millis(clock.as_ref()).saturating_mul(1000);
+        let now = clock.now();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ready_at: now + config.startup_grace,
+                core: Mutex::new(Core {
+                    state: RegistryState::new(config.clone(), floor),
+                    feeds: BTreeMap::new(),
+                }),
+                config,
+                clock,
+                metrics: RegistryMetrics::default(),
+            }),
+        })
+    }
+
+    /// The metrics handles (register them to export).
+    pub fn metrics(&self) -> &RegistryMetrics {
+        &self.shared.metrics
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.shared.config
+    }
+
+    /// The gRPC service, with the request size limit applied.
+    pub fn service(&self) -> pb::registry_server::RegistryServer<RegistryService> {
+        let limit = self.shared.config.limits.max_message_bytes;
+        pb::registry_server::RegistryServer::new(RegistryService {
+            shared: self.shared.clone(),
+        })
+        .max_decoding_message_size(limit)
+    }
+
+    /// Starts the task that expires silent registrations every sweep interval.
+    pub fn spawn_sweeper(&self) -> TaskHandle {
+        let shared = self.shared.clone();
+        self.shared.clock.clone().spawn(
+            "registry-sweeper",
+            Box::pin(async move {
+                loop {
+                    shared.clock.sleep(shared.config.sweep_interval).await;
+                    shared.sweep();
+                }
+            }),
+        )
+    }
+
+    /// Expires silent registrations now (the sweeper calls this on its interval).
+    pub fn sweep(&self) {
+        self.shared.sweep();
+    }
+
+    /// Serves the registry (plaintext, no health service) on `addr` until `shutdown` completes,
+    /// with HTTP/2 keepalive so dead connections are noticed. The `shoal-registry` binary adds
+    /// TLS, health and metrics; this is what tests and simulations use.
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        let sweeper = self.spawn_sweeper();
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(self.service())
+            .serve_with_shutdown(addr, shutdown)
+            .await;
+        sweeper.abort();
+        result
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // State transitions complete before anything can panic, so a poisoned lock is consistent.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sweep(&self) {
+        let now = self.clock.now();
+        let mut core = self.lock();
+        for change in core.state.sweep(now) {
+            self.metrics.expiries.inc_by(change.left.len() as u64);
+            for m in &change.left {
+                tracing::info!(cluster = %change.topology.cluster_name(), member = %m.id, version = change.topology.version(), "registration expired");
+            }
+            core.broadcast(change);
+        }
+        self.metrics.observe(&core.state);
+    }
+
+    fn token(&self) -> String {
+        format!(
+            "{:016x}{:016x}",
+            self.clock.random_u64(),
+            self.clock.random_u64()
+        )
+    }
+
+    fn fail(&self, op: &'static str, e: RegistryError) -> Status {
+        let status = wire::status(&e);
+        self.metrics.rejected(op, status.code());
+        tracing::debug!(op, error = %e, "request rejected");
+        status
+    }
+}
+
+impl Core {
+    fn broadcast(&mut self, change: Change) {
+        let cluster = change.topology.cluster_name().to_string();
+        if let Some(feed) = self.feeds.get(&cluster) {
+            // No receiver only means every watcher is gone; the feed is dropped with the last one.
+            let _ = feed.tx.send(Arc::new(change));
+        }
+    }
+}
+
+/// The generated gRPC trait's implementation; obtain it from [`RegistryServer::service`].
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    shared: Arc<Shared>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for RegistryService {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let s = &self.shared;
+        let req = request.into_inner();
+        let role = match pb::Role::try_from(req.role) {
+            Ok(pb::Role::Member) | Ok(pb::Role::Unspecified) => Role::Member,
+            Ok(pb::Role::Client) => Role::Client,
+            Err(_) => {
+                return Err(s.fail(
+                    "join",
+                    RegistryError::Invalid(format!("unknown role {}", req.role)),
+                ));
+            }
+        };
+        let member = req
+            .member
+            .ok_or_else(|| RegistryError::Invalid("member is required".into()))
+            .and_then(|m| wire::member_from_pb(m).map_err(RegistryError::from))
+            .map_err(|e| s.fail("join", e))?;
+        let id = member.id.clone();
+        let token = s.token();
+        let now = s.clock.now();
+        let mut core = s.lock();
+        let (joined, change) = core
+            .state
+            .join(&req.cluster, &req.cluster_token, member, role, token, now)
+            .map_err(|e| s.fail("join", e))?;
+        if let Some(change) = change {
+            core.broadcast(change);
+        }
+        s.metrics.joins.inc();
+        s.metrics.observe(&core.state);
+        drop(core);
+        tracing::info!(cluster = %req.cluster, member = %id, ?role, version = joined.version, "joined");
+        Ok(Response::new(pb::JoinResponse {
+            member_token: joined.token,
+            ttl_ms: s.config.ttl.as_millis() as u64,
+            heartbeat_interval_ms: s.config.heartbeat_interval.as_millis() as u64,
+            topology_version: joined.version,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let s = &self.shared;
+        let req = request.into_inner();
+        let now = s.clock.now();
+        let version = s
+            .lock()
+            .state
+            .heartbeat(&req.cluster, &req.member_token, now)
+            .map_err(|e| s.fail("heartbeat", e))?;
+        s.metrics.heartbeats.inc();
+        Ok(Response::new(pb::HeartbeatResponse {
+            topology_version: version,
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let s = &self.shared;
+        let req = request.into_inner();
+        let mut core = s.lock();
+        let change = core
+            .state
+            .leave(&req.cluster, &req.member_token)
+            .map_err(|e| s.fail("leave", e))?;
+        if let Some(change) = change {
+            for m in &change.left {
+                tracing::info!(cluster = %req.cluster, member = %m.id, version = change.topology.version(), "left");
+            }
+            core.broadcast(change);
+        }
+        s.metrics.leaves.inc();
+        s.metrics.observe(&core.state);
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let s = &self.shared;
+        let req = request.into_inner();
+        let guard = {
+            let mut core = s.lock();
+            core.state
+                .authorize(&req.cluster, &req.cluster_token)
+                .map_err(|e| s.fail("watch", e))?;
+            let capacity = s.config.limits.watch_buffer.max(1);
+            let feed = core
+                .feeds
+                .entry(req.cluster.clone())
+                .or_insert_with(|| Feed {
+                    tx: broadcast::channel(capacity).0,
+                    watchers: 0,
+                });
+            if feed.watchers >= s.config.limits.max_watchers_per_cluster {
+                let max = s.config.limits.max_watchers_per_cluster;
+                return Err(s.fail(
+                    "watch",
+                    RegistryError::Exhausted(format!(
+                        "cluster {:?} has {max} watchers, its limit",
+                        req.cluster
+                    )),
+                ));
+            }
+            feed.watchers += 1;
+            s.metrics.watchers.inc();
+            WatcherGuard {
+                shared: s.clone(),
+                cluster: req.cluster.clone(),
+            }
+        };
+        tracing::debug!(cluster = %req.cluster, from_version = req.from_version, "watch opened");
+        let cursor = Cursor {
+            shared: s.clone(),
+            rx: None,
+            version: 0,
+            _guard: guard,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            cursor,
+            Cursor::next,
+        ))))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let s = &self.shared;
+        let req = request.into_inner();
+        let core = s.lock();
+        core.state
+            .authorize(&req.cluster, &req.cluster_token)
+            .map_err(|e| s.fail("resolve", e))?;
+        let (member, version) = core
+            .state
+            .resolve(&req.cluster, &req.member_id)
+            .map_err(|e| s.fail("resolve", e))?;
+        Ok(Response::new(pb::ResolveResponse {
+            member: Some(wire::member_to_pb(&member)),
+            topology_version: version,
+        }))
+    }
+}
+
+/// Counts a watcher for its cluster's limit; drops the cluster's feed with the last watcher.
+#[derive(Debug)]
+struct WatcherGuard {
+    shared: Arc<Shared>,
+    cluster: String,
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        let mut core = self.shared.lock();
+        if let Some(feed) = core.feeds.get_mut(&self.cluster) {
+            feed.watchers -= 1;
+            if feed.watchers == 0 {
+                core.feeds.remove(&self.cluster);
+            }
+        }
+        self.shared.metrics.watchers.dec();
+        tracing::debug!(cluster = %self.cluster, "watch closed");
+    }
+}
+
+/// One watch stream's position.
+struct Cursor {
+    shared: Arc<Shared>,
+    rx: Option<broadcast::Receiver<Arc<Change>>>,
+    version: u64,
+    _guard: WatcherGuard,
+}
+
+impl Cursor {
+    async fn next(mut self) -> Option<(Result<pb::WatchResponse, Status>, Self)> {
+        let s = self.shared.clone();
+        let cluster = self._guard.cluster.clone();
+        if self.rx.is_none() {
+            // First message: wait out the startup grace, then subscribe and snapshot atomically.
+            let now = s.clock.now();
+            if now < s.ready_at {
+                s.clock.sleep(s.ready_at - now).await;
+            }
+            let (topology, rx) = {
+                let core = s.lock();
+                let feed = core
+                    .feeds
+                    .get(&cluster)
+                    .expect("a feed lives while it has watchers");
+                (core.state.topology(&cluster), feed.tx.subscribe())
+            };
+            self.rx = Some(rx);
+            self.version = topology.version();
+            s.metrics.snapshots.inc();
+            return Some((Ok(wire::snapshot(&topology)), self));
+        }
+        loop {
+            let event = {
+                let rx = self.rx.as_mut().expect("subscribed above");
+                tokio::select! {
+                    r = rx.recv() => Some(r),
+                    _ = s.clock.sleep(s.config.progress_interval) => None,
+                }
+            };
+            match event {
+                None => {
+                    let version = self.version;
+                    return Some((Ok(wire::progress(version)), self));
+                }
+                Some(Ok(change)) => {
+                    let version = change.topology.version();
+                    if version <= self.version {
+                        continue; // Already covered by the snapshot this watcher got.
+                    }
+                    let msg = if change.previous_version == self.version {
+                        wire::update(&change)
+                    } else {
+                        s.metrics.snapshots.inc();
+                        wire::snapshot(&change.topology)
+                    };
+                    self.version = version;
+                    return Some((Ok(msg), self));
+                }
+                Some(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    s.metrics.watch_lagged.inc();
+                    s.metrics.snapshots.inc();
+                    tracing::debug!(cluster = %cluster, missed, "watcher lagged; sending a snapshot");
+                    let topology = s.lock().state.topology(&cluster);
+                    self.version = topology.version();
+                    return Some((Ok(wire::snapshot(&topology)), self));
+                }
+                Some(Err(broadcast::error::RecvError::Closed)) => return None,
+            }
+        }
+    }
+}
+
+/// How long a watch client should wait for any message before deciding the stream is dead:
+/// three progress intervals.
+pub fn watch_idle_timeout(progress_interval: Duration) -> Duration {
+    progress_interval * 3
+}

@@ -1,0 +1,577 @@
+//! The registry's bookkeeping as a state machine: fed requests and the current time, it
+//! answers and says which topology changes to broadcast. No I/O, so every rule is unit-tested.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::cluster::{ClusterTopology, Member, MemberId, ModelError, check_text};
+use crate::runtime::Instant;
+
+use super::config::RegistryConfig;
+
+/// Whether a registration is part of the topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Hosts kinds; part of the topology.
+    Member,
+    /// Only watches; expires like a member but is never in the topology.
+    Client,
+}
+
+/// Why the registry refused a request. Each maps to one gRPC status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// Malformed input (`InvalidArgument`).
+    #[error("{0}")]
+    Invalid(String),
+    /// Missing or wrong cluster token (`Unauthenticated`).
+    #[error("cluster {0:?} requires a valid cluster token")]
+    Unauthenticated(String),
+    /// Unknown or expired member token (`NotFound`): the caller must join again.
+    #[error("registration not found in cluster {0:?} (unknown or expired token); join again")]
+    UnknownRegistration(String),
+    /// Unknown cluster or member (`NotFound`).
+    #[error("{0}")]
+    NotFound(String),
+    /// A limit was reached (`ResourceExhausted`).
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+impl From<ModelError> for RegistryError {
+    fn from(e: ModelError) -> Self {
+        RegistryError::Invalid(e.to_string())
+    }
+}
+
+/// A topology change to broadcast to a cluster's watchers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The cluster's topology after the change.
+    pub topology: Arc<ClusterTopology>,
+    /// The version the change applies to.
+    pub previous_version: u64,
+    /// Members that joined.
+    pub joined: Vec<Member>,
+    /// Members whose description changed (as they are now).
+    pub changed: Vec<Member>,
+    /// Members that left or expired.
+    pub left: Vec<Member>,
+    /// Whether the members in `left` expired (rather than left).
+    pub expired: bool,
+}
+
+/// What a successful join returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The registration's token.
+    pub token: String,
+    /// The cluster's topology version after the join.
+    pub version: u64,
+}
+
+#[derive(Debug)]
+struct Registration {
+    member: Member,
+    role: Role,
+    token: String,
+    expires_at: Instant,
+}
+
+#[derive(Debug)]
+struct Cluster {
+    topology: Arc<ClusterTopology>,
+    /// Members and clients by id.
+    registrations: BTreeMap<MemberId, Registration>,
+    /// Token -> id, for heartbeat and leave.
+    tokens: BTreeMap<String, MemberId>,
+    members: usize,
+    clients: usize,
+}
+
+/// All clusters of one registry.
+#[derive(Debug)]
+pub struct RegistryState {
+    config: Arc<RegistryConfig>,
+    /// Registry-wide version counter. It starts at the wall-clock time of the start in
+    /// microseconds, so a restarted registry's versions continue above the previous run's and
+    /// watchers never see a version go backwards.
+    version: u64,
+    clusters: BTreeMap<String, Cluster>,
+}
+
+impl RegistryState {
+    /// An empty registry whose versions start above `version_floor`.
+    pub fn new(config: Arc<RegistryConfig>, version_floor: u64) -> Self {
+        Self {
+            config,
+            version: version_floor,
+            clusters: BTreeMap::new(),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// Checks a cluster name and, when the cluster has a token, the presented one.
+    pub fn authorize(&self, cluster: &str, token: &str) -> Result<(), RegistryError> {
+        check_text(
+            "cluster name",
+            cluster,
+            self.config.limits.max_cluster_name_len,
+        )?;
+        match self.config.cluster_tokens.get(cluster) {
+            Some(expected) if !constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
+                Err(RegistryError::Unauthenticated(cluster.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers `member` (or re-registers it: the same id joining again replaces its token,
+    /// which makes a retried join harmless). `token` is the fresh token to hand out.
+    pub fn join(
+        &mut self,
+        cluster: &str,
+        cluster_token: &str,
+        member: Member,
+        role: Role,
+        token: String,
+        now: Instant,
+    ) -> Result<(Joined, Option<Change>), RegistryError> {
+        self.authorize(cluster, cluster_token)?;
+        member.validate(&self.config.limits.member)?;
+        let limits = &self.config.limits;
+        if !self.clusters.contains_key(cluster) && self.clusters.len() >= limits.max_clusters {
+            return Err(RegistryError::Exhausted(format!(
+                "the registry holds {} clusters, its limit",
+                limits.max_clusters
+            )));
+        }
+        let expires_at = now + self.config.ttl;
+        let c = self
+            .clusters
+            .entry(cluster.to_string())
+            .or_insert_with(|| Cluster {
+                topology: Arc::new(ClusterTopology::empty(cluster)),
+                registrations: BTreeMap::new(),
+                tokens: BTreeMap::new(),
+                members: 0,
+                clients: 0,
+            });
+        let previous = c.registrations.get(&member.id);
+        if let Some(prev) = previous {
+            if prev.role != role {
+                return Err(RegistryError::Invalid(format!(
+                    "{} is already registered as a {:?}",
+                    member.id, prev.role
+                )));
+            }
+        } else {
+            let (count, max, what) = match role {
+                Role::Member => (c.members, limits.max_members_per_cluster, "members"),
+                Role::Client => (c.clients, limits.max_clients_per_cluster, "clients"),
+            };
+            if count >= max {
+                return Err(RegistryError::Exhausted(format!(
+                    "cluster {cluster:?} has {count} {what}, its limit"
+                )));
+            }
+        }
+        let described_before = previous.map(|p| p.member.clone());
+        if let Some(old) = c.registrations.remove(&member.id) {
+            c.tokens.remove(&old.token);
+        } else {
+            match role {
+                Role::Member => c.members += 1,
+                Role::Client => c.clients += 1,
+            }
+        }
+        c.tokens.insert(token.clone(), member.id.clone());
+        c.registrations.insert(
+            member.id.clone(),
+            Registration {
+                member: member.clone(),
+                role,
+                token: token.clone(),
+                expires_at,
+            },
+        );
+        let change = match (role, described_before) {
+            (Role::Client, _) => None,
+            (Role::Member, Some(before)) if before == member => None,
+            (Role::Member, Some(_)) => Some((Vec::new(), vec![member], Vec::new())),
+            (Role::Member, None) => Some((vec![member], Vec::new(), Vec::new())),
+        };
+        let change = change
+            .map(|(joined, changed, left)| self.publish(cluster, joined, changed, left, false));
+        let version = self.clusters[cluster].topology.version();
+        Ok((Joined { token, version }, change))
+    }
+
+    /// Refreshes the registration holding `token`; returns the cluster's topology version.
+    pub fn heartbeat(
+        &mut self,
+        cluster: &str,
+        token: &str,
+        now: Instant,
+    ) -> Result<u64, RegistryError> {
+        let ttl = self.config.ttl;
+        let c = self.registration_cluster(cluster, token)?;
+        let id = c.tokens[token].clone();
+        let reg = c
+            .registrations
+            .get_mut(&id)
+            .expect("token index matches registrations");
+        reg.expires_at = now + ttl;
+        Ok(c.topology.version())
+    }
+
+    /// Removes the registration holding `token`.
+    pub fn leave(&mut self, cluster: &str, token: &str) -> Result<Option<Change>, RegistryError> {
+        let c = self.registration_cluster(cluster, token)?;
+        let id = c.tokens.remove(token).expect("checked");
+        let reg = c
+            .registrations
+            .remove(&id)
+            .expect("token index matches registrations");
+        let change = match reg.role {
+            Role::Client => {
+                c.clients -= 1;
+                None
+            }
+            Role::Member => {
+                c.members -= 1;
+                Some(self.publish(cluster, Vec::new(), Vec::new(), vec![reg.member], false))
+            }
+        };
+        self.drop_if_empty(cluster);
+        Ok(change)
+    }
+
+    /// Removes every registration whose TTL ran out by `now`; returns one change per cluster
+    /// that lost members, in cluster-name order.
+    pub fn sweep(&mut self, now: Instant) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let names: Vec<String> = self.clusters.keys().cloned().collect();
+        for name in names {
+            let c = self.clusters.get_mut(&name).expect("listed");
+            let expired: Vec<MemberId> = c
+                .registrations
+                .iter()
+                .filter(|(_, r)| r.expires_at <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut left = Vec::new();
+            for id in expired {
+                let reg = c.registrations.remove(&id).expect("listed");
+                c.tokens.remove(&reg.token);
+                match reg.role {
+                    Role::Member => {
+                        c.members -= 1;
+                        left.push(reg.member);
+                    }
+                    Role::Client => c.clients -= 1,
+                }
+            }
+            if !left.is_empty() {
+                changes.push(self.publish(&name, Vec::new(), Vec::new(), left, true));
+            }
+            self.drop_if_empty(&name);
+        }
+        changes
+    }
+
+    /// The cluster's current topology (empty at version 0 when nobody is registered).
+    pub fn topology(&self, cluster: &str) -> Arc<ClusterTopology> {
+        match self.clusters.get(cluster) {
+            Some(c) => c.topology.clone(),
+            None => Arc::new(ClusterTopology::empty(cluster)),
+        }
+    }
+
+    /// Looks a member up.
+    pub fn resolve(&self, cluster: &str, id: &str) -> Result<(Member, u64), RegistryError> {
+        let id = MemberId::parse(id)?;
+        let c = self
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| RegistryError::NotFound(format!("unknown cluster {cluster:?}")))?;
+        let member = c.topology.member(&id).ok_or_else(|| {
+            RegistryError::NotFound(format!("no member {id} in cluster {cluster:?}"))
+        })?;
+        Ok((member.clone(), c.topology.version()))
+    }
+
+    /// (members, clients) per cluster, in name order.
+    pub fn counts(&self) -> Vec<(String, usize, usize)> {
+        self.clusters
+            .iter()
+            .map(|(n, c)| (n.clone(), c.members, c.clients))
+            .collect()
+    }
+
+    fn registration_cluster(
+        &mut self,
+        cluster: &str,
+        token: &str,
+    ) -> Result<&mut Cluster, RegistryError> {
+        check_text(
+            "cluster name",
+            cluster,
+            self.config.limits.max_cluster_name_len,
+        )?;
+        match self.clusters.get_mut(cluster) {
+            Some(c) if c.tokens.contains_key(token) => Ok(c),
+            _ => Err(RegistryError::UnknownRegistration(cluster.to_string())),
+        }
+    }
+
+    fn drop_if_empty(&mut self, cluster: &str) {
+        if self
+            .clusters
+            .get(cluster)
+            .is_some_and(|c| c.registrations.is_empty())
+        {
+            self.clusters.remove(cluster);
+        }
+    }
+
+    fn publish(
+        &mut self,
+        cluster: &str,
+        joined: Vec<Member>,
+        changed: Vec<Member>,
+        left: Vec<Member>,
+        expired: bool,
+    ) -> Change {
+        self.version += 1;
+        let version = self.version;
+        let c = self
+            .clusters
+            .get_mut(cluster)
+            .expect("publishing for a known cluster");
+        let previous_version = c.topology.version();
+        let members = c
+            .registrations
+            .values()
+            .filter(|r| r.role == Role::Member)
+            .map(|r| r.member.clone());
+        let topology = Arc::new(
+            ClusterTopology::new(cluster, version, members)
+                .expect("registration ids are unique keys"),
+        );
+        c.topology = topology.clone();
+        Change {
+            topology,
+            previous_version,
+            joined,
+            changed,
+            left,
+            expired,
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cluster::MemberLimits;
+
+    fn state() -> RegistryState {
+        let mut config = RegistryConfig::default();
+        config.limits.max_members_per_cluster = 3;
+        config
+            .cluster_tokens
+            .insert("secret".into(), "s3cr3t".into());
+        RegistryState::new(Arc::new(config), 1_000)
+    }
+
+    fn m(id: &str) -> Member {
+        Member::new(MemberId::parse(id).unwrap(), format!("{id}:1"), ["k"])
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    #[tokio::test]
+    async fn join_heartbeat_leave_and_versions() {
+        let mut s = state();
+        let t0 = now();
+        let (j, change) = s
+            .join("c", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        let change = change.unwrap();
+        assert_eq!(j.version, 1_001);
+        assert_eq!(
+            (change.previous_version, change.topology.version()),
+            (0, 1_001)
+        );
+        assert_eq!(change.joined, vec![m("a")]);
+        let (_, change) = s
+            .join("c", "", m("b"), Role::Member, "tb".into(), t0)
+            .unwrap();
+        assert_eq!(change.unwrap().previous_version, 1_001);
+        assert_eq!(s.heartbeat("c", "ta", t0).unwrap(), 1_002);
+        // b's token cannot remove a.
+        let change = s.leave("c", "tb").unwrap().unwrap();
+        assert_eq!(change.left, vec![m("b")]);
+        assert_eq!(
+            s.topology("c")
+                .member_ids()
+                .map(|i| i.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert!(matches!(
+            s.leave("c", "tb"),
+            Err(RegistryError::UnknownRegistration(_))
+        ));
+        assert!(matches!(
+            s.heartbeat("c", "nope", t0),
+            Err(RegistryError::UnknownRegistration(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn rejoin_replaces_the_token_and_publishes_only_real_changes() {
+        let mut s = state();
+        let t0 = now();
+        s.join("c", "", m("a"), Role::Member, "t1".into(), t0)
+            .unwrap();
+        let (j, change) = s
+            .join("c", "", m("a"), Role::Member, "t2".into(), t0)
+            .unwrap();
+        assert!(change.is_none(), "same description: nothing to broadcast");
+        assert_eq!(j.version, 1_001);
+        assert!(s.heartbeat("c", "t1", t0).is_err(), "the old token is void");
+        assert!(s.heartbeat("c", "t2", t0).is_ok());
+        let moved = m("a").with_zone("z");
+        let (_, change) = s
+            .join("c", "", moved.clone(), Role::Member, "t3".into(), t0)
+            .unwrap();
+        assert_eq!(change.unwrap().changed, vec![moved]);
+        assert_eq!(s.counts(), vec![("c".to_string(), 1, 0)]);
+    }
+
+    #[tokio::test]
+    async fn silent_members_and_clients_expire_after_the_ttl() {
+        let mut s = state();
+        let t0 = now();
+        s.join("c", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        s.join("c", "", m("b"), Role::Member, "tb".into(), t0)
+            .unwrap();
+        s.join("c", "", m("cl"), Role::Client, "tc".into(), t0)
+            .unwrap();
+        let ttl = s.config().ttl;
+        assert!(s.sweep(t0 + ttl - Duration::from_millis(1)).is_empty());
+        s.heartbeat("c", "ta", t0 + Duration::from_secs(1)).unwrap();
+        let changes = s.sweep(t0 + ttl);
+        assert_eq!(changes.len(), 1);
+        assert!(changes[0].expired);
+        assert_eq!(changes[0].left, vec![m("b")]);
+        assert_eq!(
+            s.counts(),
+            vec![("c".to_string(), 1, 0)],
+            "the client expired too"
+        );
+        assert!(matches!(
+            s.heartbeat("c", "tb", t0 + ttl),
+            Err(RegistryError::UnknownRegistration(_))
+        ));
+        let changes = s.sweep(t0 + ttl + Duration::from_secs(1));
+        assert_eq!(changes[0].topology.len(), 0);
+        assert!(s.counts().is_empty(), "an empty cluster is dropped");
+    }
+
+    #[tokio::test]
+    async fn clients_are_not_in_the_topology() {
+        let mut s = state();
+        let (j, change) = s
+            .join("c", "", m("cl"), Role::Client, "tc".into(), now())
+            .unwrap();
+        assert!(change.is_none());
+        assert_eq!(j.version, 0);
+        assert!(s.topology("c").is_empty());
+        assert!(
+            s.join("c", "", m("cl"), Role::Member, "x".into(), now())
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_input_and_limits() {
+        let mut s = state();
+        let t = now();
+        let err = s
+            .join("", "", m("a"), Role::Member, "t".into(), t)
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Invalid(ref msg) if msg.contains("cluster name")),
+            "{err}"
+        );
+        let long = "x".repeat(200);
+        assert!(matches!(
+            s.join(&long, "", m("a"), Role::Member, "t".into(), t),
+            Err(RegistryError::Invalid(_))
+        ));
+        let mut many = m("a");
+        many.kinds = (0..=MemberLimits::default().max_kinds)
+            .map(|i| format!("k{i}"))
+            .collect();
+        let err = s
+            .join("c", "", many, Role::Member, "t".into(), t)
+            .unwrap_err();
+        assert!(err.to_string().contains("kinds"), "{err}");
+        assert!(matches!(
+            s.join("secret", "wrong", m("a"), Role::Member, "t".into(), t),
+            Err(RegistryError::Unauthenticated(_))
+        ));
+        assert!(
+            s.join("secret", "s3cr3t", m("a"), Role::Member, "t1".into(), t)
+                .is_ok()
+        );
+        for id in ["b", "c", "d"] {
+            s.join("c", "", m(id), Role::Member, format!("t{id}"), t)
+                .unwrap();
+        }
+        assert!(matches!(
+            s.join("c", "", m("e"), Role::Member, "te".into(), t),
+            Err(RegistryError::Exhausted(_))
+        ));
+        assert!(matches!(
+            s.resolve("c", "zz"),
+            Err(RegistryError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.resolve("nope", "b"),
+            Err(RegistryError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.resolve("c", "BAD ID"),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert_eq!(s.resolve("c", "b").unwrap().0, m("b"));
+        assert_eq!(s.topology("c").len(), 3, "rejections changed nothing");
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

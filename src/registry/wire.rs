@@ -1,0 +1,226 @@
+//! Conversions between the model and the registry protocol, and error-to-status mapping.
+
+use std::sync::Arc;
+
+use tonic::{Code, Status};
+
+use super::pb;
+use super::state::{Change, RegistryError};
+use crate::cluster::{ClusterTopology, Member, MemberId, ModelError};
+
+/// A protocol member as a model member (the id is validated; limits are checked by the caller).
+pub fn member_from_pb(m: pb::Member) -> Result<Member, ModelError> {
+    Ok(Member {
+        id: MemberId::parse(&m.id)?,
+        address: m.address,
+        kinds: m.kinds.into_iter().collect(),
+        zone: (!m.zone.is_empty()).then_some(m.zone),
+        metadata: m.metadata,
+    })
+}
+
+/// A model member as a protocol member.
+pub fn member_to_pb(m: &Member) -> pb::Member {
+    pb::Member {
+        id: m.id.to_string(),
+        address: m.address.clone(),
+        kinds: m.kinds.iter().cloned().collect(),
+        zone: m.zone.clone().unwrap_or_default(),
+        metadata: m.metadata.clone(),
+    }
+}
+
+/// A full-topology watch message.
+pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
+    pb::WatchResponse {
+        event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
+            version: t.version(),
+            members: t.members().iter().map(member_to_pb).collect(),
+        })),
+    }
+}
+
+/// An incremental watch message.
+pub fn update(c: &Change) -> pb::WatchResponse {
+    pb::WatchResponse {
+        event: Some(pb::watch_response::Event::Update(pb::Update {
+            version: c.topology.version(),
+            previous_version: c.previous_version,
+            joined: c.joined.iter().map(member_to_pb).collect(),
+            left: c.left.iter().map(|m| m.id.to_string()).collect(),
+            changed: c.changed.iter().map(member_to_pb).collect(),
+        })),
+    }
+}
+
+/// A keep-alive watch message.
+pub fn progress(version: u64) -> pb::WatchResponse {
+    pb::WatchResponse {
+        event: Some(pb::watch_response::Event::Progress(pb::Progress {
+            version,
+        })),
+    }
+}
+
+/// The gRPC status for a registry error.
+pub fn status(e: &RegistryError) -> Status {
+    let code = match e {
+        RegistryError::Invalid(_) => Code::InvalidArgument,
+        RegistryError::Unauthenticated(_) => Code::Unauthenticated,
+        RegistryError::UnknownRegistration(_) | RegistryError::NotFound(_) => Code::NotFound,
+        RegistryError::Exhausted(_) => Code::ResourceExhausted,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// Why a watch message could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchApplyError {
+    /// The message was malformed.
+    #[error("malformed watch message: {0}")]
+    Malformed(String),
+    /// An update for another base version: the stream must be reopened for a snapshot.
+    #[error("update for version {expected} received while holding {held}")]
+    Gap {
+        /// The update's base version.
+        expected: u64,
+        /// The version held.
+        held: u64,
+    },
+}
+
+/// Applies a watch message to the topology held (if any): `Ok(Some(t))` is a newer topology to
+/// apply, `Ok(None)` means nothing new (progress, or a version already held).
+pub fn next_topology(
+    cluster: &str,
+    held: Option<&Arc<ClusterTopology>>,
+    msg: pb::WatchResponse,
+) -> Result<Option<Arc<ClusterTopology>>, WatchApplyError> {
+    let held_version = held.map_or(0, |t| t.version());
+    let bad = |e: ModelError| WatchApplyError::Malformed(e.to_string());
+    match msg.event {
+        None => Err(WatchApplyError::Malformed("empty watch message".into())),
+        Some(pb::watch_response::Event::Progress(_)) => Ok(None),
+        Some(pb::watch_response::Event::Snapshot(s)) => {
+            if s.version <= held_version {
+                return Ok(None);
+            }
+            let members = s
+                .members
+                .into_iter()
+                .map(member_from_pb)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            Ok(Some(Arc::new(
+                ClusterTopology::new(cluster, s.version, members).map_err(bad)?,
+            )))
+        }
+        Some(pb::watch_response::Event::Update(u)) => {
+            if u.version <= held_version {
+                return Ok(None);
+            }
+            if u.previous_version != held_version {
+                return Err(WatchApplyError::Gap {
+                    expected: u.previous_version,
+                    held: held_version,
+                });
+            }
+            let mut members: std::collections::BTreeMap<MemberId, Member> = held
+                .map(|t| {
+                    t.members()
+                        .iter()
+                        .map(|m| (m.id.clone(), m.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for id in u.left {
+                members.remove(&MemberId::parse(&id).map_err(bad)?);
+            }
+            for m in u.joined.into_iter().chain(u.changed) {
+                let m = member_from_pb(m).map_err(bad)?;
+                members.insert(m.id.clone(), m);
+            }
+            Ok(Some(Arc::new(
+                ClusterTopology::new(cluster, u.version, members.into_values()).map_err(bad)?,
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: &str) -> Member {
+        Member::new(MemberId::parse(id).unwrap(), format!("{id}:1"), ["k"]).with_zone("z")
+    }
+
+    #[test]
+    fn members_round_trip() {
+        let mut member = m("a");
+        member.metadata.insert("k".into(), "v".into());
+        assert_eq!(member_from_pb(member_to_pb(&member)).unwrap(), member);
+        let mut bad = member_to_pb(&member);
+        bad.id = "NOT VALID".into();
+        assert!(member_from_pb(bad).is_err());
+    }
+
+    #[test]
+    fn snapshots_and_updates_apply_in_order_and_gaps_are_detected() {
+        let t1 = Arc::new(ClusterTopology::new("c", 5, [m("a"), m("b")]).unwrap());
+        let got = next_topology("c", None, snapshot(&t1)).unwrap().unwrap();
+        assert_eq!(got, t1);
+        assert!(
+            next_topology("c", Some(&t1), snapshot(&t1))
+                .unwrap()
+                .is_none(),
+            "not newer"
+        );
+        let change = Change {
+            topology: Arc::new(ClusterTopology::new("c", 6, [m("a"), m("c")]).unwrap()),
+            previous_version: 5,
+            joined: vec![m("c")],
+            changed: vec![],
+            left: vec![m("b")],
+            expired: false,
+        };
+        let t2 = next_topology("c", Some(&t1), update(&change))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t2, change.topology);
+        let stale_base = ClusterTopology::new("c", 4, [m("a")]).unwrap();
+        assert!(matches!(
+            next_topology("c", Some(&Arc::new(stale_base)), update(&change)),
+            Err(WatchApplyError::Gap {
+                expected: 5,
+                held: 4
+            })
+        ));
+        assert!(
+            next_topology("c", Some(&t2), progress(6))
+                .unwrap()
+                .is_none()
+        );
+        assert!(next_topology("c", None, pb::WatchResponse { event: None }).is_err());
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(
+            status(&RegistryError::Invalid("x".into())).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            status(&RegistryError::Unauthenticated("c".into())).code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            status(&RegistryError::UnknownRegistration("c".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            status(&RegistryError::Exhausted("x".into())).code(),
+            Code::ResourceExhausted
+        );
+    }
+}
