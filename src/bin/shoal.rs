@@ -13,7 +13,7 @@ mod real {
     use shoal::registry::{RegistryProvider, RegistryProviderConfig, pb, wire};
     use shoal::runtime::TokioClock;
     use shoal::{ClusterEvent, ClusterProvider, ClusterProviderContext, ClusterTopology};
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
     #[derive(Parser, Debug)]
     #[command(name = "shoal", version, about = "Shoal cluster membership")]
@@ -44,6 +44,12 @@ mod real {
         /// PEM CA certificate to verify the registry's TLS certificate.
         #[arg(long, env = "SHOAL_CA")]
         ca: Option<PathBuf>,
+        /// PEM client certificate, for a registry that requires mTLS.
+        #[arg(long, env = "SHOAL_CERT", requires = "key")]
+        cert: Option<PathBuf>,
+        /// PEM private key of the client certificate.
+        #[arg(long, env = "SHOAL_KEY", requires = "cert")]
+        key: Option<PathBuf>,
         /// TLS server name to verify (defaults to the URL's host).
         #[arg(long)]
         tls_domain: Option<String>,
@@ -58,6 +64,11 @@ mod real {
             let pem =
                 std::fs::read(ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                let cert = std::fs::read(cert).with_context(|| format!("--cert: cannot read {}", cert.display()))?;
+                let key = std::fs::read(key).with_context(|| format!("--key: cannot read {}", key.display()))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
             if let Some(d) = &self.tls_domain {
                 tls = tls.domain_name(d.clone());
             }

@@ -102,7 +102,7 @@ pub fn next_topology(
         None => Err(WatchApplyError::Malformed("empty watch message".into())),
         Some(pb::watch_response::Event::Progress(_)) => Ok(None),
         Some(pb::watch_response::Event::Snapshot(s)) => {
-            if s.version <= held_version {
+            if held.is_some_and(|h| s.version <= h.version()) {
                 return Ok(None);
             }
             let members = s

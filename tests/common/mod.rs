@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[cfg(not(madsim))]
+pub mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 

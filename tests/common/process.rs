@@ -1,0 +1,159 @@
+//! Running the real binaries as processes over loopback (normal build only).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A child process whose stdout lines are collected in the background; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, bin: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {bin}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if std::env::var_os("SHOAL_TEST_VERBOSE").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+            }
+        });
+        Proc { child, lines, name: name.to_string() }
+    }
+
+    /// Waits until a stdout line satisfies `pred`; returns it.
+    pub fn wait_line(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}; output: {:?}", self.name, self.lines.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The newest stdout line parsed as JSON, if any.
+    pub fn last_json(&self) -> Option<serde_json::Value> {
+        self.lines.lock().unwrap().iter().rev().find_map(|l| serde_json::from_str(l).ok())
+    }
+
+    /// Waits until the newest snapshot line satisfies `pred`; returns it.
+    pub fn wait_snapshot(&self, what: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = self.last_json().filter(|v| pred(v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}; last: {:?}", self.name, self.last_json());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit after SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn registry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shoal-registry")
+}
+
+pub fn shoal_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shoal")
+}
+
+/// Starts a registry on an OS-chosen loopback port (or `listen`), returns it with its address.
+pub fn start_registry(listen: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["--listen", listen];
+    args.extend_from_slice(extra);
+    let p = Proc::spawn("registry", registry_bin(), &args);
+    let line = p.wait_line("the listening line", 15, |l| l.starts_with("listening on "));
+    let addr = line.trim_start_matches("listening on ").to_string();
+    (p, addr)
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `shoal member`.
+pub fn start_member(name: &str, registry_url: &str, cluster: &str, extra: &[&str]) -> Proc {
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["member", "--registry", registry_url, "--cluster", cluster, "--advertise", &advertise, "--kinds", "user,order"];
+    args.extend_from_slice(extra);
+    Proc::spawn(name, shoal_bin(), &args)
+}
+
+/// Number of members in a snapshot line.
+pub fn member_count(v: &serde_json::Value) -> usize {
+    v["members"].as_array().map_or(0, Vec::len)
+}
+
+/// Runs `shoal topology --json`; returns (exit success, stdout, stderr).
+pub fn topology(registry_url: &str, cluster: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["topology", "--registry", registry_url, "--cluster", cluster, "--json"];
+    args.extend_from_slice(extra);
+    let out = Command::new(shoal_bin()).args(&args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Scrapes a Prometheus endpoint and returns the value of `metric` (first sample).
+pub fn metric(addr: &str, metric: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines().find(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{'])).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
