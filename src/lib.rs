@@ -20,8 +20,8 @@
 //! use shoal::{ClusterProvider, ClusterProviderContext, TokioClock};
 //! use shoal::provider::memory::{InMemoryProvider, InMemoryRegistry};
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let registry = InMemoryRegistry::new();
 //! let a = InMemoryProvider::new(registry.clone());
 //! let b = InMemoryProvider::new(registry.clone());

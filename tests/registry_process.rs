@@ -11,7 +11,18 @@ use shoal::registry::pb;
 use shoal::registry::pb::registry_client::RegistryClient;
 use tonic::Code;
 
-const FAST: &[&str] = &["--ttl", "1500ms", "--heartbeat-interval", "500ms", "--sweep-interval", "250ms", "--startup-grace", "0s", "--progress-interval", "1s"];
+const FAST: &[&str] = &[
+    "--ttl",
+    "1500ms",
+    "--heartbeat-interval",
+    "500ms",
+    "--sweep-interval",
+    "250ms",
+    "--startup-grace",
+    "0s",
+    "--progress-interval",
+    "1s",
+];
 
 fn url(addr: &str) -> String {
     format!("http://{addr}")
@@ -31,21 +42,33 @@ fn kill9_member_expires_and_graceful_stop_is_seen_at_once() {
         m.wait_snapshot("3 members", 20, |v| member_count(v) == 3);
     }
     let victim = m3.last_json().unwrap();
-    let victim_addr = victim["members"].as_array().unwrap().iter().map(|m| m["address"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let victim_addr = victim["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["address"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
     assert_eq!(victim_addr.len(), 3);
 
     let killed = Instant::now();
     m3.kill9();
     for m in [&m1, &m2] {
-        let v = m.wait_snapshot("the killed member to be removed", 20, |v| member_count(v) == 2);
+        let v = m.wait_snapshot("the killed member to be removed", 20, |v| {
+            member_count(v) == 2
+        });
         assert_eq!(v["left"].as_array().unwrap().len(), 1);
     }
-    eprintln!("kill -9 seen by both survivors after {:?} (ttl 1.5 s, sweep 0.25 s)", killed.elapsed());
+    eprintln!(
+        "kill -9 seen by both survivors after {:?} (ttl 1.5 s, sweep 0.25 s)",
+        killed.elapsed()
+    );
     assert_eq!(metric(&metrics, "shoal_registry_expiries_total"), Some(1.0));
 
     let status = m2.sigterm();
     assert!(status.success(), "graceful stop exits 0: {status:?}");
-    m1.wait_snapshot("the stopped member to be removed", 20, |v| member_count(v) == 1);
+    m1.wait_snapshot("the stopped member to be removed", 20, |v| {
+        member_count(v) == 1
+    });
     // Seen through a leave, not a TTL expiry: no second expiry was counted.
     assert_eq!(metric(&metrics, "shoal_registry_leaves_total"), Some(1.0));
     assert_eq!(metric(&metrics, "shoal_registry_expiries_total"), Some(1.0));
@@ -58,43 +81,79 @@ fn registry_restart_brings_every_live_member_back() {
     args[7] = "1s"; // startup grace: members re-join before watchers get a snapshot
     let (mut registry, addr) = start_registry("127.0.0.1:0", &args);
     let u = url(&addr);
-    let members: Vec<Proc> = (1..=3).map(|i| start_member(&format!("m{i}"), &u, "c", &[])).collect();
+    let members: Vec<Proc> = (1..=3)
+        .map(|i| start_member(&format!("m{i}"), &u, "c", &[]))
+        .collect();
     let mut before = 0;
     for m in &members {
-        before = before.max(m.wait_snapshot("3 members", 20, |v| member_count(v) == 3)["version"].as_u64().unwrap());
+        before = before.max(
+            m.wait_snapshot("3 members", 20, |v| member_count(v) == 3)["version"]
+                .as_u64()
+                .unwrap(),
+        );
     }
     registry.kill9();
     let (_registry, addr2) = start_registry(&addr, &args);
     assert_eq!(addr, addr2);
     let restarted = Instant::now();
     for m in &members {
-        m.wait_snapshot("3 members after the restart", 20, |v| member_count(v) == 3 && v["version"].as_u64().unwrap() > before);
+        m.wait_snapshot("3 members after the restart", 20, |v| {
+            member_count(v) == 3 && v["version"].as_u64().unwrap() > before
+        });
     }
-    eprintln!("all members back after {:?} (heartbeat 0.5 s)", restarted.elapsed());
+    eprintln!(
+        "all members back after {:?} (heartbeat 0.5 s)",
+        restarted.elapsed()
+    );
     let (ok, out, err) = topology(&u, "c", &[]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(member_count(&v), 3);
     // No member ever saw a version go backwards.
     for m in &members {
-        let versions: Vec<u64> = m.lines.lock().unwrap().iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).map(|v| v["version"].as_u64().unwrap()).collect();
-        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{}: {versions:?}", m.name);
+        let versions: Vec<u64> = m
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "{}: {versions:?}",
+            m.name
+        );
     }
 }
 
 #[tokio::test]
 async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
     let mut args = FAST.to_vec();
-    args.extend(["--cluster-token", "secure=t0ken", "--max-kinds", "4", "--max-message-bytes", "4096"]);
+    args.extend([
+        "--cluster-token",
+        "secure=t0ken",
+        "--max-kinds",
+        "4",
+        "--max-message-bytes",
+        "4096",
+    ]);
     let (_registry, addr) = start_registry("127.0.0.1:0", &args);
     let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
     let mut watch = client
-        .watch(pb::WatchRequest { cluster: "c".into(), from_version: 0, cluster_token: String::new() })
+        .watch(pb::WatchRequest {
+            cluster: "c".into(),
+            from_version: 0,
+            cluster_token: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
-    assert!(matches!(first.event, Some(pb::watch_response::Event::Snapshot(_))));
+    assert!(matches!(
+        first.event,
+        Some(pb::watch_response::Event::Snapshot(_))
+    ));
 
     let member = |id: &str, kinds: usize| pb::Member {
         id: id.into(),
@@ -109,13 +168,37 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         cluster_token: token.into(),
     };
     let cases: Vec<(&str, pb::JoinRequest, Code)> = vec![
-        ("empty cluster", join("", Some(member("a", 1)), ""), Code::InvalidArgument),
-        ("oversized cluster name", join(&"x".repeat(500), Some(member("a", 1)), ""), Code::InvalidArgument),
+        (
+            "empty cluster",
+            join("", Some(member("a", 1)), ""),
+            Code::InvalidArgument,
+        ),
+        (
+            "oversized cluster name",
+            join(&"x".repeat(500), Some(member("a", 1)), ""),
+            Code::InvalidArgument,
+        ),
         ("no member", join("c", None, ""), Code::InvalidArgument),
-        ("invalid id", join("c", Some(member("Not Valid", 1)), ""), Code::InvalidArgument),
-        ("too many kinds", join("c", Some(member("a", 5)), ""), Code::InvalidArgument),
-        ("no token", join("secure", Some(member("a", 1)), ""), Code::Unauthenticated),
-        ("wrong token", join("secure", Some(member("a", 1)), "guess"), Code::Unauthenticated),
+        (
+            "invalid id",
+            join("c", Some(member("Not Valid", 1)), ""),
+            Code::InvalidArgument,
+        ),
+        (
+            "too many kinds",
+            join("c", Some(member("a", 5)), ""),
+            Code::InvalidArgument,
+        ),
+        (
+            "no token",
+            join("secure", Some(member("a", 1)), ""),
+            Code::Unauthenticated,
+        ),
+        (
+            "wrong token",
+            join("secure", Some(member("a", 1)), "guess"),
+            Code::Unauthenticated,
+        ),
     ];
     for (what, req, code) in cases {
         let err = client.join(req).await.unwrap_err();
@@ -125,21 +208,51 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
     let mut huge = member("a", 1);
     huge.metadata.insert("blob".into(), "x".repeat(10_000));
     let err = client.join(join("c", Some(huge), "")).await.unwrap_err();
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "oversized message: {err:?}");
-    let err = client.heartbeat(pb::HeartbeatRequest { cluster: "c".into(), member_token: "forged".into() }).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    let err = client.leave(pb::LeaveRequest { cluster: "c".into(), member_token: "forged".into() }).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    let err = client.resolve(pb::ResolveRequest { cluster: "c".into(), member_id: "nobody".into(), cluster_token: String::new() }).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "oversized message: {err:?}"
+    );
+    let err = client
+        .heartbeat(pb::HeartbeatRequest {
+            cluster: "c".into(),
+            member_token: "forged".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = client
-        .watch(pb::WatchRequest { cluster: "secure".into(), from_version: 0, cluster_token: "guess".into() })
+        .leave(pb::LeaveRequest {
+            cluster: "c".into(),
+            member_token: "forged".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .resolve(pb::ResolveRequest {
+            cluster: "c".into(),
+            member_id: "nobody".into(),
+            cluster_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .watch(pb::WatchRequest {
+            cluster: "secure".into(),
+            from_version: 0,
+            cluster_token: "guess".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // The watcher opened before all this still works: a valid join reaches it as an update.
-    let ok = client.join(join("c", Some(member("good", 2)), "")).await.unwrap().into_inner();
+    let ok = client
+        .join(join("c", Some(member("good", 2)), ""))
+        .await
+        .unwrap()
+        .into_inner();
     let update = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match watch.message().await.unwrap().unwrap().event {
@@ -153,27 +266,57 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
     })
     .await
     .unwrap();
-    assert_eq!(update.joined.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["good"]);
+    assert_eq!(
+        update
+            .joined
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        ["good"]
+    );
     assert_eq!(update.version, ok.topology_version);
     // A token authenticates a cluster.
-    assert!(client.join(join("secure", Some(member("s", 1)), "t0ken")).await.is_ok());
+    assert!(
+        client
+            .join(join("secure", Some(member("s", 1)), "t0ken"))
+            .await
+            .is_ok()
+    );
 }
 
 #[test]
 fn cli_exits_nonzero_with_a_clear_message_when_the_registry_is_unreachable() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let out = std::process::Command::new(shoal_bin())
-        .args(["member", "--registry", &dead, "--cluster", "c", "--advertise", &format!("127.0.0.1:{}", free_port()), "--kinds", "a", "--timeout", "1s"])
+        .args([
+            "member",
+            "--registry",
+            &dead,
+            "--cluster",
+            "c",
+            "--advertise",
+            &format!("127.0.0.1:{}", free_port()),
+            "--kinds",
+            "a",
+            "--timeout",
+            "1s",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot join cluster") && err.contains(&dead), "{err}");
+    assert!(
+        err.contains("cannot join cluster") && err.contains(&dead),
+        "{err}"
+    );
     let (ok, _, err) = topology(&dead, "c", &["--timeout", "1s"]);
     assert!(!ok);
     assert!(err.contains("cannot reach the registry"), "{err}");
     // Bad flags name the flag.
-    let out = std::process::Command::new(registry_bin()).args(["--ttl", "soon"]).output().unwrap();
+    let out = std::process::Command::new(registry_bin())
+        .args(["--ttl", "soon"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
 }
@@ -185,9 +328,15 @@ fn pki(dir: &std::path::Path) -> (String, String, String, String, String) {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap().signed_by(&server_key, &ca).unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
     let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["member".to_string()]).unwrap().signed_by(&client_key, &ca).unwrap();
+    let client = CertificateParams::new(vec!["member".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &ca)
+        .unwrap();
     (
         write(dir, "ca.pem", &ca.pem()),
         write(dir, "server.pem", &server.pem()),
@@ -218,7 +367,11 @@ fn tls_member_joins_and_plaintext_is_refused() {
     assert!(ok, "{err}");
     assert!(out.contains("\"members\""));
     // Plaintext against a TLS port fails, as does TLS without trusting the CA.
-    let (ok, _, _) = topology(&format!("http://127.0.0.1:{port}"), "c", &["--timeout", "1s", "--wait", "2s"]);
+    let (ok, _, _) = topology(
+        &format!("http://127.0.0.1:{port}"),
+        "c",
+        &["--timeout", "1s", "--wait", "2s"],
+    );
     assert!(!ok, "a plaintext client must be refused");
     let (ok, _, _) = topology(&https, "c", &["--timeout", "1s", "--wait", "2s"]);
     assert!(!ok, "a client that does not trust the CA must fail");
@@ -234,9 +387,17 @@ fn mtls_requires_a_client_certificate() {
     let (_registry, addr) = start_registry("127.0.0.1:0", &args);
     let port = addr.rsplit(':').next().unwrap();
     let https = format!("https://localhost:{port}");
-    let (ok, _, _) = topology(&https, "c", &["--ca", &ca, "--timeout", "1s", "--wait", "2s"]);
+    let (ok, _, _) = topology(
+        &https,
+        "c",
+        &["--ca", &ca, "--timeout", "1s", "--wait", "2s"],
+    );
     assert!(!ok, "no client certificate: refused");
-    let (ok, _, err) = topology(&https, "c", &["--ca", &ca, "--cert", &client_cert, "--key", &client_key]);
+    let (ok, _, err) = topology(
+        &https,
+        "c",
+        &["--ca", &ca, "--cert", &client_cert, "--key", &client_key],
+    );
     assert!(ok, "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }

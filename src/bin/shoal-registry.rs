@@ -221,7 +221,7 @@ mod real {
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
-            .set_serving::<shoal::registry::pb::registry_server::RegistryServer<shoal::registry::RegistryService>>()
+            .set_serving::<shoal::registry::RegistryGrpcService>()
             .await;
 
         if let Some(addr) = s.metrics_listen {
@@ -265,7 +265,7 @@ mod real {
             .context("serving")?;
         sweeper.abort();
         health_reporter
-            .set_not_serving::<shoal::registry::pb::registry_server::RegistryServer<shoal::registry::RegistryService>>()
+            .set_not_serving::<shoal::registry::RegistryGrpcService>()
             .await;
         tracing::info!("registry stopped");
         Ok(())

@@ -65,8 +65,10 @@ mod real {
                 std::fs::read(ca).with_context(|| format!("--ca: cannot read {}", ca.display()))?;
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
             if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-                let cert = std::fs::read(cert).with_context(|| format!("--cert: cannot read {}", cert.display()))?;
-                let key = std::fs::read(key).with_context(|| format!("--key: cannot read {}", key.display()))?;
+                let cert = std::fs::read(cert)
+                    .with_context(|| format!("--cert: cannot read {}", cert.display()))?;
+                let key = std::fs::read(key)
+                    .with_context(|| format!("--key: cannot read {}", key.display()))?;
                 tls = tls.identity(Identity::from_pem(cert, key));
             }
             if let Some(d) = &self.tls_domain {

@@ -348,17 +348,16 @@ impl OwnerCache {
             return false;
         }
         let mut evicted = false;
-        if self.len >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                if let Some(chain) = self.map.get_mut(&old) {
-                    chain.remove(0);
-                    if chain.is_empty() {
-                        self.map.remove(&old);
-                    }
-                    self.len -= 1;
-                    evicted = true;
-                }
+        if self.len >= self.capacity
+            && let Some(old) = self.order.pop_front()
+            && let Some(chain) = self.map.get_mut(&old)
+        {
+            chain.remove(0);
+            if chain.is_empty() {
+                self.map.remove(&old);
             }
+            self.len -= 1;
+            evicted = true;
         }
         self.map.entry(key).or_default().push(Entry {
             kind: Arc::from(kind),
@@ -389,12 +388,11 @@ impl OwnerCache {
                     }
                     Some(cur) => {
                         let mut best = cur.clone();
-                        if delta.refreshed.contains(&cur.member.id) {
-                            if let Ok(i) =
+                        if delta.refreshed.contains(&cur.member.id)
+                            && let Ok(i) =
                                 candidates.binary_search_by(|c| c.member.id.cmp(&cur.member.id))
-                            {
-                                best.member = candidates[i].member.clone();
-                            }
+                        {
+                            best.member = candidates[i].member.clone();
                         }
                         for cand in delta.added.get(kind).into_iter().flatten() {
                             let w = weight(key, cand.seed);

@@ -296,10 +296,8 @@ impl ClusterProvider for InMemoryProvider {
             return Err(ProviderError::NotStarted);
         };
         let cluster = running.ctx.cluster_name.clone();
-        if graceful {
-            if let Some(id) = &running.member {
-                self.registry.leave(&cluster, id);
-            }
+        if graceful && let Some(id) = &running.member {
+            self.registry.leave(&cluster, id);
         }
         // Cancelling the task drops the registration guard: a crash removes the member too.
         running.task.abort();

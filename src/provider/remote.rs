@@ -77,11 +77,22 @@ impl PartitionService {
     }
 
     /// The gRPC service to add to a server.
-    pub fn server(self) -> pb::partition_service_server::PartitionServiceServer<Self> {
+    pub fn server(self) -> PartitionGrpcService {
         pb::partition_service_server::PartitionServiceServer::new(self)
             .max_decoding_message_size(16 * 1024)
     }
 }
+
+/// The partition service as a gRPC service to add to a tonic server.
+#[cfg(not(madsim))]
+pub type PartitionGrpcService =
+    pb::partition_service_server::PartitionServiceServer<PartitionService>;
+/// The partition service as a gRPC service to add to a tonic server.
+#[cfg(madsim)]
+pub type PartitionGrpcService = pb::partition_service_server::PartitionServiceServer<
+    PartitionService,
+    tonic::codegen::IdentityInterceptor,
+>;
 
 #[tonic::async_trait]
 impl pb::partition_service_server::PartitionService for PartitionService {

@@ -18,5 +18,5 @@ pub mod pb {
 pub use config::{RegistryConfig, RegistryLimits};
 pub use metrics::RegistryMetrics;
 pub use provider::{Backoff, RegistryProvider, RegistryProviderConfig};
-pub use server::{RegistryServer, RegistryService, watch_idle_timeout};
+pub use server::{RegistryGrpcService, RegistryServer, RegistryService, watch_idle_timeout};
 pub use state::{Change, Joined, RegistryError, RegistryState, Role};

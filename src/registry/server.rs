@@ -80,7 +80,7 @@ impl RegistryServer {
     }
 
     /// The gRPC service, with the request size limit applied.
-    pub fn service(&self) -> pb::registry_server::RegistryServer<RegistryService> {
+    pub fn service(&self) -> RegistryGrpcService {
         let limit = self.shared.config.limits.max_message_bytes;
         pb::registry_server::RegistryServer::new(RegistryService {
             shared: self.shared.clone(),
@@ -171,6 +171,16 @@ impl Core {
         }
     }
 }
+
+/// The registry as a gRPC service to add to a tonic server (the generated server type, whose
+/// generics differ between real and simulated tonic).
+#[cfg(not(madsim))]
+pub type RegistryGrpcService = pb::registry_server::RegistryServer<RegistryService>;
+/// The registry as a gRPC service to add to a tonic server (the generated server type, whose
+/// generics differ between real and simulated tonic).
+#[cfg(madsim)]
+pub type RegistryGrpcService =
+    pb::registry_server::RegistryServer<RegistryService, tonic::codegen::IdentityInterceptor>;
 
 /// The generated gRPC trait's implementation; obtain it from [`RegistryServer::service`].
 #[derive(Debug, Clone)]

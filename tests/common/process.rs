@@ -17,7 +17,10 @@ impl Proc {
     pub fn spawn(name: &str, bin: &str, args: &[&str]) -> Proc {
         let mut child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -40,7 +43,11 @@ impl Proc {
                 }
             }
         });
-        Proc { child, lines, name: name.to_string() }
+        Proc {
+            child,
+            lines,
+            name: name.to_string(),
+        }
     }
 
     /// Waits until a stdout line satisfies `pred`; returns it.
@@ -50,24 +57,44 @@ impl Proc {
             if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
                 return l.clone();
             }
-            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}; output: {:?}", self.name, self.lines.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}; output: {:?}",
+                self.name,
+                self.lines.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// The newest stdout line parsed as JSON, if any.
     pub fn last_json(&self) -> Option<serde_json::Value> {
-        self.lines.lock().unwrap().iter().rev().find_map(|l| serde_json::from_str(l).ok())
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
     }
 
     /// Waits until the newest snapshot line satisfies `pred`; returns it.
-    pub fn wait_snapshot(&self, what: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_snapshot(
+        &self,
+        what: &str,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(v) = self.last_json().filter(|v| pred(v)) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}; last: {:?}", self.name, self.last_json());
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}; last: {:?}",
+                self.name,
+                self.last_json()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,7 +112,11 @@ impl Proc {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "{} did not exit after SIGTERM", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit after SIGTERM",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -118,13 +149,27 @@ pub fn start_registry(listen: &str, extra: &[&str]) -> (Proc, String) {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `shoal member`.
 pub fn start_member(name: &str, registry_url: &str, cluster: &str, extra: &[&str]) -> Proc {
     let advertise = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["member", "--registry", registry_url, "--cluster", cluster, "--advertise", &advertise, "--kinds", "user,order"];
+    let mut args = vec![
+        "member",
+        "--registry",
+        registry_url,
+        "--cluster",
+        cluster,
+        "--advertise",
+        &advertise,
+        "--kinds",
+        "user,order",
+    ];
     args.extend_from_slice(extra);
     Proc::spawn(name, shoal_bin(), &args)
 }
@@ -136,20 +181,34 @@ pub fn member_count(v: &serde_json::Value) -> usize {
 
 /// Runs `shoal topology --json`; returns (exit success, stdout, stderr).
 pub fn topology(registry_url: &str, cluster: &str, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec!["topology", "--registry", registry_url, "--cluster", cluster, "--json"];
+    let mut args = vec![
+        "topology",
+        "--registry",
+        registry_url,
+        "--cluster",
+        cluster,
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let out = Command::new(shoal_bin()).args(&args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Scrapes a Prometheus endpoint and returns the value of `metric` (first sample).
 pub fn metric(addr: &str, metric: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    body.lines().find(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{'])).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    body.lines()
+        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> String {
