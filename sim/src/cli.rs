@@ -1,15 +1,20 @@
 //! Command-line shell of `shoal-sim`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use shoal_sim::demo;
+use shoal_sim::campaign::{self, Campaign};
+use shoal_sim::flaw::Flaw;
+use shoal_sim::scenario::{self, RunOptions, Scenario};
+use shoal_sim::{bench, timeline};
 
 #[derive(Parser)]
 #[command(
     name = "shoal-sim",
-    about = "Deterministic simulation of Shoal clusters"
+    about = "Deterministic simulation of Shoal clusters",
+    version
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,63 +23,262 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the demo scenario (five in-memory members, one crashed and restarted) over a range
-    /// of seeds and prints a summary.
+    /// Runs a campaign: many seeds of one or all scenarios, then prints a summary table.
     Run {
-        /// Number of seeds.
-        #[arg(long, default_value_t = 100)]
+        /// Scenario name, or `all`.
+        #[arg(long, default_value = "all")]
+        scenario: String,
+        /// Seeds per scenario.
+        #[arg(long, default_value_t = 24)]
         seeds: u64,
         /// First seed.
         #[arg(long, default_value_t = 1)]
         seed_start: u64,
+        /// Parallel runs (default: available cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Run only shard K of N (`K/N`, 1-based), so a fleet can share one campaign.
+        #[arg(long, value_parser = parse_shard, default_value = "1/1")]
+        shard: (u64, u64),
+        /// One JSON object per scenario on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Run with a deliberate defect (shows that the checkers fire).
+        #[arg(long, value_enum, default_value = "none")]
+        flaw: Flaw,
+    },
+    /// Reruns one seed with its full trace, checks that it is deterministic, and can draw a
+    /// timeline.
+    Replay {
+        /// Scenario name.
+        #[arg(long)]
+        scenario: String,
+        /// The seed.
+        #[arg(long)]
+        seed: u64,
+        /// Write an SVG timeline of every node's view with the faults marked.
+        #[arg(long)]
+        timeline: Option<PathBuf>,
+        /// Print only the summary, not the trace.
+        #[arg(long)]
+        quiet: bool,
+        /// Run with a deliberate defect.
+        #[arg(long, value_enum, default_value = "none")]
+        flaw: Flaw,
+    },
+    /// Names the scenarios.
+    List,
+    /// Measures simulated-time speed-up of a scenario against a bare madsim baseline.
+    Bench {
+        /// Scenario name.
+        #[arg(long, default_value = "member-crash")]
+        scenario: String,
+        /// Seeds of each.
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
     },
 }
 
+fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let (k, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("--shard: expected K/N, got {s:?}"))?;
+    let (k, n): (u64, u64) = (
+        k.parse().map_err(|_| format!("--shard: bad K in {s:?}"))?,
+        n.parse().map_err(|_| format!("--shard: bad N in {s:?}"))?,
+    );
+    if n == 0 || k == 0 || k > n {
+        return Err(format!("--shard: need 1 <= K <= N, got {s:?}"));
+    }
+    Ok((k, n))
+}
+
+fn scenarios(name: &str) -> Result<Vec<Scenario>> {
+    if name == "all" {
+        return Ok(scenario::all());
+    }
+    match scenario::by_name(name) {
+        Some(s) => Ok(vec![s]),
+        None => {
+            let names: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
+            bail!(
+                "--scenario: unknown scenario {name:?}; known: all, {}",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+fn run(
+    scenario: String,
+    seeds: u64,
+    seed_start: u64,
+    jobs: Option<usize>,
+    shard: (u64, u64),
+    json: bool,
+    flaw: Flaw,
+) -> Result<bool> {
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let c = Campaign {
+        scenarios: scenarios(&scenario)?,
+        seeds,
+        seed_start,
+        jobs,
+        shard,
+        flaw,
+        progress: !json,
+    };
+    let summaries = campaign::run(&c, |r| {
+        if !r.passed() {
+            eprintln!(
+                "FAILED {} seed {}: {}",
+                r.scenario, r.seed, r.recording.violations[0]
+            );
+            eprintln!("  schedule: {}", r.schedule.describe());
+            eprintln!("  replay:   {}", r.replay_command());
+        }
+    });
+    if json {
+        for s in &summaries {
+            println!("{}", serde_json::to_string(s)?);
+        }
+    } else {
+        print!("{}", campaign::table(&summaries));
+    }
+    Ok(summaries.iter().all(|s| s.failures == 0))
+}
+
+fn replay(
+    scenario: String,
+    seed: u64,
+    timeline_path: Option<PathBuf>,
+    quiet: bool,
+    flaw: Flaw,
+) -> Result<bool> {
+    let s = scenarios(&scenario)?
+        .into_iter()
+        .next()
+        .context("one scenario")?;
+    let opts = RunOptions {
+        keep_trace: true,
+        flaw,
+        schedule: None,
+    };
+    let first = scenario::run_seed_isolated(&s, seed, &opts);
+    let second = scenario::run_seed_isolated(&s, seed, &opts);
+    if !quiet {
+        for t in &first.recording.trace {
+            println!(
+                "{:>9.3}s {:<9} {}",
+                t.at_ms as f64 / 1000.0,
+                t.node,
+                t.event
+            );
+        }
+    }
+    println!(
+        "scenario {} seed {}: {}",
+        s.name,
+        seed,
+        first.schedule.describe()
+    );
+    println!(
+        "simulated {:.1}s, trace {} lines, digest {:016x}",
+        first.sim_seconds,
+        first.recording.trace.len(),
+        first.recording.digest
+    );
+    let deterministic = first.recording.digest == second.recording.digest;
+    if deterministic {
+        println!(
+            "deterministic: a second run produced the same trace (digest {:016x})",
+            second.recording.digest
+        );
+    } else {
+        println!(
+            "NOT DETERMINISTIC: a second run produced a different trace (digest {:016x} vs {:016x})",
+            first.recording.digest, second.recording.digest
+        );
+        if let Some((i, (a, b))) = first
+            .recording
+            .trace
+            .iter()
+            .zip(&second.recording.trace)
+            .enumerate()
+            .find(|(_, (a, b))| a != b)
+        {
+            println!("  first difference at line {i}:\n    {a:?}\n    {b:?}");
+        }
+    }
+    if let Some(path) = timeline_path {
+        let title = format!("shoal-sim {} seed {}", s.name, seed);
+        std::fs::write(&path, timeline::svg(&title, &first.recording))
+            .with_context(|| format!("--timeline: cannot write {}", path.display()))?;
+        println!("timeline written to {}", path.display());
+    }
+    if first.passed() {
+        println!("PASSED: no checker fired");
+    } else {
+        println!("FAILED: {} violation(s):", first.recording.violations.len());
+        for v in &first.recording.violations {
+            println!("  {v}");
+        }
+    }
+    Ok(first.passed() && deterministic)
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Run { seeds, seed_start } => {
-            let wall = Instant::now();
-            let mut failures = Vec::new();
-            let mut failovers = Vec::new();
-            let mut sim = 0.0;
-            for seed in seed_start..seed_start + seeds {
-                let out = demo::run(seed);
-                sim += out.sim_seconds;
-                if let Some(f) = out.failover {
-                    failovers.push(f.as_secs_f64() * 1000.0);
-                }
-                if !out.violations.is_empty() {
-                    eprintln!("seed {seed} FAILED:");
-                    for v in &out.violations {
-                        eprintln!("  {v}");
-                    }
-                    failures.push(seed);
-                }
+    let result = match Cli::parse().command {
+        Command::Run {
+            scenario,
+            seeds,
+            seed_start,
+            jobs,
+            shard,
+            json,
+            flaw,
+        } => run(scenario, seeds, seed_start, jobs, shard, json, flaw),
+        Command::Replay {
+            scenario,
+            seed,
+            timeline,
+            quiet,
+            flaw,
+        } => replay(scenario, seed, timeline, quiet, flaw),
+        Command::List => {
+            for s in scenario::all() {
+                println!("{:<17} {}", s.name, s.about);
             }
-            failovers.sort_by(f64::total_cmp);
-            let wall = wall.elapsed().as_secs_f64();
-            let p = |q: f64| {
-                failovers
-                    .get(((failovers.len() as f64 - 1.0) * q).round() as usize)
-                    .copied()
-                    .unwrap_or(f64::NAN)
-            };
+            Ok(true)
+        }
+        Command::Bench { scenario, seeds } => scenarios(&scenario).map(|s| {
+            let (full, base) = bench::compare(&s[0], seeds);
             println!(
-                "scenario        seeds  failures  sim_s    wall_s  speedup  failover_p50_ms  failover_p99_ms"
+                "{:<34} {:>6} {:>9} {:>8} {:>9} {:>8}",
+                "run", "seeds", "sim_s", "wall_s", "speedup", "seeds/s"
             );
-            println!(
-                "demo-crash  {seeds:>9}  {:>8}  {sim:>6.1}  {wall:>6.2}  {:>7.0}  {:>15.0}  {:>15.0}",
-                failures.len(),
-                sim / wall.max(1e-9),
-                p(0.5),
-                p(0.99)
-            );
-            if failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            for x in [&full, &base] {
+                println!(
+                    "{:<34} {:>6} {:>9.0} {:>8.2} {:>9.0} {:>8.1}",
+                    x.what, x.seeds, x.sim_seconds, x.wall_seconds, x.speedup, x.seeds_per_second
+                );
             }
+            println!(
+                "full stack keeps {:.0}% of the bare baseline's speed",
+                100.0 * full.speedup / base.speedup.max(1e-9)
+            );
+            true
+        }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("shoal-sim: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

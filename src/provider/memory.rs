@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 
 use super::{
     ClusterProvider, ClusterProviderContext, LocalPartitionManager, PartitionManagerHandle,
@@ -21,8 +21,10 @@ use crate::runtime::TaskHandle;
 
 /// The shared membership backend of the in-memory world. Clone it into every node's provider.
 ///
-/// Each cluster's topology is published through a latest-value channel: a watcher that falls
-/// behind skips straight to the newest topology instead of queueing every version.
+/// Each cluster holds its latest topology and a bounded change signal: a watcher that falls
+/// behind skips straight to the newest topology instead of queueing every version. (Not
+/// `tokio::sync::watch`: its wake-up order comes from tokio's unseeded RNG, which would make
+/// simulations irreproducible.)
 #[derive(Clone, Debug, Default)]
 pub struct InMemoryRegistry {
     inner: Arc<Mutex<Backend>>,
@@ -40,7 +42,31 @@ struct Backend {
 #[derive(Debug)]
 struct ClusterState {
     members: BTreeMap<MemberId, Registration>,
-    tx: watch::Sender<Arc<ClusterTopology>>,
+    latest: Arc<ClusterTopology>,
+    changed: broadcast::Sender<u64>,
+}
+
+/// A watcher of one cluster: waits for a change signal, then reads the newest topology.
+#[derive(Debug)]
+struct Watcher {
+    registry: InMemoryRegistry,
+    cluster: String,
+    rx: broadcast::Receiver<u64>,
+}
+
+impl Watcher {
+    fn latest(&self) -> Arc<ClusterTopology> {
+        self.registry.topology(&self.cluster)
+    }
+
+    /// The next newer topology, or `None` when the cluster's state is gone.
+    async fn next(&mut self) -> Option<Arc<ClusterTopology>> {
+        match self.rx.recv().await {
+            // Lagging only means several changes happened: the newest one covers them.
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => Some(self.latest()),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -65,7 +91,7 @@ impl InMemoryRegistry {
     /// The current topology of `cluster` (empty, version 0, if nobody ever joined it).
     pub fn topology(&self, cluster: &str) -> Arc<ClusterTopology> {
         match self.lock().clusters.get(cluster) {
-            Some(state) => state.tx.borrow().clone(),
+            Some(state) => state.latest.clone(),
             None => Arc::new(ClusterTopology::empty(cluster)),
         }
     }
@@ -85,7 +111,7 @@ impl InMemoryRegistry {
         cluster: &str,
         member: Member,
         partition_manager: Arc<PartitionManager>,
-    ) -> Result<watch::Receiver<Arc<ClusterTopology>>, ProviderError> {
+    ) -> Result<Watcher, ProviderError> {
         let mut backend = self.lock();
         member.validate(&backend.limits)?;
         let state = backend.cluster(cluster);
@@ -99,13 +125,22 @@ impl InMemoryRegistry {
                 partition_manager,
             },
         );
-        let rx = state.tx.subscribe();
+        let rx = state.changed.subscribe();
         backend.publish(cluster);
-        Ok(rx)
+        Ok(Watcher {
+            registry: self.clone(),
+            cluster: cluster.to_string(),
+            rx,
+        })
     }
 
-    fn watch(&self, cluster: &str) -> watch::Receiver<Arc<ClusterTopology>> {
-        self.lock().cluster(cluster).tx.subscribe()
+    fn watch(&self, cluster: &str) -> Watcher {
+        let rx = self.lock().cluster(cluster).changed.subscribe();
+        Watcher {
+            registry: self.clone(),
+            cluster: cluster.to_string(),
+            rx,
+        }
     }
 
     /// Removes `id` from `cluster`; returns whether it was there.
@@ -128,7 +163,7 @@ impl InMemoryRegistry {
         if backend
             .clusters
             .get(cluster)
-            .is_some_and(|s| s.members.is_empty() && s.tx.receiver_count() == 0)
+            .is_some_and(|s| s.members.is_empty() && s.changed.receiver_count() == 0)
         {
             backend.clusters.remove(cluster);
         }
@@ -147,7 +182,8 @@ impl Backend {
             .entry(cluster.to_string())
             .or_insert_with(|| ClusterState {
                 members: BTreeMap::new(),
-                tx: watch::channel(Arc::new(ClusterTopology::empty(cluster))).0,
+                latest: Arc::new(ClusterTopology::empty(cluster)),
+                changed: broadcast::channel(16).0,
             })
     }
 
@@ -167,7 +203,9 @@ impl Backend {
             members = topology.len(),
             "in-memory topology published"
         );
-        state.tx.send_replace(Arc::new(topology));
+        state.latest = Arc::new(topology);
+        // No receiver only means nobody watches this cluster right now.
+        let _ = state.changed.send(version);
     }
 }
 
@@ -232,8 +270,8 @@ impl InMemoryProvider {
             return Err(ProviderError::AlreadyStarted);
         }
         let cluster = ctx.cluster_name.clone();
-        let (mut rx, guard) = if as_member {
-            let rx =
+        let (mut watcher, guard) = if as_member {
+            let watcher =
                 self.registry
                     .join(&cluster, ctx.member.clone(), ctx.partition_manager.clone())?;
             let guard = RegistrationGuard {
@@ -241,19 +279,18 @@ impl InMemoryProvider {
                 cluster: cluster.clone(),
                 id: ctx.member.id.clone(),
             };
-            (rx, Some(guard))
+            (watcher, Some(guard))
         } else {
             (self.registry.watch(&cluster), None)
         };
         // Apply the current topology before returning, so the caller sees itself in it.
-        apply(&ctx, rx.borrow_and_update().clone());
+        apply(&ctx, watcher.latest());
         let task_ctx = ctx.clone();
         let task = ctx.clock.spawn(
             "in-memory-watch",
             Box::pin(async move {
                 let _guard = guard;
-                while rx.changed().await.is_ok() {
-                    let topology = rx.borrow_and_update().clone();
+                while let Some(topology) = watcher.next().await {
                     apply(&task_ctx, topology);
                 }
             }),

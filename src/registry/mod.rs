@@ -18,5 +18,7 @@ pub mod pb {
 pub use config::{RegistryConfig, RegistryLimits};
 pub use metrics::RegistryMetrics;
 pub use provider::{Backoff, RegistryProvider, RegistryProviderConfig};
+#[cfg(madsim)]
+pub use server::HeartbeatLoss;
 pub use server::{RegistryGrpcService, RegistryServer, RegistryService, watch_idle_timeout};
 pub use state::{Change, Joined, RegistryError, RegistryState, Role};

@@ -32,7 +32,29 @@ struct Shared {
     ready_at: Instant,
     core: Mutex<Core>,
     metrics: RegistryMetrics,
+    /// Simulation only: which members' heartbeats are "lost" (never answered).
+    #[cfg(madsim)]
+    heartbeat_loss: Mutex<LossHook>,
 }
+
+#[cfg(madsim)]
+#[derive(Default, Clone)]
+struct LossHook(Option<HeartbeatLoss>);
+
+#[cfg(madsim)]
+impl std::fmt::Debug for LossHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "LossHook(set)"
+        } else {
+            "LossHook(none)"
+        })
+    }
+}
+
+/// Simulation only: decides whether a member's heartbeat is lost in the network.
+#[cfg(madsim)]
+pub type HeartbeatLoss = Arc<dyn Fn(&crate::cluster::MemberId) -> bool + Send + Sync>;
 
 #[derive(Debug)]
 struct Core {
@@ -65,6 +87,8 @@ impl RegistryServer {
                 config,
                 clock,
                 metrics: RegistryMetrics::default(),
+                #[cfg(madsim)]
+                heartbeat_loss: Mutex::new(LossHook::default()),
             }),
         })
     }
@@ -100,6 +124,28 @@ impl RegistryServer {
                 }
             }),
         )
+    }
+
+    /// The current topology of `cluster` as the registry holds it.
+    pub fn topology(&self, cluster: &str) -> Arc<crate::cluster::ClusterTopology> {
+        self.shared.lock().state.topology(cluster)
+    }
+
+    /// Registrations held more than `grace` past their expiry (see [`RegistryState::overdue`]).
+    pub fn overdue(&self, grace: Duration) -> Vec<(String, crate::cluster::MemberId, Duration)> {
+        let now = self.shared.clock.now();
+        self.shared.lock().state.overdue(now, grace)
+    }
+
+    /// Simulation only: heartbeats of members for which `loss` answers true are swallowed (the
+    /// caller's deadline passes), as if the network dropped them, while other calls flow.
+    #[cfg(madsim)]
+    pub fn set_heartbeat_loss(&self, loss: HeartbeatLoss) {
+        *self
+            .shared
+            .heartbeat_loss
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = LossHook(Some(loss));
     }
 
     /// Expires silent registrations now (the sweeper calls this on its interval).
@@ -242,6 +288,25 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let s = &self.shared;
         let req = request.into_inner();
+        #[cfg(madsim)]
+        {
+            let loss = s
+                .heartbeat_loss
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .clone();
+            let member = s
+                .lock()
+                .state
+                .member_of(&req.cluster, &req.member_token)
+                .cloned();
+            if let (Some(loss), Some(member)) = (loss, member)
+                && loss(&member)
+            {
+                std::future::pending::<()>().await;
+            }
+        }
         let now = s.clock.now();
         let version = s
             .lock()
@@ -404,6 +469,7 @@ impl Cursor {
             let event = {
                 let rx = self.rx.as_mut().expect("subscribed above");
                 tokio::select! {
+                    biased;
                     r = rx.recv() => Some(r),
                     _ = s.clock.sleep(s.config.progress_interval) => None,
                 }

@@ -1,0 +1,164 @@
+//! The checkers: safety while faults run, liveness after they heal.
+//!
+//! Every violation names the simulated time, the nodes, and what was expected against what was
+//! seen. Per-node version monotonicity is checked by the recorder as each topology is applied.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use madsim::time::{Instant, sleep};
+use shoal::placement::naive_owner;
+use shoal::{ClusterTopology, MemberId};
+
+use crate::cluster::{KIND, ProviderKind, SimCluster};
+
+/// Identities whose owners are compared across nodes.
+pub fn sample_identities() -> Vec<String> {
+    (0..48).map(|i| format!("actor-{i}")).collect()
+}
+
+/// One node's view at a sample: its name, topology and owners of the sampled identities.
+type NodeSample = (String, Arc<ClusterTopology>, Vec<Option<MemberId>>);
+
+/// Safety, sampled: nodes holding the same topology version hold the same members and agree on
+/// the owner of every sampled identity; the registry holds no registration more than one sweep
+/// interval past its TTL.
+pub fn check_safety(cluster: &SimCluster) {
+    let rec = cluster.recorder();
+    let views = cluster.live_views();
+    let ids = sample_identities();
+    let mut by_version: BTreeMap<u64, Vec<NodeSample>> = BTreeMap::new();
+    for (name, _, inc) in &views {
+        let t = inc.manager.topology();
+        if t.version() == 0 {
+            continue;
+        }
+        let owners = ids
+            .iter()
+            .map(|id| inc.manager.peek_owner(KIND, id).map(|m| m.id.clone()))
+            .collect();
+        by_version
+            .entry(t.version())
+            .or_default()
+            .push((name.clone(), t, owners));
+    }
+    for (version, nodes) in &by_version {
+        let (first_name, first_t, first_owners) = &nodes[0];
+        for (name, t, owners) in &nodes[1..] {
+            if !t.member_ids().eq(first_t.member_ids()) {
+                rec.violation(format!(
+                    "safety: {first_name} and {name} both hold version {version} with different members: {:?} vs {:?}",
+                    first_t.member_ids().collect::<Vec<_>>(),
+                    t.member_ids().collect::<Vec<_>>()
+                ));
+            }
+            if let Some(i) = (0..ids.len()).find(|&i| owners[i] != first_owners[i]) {
+                rec.violation(format!(
+                    "safety: {first_name} and {name} hold version {version} but disagree on the owner of {KIND}/{}: {first_name} says {:?}, {name} says {:?}",
+                    ids[i], first_owners[i], owners[i]
+                ));
+            }
+        }
+    }
+    if let Some(registry) = cluster.registry() {
+        let grace = cluster.registry_config().sweep_interval + Duration::from_millis(50);
+        for (c, id, late) in registry.overdue(grace) {
+            rec.violation(format!(
+                "safety: the registry still lists {id} in {c} {} ms after its TTL expired (allowed: one sweep interval, {} ms)",
+                late.as_millis(),
+                cluster.registry_config().sweep_interval.as_millis()
+            ));
+        }
+    }
+}
+
+/// Runs [`check_safety`] every `every` until the returned handle is dropped... or `until` passes.
+pub async fn safety_loop(cluster: Arc<SimCluster>, every: Duration, until: Instant) {
+    while Instant::now() < until {
+        check_safety(&cluster);
+        sleep(every).await;
+    }
+}
+
+/// What a converged cluster looks like, or why it is not converged yet.
+fn converged(cluster: &SimCluster) -> Result<u64, String> {
+    let starting = cluster.starting_nodes();
+    if !starting.is_empty() {
+        return Err(format!("{starting:?} restarted but not started yet"));
+    }
+    let expected = cluster.live_member_ids();
+    let views = cluster.live_views();
+    let mut version = None;
+    for (name, _, inc) in &views {
+        let t = inc.manager.topology();
+        let members: std::collections::BTreeSet<MemberId> = t.member_ids().cloned().collect();
+        if members != expected {
+            return Err(format!(
+                "{name} (v{}) sees {:?}, live members are {:?}",
+                t.version(),
+                members,
+                expected
+            ));
+        }
+        match version {
+            None => version = Some(t.version()),
+            Some(v) if v != t.version() => {
+                return Err(format!("{name} holds v{}, others v{v}", t.version()));
+            }
+            _ => {}
+        }
+        for id in sample_identities() {
+            let got = inc.manager.peek_owner(KIND, &id).map(|m| m.id.clone());
+            let want = naive_owner(&t, KIND, &id).map(|m| m.id.clone());
+            if got != want {
+                return Err(format!(
+                    "{name}: owner of {KIND}/{id} is {got:?}, rendezvous over its topology says {want:?}"
+                ));
+            }
+        }
+    }
+    Ok(version.unwrap_or(0))
+}
+
+/// The liveness bound: how long after the last heal every live node must have converged.
+pub fn liveness_bound(cluster: &SimCluster) -> Duration {
+    match cluster.provider() {
+        ProviderKind::InMemory => Duration::from_secs(5),
+        // Restarted members re-join (start retries every 1 s), a restarted registry holds
+        // snapshots for its startup grace, an expired member re-joins at its next heartbeat,
+        // watches reconnect within the backoff cap, and madsim may deliver messages held by a
+        // healed partition up to ~10 s late.
+        ProviderKind::Registry => {
+            let c = cluster.registry_config();
+            c.startup_grace + c.ttl + c.heartbeat_interval + Duration::from_secs(5 + 10 + 4)
+        }
+    }
+}
+
+/// Liveness: waits until all live nodes hold one topology containing exactly the live members,
+/// with placement equal to rendezvous over it. Returns how long it took, or records a violation.
+pub async fn check_liveness(cluster: &SimCluster) -> Option<Duration> {
+    let bound = liveness_bound(cluster);
+    let start = Instant::now();
+    loop {
+        match converged(cluster) {
+            Ok(v) => {
+                let took = start.elapsed();
+                cluster.recorder().trace(
+                    "harness",
+                    format!("converged on v{v} after {} ms", took.as_millis()),
+                );
+                return Some(took);
+            }
+            Err(why) if start.elapsed() >= bound => {
+                cluster.recorder().violation(format!(
+                    "liveness: not converged {} s after the last fault healed: {why}",
+                    bound.as_secs()
+                ));
+                return None;
+            }
+            Err(_) => sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
