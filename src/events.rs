@@ -102,7 +102,7 @@ pub struct EventStream {
 
 impl EventStream {
     /// Default number of events a subscriber may fall behind before it lags.
-    pub const DEFAULT_CAPACITY: usize = 1024;
+    pub const DEFAULT_CAPACITY: usize = 256;
 
     /// A stream holding at most `capacity` (at least 1) unread events per subscriber.
     pub fn new(capacity: usize) -> Self {

@@ -204,3 +204,53 @@ async fn registry_restart_loses_no_live_member() {
         "recovered after {recovered:?}"
     );
 }
+
+#[madsim::test]
+async fn client_starts_on_an_empty_cluster_and_sees_later_joins() {
+    let h = Handle::current();
+    let _registry = start_registry(&h);
+    let client_pm: Arc<Mutex<Option<Arc<PartitionManager>>>> = Arc::default();
+    let slot = client_pm.clone();
+    h.create_node()
+        .name("client")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)))
+        .build()
+        .spawn(async move {
+            let ctx = ClusterProviderContext::new(
+                "c",
+                "10.0.2.1:4000",
+                Vec::<String>::new(),
+                TokioClock::shared(),
+            )
+            .unwrap();
+            let provider =
+                RegistryProvider::new(RegistryProviderConfig::new("http://10.0.0.1:7600"));
+            // The registry holds the first snapshot for its startup grace (3 s), then sends an
+            // empty one at version 0: start_client must accept it.
+            provider
+                .start_client(ctx.clone())
+                .await
+                .expect("a client starts on an empty cluster");
+            *slot.lock().unwrap() = Some(ctx.partition_manager.clone());
+            std::future::pending::<()>().await;
+        });
+    let start = Instant::now();
+    while client_pm.lock().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "client did not start"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    let views: Views = Arc::default();
+    let _m = start_member(&h, 1, views.clone());
+    let pm = client_pm.lock().unwrap().clone().unwrap();
+    let start = Instant::now();
+    while pm.topology().len() != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "client never saw the member"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}

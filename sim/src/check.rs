@@ -14,30 +14,48 @@ use shoal::{ClusterTopology, MemberId};
 use crate::cluster::{KIND, ProviderKind, SimCluster};
 
 /// Identities whose owners are compared across nodes.
-pub fn sample_identities() -> Vec<String> {
-    (0..48).map(|i| format!("actor-{i}")).collect()
+pub fn sample_identities() -> &'static [String] {
+    // Immutable, so sharing it across simulated nodes and runs cannot leak state.
+    static IDS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..48).map(|i| format!("actor-{i}")).collect());
+    &IDS
 }
 
+/// Owners of the sampled identities per (node, incarnation, version), kept between samples.
+pub type OwnerMemo = BTreeMap<(String, MemberId, u64), Arc<Vec<Option<MemberId>>>>;
+
 /// One node's view at a sample: its name, topology and owners of the sampled identities.
-type NodeSample = (String, Arc<ClusterTopology>, Vec<Option<MemberId>>);
+type NodeSample = (String, Arc<ClusterTopology>, Arc<Vec<Option<MemberId>>>);
 
 /// Safety, sampled: nodes holding the same topology version hold the same members and agree on
 /// the owner of every sampled identity; the registry holds no registration more than one sweep
 /// interval past its TTL.
-pub fn check_safety(cluster: &SimCluster) {
+pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
     let rec = cluster.recorder();
     let views = cluster.live_views();
     let ids = sample_identities();
+    // Owners are a function of (node incarnation, version): compute them once per version.
+    owners_seen.retain(|(name, id, v), _| {
+        views
+            .iter()
+            .any(|(n, _, inc)| n == name && &inc.id == id && inc.manager.version() == *v)
+    });
     let mut by_version: BTreeMap<u64, Vec<NodeSample>> = BTreeMap::new();
     for (name, _, inc) in &views {
         let t = inc.manager.topology();
         if t.version() == 0 {
             continue;
         }
-        let owners = ids
-            .iter()
-            .map(|id| inc.manager.peek_owner(KIND, id).map(|m| m.id.clone()))
-            .collect();
+        let owners = owners_seen
+            .entry((name.clone(), inc.id.clone(), t.version()))
+            .or_insert_with(|| {
+                Arc::new(
+                    ids.iter()
+                        .map(|id| inc.manager.peek_owner(KIND, id).map(|m| m.id.clone()))
+                        .collect(),
+                )
+            })
+            .clone();
         by_version
             .entry(t.version())
             .or_default()
@@ -47,14 +65,14 @@ pub fn check_safety(cluster: &SimCluster) {
         let (first_name, first_t, first_owners) = &nodes[0];
         for (name, t, owners) in &nodes[1..] {
             if !t.member_ids().eq(first_t.member_ids()) {
-                rec.violation(format!(
+                rec.violation_once(format!("members {version} {first_name} {name}"), format!(
                     "safety: {first_name} and {name} both hold version {version} with different members: {:?} vs {:?}",
                     first_t.member_ids().collect::<Vec<_>>(),
                     t.member_ids().collect::<Vec<_>>()
                 ));
             }
             if let Some(i) = (0..ids.len()).find(|&i| owners[i] != first_owners[i]) {
-                rec.violation(format!(
+                rec.violation_once(format!("owners {version} {first_name} {name}"), format!(
                     "safety: {first_name} and {name} hold version {version} but disagree on the owner of {KIND}/{}: {first_name} says {:?}, {name} says {:?}",
                     ids[i], first_owners[i], owners[i]
                 ));
@@ -64,7 +82,7 @@ pub fn check_safety(cluster: &SimCluster) {
     if let Some(registry) = cluster.registry() {
         let grace = cluster.registry_config().sweep_interval + Duration::from_millis(50);
         for (c, id, late) in registry.overdue(grace) {
-            rec.violation(format!(
+            rec.violation_once(format!("ttl {id}"), format!(
                 "safety: the registry still lists {id} in {c} {} ms after its TTL expired (allowed: one sweep interval, {} ms)",
                 late.as_millis(),
                 cluster.registry_config().sweep_interval.as_millis()
@@ -73,10 +91,11 @@ pub fn check_safety(cluster: &SimCluster) {
     }
 }
 
-/// Runs [`check_safety`] every `every` until the returned handle is dropped... or `until` passes.
+/// Runs [`check_safety`] every `every` until `until`.
 pub async fn safety_loop(cluster: Arc<SimCluster>, every: Duration, until: Instant) {
+    let mut memo = OwnerMemo::new();
     while Instant::now() < until {
-        check_safety(&cluster);
+        check_safety(&cluster, &mut memo);
         sleep(every).await;
     }
 }

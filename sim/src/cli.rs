@@ -29,7 +29,7 @@ enum Command {
         #[arg(long, default_value = "all")]
         scenario: String,
         /// Seeds per scenario.
-        #[arg(long, default_value_t = 24)]
+        #[arg(long, default_value_t = 200)]
         seeds: u64,
         /// First seed.
         #[arg(long, default_value_t = 1)]
@@ -62,6 +62,10 @@ enum Command {
         /// Print only the summary, not the trace.
         #[arg(long)]
         quiet: bool,
+        /// Run this fault schedule (JSON, as printed by a shrunk proptest failure) instead of
+        /// the one the seed draws.
+        #[arg(long)]
+        schedule: Option<PathBuf>,
         /// Run with a deliberate defect.
         #[arg(long, value_enum, default_value = "none")]
         flaw: Flaw,
@@ -156,16 +160,30 @@ fn replay(
     seed: u64,
     timeline_path: Option<PathBuf>,
     quiet: bool,
+    schedule: Option<PathBuf>,
     flaw: Flaw,
 ) -> Result<bool> {
+    if scenario == "all" {
+        bail!("--scenario: replay takes one scenario name");
+    }
     let s = scenarios(&scenario)?
         .into_iter()
         .next()
         .context("one scenario")?;
+    let schedule = match schedule {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("--schedule: cannot read {}", path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| {
+                format!("--schedule: {} is not a fault schedule", path.display())
+            })?)
+        }
+        None => None,
+    };
     let opts = RunOptions {
         keep_trace: true,
         flaw,
-        schedule: None,
+        schedule,
     };
     let first = scenario::run_seed_isolated(&s, seed, &opts);
     let second = scenario::run_seed_isolated(&s, seed, &opts);
@@ -246,8 +264,9 @@ pub fn main() -> ExitCode {
             seed,
             timeline,
             quiet,
+            schedule,
             flaw,
-        } => replay(scenario, seed, timeline, quiet, flaw),
+        } => replay(scenario, seed, timeline, quiet, schedule, flaw),
         Command::List => {
             for s in scenario::all() {
                 println!("{:<17} {}", s.name, s.about);
@@ -257,13 +276,19 @@ pub fn main() -> ExitCode {
         Command::Bench { scenario, seeds } => scenarios(&scenario).map(|s| {
             let (full, base) = bench::compare(&s[0], seeds);
             println!(
-                "{:<34} {:>6} {:>9} {:>8} {:>9} {:>8}",
-                "run", "seeds", "sim_s", "wall_s", "speedup", "seeds/s"
+                "{:<34} {:>6} {:>9} {:>10} {:>8} {:>9} {:>8}",
+                "run", "seeds", "sim_s", "messages", "wall_s", "speedup", "seeds/s"
             );
             for x in [&full, &base] {
                 println!(
-                    "{:<34} {:>6} {:>9.0} {:>8.2} {:>9.0} {:>8.1}",
-                    x.what, x.seeds, x.sim_seconds, x.wall_seconds, x.speedup, x.seeds_per_second
+                    "{:<34} {:>6} {:>9.0} {:>10} {:>8.2} {:>9.0} {:>8.1}",
+                    x.what,
+                    x.seeds,
+                    x.sim_seconds,
+                    x.messages,
+                    x.wall_seconds,
+                    x.speedup,
+                    x.seeds_per_second
                 );
             }
             println!(

@@ -675,6 +675,8 @@ struct NodeSpec {
 
 impl NodeSpec {
     async fn run(self) {
+        // Processes start at different moments (0-2 s apart), so heartbeat phases differ.
+        sleep(Duration::from_millis(madsim::rand::random::<u64>() % 2_000)).await;
         let clock: SharedClock = self.clock.clone();
         let kinds: Vec<&str> = if self.is_client { vec![] } else { vec![KIND] };
         let ctx = ClusterProviderContext::new(CLUSTER, format!("{}:4000", self.ip), kinds, clock)

@@ -30,6 +30,8 @@ pub mod faults;
 #[cfg(madsim)]
 pub mod flaw;
 #[cfg(madsim)]
+pub mod prop;
+#[cfg(madsim)]
 pub mod record;
 #[cfg(madsim)]
 pub mod scenario;

@@ -64,6 +64,7 @@ struct Inner {
     last_version: BTreeMap<(String, MemberId), u64>,
     keep_trace: bool,
     digest: u64,
+    reported: std::collections::BTreeSet<String>,
 }
 
 /// Most trace lines kept in memory (campaign runs keep only the digest).
@@ -113,6 +114,14 @@ impl Recorder {
         let mut inner = self.lock();
         if inner.violations.len() < 100 {
             inner.violations.push(message);
+        }
+    }
+
+    /// Records a violation unless one with the same `key` was already recorded (a checker
+    /// that samples would otherwise repeat itself every sample).
+    pub fn violation_once(&self, key: String, message: String) {
+        if self.lock().reported.insert(key) {
+            self.violation(message);
         }
     }
 

@@ -376,6 +376,8 @@ pub struct SeedReport {
     pub sim_seconds: f64,
     /// Time from the final heal to convergence.
     pub converged_after: Option<Duration>,
+    /// Messages the simulated network carried.
+    pub messages: u64,
 }
 
 impl SeedReport {
@@ -406,7 +408,7 @@ pub fn run_seed(scenario: &Scenario, seed: u64, opts: &RunOptions) -> SeedReport
         .unwrap_or_else(|| schedule_for(scenario, seed));
     let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
     rt.set_time_limit(Duration::from_secs(3_600));
-    let (recording, sim_seconds, converged_after) =
+    let (recording, sim_seconds, converged_after, messages) =
         rt.block_on(run(scenario.clone(), schedule.clone(), opts.clone()));
     SeedReport {
         scenario: scenario.name.to_string(),
@@ -415,6 +417,7 @@ pub fn run_seed(scenario: &Scenario, seed: u64, opts: &RunOptions) -> SeedReport
         recording,
         sim_seconds,
         converged_after,
+        messages,
     }
 }
 
@@ -447,11 +450,26 @@ pub fn run_seed_isolated(scenario: &Scenario, seed: u64, opts: &RunOptions) -> S
                 },
                 sim_seconds: 0.0,
                 converged_after: None,
+                messages: 0,
             }
         })
 }
 
 async fn run(
+    scenario: Scenario,
+    schedule: FaultSchedule,
+    opts: RunOptions,
+) -> (Recording, f64, Option<Duration>, u64) {
+    let (rec, sim, conv) = run_inner(scenario, schedule, opts).await;
+    (
+        rec,
+        sim,
+        conv,
+        madsim::net::NetSim::current().stat().msg_count,
+    )
+}
+
+async fn run_inner(
     scenario: Scenario,
     schedule: FaultSchedule,
     opts: RunOptions,
@@ -480,7 +498,7 @@ async fn run(
     let checks_until = phase + scenario.fault_phase + crate::check::liveness_bound(&cluster);
     madsim::task::spawn(safety_loop(
         cluster.clone(),
-        Duration::from_millis(250),
+        Duration::from_millis(500),
         checks_until,
     ));
     for s in &schedule.faults {
@@ -493,7 +511,7 @@ async fn run(
     sleep_until(phase + scenario.fault_phase).await;
     cluster.heal_all();
     let converged = check_liveness(&cluster).await;
-    check_safety(&cluster);
+    check_safety(&cluster, &mut Default::default());
     (
         recorder.snapshot(),
         start.elapsed().as_secs_f64(),

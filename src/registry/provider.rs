@@ -147,6 +147,9 @@ struct Session {
     client: RegistryClient<Channel>,
     /// The current registration token (replaced on every re-join).
     token: Mutex<Option<String>>,
+    /// Set once the first snapshot arrived (even an empty one at version 0, which the partition
+    /// manager does not record).
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl RegistryProvider {
@@ -174,7 +177,10 @@ impl RegistryProvider {
             ctx: ctx.clone(),
             role,
             token: Mutex::new(None),
+            synced: std::sync::atomic::AtomicBool::new(false),
         });
+        // Subscribe before anything can be applied, so the first topology is not missed.
+        let mut events = ctx.events.subscribe();
         let interval = session.join().await?;
         let clock = ctx.clock.clone();
         let tasks = vec![
@@ -191,9 +197,23 @@ impl RegistryProvider {
         // Wait for the first topology (one that contains this node, for a member).
         let pm = ctx.partition_manager.clone();
         let me = ctx.member.id.clone();
+        let synced = || session.synced.load(std::sync::atomic::Ordering::SeqCst);
         let ready = timeout(clock.as_ref(), self.config.startup_timeout, async {
-            while pm.version() == 0 || (role == pb::Role::Member && !pm.topology().contains(&me)) {
-                clock.sleep(Duration::from_millis(10)).await;
+            loop {
+                let ok = match role {
+                    pb::Role::Member => pm.topology().contains(&me),
+                    _ => synced(),
+                };
+                if ok {
+                    return;
+                }
+                // Any event means the topology moved on; an empty first snapshot publishes no
+                // event, so look again at least every 100 ms.
+                tokio::select! {
+                    biased;
+                    _ = events.recv() => {}
+                    _ = clock.sleep(Duration::from_millis(100)) => {}
+                }
             }
         })
         .await;
@@ -347,6 +367,7 @@ impl Session {
                 Ok(Ok(Some(msg))) => msg,
             };
             *delivered = true;
+            self.synced.store(true, std::sync::atomic::Ordering::SeqCst);
             match wire::next_topology(&self.ctx.cluster_name, held.as_ref(), msg) {
                 Ok(None) => {}
                 Ok(Some(topology)) => {
