@@ -45,7 +45,25 @@ pub struct SimClusterBuilder {
     clients: usize,
     registry: RegistryConfig,
     flaw: Flaw,
+    app: Option<AppFn>,
 }
+
+/// What your per-node code gets: the node's name, its provider context (partition manager,
+/// events, clock, member description) and the recorder (for trace lines and violations).
+#[derive(Clone, Debug)]
+pub struct NodeApp {
+    /// Node name (`m0`, `client0`).
+    pub name: String,
+    /// Whether the node is a client (hosts no kinds).
+    pub is_client: bool,
+    /// The node's provider context.
+    pub ctx: ClusterProviderContext,
+    /// The run's recorder.
+    pub recorder: Recorder,
+}
+
+/// Per-node application code run inside the simulation (see [`SimClusterBuilder::app`]).
+pub type AppFn = fn(NodeApp) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl SimClusterBuilder {
     /// `members` members on `provider`, no clients, the simulator's registry settings.
@@ -56,6 +74,7 @@ impl SimClusterBuilder {
             clients: 0,
             registry: default_registry_config(),
             flaw: Flaw::None,
+            app: None,
         }
     }
 
@@ -74,6 +93,13 @@ impl SimClusterBuilder {
     /// A deliberate defect (checker self-tests).
     pub fn flaw(mut self, flaw: Flaw) -> Self {
         self.flaw = flaw;
+        self
+    }
+
+    /// Your own code, run on every member and client node once its provider has started (and
+    /// again on every restart). It dies with the node.
+    pub fn app(mut self, app: AppFn) -> Self {
+        self.app = Some(app);
         self
     }
 
@@ -202,6 +228,7 @@ impl SimCluster {
                 provider: b.provider,
                 memory: memory.clone(),
                 flaw: if i == 0 { b.flaw } else { Flaw::None },
+                app: b.app,
                 clock: clock.clone(),
                 current: current.clone(),
                 recorder: recorder.clone(),
@@ -365,6 +392,7 @@ impl SimCluster {
             (lock(&s.current).take().map(|c| c.id), s.name.clone())
         };
         self.handle.kill(self.node_id(i));
+        self.recorder.node_down(&name);
         self.recorder.trace(
             &name,
             format!(
@@ -440,6 +468,37 @@ impl SimCluster {
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&group));
+                self.clog(&links);
+                self.later(duration, move |c| {
+                    c.unclog(&links);
+                    c.recorder.fault_healed(idx);
+                });
+            }
+            Fault::Split { groups, duration } => {
+                let mut group_of: BTreeMap<NodeId, usize> = BTreeMap::new();
+                for (k, g) in groups.iter().enumerate() {
+                    for &i in g.iter().filter(|&&i| i < members) {
+                        group_of.entry(self.node_id(i)).or_insert(k + 1);
+                    }
+                }
+                let all = self.all_node_ids();
+                let mut links = Vec::new();
+                for &a in &all {
+                    for &b in &all {
+                        if a != b
+                            && group_of.get(&a).unwrap_or(&0) != group_of.get(&b).unwrap_or(&0)
+                        {
+                            links.push((a, b));
+                        }
+                    }
+                }
+                let hit: Vec<usize> = groups
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .filter(|&i| i < members)
+                    .collect();
+                let idx = self.recorder.fault_started(fault.to_string(), names(&hit));
                 self.clog(&links);
                 self.later(duration, move |c| {
                     c.unclog(&links);
@@ -671,6 +730,7 @@ struct NodeSpec {
     clock: Arc<SkewedClock>,
     current: Arc<Mutex<Option<Incarnation>>>,
     recorder: Recorder,
+    app: Option<AppFn>,
 }
 
 impl NodeSpec {
@@ -737,6 +797,15 @@ impl NodeSpec {
             }
         }
         self.recorder.trace(&self.name, "provider started");
+        if let Some(app) = self.app {
+            app(NodeApp {
+                name: self.name.clone(),
+                is_client: self.is_client,
+                ctx,
+                recorder: self.recorder.clone(),
+            })
+            .await;
+        }
         std::future::pending::<()>().await;
     }
 }

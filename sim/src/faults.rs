@@ -23,6 +23,15 @@ pub enum Fault {
         #[serde(with = "ms")]
         duration: Duration,
     },
+    /// Split the cluster into several groups: each listed group is cut off from every other
+    /// group and from the rest (the registry, clients and unlisted members form one more).
+    Split {
+        /// Disjoint groups of members.
+        groups: Vec<Vec<usize>>,
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
     /// Traffic from `from` to the registry is dropped (replies still flow the other way).
     OneWay {
         /// The member whose outgoing traffic to the registry is dropped.
@@ -93,6 +102,7 @@ impl Fault {
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::Partition { .. } => "partition",
+            Fault::Split { .. } => "split",
             Fault::OneWay { .. } => "one-way",
             Fault::HeartbeatLoss { .. } => "heartbeat-loss",
             Fault::Crash { .. } => "crash",
@@ -109,6 +119,7 @@ impl Fault {
         matches!(
             self,
             Fault::Partition { .. }
+                | Fault::Split { .. }
                 | Fault::OneWay { .. }
                 | Fault::HeartbeatLoss { .. }
                 | Fault::RegistryRestart { .. }
@@ -129,6 +140,18 @@ impl fmt::Display for Fault {
                 let m: Vec<String> = members.iter().map(|i| format!("m{i}")).collect();
                 let reg = if *with_registry { "+registry" } else { "" };
                 write!(f, "partition [{}{reg}] for {}", m.join(","), s(duration))
+            }
+            Fault::Split { groups, duration } => {
+                let g: Vec<String> = groups
+                    .iter()
+                    .map(|g| {
+                        g.iter()
+                            .map(|i| format!("m{i}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .collect();
+                write!(f, "split [{}] for {}", g.join("] ["), s(duration))
             }
             Fault::OneWay { from, duration } => {
                 write!(f, "one-way m{from}->registry cut for {}", s(duration))

@@ -37,6 +37,24 @@ pub fn fault(members: usize) -> impl Strategy<Value = Fault> {
             }),
         (m.clone(), ms(1_000, 20_000))
             .prop_map(|(member, duration)| Fault::HeartbeatLoss { member, duration }),
+        (
+            prop::collection::vec(prop::collection::btree_set(0..members, 1..3), 1..3),
+            ms(1_000, 20_000)
+        )
+            .prop_map(|(groups, duration)| {
+                // Groups must be disjoint: a member stays in the first group that lists it.
+                let mut seen = std::collections::BTreeSet::new();
+                let groups = groups
+                    .into_iter()
+                    .map(|g| {
+                        g.into_iter()
+                            .filter(|m| seen.insert(*m))
+                            .collect::<Vec<_>>()
+                    })
+                    .filter(|g| !g.is_empty())
+                    .collect();
+                Fault::Split { groups, duration }
+            }),
         (m.clone(), ms(1_000, 20_000))
             .prop_map(|(from, duration)| Fault::OneWay { from, duration }),
         (m.clone(), ms(500, 10_000))

@@ -149,6 +149,17 @@ impl Recorder {
         });
     }
 
+    /// A node went down (crash, kill): its view ends here on the timeline.
+    pub fn node_down(&self, node: &str) {
+        let at_ms = self.now_ms();
+        self.lock().views.push(ViewPoint {
+            at_ms,
+            node: node.to_string(),
+            version: 0,
+            members: 0,
+        });
+    }
+
     /// A fault started; returns its index for [`Self::fault_healed`].
     pub fn fault_started(&self, what: String, nodes: Vec<String>) -> usize {
         self.trace("harness", format!("FAULT {what}"));

@@ -35,6 +35,8 @@ pub struct Scenario {
     pub fault_phase: Duration,
     /// Draws the fault schedule for a seed.
     pub generate: fn(&mut SimRng, usize) -> FaultSchedule,
+    /// Your code on every node (none for the built-in scenarios).
+    pub app: Option<crate::cluster::AppFn>,
 }
 
 fn at(secs: f64, fault: Fault) -> Scheduled {
@@ -172,8 +174,9 @@ fn clock_skew(r: &mut SimRng, n: usize) -> FaultSchedule {
 }
 
 /// Fault kinds the swarm scenario draws from.
-pub const SWARM_KINDS: [&str; 9] = [
+pub const SWARM_KINDS: [&str; 10] = [
     "partition",
+    "split",
     "one-way",
     "heartbeat-loss",
     "crash",
@@ -210,6 +213,13 @@ fn swarm(r: &mut SimRng, n: usize) -> FaultSchedule {
                 Fault::Partition {
                     members,
                     with_registry: r.chance(0.3),
+                    duration: d,
+                }
+            }
+            "split" => {
+                let other = (m + 1 + r.pick(n - 1)) % n;
+                Fault::Split {
+                    groups: vec![vec![m], vec![other]],
                     duration: d,
                 }
             }
@@ -277,6 +287,7 @@ pub fn all() -> Vec<Scenario> {
         clients: 1,
         fault_phase: Duration::from_secs(fault_phase),
         generate,
+        app: None,
     };
     vec![
         reg(
@@ -341,6 +352,7 @@ pub fn all() -> Vec<Scenario> {
             clients: 1,
             fault_phase: Duration::from_secs(40),
             generate: memory_crash,
+            app: None,
         },
     ]
 }
@@ -484,10 +496,13 @@ async fn run_inner(
             schedule.describe()
         ),
     );
-    let cluster = SimClusterBuilder::new(scenario.provider, scenario.members)
+    let mut builder = SimClusterBuilder::new(scenario.provider, scenario.members)
         .clients(scenario.clients)
-        .flaw(opts.flaw)
-        .build(recorder.clone());
+        .flaw(opts.flaw);
+    if let Some(app) = scenario.app {
+        builder = builder.app(app);
+    }
+    let cluster = builder.build(recorder.clone());
     // Start-up: the cluster must converge before faults begin.
     sleep(Duration::from_secs(2)).await;
     if check_liveness(&cluster).await.is_none() {

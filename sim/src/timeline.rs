@@ -55,7 +55,7 @@ pub fn svg(title: &str, rec: &Recording) -> String {
     );
     let _ = writeln!(
         out,
-        r##"<text x="10" y="34" fill="#555">bar height = members in the node's view; colour changes with the version; red = faults</text>"##
+        r##"<text x="10" y="34" fill="#555">bar height = members in the node's view; colour changes with the version; dashed = down; red = faults</text>"##
     );
     // Faults: a labelled span each, plus a shaded band over the node rows.
     for (i, f) in rec.faults.iter().take(fault_rows).enumerate() {
@@ -106,6 +106,17 @@ pub fn svg(title: &str, rec: &Recording) -> String {
         for (i, v) in points.iter().enumerate() {
             let next = points.get(i + 1).map_or(end_ms, |n| n.at_ms);
             let (x0, x1) = (x(v.at_ms), x(next));
+            if v.version == 0 && v.members == 0 {
+                // Down: a dashed grey line until the next view.
+                let _ = writeln!(
+                    out,
+                    r##"<line x1="{x0:.1}" y1="{:.1}" x2="{x1:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="3,3"><title>{node} down from {:.3}s</title></line>"##,
+                    y + ROW - 8.0,
+                    y + ROW - 8.0,
+                    v.at_ms as f64 / 1000.0
+                );
+                continue;
+            }
             let h = (ROW - 8.0) * v.members as f64 / max_members as f64;
             let hue = (v.version.wrapping_mul(2_654_435_761) % 360) as u32;
             let _ = writeln!(
