@@ -128,8 +128,8 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
             _ => {}
         }
         for id in sample_identities() {
-            let got = inc.manager.peek_owner(KIND, &id).map(|m| m.id.clone());
-            let want = naive_owner(&t, KIND, &id).map(|m| m.id.clone());
+            let got = inc.manager.peek_owner(KIND, id).map(|m| m.id.clone());
+            let want = naive_owner(&t, KIND, id).map(|m| m.id.clone());
             if got != want {
                 return Err(format!(
                     "{name}: owner of {KIND}/{id} is {got:?}, rendezvous over its topology says {want:?}"
