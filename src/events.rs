@@ -183,7 +183,7 @@ mod tests {
 
     fn snapshot(version: u64) -> ClusterEvent {
         ClusterEvent::Topology(TopologyEvent::Snapshot {
-            topology: Arc::new(ClusterTopology::new("c", version, []).unwrap()),
+            topology: Arc::new(ClusterTopology::new("c", version, Vec::<Member>::new()).unwrap()),
         })
     }
 

@@ -113,7 +113,7 @@ impl FlawedProvider {
 fn corrupt(t: &ClusterTopology) -> ClusterTopology {
     let mut members = t.members().to_vec();
     if let Some(m) = members.first_mut() {
-        m.address = "192.0.2.1:1".into();
+        Arc::make_mut(m).address = "192.0.2.1:1".into();
     }
     ClusterTopology::new(t.cluster_name(), t.version(), members).expect("same ids")
 }

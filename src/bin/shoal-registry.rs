@@ -258,7 +258,9 @@ mod real {
             .add_service(health_service)
             .add_service(server.service())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(30))),
                 shutdown_signal(),
             )
             .await

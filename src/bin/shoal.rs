@@ -124,7 +124,7 @@ mod real {
 
     fn snapshot_json(t: &ClusterTopology) -> serde_json::Value {
         json!({"event": "snapshot", "cluster": t.cluster_name(), "version": t.version(),
-               "members": t.members().iter().map(member_json).collect::<Vec<_>>()})
+               "members": t.members().iter().map(|m| member_json(m)).collect::<Vec<_>>()})
     }
 
     async fn member(args: MemberArgs) -> Result<()> {
@@ -153,7 +153,11 @@ mod real {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(partition)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(Duration::from_secs(30))),
+                ),
         );
 
         let mut events = ctx.events.subscribe();

@@ -1,6 +1,7 @@
 //! Versioned cluster topologies and their differences.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,17 +16,19 @@ use super::{Member, MemberId, ModelError};
 pub struct ClusterTopology {
     cluster_name: String,
     version: u64,
-    members: Vec<Member>,
+    members: Vec<Arc<Member>>,
 }
 
 impl ClusterTopology {
     /// Builds a topology; members are sorted by id. Two members with one id is an error.
-    pub fn new(
+    /// Members are shared (`Arc`), so successive versions of a large topology share every
+    /// unchanged member instead of copying it.
+    pub fn new<M: Into<Arc<Member>>>(
         cluster_name: impl Into<String>,
         version: u64,
-        members: impl IntoIterator<Item = Member>,
+        members: impl IntoIterator<Item = M>,
     ) -> Result<Self, ModelError> {
-        let mut members: Vec<Member> = members.into_iter().collect();
+        let mut members: Vec<Arc<Member>> = members.into_iter().map(Into::into).collect();
         members.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(pair) = members.windows(2).find(|w| w[0].id == w[1].id) {
             return Err(ModelError::DuplicateMember(pair[0].id.clone()));
@@ -57,7 +60,7 @@ impl ClusterTopology {
     }
 
     /// Members sorted by id.
-    pub fn members(&self) -> &[Member] {
+    pub fn members(&self) -> &[Arc<Member>] {
         &self.members
     }
 
@@ -76,7 +79,7 @@ impl ClusterTopology {
         self.members
             .binary_search_by(|m| m.id.cmp(id))
             .ok()
-            .map(|i| &self.members[i])
+            .map(|i| &*self.members[i])
     }
 
     /// Whether a member with `id` is present.
@@ -86,7 +89,10 @@ impl ClusterTopology {
 
     /// Members hosting `kind`, in id order.
     pub fn members_with_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Member> {
-        self.members.iter().filter(move |m| m.hosts(kind))
+        self.members
+            .iter()
+            .map(|m| &**m)
+            .filter(move |m| m.hosts(kind))
     }
 
     /// Member ids in order.
@@ -108,17 +114,19 @@ impl ClusterTopology {
         loop {
             match (old.peek(), new.peek()) {
                 (None, None) => break,
-                (Some(_), None) => diff.left.extend(old.by_ref().cloned()),
-                (None, Some(_)) => diff.joined.extend(new.by_ref().cloned()),
+                (Some(_), None) => diff.left.extend(old.by_ref().map(|m| Member::clone(m))),
+                (None, Some(_)) => diff.joined.extend(new.by_ref().map(|m| Member::clone(m))),
                 (Some(o), Some(n)) => match o.id.cmp(&n.id) {
-                    Ordering::Less => diff.left.push(old.next().cloned().expect("peeked")),
-                    Ordering::Greater => diff.joined.push(new.next().cloned().expect("peeked")),
+                    Ordering::Less => diff.left.push(Member::clone(old.next().expect("peeked"))),
+                    Ordering::Greater => {
+                        diff.joined.push(Member::clone(new.next().expect("peeked")))
+                    }
                     Ordering::Equal => {
                         let (o, n) = (old.next().expect("peeked"), new.next().expect("peeked"));
-                        if o != n {
+                        if !Arc::ptr_eq(o, n) && o != n {
                             diff.changed.push(MemberChange {
-                                before: o.clone(),
-                                after: n.clone(),
+                                before: Member::clone(o),
+                                after: Member::clone(n),
                             });
                         }
                     }
@@ -161,9 +169,9 @@ impl TopologyDiff {
 
     /// Applies this diff to `base` (the older topology's members), giving the newer members in
     /// id order. Lets a consumer that receives only deltas rebuild the full member list.
-    pub fn apply(&self, base: &[Member]) -> Vec<Member> {
+    pub fn apply(&self, base: &[Arc<Member>]) -> Vec<Member> {
         let mut out: std::collections::BTreeMap<&MemberId, &Member> =
-            base.iter().map(|m| (&m.id, m)).collect();
+            base.iter().map(|m| (&m.id, &**m)).collect();
         for m in &self.left {
             out.remove(&m.id);
         }
@@ -228,7 +236,8 @@ mod tests {
         );
         assert_eq!(d.changed.len(), 1);
         assert_eq!(d.changed[0].after.kinds.len(), 2);
-        assert_eq!(d.apply(old.members()), new.members());
+        let expected: Vec<Member> = new.members().iter().map(|m| Member::clone(m)).collect();
+        assert_eq!(d.apply(old.members()), expected);
         assert!(new.diff(&new).is_empty());
     }
 }

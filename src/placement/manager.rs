@@ -456,7 +456,7 @@ mod tests {
             }
         ));
         assert!(pm.update_topology(topo(4, [])).is_err());
-        let other = Arc::new(ClusterTopology::new("other", 9, []).unwrap());
+        let other = Arc::new(ClusterTopology::new("other", 9, Vec::<Member>::new()).unwrap());
         assert!(matches!(
             pm.update_topology(other),
             Err(PlacementError::WrongCluster { .. })

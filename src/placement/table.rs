@@ -46,7 +46,6 @@ impl PlacementTable {
     pub fn new(topology: &ClusterTopology) -> Self {
         let mut kinds: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
         for member in topology.members() {
-            let member = Arc::new(member.clone());
             for kind in &member.kinds {
                 kinds
                     .entry(kind.clone())

@@ -72,7 +72,8 @@ pub struct Joined {
 
 #[derive(Debug)]
 struct Registration {
-    member: Member,
+    /// Shared with every topology version that lists it.
+    member: Arc<Member>,
     role: Role,
     token: String,
     expires_at: Instant,
@@ -193,7 +194,7 @@ impl RegistryState {
         c.registrations.insert(
             member.id.clone(),
             Registration {
-                member: member.clone(),
+                member: Arc::new(member.clone()),
                 role,
                 token: token.clone(),
                 expires_at,
@@ -201,7 +202,7 @@ impl RegistryState {
         );
         let change = match (role, described_before) {
             (Role::Client, _) => None,
-            (Role::Member, Some(before)) if before == member => None,
+            (Role::Member, Some(before)) if *before == member => None,
             (Role::Member, Some(_)) => Some((Vec::new(), vec![member], Vec::new())),
             (Role::Member, None) => Some((vec![member], Vec::new(), Vec::new())),
         };
@@ -244,7 +245,13 @@ impl RegistryState {
             }
             Role::Member => {
                 c.members -= 1;
-                Some(self.publish(cluster, Vec::new(), Vec::new(), vec![reg.member], false))
+                Some(self.publish(
+                    cluster,
+                    Vec::new(),
+                    Vec::new(),
+                    vec![Member::clone(&reg.member)],
+                    false,
+                ))
             }
         };
         self.drop_if_empty(cluster);
@@ -271,7 +278,7 @@ impl RegistryState {
                 match reg.role {
                     Role::Member => {
                         c.members -= 1;
-                        left.push(reg.member);
+                        left.push(Member::clone(&reg.member));
                     }
                     Role::Client => c.clients -= 1,
                 }

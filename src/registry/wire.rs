@@ -35,7 +35,7 @@ pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
     pb::WatchResponse {
         event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
             version: t.version(),
-            members: t.members().iter().map(member_to_pb).collect(),
+            members: t.members().iter().map(|m| member_to_pb(m)).collect(),
         })),
     }
 }
@@ -125,7 +125,7 @@ pub fn next_topology(
                     held: held_version,
                 });
             }
-            let mut members: std::collections::BTreeMap<MemberId, Member> = held
+            let mut members: std::collections::BTreeMap<MemberId, Arc<Member>> = held
                 .map(|t| {
                     t.members()
                         .iter()
@@ -138,7 +138,7 @@ pub fn next_topology(
             }
             for m in u.joined.into_iter().chain(u.changed) {
                 let m = member_from_pb(m).map_err(bad)?;
-                members.insert(m.id.clone(), m);
+                members.insert(m.id.clone(), Arc::new(m));
             }
             Ok(Some(Arc::new(
                 ClusterTopology::new(cluster, u.version, members.into_values()).map_err(bad)?,
