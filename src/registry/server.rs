@@ -17,6 +17,9 @@ use super::state::{Change, RegistryError, RegistryState, Role};
 use super::wire;
 use crate::runtime::{Instant, SharedClock, TaskHandle, unix_millis};
 
+/// Concurrent full snapshots per server (see `Shared::snapshot_slots`).
+const SNAPSHOT_SLOTS: usize = 8;
+
 /// A registry server: the state, the watchers' feeds, the sweeper and the gRPC service.
 ///
 /// Clone it freely; clones share one registry.
@@ -32,6 +35,9 @@ struct Shared {
     ready_at: Instant,
     core: Mutex<Core>,
     metrics: RegistryMetrics,
+    /// Full snapshots being built at once: a thousand watchers connecting together must not
+    /// build a thousand large snapshots at the same moment.
+    snapshot_slots: tokio::sync::Semaphore,
     /// Simulation only: which members' heartbeats are "lost" (never answered).
     #[cfg(madsim)]
     heartbeat_loss: Mutex<LossHook>,
@@ -87,6 +93,7 @@ impl RegistryServer {
                 config,
                 clock,
                 metrics: RegistryMetrics::default(),
+                snapshot_slots: tokio::sync::Semaphore::new(SNAPSHOT_SLOTS),
                 #[cfg(madsim)]
                 heartbeat_loss: Mutex::new(LossHook::default()),
             }),
@@ -443,6 +450,15 @@ struct Cursor {
 }
 
 impl Cursor {
+    /// A snapshot message of `topology`, built while holding one of the server's snapshot
+    /// slots. (The slot is not held while the transport sends it: a watcher that stops reading
+    /// must not block everyone else's snapshots.)
+    async fn snapshot(&mut self, topology: &crate::cluster::ClusterTopology) -> pb::WatchResponse {
+        let _slot = self.shared.snapshot_slots.acquire().await;
+        self.shared.metrics.snapshots.inc();
+        wire::snapshot(topology)
+    }
+
     async fn next(mut self) -> Option<(Result<pb::WatchResponse, Status>, Self)> {
         let s = self.shared.clone();
         let cluster = self._guard.cluster.clone();
@@ -462,8 +478,8 @@ impl Cursor {
             };
             self.rx = Some(rx);
             self.version = topology.version();
-            s.metrics.snapshots.inc();
-            return Some((Ok(wire::snapshot(&topology)), self));
+            let msg = self.snapshot(&topology).await;
+            return Some((Ok(msg), self));
         }
         loop {
             let event = {
@@ -487,19 +503,18 @@ impl Cursor {
                     let msg = if change.previous_version == self.version {
                         wire::update(&change)
                     } else {
-                        s.metrics.snapshots.inc();
-                        wire::snapshot(&change.topology)
+                        self.snapshot(&change.topology).await
                     };
                     self.version = version;
                     return Some((Ok(msg), self));
                 }
                 Some(Err(broadcast::error::RecvError::Lagged(missed))) => {
                     s.metrics.watch_lagged.inc();
-                    s.metrics.snapshots.inc();
                     tracing::debug!(cluster = %cluster, missed, "watcher lagged; sending a snapshot");
                     let topology = s.lock().state.topology(&cluster);
                     self.version = topology.version();
-                    return Some((Ok(wire::snapshot(&topology)), self));
+                    let msg = self.snapshot(&topology).await;
+                    return Some((Ok(msg), self));
                 }
                 Some(Err(broadcast::error::RecvError::Closed)) => return None,
             }
