@@ -190,23 +190,6 @@ mod real {
         Ok(config)
     }
 
-    async fn shutdown_signal() {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown signal received; draining");
-    }
-
     pub async fn main() -> Result<()> {
         tracing_subscriber::fmt()
             .with_env_filter(
@@ -261,7 +244,7 @@ mod real {
                 tonic::transport::server::TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
                     .with_keepalive(Some(Duration::from_secs(30))),
-                shutdown_signal(),
+                shoal::runtime::shutdown_signal(),
             )
             .await
             .context("serving")?;

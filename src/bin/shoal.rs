@@ -189,7 +189,7 @@ mod real {
             )
         })?;
         tracing::info!(member = %ctx.member.id, "joined; press Ctrl-C or send SIGTERM to leave");
-        shutdown_signal().await;
+        shoal::runtime::shutdown_signal().await;
         provider.shutdown(true).await.context("leaving")?;
         printer.abort();
         Ok(())
@@ -253,16 +253,6 @@ mod real {
             }
         }
         Ok(())
-    }
-
-    async fn shutdown_signal() {
-        let ctrl_c = tokio::signal::ctrl_c();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
     }
 
     pub async fn main() -> Result<()> {

@@ -1,8 +1,12 @@
 //! The runtime boundary between provider code and the world (real tokio or the madsim simulator).
 
 mod clock;
+#[cfg(not(madsim))]
+mod signal;
 
 pub use clock::{
     BoxFuture, Clock, Elapsed, Instant, MAX_DRIFT_PPM, SharedClock, SkewedClock, TaskHandle,
     TokioClock, jitter, timeout, unix_millis,
 };
+#[cfg(not(madsim))]
+pub use signal::shutdown_signal;
