@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Maps as BTreeMap: iteration order reaches the output and the network.
     config.btree_map(["."]);
+    // Shared, reference-counted bytes: one encoded snapshot serves every watcher.
+    config.bytes([".shoal.registry.v1.Snapshot.packed_members"]);
     tonic_build::configure().compile_protos_with_config(config, &protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -993,7 +993,8 @@ mod real {
                     u.joined.iter().any(|m| m.id == target)
                 }
                 Some(pb::watch_response::Event::Snapshot(s)) => {
-                    s.members.iter().any(|m| m.id == target)
+                    shoal::registry::wire::snapshot_members(s.clone())
+                        .is_ok_and(|ms| ms.iter().any(|m| m.id == target))
                 }
                 _ => false,
             };

@@ -257,7 +257,11 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         loop {
             match watch.message().await.unwrap().unwrap().event {
                 Some(pb::watch_response::Event::Update(u)) => break u,
-                Some(pb::watch_response::Event::Snapshot(s)) if !s.members.is_empty() => {
+                Some(pb::watch_response::Event::Snapshot(s))
+                    if !shoal::registry::wire::snapshot_members(s.clone())
+                        .unwrap()
+                        .is_empty() =>
+                {
                     panic!("expected an incremental update, got a snapshot")
                 }
                 _ => {}
@@ -400,4 +404,39 @@ fn mtls_requires_a_client_certificate() {
     );
     assert!(ok, "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn health_service_reports_serving_and_sigterm_drains() {
+    let (mut registry, addr) = start_registry("127.0.0.1:0", FAST);
+    let channel = tonic::transport::Endpoint::from_shared(url(&addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "shoal.registry.v1.Registry"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    let err = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let status = registry.sigterm();
+    assert!(status.success(), "SIGTERM drains and exits 0: {status:?}");
 }

@@ -56,6 +56,11 @@ fn regression_seeds_pass() {
             parts.next().unwrap().parse::<u64>().unwrap(),
         );
         assert_passes(name, seed..seed + 1);
+        let (a, b) = (run(name, seed, Flaw::None), run(name, seed, Flaw::None));
+        assert_eq!(
+            a.recording.digest, b.recording.digest,
+            "{name} seed {seed} replays exactly"
+        );
         n += 1;
     }
     assert!(n > 0, "the regressions file lists seeds");

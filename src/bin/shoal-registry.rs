@@ -75,6 +75,9 @@ mod real {
         cluster_tokens: Vec<(String, String)>,
     }
 
+    /// How long a SIGTERM waits for open connections to finish.
+    const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
     fn parse_token(s: &str) -> Result<(String, String), String> {
         match s.split_once('=') {
             Some((c, t)) if !c.is_empty() && !t.is_empty() => Ok((c.to_string(), t.to_string())),
@@ -237,21 +240,35 @@ mod real {
         tracing::info!(addr = %local, ttl = ?s.registry.ttl, heartbeat_interval = ?s.registry.heartbeat_interval, tls = s.tls.is_some(), "registry serving");
         // A line on stdout tells scripts and tests the bound address (useful with port 0).
         println!("listening on {local}");
-        builder
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = builder
             .add_service(health_service)
             .add_service(server.service())
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
                     .with_keepalive(Some(Duration::from_secs(30))),
-                shoal::runtime::shutdown_signal(),
-            )
-            .await
-            .context("serving")?;
+                async {
+                    let _ = stop_rx.await;
+                },
+            );
+        tokio::pin!(serve);
+        tokio::select! {
+            biased;
+            result = &mut serve => result.context("serving")?,
+            _ = shoal::runtime::shutdown_signal() => {
+                // Stop accepting, end every watch stream (clients reconnect elsewhere or
+                // later), let in-flight calls finish, and give up after the drain deadline.
+                health_reporter.set_not_serving::<shoal::registry::RegistryGrpcService>().await;
+                server.close_watches();
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(DRAIN_DEADLINE, &mut serve).await {
+                    Ok(result) => result.context("serving")?,
+                    Err(_) => tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open after the drain deadline; exiting anyway"),
+                }
+            }
+        }
         sweeper.abort();
-        health_reporter
-            .set_not_serving::<shoal::registry::RegistryGrpcService>()
-            .await;
         tracing::info!("registry stopped");
         Ok(())
     }

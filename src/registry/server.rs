@@ -35,8 +35,8 @@ struct Shared {
     ready_at: Instant,
     core: Mutex<Core>,
     metrics: RegistryMetrics,
-    /// Full snapshots being built at once: a thousand watchers connecting together must not
-    /// build a thousand large snapshots at the same moment.
+    /// Snapshot encodings under way at once (the first watchers of a new version build it;
+    /// the rest wait for a slot and then find it cached).
     snapshot_slots: tokio::sync::Semaphore,
     /// Simulation only: which members' heartbeats are "lost" (never answered).
     #[cfg(madsim)]
@@ -66,6 +66,9 @@ pub type HeartbeatLoss = Arc<dyn Fn(&crate::cluster::MemberId) -> bool + Send + 
 struct Core {
     state: RegistryState,
     feeds: BTreeMap<String, Feed>,
+    /// Per watched cluster, the newest snapshot's members encoded once and shared by every
+    /// watcher (dropped with the cluster's last watcher).
+    packed: BTreeMap<String, (u64, prost::bytes::Bytes)>,
 }
 
 /// The broadcast of one cluster's changes to its watchers.
@@ -89,6 +92,7 @@ impl RegistryServer {
                 core: Mutex::new(Core {
                     state: RegistryState::new(config.clone(), floor),
                     feeds: BTreeMap::new(),
+                    packed: BTreeMap::new(),
                 }),
                 config,
                 clock,
@@ -131,6 +135,14 @@ impl RegistryServer {
                 }
             }),
         )
+    }
+
+    /// Ends every watch stream (on shutdown): their feeds are dropped, so each stream finishes
+    /// after the message it is sending. Clients reconnect with backoff.
+    pub fn close_watches(&self) {
+        let mut core = self.shared.lock();
+        core.feeds.clear();
+        core.packed.clear();
     }
 
     /// The current topology of `cluster` as the registry holds it.
@@ -431,9 +443,10 @@ impl Drop for WatcherGuard {
     fn drop(&mut self) {
         let mut core = self.shared.lock();
         if let Some(feed) = core.feeds.get_mut(&self.cluster) {
-            feed.watchers -= 1;
+            feed.watchers = feed.watchers.saturating_sub(1);
             if feed.watchers == 0 {
                 core.feeds.remove(&self.cluster);
+                core.packed.remove(&self.cluster);
             }
         }
         self.shared.metrics.watchers.dec();
@@ -450,13 +463,36 @@ struct Cursor {
 }
 
 impl Cursor {
-    /// A snapshot message of `topology`, built while holding one of the server's snapshot
-    /// slots. (The slot is not held while the transport sends it: a watcher that stops reading
-    /// must not block everyone else's snapshots.)
+    /// A snapshot message of `topology`. Its members are encoded once per version and the
+    /// bytes shared by every watcher; building holds one of the server's snapshot slots (not
+    /// while the transport sends: a watcher that stops reading must not block the others).
     async fn snapshot(&mut self, topology: &crate::cluster::ClusterTopology) -> pb::WatchResponse {
-        let _slot = self.shared.snapshot_slots.acquire().await;
-        self.shared.metrics.snapshots.inc();
-        wire::snapshot(topology)
+        let s = &self.shared;
+        let cluster = topology.cluster_name();
+        let version = topology.version();
+        let cached = |core: &Core| {
+            core.packed
+                .get(cluster)
+                .filter(|(v, _)| *v == version)
+                .map(|(_, b)| b.clone())
+        };
+        s.metrics.snapshots.inc();
+        if let Some(bytes) = cached(&s.lock()) {
+            return wire::snapshot_packed(version, bytes);
+        }
+        let _slot = s.snapshot_slots.acquire().await;
+        if let Some(bytes) = cached(&s.lock()) {
+            return wire::snapshot_packed(version, bytes);
+        }
+        let bytes = wire::pack_members(topology);
+        let mut core = s.lock();
+        if core.feeds.contains_key(cluster)
+            && core.packed.get(cluster).is_none_or(|(v, _)| *v < version)
+        {
+            core.packed
+                .insert(cluster.to_string(), (version, bytes.clone()));
+        }
+        wire::snapshot_packed(version, bytes)
     }
 
     async fn next(mut self) -> Option<(Result<pb::WatchResponse, Status>, Self)> {
@@ -470,10 +506,8 @@ impl Cursor {
             }
             let (topology, rx) = {
                 let core = s.lock();
-                let feed = core
-                    .feeds
-                    .get(&cluster)
-                    .expect("a feed lives while it has watchers");
+                // No feed: the server is shutting down (close_watches); end the stream.
+                let feed = core.feeds.get(&cluster)?;
                 (core.state.topology(&cluster), feed.tx.subscribe())
             };
             self.rx = Some(rx);

@@ -30,14 +30,40 @@ pub fn member_to_pb(m: &Member) -> pb::Member {
     }
 }
 
-/// A full-topology watch message.
-pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
+/// The members of `t` encoded as a `MemberList`, to be shared by every watcher of that version.
+pub fn pack_members(t: &ClusterTopology) -> prost::bytes::Bytes {
+    let list = pb::MemberList {
+        members: t.members().iter().map(|m| member_to_pb(m)).collect(),
+    };
+    prost::Message::encode_to_vec(&list).into()
+}
+
+/// A full-topology watch message carrying already packed members (cheap to clone).
+pub fn snapshot_packed(version: u64, packed: prost::bytes::Bytes) -> pb::WatchResponse {
     pb::WatchResponse {
         event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
-            version: t.version(),
-            members: t.members().iter().map(|m| member_to_pb(m)).collect(),
+            version,
+            members: Vec::new(),
+            packed_members: packed,
         })),
     }
+}
+
+/// A full-topology watch message.
+pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
+    snapshot_packed(t.version(), pack_members(t))
+}
+
+/// The members of a snapshot message, whether inline or packed.
+pub fn snapshot_members(s: pb::Snapshot) -> Result<Vec<pb::Member>, WatchApplyError> {
+    if s.packed_members.is_empty() {
+        return Ok(s.members);
+    }
+    let list: pb::MemberList = prost::Message::decode(s.packed_members)
+        .map_err(|e| WatchApplyError::Malformed(format!("packed members: {e}")))?;
+    let mut members = s.members;
+    members.extend(list.members);
+    Ok(members)
 }
 
 /// An incremental watch message.
@@ -105,14 +131,14 @@ pub fn next_topology(
             if held.is_some_and(|h| s.version <= h.version()) {
                 return Ok(None);
             }
-            let members = s
-                .members
+            let version = s.version;
+            let members = snapshot_members(s)?
                 .into_iter()
                 .map(member_from_pb)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(bad)?;
             Ok(Some(Arc::new(
-                ClusterTopology::new(cluster, s.version, members).map_err(bad)?,
+                ClusterTopology::new(cluster, version, members).map_err(bad)?,
             )))
         }
         Some(pb::watch_response::Event::Update(u)) => {
@@ -202,6 +228,31 @@ mod tests {
                 .is_none()
         );
         assert!(next_topology("c", None, pb::WatchResponse { event: None }).is_err());
+    }
+
+    #[test]
+    fn packed_and_inline_snapshots_both_apply() {
+        let t = ClusterTopology::new("c", 9, [m("a"), m("b")]).unwrap();
+        let packed = snapshot(&t);
+        let Some(pb::watch_response::Event::Snapshot(s)) = &packed.event else {
+            panic!()
+        };
+        assert!(s.members.is_empty() && !s.packed_members.is_empty());
+        let inline = pb::WatchResponse {
+            event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
+                version: 9,
+                members: t.members().iter().map(|m| member_to_pb(m)).collect(),
+                packed_members: Default::default(),
+            })),
+        };
+        for msg in [packed, inline] {
+            assert_eq!(*next_topology("c", None, msg).unwrap().unwrap(), t);
+        }
+        let garbage = snapshot_packed(10, prost::bytes::Bytes::from_static(&[0xff, 0xff, 0xff]));
+        assert!(matches!(
+            next_topology("c", None, garbage),
+            Err(WatchApplyError::Malformed(_))
+        ));
     }
 
     #[test]
