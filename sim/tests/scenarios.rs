@@ -50,13 +50,30 @@ fn regression_seeds_pass() {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
-        let mut parts = line.split_whitespace();
+        let mut parts = line.splitn(3, ' ');
         let (name, seed) = (
             parts.next().unwrap(),
             parts.next().unwrap().parse::<u64>().unwrap(),
         );
-        assert_passes(name, seed..seed + 1);
-        let (a, b) = (run(name, seed, Flaw::None), run(name, seed, Flaw::None));
+        let schedule = parts
+            .next()
+            .map(|json| serde_json::from_str(json).expect("a fault schedule"));
+        let s = scenario::by_name(name).unwrap_or_else(|| panic!("no scenario {name}"));
+        let opts = RunOptions {
+            keep_trace: false,
+            flaw: Flaw::None,
+            schedule,
+        };
+        let (a, b) = (
+            run_seed_isolated(&s, seed, &opts),
+            run_seed_isolated(&s, seed, &opts),
+        );
+        assert!(
+            a.passed(),
+            "{name} seed {seed}: {:#?}\nschedule: {}",
+            a.recording.violations,
+            a.schedule.describe()
+        );
         assert_eq!(
             a.recording.digest, b.recording.digest,
             "{name} seed {seed} replays exactly"
