@@ -279,6 +279,20 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         ["good"]
     );
     assert_eq!(update.version, ok.topology_version);
+    // A watcher that already holds the current version resumes without a snapshot.
+    let mut resumed = client
+        .watch(pb::WatchRequest {
+            cluster: "c".into(),
+            from_version: ok.topology_version,
+            cluster_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match resumed.message().await.unwrap().unwrap().event {
+        Some(pb::watch_response::Event::Progress(p)) => assert_eq!(p.version, ok.topology_version),
+        other => panic!("expected progress for an up-to-date watcher, got {other:?}"),
+    }
     // A token authenticates a cluster.
     assert!(
         client

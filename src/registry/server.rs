@@ -200,15 +200,27 @@ impl Shared {
 
     fn sweep(&self) {
         let now = self.clock.now();
-        let mut core = self.lock();
-        for change in core.state.sweep(now) {
-            self.metrics.expiries.inc_by(change.left.len() as u64);
-            for m in &change.left {
-                tracing::info!(cluster = %change.topology.cluster_name(), member = %m.id, version = change.topology.version(), "registration expired");
+        let mut expired = Vec::new();
+        {
+            let mut core = self.lock();
+            for change in core.state.sweep(now) {
+                self.metrics.expiries.inc_by(change.left.len() as u64);
+                let version = change.topology.version();
+                let cluster = change.topology.cluster_name().to_string();
+                expired.extend(
+                    change
+                        .left
+                        .iter()
+                        .map(|m| (cluster.clone(), m.id.clone(), version)),
+                );
+                core.broadcast(change);
             }
-            core.broadcast(change);
+            self.metrics.observe(&core.state);
         }
-        self.metrics.observe(&core.state);
+        // Logged after the lock is released: a mass expiry must not hold up heartbeats.
+        for (cluster, member, version) in expired {
+            tracing::info!(%cluster, %member, version, "registration expired");
+        }
     }
 
     fn token(&self) -> String {
@@ -403,6 +415,7 @@ impl pb::registry_server::Registry for RegistryService {
             shared: s.clone(),
             rx: None,
             version: 0,
+            resume_from: req.from_version,
             _guard: guard,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(
@@ -459,6 +472,8 @@ struct Cursor {
     shared: Arc<Shared>,
     rx: Option<broadcast::Receiver<Arc<Change>>>,
     version: u64,
+    /// The version the watcher said it holds; if it is current, no snapshot is needed.
+    resume_from: u64,
     _guard: WatcherGuard,
 }
 
@@ -512,6 +527,11 @@ impl Cursor {
             };
             self.rx = Some(rx);
             self.version = topology.version();
+            // Versions are unique across clusters and registry runs, so a watcher that already
+            // holds this version holds this topology: it needs no snapshot, only the news.
+            if self.resume_from != 0 && self.resume_from == self.version {
+                return Some((Ok(wire::progress(self.version)), self));
+            }
             let msg = self.snapshot(&topology).await;
             return Some((Ok(msg), self));
         }
