@@ -435,6 +435,8 @@ mod tests {
     }
 
     fn now() -> Instant {
+        // Test-only: the state machine takes time as an argument; any starting point will do
+        // (under madsim this is simulated time anyway).
         Instant::now()
     }
 
