@@ -366,6 +366,15 @@ impl SimCluster {
         }
     }
 
+    /// Clogs `links` now and unclogs them (healing fault `idx`) after `duration`.
+    fn clog_for(self: &Arc<Self>, links: Vec<(NodeId, NodeId)>, duration: Duration, idx: usize) {
+        self.clog(&links);
+        self.later(duration, move |c| {
+            c.unclog(&links);
+            c.recorder.fault_healed(idx);
+        });
+    }
+
     /// Both directions between every node of `group` and every node outside it.
     fn cut(&self, group: &BTreeSet<NodeId>) -> Vec<(NodeId, NodeId)> {
         let all = self.all_node_ids();
@@ -468,11 +477,7 @@ impl SimCluster {
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&group));
-                self.clog(&links);
-                self.later(duration, move |c| {
-                    c.unclog(&links);
-                    c.recorder.fault_healed(idx);
-                });
+                self.clog_for(links, duration, idx);
             }
             Fault::Split { groups, duration } => {
                 let mut group_of: BTreeMap<NodeId, usize> = BTreeMap::new();
@@ -499,11 +504,7 @@ impl SimCluster {
                     .filter(|&i| i < members)
                     .collect();
                 let idx = self.recorder.fault_started(fault.to_string(), names(&hit));
-                self.clog(&links);
-                self.later(duration, move |c| {
-                    c.unclog(&links);
-                    c.recorder.fault_healed(idx);
-                });
+                self.clog_for(links, duration, idx);
             }
             Fault::OneWay { from, duration } => {
                 let (Some(r), true) = (&self.registry_node, from < members) else {
@@ -513,11 +514,7 @@ impl SimCluster {
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&[from]));
-                self.clog(&links);
-                self.later(duration, move |c| {
-                    c.unclog(&links);
-                    c.recorder.fault_healed(idx);
-                });
+                self.clog_for(links, duration, idx);
             }
             Fault::HeartbeatLoss { member, duration } => {
                 let Some(id) = (member < members).then(|| self.member_id(member)).flatten() else {
