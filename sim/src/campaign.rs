@@ -1,10 +1,11 @@
 //! Campaigns: many seeds of many scenarios, in parallel, summarised.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::flaw::Flaw;
 use crate::scenario::{RunOptions, Scenario, SeedReport, run_seed_isolated};
@@ -27,10 +28,12 @@ pub struct Campaign {
     pub flaw: Flaw,
     /// Show a progress line on a terminal.
     pub progress: bool,
+    /// Re-run every seed divisible by this a second time and compare trace digests (0: never).
+    pub recheck_every: u64,
 }
 
 /// One scenario's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     /// Scenario name.
     pub scenario: String,
@@ -58,6 +61,12 @@ pub struct Summary {
     pub converge_p99_ms: Option<u64>,
     /// The first violation of each failing seed.
     pub first_violations: Vec<String>,
+    /// How often each rare path ran, summed over seeds.
+    pub paths: BTreeMap<String, u64>,
+    /// Paths the scenario claims to cover that no seed reached.
+    pub uncovered: Vec<String>,
+    /// Seeds re-run to check determinism.
+    pub rechecked: usize,
 }
 
 fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
@@ -85,11 +94,13 @@ pub fn run(c: &Campaign, mut on_seed: impl FnMut(&SeedReport) + Send) -> Vec<Sum
         let wall = Stopwatch::start();
         let next = AtomicUsize::new(0);
         let reports: Mutex<Vec<SeedReport>> = Mutex::new(Vec::new());
+        let rechecked = AtomicUsize::new(0);
         let sink = Mutex::new(&mut on_seed);
         let opts = RunOptions {
             keep_trace: false,
             flaw: c.flaw,
             schedule: None,
+            knobs: None,
         };
         std::thread::scope(|s| {
             for _ in 0..c.jobs.max(1) {
@@ -97,7 +108,11 @@ pub fn run(c: &Campaign, mut on_seed: impl FnMut(&SeedReport) + Send) -> Vec<Sum
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         let Some(&seed) = seeds.get(i) else { break };
-                        let report = run_seed_isolated(scenario, seed, &opts);
+                        let mut report = run_seed_isolated(scenario, seed, &opts);
+                        if c.recheck_every > 0 && seed % c.recheck_every == 0 {
+                            recheck(&mut report, scenario, &opts);
+                            rechecked.fetch_add(1, Ordering::SeqCst);
+                        }
                         (sink.lock().unwrap())(&report);
                         let mut all = reports.lock().unwrap();
                         all.push(report);
@@ -120,9 +135,28 @@ pub fn run(c: &Campaign, mut on_seed: impl FnMut(&SeedReport) + Send) -> Vec<Sum
         }
         let mut reports = reports.into_inner().unwrap();
         reports.sort_by_key(|r| r.seed);
-        summaries.push(summarize(scenario.name, &reports, wall.secs()));
+        let mut summary = summarize(scenario.name, &reports, wall.secs());
+        summary.uncovered = scenario
+            .covers
+            .iter()
+            .filter(|p| summary.paths.get(**p).copied().unwrap_or(0) == 0)
+            .map(|p| p.to_string())
+            .collect();
+        summary.rechecked = rechecked.into_inner();
+        summaries.push(summary);
     }
     summaries
+}
+
+/// Runs the seed of `report` again and records a violation if its trace differs.
+fn recheck(report: &mut SeedReport, scenario: &Scenario, opts: &RunOptions) {
+    let again = run_seed_isolated(scenario, report.seed, opts);
+    if again.recording.digest != report.recording.digest {
+        report.recording.violations.push(format!(
+            "determinism: a second run of seed {} produced a different trace (digest {:016x} vs {:016x})",
+            report.seed, report.recording.digest, again.recording.digest
+        ));
+    }
 }
 
 /// Summarises one scenario's reports.
@@ -140,6 +174,12 @@ pub fn summarize(name: &str, reports: &[SeedReport], wall_seconds: f64) -> Summa
         .collect();
     converge.sort_unstable();
     let failing: Vec<&SeedReport> = reports.iter().filter(|r| !r.passed()).collect();
+    let mut paths: BTreeMap<String, u64> = BTreeMap::new();
+    for r in reports {
+        for (p, n) in &r.recording.paths {
+            *paths.entry(p.clone()).or_insert(0) += n;
+        }
+    }
     Summary {
         scenario: name.to_string(),
         seeds: reports.len(),
@@ -157,6 +197,9 @@ pub fn summarize(name: &str, reports: &[SeedReport], wall_seconds: f64) -> Summa
             .iter()
             .map(|r| format!("seed {}: {}", r.seed, r.recording.violations[0]))
             .collect(),
+        paths,
+        uncovered: Vec::new(),
+        rechecked: 0,
     }
 }
 
@@ -194,6 +237,37 @@ pub fn table(summaries: &[Summary]) -> String {
         ));
     }
     out.push_str("(fo = failover, crash to removal on every survivor, ms; conv = final heal to convergence, ms)\n");
+    out
+}
+
+/// The rare-path counts of every scenario, with the claimed paths that no seed reached.
+pub fn paths_table(summaries: &[Summary]) -> String {
+    let mut all: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (i, s) in summaries.iter().enumerate() {
+        for (p, n) in &s.paths {
+            all.entry(p.as_str())
+                .or_insert_with(|| vec![0; summaries.len()])[i] = *n;
+        }
+    }
+    let mut out =
+        String::from("\nrare paths, runs summed over seeds (columns in the order above):\n");
+    for (path, counts) in &all {
+        let cells: Vec<String> = counts.iter().map(|n| format!("{n:>7}")).collect();
+        out.push_str(&format!("{path:<44} {}\n", cells.join("")));
+    }
+    for s in summaries {
+        if !s.uncovered.is_empty() {
+            out.push_str(&format!(
+                "NOT REACHED in {}: {} (the scenario claims to cover them)\n",
+                s.scenario,
+                s.uncovered.join(", ")
+            ));
+        }
+    }
+    let rechecked: usize = summaries.iter().map(|s| s.rechecked).sum();
+    out.push_str(&format!(
+        "determinism: {rechecked} seeds re-run, digests compared\n"
+    ));
     out
 }
 

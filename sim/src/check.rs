@@ -27,9 +27,9 @@ pub type OwnerMemo = BTreeMap<(String, MemberId, u64), Arc<Vec<Option<MemberId>>
 /// One node's view at a sample: its name, topology and owners of the sampled identities.
 type NodeSample = (String, Arc<ClusterTopology>, Arc<Vec<Option<MemberId>>>);
 
-/// Safety, sampled: nodes holding the same topology version hold the same members and agree on
-/// the owner of every sampled identity; the registry holds no registration more than one sweep
-/// interval past its TTL.
+/// Agreement, sampled: nodes holding the same topology version hold the same members and agree
+/// on the owner of every sampled identity. (Lease timing and history are judged continuously by
+/// the [`crate::oracle`]s.)
 pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
     let rec = cluster.recorder();
     let views = cluster.live_views();
@@ -77,16 +77,6 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
                     ids[i], first_owners[i], owners[i]
                 ));
             }
-        }
-    }
-    if let Some(registry) = cluster.registry() {
-        let grace = cluster.registry_config().sweep_interval + Duration::from_millis(50);
-        for (c, id, late) in registry.overdue(grace) {
-            rec.violation_once(format!("ttl {id}"), format!(
-                "safety: the registry still lists {id} in {c} {} ms after its TTL expired (allowed: one sweep interval, {} ms)",
-                late.as_millis(),
-                cluster.registry_config().sweep_interval.as_millis()
-            ));
         }
     }
 }
@@ -148,9 +138,11 @@ pub fn liveness_bound(cluster: &SimCluster) -> Duration {
         // snapshots for its startup grace, an expired member re-joins at its next heartbeat,
         // watches reconnect within the backoff cap, and madsim may deliver messages held by a
         // healed partition up to ~10 s late.
+        // Node-side timers run on clocks that may still drift 25% slow, hence the 4/3.
         ProviderKind::Registry => {
             let c = cluster.registry_config();
-            c.startup_grace + c.ttl + c.heartbeat_interval + Duration::from_secs(5 + 10 + 4)
+            (c.startup_grace + c.ttl + c.heartbeat_interval) * 4 / 3
+                + Duration::from_secs(5 + 10 + 4)
         }
     }
 }

@@ -72,6 +72,16 @@ enum Command {
     },
     /// Names the scenarios.
     List,
+    /// Combines the `run --json` output of campaign shards (files with one summary per line;
+    /// other lines are skipped) into one report, with the replay command of every failing seed.
+    Merge {
+        /// Files holding the shards' JSON summaries (`-` for standard input).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// One merged JSON object per scenario on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measures simulated-time speed-up of a scenario against a bare madsim baseline.
     Bench {
         /// Scenario name.
@@ -104,7 +114,11 @@ fn scenarios(name: &str) -> Result<Vec<Scenario>> {
     match scenario::by_name(name) {
         Some(s) => Ok(vec![s]),
         None => {
-            let names: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
+            let names: Vec<&str> = scenario::all()
+                .iter()
+                .chain(&scenario::known_failing())
+                .map(|s| s.name)
+                .collect();
             bail!(
                 "--scenario: unknown scenario {name:?}; known: all, {}",
                 names.join(", ")
@@ -134,6 +148,7 @@ fn run(
         shard,
         flaw,
         progress: !json,
+        recheck_every: 50,
     };
     let summaries = campaign::run(&c, |r| {
         if !r.passed() {
@@ -151,8 +166,48 @@ fn run(
         }
     } else {
         print!("{}", campaign::table(&summaries));
+        print!("{}", campaign::paths_table(&summaries));
     }
     Ok(summaries.iter().all(|s| s.failures == 0))
+}
+
+fn merge(files: Vec<PathBuf>, json: bool) -> Result<bool> {
+    let mut shards = Vec::new();
+    let mut skipped = 0;
+    for path in &files {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+        };
+        let (found, skip) = shoal_sim::merge::parse(&text);
+        if found.is_empty() {
+            bail!(
+                "{}: no campaign summary in it (expected `shoal-sim run --json` output)",
+                path.display()
+            );
+        }
+        shards.extend(found);
+        skipped += skip;
+    }
+    let merged = shoal_sim::merge::merge(&shards);
+    if json {
+        for s in &merged {
+            println!("{}", serde_json::to_string(s)?);
+        }
+    } else {
+        println!(
+            "{} shard summaries merged ({skipped} other lines skipped)",
+            shards.len()
+        );
+        print!("{}", campaign::table(&merged));
+        print!("{}", campaign::paths_table(&merged));
+        for cmd in shoal_sim::merge::replay_commands(&merged) {
+            println!("FAILED, replay: {cmd}");
+        }
+    }
+    Ok(merged.iter().all(|s| s.failures == 0))
 }
 
 fn replay(
@@ -184,6 +239,7 @@ fn replay(
         keep_trace: true,
         flaw,
         schedule,
+        knobs: None,
     };
     let first = scenario::run_seed_isolated(&s, seed, &opts);
     let second = scenario::run_seed_isolated(&s, seed, &opts);
@@ -249,6 +305,14 @@ fn replay(
 }
 
 pub fn main() -> ExitCode {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Product logs (RUST_LOG=shoal=debug), on stderr; the trace keeps simulated times.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .without_time()
+            .try_init();
+    }
     let result = match Cli::parse().command {
         Command::Run {
             scenario,
@@ -267,9 +331,20 @@ pub fn main() -> ExitCode {
             schedule,
             flaw,
         } => replay(scenario, seed, timeline, quiet, schedule, flaw),
+        Command::Merge { files, json } => merge(files, json),
         Command::List => {
             for s in scenario::all() {
-                println!("{:<17} {}", s.name, s.about);
+                println!("{:<19} {}", s.name, s.about);
+            }
+            println!("\nknown to fail today (not in the default campaign):");
+            for s in scenario::known_failing() {
+                println!(
+                    "{:<19} {}\n{:<19} why: {}",
+                    s.name,
+                    s.about,
+                    "",
+                    s.known_failure.unwrap_or("")
+                );
             }
             Ok(true)
         }

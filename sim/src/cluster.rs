@@ -1,5 +1,10 @@
 //! `SimCluster`: a cluster of simulated nodes running the real providers, and the fault
 //! injectors that act on it.
+//!
+//! Its parts each own their faults and their healing: [`Links`] (clogs), the member and client
+//! nodes (crash, restart, graceful leave, pause, clock skew), and the registry (restart, clock,
+//! the [`Door`] in front of it that loses heartbeats). [`Health`] follows every fault so the
+//! oracles know which paths were healthy.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -7,19 +12,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
-use madsim::time::sleep;
-use serde::{Deserialize, Serialize};
+use madsim::time::{Instant, sleep};
+use shoal::metrics::{EventMetrics, PlacementMetrics};
 use shoal::provider::memory::{InMemoryProvider, InMemoryRegistry};
-use shoal::registry::{RegistryConfig, RegistryProvider, RegistryProviderConfig, RegistryServer};
+use shoal::registry::{
+    RegistryConfig, RegistryMetrics, RegistryProvider, RegistryProviderConfig,
+    RegistryProviderMetrics, RegistryServer,
+};
 use shoal::runtime::{SharedClock, SkewedClock, TokioClock};
-use shoal::{ClusterEvent, ClusterProvider, ClusterProviderContext, MemberId, PartitionManager};
+use shoal::{
+    ClusterEvent, ClusterProvider, ClusterProviderContext, EventStream, MemberId, PartitionConfig,
+    PartitionManager,
+};
 
 use crate::faults::Fault;
 use crate::flaw::{Flaw, FlawedProvider};
+use crate::health::Health;
+use crate::knobs::Knobs;
+use crate::links::{Links, cut};
+use crate::observe::{Door, Observed};
+use crate::oracle::{Bounds, DELIVERY, Oracles, POLL};
 use crate::record::Recorder;
+use crate::workload::Workload;
 
 /// The cluster name every simulated node uses.
 pub const CLUSTER: &str = "sim";
@@ -27,8 +43,13 @@ pub const CLUSTER: &str = "sim";
 pub const KIND: &str = "user";
 const REGISTRY_PORT: u16 = 7600;
 
+/// How long a survivor must have been connected before a departure for the failover oracle to
+/// judge it: a dead watch stream is noticed after the idle timeout (15 s), reopened within the
+/// backoff cap (5 s), and a new registry holds snapshots for its startup grace (3 s).
+const CONNECTED_FOR: Duration = Duration::from_secs(25);
+
 /// Which membership provider the members run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
     /// [`InMemoryProvider`] over one shared registry.
@@ -46,6 +67,7 @@ pub struct SimClusterBuilder {
     registry: RegistryConfig,
     flaw: Flaw,
     app: Option<AppFn>,
+    knobs: Knobs,
 }
 
 /// What your per-node code gets: the node's name, its provider context (partition manager,
@@ -75,6 +97,7 @@ impl SimClusterBuilder {
             registry: default_registry_config(),
             flaw: Flaw::None,
             app: None,
+            knobs: Knobs::default(),
         }
     }
 
@@ -93,6 +116,12 @@ impl SimClusterBuilder {
     /// A deliberate defect (checker self-tests).
     pub fn flaw(mut self, flaw: Flaw) -> Self {
         self.flaw = flaw;
+        self
+    }
+
+    /// The seed's network and buffer settings.
+    pub fn knobs(mut self, knobs: Knobs) -> Self {
+        self.knobs = knobs;
         self
     }
 
@@ -121,6 +150,19 @@ pub struct Incarnation {
     pub id: MemberId,
     /// The node's partition manager.
     pub manager: Arc<PartitionManager>,
+    /// When the incarnation was created.
+    pub started_at: Instant,
+    /// When its provider finished starting, if it has.
+    pub ready_at: Option<Instant>,
+}
+
+/// Counters of the products' own metrics, summed into the run's rare-path counts at the end.
+#[derive(Clone, Debug)]
+enum MetricSource {
+    Provider(RegistryProviderMetrics),
+    Events(EventMetrics),
+    Placement(PlacementMetrics),
+    Registry(RegistryMetrics),
 }
 
 struct Slot {
@@ -131,6 +173,18 @@ struct Slot {
     current: Arc<Mutex<Option<Incarnation>>>,
     alive: bool,
     paused: bool,
+    /// A graceful shutdown is under way.
+    leaving: bool,
+    lost_heartbeats: bool,
+    stop: Arc<StopSignal>,
+}
+
+/// Asks a node to shut down gracefully, and hears when it has.
+#[derive(Debug, Default)]
+struct StopSignal {
+    requested: AtomicBool,
+    notify: tokio::sync::Notify,
+    done: Mutex<Option<Instant>>,
 }
 
 /// A simulated cluster: member and client nodes, and (for the registry provider) a registry
@@ -140,18 +194,28 @@ pub struct SimCluster {
     provider: ProviderKind,
     registry_config: RegistryConfig,
     recorder: Recorder,
-    registry_node: Option<NodeHandle>,
-    registry_server: Arc<Mutex<Option<RegistryServer>>>,
-    lost_heartbeats: Arc<Mutex<BTreeSet<MemberId>>>,
+    oracles: Arc<Oracles>,
+    health: Health,
+    links: Links,
     slots: Mutex<Vec<Slot>>,
-    /// Directed links currently clogged, with how many active faults clog each.
-    clogged: Mutex<BTreeMap<(NodeId, NodeId), u32>>,
     /// Set by [`SimCluster::heal_all`]: pending fault actions are dropped from then on.
     healed: AtomicBool,
+    metrics: Arc<Mutex<Vec<MetricSource>>>,
+    registry: Option<RegistryControl>,
+}
+
+/// The registry node and what the harness keeps of it across restarts.
+struct RegistryControl {
+    node: NodeHandle,
+    /// The running server and its run number (`None` while it is down).
+    server: Arc<Mutex<Option<(u64, RegistryServer)>>>,
+    /// Its clock: survives restarts, so a step taken while it is down is seen by the next run.
+    clock: Arc<SkewedClock>,
+    door: Arc<Door>,
     /// Registry crashes so far; a restart belongs to the latest crash only (overlapping
     /// registry-restart faults must not restart a running registry).
-    registry_epoch: AtomicU64,
-    registry_down: AtomicBool,
+    crashes: AtomicU64,
+    down: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,49 +225,73 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SimCluster {
     fn start(b: SimClusterBuilder, recorder: Recorder) -> Arc<Self> {
         let handle = Handle::current();
-        let registry_server: Arc<Mutex<Option<RegistryServer>>> = Arc::default();
-        let lost: Arc<Mutex<BTreeSet<MemberId>>> = Arc::default();
-        let registry_node = (b.provider == ProviderKind::Registry).then(|| {
-            let (config, server_slot, lost, rec, flaw) = (
-                b.registry.clone(),
-                registry_server.clone(),
-                lost.clone(),
+        let mut registry_config = b.registry.clone();
+        registry_config.limits.watch_buffer = b.knobs.watch_buffer;
+        let oracles = Oracles::new(
+            recorder.clone(),
+            Bounds::new(
+                &registry_config,
+                b.knobs.buggify,
+                b.provider == ProviderKind::Registry,
+            ),
+        );
+        let door = Arc::new(Door::default());
+        door.set_duplicate_leaves(b.knobs.duplicate_leaves);
+        let metrics: Arc<Mutex<Vec<MetricSource>>> = Arc::default();
+        let registry = (b.provider == ProviderKind::Registry).then(|| {
+            let server: Arc<Mutex<Option<(u64, RegistryServer)>>> = Arc::default();
+            let clock = SkewedClock::new(TokioClock::shared());
+            let runs = Arc::new(AtomicU64::new(0));
+            let (config, server_slot, door_, oracles_, rec, clock_, metrics_) = (
+                registry_config.clone(),
+                server.clone(),
+                door.clone(),
+                oracles.clone(),
                 recorder.clone(),
-                b.flaw,
+                clock.clone(),
+                metrics.clone(),
             );
-            handle
+            let node = handle
                 .create_node()
                 .name("registry")
                 .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
                 .init(move || {
-                    let (config, server_slot, lost, rec) = (
+                    let (config, server_slot, door, oracles, rec, clock, metrics, runs) = (
                         config.clone(),
                         server_slot.clone(),
-                        lost.clone(),
+                        door_.clone(),
+                        oracles_.clone(),
                         rec.clone(),
+                        clock_.clone(),
+                        metrics_.clone(),
+                        runs.clone(),
                     );
                     async move {
-                        let server = RegistryServer::new(config, TokioClock::shared())
-                            .expect("valid registry settings");
-                        let lost_for_filter = lost.clone();
-                        server.set_heartbeat_loss(Arc::new(move |id: &MemberId| {
-                            lock(&lost_for_filter).contains(id)
-                        }));
-                        *lock(&server_slot) = Some(server.clone());
-                        rec.trace("registry", "started");
-                        let sweeper = (flaw != Flaw::NeverExpire).then(|| server.spawn_sweeper());
+                        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                        oracles.registry_started(run);
+                        let shared: SharedClock = clock;
+                        let server =
+                            RegistryServer::new(config, shared).expect("valid registry settings");
+                        lock(&metrics).push(MetricSource::Registry(server.metrics().clone()));
+                        *lock(&server_slot) = Some((run, server.clone()));
+                        rec.trace("registry", format!("started (run {run})"));
                         let addr: SocketAddr = ([0, 0, 0, 0], REGISTRY_PORT).into();
-                        let result = tonic::transport::Server::builder()
-                            .add_service(server.service())
-                            .serve(addr)
-                            .await;
-                        drop(sweeper);
-                        if let Err(e) = result {
+                        let wrap = |svc| Observed::new(svc, door, oracles, rec.clone());
+                        if let Err(e) = server.serve_with(addr, std::future::pending(), wrap).await
+                        {
                             rec.trace("registry", format!("server ended: {e}"));
                         }
                     }
                 })
-                .build()
+                .build();
+            RegistryControl {
+                node,
+                server,
+                clock,
+                door,
+                crashes: AtomicU64::new(0),
+                down: AtomicBool::new(false),
+            }
         });
         let memory = InMemoryRegistry::new();
         let mut slots = Vec::new();
@@ -221,6 +309,7 @@ impl SimCluster {
             };
             let clock = SkewedClock::new(TokioClock::shared());
             let current: Arc<Mutex<Option<Incarnation>>> = Arc::default();
+            let stop = Arc::new(StopSignal::default());
             let spec = NodeSpec {
                 name: name.clone(),
                 ip,
@@ -232,6 +321,10 @@ impl SimCluster {
                 clock: clock.clone(),
                 current: current.clone(),
                 recorder: recorder.clone(),
+                oracles: oracles.clone(),
+                knobs: b.knobs.clone(),
+                stop: stop.clone(),
+                metrics: metrics.clone(),
             };
             let node = handle
                 .create_node()
@@ -247,22 +340,35 @@ impl SimCluster {
                 current,
                 alive: true,
                 paused: false,
+                leaving: false,
+                lost_heartbeats: false,
+                stop,
             });
         }
-        Arc::new(SimCluster {
+        let n = slots.len();
+        let cluster = Arc::new(SimCluster {
             handle,
             provider: b.provider,
-            registry_config: b.registry,
+            registry_config,
             recorder,
-            registry_node,
-            registry_server,
-            lost_heartbeats: lost,
+            oracles,
+            health: Health::new(n, b.knobs.buggify),
+            links: Links::default(),
             slots: Mutex::new(slots),
-            clogged: Mutex::new(BTreeMap::new()),
             healed: AtomicBool::new(false),
-            registry_epoch: AtomicU64::new(0),
-            registry_down: AtomicBool::new(false),
-        })
+            metrics,
+            registry,
+        });
+        if cluster.registry.is_some() {
+            let c = cluster.clone();
+            cluster.background(async move {
+                loop {
+                    sleep(POLL).await;
+                    c.poll_registry();
+                }
+            });
+        }
+        cluster
     }
 
     /// The provider the members run.
@@ -278,6 +384,11 @@ impl SimCluster {
     /// The recorder.
     pub fn recorder(&self) -> &Recorder {
         &self.recorder
+    }
+
+    /// The oracles of this run.
+    pub fn oracles(&self) -> &Arc<Oracles> {
+        &self.oracles
     }
 
     /// Number of member nodes.
@@ -325,71 +436,70 @@ impl SimCluster {
 
     /// The running registry server, if any.
     pub fn registry(&self) -> Option<RegistryServer> {
-        lock(&self.registry_server).clone()
+        let r = self.registry.as_ref()?;
+        lock(&r.server).as_ref().map(|(_, s)| s.clone())
     }
 
     fn node_id(&self, i: usize) -> NodeId {
         lock(&self.slots)[i].node.id()
     }
 
+    fn registry_node_id(&self) -> Option<NodeId> {
+        self.registry.as_ref().map(|r| r.node.id())
+    }
+
     fn all_node_ids(&self) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = lock(&self.slots).iter().map(|s| s.node.id()).collect();
-        if let Some(r) = &self.registry_node {
-            ids.push(r.id());
-        }
+        ids.extend(self.registry_node_id());
         ids
     }
 
-    fn clog(&self, links: &[(NodeId, NodeId)]) {
-        let net = NetSim::current();
-        let mut clogged = lock(&self.clogged);
-        for &(a, b) in links {
-            let n = clogged.entry((a, b)).or_insert(0);
-            if *n == 0 {
-                net.clog_link(a, b);
-            }
-            *n += 1;
+    /// The slot whose current incarnation is `id`.
+    fn slot_of(&self, id: &MemberId) -> Option<usize> {
+        lock(&self.slots)
+            .iter()
+            .position(|s| lock(&s.current).as_ref().is_some_and(|c| &c.id == id))
+    }
+
+    /// Recomputes every path's health from the faults in force.
+    fn refresh_health(&self) {
+        let registry = self.registry_node_id();
+        let slots = lock(&self.slots);
+        for (i, s) in slots.iter().enumerate() {
+            let clogged = registry.is_some_and(|r| self.links.either_way(s.node.id(), r));
+            let disturbed = !s.alive || s.paused || s.leaving || s.lost_heartbeats || clogged;
+            self.health.set_node(i, disturbed);
+        }
+        drop(slots);
+        if let Some(r) = &self.registry {
+            self.health.set_registry(r.down.load(Ordering::SeqCst));
         }
     }
 
-    fn unclog(&self, links: &[(NodeId, NodeId)]) {
-        let net = NetSim::current();
-        let mut clogged = lock(&self.clogged);
-        for link in links {
-            if let Some(n) = clogged.get_mut(link) {
-                *n -= 1;
-                if *n == 0 {
-                    clogged.remove(link);
-                    net.unclog_link(link.0, link.1);
-                }
-            }
-        }
+    /// Feeds the lease oracle the registry's published topology.
+    fn poll_registry(&self) {
+        let Some(r) = &self.registry else { return };
+        let Some((run, server)) = lock(&r.server).clone() else {
+            return;
+        };
+        let topology = server.topology(CLUSTER);
+        let healthy = |id: &MemberId| self.slot_of(id).and_then(|i| self.health.healthy_since(i));
+        self.oracles.published(run, &topology, &healthy);
     }
 
     /// Clogs `links` now and unclogs them (healing fault `idx`) after `duration`.
     fn clog_for(self: &Arc<Self>, links: Vec<(NodeId, NodeId)>, duration: Duration, idx: usize) {
-        self.clog(&links);
+        self.links.clog(&links);
+        self.refresh_health();
         self.later(duration, move |c| {
-            c.unclog(&links);
+            c.links.unclog(&links);
+            c.refresh_health();
             c.recorder.fault_healed(idx);
         });
     }
 
-    /// Both directions between every node of `group` and every node outside it.
-    fn cut(&self, group: &BTreeSet<NodeId>) -> Vec<(NodeId, NodeId)> {
-        let all = self.all_node_ids();
-        let mut links = Vec::new();
-        for &a in group {
-            for &b in all.iter().filter(|b| !group.contains(b)) {
-                links.push((a, b));
-                links.push((b, a));
-            }
-        }
-        links
-    }
-
     /// Crashes member `i` (its process dies; peers learn through the provider).
-    pub fn crash(&self, i: usize) {
+    pub fn crash(self: &Arc<Self>, i: usize) {
         let (id, name) = {
             let mut slots = lock(&self.slots);
             let s = &mut slots[i];
@@ -398,9 +508,11 @@ impl SimCluster {
             }
             s.alive = false;
             s.paused = false;
+            s.leaving = false;
             (lock(&s.current).take().map(|c| c.id), s.name.clone())
         };
         self.handle.kill(self.node_id(i));
+        self.refresh_health();
         self.recorder.node_down(&name);
         self.recorder.trace(
             &name,
@@ -410,7 +522,8 @@ impl SimCluster {
             ),
         );
         if let Some(id) = id {
-            self.spawn_failover_watch(name, id);
+            self.spawn_failover_watch(id.clone());
+            self.judge_departure(i, id, self.oracles.bounds().failover(), "crashed");
         }
     }
 
@@ -422,19 +535,130 @@ impl SimCluster {
             return;
         }
         s.alive = true;
+        s.stop.requested.store(false, Ordering::SeqCst);
+        *lock(&s.stop.done) = None;
         let id = s.node.id();
         let name = s.name.clone();
         drop(slots);
         self.handle.restart(id);
+        self.refresh_health();
         self.recorder.trace(&name, "restarted");
     }
 
+    /// Asks member `i` to shut down gracefully; once it has, its node stops and the failover
+    /// oracle judges how fast survivors saw it go.
+    fn leave(self: &Arc<Self>, i: usize, rejoin_after: Option<Duration>, idx: usize) {
+        let (stop, was_healthy) = {
+            let mut slots = lock(&self.slots);
+            let s = &mut slots[i];
+            if !s.alive || s.paused || s.leaving {
+                return;
+            }
+            s.leaving = true;
+            (s.stop.clone(), self.health.healthy_since(i).is_some())
+        };
+        stop.requested.store(true, Ordering::SeqCst);
+        stop.notify.notify_one();
+        self.refresh_health();
+        let c = self.clone();
+        self.background(async move {
+            for _ in 0..3_000 {
+                if lock(&stop.done).is_some() {
+                    break;
+                }
+                sleep(Duration::from_millis(10)).await;
+            }
+            let id = {
+                let mut slots = lock(&c.slots);
+                let s = &mut slots[i];
+                if !s.leaving || !s.alive {
+                    return; // Crashed meanwhile.
+                }
+                s.leaving = false;
+                s.alive = false;
+                lock(&s.current).take().map(|inc| inc.id)
+            };
+            c.handle.kill(c.node_id(i));
+            c.refresh_health();
+            let name = format!("m{i}");
+            c.recorder.node_down(&name);
+            c.recorder.trace(&name, "left gracefully; process ended");
+            if let Some(id) = id {
+                // A leave that reached a healthy registry is seen at once; otherwise the
+                // registration expires like a crashed one.
+                let bound = if was_healthy {
+                    DELIVERY + POLL
+                } else {
+                    c.oracles.bounds().failover()
+                };
+                c.judge_departure(i, id, bound, "left gracefully");
+            }
+            if c.is_healed() {
+                c.restart(i);
+                return;
+            }
+            match rejoin_after {
+                Some(d) => c.later(d, move |c| {
+                    c.restart(i);
+                    c.recorder.fault_healed(idx);
+                }),
+                None => c.recorder.fault_healed(idx),
+            }
+        });
+    }
+
+    /// The failover oracle: `bound` after member `departed` (incarnation `id`) crashed or left,
+    /// no survivor that was connected throughout may still list it.
+    fn judge_departure(
+        self: &Arc<Self>,
+        departed: usize,
+        id: MemberId,
+        bound: Duration,
+        how: &'static str,
+    ) {
+        if self.registry.is_none() {
+            return;
+        }
+        let at = Instant::now();
+        let c = self.clone();
+        self.background(async move {
+            sleep(bound).await;
+            let views: Vec<(usize, String, Incarnation)> = {
+                let slots = lock(&c.slots);
+                slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, s)| *j != departed && s.alive && !s.paused)
+                    .filter_map(|(j, s)| {
+                        lock(&s.current).clone().map(|inc| (j, s.name.clone(), inc))
+                    })
+                    .collect()
+            };
+            for (j, name, inc) in views {
+                let Some(ready) = inc.ready_at else { continue };
+                let Some(healthy) = c.health.healthy_since(j) else {
+                    continue;
+                };
+                let connected = ready <= at && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at);
+                if connected && inc.manager.topology().contains(&id) {
+                    c.recorder.violation_once(
+                        format!("failover {id} {name}"),
+                        format!(
+                            "failover: {name} still lists {id} {} ms after it {how} (bound {} ms: TTL, sweep and delivery), though {name} was connected throughout",
+                            bound.as_millis(),
+                            bound.as_millis()
+                        ),
+                    );
+                }
+            }
+        });
+    }
+
     /// Measures how long until no surviving node lists the crashed incarnation.
-    fn spawn_failover_watch(&self, name: String, id: MemberId) {
-        let start = madsim::time::Instant::now();
+    fn spawn_failover_watch(&self, id: MemberId) {
+        let start = Instant::now();
         let probe = self.failover_probe();
         let rec = self.recorder.clone();
-        let _ = name;
         self.background(async move {
             for _ in 0..(120_000 / 20) {
                 if !probe.any_lists(&id) {
@@ -462,6 +686,8 @@ impl SimCluster {
     pub fn apply(self: &Arc<Self>, fault: &Fault) {
         let names = |ms: &[usize]| ms.iter().map(|i| format!("m{i}")).collect::<Vec<_>>();
         let members = self.member_count();
+        let registry = self.registry_node_id();
+        self.recorder.count(&format!("fault: {}", fault.kind()));
         match fault.clone() {
             Fault::Partition {
                 members: group,
@@ -470,10 +696,10 @@ impl SimCluster {
             } => {
                 let group: Vec<usize> = group.into_iter().filter(|&i| i < members).collect();
                 let mut ids: BTreeSet<NodeId> = group.iter().map(|&i| self.node_id(i)).collect();
-                if with_registry && let Some(r) = &self.registry_node {
-                    ids.insert(r.id());
+                if with_registry {
+                    ids.extend(registry);
                 }
-                let links = self.cut(&ids);
+                let links = cut(&ids, &self.all_node_ids());
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&group));
@@ -506,26 +732,82 @@ impl SimCluster {
                 let idx = self.recorder.fault_started(fault.to_string(), names(&hit));
                 self.clog_for(links, duration, idx);
             }
-            Fault::OneWay { from, duration } => {
-                let (Some(r), true) = (&self.registry_node, from < members) else {
+            Fault::OneWay {
+                from: member,
+                duration,
+            }
+            | Fault::ReplyLost { member, duration } => {
+                let (Some(r), true) = (registry, member < members) else {
                     return;
                 };
-                let links = vec![(self.node_id(from), r.id())];
                 let idx = self
                     .recorder
-                    .fault_started(fault.to_string(), names(&[from]));
-                self.clog_for(links, duration, idx);
+                    .fault_started(fault.to_string(), names(&[member]));
+                let m = self.node_id(member);
+                // One-way: the member's requests are lost; reply-lost: the answers are.
+                let link = if matches!(fault, Fault::OneWay { .. }) {
+                    (m, r)
+                } else {
+                    (r, m)
+                };
+                self.clog_for(vec![link], duration, idx);
+            }
+            Fault::Swizzle {
+                members: order,
+                step,
+                hold,
+            } => {
+                let Some(r) = registry else { return };
+                let order: Vec<usize> = order.into_iter().filter(|&i| i < members).collect();
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), names(&order));
+                let c = self.clone();
+                self.background(async move {
+                    let link = |i: usize| {
+                        let n = c.node_id(i);
+                        vec![(n, r), (r, n)]
+                    };
+                    for &i in &order {
+                        if c.is_healed() {
+                            return;
+                        }
+                        c.links.clog(&link(i));
+                        c.refresh_health();
+                        sleep(step).await;
+                    }
+                    sleep(hold).await;
+                    // Unclog in another order: every other one first, then the rest.
+                    let mut again: Vec<usize> = order.iter().copied().step_by(2).collect();
+                    again.extend(order.iter().copied().skip(1).step_by(2));
+                    for i in again {
+                        if c.is_healed() {
+                            return;
+                        }
+                        c.links.unclog(&link(i));
+                        c.refresh_health();
+                        sleep(step).await;
+                    }
+                    c.recorder.fault_healed(idx);
+                });
             }
             Fault::HeartbeatLoss { member, duration } => {
+                let Some(r) = &self.registry else { return };
                 let Some(id) = (member < members).then(|| self.member_id(member)).flatten() else {
                     return;
                 };
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
-                lock(&self.lost_heartbeats).insert(id.clone());
+                r.door.set_heartbeat_loss(&id, true);
+                lock(&self.slots)[member].lost_heartbeats = true;
+                self.refresh_health();
                 self.later(duration, move |c| {
-                    lock(&c.lost_heartbeats).remove(&id);
+                    if let Some(r) = &c.registry {
+                        r.door.set_heartbeat_loss(&id, false);
+                    }
+                    lock(&c.slots)[member].lost_heartbeats = false;
+                    c.refresh_health();
                     c.recorder.fault_healed(idx);
                 });
             }
@@ -547,6 +829,18 @@ impl SimCluster {
                     });
                 }
             }
+            Fault::Leave {
+                member,
+                rejoin_after,
+            } => {
+                if member >= members {
+                    return;
+                }
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), names(&[member]));
+                self.leave(member, rejoin_after, idx);
+            }
             Fault::Pause { member, duration } => {
                 if member >= members || !lock(&self.slots)[member].alive {
                     return;
@@ -556,6 +850,7 @@ impl SimCluster {
                     .fault_started(fault.to_string(), names(&[member]));
                 lock(&self.slots)[member].paused = true;
                 self.handle.pause(self.node_id(member));
+                self.refresh_health();
                 self.later(duration, move |c| {
                     c.resume(member);
                     c.recorder.fault_healed(idx);
@@ -575,24 +870,26 @@ impl SimCluster {
                 clock.set_wall_offset_ms(offset_ms);
                 clock.set_drift_ppm(drift_ppm);
             }
-            Fault::RegistryRestart { down_for } => {
-                let Some(r) = &self.registry_node else { return };
-                let idx = self
-                    .recorder
+            Fault::RegistryClock {
+                offset_ms,
+                drift_ppm,
+            } => {
+                let Some(r) = &self.registry else { return };
+                self.recorder
                     .fault_started(fault.to_string(), vec!["registry".into()]);
-                lock(&self.registry_server).take();
-                self.handle.kill(r.id());
-                self.registry_down.store(true, Ordering::SeqCst);
-                let epoch = self.registry_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-                self.recorder.trace("registry", "crashed");
-                self.later(down_for, move |c| {
-                    // Only the latest crash's restart brings the registry back.
-                    if c.registry_epoch.load(Ordering::SeqCst) == epoch {
-                        c.restart_registry();
-                    }
-                    c.recorder.fault_healed(idx);
-                });
+                r.clock.set_wall_offset_ms(offset_ms);
+                r.clock.set_drift_ppm(drift_ppm.clamp(
+                    -crate::faults::REGISTRY_MAX_DRIFT_PPM,
+                    crate::faults::REGISTRY_MAX_DRIFT_PPM,
+                ));
             }
+            Fault::RegistryClockStep { back_ms, down_for } => {
+                let Some(r) = &self.registry else { return };
+                let (offset, _) = r.clock.skew();
+                r.clock.set_wall_offset_ms(offset - back_ms as i64);
+                self.crash_registry(fault, down_for);
+            }
+            Fault::RegistryRestart { down_for } => self.crash_registry(fault, down_for),
             Fault::RollingRestart { gap } => {
                 let idx = self
                     .recorder
@@ -622,16 +919,21 @@ impl SimCluster {
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
-                let links = self.cut(&BTreeSet::from([self.node_id(member)]));
+                let links = cut(
+                    &BTreeSet::from([self.node_id(member)]),
+                    &self.all_node_ids(),
+                );
                 let c = self.clone();
                 self.background(async move {
                     for _ in 0..times {
                         if c.is_healed() {
                             return;
                         }
-                        c.clog(&links);
+                        c.links.clog(&links);
+                        c.refresh_health();
                         sleep(period).await;
-                        c.unclog(&links);
+                        c.links.unclog(&links);
+                        c.refresh_health();
                         sleep(period).await;
                     }
                     c.recorder.fault_healed(idx);
@@ -640,13 +942,39 @@ impl SimCluster {
         }
     }
 
+    /// Kills the registry (its state is lost) and restarts it after `down_for`.
+    fn crash_registry(self: &Arc<Self>, fault: &Fault, down_for: Duration) {
+        let Some(r) = &self.registry else { return };
+        let idx = self
+            .recorder
+            .fault_started(fault.to_string(), vec!["registry".into()]);
+        lock(&r.server).take();
+        self.handle.kill(r.node.id());
+        r.down.store(true, Ordering::SeqCst);
+        self.refresh_health();
+        let crash = r.crashes.fetch_add(1, Ordering::SeqCst) + 1;
+        self.recorder.trace("registry", "crashed");
+        self.later(down_for, move |c| {
+            // Only the latest crash's restart brings the registry back.
+            if c.registry
+                .as_ref()
+                .map(|r| r.crashes.load(Ordering::SeqCst))
+                == Some(crash)
+            {
+                c.restart_registry();
+            }
+            c.recorder.fault_healed(idx);
+        });
+    }
+
     /// Restarts the registry if it is down.
     fn restart_registry(&self) {
-        if let Some(r) = &self.registry_node
-            && self.registry_down.swap(false, Ordering::SeqCst)
+        if let Some(r) = &self.registry
+            && r.down.swap(false, Ordering::SeqCst)
         {
-            self.handle.kill(r.id());
-            self.handle.restart(r.id());
+            self.handle.kill(r.node.id());
+            self.handle.restart(r.node.id());
+            self.refresh_health();
         }
     }
 
@@ -657,27 +985,65 @@ impl SimCluster {
             let id = slots[i].node.id();
             drop(slots);
             self.handle.resume(id);
+            self.refresh_health();
         }
     }
 
-    /// Heals everything: links, pauses, heartbeat loss, clock skew; restarts crashed members
-    /// and the registry. After this, only the providers' own recovery is left.
+    /// Heals what must heal before liveness is judged: links, pauses, heartbeat loss, buggify;
+    /// restarts crashed and departed members and the registry. Clock skew and drift, packet loss
+    /// and latency stay in force: they must not matter.
     pub fn heal_all(&self) {
         self.healed.store(true, Ordering::SeqCst);
-        let net = NetSim::current();
-        for ((a, b), _) in std::mem::take(&mut *lock(&self.clogged)) {
-            net.unclog_link(a, b);
+        // The network heals too: no more buggify delays (packet loss and latency stay).
+        madsim::buggify::disable();
+        self.links.heal();
+        if let Some(r) = &self.registry {
+            r.door.clear_heartbeat_loss();
         }
-        lock(&self.lost_heartbeats).clear();
         let n = lock(&self.slots).len();
         for i in 0..n {
+            lock(&self.slots)[i].lost_heartbeats = false;
             self.resume(i);
-            lock(&self.slots)[i].clock.set_wall_offset_ms(0);
-            lock(&self.slots)[i].clock.set_drift_ppm(0);
             self.restart(i);
         }
         self.restart_registry();
+        self.refresh_health();
         self.recorder.trace("harness", "HEAL ALL");
+    }
+
+    /// Adds the products' own counters of rare paths (re-joins, gaps, lag, snapshots) to the
+    /// recorder's counts; call once, at the end of a run.
+    pub fn record_path_counts(&self) {
+        let rec = &self.recorder;
+        for source in lock(&self.metrics).iter() {
+            match source {
+                MetricSource::Provider(m) => {
+                    rec.count_n("provider: heartbeat failures", m.heartbeat_failures.get());
+                    rec.count_n("provider: re-joins", m.rejoins.get());
+                    rec.count_n("provider: watch gap, reopened", m.watch_gaps.get());
+                    rec.count_n("provider: watch idle, reopened", m.watch_idle_reopens.get());
+                    rec.count_n("provider: watch failed, reopened", m.watch_reopens.get());
+                    rec.count_n("provider: watch resumed by progress", m.watch_resumed.get());
+                    rec.count_n("provider: snapshots applied", m.snapshots_applied.get());
+                    rec.count_n("provider: backoff at its cap", m.backoff_capped.get());
+                }
+                MetricSource::Events(m) => {
+                    rec.count_n("events: missed by lagging subscribers", m.lagged.get());
+                }
+                MetricSource::Placement(m) => {
+                    rec.count_n("placement: owner cache evictions", m.evictions.get());
+                    rec.count_n("placement: stale topologies refused", m.stale_updates.get());
+                }
+                MetricSource::Registry(m) => {
+                    rec.count_n(
+                        "registry: watcher lagged, sent a snapshot",
+                        m.watch_lagged.get(),
+                    );
+                    rec.count_n("registry: expiries", m.expiries.get());
+                    rec.count_n("registry: leaves", m.leaves.get());
+                }
+            }
+        }
     }
 
     /// Runs `f` after `d` (on a harness node that no fault touches).
@@ -727,6 +1093,10 @@ struct NodeSpec {
     clock: Arc<SkewedClock>,
     current: Arc<Mutex<Option<Incarnation>>>,
     recorder: Recorder,
+    oracles: Arc<Oracles>,
+    knobs: Knobs,
+    stop: Arc<StopSignal>,
+    metrics: Arc<Mutex<Vec<MetricSource>>>,
     app: Option<AppFn>,
 }
 
@@ -737,22 +1107,46 @@ impl NodeSpec {
         let clock: SharedClock = self.clock.clone();
         let kinds: Vec<&str> = if self.is_client { vec![] } else { vec![KIND] };
         let ctx = ClusterProviderContext::new(CLUSTER, format!("{}:4000", self.ip), kinds, clock)
-            .expect("valid member");
+            .expect("valid member")
+            .with_events(EventStream::new(self.knobs.event_capacity))
+            .with_partition_config(PartitionConfig {
+                max_cached_identities: self.knobs.cache_capacity,
+            });
         let id = ctx.member.id.clone();
         self.recorder
             .trace(&self.name, format!("incarnation {id} starting"));
+        {
+            let mut m = lock(&self.metrics);
+            m.push(MetricSource::Events(ctx.events.metrics().clone()));
+            m.push(MetricSource::Placement(
+                ctx.partition_manager.metrics().clone(),
+            ));
+        }
         // Record every topology the node applies (subscribed before the provider starts).
         let mut events = ctx.events.subscribe();
-        let (rec, name, rid) = (self.recorder.clone(), self.name.clone(), id.clone());
+        let workload_events = ctx.events.subscribe();
+        let (rec, oracles, name, rid, pm) = (
+            self.recorder.clone(),
+            self.oracles.clone(),
+            self.name.clone(),
+            id.clone(),
+            ctx.partition_manager.clone(),
+        );
         madsim::task::spawn(async move {
             loop {
                 match events.recv().await {
                     Ok(ClusterEvent::TopologyChanged { topology, .. }) => {
-                        rec.observe(&name, &rid, &topology)
+                        rec.observe(&name, &rid, &topology);
+                        oracles.applied(&name, &topology);
                     }
                     Ok(_) => {}
                     Err(shoal::SubscriptionError::Lagged { missed }) => {
-                        rec.trace(&name, format!("event stream lagged by {missed}"))
+                        rec.trace(&name, format!("event stream lagged by {missed}"));
+                        // The view itself is still judged: the manager holds it.
+                        let t = pm.topology();
+                        if t.version() > 0 {
+                            oracles.applied(&name, &t);
+                        }
                     }
                     Err(shoal::SubscriptionError::Closed) => break,
                 }
@@ -764,7 +1158,9 @@ impl NodeSpec {
                 let mut config =
                     RegistryProviderConfig::new(format!("http://10.0.0.1:{REGISTRY_PORT}"));
                 config.rpc_timeout = Duration::from_secs(1);
-                Box::new(RegistryProvider::new(config))
+                let p = RegistryProvider::new(config);
+                lock(&self.metrics).push(MetricSource::Provider(p.metrics().clone()));
+                Box::new(p)
             }
         };
         let provider: Box<dyn ClusterProvider> = if self.flaw.wraps_provider() {
@@ -772,10 +1168,14 @@ impl NodeSpec {
         } else {
             provider
         };
-        *lock(&self.current) = Some(Incarnation {
+        let started_at = Instant::now();
+        let incarnation = |ready_at| Incarnation {
             id: id.clone(),
             manager: ctx.partition_manager.clone(),
-        });
+            started_at,
+            ready_at,
+        };
+        *lock(&self.current) = Some(incarnation(None));
         let mut attempt = 0u32;
         loop {
             let started = if self.is_client {
@@ -787,22 +1187,61 @@ impl NodeSpec {
                 Ok(()) => break,
                 Err(e) => {
                     attempt += 1;
+                    self.recorder.count("node: start retried");
                     self.recorder
                         .trace(&self.name, format!("start failed (attempt {attempt}): {e}"));
                     sleep(Duration::from_secs(1)).await;
                 }
             }
         }
-        self.recorder.trace(&self.name, "provider started");
-        if let Some(app) = self.app {
-            app(NodeApp {
-                name: self.name.clone(),
-                is_client: self.is_client,
-                ctx,
-                recorder: self.recorder.clone(),
-            })
-            .await;
+        if let Some(inc) = lock(&self.current).as_mut() {
+            inc.ready_at = Some(Instant::now());
         }
+        self.recorder.trace(&self.name, "provider started");
+        madsim::task::spawn(
+            Workload::new(
+                self.name.clone(),
+                ctx.clone(),
+                self.recorder.clone(),
+                workload_events,
+                self.knobs.cache_capacity,
+            )
+            .run(),
+        );
+        let app = async {
+            if let Some(app) = self.app {
+                app(NodeApp {
+                    name: self.name.clone(),
+                    is_client: self.is_client,
+                    ctx: ctx.clone(),
+                    recorder: self.recorder.clone(),
+                })
+                .await;
+            }
+            std::future::pending::<()>().await;
+        };
+        let stop = async {
+            loop {
+                self.stop.notify.notified().await;
+                if self.stop.requested.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stop => {}
+            _ = app => {}
+        }
+        match provider.shutdown(true).await {
+            Ok(()) => self
+                .recorder
+                .trace(&self.name, "provider shut down gracefully"),
+            Err(e) => self
+                .recorder
+                .trace(&self.name, format!("graceful shutdown failed: {e}")),
+        }
+        *lock(&self.stop.done) = Some(Instant::now());
         std::future::pending::<()>().await;
     }
 }

@@ -40,6 +40,27 @@ pub enum Fault {
         #[serde(with = "ms")]
         duration: Duration,
     },
+    /// Replies from the registry to the member are dropped while its requests still arrive: a
+    /// heartbeat is accepted but the member never hears so (the in-doubt RPC).
+    ReplyLost {
+        /// The member.
+        member: usize,
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
+    /// The links between the listed members and the registry are clogged one by one, `step`
+    /// apart, held, then unclogged one by one in another order (swizzle-clogging).
+    Swizzle {
+        /// The members, in clogging order.
+        members: Vec<usize>,
+        /// Gap between two clogs (and two unclogs).
+        #[serde(with = "ms")]
+        step: Duration,
+        /// How long every link stays clogged once all are.
+        #[serde(with = "ms")]
+        hold: Duration,
+    },
     /// The registry ignores the member's heartbeats while its other traffic flows.
     HeartbeatLoss {
         /// The member.
@@ -55,6 +76,15 @@ pub enum Fault {
         /// When to restart it; `None`: stays down until the final heal.
         #[serde(with = "opt_ms")]
         restart_after: Option<Duration>,
+    },
+    /// The member shuts down gracefully (it leaves the registry) and, after `rejoin_after`,
+    /// starts again as a new incarnation.
+    Leave {
+        /// The member.
+        member: usize,
+        /// When to start it again; `None`: stays down until the final heal.
+        #[serde(with = "opt_ms")]
+        rejoin_after: Option<Duration>,
     },
     /// The member's process is stopped (a GC or debugger pause) while time runs on.
     Pause {
@@ -72,6 +102,24 @@ pub enum Fault {
         offset_ms: i64,
         /// Rate drift in ppm.
         drift_ppm: i64,
+    },
+    /// The registry's clock: wall offset and rate drift, until the end of the run. A forward
+    /// offset is harmless; the drift is kept within [`REGISTRY_MAX_DRIFT_PPM`], the bound the
+    /// TTL oracle allows for.
+    RegistryClock {
+        /// Wall-clock offset in ms.
+        offset_ms: i64,
+        /// Rate drift in ppm.
+        drift_ppm: i64,
+    },
+    /// The registry restarts with its wall clock stepped back (an NTP step, a host with no
+    /// RTC): the versions it issues may fall below the ones clients hold.
+    RegistryClockStep {
+        /// How far back, in ms.
+        back_ms: u64,
+        /// Downtime.
+        #[serde(with = "ms")]
+        down_for: Duration,
     },
     /// The registry process restarts (state lost).
     RegistryRestart {
@@ -104,10 +152,15 @@ impl Fault {
             Fault::Partition { .. } => "partition",
             Fault::Split { .. } => "split",
             Fault::OneWay { .. } => "one-way",
+            Fault::ReplyLost { .. } => "reply-lost",
+            Fault::Swizzle { .. } => "swizzle",
             Fault::HeartbeatLoss { .. } => "heartbeat-loss",
             Fault::Crash { .. } => "crash",
+            Fault::Leave { .. } => "leave",
             Fault::Pause { .. } => "pause",
             Fault::ClockSkew { .. } => "clock-skew",
+            Fault::RegistryClock { .. } => "registry-clock",
+            Fault::RegistryClockStep { .. } => "registry-clock-step",
             Fault::RegistryRestart { .. } => "registry-restart",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
@@ -121,7 +174,11 @@ impl Fault {
             Fault::Partition { .. }
                 | Fault::Split { .. }
                 | Fault::OneWay { .. }
+                | Fault::ReplyLost { .. }
+                | Fault::Swizzle { .. }
                 | Fault::HeartbeatLoss { .. }
+                | Fault::RegistryClock { .. }
+                | Fault::RegistryClockStep { .. }
                 | Fault::RegistryRestart { .. }
                 | Fault::Flap { .. }
         )
@@ -156,6 +213,23 @@ impl fmt::Display for Fault {
             Fault::OneWay { from, duration } => {
                 write!(f, "one-way m{from}->registry cut for {}", s(duration))
             }
+            Fault::ReplyLost { member, duration } => {
+                write!(f, "replies registry->m{member} lost for {}", s(duration))
+            }
+            Fault::Swizzle {
+                members,
+                step,
+                hold,
+            } => {
+                let m: Vec<String> = members.iter().map(|i| format!("m{i}")).collect();
+                write!(
+                    f,
+                    "swizzle [{}] step {} hold {}",
+                    m.join(","),
+                    s(step),
+                    s(hold)
+                )
+            }
             Fault::HeartbeatLoss { member, duration } => {
                 write!(f, "heartbeat loss m{member} for {}", s(duration))
             }
@@ -167,6 +241,14 @@ impl fmt::Display for Fault {
                 member,
                 restart_after: None,
             } => write!(f, "crash m{member}"),
+            Fault::Leave {
+                member,
+                rejoin_after: Some(d),
+            } => write!(f, "leave m{member}, rejoin after {}", s(d)),
+            Fault::Leave {
+                member,
+                rejoin_after: None,
+            } => write!(f, "leave m{member}"),
             Fault::Pause { member, duration } => write!(f, "pause m{member} for {}", s(duration)),
             Fault::ClockSkew {
                 member,
@@ -178,6 +260,18 @@ impl fmt::Display for Fault {
                     "clock skew m{member} offset {offset_ms}ms drift {drift_ppm}ppm"
                 )
             }
+            Fault::RegistryClock {
+                offset_ms,
+                drift_ppm,
+            } => write!(
+                f,
+                "registry clock offset {offset_ms}ms drift {drift_ppm}ppm"
+            ),
+            Fault::RegistryClockStep { back_ms, down_for } => write!(
+                f,
+                "registry restart with its clock {back_ms}ms back, down {}",
+                s(down_for)
+            ),
             Fault::RegistryRestart { down_for } => {
                 write!(f, "registry restart, down {}", s(down_for))
             }
@@ -187,6 +281,147 @@ impl fmt::Display for Fault {
                 times,
                 period,
             } => write!(f, "flap m{member} {times}x every {}", s(period)),
+        }
+    }
+}
+
+/// Largest registry clock drift the harness injects (2%, far beyond real quartz clocks): the
+/// TTL oracle allows for it.
+pub const REGISTRY_MAX_DRIFT_PPM: i64 = 20_000;
+
+/// Every kind of fault, drawn in one place ([`FaultKind::draw`]) for swarm schedules and
+/// proptest alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// [`Fault::Partition`].
+    Partition,
+    /// [`Fault::Split`].
+    Split,
+    /// [`Fault::OneWay`].
+    OneWay,
+    /// [`Fault::ReplyLost`].
+    ReplyLost,
+    /// [`Fault::Swizzle`].
+    Swizzle,
+    /// [`Fault::HeartbeatLoss`].
+    HeartbeatLoss,
+    /// [`Fault::Crash`].
+    Crash,
+    /// [`Fault::Leave`].
+    Leave,
+    /// [`Fault::Pause`].
+    Pause,
+    /// [`Fault::ClockSkew`].
+    ClockSkew,
+    /// [`Fault::RegistryClock`] (forward offsets and bounded drift only).
+    RegistryClock,
+    /// [`Fault::RegistryRestart`].
+    RegistryRestart,
+    /// [`Fault::RollingRestart`].
+    RollingRestart,
+    /// [`Fault::Flap`].
+    Flap,
+}
+
+impl FaultKind {
+    /// The kinds random schedules draw from. [`Fault::RegistryClockStep`] is not among them:
+    /// the registry does not survive it yet (see the `registry-clock-step` scenario).
+    pub const ALL: [FaultKind; 14] = [
+        FaultKind::Partition,
+        FaultKind::Split,
+        FaultKind::OneWay,
+        FaultKind::ReplyLost,
+        FaultKind::Swizzle,
+        FaultKind::HeartbeatLoss,
+        FaultKind::Crash,
+        FaultKind::Leave,
+        FaultKind::Pause,
+        FaultKind::ClockSkew,
+        FaultKind::RegistryClock,
+        FaultKind::RegistryRestart,
+        FaultKind::RollingRestart,
+        FaultKind::Flap,
+    ];
+
+    /// A fault of this kind against a cluster of `n` (at least 2) members, with its parameters
+    /// drawn from `r`.
+    pub fn draw(self, r: &mut SimRng, n: usize) -> Fault {
+        let m = r.pick(n);
+        let d = r.ms(1_000, 20_000);
+        match self {
+            FaultKind::Partition => {
+                let mut members = vec![m];
+                if r.chance(0.4) {
+                    members.push((m + 1) % n);
+                    members.sort();
+                }
+                Fault::Partition {
+                    members,
+                    with_registry: r.chance(0.3),
+                    duration: d,
+                }
+            }
+            FaultKind::Split => {
+                let other = (m + 1 + r.pick(n - 1)) % n;
+                Fault::Split {
+                    groups: vec![vec![m], vec![other]],
+                    duration: d,
+                }
+            }
+            FaultKind::OneWay => Fault::OneWay {
+                from: m,
+                duration: d,
+            },
+            FaultKind::ReplyLost => Fault::ReplyLost {
+                member: m,
+                duration: d,
+            },
+            FaultKind::Swizzle => {
+                let k = r.range(2, n as u64 + 1) as usize;
+                let members = (0..k).map(|i| (m + i) % n).collect();
+                Fault::Swizzle {
+                    members,
+                    step: r.ms(200, 2_000),
+                    hold: r.ms(1_000, 10_000),
+                }
+            }
+            FaultKind::HeartbeatLoss => Fault::HeartbeatLoss {
+                member: m,
+                duration: d,
+            },
+            FaultKind::Crash => Fault::Crash {
+                member: m,
+                restart_after: r.chance(0.7).then(|| r.ms(1_000, 15_000)),
+            },
+            FaultKind::Leave => Fault::Leave {
+                member: m,
+                rejoin_after: r.chance(0.7).then(|| r.ms(1_000, 15_000)),
+            },
+            FaultKind::Pause => Fault::Pause {
+                member: m,
+                duration: r.ms(500, 10_000),
+            },
+            FaultKind::ClockSkew => Fault::ClockSkew {
+                member: m,
+                offset_ms: r.range(0, 240_000) as i64 - 120_000,
+                drift_ppm: r.range(0, 500_000) as i64 - 250_000,
+            },
+            FaultKind::RegistryClock => Fault::RegistryClock {
+                offset_ms: r.range(0, 600_000) as i64,
+                drift_ppm: r.range(0, 2 * REGISTRY_MAX_DRIFT_PPM as u64) as i64
+                    - REGISTRY_MAX_DRIFT_PPM,
+            },
+            FaultKind::RegistryRestart => Fault::RegistryRestart {
+                down_for: r.ms(200, 8_000),
+            },
+            FaultKind::RollingRestart => Fault::RollingRestart {
+                gap: r.ms(1_000, 5_000),
+            },
+            FaultKind::Flap => Fault::Flap {
+                member: m,
+                times: r.range(2, 6) as u32,
+                period: r.ms(500, 4_000),
+            },
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Deliberately broken providers and registries, to prove every checker fires.
 //!
-//! A flaw wraps the real provider of member `m0` (or configures the registry): the wrapped
-//! provider feeds a private partition manager and event stream, and a relay forwards what it
-//! learns to the node's real context — faithfully, or with the flaw.
+//! Most flaws are one-line bugs planted in the real code (`shoal::runtime::sim::flaw`, compiled
+//! out of the normal build): the kind of mistake a colleague could make, in the registry's state
+//! machine, its server, the provider or the partition manager. A few wrap the real provider of
+//! member `m0` instead: the wrapped provider feeds a private partition manager and event stream,
+//! and a relay forwards what it learns to the node's real context — faithfully, or with the flaw.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,11 +33,48 @@ pub enum Flaw {
     CorruptPlacement,
     /// `m0`'s watch silently stops delivering after 20 simulated seconds.
     FreezeWatch,
-    /// The registry never sweeps expired registrations.
+    /// Planted in the registry's sweep: expired registrations are never removed.
     NeverExpire,
+    /// Planted in the registry's heartbeat: an accepted heartbeat does not extend the lease.
+    HeartbeatNoRenew,
+    /// Planted in the registry's heartbeat: the lease is extended by half the TTL.
+    ShortLease,
+    /// Planted in the registry server: expiries are not broadcast to watchers.
+    SweepNoBroadcast,
+    /// Planted in the registry's leave: the registration is removed but no change published.
+    LeaveNoPublish,
+    /// Planted in the provider's watch decoding: an update's `left` members are not removed.
+    UpdateIgnoresLeft,
+    /// Planted in the owner cache: remembered owners ignore members that joined.
+    RebalanceIgnoresJoins,
+    /// Planted in the owner cache: moved identities are not reported.
+    RebalanceUnreported,
+    /// Planted in the provider: a heartbeat answered "unknown registration" does not re-join.
+    NoRejoin,
+    /// Planted in the provider: a graceful shutdown does not send Leave.
+    ShutdownSkipsLeave,
 }
 
 impl Flaw {
+    /// The name of the one-line defect this flaw plants in the real code, if it is one.
+    pub fn planted(self) -> Option<&'static str> {
+        Some(match self {
+            Flaw::NeverExpire => "never-expire",
+            Flaw::HeartbeatNoRenew => "heartbeat-no-renew",
+            Flaw::ShortLease => "short-lease",
+            Flaw::SweepNoBroadcast => "sweep-no-broadcast",
+            Flaw::LeaveNoPublish => "leave-no-publish",
+            Flaw::UpdateIgnoresLeft => "update-ignores-left",
+            Flaw::RebalanceIgnoresJoins => "rebalance-ignores-joins",
+            Flaw::RebalanceUnreported => "rebalance-unreported",
+            Flaw::NoRejoin => "no-rejoin",
+            Flaw::ShutdownSkipsLeave => "shutdown-skips-leave",
+            Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
+                return None;
+            }
+        })
+    }
+
     /// Whether member `m0`'s provider is wrapped.
     pub fn wraps_provider(self) -> bool {
         matches!(
@@ -97,7 +136,7 @@ impl FlawedProvider {
                                 let _ = outer.apply_topology(topology);
                             }
                         }
-                        Flaw::None | Flaw::NeverExpire => {
+                        _ => {
                             let _ = outer.apply_topology(topology);
                         }
                     }

@@ -7,9 +7,14 @@
 //! * [`cluster::SimCluster`]: build a cluster (provider, members, clients, registry) and apply
 //!   [`faults::Fault`]s to it.
 //! * [`faults::FaultSchedule`]: faults as data; [`scenario`] draws one per seed.
-//! * [`check`]: safety (sampled while faults run) and liveness (after they heal).
+//! * [`oracle`]: judges fed with what the harness observed (accepted requests, sent watch
+//!   messages, applied views, faults in force), checked on every observation.
+//! * [`check`]: agreement (sampled while faults run) and liveness (after they heal).
+//! * [`workload`]: owner lookups on every node, checked against a fresh computation.
+//! * [`knobs`]: what a seed varies besides faults (packet loss, latency, buggify, buffer sizes).
 //! * [`record::Recorder`]: trace with simulated timestamps and a digest per seed.
-//! * [`campaign`]: many seeds in parallel, summarised; [`timeline`]: an SVG of one run.
+//! * [`campaign`]: many seeds in parallel, summarised; [`merge`]: shards' summaries combined;
+//!   [`timeline`]: an SVG of one run.
 //! * [`flaw`]: deliberately broken providers that prove every checker fires.
 //!
 //! Everything here needs the simulated build (`RUSTFLAGS="--cfg madsim"`); see
@@ -30,6 +35,18 @@ pub mod faults;
 #[cfg(madsim)]
 pub mod flaw;
 #[cfg(madsim)]
+pub mod health;
+#[cfg(madsim)]
+pub mod knobs;
+#[cfg(madsim)]
+pub mod links;
+#[cfg(madsim)]
+pub mod merge;
+#[cfg(madsim)]
+pub mod observe;
+#[cfg(madsim)]
+pub mod oracle;
+#[cfg(madsim)]
 pub mod prop;
 #[cfg(madsim)]
 pub mod record;
@@ -39,3 +56,5 @@ pub mod scenario;
 pub mod timeline;
 #[cfg(madsim)]
 pub mod wallclock;
+#[cfg(madsim)]
+pub mod workload;

@@ -7,72 +7,16 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use crate::faults::{Fault, FaultSchedule, Scheduled};
+use crate::faults::{Fault, FaultKind, FaultSchedule, Scheduled, SimRng};
 use crate::flaw::Flaw;
 use crate::scenario::{RunOptions, Scenario, run_seed_isolated};
 
-fn ms(lo: u64, hi: u64) -> impl Strategy<Value = Duration> {
-    (lo..hi).prop_map(Duration::from_millis)
-}
-
-/// One fault against a cluster of `members` members.
+/// One fault against a cluster of `members` members: a kind and the seed of its parameters,
+/// drawn by [`FaultKind::draw`] (the same draw swarm schedules use), so proptest shrinks towards
+/// the first kind and small parameter seeds.
 pub fn fault(members: usize) -> impl Strategy<Value = Fault> {
-    let m = 0..members;
-    prop_oneof![
-        (m.clone(), prop::option::of(ms(1_000, 15_000))).prop_map(|(member, restart_after)| {
-            Fault::Crash {
-                member,
-                restart_after,
-            }
-        }),
-        (
-            prop::collection::btree_set(0..members, 1..3),
-            any::<bool>(),
-            ms(1_000, 20_000)
-        )
-            .prop_map(|(s, with_registry, duration)| Fault::Partition {
-                members: s.into_iter().collect(),
-                with_registry,
-                duration
-            }),
-        (m.clone(), ms(1_000, 20_000))
-            .prop_map(|(member, duration)| Fault::HeartbeatLoss { member, duration }),
-        (
-            prop::collection::vec(prop::collection::btree_set(0..members, 1..3), 1..3),
-            ms(1_000, 20_000)
-        )
-            .prop_map(|(groups, duration)| {
-                // Groups must be disjoint: a member stays in the first group that lists it.
-                let mut seen = std::collections::BTreeSet::new();
-                let groups = groups
-                    .into_iter()
-                    .map(|g| {
-                        g.into_iter()
-                            .filter(|m| seen.insert(*m))
-                            .collect::<Vec<_>>()
-                    })
-                    .filter(|g| !g.is_empty())
-                    .collect();
-                Fault::Split { groups, duration }
-            }),
-        (m.clone(), ms(1_000, 20_000))
-            .prop_map(|(from, duration)| Fault::OneWay { from, duration }),
-        (m.clone(), ms(500, 10_000))
-            .prop_map(|(member, duration)| Fault::Pause { member, duration }),
-        (m.clone(), -120_000i64..120_000, -250_000i64..250_000).prop_map(
-            |(member, offset_ms, drift_ppm)| Fault::ClockSkew {
-                member,
-                offset_ms,
-                drift_ppm
-            }
-        ),
-        ms(200, 8_000).prop_map(|down_for| Fault::RegistryRestart { down_for }),
-        (m, 1u32..5, ms(500, 4_000)).prop_map(|(member, times, period)| Fault::Flap {
-            member,
-            times,
-            period
-        }),
-    ]
+    (0..FaultKind::ALL.len(), any::<u64>())
+        .prop_map(move |(k, seed)| FaultKind::ALL[k].draw(&mut SimRng::new(seed, 7), members))
 }
 
 /// Up to `max_faults` faults at offsets inside a fault phase of `phase`.
@@ -105,6 +49,7 @@ pub fn check(
         keep_trace: false,
         flaw,
         schedule: Some(schedule.clone()),
+        knobs: None,
     };
     let r = run_seed_isolated(scenario, seed, &opts);
     if r.passed() {

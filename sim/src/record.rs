@@ -65,6 +65,7 @@ struct Inner {
     keep_trace: bool,
     digest: u64,
     reported: std::collections::BTreeSet<String>,
+    paths: BTreeMap<String, u64>,
 }
 
 /// Most trace lines kept in memory (campaign runs keep only the digest).
@@ -191,6 +192,19 @@ impl Recorder {
         self.trace("harness", format!("HEAL {what}"));
     }
 
+    /// Counts one run of a rare path (a re-join, a lagged subscriber, a fault kind), so a
+    /// campaign shows which paths its scenarios reached.
+    pub fn count(&self, path: &str) {
+        self.count_n(path, 1);
+    }
+
+    /// Counts `n` runs of a rare path.
+    pub fn count_n(&self, path: &str, n: u64) {
+        if n > 0 {
+            *self.lock().paths.entry(path.to_string()).or_insert(0) += n;
+        }
+    }
+
     /// Records one failover time (crash to removal on every survivor).
     pub fn failover(&self, d: Duration) {
         self.lock().failovers.push(d);
@@ -213,6 +227,7 @@ impl Recorder {
             faults: inner.faults.clone(),
             violations: inner.violations.clone(),
             failovers: inner.failovers.clone(),
+            paths: inner.paths.clone(),
             digest: inner.digest,
         }
     }
@@ -251,6 +266,8 @@ pub struct Recording {
     pub violations: Vec<String>,
     /// Failover times.
     pub failovers: Vec<Duration>,
+    /// How often each rare path ran.
+    pub paths: BTreeMap<String, u64>,
     /// Digest of the whole trace (FNV-1a + fmix64 over every line): equal digests, same run.
     pub digest: u64,
 }

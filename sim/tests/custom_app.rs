@@ -14,30 +14,40 @@ use shoal_sim::scenario::{RunOptions, Scenario, run_seed_isolated};
 fn activator(app: NodeApp) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
         let mut events = app.ctx.events.subscribe();
-        while let Ok(event) = events.recv().await {
-            let ClusterEvent::TopologyChanged { topology, .. } = event else {
-                continue;
-            };
-            let owned = (0..100)
-                .filter(|i| {
-                    app.ctx
-                        .partition_manager
-                        .owner("user", &format!("cart-{i}"))
-                        .is_some_and(|m| m.id == app.ctx.member.id)
-                })
-                .count();
-            if app.is_client && owned > 0 {
-                app.recorder.violation(format!(
-                    "{} is a client but owns {owned} identities",
-                    app.name
-                ));
+        // The topology held when the app starts, then every change.
+        let mut topology = Some(app.ctx.partition_manager.topology());
+        loop {
+            if let Some(topology) = topology.take() {
+                activate(&app, topology.version());
             }
-            app.recorder.trace(
-                &app.name,
-                format!("app: owns {owned} of 100 at v{}", topology.version()),
-            );
+            // A subscriber that falls behind is told so (some seeds use tiny event buffers);
+            // it carries on with the newest events.
+            match events.recv().await {
+                Ok(ClusterEvent::TopologyChanged { topology: t, .. }) => topology = Some(t),
+                Ok(_) | Err(shoal::SubscriptionError::Lagged { .. }) => {}
+                Err(shoal::SubscriptionError::Closed) => break,
+            }
         }
     })
+}
+
+fn activate(app: &NodeApp, version: u64) {
+    let owned = (0..100)
+        .filter(|i| {
+            app.ctx
+                .partition_manager
+                .owner("user", &format!("cart-{i}"))
+                .is_some_and(|m| m.id == app.ctx.member.id)
+        })
+        .count();
+    if app.is_client && owned > 0 {
+        app.recorder.violation(format!(
+            "{} is a client but owns {owned} identities",
+            app.name
+        ));
+    }
+    app.recorder
+        .trace(&app.name, format!("app: owns {owned} of 100 at v{version}"));
 }
 
 fn one_crash(r: &mut SimRng, n: usize) -> FaultSchedule {
@@ -61,6 +71,8 @@ fn an_application_runs_on_every_node_under_faults() {
         fault_phase: Duration::from_secs(30),
         generate: one_crash,
         app: Some(activator),
+        covers: &[],
+        known_failure: None,
     };
     let opts = RunOptions {
         keep_trace: true,
@@ -74,7 +86,13 @@ fn an_application_runs_on_every_node_under_faults() {
                 .trace
                 .iter()
                 .any(|t| t.node == node && t.event.starts_with("app: owns")),
-            "the app ran on {node}"
+            "the app ran on {node}: {:#?}",
+            r.recording
+                .trace
+                .iter()
+                .filter(|t| t.node == node || t.node == "harness")
+                .map(|t| format!("{} {}", t.at_ms, t.event))
+                .collect::<Vec<_>>()
         );
     }
     // Every member owns a share once converged; the client none.

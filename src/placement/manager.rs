@@ -11,6 +11,7 @@ use super::hash::{key_hash, weight};
 use super::table::{Candidate, Choice, PlacementTable, choose_among};
 use crate::cluster::{ClusterTopology, Member, MemberId, TopologyDiff};
 use crate::metrics::PlacementMetrics;
+use crate::runtime::sim;
 
 /// Tuning for a [`PartitionManager`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,6 +221,7 @@ impl PartitionManager {
         };
         state.table = table;
         state.topology = topology;
+        state.check_invariants();
         self.metrics.topology_version.set(report.to_version as i64);
         self.metrics.members.set(state.topology.len() as i64);
         self.metrics.moved.inc_by(report.moved.len() as u64);
@@ -239,6 +241,46 @@ impl PartitionManager {
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    /// Checks, in debug builds and in every simulated run, that the owner cache agrees with the
+    /// table: its counts match, it holds no more than its capacity, and every remembered owner
+    /// is the owner rendezvous hashing elects over the current topology (checked in full for
+    /// caches up to 10,000 entries, so debug builds of large tests stay fast).
+    fn check_invariants(&self) {
+        if !cfg!(any(debug_assertions, madsim)) {
+            return;
+        }
+        let cache = &self.cache;
+        let chained: usize = cache.map.values().map(Vec::len).sum();
+        assert_eq!(chained, cache.len, "owner cache: entries and count differ");
+        assert_eq!(
+            cache.order.len(),
+            cache.len,
+            "owner cache: order and count differ"
+        );
+        assert!(cache.len <= cache.capacity, "owner cache over its capacity");
+        if cache.len > 10_000 {
+            return;
+        }
+        for (&key, chain) in &cache.map {
+            for e in chain {
+                let want = self.table.choose(&e.kind, key).map(|c| c.member.id.clone());
+                let have = e.owner.as_ref().map(|c| c.member.id.clone());
+                assert_eq!(
+                    have,
+                    want,
+                    "owner cache: {}/{} remembered on {:?}, v{} elects {:?}",
+                    e.kind,
+                    e.identity,
+                    have,
+                    self.topology.version(),
+                    want
+                );
+            }
+        }
     }
 }
 
@@ -394,7 +436,11 @@ impl OwnerCache {
                         {
                             best.member = candidates[i].member.clone();
                         }
-                        for cand in delta.added.get(kind).into_iter().flatten() {
+                        let added = delta
+                            .added
+                            .get(kind)
+                            .filter(|_| !sim::flaw("rebalance-ignores-joins"));
+                        for cand in added.into_iter().flatten() {
                             let w = weight(key, cand.seed);
                             if best.beaten_by(w, &cand.member.id) {
                                 best = Choice {
@@ -408,7 +454,7 @@ impl OwnerCache {
                 };
                 let before = entry.owner.as_ref().map(|c| &c.member.id);
                 let after = next.as_ref().map(|c| &c.member.id);
-                if before != after {
+                if before != after && !sim::flaw("rebalance-unreported") {
                     moved.push(Moved {
                         kind: kind.to_string(),
                         identity: entry.identity.to_string(),

@@ -117,3 +117,78 @@ impl RegistryMetrics {
         }
     }
 }
+
+/// Metrics of one [`crate::registry::RegistryProvider`]: how often its recovery paths ran. An
+/// operator alerts on re-joins and heartbeat failures; the simulator prints them per campaign so
+/// a recovery path that no scenario reaches is visible.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryProviderMetrics {
+    /// Heartbeats that failed (timeout, unreachable registry).
+    pub heartbeat_failures: Counter,
+    /// Re-joins after the registry no longer knew this registration (expired, or restarted).
+    pub rejoins: Counter,
+    /// Watch streams reopened because an update did not follow the version held (a gap).
+    pub watch_gaps: Counter,
+    /// Watch streams reopened because they carried nothing for the idle timeout.
+    pub watch_idle_reopens: Counter,
+    /// Watch streams that failed or were ended by the server, and were reopened.
+    pub watch_reopens: Counter,
+    /// Watch streams resumed from the version held with no snapshot (the first message was
+    /// progress at that version).
+    pub watch_resumed: Counter,
+    /// Snapshots applied (first sync, after a lag, a gap or a registry restart).
+    pub snapshots_applied: Counter,
+    /// Retries whose backoff reached its cap.
+    pub backoff_capped: Counter,
+}
+
+impl RegistryProviderMetrics {
+    /// Registers every metric under `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        let all: [(&str, &str, &Counter); 8] = [
+            (
+                "registry_client_heartbeat_failures",
+                "Heartbeats that failed",
+                &self.heartbeat_failures,
+            ),
+            (
+                "registry_client_rejoins",
+                "Re-joins after the registration was lost",
+                &self.rejoins,
+            ),
+            (
+                "registry_client_watch_gaps",
+                "Watch streams reopened after a version gap",
+                &self.watch_gaps,
+            ),
+            (
+                "registry_client_watch_idle_reopens",
+                "Watch streams reopened after going quiet",
+                &self.watch_idle_reopens,
+            ),
+            (
+                "registry_client_watch_reopens",
+                "Watch streams reopened after failing or ending",
+                &self.watch_reopens,
+            ),
+            (
+                "registry_client_watch_resumed",
+                "Watch streams resumed without a snapshot",
+                &self.watch_resumed,
+            ),
+            (
+                "registry_client_snapshots_applied",
+                "Snapshots applied",
+                &self.snapshots_applied,
+            ),
+            (
+                "registry_client_backoff_capped",
+                "Retries at the backoff cap",
+                &self.backoff_capped,
+            ),
+        ];
+        for (name, help, counter) in all {
+            registry.register(name, help, counter.clone());
+        }
+    }
+}

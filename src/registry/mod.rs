@@ -16,9 +16,7 @@ pub mod pb {
 }
 
 pub use config::{RegistryConfig, RegistryLimits};
-pub use metrics::RegistryMetrics;
+pub use metrics::{RegistryMetrics, RegistryProviderMetrics};
 pub use provider::{Backoff, RegistryProvider, RegistryProviderConfig};
-#[cfg(madsim)]
-pub use server::HeartbeatLoss;
 pub use server::{RegistryGrpcService, RegistryServer, RegistryService, watch_idle_timeout};
 pub use state::{Change, Joined, RegistryError, RegistryState, Role};

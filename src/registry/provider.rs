@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::metrics::RegistryProviderMetrics;
 use super::pb::registry_client::RegistryClient;
 use super::{pb, wire};
 use crate::cluster::{ClusterTopology, MemberId};
@@ -15,7 +16,7 @@ use crate::provider::{
     ClusterProvider, ClusterProviderContext, PartitionManagerHandle, ProviderError,
     remote::GrpcPartitionManager,
 };
-use crate::runtime::{Clock, SharedClock, TaskHandle, jitter, timeout};
+use crate::runtime::{Clock, SharedClock, TaskHandle, jitter, sim, timeout};
 
 /// Exponential backoff with jitter for reconnects and re-joins.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +123,7 @@ impl RegistryProviderConfig {
 pub struct RegistryProvider {
     config: RegistryProviderConfig,
     running: tokio::sync::Mutex<Option<Running>>,
+    metrics: RegistryProviderMetrics,
 }
 
 #[derive(Debug)]
@@ -150,6 +152,7 @@ struct Session {
     /// Set once the first snapshot arrived (even an empty one at version 0, which the partition
     /// manager does not record).
     synced: std::sync::atomic::AtomicBool,
+    metrics: RegistryProviderMetrics,
 }
 
 impl RegistryProvider {
@@ -158,7 +161,13 @@ impl RegistryProvider {
         Self {
             config,
             running: tokio::sync::Mutex::new(None),
+            metrics: RegistryProviderMetrics::default(),
         }
+    }
+
+    /// How often this provider's recovery paths ran (register them to export).
+    pub fn metrics(&self) -> &RegistryProviderMetrics {
+        &self.metrics
     }
 
     async fn start(
@@ -178,6 +187,7 @@ impl RegistryProvider {
             role,
             token: Mutex::new(None),
             synced: std::sync::atomic::AtomicBool::new(false),
+            metrics: self.metrics.clone(),
         });
         // Subscribe before anything can be applied, so the first topology is not missed.
         let mut events = ctx.events.subscribe();
@@ -274,13 +284,23 @@ impl Session {
                 Ok(interval) => return interval,
                 Err(e) => {
                     tracing::warn!(member = %self.ctx.member.id, error = %e, attempt, "re-join failed");
-                    self.clock()
-                        .sleep(self.config.backoff.delay(attempt, self.clock().as_ref()))
-                        .await;
+                    self.clock().sleep(self.backoff(attempt)).await;
                     attempt += 1;
                 }
             }
         }
+    }
+
+    /// The backoff before retry `attempt`, counting retries that reached the cap.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let b = &self.config.backoff;
+        if b.initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+            >= b.max
+        {
+            self.metrics.backoff_capped.inc();
+        }
+        b.delay(attempt, self.clock().as_ref())
     }
 
     async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration) {
@@ -289,10 +309,7 @@ impl Session {
             let pause = if failures == 0 {
                 interval
             } else {
-                self.config
-                    .backoff
-                    .delay(failures - 1, self.clock().as_ref())
-                    .min(interval)
+                self.backoff(failures - 1).min(interval)
             };
             self.clock().sleep(pause).await;
             let token = self
@@ -308,12 +325,14 @@ impl Session {
             let mut client = self.client.clone();
             match self.call(client.heartbeat(req)).await {
                 Ok(_) => failures = 0,
-                Err(s) if s.code() == Code::NotFound => {
+                Err(s) if s.code() == Code::NotFound && !sim::flaw("no-rejoin") => {
                     tracing::warn!(member = %self.ctx.member.id, "registry no longer knows this member (expired or restarted); re-joining");
+                    self.metrics.rejoins.inc();
                     interval = self.rejoin_until_done().await;
                     failures = 0;
                 }
                 Err(s) => {
+                    self.metrics.heartbeat_failures.inc();
                     failures = failures.saturating_add(1);
                     tracing::debug!(member = %self.ctx.member.id, code = ?s.code(), message = s.message(), failures, "heartbeat failed");
                 }
@@ -330,7 +349,13 @@ impl Session {
             if delivered {
                 attempt = 0;
             }
-            let delay = self.config.backoff.delay(attempt, self.clock().as_ref());
+            let metric = match err {
+                WatchEnd::Gap(_) => &self.metrics.watch_gaps,
+                WatchEnd::Idle(_) => &self.metrics.watch_idle_reopens,
+                WatchEnd::Failed(_) => &self.metrics.watch_reopens,
+            };
+            metric.inc();
+            let delay = self.backoff(attempt);
             tracing::debug!(member = %self.ctx.member.id, error = %err, ?delay, "watch ended; reconnecting");
             attempt = attempt.saturating_add(1);
             self.clock().sleep(delay).await;
@@ -342,7 +367,7 @@ impl Session {
         &self,
         held: &mut Option<Arc<ClusterTopology>>,
         delivered: &mut bool,
-    ) -> String {
+    ) -> WatchEnd {
         let req = pb::WatchRequest {
             cluster: self.ctx.cluster_name.clone(),
             from_version: held.as_ref().map_or(0, |t| t.version()),
@@ -351,7 +376,9 @@ impl Session {
         let mut client = self.client.clone();
         let mut stream = match self.call(client.watch(req)).await {
             Ok(s) => s,
-            Err(s) => return format!("watch refused: {:?} {}", s.code(), s.message()),
+            Err(s) => {
+                return WatchEnd::Failed(format!("watch refused: {:?} {}", s.code(), s.message()));
+            }
         };
         loop {
             let msg = match timeout(
@@ -361,11 +388,33 @@ impl Session {
             )
             .await
             {
-                Err(_) => return format!("watch quiet for {:?}", self.config.watch_idle_timeout),
-                Ok(Err(s)) => return format!("watch failed: {:?} {}", s.code(), s.message()),
-                Ok(Ok(None)) => return "watch ended by the server".into(),
+                Err(_) => {
+                    return WatchEnd::Idle(format!(
+                        "watch quiet for {:?}",
+                        self.config.watch_idle_timeout
+                    ));
+                }
+                Ok(Err(s)) => {
+                    return WatchEnd::Failed(format!(
+                        "watch failed: {:?} {}",
+                        s.code(),
+                        s.message()
+                    ));
+                }
+                Ok(Ok(None)) => return WatchEnd::Failed("watch ended by the server".into()),
                 Ok(Ok(Some(msg))) => msg,
             };
+            match &msg.event {
+                Some(pb::watch_response::Event::Progress(p))
+                    if !*delivered && held.as_ref().is_some_and(|h| h.version() == p.version) =>
+                {
+                    self.metrics.watch_resumed.inc();
+                }
+                Some(pb::watch_response::Event::Snapshot(_)) => {
+                    self.metrics.snapshots_applied.inc();
+                }
+                _ => {}
+            }
             *delivered = true;
             self.synced.store(true, std::sync::atomic::Ordering::SeqCst);
             match wire::next_topology(&self.ctx.cluster_name, held.as_ref(), msg) {
@@ -377,11 +426,15 @@ impl Session {
                         Err(e) => tracing::warn!(error = %e, "topology not applied"),
                     }
                 }
-                Err(e) => return e.to_string(),
+                Err(e @ wire::WatchApplyError::Gap { .. }) => return WatchEnd::Gap(e.to_string()),
+                Err(e) => return WatchEnd::Failed(e.to_string()),
             }
         }
     }
 
+    /// Sends Leave, retrying transient failures a few times (a lost packet must not turn a
+    /// graceful shutdown into a TTL expiry). A retry of a Leave that did arrive is answered
+    /// NotFound, which is success too.
     async fn leave(&self) {
         let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(token) = token else { return };
@@ -389,10 +442,48 @@ impl Session {
             cluster: self.ctx.cluster_name.clone(),
             member_token: token,
         };
-        let mut client = self.client.clone();
-        if let Err(s) = self.call(client.leave(req)).await {
+        let mut last = None;
+        for attempt in 0..LEAVE_ATTEMPTS {
+            if attempt > 0 {
+                self.clock().sleep(self.backoff(attempt - 1)).await;
+            }
+            let mut client = self.client.clone();
+            match self.call(client.leave(req.clone())).await {
+                Ok(_) => return,
+                Err(s) if s.code() == Code::NotFound && attempt > 0 => return,
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                    last = Some(s);
+                }
+                Err(s) => {
+                    last = Some(s);
+                    break;
+                }
+            }
+        }
+        if let Some(s) = last {
             tracing::warn!(member = %self.ctx.member.id, code = ?s.code(), message = s.message(), "leave failed; the registry will expire this member");
         }
+    }
+}
+
+/// How many times a graceful shutdown tries to send Leave.
+const LEAVE_ATTEMPTS: u32 = 3;
+
+/// Why a watch stream ended (each reopen is counted by reason).
+#[derive(Debug)]
+enum WatchEnd {
+    /// An update did not follow the version held.
+    Gap(String),
+    /// Nothing arrived for the idle timeout.
+    Idle(String),
+    /// Refused, failed, malformed, or ended by the server.
+    Failed(String),
+}
+
+impl std::fmt::Display for WatchEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (WatchEnd::Gap(s) | WatchEnd::Idle(s) | WatchEnd::Failed(s)) = self;
+        f.write_str(s)
     }
 }
 
@@ -427,7 +518,7 @@ impl ClusterProvider for RegistryProvider {
         for t in &mut running.tasks {
             t.join_ref().await;
         }
-        if graceful {
+        if graceful && !sim::flaw("shutdown-skips-leave") {
             running.session.leave().await;
         }
         tracing::info!(member = %running.session.ctx.member.id, graceful, "registry provider stopped");

@@ -15,7 +15,7 @@ use super::metrics::RegistryMetrics;
 use super::pb;
 use super::state::{Change, RegistryError, RegistryState, Role};
 use super::wire;
-use crate::runtime::{Instant, SharedClock, TaskHandle, unix_millis};
+use crate::runtime::{Instant, SharedClock, TaskHandle, sim, unix_millis};
 
 /// Concurrent full snapshots per server (see `Shared::snapshot_slots`).
 const SNAPSHOT_SLOTS: usize = 8;
@@ -38,29 +38,7 @@ struct Shared {
     /// Snapshot encodings under way at once (the first watchers of a new version build it;
     /// the rest wait for a slot and then find it cached).
     snapshot_slots: tokio::sync::Semaphore,
-    /// Simulation only: which members' heartbeats are "lost" (never answered).
-    #[cfg(madsim)]
-    heartbeat_loss: Mutex<LossHook>,
 }
-
-#[cfg(madsim)]
-#[derive(Default, Clone)]
-struct LossHook(Option<HeartbeatLoss>);
-
-#[cfg(madsim)]
-impl std::fmt::Debug for LossHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "LossHook(set)"
-        } else {
-            "LossHook(none)"
-        })
-    }
-}
-
-/// Simulation only: decides whether a member's heartbeat is lost in the network.
-#[cfg(madsim)]
-pub type HeartbeatLoss = Arc<dyn Fn(&crate::cluster::MemberId) -> bool + Send + Sync>;
 
 #[derive(Debug)]
 struct Core {
@@ -98,8 +76,6 @@ impl RegistryServer {
                 clock,
                 metrics: RegistryMetrics::default(),
                 snapshot_slots: tokio::sync::Semaphore::new(SNAPSHOT_SLOTS),
-                #[cfg(madsim)]
-                heartbeat_loss: Mutex::new(LossHook::default()),
             }),
         })
     }
@@ -131,6 +107,10 @@ impl RegistryServer {
             Box::pin(async move {
                 loop {
                     shared.clock.sleep(shared.config.sweep_interval).await;
+                    if sim::buggify(0.05) {
+                        // Fault point: a late sweep (a stalled thread, a long GC).
+                        shared.clock.sleep(shared.config.sweep_interval * 3).await;
+                    }
                     shared.sweep();
                 }
             }),
@@ -156,35 +136,50 @@ impl RegistryServer {
         self.shared.lock().state.overdue(now, grace)
     }
 
-    /// Simulation only: heartbeats of members for which `loss` answers true are swallowed (the
-    /// caller's deadline passes), as if the network dropped them, while other calls flow.
-    #[cfg(madsim)]
-    pub fn set_heartbeat_loss(&self, loss: HeartbeatLoss) {
-        *self
-            .shared
-            .heartbeat_loss
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = LossHook(Some(loss));
-    }
-
     /// Expires silent registrations now (the sweeper calls this on its interval).
     pub fn sweep(&self) {
         self.shared.sweep();
     }
 
     /// Serves the registry (plaintext, no health service) on `addr` until `shutdown` completes,
-    /// with HTTP/2 keepalive so dead connections are noticed. The `shoal-registry` binary adds
-    /// TLS, health and metrics; this is what tests and simulations use.
+    /// with HTTP/2 keepalive so dead connections are noticed; on shutdown every watch stream is
+    /// ended so the server can drain. The `shoal-registry` binary adds TLS, health and metrics;
+    /// this is what tests and simulations use.
     pub async fn serve(
         self,
         addr: SocketAddr,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
+        self.serve_with(addr, shutdown, |service| service).await
+    }
+
+    /// [`Self::serve`] with the service wrapped by `wrap` first: an interceptor, an audit log,
+    /// or the simulator's network observer (which sees every request the registry accepts).
+    pub async fn serve_with<S>(
+        self,
+        addr: SocketAddr,
+        shutdown: impl std::future::Future<Output = ()>,
+        wrap: impl FnOnce(RegistryService) -> S,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        S: pb::registry_server::Registry,
+    {
         let sweeper = self.spawn_sweeper();
+        let limit = self.shared.config.limits.max_message_bytes;
+        let service = pb::registry_server::RegistryServer::new(wrap(RegistryService {
+            shared: self.shared.clone(),
+        }))
+        .max_decoding_message_size(limit);
+        let this = self.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Open watch streams would keep the server from draining.
+            this.close_watches();
+        };
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(self.service())
+            .add_service(service)
             .serve_with_shutdown(addr, shutdown)
             .await;
         sweeper.abort();
@@ -213,7 +208,9 @@ impl Shared {
                         .iter()
                         .map(|m| (cluster.clone(), m.id.clone(), version)),
                 );
-                core.broadcast(change);
+                if !sim::flaw("sweep-no-broadcast") {
+                    core.broadcast(change);
+                }
             }
             self.metrics.observe(&core.state);
         }
@@ -242,6 +239,11 @@ impl Shared {
 impl Core {
     fn broadcast(&mut self, change: Change) {
         let cluster = change.topology.cluster_name().to_string();
+        if sim::buggify(0.02) {
+            // Fault point: a broadcast lost on its way to the watchers; the progress tick must
+            // notice that they are behind and send a snapshot.
+            return;
+        }
         if let Some(feed) = self.feeds.get(&cluster) {
             // No receiver only means every watcher is gone; the feed is dropped with the last one.
             let _ = feed.tx.send(Arc::new(change));
@@ -319,25 +321,6 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let s = &self.shared;
         let req = request.into_inner();
-        #[cfg(madsim)]
-        {
-            let loss = s
-                .heartbeat_loss
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .0
-                .clone();
-            let member = s
-                .lock()
-                .state
-                .member_of(&req.cluster, &req.member_token)
-                .cloned();
-            if let (Some(loss), Some(member)) = (loss, member)
-                && loss(&member)
-            {
-                std::future::pending::<()>().await;
-            }
-        }
         let now = s.clock.now();
         let version = s
             .lock()
@@ -496,6 +479,10 @@ impl Cursor {
             return wire::snapshot_packed(version, bytes);
         }
         let _slot = s.snapshot_slots.acquire().await;
+        if sim::buggify(0.1) {
+            // Fault point: slow snapshot encoding (a large cluster on a busy registry).
+            s.clock.sleep(Duration::from_millis(300)).await;
+        }
         if let Some(bytes) = cached(&s.lock()) {
             return wire::snapshot_packed(version, bytes);
         }
@@ -546,6 +533,14 @@ impl Cursor {
             };
             match event {
                 None => {
+                    // Quiet for a progress interval: if this watcher is behind the state (a
+                    // change it never heard of), it gets a snapshot; otherwise progress.
+                    let current = s.lock().state.topology(&cluster);
+                    if current.version() > self.version {
+                        self.version = current.version();
+                        let msg = self.snapshot(&current).await;
+                        return Some((Ok(msg), self));
+                    }
                     let version = self.version;
                     return Some((Ok(wire::progress(version)), self));
                 }

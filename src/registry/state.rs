@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::cluster::{ClusterTopology, Member, MemberId, ModelError, check_text};
-use crate::runtime::Instant;
+use crate::runtime::{Instant, sim};
 
 use super::config::RegistryConfig;
 
@@ -209,6 +209,7 @@ impl RegistryState {
         let change = change
             .map(|(joined, changed, left)| self.publish(cluster, joined, changed, left, false));
         let version = self.clusters[cluster].topology.version();
+        self.check_invariants();
         Ok((Joined { token, version }, change))
     }
 
@@ -226,8 +227,17 @@ impl RegistryState {
             .registrations
             .get_mut(&id)
             .expect("token index matches registrations");
-        reg.expires_at = now + ttl;
-        Ok(c.topology.version())
+        if !sim::flaw("heartbeat-no-renew") {
+            reg.expires_at = now
+                + if sim::flaw("short-lease") {
+                    ttl / 2
+                } else {
+                    ttl
+                };
+        }
+        let version = c.topology.version();
+        self.check_invariants();
+        Ok(version)
     }
 
     /// Removes the registration holding `token`.
@@ -245,16 +255,19 @@ impl RegistryState {
             }
             Role::Member => {
                 c.members -= 1;
-                Some(self.publish(
-                    cluster,
-                    Vec::new(),
-                    Vec::new(),
-                    vec![Member::clone(&reg.member)],
-                    false,
-                ))
+                (!sim::flaw("leave-no-publish")).then(|| {
+                    self.publish(
+                        cluster,
+                        Vec::new(),
+                        Vec::new(),
+                        vec![Member::clone(&reg.member)],
+                        false,
+                    )
+                })
             }
         };
         self.drop_if_empty(cluster);
+        self.check_invariants();
         Ok(change)
     }
 
@@ -268,7 +281,7 @@ impl RegistryState {
             let expired: Vec<MemberId> = c
                 .registrations
                 .iter()
-                .filter(|(_, r)| r.expires_at <= now)
+                .filter(|(_, r)| r.expires_at <= now && !sim::flaw("never-expire"))
                 .map(|(id, _)| id.clone())
                 .collect();
             let mut left = Vec::new();
@@ -288,6 +301,7 @@ impl RegistryState {
             }
             self.drop_if_empty(&name);
         }
+        self.check_invariants();
         changes
     }
 
@@ -358,6 +372,66 @@ impl RegistryState {
         match self.clusters.get_mut(cluster) {
             Some(c) if c.tokens.contains_key(token) => Ok(c),
             _ => Err(RegistryError::UnknownRegistration(cluster.to_string())),
+        }
+    }
+
+    /// Checks that the bookkeeping agrees with itself, after every mutation, in debug builds
+    /// and in every simulated run (release campaigns included); free in production.
+    ///
+    /// Per cluster: the token index and the registrations are one-to-one; the member and client
+    /// counts match the roles; the topology lists exactly the member registrations, each with the
+    /// description registered, at a version no higher than the registry's counter; no cluster is
+    /// empty.
+    fn check_invariants(&self) {
+        if !cfg!(any(debug_assertions, madsim)) {
+            return;
+        }
+        for (name, c) in &self.clusters {
+            assert!(!c.registrations.is_empty(), "empty cluster {name:?} kept");
+            assert_eq!(
+                c.tokens.len(),
+                c.registrations.len(),
+                "cluster {name:?}: token index and registrations differ in size"
+            );
+            for (token, id) in &c.tokens {
+                let reg = c.registrations.get(id);
+                assert!(
+                    reg.is_some_and(|r| &r.token == token),
+                    "cluster {name:?}: token of {id} does not lead back to its registration"
+                );
+            }
+            let members = c
+                .registrations
+                .values()
+                .filter(|r| r.role == Role::Member)
+                .count();
+            assert_eq!(
+                (c.members, c.clients),
+                (members, c.registrations.len() - members),
+                "cluster {name:?}: member/client counts"
+            );
+            assert!(
+                c.topology.version() <= self.version,
+                "cluster {name:?}: topology version {} above the counter {}",
+                c.topology.version(),
+                self.version
+            );
+            let listed = c.topology.members();
+            assert_eq!(
+                listed.len(),
+                members,
+                "cluster {name:?}: topology lists {} members, {members} registered",
+                listed.len()
+            );
+            for m in listed {
+                let reg = c.registrations.get(&m.id);
+                assert!(
+                    reg.is_some_and(|r| r.role == Role::Member && *r.member == **m),
+                    "cluster {name:?}: topology v{} lists {} as it is not registered",
+                    c.topology.version(),
+                    m.id
+                );
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use tonic::{Code, Status};
 use super::pb;
 use super::state::{Change, RegistryError};
 use crate::cluster::{ClusterTopology, Member, MemberId, ModelError};
+use crate::runtime::sim;
 
 /// A protocol member as a model member (the id is validated; limits are checked by the caller).
 pub fn member_from_pb(m: pb::Member) -> Result<Member, ModelError> {
@@ -160,7 +161,10 @@ pub fn next_topology(
                 })
                 .unwrap_or_default();
             for id in u.left {
-                members.remove(&MemberId::parse(&id).map_err(bad)?);
+                let id = MemberId::parse(&id).map_err(bad)?;
+                if !sim::flaw("update-ignores-left") {
+                    members.remove(&id);
+                }
             }
             for m in u.joined.into_iter().chain(u.changed) {
                 let m = member_from_pb(m).map_err(bad)?;

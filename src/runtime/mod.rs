@@ -3,6 +3,7 @@
 mod clock;
 #[cfg(not(madsim))]
 mod signal;
+pub mod sim;
 
 pub use clock::{
     BoxFuture, Clock, Elapsed, Instant, MAX_DRIFT_PPM, SharedClock, SkewedClock, TaskHandle,

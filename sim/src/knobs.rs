@@ -1,0 +1,80 @@
+//! What a seed varies besides its fault schedule: the network's quality and the sizes of the
+//! buffers and caches, so rare paths (lag, eviction, buggify'd timings) run in some seeds.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::faults::SimRng;
+
+/// The seed's network and buffer settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Knobs {
+    /// Probability that a packet (or a connection attempt) is lost; madsim retries lost packets
+    /// of a connection, so this shows up as delay, and as failed calls.
+    pub packet_loss: f64,
+    /// One-way latency range, ms.
+    pub latency_ms: (u64, u64),
+    /// madsim's buggify and the product's fault points (seconds-long network delays, late
+    /// sweeps, slow snapshots, lost broadcasts). Oracles that assume a healthy path are off.
+    pub buggify: bool,
+    /// Capacity of every node's event stream (small: subscribers lag).
+    pub event_capacity: usize,
+    /// Capacity of every node's owner cache (small: entries are evicted).
+    pub cache_capacity: usize,
+    /// The registry's per-watcher buffer (small: watchers lag and get snapshots).
+    pub watch_buffer: usize,
+    /// Leaves accepted by the registry are delivered again 1.5 s later.
+    pub duplicate_leaves: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Self {
+            packet_loss: 0.0,
+            latency_ms: (1, 10),
+            buggify: false,
+            event_capacity: shoal::EventStream::DEFAULT_CAPACITY,
+            cache_capacity: 1_000_000,
+            watch_buffer: shoal::registry::RegistryLimits::default().watch_buffer,
+            duplicate_leaves: false,
+        }
+    }
+}
+
+impl Knobs {
+    /// The knobs `seed` draws (a stream of its own, so schedules do not shift).
+    pub fn for_seed(seed: u64) -> Self {
+        let mut r = SimRng::new(seed, 3);
+        let mut k = Knobs::default();
+        match r.range(0, 10) {
+            0..=3 => {}
+            4..=8 => {
+                k.packet_loss = r.range(0, 20) as f64 / 1000.0;
+                let lo = r.range(1, 20);
+                k.latency_ms = (lo, lo + r.range(1, 40));
+            }
+            _ => k.buggify = true,
+        }
+        if r.chance(0.2) {
+            k.event_capacity = r.range(2, 6) as usize;
+        }
+        if r.chance(0.2) {
+            k.cache_capacity = r.range(4, 32) as usize;
+        }
+        if r.chance(0.2) {
+            k.watch_buffer = r.range(1, 3) as usize;
+        }
+        k.duplicate_leaves = r.chance(0.3);
+        k
+    }
+
+    /// madsim's configuration for these knobs.
+    pub fn madsim_config(&self) -> madsim::Config {
+        let mut c = madsim::Config::default();
+        c.net.packet_loss_rate = self.packet_loss;
+        c.net.send_latency =
+            Duration::from_millis(self.latency_ms.0)..Duration::from_millis(self.latency_ms.1);
+        c
+    }
+}

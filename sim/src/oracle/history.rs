@@ -1,0 +1,148 @@
+//! The global history oracle: version -> topology as the registry issued it.
+//!
+//! Built from the watch messages the registry sent (snapshots, and updates applied to the
+//! version they name, by this module's own code, not the provider's), so a node whose view is
+//! not in the history holds a topology the registry never issued: invented, mixed from two
+//! versions, or applied wrongly.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use shoal::registry::pb;
+use shoal::{ClusterTopology, Member, MemberId};
+
+use crate::cluster::CLUSTER;
+use crate::record::Recorder;
+
+/// Most versions remembered (a run issues a few hundred).
+const MAX_VERSIONS: usize = 100_000;
+
+/// What the registry issued.
+#[derive(Debug, Default)]
+pub struct History {
+    by_version: BTreeMap<u64, Arc<ClusterTopology>>,
+}
+
+impl History {
+    /// The registry sent `msg` to a watcher.
+    pub fn sent(&mut self, msg: &pb::WatchResponse, rec: &Recorder) {
+        let topology = match &msg.event {
+            Some(pb::watch_response::Event::Snapshot(s)) => snapshot(s),
+            Some(pb::watch_response::Event::Update(u)) => {
+                let Some(base) = self.by_version.get(&u.previous_version) else {
+                    // Every watcher got its base from this registry first, so the base is here.
+                    if u.previous_version != 0 {
+                        rec.violation_once(
+                            format!("history base {}", u.version),
+                            format!(
+                                "history: the registry sent update v{} on top of v{}, which it never sent",
+                                u.version, u.previous_version
+                            ),
+                        );
+                    }
+                    return;
+                };
+                update(base, u)
+            }
+            _ => return,
+        };
+        let Some(t) = topology else {
+            rec.violation_once(
+                "history malformed".into(),
+                "history: the registry sent a watch message with an invalid member".into(),
+            );
+            return;
+        };
+        match self.by_version.get(&t.version()) {
+            Some(known) if known.members() != t.members() => rec.violation_once(
+                format!("history conflict {}", t.version()),
+                format!(
+                    "history: the registry issued two different topologies as v{}: {} and {}",
+                    t.version(),
+                    describe(known),
+                    describe(&t)
+                ),
+            ),
+            Some(_) => {}
+            None if self.by_version.len() < MAX_VERSIONS => {
+                self.by_version.insert(t.version(), Arc::new(t));
+            }
+            None => {}
+        }
+    }
+
+    /// A node applied `t`: it must be exactly what the registry issued under that version.
+    pub fn applied(&self, node: &str, t: &ClusterTopology, rec: &Recorder) {
+        match self.by_version.get(&t.version()) {
+            None => rec.violation_once(
+                format!("history invented {node} {}", t.version()),
+                format!(
+                    "history: {node} applied v{} {}, a version the registry never issued",
+                    t.version(),
+                    describe(t)
+                ),
+            ),
+            Some(issued) if issued.members() != t.members() => rec.violation_once(
+                format!("history differs {node} {}", t.version()),
+                format!(
+                    "history: {node} holds v{} as {} but the registry issued {}",
+                    t.version(),
+                    describe(t),
+                    describe(issued)
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+fn describe(t: &ClusterTopology) -> String {
+    let members: Vec<String> = t
+        .members()
+        .iter()
+        .map(|m| format!("{}@{}", m.id, m.address))
+        .collect();
+    format!("[{}]", members.join(","))
+}
+
+/// A wire member as a model member (the oracle's own conversion).
+fn member(m: &pb::Member) -> Option<Member> {
+    let mut out = Member::new(
+        MemberId::parse(&m.id).ok()?,
+        m.address.clone(),
+        m.kinds.clone(),
+    );
+    out.zone = (!m.zone.is_empty()).then(|| m.zone.clone());
+    out.metadata = m.metadata.clone();
+    Some(out)
+}
+
+fn snapshot(s: &pb::Snapshot) -> Option<ClusterTopology> {
+    let mut members: Vec<Member> = s.members.iter().map(member).collect::<Option<_>>()?;
+    if !s.packed_members.is_empty() {
+        let list: pb::MemberList = prost::Message::decode(s.packed_members.clone()).ok()?;
+        members.extend(
+            list.members
+                .iter()
+                .map(member)
+                .collect::<Option<Vec<_>>>()?,
+        );
+    }
+    ClusterTopology::new(CLUSTER, s.version, members).ok()
+}
+
+fn update(base: &ClusterTopology, u: &pb::Update) -> Option<ClusterTopology> {
+    let mut members: BTreeMap<MemberId, Member> = base
+        .members()
+        .iter()
+        .map(|m| (m.id.clone(), Member::clone(m)))
+        .collect();
+    for id in &u.left {
+        members.remove(&MemberId::parse(id).ok()?);
+    }
+    for m in u.joined.iter().chain(&u.changed) {
+        let m = member(m)?;
+        members.insert(m.id.clone(), m);
+    }
+    ClusterTopology::new(CLUSTER, u.version, members.into_values()).ok()
+}

@@ -1,0 +1,162 @@
+//! The lease oracle: when a registration may and must disappear, judged from the requests the
+//! registry accepted (recorded by the observer in front of it), never from its own bookkeeping.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use madsim::time::Instant;
+use shoal::{ClusterTopology, MemberId};
+
+use super::{Bounds, POLL};
+use crate::record::Recorder;
+
+/// One registration, as the harness saw the registry accept it.
+#[derive(Debug)]
+struct Registration {
+    /// A member (listed in the topology), not a client.
+    member: bool,
+    /// The last join or heartbeat the registry accepted.
+    renewed_at: Instant,
+    /// When a leave was accepted.
+    left_at: Option<Instant>,
+}
+
+/// Registrations of the current registry run and the topology it last published.
+#[derive(Debug, Default)]
+pub struct Leases {
+    run: u64,
+    registrations: BTreeMap<MemberId, Registration>,
+    published: Option<Arc<ClusterTopology>>,
+}
+
+impl Leases {
+    /// A registry run started with empty state.
+    pub fn started(&mut self, run: u64) {
+        self.run = run;
+        self.registrations.clear();
+        self.published = None;
+    }
+
+    /// A join was accepted.
+    pub fn joined(&mut self, id: MemberId, member: bool, at: Instant) {
+        self.registrations.insert(
+            id,
+            Registration {
+                member,
+                renewed_at: at,
+                left_at: None,
+            },
+        );
+    }
+
+    /// A heartbeat was accepted.
+    pub fn renewed(&mut self, id: &MemberId, at: Instant) {
+        if let Some(r) = self.registrations.get_mut(id) {
+            r.renewed_at = at;
+        }
+    }
+
+    /// A leave was accepted.
+    pub fn left(&mut self, id: &MemberId, at: Instant) {
+        if let Some(r) = self.registrations.get_mut(id) {
+            r.left_at.get_or_insert(at);
+        }
+    }
+
+    /// The registry of run `run` publishes `t` at `now` (polled every [`POLL`]).
+    pub fn published(
+        &mut self,
+        run: u64,
+        t: &Arc<ClusterTopology>,
+        now: Instant,
+        bounds: &Bounds,
+        healthy_since: &dyn Fn(&MemberId) -> Option<Instant>,
+        rec: &Recorder,
+    ) {
+        if run != self.run {
+            return;
+        }
+        let ms = |d: Duration| d.as_millis();
+        let previous = self.published.replace(t.clone());
+        let before: BTreeSet<&MemberId> = previous.iter().flat_map(|p| p.member_ids()).collect();
+        let after: BTreeSet<&MemberId> = t.member_ids().collect();
+        for id in before.difference(&after) {
+            let Some(reg) = self.registrations.get(*id) else {
+                continue;
+            };
+            if reg.left_at.is_some() {
+                continue;
+            }
+            // An expiry, published at some moment in (now - POLL, now].
+            let since_renewal = now.saturating_duration_since(reg.renewed_at);
+            if since_renewal < bounds.ttl_min() {
+                rec.violation_once(
+                    format!("early expiry {id} {}", t.version()),
+                    format!(
+                        "lease: {id} was expired {} ms after the registry accepted its last heartbeat (TTL {} ms, at least {} ms on a fast registry clock)",
+                        ms(since_renewal),
+                        ms(bounds.ttl),
+                        ms(bounds.ttl_min())
+                    ),
+                );
+            }
+            if let Some(h) = healthy_since(id) {
+                let healthy = now.saturating_duration_since(h);
+                if healthy >= bounds.healthy_window() + POLL {
+                    rec.violation_once(
+                        format!("false expiry {id} {}", t.version()),
+                        format!(
+                            "lease: {id} was expired although its path to the registry had been healthy for {} ms (a live, connected member must never expire; window {} ms)",
+                            ms(healthy),
+                            ms(bounds.healthy_window())
+                        ),
+                    );
+                }
+            }
+        }
+        for id in after.difference(&before) {
+            if !self.registrations.get(*id).is_some_and(|r| r.member) {
+                rec.violation_once(
+                    format!("invented member {id}"),
+                    format!(
+                        "lease: the registry lists {id} in v{} but never accepted a join of it as a member in this run",
+                        t.version()
+                    ),
+                );
+            }
+        }
+        for id in &after {
+            let Some(reg) = self.registrations.get(*id) else {
+                continue;
+            };
+            match reg.left_at {
+                Some(left) if now.saturating_duration_since(left) > POLL * 2 => {
+                    rec.violation_once(
+                        format!("listed after leave {id}"),
+                        format!(
+                            "lease: the registry still lists {id} in v{} {} ms after it accepted its leave",
+                            t.version(),
+                            ms(now.saturating_duration_since(left))
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    let late = now.saturating_duration_since(reg.renewed_at);
+                    if late > bounds.ttl_max() + bounds.sweep_allowance() {
+                        rec.violation_once(
+                            format!("overdue {id}"),
+                            format!(
+                                "lease: the registry still lists {id} {} ms after it last accepted a heartbeat of it (TTL {} ms, allowed up to {} ms past it)",
+                                ms(late),
+                                ms(bounds.ttl),
+                                ms(bounds.sweep_allowance())
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Oracles: judges that are independent of the code they judge.
+//!
+//! They are fed what the harness itself observed (the requests the registry accepted and the
+//! watch messages it sent, seen by [`crate::observe`]; the faults the harness applied, kept in
+//! [`crate::health`]; every topology a node applied) and check it on every observation, not by
+//! sampling at the end. None of them asks the registry or a provider for its own opinion:
+//!
+//! * [`history`]: every topology a node holds is one the registry issued, member for member;
+//!   the registry never issues two topologies under one version.
+//! * [`lease`]: a registration disappears no sooner than a TTL after the last heartbeat the
+//!   registry accepted, no later than a TTL plus a sweep, at once after an accepted leave; a
+//!   member whose path to the registry was healthy is never expired.
+//! * failover (in [`crate::cluster`]): a departed member is gone from every connected survivor
+//!   within a bound derived from the settings.
+
+pub mod history;
+pub mod lease;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use madsim::time::Instant;
+use shoal::registry::{RegistryConfig, pb};
+use shoal::{ClusterTopology, MemberId};
+
+use crate::faults::REGISTRY_MAX_DRIFT_PPM;
+use crate::record::Recorder;
+
+/// The settings the oracles derive their bounds from.
+#[derive(Clone, Debug)]
+pub struct Bounds {
+    /// Registry TTL.
+    pub ttl: Duration,
+    /// Registry sweep interval.
+    pub sweep: Duration,
+    /// Heartbeat interval the registry asks for.
+    pub heartbeat: Duration,
+    /// Whether the seed runs with buggify (network delays of seconds, late sweeps): paths are
+    /// then never "healthy", and sweeps may be three intervals late.
+    pub degraded: bool,
+    /// Whether a registry issues the topologies (the history oracle has nothing to compare
+    /// with otherwise).
+    pub registry: bool,
+}
+
+impl Bounds {
+    /// Bounds for a registry with `config`.
+    pub fn new(config: &RegistryConfig, degraded: bool, registry: bool) -> Self {
+        Self {
+            registry,
+            ttl: config.ttl,
+            sweep: config.sweep_interval,
+            heartbeat: config.heartbeat_interval,
+            degraded,
+        }
+    }
+
+    /// The shortest real time a TTL can last on the registry's (possibly fast) clock.
+    pub fn ttl_min(&self) -> Duration {
+        self.ttl
+            .mul_f64(1e6 / (1e6 + REGISTRY_MAX_DRIFT_PPM as f64))
+    }
+
+    /// The longest real time a TTL can last on the registry's (possibly slow) clock.
+    pub fn ttl_max(&self) -> Duration {
+        self.ttl
+            .mul_f64(1e6 / (1e6 - REGISTRY_MAX_DRIFT_PPM as f64))
+    }
+
+    /// How late after its expiry a registration may still be listed: one sweep interval (four
+    /// when sweeps may be delayed), plus the oracle's polling period.
+    pub fn sweep_allowance(&self) -> Duration {
+        let sweeps = if self.degraded { 4 } else { 1 };
+        self.sweep * sweeps + POLL + Duration::from_millis(50)
+    }
+
+    /// How long a member's path to the registry must have been healthy before an expiry is
+    /// false: a TTL plus one and a half heartbeat intervals (a heartbeat delayed by a slow
+    /// member clock, or by the backoff after the last failure, still lands in the window).
+    pub fn healthy_window(&self) -> Duration {
+        self.ttl + self.heartbeat.mul_f64(1.5) + Duration::from_secs(1)
+    }
+
+    /// The failover bound: a crashed member is gone from every connected survivor within a TTL
+    /// (on a slow registry clock) after its last heartbeat, plus one sweep and one delivery.
+    pub fn failover(&self) -> Duration {
+        self.ttl_max() + self.sweep_allowance() + DELIVERY
+    }
+}
+
+/// How often the lease oracle polls the registry's published topology.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// One watch delivery to a connected survivor, with room for latency and packet loss.
+pub const DELIVERY: Duration = Duration::from_secs(1);
+
+/// Every oracle of one run, fed by the observers.
+#[derive(Debug)]
+pub struct Oracles {
+    rec: Recorder,
+    bounds: Bounds,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    history: history::History,
+    lease: lease::Leases,
+}
+
+impl Oracles {
+    /// Oracles reporting to `rec`.
+    pub fn new(rec: Recorder, bounds: Bounds) -> Arc<Self> {
+        Arc::new(Self {
+            rec,
+            bounds,
+            state: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bounds in force.
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    /// A registry run started (its state is empty).
+    pub fn registry_started(&self, run: u64) {
+        self.lock().lease.started(run);
+    }
+
+    /// The registry accepted a join of `id`.
+    pub fn joined(&self, id: MemberId, member: bool) {
+        self.lock().lease.joined(id, member, Instant::now());
+    }
+
+    /// The registry accepted a heartbeat of `id`.
+    pub fn renewed(&self, id: &MemberId) {
+        self.lock().lease.renewed(id, Instant::now());
+    }
+
+    /// The registry accepted a leave of `id`.
+    pub fn left(&self, id: &MemberId) {
+        self.lock().lease.left(id, Instant::now());
+    }
+
+    /// The registry sent `msg` to a watcher.
+    pub fn sent(&self, msg: &pb::WatchResponse) {
+        self.lock().history.sent(msg, &self.rec);
+    }
+
+    /// A node applied `topology` (judged only where a registry issues the history).
+    pub fn applied(&self, node: &str, topology: &ClusterTopology) {
+        if self.bounds.registry {
+            self.lock().history.applied(node, topology, &self.rec);
+        }
+    }
+
+    /// The registry of run `run` publishes `topology` now; `healthy_since` tells since when a
+    /// member's path to the registry has been undisturbed (`None`: disturbed now).
+    pub fn published(
+        &self,
+        run: u64,
+        topology: &Arc<ClusterTopology>,
+        healthy_since: &dyn Fn(&MemberId) -> Option<Instant>,
+    ) {
+        self.lock().lease.published(
+            run,
+            topology,
+            Instant::now(),
+            &self.bounds,
+            healthy_since,
+            &self.rec,
+        );
+    }
+}
