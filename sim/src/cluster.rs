@@ -35,7 +35,7 @@ use crate::links::{Links, cut};
 use crate::observe::{Door, Observed};
 use crate::oracle::{Bounds, DELIVERY, Oracles, POLL};
 use crate::record::Recorder;
-use crate::workload::Workload;
+use crate::workload::{FreshOwners, Workload};
 
 /// The cluster name every simulated node uses.
 pub const CLUSTER: &str = "sim";
@@ -294,6 +294,7 @@ impl SimCluster {
             }
         });
         let memory = InMemoryRegistry::new();
+        let fresh = Arc::new(FreshOwners::default());
         let mut slots = Vec::new();
         for i in 0..b.members + b.clients {
             let is_client = i >= b.members;
@@ -325,6 +326,7 @@ impl SimCluster {
                 knobs: b.knobs.clone(),
                 stop: stop.clone(),
                 metrics: metrics.clone(),
+                fresh: fresh.clone(),
             };
             let node = handle
                 .create_node()
@@ -1097,6 +1099,7 @@ struct NodeSpec {
     knobs: Knobs,
     stop: Arc<StopSignal>,
     metrics: Arc<Mutex<Vec<MetricSource>>>,
+    fresh: Arc<FreshOwners>,
     app: Option<AppFn>,
 }
 
@@ -1205,6 +1208,7 @@ impl NodeSpec {
                 self.recorder.clone(),
                 workload_events,
                 self.knobs.cache_capacity,
+                self.fresh.clone(),
             )
             .run(),
         );

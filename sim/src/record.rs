@@ -99,7 +99,8 @@ impl Recorder {
         tracing::debug!(target: "shoal_sim::trace", at_ms, node, %event);
         let mut inner = self.lock();
         digest_line(&mut inner, at_ms, node, &event);
-        if inner.trace.len() < MAX_TRACE {
+        // Campaign runs keep only the digest: storing every line costs more than the run.
+        if inner.keep_trace && inner.trace.len() < MAX_TRACE {
             inner.trace.push(TraceEvent {
                 at_ms,
                 node: node.to_string(),
@@ -200,8 +201,15 @@ impl Recorder {
 
     /// Counts `n` runs of a rare path.
     pub fn count_n(&self, path: &str, n: u64) {
-        if n > 0 {
-            *self.lock().paths.entry(path.to_string()).or_insert(0) += n;
+        if n == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        match inner.paths.get_mut(path) {
+            Some(count) => *count += n,
+            None => {
+                inner.paths.insert(path.to_string(), n);
+            }
         }
     }
 

@@ -612,7 +612,7 @@ async fn run_inner(
     let checks_until = phase + scenario.fault_phase + crate::check::liveness_bound(&cluster);
     madsim::task::spawn(safety_loop(
         cluster.clone(),
-        Duration::from_millis(250),
+        Duration::from_millis(500),
         checks_until,
     ));
     for s in &schedule.faults {

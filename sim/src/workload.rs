@@ -5,13 +5,14 @@
 //! Without it the owner cache (and its rebalancing) would be dead code in simulation: the
 //! safety checker only peeks.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shoal::placement::hash::key_hash;
 use shoal::placement::{Moved, naive_owner};
 use shoal::{
-    ClusterEvent, ClusterProviderContext, ClusterTopology, RebalanceReport, Subscription,
+    ClusterEvent, ClusterProviderContext, ClusterTopology, MemberId, RebalanceReport, Subscription,
     SubscriptionError,
 };
 
@@ -25,7 +26,14 @@ pub const PREFIX: &str = "workload-";
 /// Lookups per round.
 const PER_ROUND: usize = 8;
 /// Time between rounds (node clock).
-const PERIOD: Duration = Duration::from_millis(500);
+const PERIOD: Duration = Duration::from_secs(2);
+
+/// The identities, named once (immutable, so sharing them across simulated nodes is safe).
+fn identities() -> &'static [String] {
+    static IDS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..IDENTITIES).map(|i| format!("{PREFIX}{i}")).collect());
+    &IDS
+}
 
 /// One node's workload.
 pub struct Workload {
@@ -35,9 +43,47 @@ pub struct Workload {
     events: Subscription,
     /// Whether the cache can hold every identity (then reports must be exact, not just sound).
     exact: bool,
-    asked: BTreeSet<String>,
+    /// Indexes of the identities asked so far (the cache remembers them).
+    asked: BTreeSet<usize>,
     last: Option<Arc<ClusterTopology>>,
     cursor: usize,
+    /// Owners computed from scratch, shared by every node of the run.
+    fresh: Arc<FreshOwners>,
+    /// The last topology asked about and its fresh owners.
+    fresh_held: Option<(Arc<ClusterTopology>, Owners)>,
+}
+
+/// The owner of every workload identity (by index), computed from scratch.
+pub type Owners = Arc<Vec<Option<MemberId>>>;
+
+/// Rendezvous owners of every workload identity computed from scratch over a topology, once per
+/// distinct topology of a run (keyed by version and a fingerprint of the members, so a node
+/// holding a corrupted topology under a known version gets its own entry).
+#[derive(Debug, Default)]
+pub struct FreshOwners {
+    /// By (version, fingerprint of the members).
+    memo: Mutex<BTreeMap<(u64, u64), Owners>>,
+}
+
+impl FreshOwners {
+    /// The owners of identity 0..[`IDENTITIES`] over `t`.
+    pub fn of(&self, t: &ClusterTopology) -> Owners {
+        let fingerprint = t.members().iter().fold(0u64, |acc, m| {
+            acc.rotate_left(5) ^ key_hash(m.id.as_str(), &m.address)
+        });
+        let key = (t.version(), fingerprint);
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        memo.entry(key)
+            .or_insert_with(|| {
+                Arc::new(
+                    identities()
+                        .iter()
+                        .map(|id| naive_owner(t, KIND, id).map(|m| m.id.clone()))
+                        .collect(),
+                )
+            })
+            .clone()
+    }
 }
 
 impl Workload {
@@ -48,6 +94,7 @@ impl Workload {
         rec: Recorder,
         events: Subscription,
         cache_capacity: usize,
+        fresh: Arc<FreshOwners>,
     ) -> Self {
         let last = Some(ctx.partition_manager.topology());
         Self {
@@ -59,6 +106,8 @@ impl Workload {
             asked: BTreeSet::new(),
             last,
             cursor: 0,
+            fresh,
+            fresh_held: None,
         }
     }
 
@@ -71,6 +120,18 @@ impl Workload {
             self.ask();
             self.ctx.clock.sleep(PERIOD).await;
         }
+    }
+
+    /// Fresh owners over `t`, remembered for the last topology asked about.
+    fn fresh_of(&mut self, t: &Arc<ClusterTopology>) -> Owners {
+        if let Some((held, owners)) = &self.fresh_held
+            && Arc::ptr_eq(held, t)
+        {
+            return owners.clone();
+        }
+        let owners = self.fresh.of(t);
+        self.fresh_held = Some((t.clone(), owners.clone()));
+        owners
     }
 
     /// Checks every report published since the last round; false once the stream closed.
@@ -95,13 +156,15 @@ impl Workload {
     /// Asks the owner of the next identities; each answer must be rendezvous over the
     /// topology the node holds.
     fn ask(&mut self) {
-        let pm = &self.ctx.partition_manager;
+        let pm = self.ctx.partition_manager.clone();
+        // Nothing can apply a topology during this synchronous loop.
+        let topology = pm.topology();
+        let fresh = self.fresh_of(&topology);
         for k in 0..PER_ROUND {
-            let id = format!("{PREFIX}{}", (self.cursor + k) % IDENTITIES);
-            let got = pm.owner(KIND, &id).map(|m| m.id.clone());
-            let topology = pm.topology();
-            let want = naive_owner(&topology, KIND, &id).map(|m| m.id.clone());
-            self.rec.count("workload: owner lookups");
+            let i = (self.cursor + k) % IDENTITIES;
+            let id = &identities()[i];
+            let got = pm.owner(KIND, id).map(|m| m.id.clone());
+            let want = fresh[i].clone();
             if got != want {
                 self.rec.violation_once(
                     format!("owner {} {} {id}", self.name, topology.version()),
@@ -112,8 +175,10 @@ impl Workload {
                     ),
                 );
             }
-            self.asked.insert(id);
+            self.asked.insert(i);
         }
+        self.rec
+            .count_n("workload: owner lookups", PER_ROUND as u64);
         self.cursor = (self.cursor + PER_ROUND) % IDENTITIES;
     }
 
@@ -128,18 +193,17 @@ impl Workload {
             self.rec.count("workload: report not checked (lagged)");
             return;
         };
+        let last = last.clone();
+        let (before, after) = (self.fresh_of(&last), self.fresh.of(topology));
         let expected: Vec<Moved> = self
             .asked
             .iter()
-            .filter_map(|id| {
-                let from = naive_owner(last, KIND, id).map(|m| m.id.clone());
-                let to = naive_owner(topology, KIND, id).map(|m| m.id.clone());
-                (from != to).then(|| Moved {
-                    kind: KIND.to_string(),
-                    identity: id.clone(),
-                    from,
-                    to,
-                })
+            .filter(|&&i| before[i] != after[i])
+            .map(|&i| Moved {
+                kind: KIND.to_string(),
+                identity: identities()[i].clone(),
+                from: before[i].clone(),
+                to: after[i].clone(),
             })
             .collect();
         let reported: Vec<&Moved> = report

@@ -28,6 +28,9 @@ pub struct Leases {
     run: u64,
     registrations: BTreeMap<MemberId, Registration>,
     published: Option<Arc<ClusterTopology>>,
+    /// No listed member can be late before this (renewals only push deadlines later, so an
+    /// old value is early, never late; a leave pulls it in).
+    next_deadline: Option<Instant>,
 }
 
 impl Leases {
@@ -36,6 +39,7 @@ impl Leases {
         self.run = run;
         self.registrations.clear();
         self.published = None;
+        self.next_deadline = None;
     }
 
     /// A join was accepted.
@@ -62,6 +66,7 @@ impl Leases {
         if let Some(r) = self.registrations.get_mut(id) {
             r.left_at.get_or_insert(at);
         }
+        self.next_deadline = None;
     }
 
     /// The registry of run `run` publishes `t` at `now` (polled every [`POLL`]).
@@ -79,6 +84,13 @@ impl Leases {
         }
         let ms = |d: Duration| d.as_millis();
         let previous = self.published.replace(t.clone());
+        if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, t)) {
+            // Nothing published since the last poll: only lateness can have changed.
+            if self.next_deadline.is_none_or(|d| now >= d) {
+                self.check_listed(t, now, bounds, rec);
+            }
+            return;
+        }
         let before: BTreeSet<&MemberId> = previous.iter().flat_map(|p| p.member_ids()).collect();
         let after: BTreeSet<&MemberId> = t.member_ids().collect();
         for id in before.difference(&after) {
@@ -126,8 +138,23 @@ impl Leases {
                 );
             }
         }
-        for id in &after {
-            let Some(reg) = self.registrations.get(*id) else {
+        self.check_listed(t, now, bounds, rec);
+    }
+
+    /// Every member `t` lists must still be entitled to be listed at `now`.
+    fn check_listed(&mut self, t: &ClusterTopology, now: Instant, bounds: &Bounds, rec: &Recorder) {
+        let ms = |d: Duration| d.as_millis();
+        let late_after = bounds.ttl_max() + bounds.sweep_allowance();
+        self.next_deadline = t
+            .member_ids()
+            .filter_map(|id| self.registrations.get(id))
+            .map(|r| match r.left_at {
+                Some(left) => left + POLL * 2,
+                None => r.renewed_at + late_after,
+            })
+            .min();
+        for id in t.member_ids() {
+            let Some(reg) = self.registrations.get(id) else {
                 continue;
             };
             match reg.left_at {

@@ -89,7 +89,7 @@ impl Bounds {
 }
 
 /// How often the lease oracle polls the registry's published topology.
-pub const POLL: Duration = Duration::from_millis(20);
+pub const POLL: Duration = Duration::from_millis(50);
 
 /// One watch delivery to a connected survivor, with room for latency and packet loss.
 pub const DELIVERY: Duration = Duration::from_secs(1);
