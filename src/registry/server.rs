@@ -130,12 +130,6 @@ impl RegistryServer {
         self.shared.lock().state.topology(cluster)
     }
 
-    /// Registrations held more than `grace` past their expiry (see [`RegistryState::overdue`]).
-    pub fn overdue(&self, grace: Duration) -> Vec<(String, crate::cluster::MemberId, Duration)> {
-        let now = self.shared.clock.now();
-        self.shared.lock().state.overdue(now, grace)
-    }
-
     /// Expires silent registrations now (the sweeper calls this on its interval).
     pub fn sweep(&self) {
         self.shared.sweep();

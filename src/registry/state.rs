@@ -325,26 +325,6 @@ impl RegistryState {
         Ok((member.clone(), c.topology.version()))
     }
 
-    /// Registrations still held more than `grace` after they expired, with how long past
-    /// expiry they are. The sweeper keeps this empty for `grace` = one sweep interval; the
-    /// simulator's TTL checker asserts it.
-    pub fn overdue(
-        &self,
-        now: Instant,
-        grace: std::time::Duration,
-    ) -> Vec<(String, MemberId, std::time::Duration)> {
-        let mut out = Vec::new();
-        for (name, c) in &self.clusters {
-            for (id, r) in &c.registrations {
-                let late = now.saturating_duration_since(r.expires_at);
-                if r.expires_at < now && late > grace {
-                    out.push((name.clone(), id.clone(), late));
-                }
-            }
-        }
-        out
-    }
-
     /// The member id a token belongs to.
     pub fn member_of(&self, cluster: &str, token: &str) -> Option<&MemberId> {
         self.clusters.get(cluster)?.tokens.get(token)
