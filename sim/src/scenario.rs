@@ -490,7 +490,7 @@ pub fn run_seed(scenario: &Scenario, seed: u64, opts: &RunOptions) -> SeedReport
     shoal::runtime::sim::plant_flaws(opts.flaw.planted().as_slice());
     let mut rt = Runtime::with_seed_and_config(seed, knobs.madsim_config());
     rt.set_time_limit(Duration::from_secs(3_600));
-    let (recording, sim_seconds, converged_after, messages) = rt.block_on(run(
+    let out = rt.block_on(run(
         scenario.clone(),
         schedule.clone(),
         opts.clone(),
@@ -501,10 +501,10 @@ pub fn run_seed(scenario: &Scenario, seed: u64, opts: &RunOptions) -> SeedReport
         scenario: scenario.name.to_string(),
         seed,
         schedule,
-        recording,
-        sim_seconds,
-        converged_after,
-        messages,
+        recording: out.recording,
+        sim_seconds: out.sim_seconds,
+        converged_after: out.converged_after,
+        messages: out.messages,
     }
 }
 
@@ -546,14 +546,24 @@ pub fn run_seed_isolated(scenario: &Scenario, seed: u64, opts: &RunOptions) -> S
 /// determinism check, which builds the runtime itself); returns what was recorded.
 pub async fn simulate(scenario: Scenario, seed: u64) -> Recording {
     let schedule = schedule_for(&scenario, seed);
-    let (recording, ..) = run(
+    run(
         scenario,
         schedule,
         RunOptions::default(),
         Knobs::for_seed(seed),
     )
-    .await;
-    recording
+    .await
+    .recording
+}
+
+/// What one run inside the simulator produced.
+struct RunOutcome {
+    recording: Recording,
+    sim_seconds: f64,
+    /// Time from the final heal to convergence (`None`: it never converged, or the run ended
+    /// at start-up).
+    converged_after: Option<Duration>,
+    messages: u64,
 }
 
 async fn run(
@@ -561,14 +571,15 @@ async fn run(
     schedule: FaultSchedule,
     opts: RunOptions,
     knobs: Knobs,
-) -> (Recording, f64, Option<Duration>, u64) {
-    let (rec, sim, conv) = run_inner(scenario, schedule, opts, knobs).await;
-    (
-        rec,
-        sim,
-        conv,
-        madsim::net::NetSim::current().stat().msg_count,
-    )
+) -> RunOutcome {
+    let start = Instant::now();
+    let (recording, converged_after) = run_inner(scenario, schedule, opts, knobs).await;
+    RunOutcome {
+        recording,
+        sim_seconds: start.elapsed().as_secs_f64(),
+        converged_after,
+        messages: madsim::net::NetSim::current().stat().msg_count,
+    }
 }
 
 async fn run_inner(
@@ -576,8 +587,7 @@ async fn run_inner(
     schedule: FaultSchedule,
     opts: RunOptions,
     knobs: Knobs,
-) -> (Recording, f64, Option<Duration>) {
-    let start = Instant::now();
+) -> (Recording, Option<Duration>) {
     let recorder = Recorder::new(opts.keep_trace);
     recorder.trace(
         "harness",
@@ -601,8 +611,7 @@ async fn run_inner(
     sleep(Duration::from_secs(2)).await;
     if check_liveness(&cluster).await.is_none() {
         cluster.record_path_counts();
-        let rec = recorder.snapshot();
-        return (rec, start.elapsed().as_secs_f64(), None);
+        return (recorder.snapshot(), None);
     }
     if knobs_buggify {
         // Fault points and network delays during the fault phase only; heal_all ends them.
@@ -627,9 +636,5 @@ async fn run_inner(
     let converged = check_liveness(&cluster).await;
     check_safety(&cluster, &mut Default::default());
     cluster.record_path_counts();
-    (
-        recorder.snapshot(),
-        start.elapsed().as_secs_f64(),
-        converged,
-    )
+    (recorder.snapshot(), converged)
 }
