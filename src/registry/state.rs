@@ -325,11 +325,6 @@ impl RegistryState {
         Ok((member.clone(), c.topology.version()))
     }
 
-    /// The member id a token belongs to.
-    pub fn member_of(&self, cluster: &str, token: &str) -> Option<&MemberId> {
-        self.clusters.get(cluster)?.tokens.get(token)
-    }
-
     /// (members, clients) per cluster, in name order.
     pub fn counts(&self) -> Vec<(String, usize, usize)> {
         self.clusters
@@ -491,6 +486,41 @@ mod tests {
         // Test-only: the state machine takes time as an argument; any starting point will do
         // (under madsim this is simulated time anyway).
         Instant::now()
+    }
+
+    #[tokio::test]
+    async fn a_registry_at_its_cluster_limit_still_serves_the_clusters_it_holds() {
+        let mut config = RegistryConfig::default();
+        config.limits.max_clusters = 1;
+        let mut s = RegistryState::new(Arc::new(config), 0);
+        assert_eq!(s.config().limits.max_clusters, 1);
+        let t0 = now();
+        s.join("c", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        assert!(matches!(
+            s.join("d", "", m("b"), Role::Member, "tb".into(), t0),
+            Err(RegistryError::Exhausted(_))
+        ));
+        s.join("c", "", m("b"), Role::Member, "tb".into(), t0)
+            .unwrap();
+        assert_eq!(s.counts(), vec![("c".to_string(), 2, 0)]);
+    }
+
+    #[tokio::test]
+    async fn clients_are_counted_apart_and_uncounted_when_they_leave() {
+        let mut s = state();
+        assert_eq!(s.config().limits.max_members_per_cluster, 3);
+        let t0 = now();
+        s.join("c", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        let (_, change) = s
+            .join("c", "", m("w"), Role::Client, "tw".into(), t0)
+            .unwrap();
+        assert!(change.is_none(), "a client changes no topology");
+        assert_eq!(s.counts(), vec![("c".to_string(), 1, 1)]);
+        assert!(s.leave("c", "tw").unwrap().is_none());
+        assert_eq!(s.counts(), vec![("c".to_string(), 1, 0)]);
+        assert_eq!(s.topology("c").len(), 1);
     }
 
     #[tokio::test]
