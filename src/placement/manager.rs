@@ -509,6 +509,7 @@ mod tests {
         ));
         assert_eq!(pm.version(), 5);
         assert_eq!(pm.topology().members()[0].id.as_str(), "m0001");
+        assert_eq!(pm.cluster_name(), "c");
     }
 
     #[test]

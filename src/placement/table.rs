@@ -119,3 +119,41 @@ pub fn naive_owner<'a>(
     }
     best.map(|(m, _)| m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::MemberId;
+
+    fn member(id: &str, address: &str) -> Member {
+        Member::new(MemberId::parse(id).unwrap(), address, ["k"])
+    }
+
+    /// Two incarnations at one address hash alike, so every weight ties: the smaller (older) id
+    /// owns, in the table, the reference scan and the cache's tie-break alike.
+    #[test]
+    fn equal_weights_go_to_the_smaller_id() {
+        let (old, new) = (
+            member("a-1", "10.0.0.1:4000"),
+            member("a-2", "10.0.0.1:4000"),
+        );
+        let t = ClusterTopology::new("c", 1, [new.clone(), old.clone()]).unwrap();
+        let table = PlacementTable::new(&t);
+        for i in 0..50 {
+            let id = format!("x{i}");
+            assert_eq!(naive_owner(&t, "k", &id).unwrap().id, old.id);
+            assert_eq!(table.owner("k", &id).unwrap().id, old.id);
+        }
+        let held = Choice {
+            member: Arc::new(new.clone()),
+            weight: 7,
+        };
+        assert!(held.beaten_by(7, &old.id), "a tie goes to the smaller id");
+        assert!(!held.beaten_by(7, &new.id), "a member does not beat itself");
+        assert!(!held.beaten_by(6, &old.id), "a lower weight never wins");
+        assert!(held.beaten_by(8, &MemberId::parse("z").unwrap()));
+        let listed: Vec<&MemberId> = table.candidates("k").map(|m| &m.id).collect();
+        assert_eq!(listed, vec![&old.id, &new.id], "candidates in id order");
+        assert_eq!(table.candidates("other").count(), 0);
+    }
+}
