@@ -26,6 +26,8 @@ pub struct Knobs {
     pub watch_buffer: usize,
     /// Leaves accepted by the registry are delivered again 1.5 s later.
     pub duplicate_leaves: bool,
+    /// Each member's first Leave is lost on the way (the provider must retry).
+    pub lose_first_leave: bool,
 }
 
 impl Default for Knobs {
@@ -38,6 +40,7 @@ impl Default for Knobs {
             cache_capacity: 1_000_000,
             watch_buffer: shoal::registry::RegistryLimits::default().watch_buffer,
             duplicate_leaves: false,
+            lose_first_leave: false,
         }
     }
 }
@@ -66,6 +69,7 @@ impl Knobs {
             k.watch_buffer = r.range(1, 3) as usize;
         }
         k.duplicate_leaves = r.chance(0.3);
+        k.lose_first_leave = r.chance(0.4);
         k
     }
 

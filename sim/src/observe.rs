@@ -35,6 +35,10 @@ struct DoorState {
     seen: BTreeSet<MemberId>,
     /// Whether accepted leaves are delivered a second time, later (a retried request).
     duplicate_leaves: bool,
+    /// Whether each member's first Leave is lost on the way (the caller sees Unavailable).
+    lose_first_leave: bool,
+    /// Members whose first Leave was lost.
+    lost_leave: BTreeSet<MemberId>,
 }
 
 impl Door {
@@ -60,6 +64,11 @@ impl Door {
     /// Whether accepted leaves are replayed a few seconds later.
     pub fn set_duplicate_leaves(&self, on: bool) {
         self.lock().duplicate_leaves = on;
+    }
+
+    /// Whether each member's first Leave is lost on the way (a graceful shutdown must retry).
+    pub fn set_lose_first_leave(&self, on: bool) {
+        self.lock().lose_first_leave = on;
     }
 
     /// Whether `id`'s heartbeats are being lost.
@@ -144,8 +153,17 @@ impl Registry for Observed {
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let req = request.get_ref().clone();
+        let holder = self.holder(&req.member_token);
+        let lose = holder.as_ref().is_some_and(|id| {
+            let mut s = self.door.lock();
+            s.lose_first_leave && s.lost_leave.insert(id.clone())
+        });
+        if lose {
+            self.rec.count("registry: first leave lost on the way");
+            return Err(Status::unavailable("leave lost on the way (simulated)"));
+        }
         let resp = self.inner.leave(request).await?;
-        if let Some(id) = self.holder(&req.member_token) {
+        if let Some(id) = holder {
             self.oracles.left(&id);
         }
         if self.door.lock().duplicate_leaves {

@@ -362,7 +362,11 @@ pub fn all() -> Vec<Scenario> {
             "members shut down gracefully (Leave), one for good; leaves may be delivered twice",
             70,
             graceful_leave,
-            &["registry: leaves", "fault: leave"],
+            &[
+                "registry: leaves",
+                "fault: leave",
+                "registry: first leave lost on the way",
+            ],
         ),
         reg(
             "network",
