@@ -885,7 +885,10 @@ impl SimCluster {
                 let Some(r) = &self.registry else { return };
                 self.recorder
                     .fault_started(fault.to_string(), vec!["registry".into()]);
-                r.clock.set_wall_offset_ms(offset_ms);
+                // Forward only: a step back across a restart is the registry-clock-step
+                // scenario's (the registry does not survive it yet).
+                let (current, _) = r.clock.skew();
+                r.clock.set_wall_offset_ms(offset_ms.max(current));
                 r.clock.set_drift_ppm(drift_ppm.clamp(
                     -crate::faults::REGISTRY_MAX_DRIFT_PPM,
                     crate::faults::REGISTRY_MAX_DRIFT_PPM,

@@ -103,9 +103,10 @@ pub enum Fault {
         /// Rate drift in ppm.
         drift_ppm: i64,
     },
-    /// The registry's clock: wall offset and rate drift, until the end of the run. A forward
-    /// offset is harmless; the drift is kept within [`REGISTRY_MAX_DRIFT_PPM`], the bound the
-    /// TTL oracle allows for.
+    /// The registry's clock: wall offset and rate drift, until the end of the run. The offset
+    /// only ever moves forward (a smaller one than in force is ignored: stepping back is
+    /// [`Fault::RegistryClockStep`]); the drift is kept within [`REGISTRY_MAX_DRIFT_PPM`], the
+    /// bound the TTL oracle allows for.
     RegistryClock {
         /// Wall-clock offset in ms.
         offset_ms: i64,
