@@ -153,6 +153,8 @@ struct Session {
     /// manager does not record).
     synced: std::sync::atomic::AtomicBool,
     metrics: RegistryProviderMetrics,
+    /// Held by a join attempt from request to stored token.
+    joining: tokio::sync::Mutex<()>,
 }
 
 impl RegistryProvider {
@@ -188,6 +190,7 @@ impl RegistryProvider {
             token: Mutex::new(None),
             synced: std::sync::atomic::AtomicBool::new(false),
             metrics: self.metrics.clone(),
+            joining: tokio::sync::Mutex::new(()),
         });
         // Subscribe before anything can be applied, so the first topology is not missed.
         let mut events = ctx.events.subscribe();
@@ -270,6 +273,10 @@ impl Session {
             role: self.role as i32,
             cluster_token: self.cluster_token(),
         };
+        // Held until the new token is stored: a shutdown waits for a join in flight instead of
+        // cancelling it after the registry applied it (which would leave a registration behind
+        // that no Leave can name). One attempt is bounded by the RPC deadline.
+        let _joining = self.joining.lock().await;
         let mut client = self.client.clone();
         let resp = self.call(client.join(req)).await.map_err(provider_error)?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp.member_token);
@@ -512,12 +519,16 @@ impl ClusterProvider for RegistryProvider {
         let Some(mut running) = self.running.lock().await.take() else {
             return Err(ProviderError::NotStarted);
         };
+        // A (re-)join in flight finishes first, so Leave names the registration that exists.
+        let session = running.session.clone();
+        let joining = session.joining.lock().await;
         for t in &running.tasks {
             t.abort();
         }
         for t in &mut running.tasks {
             t.join_ref().await;
         }
+        drop(joining);
         if graceful && !sim::flaw("shutdown-skips-leave") {
             running.session.leave().await;
         }
