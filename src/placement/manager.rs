@@ -250,7 +250,7 @@ impl State {
     /// is the owner rendezvous hashing elects over the current topology (checked in full for
     /// caches up to 10,000 entries, so debug builds of large tests stay fast).
     fn check_invariants(&self) {
-        if !cfg!(any(debug_assertions, madsim)) {
+        if !sim::self_checks() {
             return;
         }
         let cache = &self.cache;
@@ -414,6 +414,10 @@ impl OwnerCache {
     /// Re-elects owners for the new table; returns the identities whose owner changed.
     fn rebalance(&mut self, table: &PlacementTable, delta: &KindDelta) -> Vec<Moved> {
         let mut moved = Vec::new();
+        let (ignore_joins, unreported) = (
+            sim::flaw("rebalance-ignores-joins"),
+            sim::flaw("rebalance-unreported"),
+        );
         for (&key, chain) in self.map.iter_mut() {
             for entry in chain.iter_mut() {
                 let kind = &*entry.kind;
@@ -436,10 +440,7 @@ impl OwnerCache {
                         {
                             best.member = candidates[i].member.clone();
                         }
-                        let added = delta
-                            .added
-                            .get(kind)
-                            .filter(|_| !sim::flaw("rebalance-ignores-joins"));
+                        let added = delta.added.get(kind).filter(|_| !ignore_joins);
                         for cand in added.into_iter().flatten() {
                             let w = weight(key, cand.seed);
                             if best.beaten_by(w, &cand.member.id) {
@@ -454,7 +455,7 @@ impl OwnerCache {
                 };
                 let before = entry.owner.as_ref().map(|c| &c.member.id);
                 let after = next.as_ref().map(|c| &c.member.id);
-                if before != after && !sim::flaw("rebalance-unreported") {
+                if before != after && !unreported {
                     moved.push(Moved {
                         kind: kind.to_string(),
                         identity: entry.identity.to_string(),

@@ -41,11 +41,18 @@ impl Backoff {
     /// drawn uniformly from `[d/2, d]` ("equal jitter"), so a fleet that lost the registry at
     /// the same moment does not reconnect in lockstep.
     pub fn delay(&self, attempt: u32, clock: &dyn Clock) -> Duration {
-        let exp = self
-            .initial
-            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-            .min(self.max);
+        let exp = self.uncapped(attempt).min(self.max);
         exp / 2 + jitter(clock, exp / 2)
+    }
+
+    /// Whether retry number `attempt` has reached the cap.
+    pub fn is_capped(&self, attempt: u32) -> bool {
+        self.uncapped(attempt) >= self.max
+    }
+
+    fn uncapped(&self, attempt: u32) -> Duration {
+        self.initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
     }
 }
 
@@ -301,10 +308,7 @@ impl Session {
     /// The backoff before retry `attempt`, counting retries that reached the cap.
     fn backoff(&self, attempt: u32) -> Duration {
         let b = &self.config.backoff;
-        if b.initial
-            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-            >= b.max
-        {
+        if b.is_capped(attempt) {
             self.metrics.backoff_capped.inc();
         }
         b.delay(attempt, self.clock().as_ref())

@@ -274,13 +274,14 @@ impl RegistryState {
     /// that lost members, in cluster-name order.
     pub fn sweep(&mut self, now: Instant) -> Vec<Change> {
         let mut changes = Vec::new();
+        let never_expire = sim::flaw("never-expire");
         let names: Vec<String> = self.clusters.keys().cloned().collect();
         for name in names {
             let c = self.clusters.get_mut(&name).expect("listed");
             let expired: Vec<MemberId> = c
                 .registrations
                 .iter()
-                .filter(|(_, r)| r.expires_at <= now && !sim::flaw("never-expire"))
+                .filter(|(_, r)| r.expires_at <= now && !never_expire)
                 .map(|(id, _)| id.clone())
                 .collect();
             let mut left = Vec::new();
@@ -357,7 +358,7 @@ impl RegistryState {
     /// description registered, at a version no higher than the registry's counter; no cluster is
     /// empty.
     fn check_invariants(&self) {
-        if !cfg!(any(debug_assertions, madsim)) {
+        if !sim::self_checks() {
             return;
         }
         for (name, c) in &self.clusters {

@@ -24,6 +24,13 @@ pub fn buggify(probability: f64) -> bool {
     }
 }
 
+/// Whether self-checks (invariant assertions after every mutation) run: in debug builds and in
+/// every simulated run, release campaigns included; never in a release build of the product.
+#[inline]
+pub const fn self_checks() -> bool {
+    cfg!(any(debug_assertions, madsim))
+}
+
 /// Whether the defect `name` is planted in this simulated run (never in the normal build).
 #[inline]
 pub fn flaw(name: &'static str) -> bool {

@@ -19,6 +19,7 @@ pub mod lease;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+// Simulated time: the oracles run only inside the simulator.
 use madsim::time::Instant;
 use shoal::registry::{RegistryConfig, pb};
 use shoal::{ClusterTopology, MemberId};
