@@ -961,6 +961,7 @@ mod real {
             cluster: CLUSTER.into(),
             from_version: 0,
             cluster_token: String::new(),
+            epoch: 0,
         };
         // Opening may wait for the server to catch up (a burst of snapshots), so it gets the
         // watch phase's deadline rather than a single request's.

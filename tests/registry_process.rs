@@ -127,6 +127,44 @@ fn registry_restart_brings_every_live_member_back() {
     }
 }
 
+/// A registry restarted on a host whose clock is ten minutes behind issues lower versions in a
+/// new epoch: members take its snapshot as a reset and keep following it (no freeze).
+#[test]
+fn registry_restarted_with_its_clock_behind_is_followed_not_ignored() {
+    let mut args = FAST.to_vec();
+    args[7] = "1s"; // startup grace: members re-join before watchers get a snapshot
+    let (mut registry, addr) = start_registry("127.0.0.1:0", &args);
+    let u = url(&addr);
+    let members: Vec<Proc> = (1..=2)
+        .map(|i| start_member(&format!("m{i}"), &u, "c", &[]))
+        .collect();
+    let mut before = (String::new(), 0);
+    for m in &members {
+        let v = m.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+        before = (
+            v["epoch"].as_str().unwrap().to_string(),
+            v["version"].as_u64().unwrap(),
+        );
+    }
+    registry.kill9();
+    let (_registry, addr2) = start_registry_faketime("-10m", &addr, &args);
+    assert_eq!(addr, addr2);
+    let third = start_member("m3", &u, "c", &[]);
+    for m in members.iter().chain([&third]) {
+        let v = m.wait_snapshot("3 members from the restarted registry", 30, |v| {
+            member_count(v) == 3
+        });
+        let (epoch, version) = (v["epoch"].as_str().unwrap(), v["version"].as_u64().unwrap());
+        assert_ne!(epoch, before.0, "{}: a restart is a new epoch", m.name);
+        assert!(
+            version < before.1,
+            "{}: the restarted registry's clock is behind, so its versions are lower ({version} >= {})",
+            m.name,
+            before.1
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
     let mut args = FAST.to_vec();
@@ -145,6 +183,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             cluster: "c".into(),
             from_version: 0,
             cluster_token: String::new(),
+            epoch: 0,
         })
         .await
         .unwrap()
@@ -242,6 +281,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             cluster: "secure".into(),
             from_version: 0,
             cluster_token: "guess".into(),
+            epoch: 0,
         })
         .await
         .unwrap_err();
@@ -279,19 +319,36 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         ["good"]
     );
     assert_eq!(update.version, ok.topology_version);
-    // A watcher that already holds the current version resumes without a snapshot.
+    assert_ne!(update.epoch, 0, "every message names the registry's epoch");
+    // A watcher that already holds the current version of this epoch resumes without a
+    // snapshot; one that holds the same version number of another epoch gets a snapshot.
+    let resume = |epoch| pb::WatchRequest {
+        cluster: "c".into(),
+        from_version: ok.topology_version,
+        cluster_token: String::new(),
+        epoch,
+    };
     let mut resumed = client
-        .watch(pb::WatchRequest {
-            cluster: "c".into(),
-            from_version: ok.topology_version,
-            cluster_token: String::new(),
-        })
+        .watch(resume(update.epoch))
         .await
         .unwrap()
         .into_inner();
     match resumed.message().await.unwrap().unwrap().event {
-        Some(pb::watch_response::Event::Progress(p)) => assert_eq!(p.version, ok.topology_version),
+        Some(pb::watch_response::Event::Progress(p)) => {
+            assert_eq!((p.epoch, p.version), (update.epoch, ok.topology_version))
+        }
         other => panic!("expected progress for an up-to-date watcher, got {other:?}"),
+    }
+    let mut other_run = client
+        .watch(resume(update.epoch ^ 1))
+        .await
+        .unwrap()
+        .into_inner();
+    match other_run.message().await.unwrap().unwrap().event {
+        Some(pb::watch_response::Event::Snapshot(s)) => {
+            assert_eq!((s.epoch, s.version), (update.epoch, ok.topology_version))
+        }
+        other => panic!("expected a snapshot for a watcher of another epoch, got {other:?}"),
     }
     // A token authenticates a cluster.
     assert!(

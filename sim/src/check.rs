@@ -40,7 +40,8 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
             .iter()
             .any(|(n, _, inc)| n == name && &inc.id == id && inc.manager.version() == *v)
     });
-    let mut by_version: BTreeMap<u64, Vec<NodeSample>> = BTreeMap::new();
+    // By (registry epoch, version): version numbers of two registry runs may coincide.
+    let mut by_version: BTreeMap<(u64, u64), Vec<NodeSample>> = BTreeMap::new();
     for (name, _, inc) in &views {
         let t = inc.manager.topology();
         if t.version() == 0 {
@@ -57,11 +58,11 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
             })
             .clone();
         by_version
-            .entry(t.version())
+            .entry((t.epoch(), t.version()))
             .or_default()
             .push((name.clone(), t, owners));
     }
-    for (version, nodes) in &by_version {
+    for ((_, version), nodes) in &by_version {
         let (first_name, first_t, first_owners) = &nodes[0];
         for (name, t, owners) in &nodes[1..] {
             if !t.member_ids().eq(first_t.member_ids()) {
@@ -111,9 +112,13 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
             ));
         }
         match version {
-            None => version = Some(t.version()),
-            Some(v) if v != t.version() => {
-                return Err(format!("{name} holds v{}, others v{v}", t.version()));
+            None => version = Some((t.epoch(), t.version())),
+            Some((e, v)) if (e, v) != (t.epoch(), t.version()) => {
+                return Err(format!(
+                    "{name} holds v{} of epoch {:x}, others v{v} of epoch {e:x}",
+                    t.version(),
+                    t.epoch()
+                ));
             }
             _ => {}
         }
@@ -127,7 +132,7 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
             }
         }
     }
-    Ok(version.unwrap_or(0))
+    Ok(version.map_or(0, |(_, v)| v))
 }
 
 /// The liveness bound: how long after the last heal every live node must have converged.

@@ -551,15 +551,16 @@ impl SimCluster {
     /// Asks member `i` to shut down gracefully; once it has, its node stops and the failover
     /// oracle judges how fast survivors saw it go.
     fn leave(self: &Arc<Self>, i: usize, rejoin_after: Option<Duration>, idx: usize) {
-        let (stop, was_healthy) = {
+        let stop = {
             let mut slots = lock(&self.slots);
             let s = &mut slots[i];
             if !s.alive || s.paused || s.leaving {
                 return;
             }
             s.leaving = true;
-            (s.stop.clone(), self.health.healthy_since(i).is_some())
+            s.stop.clone()
         };
+        let leave_started = Instant::now();
         stop.requested.store(true, Ordering::SeqCst);
         stop.notify.notify_one();
         self.refresh_health();
@@ -571,6 +572,12 @@ impl SimCluster {
                 }
                 sleep(Duration::from_millis(10)).await;
             }
+            // Healthy from the start of the shutdown to its end (a fault that cut the member
+            // meanwhile may have lost every Leave attempt).
+            let was_healthy = c
+                .health
+                .healthy_since(i)
+                .is_some_and(|since| since <= leave_started);
             let id = {
                 let mut slots = lock(&c.slots);
                 let s = &mut slots[i];
@@ -885,10 +892,7 @@ impl SimCluster {
                 let Some(r) = &self.registry else { return };
                 self.recorder
                     .fault_started(fault.to_string(), vec!["registry".into()]);
-                // Forward only: a step back across a restart is the registry-clock-step
-                // scenario's (the registry does not survive it yet).
-                let (current, _) = r.clock.skew();
-                r.clock.set_wall_offset_ms(offset_ms.max(current));
+                r.clock.set_wall_offset_ms(offset_ms);
                 r.clock.set_drift_ppm(drift_ppm.clamp(
                     -crate::faults::REGISTRY_MAX_DRIFT_PPM,
                     crate::faults::REGISTRY_MAX_DRIFT_PPM,
@@ -1037,6 +1041,7 @@ impl SimCluster {
                     rec.count_n("provider: watch resumed by progress", m.watch_resumed.get());
                     rec.count_n("provider: snapshots applied", m.snapshots_applied.get());
                     rec.count_n("provider: backoff at its cap", m.backoff_capped.get());
+                    rec.count_n("provider: epoch changes", m.epoch_changes.get());
                 }
                 MetricSource::Events(m) => {
                     rec.count_n("events: missed by lagging subscribers", m.lagged.get());

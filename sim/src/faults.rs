@@ -103,10 +103,9 @@ pub enum Fault {
         /// Rate drift in ppm.
         drift_ppm: i64,
     },
-    /// The registry's clock: wall offset and rate drift, until the end of the run. The offset
-    /// only ever moves forward (a smaller one than in force is ignored: stepping back is
-    /// [`Fault::RegistryClockStep`]); the drift is kept within [`REGISTRY_MAX_DRIFT_PPM`], the
-    /// bound the TTL oracle allows for.
+    /// The registry's clock: wall offset (a step either way while it runs) and rate drift,
+    /// until the end of the run; the drift is kept within [`REGISTRY_MAX_DRIFT_PPM`], the bound
+    /// the TTL oracle allows for.
     RegistryClock {
         /// Wall-clock offset in ms.
         offset_ms: i64,
@@ -114,7 +113,7 @@ pub enum Fault {
         drift_ppm: i64,
     },
     /// The registry restarts with its wall clock stepped back (an NTP step, a host with no
-    /// RTC): the versions it issues may fall below the ones clients hold.
+    /// RTC): the versions it issues fall below the ones clients hold, in a new epoch.
     RegistryClockStep {
         /// How far back, in ms.
         back_ms: u64,
@@ -314,8 +313,10 @@ pub enum FaultKind {
     Pause,
     /// [`Fault::ClockSkew`].
     ClockSkew,
-    /// [`Fault::RegistryClock`] (forward offsets and bounded drift only).
+    /// [`Fault::RegistryClock`] (offsets either way, bounded drift).
     RegistryClock,
+    /// [`Fault::RegistryClockStep`].
+    RegistryClockStep,
     /// [`Fault::RegistryRestart`].
     RegistryRestart,
     /// [`Fault::RollingRestart`].
@@ -325,9 +326,8 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    /// The kinds random schedules draw from. [`Fault::RegistryClockStep`] is not among them:
-    /// the registry does not survive it yet (see the `registry-clock-step` scenario).
-    pub const ALL: [FaultKind; 14] = [
+    /// The kinds random schedules draw from.
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::Partition,
         FaultKind::Split,
         FaultKind::OneWay,
@@ -339,6 +339,7 @@ impl FaultKind {
         FaultKind::Pause,
         FaultKind::ClockSkew,
         FaultKind::RegistryClock,
+        FaultKind::RegistryClockStep,
         FaultKind::RegistryRestart,
         FaultKind::RollingRestart,
         FaultKind::Flap,
@@ -408,9 +409,13 @@ impl FaultKind {
                 drift_ppm: r.range(0, 500_000) as i64 - 250_000,
             },
             FaultKind::RegistryClock => Fault::RegistryClock {
-                offset_ms: r.range(0, 600_000) as i64,
+                offset_ms: r.range(0, 1_200_000) as i64 - 600_000,
                 drift_ppm: r.range(0, 2 * REGISTRY_MAX_DRIFT_PPM as u64) as i64
                     - REGISTRY_MAX_DRIFT_PPM,
+            },
+            FaultKind::RegistryClockStep => Fault::RegistryClockStep {
+                back_ms: r.range(1_000, 900_000),
+                down_for: r.ms(200, 5_000),
             },
             FaultKind::RegistryRestart => Fault::RegistryRestart {
                 down_for: r.ms(200, 8_000),

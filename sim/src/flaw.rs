@@ -53,6 +53,9 @@ pub enum Flaw {
     NoRejoin,
     /// Planted in the provider: a graceful shutdown does not send Leave.
     ShutdownSkipsLeave,
+    /// Planted in the provider's watch decoding: a snapshot is compared by version alone, so
+    /// one from a restarted registry (new epoch, lower versions) is ignored.
+    SnapshotIgnoresEpoch,
 }
 
 impl Flaw {
@@ -69,6 +72,7 @@ impl Flaw {
             Flaw::RebalanceUnreported => "rebalance-unreported",
             Flaw::NoRejoin => "no-rejoin",
             Flaw::ShutdownSkipsLeave => "shutdown-skips-leave",
+            Flaw::SnapshotIgnoresEpoch => "snapshot-ignores-epoch",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }
@@ -154,7 +158,9 @@ fn corrupt(t: &ClusterTopology) -> ClusterTopology {
     if let Some(m) = members.first_mut() {
         Arc::make_mut(m).address = "192.0.2.1:1".into();
     }
-    ClusterTopology::new(t.cluster_name(), t.version(), members).expect("same ids")
+    ClusterTopology::new(t.cluster_name(), t.version(), members)
+        .expect("same ids")
+        .with_epoch(t.epoch())
 }
 
 #[async_trait]

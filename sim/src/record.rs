@@ -1,7 +1,7 @@
 //! What a simulated run saw: a trace of events with simulated timestamps, each node's view of
 //! the membership over time, violations found by the checkers, and failover times.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -61,7 +61,8 @@ struct Inner {
     faults: Vec<FaultSpan>,
     violations: Vec<String>,
     failovers: Vec<Duration>,
-    last_version: BTreeMap<(String, MemberId), u64>,
+    /// Per node incarnation: the (epoch, version) last applied and the epochs it left.
+    last_version: BTreeMap<(String, MemberId), ((u64, u64), BTreeSet<u64>)>,
     keep_trace: bool,
     digest: u64,
     reported: std::collections::BTreeSet<String>,
@@ -128,16 +129,36 @@ impl Recorder {
     }
 
     /// A node (incarnation `id`) applied `topology`: records the view and checks that versions
-    /// never go backwards for this incarnation.
+    /// never go backwards for this incarnation within one registry epoch, and that it never
+    /// returns to an epoch it left (a stale topology of a registry run that is over).
     pub fn observe(&self, node: &str, id: &MemberId, topology: &ClusterTopology) {
-        let version = topology.version();
+        let (epoch, version) = (topology.epoch(), topology.version());
         let key = (node.to_string(), id.clone());
-        let previous = self.lock().last_version.insert(key, version);
-        if let Some(prev) = previous
-            && version <= prev
-        {
+        let problem = {
+            let mut inner = self.lock();
+            let entry = inner
+                .last_version
+                .entry(key)
+                .or_insert_with(|| ((epoch, 0), BTreeSet::new()));
+            let (prev_epoch, prev) = entry.0;
+            let problem = if prev_epoch == epoch && version <= prev && prev != 0 {
+                Some(format!("applied {version} after {prev}"))
+            } else if prev_epoch != epoch && entry.1.contains(&epoch) {
+                Some(format!(
+                    "applied {version} of epoch {epoch:x}, which it had left for epoch {prev_epoch:x}"
+                ))
+            } else {
+                None
+            };
+            if prev_epoch != epoch {
+                entry.1.insert(prev_epoch);
+            }
+            entry.0 = (epoch, version);
+            problem
+        };
+        if let Some(problem) = problem {
             self.violation(format!(
-                "safety: topology version went backwards on {node} ({id}): applied {version} after {prev}"
+                "safety: topology version went backwards on {node} ({id}): {problem}"
             ));
         }
         let at_ms = self.now_ms();

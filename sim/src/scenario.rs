@@ -389,6 +389,13 @@ pub fn all() -> Vec<Scenario> {
                 "placement: owner cache evictions",
             ],
         ),
+        reg(
+            "registry-clock-step",
+            "the registry restarts with its clock 1-15 min behind (a new epoch, lower versions), then a member crashes",
+            60,
+            registry_clock_step,
+            &["provider: epoch changes"],
+        ),
         Scenario {
             name: "memory-crash",
             about: "in-memory provider: members crash and restart",
@@ -408,20 +415,7 @@ pub fn all() -> Vec<Scenario> {
 /// names why. `scripts/campaign --scenario NAME` runs one; sim/tests asserts it still fails, so
 /// the harness keeps showing the bug until it is fixed.
 pub fn known_failing() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "registry-clock-step",
-        about: "the registry restarts with its clock 1-15 min behind, then a member crashes",
-        provider: ProviderKind::Registry,
-        members: 5,
-        clients: 1,
-        fault_phase: Duration::from_secs(60),
-        generate: registry_clock_step,
-        app: None,
-        covers: &[],
-        known_failure: Some(
-            "registry versions come from its wall clock: after a step back they fall below the ones clients hold, and views freeze (issue: registry epoch)",
-        ),
-    }]
+    Vec::new()
 }
 
 /// The scenario called `name` (default or known-failing).

@@ -68,7 +68,7 @@ pub struct FreshOwners {
 impl FreshOwners {
     /// The owners of identity 0..[`IDENTITIES`] over `t`.
     pub fn of(&self, t: &ClusterTopology) -> Owners {
-        let fingerprint = t.members().iter().fold(0u64, |acc, m| {
+        let fingerprint = t.members().iter().fold(t.epoch(), |acc, m| {
             acc.rotate_left(5) ^ key_hash(m.id.as_str(), &m.address)
         });
         let key = (t.version(), fingerprint);

@@ -124,6 +124,7 @@ mod real {
 
     fn snapshot_json(t: &ClusterTopology) -> serde_json::Value {
         json!({"event": "snapshot", "cluster": t.cluster_name(), "version": t.version(),
+               "epoch": format!("{:016x}", t.epoch()),
                "members": t.members().iter().map(|m| member_json(m)).collect::<Vec<_>>()})
     }
 
@@ -212,6 +213,7 @@ mod real {
             cluster: conn.cluster.clone(),
             from_version: 0,
             cluster_token: conn.cluster_token.clone().unwrap_or_default(),
+            epoch: 0,
         };
         let topology = tokio::time::timeout(args.wait, async {
             let mut stream = client.watch(req).await?.into_inner();

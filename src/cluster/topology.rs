@@ -10,11 +10,14 @@ use super::{Member, MemberId, ModelError};
 /// The members of one cluster at one version, as published by one source (a provider).
 ///
 /// Members are kept sorted by id and unique, so two topologies with the same members compare
-/// equal and iterate in the same order on every node. The version is monotonic per source:
-/// a consumer applies a topology only if its version is higher than the one it holds.
+/// equal and iterate in the same order on every node. The version is monotonic per source
+/// *epoch*: a consumer applies a topology if its version is higher than the one it holds, or if
+/// it comes from another epoch (the source restarted and lost its history, see [`Self::epoch`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterTopology {
     cluster_name: String,
+    #[serde(default)]
+    epoch: u64,
     version: u64,
     members: Vec<Arc<Member>>,
 }
@@ -35,15 +38,23 @@ impl ClusterTopology {
         }
         Ok(Self {
             cluster_name: cluster_name.into(),
+            epoch: 0,
             version,
             members,
         })
+    }
+
+    /// The same topology, issued under `epoch`.
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// The topology before anything is known: version 0, no members.
     pub fn empty(cluster_name: impl Into<String>) -> Self {
         Self {
             cluster_name: cluster_name.into(),
+            epoch: 0,
             version: 0,
             members: Vec::new(),
         }
@@ -57,6 +68,25 @@ impl ClusterTopology {
     /// The source's version of this topology.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// The run of the source that issued this topology (0: a source without epochs, such as the
+    /// in-memory provider). Versions are ordered only within one epoch: a source that restarts
+    /// without its history (a registry process, on a host whose clock may be behind) starts a
+    /// new epoch, and a consumer takes the new epoch's topology as a reset whatever its version.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether a consumer holding `self` should apply `offered`: a newer version of the same
+    /// epoch, or any version of another epoch (except that nothing replaces nothing: an empty
+    /// version 0 does not replace the empty version 0 a consumer starts with).
+    pub fn is_superseded_by(&self, offered: &ClusterTopology) -> bool {
+        if offered.epoch != self.epoch {
+            self.version != 0 || offered.version != 0
+        } else {
+            offered.version > self.version
+        }
     }
 
     /// Members sorted by id.

@@ -177,8 +177,10 @@ impl PartitionManager {
 
     /// Applies a newer topology and reports which remembered identities changed owner.
     ///
-    /// A topology whose version is not higher than the applied one is ignored and reported as
-    /// [`PlacementError::StaleTopology`], so replays and out-of-order deliveries are harmless.
+    /// A topology whose version is not higher than the applied one (in the same epoch) is
+    /// ignored and reported as [`PlacementError::StaleTopology`], so replays and out-of-order
+    /// deliveries are harmless. A topology of another epoch is applied whatever its version: its
+    /// source restarted, and the new run's versions are not comparable with the old ones.
     pub fn update_topology(
         &self,
         topology: Arc<ClusterTopology>,
@@ -191,7 +193,7 @@ impl PartitionManager {
         }
         let mut state = self.write();
         let current = state.topology.version();
-        if topology.version() <= current {
+        if !state.topology.is_superseded_by(&topology) {
             self.metrics.stale_updates.inc();
             return Err(PlacementError::StaleTopology {
                 cluster: self.cluster_name.clone(),
@@ -511,6 +513,31 @@ mod tests {
         assert_eq!(pm.version(), 5);
         assert_eq!(pm.topology().members()[0].id.as_str(), "m0001");
         assert_eq!(pm.cluster_name(), "c");
+    }
+
+    #[test]
+    fn a_new_epoch_is_a_reset_whatever_its_version() {
+        let pm = PartitionManager::new("c", PartitionConfig::default());
+        let epoch = |e: u64, v: u64, members: Vec<Member>| {
+            Arc::new(ClusterTopology::new("c", v, members).unwrap().with_epoch(e))
+        };
+        pm.update_topology(epoch(1, 500, vec![member(1, &["k"]), member(2, &["k"])]))
+            .unwrap();
+        // The source restarted with its clock behind: lower versions, another epoch.
+        let report = pm
+            .update_topology(epoch(2, 20, vec![member(2, &["k"])]))
+            .unwrap();
+        assert_eq!((report.from_version, report.to_version), (500, 20));
+        assert_eq!(report.diff.left.len(), 1);
+        assert_eq!((pm.topology().epoch(), pm.version()), (2, 20));
+        // Within the new epoch, versions are ordered again.
+        assert!(matches!(
+            pm.update_topology(epoch(2, 19, vec![])),
+            Err(PlacementError::StaleTopology { .. })
+        ));
+        // An empty version 0 of some epoch does not replace a fresh manager's empty start.
+        let fresh = PartitionManager::new("c", PartitionConfig::default());
+        assert!(fresh.update_topology(epoch(3, 0, vec![])).is_err());
     }
 
     #[test]

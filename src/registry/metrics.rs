@@ -140,12 +140,19 @@ pub struct RegistryProviderMetrics {
     pub snapshots_applied: Counter,
     /// Retries whose backoff reached its cap.
     pub backoff_capped: Counter,
+    /// Snapshots of a new registry epoch taken as a reset (the registry restarted).
+    pub epoch_changes: Counter,
+    /// Times this member concluded its registration had lapsed (no heartbeat accepted for the
+    /// TTL minus the safety margin, or the registry no longer knew it).
+    pub membership_lost: Counter,
+    /// Times this member was registered again (as a new incarnation) after losing it.
+    pub membership_restored: Counter,
 }
 
 impl RegistryProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 8] = [
+        let all: [(&str, &str, &Counter); 11] = [
             (
                 "registry_client_heartbeat_failures",
                 "Heartbeats that failed",
@@ -185,6 +192,21 @@ impl RegistryProviderMetrics {
                 "registry_client_backoff_capped",
                 "Retries at the backoff cap",
                 &self.backoff_capped,
+            ),
+            (
+                "registry_client_epoch_changes",
+                "Registry epoch changes taken as a reset (registry restarts)",
+                &self.epoch_changes,
+            ),
+            (
+                "registry_client_membership_lost",
+                "Times this member's registration lapsed",
+                &self.membership_lost,
+            ),
+            (
+                "registry_client_membership_restored",
+                "Times this member registered again after losing its registration",
+                &self.membership_restored,
             ),
         ];
         for (name, help, counter) in all {

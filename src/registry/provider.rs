@@ -383,6 +383,7 @@ impl Session {
             cluster: self.ctx.cluster_name.clone(),
             from_version: held.as_ref().map_or(0, |t| t.version()),
             cluster_token: self.cluster_token(),
+            epoch: held.as_ref().map_or(0, |t| t.epoch()),
         };
         let mut client = self.client.clone();
         let mut stream = match self.call(client.watch(req)).await {
@@ -421,8 +422,12 @@ impl Session {
                 {
                     self.metrics.watch_resumed.inc();
                 }
-                Some(pb::watch_response::Event::Snapshot(_)) => {
+                Some(pb::watch_response::Event::Snapshot(s)) => {
                     self.metrics.snapshots_applied.inc();
+                    if held.as_ref().is_some_and(|h| h.epoch() != s.epoch) {
+                        self.metrics.epoch_changes.inc();
+                        tracing::info!(member = %self.ctx.member.id, epoch = format_args!("{:x}", s.epoch), version = s.version, "the registry restarted (new epoch): taking its snapshot as a reset");
+                    }
                 }
                 _ => {}
             }
@@ -437,7 +442,10 @@ impl Session {
                         Err(e) => tracing::warn!(error = %e, "topology not applied"),
                     }
                 }
-                Err(e @ wire::WatchApplyError::Gap { .. }) => return WatchEnd::Gap(e.to_string()),
+                Err(
+                    e @ (wire::WatchApplyError::Gap { .. }
+                    | wire::WatchApplyError::EpochChanged { .. }),
+                ) => return WatchEnd::Gap(e.to_string()),
                 Err(e) => return WatchEnd::Failed(e.to_string()),
             }
         }

@@ -68,7 +68,7 @@ impl RegistryServer {
             shared: Arc::new(Shared {
                 ready_at: now + config.startup_grace,
                 core: Mutex::new(Core {
-                    state: RegistryState::new(config.clone(), floor),
+                    state: RegistryState::new(config.clone(), floor, clock.random_u64()),
                     feeds: BTreeMap::new(),
                     packed: BTreeMap::new(),
                 }),
@@ -392,7 +392,8 @@ impl pb::registry_server::Registry for RegistryService {
             shared: s.clone(),
             rx: None,
             version: 0,
-            resume_from: req.from_version,
+            resume_from: (req.epoch, req.from_version),
+            epoch: 0,
             _guard: guard,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(
@@ -449,8 +450,10 @@ struct Cursor {
     shared: Arc<Shared>,
     rx: Option<broadcast::Receiver<Arc<Change>>>,
     version: u64,
-    /// The version the watcher said it holds; if it is current, no snapshot is needed.
-    resume_from: u64,
+    /// The registry's epoch (set with the first message).
+    epoch: u64,
+    /// The (epoch, version) the watcher said it holds; if it is current, no snapshot is needed.
+    resume_from: (u64, u64),
     _guard: WatcherGuard,
 }
 
@@ -461,7 +464,7 @@ impl Cursor {
     async fn snapshot(&mut self, topology: &crate::cluster::ClusterTopology) -> pb::WatchResponse {
         let s = &self.shared;
         let cluster = topology.cluster_name();
-        let version = topology.version();
+        let (epoch, version) = (topology.epoch(), topology.version());
         let cached = |core: &Core| {
             core.packed
                 .get(cluster)
@@ -470,7 +473,7 @@ impl Cursor {
         };
         s.metrics.snapshots.inc();
         if let Some(bytes) = cached(&s.lock()) {
-            return wire::snapshot_packed(version, bytes);
+            return wire::snapshot_packed(epoch, version, bytes);
         }
         let _slot = s.snapshot_slots.acquire().await;
         if sim::buggify(0.1) {
@@ -478,7 +481,7 @@ impl Cursor {
             s.clock.sleep(Duration::from_millis(300)).await;
         }
         if let Some(bytes) = cached(&s.lock()) {
-            return wire::snapshot_packed(version, bytes);
+            return wire::snapshot_packed(epoch, version, bytes);
         }
         let bytes = wire::pack_members(topology);
         let mut core = s.lock();
@@ -488,7 +491,7 @@ impl Cursor {
             core.packed
                 .insert(cluster.to_string(), (version, bytes.clone()));
         }
-        wire::snapshot_packed(version, bytes)
+        wire::snapshot_packed(epoch, version, bytes)
     }
 
     async fn next(mut self) -> Option<(Result<pb::WatchResponse, Status>, Self)> {
@@ -508,10 +511,11 @@ impl Cursor {
             };
             self.rx = Some(rx);
             self.version = topology.version();
-            // Versions are unique across clusters and registry runs, so a watcher that already
-            // holds this version holds this topology: it needs no snapshot, only the news.
-            if self.resume_from != 0 && self.resume_from == self.version {
-                return Some((Ok(wire::progress(self.version)), self));
+            self.epoch = topology.epoch();
+            // Versions are unique across the clusters of one epoch, so a watcher that already
+            // holds this version of this epoch holds this topology: it needs only the news.
+            if self.resume_from.1 != 0 && self.resume_from == (self.epoch, self.version) {
+                return Some((Ok(wire::progress(self.epoch, self.version)), self));
             }
             let msg = self.snapshot(&topology).await;
             return Some((Ok(msg), self));
@@ -535,8 +539,8 @@ impl Cursor {
                         let msg = self.snapshot(&current).await;
                         return Some((Ok(msg), self));
                     }
-                    let version = self.version;
-                    return Some((Ok(wire::progress(version)), self));
+                    let (epoch, version) = (self.epoch, self.version);
+                    return Some((Ok(wire::progress(epoch, version)), self));
                 }
                 Some(Ok(change)) => {
                     let version = change.topology.version();

@@ -98,17 +98,27 @@ pub struct RegistryState {
     /// microseconds, so a restarted registry's versions continue above the previous run's and
     /// watchers never see a version go backwards.
     version: u64,
+    /// This run's epoch, carried by every topology it issues: versions are ordered only within
+    /// one epoch (a clock stepped back across a restart makes the floor above meaningless).
+    epoch: u64,
     clusters: BTreeMap<String, Cluster>,
 }
 
 impl RegistryState {
-    /// An empty registry whose versions start above `version_floor`.
-    pub fn new(config: Arc<RegistryConfig>, version_floor: u64) -> Self {
+    /// An empty registry whose versions start above `version_floor`, issuing topologies under
+    /// `epoch` (a random number per run, never 0).
+    pub fn new(config: Arc<RegistryConfig>, version_floor: u64, epoch: u64) -> Self {
         Self {
             config,
             version: version_floor,
+            epoch: epoch.max(1),
             clusters: BTreeMap::new(),
         }
+    }
+
+    /// This run's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The settings in force.
@@ -152,11 +162,12 @@ impl RegistryState {
             )));
         }
         let expires_at = now + self.config.ttl;
+        let epoch = self.epoch;
         let c = self
             .clusters
             .entry(cluster.to_string())
             .or_insert_with(|| Cluster {
-                topology: Arc::new(ClusterTopology::empty(cluster)),
+                topology: Arc::new(ClusterTopology::empty(cluster).with_epoch(epoch)),
                 registrations: BTreeMap::new(),
                 tokens: BTreeMap::new(),
                 members: 0,
@@ -309,7 +320,7 @@ impl RegistryState {
     pub fn topology(&self, cluster: &str) -> Arc<ClusterTopology> {
         match self.clusters.get(cluster) {
             Some(c) => c.topology.clone(),
-            None => Arc::new(ClusterTopology::empty(cluster)),
+            None => Arc::new(ClusterTopology::empty(cluster).with_epoch(self.epoch)),
         }
     }
 
@@ -442,7 +453,8 @@ impl RegistryState {
             .map(|r| r.member.clone());
         let topology = Arc::new(
             ClusterTopology::new(cluster, version, members)
-                .expect("registration ids are unique keys"),
+                .expect("registration ids are unique keys")
+                .with_epoch(self.epoch),
         );
         c.topology = topology.clone();
         Change {
@@ -476,7 +488,7 @@ mod tests {
         config
             .cluster_tokens
             .insert("secret".into(), "s3cr3t".into());
-        RegistryState::new(Arc::new(config), 1_000)
+        RegistryState::new(Arc::new(config), 1_000, 7)
     }
 
     fn m(id: &str) -> Member {
@@ -493,7 +505,7 @@ mod tests {
     async fn a_registry_at_its_cluster_limit_still_serves_the_clusters_it_holds() {
         let mut config = RegistryConfig::default();
         config.limits.max_clusters = 1;
-        let mut s = RegistryState::new(Arc::new(config), 0);
+        let mut s = RegistryState::new(Arc::new(config), 0, 7);
         assert_eq!(s.config().limits.max_clusters, 1);
         let t0 = now();
         s.join("c", "", m("a"), Role::Member, "ta".into(), t0)

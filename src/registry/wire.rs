@@ -40,10 +40,11 @@ pub fn pack_members(t: &ClusterTopology) -> prost::bytes::Bytes {
 }
 
 /// A full-topology watch message carrying already packed members (cheap to clone).
-pub fn snapshot_packed(version: u64, packed: prost::bytes::Bytes) -> pb::WatchResponse {
+pub fn snapshot_packed(epoch: u64, version: u64, packed: prost::bytes::Bytes) -> pb::WatchResponse {
     pb::WatchResponse {
         event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
             version,
+            epoch,
             members: Vec::new(),
             packed_members: packed,
         })),
@@ -52,7 +53,7 @@ pub fn snapshot_packed(version: u64, packed: prost::bytes::Bytes) -> pb::WatchRe
 
 /// A full-topology watch message.
 pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
-    snapshot_packed(t.version(), pack_members(t))
+    snapshot_packed(t.epoch(), t.version(), pack_members(t))
 }
 
 /// The members of a snapshot message, whether inline or packed.
@@ -72,6 +73,7 @@ pub fn update(c: &Change) -> pb::WatchResponse {
     pb::WatchResponse {
         event: Some(pb::watch_response::Event::Update(pb::Update {
             version: c.topology.version(),
+            epoch: c.topology.epoch(),
             previous_version: c.previous_version,
             joined: c.joined.iter().map(member_to_pb).collect(),
             left: c.left.iter().map(|m| m.id.to_string()).collect(),
@@ -81,10 +83,11 @@ pub fn update(c: &Change) -> pb::WatchResponse {
 }
 
 /// A keep-alive watch message.
-pub fn progress(version: u64) -> pb::WatchResponse {
+pub fn progress(epoch: u64, version: u64) -> pb::WatchResponse {
     pb::WatchResponse {
         event: Some(pb::watch_response::Event::Progress(pb::Progress {
             version,
+            epoch,
         })),
     }
 }
@@ -114,10 +117,23 @@ pub enum WatchApplyError {
         /// The version held.
         held: u64,
     },
+    /// An update or progress of another registry run than the topology held: the stream
+    /// crossed a registry restart and must be reopened for a snapshot of the new epoch.
+    #[error("message of registry epoch {offered:x} received while holding epoch {held:x}")]
+    EpochChanged {
+        /// The message's epoch.
+        offered: u64,
+        /// The epoch held.
+        held: u64,
+    },
 }
 
 /// Applies a watch message to the topology held (if any): `Ok(Some(t))` is a newer topology to
 /// apply, `Ok(None)` means nothing new (progress, or a version already held).
+///
+/// A snapshot of another epoch than the one held is taken whatever its version (the registry
+/// restarted; see the epoch rules in the .proto); an update or progress of another epoch is
+/// [`WatchApplyError::EpochChanged`].
 pub fn next_topology(
     cluster: &str,
     held: Option<&Arc<ClusterTopology>>,
@@ -125,24 +141,37 @@ pub fn next_topology(
 ) -> Result<Option<Arc<ClusterTopology>>, WatchApplyError> {
     let held_version = held.map_or(0, |t| t.version());
     let bad = |e: ModelError| WatchApplyError::Malformed(e.to_string());
+    let same_epoch = |epoch: u64| match held {
+        Some(h) if h.epoch() != epoch => Err(WatchApplyError::EpochChanged {
+            offered: epoch,
+            held: h.epoch(),
+        }),
+        _ => Ok(()),
+    };
     match msg.event {
         None => Err(WatchApplyError::Malformed("empty watch message".into())),
-        Some(pb::watch_response::Event::Progress(_)) => Ok(None),
+        Some(pb::watch_response::Event::Progress(p)) => same_epoch(p.epoch).map(|()| None),
         Some(pb::watch_response::Event::Snapshot(s)) => {
-            if held.is_some_and(|h| s.version <= h.version()) {
+            let same_run = |h: &Arc<ClusterTopology>| {
+                h.epoch() == s.epoch || sim::flaw("snapshot-ignores-epoch")
+            };
+            if held.is_some_and(|h| same_run(h) && s.version <= h.version()) {
                 return Ok(None);
             }
-            let version = s.version;
+            let (epoch, version) = (s.epoch, s.version);
             let members = snapshot_members(s)?
                 .into_iter()
                 .map(member_from_pb)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(bad)?;
             Ok(Some(Arc::new(
-                ClusterTopology::new(cluster, version, members).map_err(bad)?,
+                ClusterTopology::new(cluster, version, members)
+                    .map_err(bad)?
+                    .with_epoch(epoch),
             )))
         }
         Some(pb::watch_response::Event::Update(u)) => {
+            same_epoch(u.epoch)?;
             if u.version <= held_version {
                 return Ok(None);
             }
@@ -171,7 +200,9 @@ pub fn next_topology(
                 members.insert(m.id.clone(), Arc::new(m));
             }
             Ok(Some(Arc::new(
-                ClusterTopology::new(cluster, u.version, members.into_values()).map_err(bad)?,
+                ClusterTopology::new(cluster, u.version, members.into_values())
+                    .map_err(bad)?
+                    .with_epoch(u.epoch),
             )))
         }
     }
@@ -227,11 +258,56 @@ mod tests {
             })
         ));
         assert!(
-            next_topology("c", Some(&t2), progress(6))
+            next_topology("c", Some(&t2), progress(0, 6))
                 .unwrap()
                 .is_none()
         );
         assert!(next_topology("c", None, pb::WatchResponse { event: None }).is_err());
+    }
+
+    #[test]
+    fn another_epoch_resets_by_snapshot_and_stops_updates_and_progress() {
+        let held = Arc::new(
+            ClusterTopology::new("c", 500, [m("a"), m("b")])
+                .unwrap()
+                .with_epoch(1),
+        );
+        // The registry restarted with its clock behind: lower versions, another epoch.
+        let restarted = ClusterTopology::new("c", 20, [m("a")])
+            .unwrap()
+            .with_epoch(2);
+        let got = next_topology("c", Some(&held), snapshot(&restarted))
+            .unwrap()
+            .expect("a snapshot of another epoch is taken whatever its version");
+        assert_eq!((got.epoch(), got.version(), got.len()), (2, 20, 1));
+        assert!(matches!(
+            next_topology("c", Some(&held), progress(2, 20)),
+            Err(WatchApplyError::EpochChanged {
+                offered: 2,
+                held: 1
+            })
+        ));
+        let change = Change {
+            topology: Arc::new(
+                ClusterTopology::new("c", 501, [m("a")])
+                    .unwrap()
+                    .with_epoch(2),
+            ),
+            previous_version: 500,
+            joined: vec![],
+            changed: vec![],
+            left: vec![m("b")],
+            expired: false,
+        };
+        assert!(
+            matches!(
+                next_topology("c", Some(&held), update(&change)),
+                Err(WatchApplyError::EpochChanged { .. })
+            ),
+            "an update of another epoch never applies to this base, even with matching versions"
+        );
+        let same = next_topology("c", Some(&got), snapshot(&restarted)).unwrap();
+        assert!(same.is_none(), "the same epoch and version is not new");
     }
 
     #[test]
@@ -245,6 +321,7 @@ mod tests {
         let inline = pb::WatchResponse {
             event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
                 version: 9,
+                epoch: 0,
                 members: t.members().iter().map(|m| member_to_pb(m)).collect(),
                 packed_members: Default::default(),
             })),
@@ -252,7 +329,7 @@ mod tests {
         for msg in [packed, inline] {
             assert_eq!(*next_topology("c", None, msg).unwrap().unwrap(), t);
         }
-        let garbage = snapshot_packed(10, prost::bytes::Bytes::from_static(&[0xff, 0xff, 0xff]));
+        let garbage = snapshot_packed(0, 10, prost::bytes::Bytes::from_static(&[0xff, 0xff, 0xff]));
         assert!(matches!(
             next_topology("c", None, garbage),
             Err(WatchApplyError::Malformed(_))

@@ -15,8 +15,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin: &str, args: &[&str]) -> Proc {
+        Self::spawn_with(name, bin, args, &[])
+    }
+
+    /// [`Self::spawn`] with extra environment variables.
+    pub fn spawn_with(name: &str, bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(bin)
             .args(args)
+            .envs(envs.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -141,7 +147,23 @@ pub fn shoal_bin() -> &'static str {
 pub fn start_registry(listen: &str, extra: &[&str]) -> (Proc, String) {
     let mut args = vec!["--listen", listen];
     args.extend_from_slice(extra);
-    let p = Proc::spawn("registry", registry_bin(), &args);
+    wait_listening(Proc::spawn("registry", registry_bin(), &args))
+}
+
+/// Starts a registry whose wall clock is `offset` (libfaketime syntax, like `-10m`) off the
+/// host's; its monotonic clock is left alone. Needs `faketime` (scripts/setup.sh installs it).
+pub fn start_registry_faketime(offset: &str, listen: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["-f", offset, registry_bin(), "--listen", listen];
+    args.extend_from_slice(extra);
+    wait_listening(Proc::spawn_with(
+        "registry",
+        "faketime",
+        &args,
+        &[("FAKETIME_DONT_FAKE_MONOTONIC", "1")],
+    ))
+}
+
+fn wait_listening(p: Proc) -> (Proc, String) {
     let line = p.wait_line("the listening line", 15, |l| l.starts_with("listening on "));
     let addr = line.trim_start_matches("listening on ").to_string();
     (p, addr)

@@ -1,4 +1,4 @@
-//! The global history oracle: version -> topology as the registry issued it.
+//! The global history oracle: (epoch, version) -> topology as the registry issued it.
 //!
 //! Built from the watch messages the registry sent (snapshots, and updates applied to the
 //! version they name, by this module's own code, not the provider's), so a node whose view is
@@ -20,7 +20,8 @@ const MAX_VERSIONS: usize = 100_000;
 /// What the registry issued.
 #[derive(Debug, Default)]
 pub struct History {
-    by_version: BTreeMap<u64, Arc<ClusterTopology>>,
+    /// By (registry epoch, version): versions of different registry runs may repeat.
+    by_version: BTreeMap<(u64, u64), Arc<ClusterTopology>>,
 }
 
 impl History {
@@ -29,7 +30,7 @@ impl History {
         let topology = match &msg.event {
             Some(pb::watch_response::Event::Snapshot(s)) => snapshot(s),
             Some(pb::watch_response::Event::Update(u)) => {
-                let Some(base) = self.by_version.get(&u.previous_version) else {
+                let Some(base) = self.by_version.get(&(u.epoch, u.previous_version)) else {
                     // Every watcher got its base from this registry first, so the base is here.
                     if u.previous_version != 0 {
                         rec.violation_once(
@@ -53,7 +54,8 @@ impl History {
             );
             return;
         };
-        match self.by_version.get(&t.version()) {
+        let key = (t.epoch(), t.version());
+        match self.by_version.get(&key) {
             Some(known) if known.members() != t.members() => rec.violation_once(
                 format!("history conflict {}", t.version()),
                 format!(
@@ -65,7 +67,7 @@ impl History {
             ),
             Some(_) => {}
             None if self.by_version.len() < MAX_VERSIONS => {
-                self.by_version.insert(t.version(), Arc::new(t));
+                self.by_version.insert(key, Arc::new(t));
             }
             None => {}
         }
@@ -73,7 +75,7 @@ impl History {
 
     /// A node applied `t`: it must be exactly what the registry issued under that version.
     pub fn applied(&self, node: &str, t: &ClusterTopology, rec: &Recorder) {
-        match self.by_version.get(&t.version()) {
+        match self.by_version.get(&(t.epoch(), t.version())) {
             None => rec.violation_once(
                 format!("history invented {node} {}", t.version()),
                 format!(
@@ -128,7 +130,11 @@ fn snapshot(s: &pb::Snapshot) -> Option<ClusterTopology> {
                 .collect::<Option<Vec<_>>>()?,
         );
     }
-    ClusterTopology::new(CLUSTER, s.version, members).ok()
+    Some(
+        ClusterTopology::new(CLUSTER, s.version, members)
+            .ok()?
+            .with_epoch(s.epoch),
+    )
 }
 
 fn update(base: &ClusterTopology, u: &pb::Update) -> Option<ClusterTopology> {
@@ -144,5 +150,9 @@ fn update(base: &ClusterTopology, u: &pb::Update) -> Option<ClusterTopology> {
         let m = member(m)?;
         members.insert(m.id.clone(), m);
     }
-    ClusterTopology::new(CLUSTER, u.version, members.into_values()).ok()
+    Some(
+        ClusterTopology::new(CLUSTER, u.version, members.into_values())
+            .ok()?
+            .with_epoch(u.epoch),
+    )
 }
