@@ -238,6 +238,38 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             join("secure", Some(member("a", 1)), "guess"),
             Code::Unauthenticated,
         ),
+        (
+            "address without a port",
+            join(
+                "c",
+                Some(pb::Member {
+                    address: "no-port".into(),
+                    ..member("a", 1)
+                }),
+                "",
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "port out of range",
+            join(
+                "c",
+                Some(pb::Member {
+                    address: "127.0.0.1:99999".into(),
+                    ..member("a", 1)
+                }),
+                "",
+            ),
+            Code::InvalidArgument,
+        ),
+        (
+            "role not set",
+            pb::JoinRequest {
+                role: pb::Role::Unspecified as i32,
+                ..join("c", Some(member("a", 1)), "")
+            },
+            Code::InvalidArgument,
+        ),
     ];
     for (what, req, code) in cases {
         let err = client.join(req).await.unwrap_err();

@@ -180,6 +180,7 @@ impl Member {
     /// Checks the description against `limits`, naming the offending field.
     pub fn validate(&self, limits: &MemberLimits) -> Result<(), ModelError> {
         check_text("address", &self.address, limits.max_address_len)?;
+        check_address(&self.address)?;
         if self.kinds.len() > limits.max_kinds {
             return Err(ModelError::TooMany {
                 field: "kinds",
@@ -215,6 +216,31 @@ impl Member {
 }
 
 /// Names (cluster names, kinds, zones, addresses): non-empty, bounded, no control characters.
+/// Checks that `address` is `host:port`: a non-empty host (IPv6 in brackets) without spaces, and
+/// a decimal port in 1..=65535. Peers dial this address, so a typo must fail at join time, not
+/// later on every call routed to the member.
+pub(crate) fn check_address(address: &str) -> Result<(), ModelError> {
+    let bad = || ModelError::InvalidAddress(address.to_string());
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u32>().is_ok_and(|p| (1..=65_535).contains(&p));
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !host.is_empty()
+                && !host.contains(':')
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        }
+    };
+    if port_ok && host_ok { Ok(()) } else { Err(bad()) }
+}
+
 pub(crate) fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), ModelError> {
     if text.is_empty() {
         return Err(ModelError::Empty { field });
@@ -235,6 +261,35 @@ pub(crate) fn check_text(field: &'static str, text: &str, max: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_must_be_host_and_port() {
+        for ok in [
+            "10.0.0.1:4000",
+            "node-1.svc.cluster.local:80",
+            "[::1]:65535",
+            "h:1",
+        ] {
+            assert!(check_address(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "no-port",
+            "host:",
+            ":80",
+            "host:0",
+            "host:99999",
+            "host:+80",
+            "host:80a",
+            "::1:80",
+            "[::1:80",
+            "[nope]:80",
+            "a b:80",
+            "host:00000080",
+        ] {
+            let err = check_address(bad).unwrap_err();
+            assert!(err.to_string().contains("host:port"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn member_id_validation() {

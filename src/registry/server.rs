@@ -272,8 +272,16 @@ impl pb::registry_server::Registry for RegistryService {
         let s = &self.shared;
         let req = request.into_inner();
         let role = match pb::Role::try_from(req.role) {
-            Ok(pb::Role::Member) | Ok(pb::Role::Unspecified) => Role::Member,
+            Ok(pb::Role::Member) => Role::Member,
             Ok(pb::Role::Client) => Role::Client,
+            Ok(pb::Role::Unspecified) => {
+                return Err(s.fail(
+                    "join",
+                    RegistryError::Invalid(
+                        "role is ROLE_UNSPECIFIED: set ROLE_MEMBER to host actors or ROLE_CLIENT to only watch".into(),
+                    ),
+                ));
+            }
             Err(_) => {
                 return Err(s.fail(
                     "join",
