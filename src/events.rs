@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::cluster::{ClusterTopology, Member};
+use crate::cluster::{ClusterTopology, Member, MemberId};
 use crate::metrics::EventMetrics;
 use crate::placement::RebalanceReport;
+use crate::provider::LossReason;
 
 /// A change of membership as seen by one node, carrying the version it happened at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +62,33 @@ pub enum ClusterEvent {
         /// What changed.
         report: Arc<RebalanceReport>,
     },
+    /// This node's own registration is gone, or may be about to go: the backend may already
+    /// have removed it, so peers may take over its identities at any moment. Stop serving the
+    /// identities this node owns. The same contract for every provider (see
+    /// `crate::provider::lease`).
+    MembershipLost {
+        /// Cluster name.
+        cluster: String,
+        /// The incarnation that lost its registration.
+        member: MemberId,
+        /// How the node found out.
+        reason: LossReason,
+        /// The topology version held when it found out.
+        version: u64,
+    },
+    /// This node is registered again after a [`ClusterEvent::MembershipLost`]. When the backend
+    /// had removed it, it re-joined as a new incarnation (`member.id != previous`): peers never
+    /// see a member they saw removed come back.
+    MembershipRestored {
+        /// Cluster name.
+        cluster: String,
+        /// This node as now registered.
+        member: Member,
+        /// The incarnation that was lost.
+        previous: MemberId,
+        /// The topology version held when it was restored.
+        version: u64,
+    },
 }
 
 impl ClusterEvent {
@@ -69,6 +97,8 @@ impl ClusterEvent {
         match self {
             ClusterEvent::Topology(e) => e.version(),
             ClusterEvent::TopologyChanged { topology, .. } => topology.version(),
+            ClusterEvent::MembershipLost { version, .. }
+            | ClusterEvent::MembershipRestored { version, .. } => *version,
         }
     }
 }

@@ -112,11 +112,8 @@ fn registry_restart_brings_every_live_member_back() {
     // No member ever saw a version go backwards.
     for m in &members {
         let versions: Vec<u64> = m
-            .lines
-            .lock()
-            .unwrap()
+            .json_lines("snapshot")
             .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .map(|v| v["version"].as_u64().unwrap())
             .collect();
         assert!(
@@ -125,6 +122,70 @@ fn registry_restart_brings_every_live_member_back() {
             m.name
         );
     }
+}
+
+/// A member frozen for longer than the TTL (SIGSTOP: a VM pause, a long GC) is expired by the
+/// registry; when it wakes it says so (membership-lost), re-joins as a new incarnation
+/// (membership-restored with a new id), and its peers never see the old id come back.
+#[test]
+fn a_member_frozen_past_its_ttl_knows_it_lost_membership_and_returns_as_a_new_incarnation() {
+    let (_registry, addr) = start_registry("127.0.0.1:0", FAST);
+    let u = url(&addr);
+    let frozen = start_member("frozen", &u, "c", &[]);
+    let peer = start_member("peer", &u, "c", &[]);
+    for m in [&frozen, &peer] {
+        m.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    }
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = ids(&peer.last_json().unwrap());
+    let signal = |sig: &str| {
+        let pid = frozen.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    peer.wait_snapshot("the frozen member expired", 20, |v| member_count(v) == 1);
+    let survivor = ids(&peer.last_json().unwrap());
+    let old_id = before
+        .iter()
+        .find(|i| !survivor.contains(i))
+        .unwrap()
+        .clone();
+    signal("-CONT");
+    let restored = frozen.wait_line("membership restored", 20, |l| {
+        l.contains("\"membership-restored\"")
+    });
+    let restored: serde_json::Value = serde_json::from_str(&restored).unwrap();
+    assert_eq!(restored["previous"], old_id.as_str());
+    assert_ne!(restored["member"], old_id.as_str(), "a new incarnation");
+    let lost = frozen.json_lines("membership-lost");
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0]["member"], old_id.as_str());
+    let new_id = restored["member"].as_str().unwrap().to_string();
+    peer.wait_snapshot("the new incarnation", 20, |v| {
+        ids(v).contains(&new_id) && member_count(v) == 2
+    });
+    let seen_after_expiry = peer
+        .json_lines("snapshot")
+        .iter()
+        .skip_while(|v| ids(v).contains(&old_id))
+        .any(|v| ids(v).contains(&old_id));
+    assert!(
+        !seen_after_expiry,
+        "{old_id} came back after it was removed"
+    );
 }
 
 /// A registry restarted on a host whose clock is ten minutes behind issues lower versions in a

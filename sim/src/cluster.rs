@@ -146,14 +146,26 @@ pub fn default_registry_config() -> RegistryConfig {
 /// A running node's current incarnation, as its init task published it.
 #[derive(Clone, Debug)]
 pub struct Incarnation {
-    /// Member id (clients have one too; they are not in the topology).
+    /// Member id (clients have one too; they are not in the topology): the current one, after
+    /// any re-join as a new incarnation.
     pub id: MemberId,
+    /// Ids this process registered under before `id` (it lost them and re-joined).
+    pub earlier_ids: Vec<MemberId>,
+    /// Ids of starts that failed (the registry may hold them, the process never did).
+    pub abandoned_ids: Vec<MemberId>,
     /// The node's partition manager.
     pub manager: Arc<PartitionManager>,
     /// When the incarnation was created.
     pub started_at: Instant,
     /// When its provider finished starting, if it has.
     pub ready_at: Option<Instant>,
+}
+
+impl Incarnation {
+    /// Whether this process registered as `id`, now or before.
+    pub fn holds(&self, id: &MemberId) -> bool {
+        &self.id == id || self.earlier_ids.contains(id) || self.abandoned_ids.contains(id)
+    }
 }
 
 /// Counters of the products' own metrics, summed into the run's rare-path counts at the end.
@@ -173,6 +185,12 @@ struct Slot {
     current: Arc<Mutex<Option<Incarnation>>>,
     alive: bool,
     paused: bool,
+    /// When the node's last pause ended (its timers fired late up to then).
+    unpaused_at: Option<Instant>,
+    /// Whether the node's clock was ever given a rate drift beyond what providers assume
+    /// ([`shoal::provider::LeaseTiming::DEFAULT_MAX_DRIFT_PPM`]): its own lease judgement is
+    /// then not held to the bound.
+    wild_clock: bool,
     /// A graceful shutdown is under way.
     leaving: bool,
     lost_heartbeats: bool,
@@ -343,6 +361,8 @@ impl SimCluster {
                 current,
                 alive: true,
                 paused: false,
+                unpaused_at: None,
+                wild_clock: false,
                 leaving: false,
                 lost_heartbeats: false,
                 stop,
@@ -461,7 +481,7 @@ impl SimCluster {
     fn slot_of(&self, id: &MemberId) -> Option<usize> {
         lock(&self.slots)
             .iter()
-            .position(|s| lock(&s.current).as_ref().is_some_and(|c| &c.id == id))
+            .position(|s| lock(&s.current).as_ref().is_some_and(|c| c.holds(id)))
     }
 
     /// Recomputes every path's health from the faults in force.
@@ -487,7 +507,33 @@ impl SimCluster {
         };
         let topology = server.topology(CLUSTER);
         let healthy = |id: &MemberId| self.slot_of(id).and_then(|i| self.health.healthy_since(i));
-        self.oracles.published(run, &topology, &healthy);
+        let excused =
+            |id: &MemberId, renewed_at: Instant| self.lease_judgement_excused(id, renewed_at);
+        self.oracles.published(run, &topology, &healthy, &excused);
+    }
+
+    /// Whether the node that registered `id` cannot be held to announcing its own expiry
+    /// (last accepted renewal at `renewed_at`): its process is gone or shutting down, it was
+    /// paused since (its timers fired late), or its clock drifts beyond the bound providers
+    /// assume.
+    fn lease_judgement_excused(&self, id: &MemberId, renewed_at: Instant) -> bool {
+        let slots = lock(&self.slots);
+        let Some(s) = slots
+            .iter()
+            .find(|s| lock(&s.current).as_ref().is_some_and(|c| c.holds(id)))
+        else {
+            return true; // That process crashed or left.
+        };
+        let abandoned = lock(&s.current)
+            .as_ref()
+            .is_some_and(|c| c.abandoned_ids.contains(id));
+        abandoned
+            || !s.alive
+            || s.leaving
+            || s.paused
+            || s.wild_clock
+            || s.unpaused_at
+                .is_some_and(|t| t + Duration::from_secs(1) >= renewed_at)
     }
 
     /// Clogs `links` now and unclogs them (healing fault `idx`) after `duration`.
@@ -881,7 +927,12 @@ impl SimCluster {
                 }
                 self.recorder
                     .fault_started(fault.to_string(), names(&[member]));
-                let clock = lock(&self.slots)[member].clock.clone();
+                let clock = {
+                    let mut slots = lock(&self.slots);
+                    let bound = i64::from(shoal::provider::LeaseTiming::DEFAULT_MAX_DRIFT_PPM);
+                    slots[member].wild_clock |= drift_ppm.abs() > bound;
+                    slots[member].clock.clone()
+                };
                 clock.set_wall_offset_ms(offset_ms);
                 clock.set_drift_ppm(drift_ppm);
             }
@@ -997,6 +1048,7 @@ impl SimCluster {
         let mut slots = lock(&self.slots);
         if slots[i].paused {
             slots[i].paused = false;
+            slots[i].unpaused_at = Some(Instant::now());
             let id = slots[i].node.id();
             drop(slots);
             self.handle.resume(id);
@@ -1042,6 +1094,8 @@ impl SimCluster {
                     rec.count_n("provider: snapshots applied", m.snapshots_applied.get());
                     rec.count_n("provider: backoff at its cap", m.backoff_capped.get());
                     rec.count_n("provider: epoch changes", m.epoch_changes.get());
+                    rec.count_n("provider: membership lost", m.membership_lost.get());
+                    rec.count_n("provider: membership restored", m.membership_restored.get());
                 }
                 MetricSource::Events(m) => {
                     rec.count_n("events: missed by lagging subscribers", m.lagged.get());
@@ -1123,12 +1177,13 @@ impl NodeSpec {
         sleep(Duration::from_millis(madsim::rand::random::<u64>() % 2_000)).await;
         let clock: SharedClock = self.clock.clone();
         let kinds: Vec<&str> = if self.is_client { vec![] } else { vec![KIND] };
-        let ctx = ClusterProviderContext::new(CLUSTER, format!("{}:4000", self.ip), kinds, clock)
-            .expect("valid member")
-            .with_events(EventStream::new(self.knobs.event_capacity))
-            .with_partition_config(PartitionConfig {
-                max_cached_identities: self.knobs.cache_capacity,
-            });
+        let mut ctx =
+            ClusterProviderContext::new(CLUSTER, format!("{}:4000", self.ip), kinds, clock)
+                .expect("valid member")
+                .with_events(EventStream::new(self.knobs.event_capacity))
+                .with_partition_config(PartitionConfig {
+                    max_cached_identities: self.knobs.cache_capacity,
+                });
         let id = ctx.member.id.clone();
         self.recorder
             .trace(&self.name, format!("incarnation {id} starting"));
@@ -1142,12 +1197,13 @@ impl NodeSpec {
         // Record every topology the node applies (subscribed before the provider starts).
         let mut events = ctx.events.subscribe();
         let workload_events = ctx.events.subscribe();
-        let (rec, oracles, name, rid, pm) = (
+        let (rec, oracles, name, rid, pm, current) = (
             self.recorder.clone(),
             self.oracles.clone(),
             self.name.clone(),
             id.clone(),
             ctx.partition_manager.clone(),
+            self.current.clone(),
         );
         madsim::task::spawn(async move {
             loop {
@@ -1155,6 +1211,24 @@ impl NodeSpec {
                     Ok(ClusterEvent::TopologyChanged { topology, .. }) => {
                         rec.observe(&name, &rid, &topology);
                         oracles.applied(&name, &topology);
+                    }
+                    Ok(ClusterEvent::MembershipLost { member, reason, .. }) => {
+                        rec.trace(&name, format!("membership lost as {member}: {reason}"));
+                        oracles.lost(&member);
+                    }
+                    Ok(ClusterEvent::MembershipRestored {
+                        member, previous, ..
+                    }) => {
+                        rec.trace(
+                            &name,
+                            format!("membership restored as {} (was {previous})", member.id),
+                        );
+                        if let Some(inc) = lock(&current).as_mut()
+                            && inc.id != member.id
+                        {
+                            let old = std::mem::replace(&mut inc.id, member.id.clone());
+                            inc.earlier_ids.push(old);
+                        }
                     }
                     Ok(_) => {}
                     Err(shoal::SubscriptionError::Lagged { missed }) => {
@@ -1185,14 +1259,14 @@ impl NodeSpec {
         } else {
             provider
         };
-        let started_at = Instant::now();
-        let incarnation = |ready_at| Incarnation {
+        *lock(&self.current) = Some(Incarnation {
             id: id.clone(),
+            earlier_ids: Vec::new(),
+            abandoned_ids: Vec::new(),
             manager: ctx.partition_manager.clone(),
-            started_at,
-            ready_at,
-        };
-        *lock(&self.current) = Some(incarnation(None));
+            started_at: Instant::now(),
+            ready_at: None,
+        });
         let mut attempt = 0u32;
         loop {
             let started = if self.is_client {
@@ -1207,6 +1281,14 @@ impl NodeSpec {
                     self.recorder.count("node: start retried");
                     self.recorder
                         .trace(&self.name, format!("start failed (attempt {attempt}): {e}"));
+                    // A failed start withdrew its registration: the next attempt is a new
+                    // incarnation (peers may have seen this one come and go).
+                    let next = ctx.member.id.successor(self.clock.as_ref());
+                    if let Some(inc) = lock(&self.current).as_mut() {
+                        let old = std::mem::replace(&mut inc.id, next.clone());
+                        inc.abandoned_ids.push(old);
+                    }
+                    ctx = ctx.with_member_id(next);
                     sleep(Duration::from_secs(1)).await;
                 }
             }

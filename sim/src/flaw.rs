@@ -56,6 +56,12 @@ pub enum Flaw {
     /// Planted in the provider's watch decoding: a snapshot is compared by version alone, so
     /// one from a restarted registry (new epoch, lower versions) is ignored.
     SnapshotIgnoresEpoch,
+    /// Planted in the provider's heartbeat: the lease counts from every attempt, not from the
+    /// last accepted one, so a cut-off member never notices it lost its registration.
+    LeaseRenewedOnAttempt,
+    /// Planted in the registry's sweep: expired ids are not remembered, so a join of one that
+    /// arrives late (sent before the expiry, delayed by the network) brings it back.
+    ExpiryNotBuried,
 }
 
 impl Flaw {
@@ -73,6 +79,8 @@ impl Flaw {
             Flaw::NoRejoin => "no-rejoin",
             Flaw::ShutdownSkipsLeave => "shutdown-skips-leave",
             Flaw::SnapshotIgnoresEpoch => "snapshot-ignores-epoch",
+            Flaw::LeaseRenewedOnAttempt => "lease-renewed-on-attempt",
+            Flaw::ExpiryNotBuried => "expiry-not-buried",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }
@@ -119,8 +127,15 @@ impl FlawedProvider {
             Box::pin(async move {
                 let mut previous: Option<Arc<ClusterTopology>> = None;
                 while let Ok(event) = events.recv().await {
-                    let ClusterEvent::TopologyChanged { topology, .. } = event else {
-                        continue;
+                    let topology = match event {
+                        ClusterEvent::TopologyChanged { topology, .. } => topology,
+                        // The member's own standing is relayed faithfully.
+                        e @ (ClusterEvent::MembershipLost { .. }
+                        | ClusterEvent::MembershipRestored { .. }) => {
+                            outer.events.publish(e);
+                            continue;
+                        }
+                        ClusterEvent::Topology(_) => continue,
                     };
                     match flaw {
                         Flaw::StaleReplay => {

@@ -262,6 +262,47 @@ fn liveness_checker_fires_on_a_provider_that_ignores_the_registry_epoch() {
     assert!(v.contains("live members are"), "{v}");
 }
 
+/// A member cut off from the registry must tell its application before the registry expires
+/// it; a provider that counts its lease from every heartbeat attempt (not from the last one the
+/// registry accepted) never does.
+#[test]
+fn self_awareness_oracle_fires_on_a_provider_that_renews_its_lease_on_attempts() {
+    let v = first_failure(
+        "partition-heal",
+        Flaw::LeaseRenewedOnAttempt,
+        "had not announced MembershipLost",
+    );
+    assert!(v.contains("expired"), "{v}");
+}
+
+/// An id the registry removed never comes back. The provider re-joins as a new incarnation and
+/// the registry refuses removed ids, so it takes a registry that forgets expired ids *and* a
+/// join delayed past the expiry (buggify's network delays) to break it.
+#[test]
+fn resurrection_oracle_fires_on_a_registry_that_forgets_expired_ids() {
+    let s = scenario::by_name("steady").unwrap();
+    let needle = "listed again";
+    for seed in 1..=400 {
+        let mut knobs = shoal_sim::knobs::Knobs::for_seed(seed);
+        knobs.buggify = true;
+        let r = run_seed_isolated(
+            &s,
+            seed,
+            &RunOptions {
+                keep_trace: false,
+                flaw: Flaw::ExpiryNotBuried,
+                schedule: None,
+                knobs: Some(knobs),
+            },
+        );
+        if let Some(v) = r.recording.violations.iter().find(|v| v.contains(needle)) {
+            assert!(v.contains("new incarnation"), "{v}");
+            return;
+        }
+    }
+    panic!("the resurrection checker never fired on flaw ExpiryNotBuried");
+}
+
 /// madsim's own determinism check: two runs of one seed draw the same random numbers in the
 /// same order (it logs every draw and compares).
 #[test]

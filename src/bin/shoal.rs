@@ -173,6 +173,30 @@ mod real {
                             json!(report.diff.left.iter().map(|m| &m.id).collect::<Vec<_>>());
                         println!("{line}");
                     }
+                    Ok(ClusterEvent::MembershipLost {
+                        member,
+                        reason,
+                        version,
+                        ..
+                    }) => {
+                        println!(
+                            "{}",
+                            json!({"event": "membership-lost", "member": member,
+                                   "reason": reason.to_string(), "version": version})
+                        );
+                    }
+                    Ok(ClusterEvent::MembershipRestored {
+                        member,
+                        previous,
+                        version,
+                        ..
+                    }) => {
+                        println!(
+                            "{}",
+                            json!({"event": "membership-restored", "member": member.id,
+                                   "previous": previous, "version": version})
+                        );
+                    }
                     Ok(_) => {}
                     Err(shoal::SubscriptionError::Lagged { missed }) => {
                         tracing::warn!(missed, "event printer lagged");

@@ -62,6 +62,26 @@ impl MemberId {
         Self(Arc::from(text))
     }
 
+    /// A fresh id for the next incarnation of the same node, after this one was removed: the
+    /// node-name part of a [`Self::generate`]d id is kept (the whole id otherwise).
+    pub fn successor(&self, clock: &dyn Clock) -> Self {
+        let mut parts = self.0.rsplitn(3, '-');
+        let (random, wall, name) = (parts.next(), parts.next(), parts.next());
+        let hex = |p: Option<&str>| {
+            p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        let name = match name {
+            Some(name) if hex(random) && hex(wall) => name,
+            _ => &self.0,
+        };
+        loop {
+            let next = Self::generate(name, clock);
+            if next != *self {
+                return next;
+            }
+        }
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -238,7 +258,11 @@ pub(crate) fn check_address(address: &str) -> Result<(), ModelError> {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
         }
     };
-    if port_ok && host_ok { Ok(()) } else { Err(bad()) }
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
 pub(crate) fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), ModelError> {

@@ -16,7 +16,9 @@ pub enum ModelError {
     )]
     InvalidMemberId(String),
     /// An address that is not `host:port` with a port in 1..=65535.
-    #[error("invalid address {0:?}: expected host:port with a port in 1..=65535 (IPv6 hosts in brackets)")]
+    #[error(
+        "invalid address {0:?}: expected host:port with a port in 1..=65535 (IPv6 hosts in brackets)"
+    )]
     InvalidAddress(String),
     /// A required name was empty.
     #[error("{field} must not be empty")]

@@ -1,11 +1,13 @@
 //! The provider contract: how a node joins a cluster, learns its topology and leaves.
 
 mod context;
+pub mod lease;
 pub mod memory;
 
 use async_trait::async_trait;
 
 pub use context::ClusterProviderContext;
+pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason};
 pub mod remote;
 pub use remote::{
     GrpcPartitionManager, LocalPartitionManager, PartitionManagerClient, PartitionManagerHandle,

@@ -96,6 +96,9 @@ pub struct RegistryLimits {
     pub max_message_bytes: usize,
     /// Updates buffered per cluster for watchers; a watcher further behind gets a snapshot.
     pub watch_buffer: usize,
+    /// Most removed member ids remembered (across clusters) so that they cannot re-join; the
+    /// oldest are forgotten first, and each after ten TTLs anyway.
+    pub max_tombstones: usize,
     /// Limits on each member's description.
     pub member: MemberLimits,
 }
@@ -110,6 +113,7 @@ impl Default for RegistryLimits {
             max_cluster_name_len: 128,
             max_message_bytes: 64 * 1024,
             watch_buffer: 128,
+            max_tombstones: 100_000,
             member: MemberLimits::default(),
         }
     }

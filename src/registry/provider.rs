@@ -10,11 +10,12 @@ use tonic::{Code, Status};
 use super::metrics::RegistryProviderMetrics;
 use super::pb::registry_client::RegistryClient;
 use super::{pb, wire};
-use crate::cluster::{ClusterTopology, MemberId};
+use crate::cluster::{ClusterTopology, Member, MemberId};
+use crate::events::ClusterEvent;
 use crate::placement::PlacementError;
 use crate::provider::{
-    ClusterProvider, ClusterProviderContext, PartitionManagerHandle, ProviderError,
-    remote::GrpcPartitionManager,
+    ClusterProvider, ClusterProviderContext, LeaseTiming, LeaseTracker, LeaseTransition,
+    PartitionManagerHandle, ProviderError, remote::GrpcPartitionManager,
 };
 use crate::runtime::{Clock, SharedClock, TaskHandle, jitter, sim, timeout};
 
@@ -76,6 +77,13 @@ pub struct RegistryProviderConfig {
     /// HTTP/2 keepalive ping interval on the channel (dead connections are noticed without
     /// waiting for the TTL).
     pub keepalive_interval: Duration,
+    /// Extra room before this member declares its own registration lost, so the application
+    /// can stop serving before peers take over (default: a tenth of the registry's TTL). See
+    /// [`LeaseTiming`].
+    pub lease_margin: Option<Duration>,
+    /// The largest clock rate error assumed, for this node's clock and the registry's alike,
+    /// in parts per million (default 2%).
+    pub max_clock_drift_ppm: u32,
     /// TLS settings for `https://` endpoints (normal build only; simulated tonic has no TLS).
     #[cfg(not(madsim))]
     pub tls: Option<tonic::transport::ClientTlsConfig>,
@@ -93,8 +101,19 @@ impl RegistryProviderConfig {
             watch_idle_timeout: Duration::from_secs(15),
             startup_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(10),
+            lease_margin: None,
+            max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
             #[cfg(not(madsim))]
             tls: None,
+        }
+    }
+
+    /// The lease timing for a registry TTL.
+    fn lease_timing(&self, ttl: Duration) -> LeaseTiming {
+        LeaseTiming {
+            ttl,
+            max_clock_drift_ppm: self.max_clock_drift_ppm,
+            margin: self.lease_margin.unwrap_or(ttl / 10),
         }
     }
 
@@ -122,8 +141,11 @@ impl RegistryProviderConfig {
 /// A [`ClusterProvider`] backed by a Shoal registry server.
 ///
 /// One long-lived channel carries every call. Heartbeats follow the interval the server asks
-/// for; a registration the server no longer knows (it expired, or the registry restarted) is
-/// re-joined at once. The watch reconnects with backoff and jitter, resumes from the version
+/// for. The member tracks when its last accepted heartbeat was sent and publishes
+/// [`ClusterEvent::MembershipLost`] before the registry can expire it (see
+/// [`crate::provider::lease`]); a registration the server no longer knows (it expired, or the
+/// registry restarted) is re-joined at once as a new incarnation, announced by
+/// [`ClusterEvent::MembershipRestored`]. The watch reconnects with backoff and jitter, resumes from the version
 /// held, applies only newer versions, and is reopened if it goes quiet for longer than
 /// `watch_idle_timeout` (the server sends progress messages while nothing changes).
 #[derive(Debug)]
@@ -152,6 +174,16 @@ impl Drop for Running {
 struct Session {
     config: RegistryProviderConfig,
     ctx: ClusterProviderContext,
+    /// This node as currently registered (a new incarnation id after each loss).
+    member: Mutex<Member>,
+    /// This member's own view of its registration (members only).
+    lease: Mutex<LeaseTracker>,
+    /// Woken whenever the lease's deadline may have moved.
+    lease_changed: tokio::sync::Notify,
+    /// The incarnation whose loss was announced, until the restore is announced.
+    lost_as: Mutex<Option<MemberId>>,
+    /// When the first join attempt of the current id that got no answer was sent.
+    unanswered_join: Mutex<Option<crate::runtime::Instant>>,
     role: pb::Role,
     client: RegistryClient<Channel>,
     /// The current registration token (replaced on every re-join).
@@ -192,6 +224,13 @@ impl RegistryProvider {
         let session = Arc::new(Session {
             config: self.config.clone(),
             client: RegistryClient::new(channel),
+            member: Mutex::new(ctx.member.clone()),
+            lease: Mutex::new(LeaseTracker::new(
+                self.config.lease_timing(Duration::from_secs(6)),
+            )),
+            lease_changed: tokio::sync::Notify::new(),
+            lost_as: Mutex::new(None),
+            unanswered_join: Mutex::new(None),
             ctx: ctx.clone(),
             role,
             token: Mutex::new(None),
@@ -203,25 +242,27 @@ impl RegistryProvider {
         let mut events = ctx.events.subscribe();
         let interval = session.join().await?;
         let clock = ctx.clock.clone();
-        let tasks = vec![
+        let mut tasks = vec![
             clock.spawn(
                 "registry-heartbeat",
                 Box::pin(session.clone().heartbeat_loop(interval)),
             ),
             clock.spawn("registry-watch", Box::pin(session.clone().watch_loop())),
         ];
+        if role == pb::Role::Member {
+            tasks.push(clock.spawn("registry-lease", Box::pin(session.clone().lease_watchdog())));
+        }
         let started = Running {
             session: session.clone(),
             tasks,
         };
         // Wait for the first topology (one that contains this node, for a member).
         let pm = ctx.partition_manager.clone();
-        let me = ctx.member.id.clone();
         let synced = || session.synced.load(std::sync::atomic::Ordering::SeqCst);
         let ready = timeout(clock.as_ref(), self.config.startup_timeout, async {
             loop {
                 let ok = match role {
-                    pb::Role::Member => pm.topology().contains(&me),
+                    pb::Role::Member => pm.topology().contains(&session.member_id()),
                     _ => synced(),
                 };
                 if ok {
@@ -238,13 +279,18 @@ impl RegistryProvider {
         })
         .await;
         if ready.is_err() {
+            // Stop the tasks first (a re-join in flight finishes), then withdraw the
+            // registration this start made: a failed start must leave nothing behind.
+            let joining = session.joining.lock().await;
             drop(started);
+            drop(joining);
+            session.leave().await;
             return Err(ProviderError::Unavailable(format!(
                 "no topology from the registry at {} within {:?}",
                 self.config.endpoint, self.config.startup_timeout
             )));
         }
-        tracing::info!(cluster = %ctx.cluster_name, member = %ctx.member.id, role = ?role, registry = %self.config.endpoint, "registry provider started");
+        tracing::info!(cluster = %ctx.cluster_name, member = %session.member_id(), role = ?role, registry = %self.config.endpoint, "registry provider started");
         *running = Some(started);
         Ok(())
     }
@@ -272,23 +318,173 @@ impl Session {
         }
     }
 
+    /// This node's current incarnation id.
+    fn member_id(&self) -> MemberId {
+        lock(&self.member).id.clone()
+    }
+
     /// Joins (or re-joins); returns the heartbeat interval the server asks for.
     async fn join(&self) -> Result<Duration, ProviderError> {
-        let req = pb::JoinRequest {
-            cluster: self.ctx.cluster_name.clone(),
-            member: Some(wire::member_to_pb(&self.ctx.member)),
-            role: self.role as i32,
-            cluster_token: self.cluster_token(),
-        };
+        self.retire_stale_id();
         // Held until the new token is stored: a shutdown waits for a join in flight instead of
         // cancelling it after the registry applied it (which would leave a registration behind
         // that no Leave can name). One attempt is bounded by the RPC deadline.
         let _joining = self.joining.lock().await;
-        let mut client = self.client.clone();
-        let resp = self.call(client.join(req)).await.map_err(provider_error)?;
-        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp.member_token);
-        tracing::debug!(member = %self.ctx.member.id, version = resp.topology_version, "joined the registry");
-        Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(1)))
+        let mut refused_as_removed = false;
+        loop {
+            let member = lock(&self.member).clone();
+            let req = pb::JoinRequest {
+                cluster: self.ctx.cluster_name.clone(),
+                member: Some(wire::member_to_pb(&member)),
+                role: self.role as i32,
+                cluster_token: self.cluster_token(),
+            };
+            let mut client = self.client.clone();
+            let sent_at = self.clock().now();
+            let resp = match self.call(client.join(req)).await {
+                Ok(resp) => resp,
+                Err(s)
+                    if s.code() == Code::FailedPrecondition
+                        && self.role == pb::Role::Member
+                        && !refused_as_removed =>
+                {
+                    // This id was removed (a join of it arrived late, after its expiry): peers
+                    // saw it go, so it cannot come back. Join as a new incarnation at once.
+                    refused_as_removed = true;
+                    *lock(&self.unanswered_join) = None;
+                    self.rotate_id("the registry removed this id");
+                    continue;
+                }
+                Err(s) => {
+                    if matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable) {
+                        // The registry may have registered this id without the answer arriving.
+                        lock(&self.unanswered_join).get_or_insert(sent_at);
+                    }
+                    return Err(provider_error(s));
+                }
+            };
+            *lock(&self.unanswered_join) = None;
+            *lock(&self.token) = Some(resp.member_token);
+            tracing::debug!(member = %member.id, version = resp.topology_version, "joined the registry");
+            if resp.ttl_ms > 0 {
+                let timing = self.config.lease_timing(Duration::from_millis(resp.ttl_ms));
+                lock(&self.lease).set_timing(timing);
+            }
+            self.renewed(sent_at);
+            return Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(1)));
+        }
+    }
+
+    /// Takes a new incarnation id if a join of the current one went unanswered long enough
+    /// ago that the registry may have registered it *and* expired it since: joining under that
+    /// id again would bring a removed member back.
+    fn retire_stale_id(&self) {
+        let Some(first) = *lock(&self.unanswered_join) else {
+            return;
+        };
+        let lost_after = lock(&self.lease).timing().lost_after();
+        if self.clock().now().saturating_duration_since(first) < lost_after {
+            return;
+        }
+        *lock(&self.unanswered_join) = None;
+        self.rotate_id("an unanswered join may have registered and expired this id");
+    }
+
+    /// Replaces this member's incarnation id (members only), remembering the lost one for the
+    /// restore announcement.
+    fn rotate_id(&self, why: &str) {
+        if self.role != pb::Role::Member {
+            return;
+        }
+        let mut member = lock(&self.member);
+        let old = member.id.clone();
+        member.id = old.successor(self.clock().as_ref());
+        tracing::debug!(old = %old, new = %member.id, why, "joining as a new incarnation");
+    }
+
+    /// A join or heartbeat sent at `sent_at` was accepted.
+    fn renewed(&self, sent_at: crate::runtime::Instant) {
+        if self.role != pb::Role::Member {
+            return;
+        }
+        let transition = lock(&self.lease).renewed(sent_at);
+        self.lease_changed.notify_one();
+        if let Some(t) = transition {
+            self.publish(t);
+        }
+    }
+
+    /// Publishes a change of this member's standing.
+    fn publish(&self, transition: LeaseTransition) {
+        let version = self.ctx.partition_manager.version();
+        let cluster = self.ctx.cluster_name.clone();
+        match transition {
+            LeaseTransition::Lost(reason) => {
+                let member = self.member_id();
+                *lock(&self.lost_as) = Some(member.clone());
+                self.metrics.membership_lost.inc();
+                tracing::warn!(cluster = %cluster, member = %member, %reason, version, "membership lost: stop serving owned identities");
+                self.ctx.events.publish(ClusterEvent::MembershipLost {
+                    cluster,
+                    member,
+                    reason,
+                    version,
+                });
+            }
+            LeaseTransition::Restored => {
+                let member = lock(&self.member).clone();
+                let previous = lock(&self.lost_as)
+                    .take()
+                    .unwrap_or_else(|| member.id.clone());
+                self.metrics.membership_restored.inc();
+                tracing::warn!(cluster = %cluster, member = %member.id, previous = %previous, version, "membership restored");
+                self.ctx.events.publish(ClusterEvent::MembershipRestored {
+                    cluster,
+                    member,
+                    previous,
+                    version,
+                });
+            }
+        }
+    }
+
+    /// The registration is gone (the registry said so): publish the loss if it was not
+    /// already, and take a new incarnation id for the re-join, so peers that saw this member
+    /// removed never see it come back.
+    fn revoked(&self) {
+        if self.role != pb::Role::Member {
+            return;
+        }
+        if let Some(t) = lock(&self.lease).revoked() {
+            self.publish(t);
+        }
+        self.rotate_id("the registry no longer knows this member");
+    }
+
+    /// Publishes [`ClusterEvent::MembershipLost`] when no heartbeat was accepted for the
+    /// lease's `lost_after`, measured on this node's monotonic clock.
+    async fn lease_watchdog(self: Arc<Self>) {
+        loop {
+            let notified = self.lease_changed.notified();
+            let deadline = lock(&self.lease).deadline();
+            match deadline {
+                None => notified.await,
+                Some(deadline) => {
+                    let wait = deadline.saturating_duration_since(self.clock().now());
+                    tokio::select! {
+                        biased;
+                        _ = notified => {}
+                        _ = self.clock().sleep(wait) => {
+                            let now = self.clock().now();
+                            let transition = lock(&self.lease).check(now);
+                            if let Some(t) = transition {
+                                self.publish(t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn rejoin_until_done(&self) -> Duration {
@@ -297,7 +493,7 @@ impl Session {
             match self.join().await {
                 Ok(interval) => return interval,
                 Err(e) => {
-                    tracing::warn!(member = %self.ctx.member.id, error = %e, attempt, "re-join failed");
+                    tracing::warn!(member = %self.member_id(), error = %e, attempt, "re-join failed");
                     self.clock().sleep(self.backoff(attempt)).await;
                     attempt += 1;
                 }
@@ -323,29 +519,37 @@ impl Session {
                 self.backoff(failures - 1).min(interval)
             };
             self.clock().sleep(pause).await;
-            let token = self
-                .token
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_default();
+            let token = lock(&self.token).clone().unwrap_or_default();
             let req = pb::HeartbeatRequest {
                 cluster: self.ctx.cluster_name.clone(),
                 member_token: token,
             };
             let mut client = self.client.clone();
+            let sent_at = self.clock().now();
+            if sim::flaw("lease-renewed-on-attempt") {
+                self.renewed(sent_at);
+            }
             match self.call(client.heartbeat(req)).await {
-                Ok(_) => failures = 0,
+                Ok(_) => {
+                    failures = 0;
+                    self.renewed(sent_at);
+                }
                 Err(s) if s.code() == Code::NotFound && !sim::flaw("no-rejoin") => {
-                    tracing::warn!(member = %self.ctx.member.id, "registry no longer knows this member (expired or restarted); re-joining");
+                    tracing::warn!(member = %self.member_id(), "registry no longer knows this member (expired or restarted); re-joining");
                     self.metrics.rejoins.inc();
+                    self.revoked();
                     interval = self.rejoin_until_done().await;
                     failures = 0;
                 }
                 Err(s) => {
                     self.metrics.heartbeat_failures.inc();
                     failures = failures.saturating_add(1);
-                    tracing::debug!(member = %self.ctx.member.id, code = ?s.code(), message = s.message(), failures, "heartbeat failed");
+                    let level_warn = failures == 2;
+                    if level_warn {
+                        tracing::warn!(member = %self.member_id(), code = ?s.code(), message = s.message(), failures, "heartbeats failing");
+                    } else {
+                        tracing::debug!(member = %self.member_id(), code = ?s.code(), message = s.message(), failures, "heartbeat failed");
+                    }
                 }
             }
         }
@@ -367,7 +571,7 @@ impl Session {
             };
             metric.inc();
             let delay = self.backoff(attempt);
-            tracing::debug!(member = %self.ctx.member.id, error = %err, ?delay, "watch ended; reconnecting");
+            tracing::debug!(member = %self.member_id(), error = %err, ?delay, "watch ended; reconnecting");
             attempt = attempt.saturating_add(1);
             self.clock().sleep(delay).await;
         }
@@ -426,7 +630,7 @@ impl Session {
                     self.metrics.snapshots_applied.inc();
                     if held.as_ref().is_some_and(|h| h.epoch() != s.epoch) {
                         self.metrics.epoch_changes.inc();
-                        tracing::info!(member = %self.ctx.member.id, epoch = format_args!("{:x}", s.epoch), version = s.version, "the registry restarted (new epoch): taking its snapshot as a reset");
+                        tracing::info!(member = %self.member_id(), epoch = format_args!("{:x}", s.epoch), version = s.version, "the registry restarted (new epoch): taking its snapshot as a reset");
                     }
                 }
                 _ => {}
@@ -455,7 +659,7 @@ impl Session {
     /// graceful shutdown into a TTL expiry). A retry of a Leave that did arrive is answered
     /// NotFound, which is success too.
     async fn leave(&self) {
-        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let token = lock(&self.token).take();
         let Some(token) = token else { return };
         let req = pb::LeaveRequest {
             cluster: self.ctx.cluster_name.clone(),
@@ -480,9 +684,13 @@ impl Session {
             }
         }
         if let Some(s) = last {
-            tracing::warn!(member = %self.ctx.member.id, code = ?s.code(), message = s.message(), "leave failed; the registry will expire this member");
+            tracing::warn!(member = %self.member_id(), code = ?s.code(), message = s.message(), "leave failed; the registry will expire this member");
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How many times a graceful shutdown tries to send Leave.
@@ -544,7 +752,7 @@ impl ClusterProvider for RegistryProvider {
         if graceful && !sim::flaw("shutdown-skips-leave") {
             running.session.leave().await;
         }
-        tracing::info!(member = %running.session.ctx.member.id, graceful, "registry provider stopped");
+        tracing::info!(member = %running.session.member_id(), graceful, "registry provider stopped");
         Ok(())
     }
 

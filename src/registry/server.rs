@@ -341,10 +341,11 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let s = &self.shared;
         let req = request.into_inner();
+        let now = s.clock.now();
         let mut core = s.lock();
         let change = core
             .state
-            .leave(&req.cluster, &req.member_token)
+            .leave(&req.cluster, &req.member_token, now)
             .map_err(|e| s.fail("leave", e))?;
         if let Some(change) = change {
             for m in &change.left {

@@ -36,6 +36,17 @@ pub enum RegistryError {
     /// A limit was reached (`ResourceExhausted`).
     #[error("{0}")]
     Exhausted(String),
+    /// The id was removed from the cluster (it expired or left) and cannot come back
+    /// (`FailedPrecondition`): peers saw it go, so the caller must join as a new incarnation.
+    #[error(
+        "member {id} was removed from cluster {cluster:?} (it expired or left); join again as a new incarnation (a new member id)"
+    )]
+    Removed {
+        /// The cluster.
+        cluster: String,
+        /// The removed id.
+        id: MemberId,
+    },
 }
 
 impl From<ModelError> for RegistryError {
@@ -102,7 +113,15 @@ pub struct RegistryState {
     /// one epoch (a clock stepped back across a restart makes the floor above meaningless).
     epoch: u64,
     clusters: BTreeMap<String, Cluster>,
+    /// Member ids removed (expired or left) and when, so that a late or repeated join cannot
+    /// bring them back: by (cluster, id), and in removal order for pruning.
+    tombstones: BTreeMap<(String, MemberId), Instant>,
+    tombstone_order: std::collections::BTreeSet<(Instant, String, MemberId)>,
 }
+
+/// How long a removed id is remembered, in TTLs (a join delayed longer than this could bring it
+/// back; networks do not hold requests that long).
+pub const TOMBSTONE_TTLS: u32 = 10;
 
 impl RegistryState {
     /// An empty registry whose versions start above `version_floor`, issuing topologies under
@@ -113,6 +132,38 @@ impl RegistryState {
             version: version_floor,
             epoch: epoch.max(1),
             clusters: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            tombstone_order: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Remembers that `id` left `cluster` at `now` (bounded: the oldest are forgotten first).
+    fn bury(&mut self, cluster: &str, id: &MemberId, now: Instant) {
+        let key = (cluster.to_string(), id.clone());
+        if let Some(old) = self.tombstones.insert(key, now) {
+            self.tombstone_order
+                .remove(&(old, cluster.to_string(), id.clone()));
+        }
+        self.tombstone_order
+            .insert((now, cluster.to_string(), id.clone()));
+        let cap = self.config.limits.max_tombstones;
+        while self.tombstones.len() > cap {
+            let Some((_, c, i)) = self.tombstone_order.pop_first() else {
+                break;
+            };
+            self.tombstones.remove(&(c, i));
+        }
+    }
+
+    /// Forgets tombstones older than [`TOMBSTONE_TTLS`] TTLs.
+    fn prune_tombstones(&mut self, now: Instant) {
+        let keep = self.config.ttl * TOMBSTONE_TTLS;
+        while let Some((at, _, _)) = self.tombstone_order.first() {
+            if now.saturating_duration_since(*at) < keep {
+                break;
+            }
+            let (_, c, i) = self.tombstone_order.pop_first().expect("peeked");
+            self.tombstones.remove(&(c, i));
         }
     }
 
@@ -154,6 +205,16 @@ impl RegistryState {
     ) -> Result<(Joined, Option<Change>), RegistryError> {
         self.authorize(cluster, cluster_token)?;
         member.validate(&self.config.limits.member)?;
+        if role == Role::Member
+            && self
+                .tombstones
+                .contains_key(&(cluster.to_string(), member.id.clone()))
+        {
+            return Err(RegistryError::Removed {
+                cluster: cluster.to_string(),
+                id: member.id,
+            });
+        }
         let limits = &self.config.limits;
         if !self.clusters.contains_key(cluster) && self.clusters.len() >= limits.max_clusters {
             return Err(RegistryError::Exhausted(format!(
@@ -250,8 +311,13 @@ impl RegistryState {
         Ok(c.topology.version())
     }
 
-    /// Removes the registration holding `token`.
-    pub fn leave(&mut self, cluster: &str, token: &str) -> Result<Option<Change>, RegistryError> {
+    /// Removes the registration holding `token` at `now`.
+    pub fn leave(
+        &mut self,
+        cluster: &str,
+        token: &str,
+        now: Instant,
+    ) -> Result<Option<Change>, RegistryError> {
         let c = self.registration_cluster(cluster, token)?;
         let id = c.tokens.remove(token).expect("checked");
         let reg = c
@@ -265,6 +331,7 @@ impl RegistryState {
             }
             Role::Member => {
                 c.members -= 1;
+                self.bury(cluster, &id, now);
                 (!sim::flaw("leave-no-publish")).then(|| {
                     self.publish(
                         cluster,
@@ -307,11 +374,17 @@ impl RegistryState {
                     Role::Client => c.clients -= 1,
                 }
             }
+            if !sim::flaw("expiry-not-buried") {
+                for m in &left {
+                    self.bury(&name, &m.id, now);
+                }
+            }
             if !left.is_empty() {
                 changes.push(self.publish(&name, Vec::new(), Vec::new(), left, true));
             }
             self.drop_if_empty(&name);
         }
+        self.prune_tombstones(now);
         self.check_invariants();
         changes
     }
@@ -531,7 +604,7 @@ mod tests {
             .unwrap();
         assert!(change.is_none(), "a client changes no topology");
         assert_eq!(s.counts(), vec![("c".to_string(), 1, 1)]);
-        assert!(s.leave("c", "tw").unwrap().is_none());
+        assert!(s.leave("c", "tw", now()).unwrap().is_none());
         assert_eq!(s.counts(), vec![("c".to_string(), 1, 0)]);
         assert_eq!(s.topology("c").len(), 1);
     }
@@ -556,7 +629,7 @@ mod tests {
         assert_eq!(change.unwrap().previous_version, 1_001);
         assert_eq!(s.heartbeat("c", "ta", t0).unwrap(), 1_002);
         // b's token cannot remove a.
-        let change = s.leave("c", "tb").unwrap().unwrap();
+        let change = s.leave("c", "tb", t0).unwrap().unwrap();
         assert_eq!(change.left, vec![m("b")]);
         assert_eq!(
             s.topology("c")
@@ -566,7 +639,7 @@ mod tests {
             ["a"]
         );
         assert!(matches!(
-            s.leave("c", "tb"),
+            s.leave("c", "tb", t0),
             Err(RegistryError::UnknownRegistration(_))
         ));
         assert!(matches!(
@@ -696,6 +769,69 @@ mod tests {
         ));
         assert_eq!(s.resolve("c", "b").unwrap().0, m("b"));
         assert_eq!(s.topology("c").len(), 3, "rejections changed nothing");
+    }
+
+    #[tokio::test]
+    async fn a_removed_member_cannot_come_back_under_its_id() {
+        let mut s = state();
+        let t0 = now();
+        s.join("c", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        s.join("c", "", m("b"), Role::Member, "tb".into(), t0)
+            .unwrap();
+        s.leave("c", "ta", t0).unwrap();
+        let ttl = s.config().ttl;
+        s.heartbeat("c", "tb", t0 + ttl / 2).unwrap();
+        assert_eq!(s.sweep(t0 + ttl).len(), 0);
+        assert_eq!(s.sweep(t0 + ttl * 2).len(), 1, "b expired");
+        for id in ["a", "b"] {
+            // A late or repeated join of a removed id is refused, whatever the token.
+            let err = s
+                .join("c", "", m(id), Role::Member, "late".into(), t0 + ttl * 2)
+                .unwrap_err();
+            assert!(matches!(err, RegistryError::Removed { .. }), "{err}");
+            assert!(err.to_string().contains("new incarnation"), "{err}");
+        }
+        // Clients are not in the topology: nothing to protect.
+        s.join("c", "", m("x"), Role::Client, "tx".into(), t0)
+            .unwrap();
+        s.leave("c", "tx", t0).unwrap();
+        assert!(
+            s.join("c", "", m("x"), Role::Client, "tx2".into(), t0)
+                .is_ok()
+        );
+        // Forgotten after ten TTLs.
+        let later = t0 + ttl * (TOMBSTONE_TTLS + 3);
+        s.sweep(later);
+        assert!(
+            s.join("c", "", m("a"), Role::Member, "again".into(), later)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_bounded_oldest_first() {
+        let mut config = RegistryConfig::default();
+        config.limits.max_tombstones = 2;
+        let mut s = RegistryState::new(Arc::new(config), 0, 7);
+        let t0 = now();
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            let at = t0 + Duration::from_millis(i as u64);
+            s.join("c", "", m(id), Role::Member, format!("t{id}"), at)
+                .unwrap();
+            s.leave("c", &format!("t{id}"), at).unwrap();
+        }
+        assert!(
+            s.join("c", "", m("a"), Role::Member, "ta2".into(), t0)
+                .is_ok(),
+            "forgotten"
+        );
+        for id in ["b", "c"] {
+            assert!(
+                s.join("c", "", m(id), Role::Member, "x".into(), t0)
+                    .is_err()
+            );
+        }
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub fn status(e: &RegistryError) -> Status {
         RegistryError::Unauthenticated(_) => Code::Unauthenticated,
         RegistryError::UnknownRegistration(_) | RegistryError::NotFound(_) => Code::NotFound,
         RegistryError::Exhausted(_) => Code::ResourceExhausted,
+        RegistryError::Removed { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
 }

@@ -73,14 +73,20 @@ impl Proc {
         }
     }
 
-    /// The newest stdout line parsed as JSON, if any.
+    /// The newest snapshot line (`"event": "snapshot"`) parsed as JSON, if any.
     pub fn last_json(&self) -> Option<serde_json::Value> {
+        self.json_lines("snapshot").pop()
+    }
+
+    /// Every stdout line that is a JSON object with `"event": event`, in order.
+    pub fn json_lines(&self, event: &str) -> Vec<serde_json::Value> {
         self.lines
             .lock()
             .unwrap()
             .iter()
-            .rev()
-            .find_map(|l| serde_json::from_str(l).ok())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
     }
 
     /// Waits until the newest snapshot line satisfies `pred`; returns it.

@@ -22,9 +22,22 @@ struct Registration {
     left_at: Option<Instant>,
 }
 
+/// What the lease oracle asks the cluster about the nodes (the faults the harness applied).
+pub struct Judge<'a> {
+    /// Since when a member's path to the registry has been undisturbed (`None`: disturbed now).
+    pub healthy_since: &'a dyn Fn(&MemberId) -> Option<Instant>,
+    /// Whether the node that registered an id cannot be held to announcing its own expiry
+    /// (its last accepted renewal at the given instant): crashed, paused, or on a wild clock.
+    pub excused: &'a dyn Fn(&MemberId, Instant) -> bool,
+}
+
 /// Registrations of the current registry run and the topology it last published.
 #[derive(Debug, Default)]
 pub struct Leases {
+    /// When each node announced it lost its registration, by the id it lost (all runs).
+    lost: BTreeMap<MemberId, Instant>,
+    /// Ids the registry removed (expired or left), in any run: they must never come back.
+    removed: BTreeSet<MemberId>,
     run: u64,
     registrations: BTreeMap<MemberId, Registration>,
     published: Option<Arc<ClusterTopology>>,
@@ -69,6 +82,11 @@ impl Leases {
         self.next_deadline = None;
     }
 
+    /// The node registered as `id` announced it lost its registration.
+    pub fn lost(&mut self, id: &MemberId, at: Instant) {
+        self.lost.entry(id.clone()).or_insert(at);
+    }
+
     /// The registry of run `run` publishes `t` at `now` (polled every [`POLL`]).
     pub fn published(
         &mut self,
@@ -76,7 +94,7 @@ impl Leases {
         t: &Arc<ClusterTopology>,
         now: Instant,
         bounds: &Bounds,
-        healthy_since: &dyn Fn(&MemberId) -> Option<Instant>,
+        judge: &Judge<'_>,
         rec: &Recorder,
     ) {
         if run != self.run {
@@ -94,11 +112,23 @@ impl Leases {
         let before: BTreeSet<&MemberId> = previous.iter().flat_map(|p| p.member_ids()).collect();
         let after: BTreeSet<&MemberId> = t.member_ids().collect();
         for id in before.difference(&after) {
+            self.removed.insert((*id).clone());
             let Some(reg) = self.registrations.get(*id) else {
                 continue;
             };
             if reg.left_at.is_some() {
                 continue;
+            }
+            // The member must have told its application before the registry could expire it
+            // (judged when the expiry is seen, at most one poll after it was published).
+            if !self.lost.contains_key(*id) && !(judge.excused)(id, reg.renewed_at) {
+                rec.violation_once(
+                    format!("unaware {id}"),
+                    format!(
+                        "lease: the registry expired {id} ({} ms after accepting its last heartbeat) but that member had not announced MembershipLost: it may still be serving identities its peers now take over",
+                        ms(now.saturating_duration_since(reg.renewed_at))
+                    ),
+                );
             }
             // An expiry, published at some moment in (now - POLL, now].
             let since_renewal = now.saturating_duration_since(reg.renewed_at);
@@ -113,7 +143,7 @@ impl Leases {
                     ),
                 );
             }
-            if let Some(h) = healthy_since(id) {
+            if let Some(h) = (judge.healthy_since)(id) {
                 let healthy = now.saturating_duration_since(h);
                 if healthy >= bounds.healthy_window() + POLL {
                     rec.violation_once(
@@ -128,6 +158,15 @@ impl Leases {
             }
         }
         for id in after.difference(&before) {
+            if self.removed.contains(*id) {
+                rec.violation_once(
+                    format!("resurrected {id}"),
+                    format!(
+                        "lease: {id} is listed again in v{} after the registry removed it: a member that was removed must come back as a new incarnation",
+                        t.version()
+                    ),
+                );
+            }
             if !self.registrations.get(*id).is_some_and(|r| r.member) {
                 rec.violation_once(
                     format!("invented member {id}"),

@@ -9,12 +9,15 @@
 //!   the registry never issues two topologies under one version.
 //! * [`lease`]: a registration disappears no sooner than a TTL after the last heartbeat the
 //!   registry accepted, no later than a TTL plus a sweep, at once after an accepted leave; a
-//!   member whose path to the registry was healthy is never expired.
+//!   member whose path to the registry was healthy is never expired; a member the registry
+//!   expires has said so itself first (`MembershipLost`); an id once removed never comes back.
 //! * failover (in [`crate::cluster`]): a departed member is gone from every connected survivor
 //!   within a bound derived from the settings.
 
 pub mod history;
 pub mod lease;
+
+pub use lease::Judge;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -148,6 +151,11 @@ impl Oracles {
         self.lock().lease.left(id, Instant::now());
     }
 
+    /// The node registered as `id` announced that it lost its registration.
+    pub fn lost(&self, id: &MemberId) {
+        self.lock().lease.lost(id, Instant::now());
+    }
+
     /// The registry sent `msg` to a watcher.
     pub fn sent(&self, msg: &pb::WatchResponse) {
         self.lock().history.sent(msg, &self.rec);
@@ -161,19 +169,25 @@ impl Oracles {
     }
 
     /// The registry of run `run` publishes `topology` now; `healthy_since` tells since when a
-    /// member's path to the registry has been undisturbed (`None`: disturbed now).
+    /// member's path to the registry has been undisturbed (`None`: disturbed now); `excused`
+    /// whether the node that registered an id cannot be held to announcing its own expiry (last
+    /// accepted renewal at the given instant).
     pub fn published(
         &self,
         run: u64,
         topology: &Arc<ClusterTopology>,
         healthy_since: &dyn Fn(&MemberId) -> Option<Instant>,
+        excused: &dyn Fn(&MemberId, Instant) -> bool,
     ) {
         self.lock().lease.published(
             run,
             topology,
             Instant::now(),
             &self.bounds,
-            healthy_since,
+            &Judge {
+                healthy_since,
+                excused,
+            },
             &self.rec,
         );
     }
