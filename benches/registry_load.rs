@@ -667,6 +667,7 @@ mod real {
                     }),
                     role: pb::Role::Member as i32,
                     cluster_token: String::new(),
+                    incarnation_secret: String::new(),
                 };
                 let joined = within("Join", client.join(request)).await?.into_inner();
                 Ok(Handle::Registry {

@@ -226,6 +226,115 @@ fn registry_restarted_with_its_clock_behind_is_followed_not_ignored() {
     }
 }
 
+/// Member ids are owned: a join for a registered id without its incarnation secret is refused
+/// (the victim keeps its address and token), a retry with the secret is harmless, and a new
+/// incarnation at a registered address supersedes the old one in a single update.
+#[tokio::test]
+async fn nobody_can_take_over_a_member_id_and_a_new_incarnation_supersedes_its_address() {
+    let (_registry, addr) = start_registry("127.0.0.1:0", FAST);
+    let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
+    let join = |id: &str, address: &str, secret: &str| pb::JoinRequest {
+        cluster: "c".into(),
+        member: Some(pb::Member {
+            id: id.into(),
+            address: address.into(),
+            kinds: vec!["k".into()],
+            ..Default::default()
+        }),
+        role: pb::Role::Member as i32,
+        cluster_token: String::new(),
+        incarnation_secret: secret.into(),
+    };
+    let victim = client
+        .join(join("victim", "127.0.0.1:7001", "s3cret"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            cluster: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap(); // the snapshot
+    for secret in ["", "guess"] {
+        let err = client
+            .join(join("victim", "10.6.6.6:666", secret))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+        assert!(err.message().contains("victim"), "{err:?}");
+    }
+    let resolved = client
+        .resolve(pb::ResolveRequest {
+            cluster: "c".into(),
+            member_id: "victim".into(),
+            cluster_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.member.unwrap().address, "127.0.0.1:7001");
+    let hb = |token: String| pb::HeartbeatRequest {
+        cluster: "c".into(),
+        member_token: token,
+    };
+    assert!(
+        client
+            .heartbeat(hb(victim.member_token.clone()))
+            .await
+            .is_ok()
+    );
+    // A retried join of the same incarnation: a new token, nothing broadcast.
+    let retried = client
+        .join(join("victim", "127.0.0.1:7001", "s3cret"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.topology_version, victim.topology_version);
+    // The process restarts at the same address as a new incarnation: one update.
+    client
+        .join(join("victim-2", "127.0.0.1:7001", "other"))
+        .await
+        .unwrap();
+    let update = loop {
+        match watch.message().await.unwrap().unwrap().event {
+            Some(pb::watch_response::Event::Update(u)) => break u,
+            Some(pb::watch_response::Event::Progress(_)) => continue,
+            other => panic!("expected an update, got {other:?}"),
+        }
+    };
+    assert_eq!(update.left, ["victim"]);
+    assert_eq!(
+        update
+            .joined
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        ["victim-2"]
+    );
+    let err = client
+        .heartbeat(hb(retried.member_token))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::NotFound,
+        "the superseded registration is gone"
+    );
+    let err = client
+        .join(join("victim", "127.0.0.1:7001", "s3cret"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "a removed id stays removed: {err:?}"
+    );
+}
+
 #[tokio::test]
 async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
     let mut args = FAST.to_vec();
@@ -266,6 +375,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         member: m,
         role: pb::Role::Member as i32,
         cluster_token: token.into(),
+        incarnation_secret: String::new(),
     };
     let cases: Vec<(&str, pb::JoinRequest, Code)> = vec![
         (

@@ -116,6 +116,7 @@ impl Registry for Observed {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.get_ref().clone();
         let resp = self.inner.join(request).await?;
+        let address = req.member.as_ref().map(|m| m.address.clone());
         if let Some(id) = req.member.and_then(|m| MemberId::parse(m.id).ok()) {
             let member = req.role != pb::Role::Client as i32;
             let again = {
@@ -127,7 +128,7 @@ impl Registry for Observed {
             if again {
                 self.rec.count("registry: re-join of a known id");
             }
-            self.oracles.joined(id, member);
+            self.oracles.joined(id, member, address.unwrap_or_default());
         }
         Ok(resp)
     }

@@ -38,6 +38,8 @@ pub struct RegistryMetrics {
     pub leaves: Counter,
     /// Registrations removed by TTL.
     pub expiries: Counter,
+    /// Registrations superseded by a newer incarnation joining at the same address.
+    pub superseded: Counter,
     /// Heartbeats accepted.
     pub heartbeats: Counter,
     /// Open watch streams.
@@ -69,6 +71,11 @@ impl RegistryMetrics {
             "registry_expiries",
             "Registrations removed by TTL",
             self.expiries.clone(),
+        );
+        registry.register(
+            "registry_superseded",
+            "Registrations superseded by a newer incarnation at the same address",
+            self.superseded.clone(),
         );
         registry.register(
             "registry_heartbeats",

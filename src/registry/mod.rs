@@ -19,4 +19,4 @@ pub use config::{RegistryConfig, RegistryLimits};
 pub use metrics::{RegistryMetrics, RegistryProviderMetrics};
 pub use provider::{Backoff, RegistryProvider, RegistryProviderConfig};
 pub use server::{RegistryGrpcService, RegistryServer, RegistryService, watch_idle_timeout};
-pub use state::{Change, Joined, RegistryError, RegistryState, Role};
+pub use state::{Change, JoinKeys, Joined, RegistryError, RegistryState, Role};

@@ -184,6 +184,8 @@ struct Session {
     lost_as: Mutex<Option<MemberId>>,
     /// When the first join attempt of the current id that got no answer was sent.
     unanswered_join: Mutex<Option<crate::runtime::Instant>>,
+    /// Sent with every join: proves a retried join comes from this process (see the .proto).
+    secret: String,
     role: pb::Role,
     client: RegistryClient<Channel>,
     /// The current registration token (replaced on every re-join).
@@ -231,6 +233,11 @@ impl RegistryProvider {
             lease_changed: tokio::sync::Notify::new(),
             lost_as: Mutex::new(None),
             unanswered_join: Mutex::new(None),
+            secret: format!(
+                "{:016x}{:016x}",
+                ctx.clock.random_u64(),
+                ctx.clock.random_u64()
+            ),
             ctx: ctx.clone(),
             role,
             token: Mutex::new(None),
@@ -338,6 +345,7 @@ impl Session {
                 member: Some(wire::member_to_pb(&member)),
                 role: self.role as i32,
                 cluster_token: self.cluster_token(),
+                incarnation_secret: self.secret.clone(),
             };
             let mut client = self.client.clone();
             let sent_at = self.clock().now();

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::config::RegistryConfig;
 use super::metrics::RegistryMetrics;
 use super::pb;
-use super::state::{Change, RegistryError, RegistryState, Role};
+use super::state::{Change, JoinKeys, RegistryError, RegistryState, Role};
 use super::wire;
 use crate::runtime::{Instant, SharedClock, TaskHandle, sim, unix_millis};
 
@@ -294,15 +294,31 @@ impl pb::registry_server::Registry for RegistryService {
             .ok_or_else(|| RegistryError::Invalid("member is required".into()))
             .and_then(|m| wire::member_from_pb(m).map_err(RegistryError::from))
             .map_err(|e| s.fail("join", e))?;
+        if req.incarnation_secret.len() > MAX_SECRET_LEN {
+            return Err(s.fail(
+                "join",
+                RegistryError::Invalid(format!(
+                    "incarnation_secret is {} bytes long, the limit is {MAX_SECRET_LEN}",
+                    req.incarnation_secret.len()
+                )),
+            ));
+        }
         let id = member.id.clone();
-        let token = s.token();
+        let keys = JoinKeys {
+            token: s.token(),
+            secret: req.incarnation_secret,
+        };
         let now = s.clock.now();
         let mut core = s.lock();
         let (joined, change) = core
             .state
-            .join(&req.cluster, &req.cluster_token, member, role, token, now)
+            .join(&req.cluster, &req.cluster_token, member, role, keys, now)
             .map_err(|e| s.fail("join", e))?;
         if let Some(change) = change {
+            for old in &change.left {
+                s.metrics.superseded.inc();
+                tracing::info!(cluster = %req.cluster, member = %old.id, by = %id, address = %old.address, "superseded by a newer incarnation at its address");
+            }
             core.broadcast(change);
         }
         s.metrics.joins.inc();
@@ -577,6 +593,9 @@ impl Cursor {
         }
     }
 }
+
+/// Longest incarnation secret accepted, in bytes.
+pub const MAX_SECRET_LEN: usize = 128;
 
 /// How long a watch client should wait for any message before deciding the stream is dead:
 /// three progress intervals.

@@ -21,6 +21,17 @@ pub enum Role {
 /// Why the registry refused a request. Each maps to one gRPC status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
+    /// The id is registered by another incarnation (`AlreadyExists`): a join for a registered
+    /// id must present that incarnation's secret.
+    #[error(
+        "member {id} is already registered in cluster {cluster:?} by another incarnation (the incarnation secret does not match); pick a new member id"
+    )]
+    AlreadyRegistered {
+        /// The cluster.
+        cluster: String,
+        /// The id.
+        id: MemberId,
+    },
     /// Malformed input (`InvalidArgument`).
     #[error("{0}")]
     Invalid(String),
@@ -72,6 +83,34 @@ pub struct Change {
     pub expired: bool,
 }
 
+/// The credentials of one join: the fresh token to hand out, and the caller's incarnation
+/// secret (empty: none, and then the id cannot be joined again while registered).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JoinKeys {
+    /// The registration token the registry hands out for this join.
+    pub token: String,
+    /// The secret the joining incarnation chose (sent with every join it makes).
+    pub secret: String,
+}
+
+impl From<&str> for JoinKeys {
+    fn from(token: &str) -> Self {
+        Self {
+            token: token.to_string(),
+            secret: String::new(),
+        }
+    }
+}
+
+impl From<String> for JoinKeys {
+    fn from(token: String) -> Self {
+        Self {
+            token,
+            secret: String::new(),
+        }
+    }
+}
+
 /// What a successful join returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Joined {
@@ -87,6 +126,8 @@ struct Registration {
     member: Arc<Member>,
     role: Role,
     token: String,
+    /// The incarnation secret presented at join (empty: none).
+    secret: String,
     expires_at: Instant,
 }
 
@@ -97,6 +138,8 @@ struct Cluster {
     registrations: BTreeMap<MemberId, Registration>,
     /// Token -> id, for heartbeat and leave.
     tokens: BTreeMap<String, MemberId>,
+    /// Address -> id of the member registered there (members only).
+    by_address: BTreeMap<String, MemberId>,
     members: usize,
     clients: usize,
 }
@@ -192,15 +235,19 @@ impl RegistryState {
         }
     }
 
-    /// Registers `member` (or re-registers it: the same id joining again replaces its token,
-    /// which makes a retried join harmless). `token` is the fresh token to hand out.
+    /// Registers `member`. A join for an id that is already registered must present the same
+    /// incarnation secret (a retried join: it replaces the token, harmlessly); anything else is
+    /// [`RegistryError::AlreadyRegistered`], so nobody can take over another member's id. A
+    /// member joining at an address that another member id still holds supersedes it at once
+    /// (the older incarnation of a restarted process): one change, the old id left and the new
+    /// one joined.
     pub fn join(
         &mut self,
         cluster: &str,
         cluster_token: &str,
         member: Member,
         role: Role,
-        token: String,
+        keys: JoinKeys,
         now: Instant,
     ) -> Result<(Joined, Option<Change>), RegistryError> {
         self.authorize(cluster, cluster_token)?;
@@ -231,11 +278,20 @@ impl RegistryState {
                 topology: Arc::new(ClusterTopology::empty(cluster).with_epoch(epoch)),
                 registrations: BTreeMap::new(),
                 tokens: BTreeMap::new(),
+                by_address: BTreeMap::new(),
                 members: 0,
                 clients: 0,
             });
         let previous = c.registrations.get(&member.id);
         if let Some(prev) = previous {
+            let same_incarnation = !prev.secret.is_empty()
+                && constant_time_eq(prev.secret.as_bytes(), keys.secret.as_bytes());
+            if !same_incarnation {
+                return Err(RegistryError::AlreadyRegistered {
+                    cluster: cluster.to_string(),
+                    id: member.id,
+                });
+            }
             if prev.role != role {
                 return Err(RegistryError::Invalid(format!(
                     "{} is already registered as a {:?}",
@@ -256,33 +312,64 @@ impl RegistryState {
         let described_before = previous.map(|p| p.member.clone());
         if let Some(old) = c.registrations.remove(&member.id) {
             c.tokens.remove(&old.token);
+            if old.role == Role::Member {
+                c.by_address.remove(&old.member.address);
+            }
         } else {
             match role {
                 Role::Member => c.members += 1,
                 Role::Client => c.clients += 1,
             }
         }
-        c.tokens.insert(token.clone(), member.id.clone());
+        // An older incarnation at the same address is superseded by this one.
+        let mut superseded = Vec::new();
+        if role == Role::Member {
+            if let Some(old_id) = c.by_address.get(&member.address).cloned() {
+                let old = c
+                    .registrations
+                    .remove(&old_id)
+                    .expect("address index matches registrations");
+                c.tokens.remove(&old.token);
+                c.members -= 1;
+                superseded.push(Member::clone(&old.member));
+            }
+            c.by_address
+                .insert(member.address.clone(), member.id.clone());
+        }
+        c.tokens.insert(keys.token.clone(), member.id.clone());
         c.registrations.insert(
             member.id.clone(),
             Registration {
                 member: Arc::new(member.clone()),
                 role,
-                token: token.clone(),
+                token: keys.token.clone(),
+                secret: keys.secret,
                 expires_at,
             },
         );
+        for old in &superseded {
+            self.bury(cluster, &old.id, now);
+        }
         let change = match (role, described_before) {
             (Role::Client, _) => None,
-            (Role::Member, Some(before)) if *before == member => None,
-            (Role::Member, Some(_)) => Some((Vec::new(), vec![member], Vec::new())),
-            (Role::Member, None) => Some((vec![member], Vec::new(), Vec::new())),
+            (Role::Member, Some(before)) if *before == member && superseded.is_empty() => None,
+            (Role::Member, Some(before)) if *before == member => {
+                Some((Vec::new(), Vec::new(), superseded))
+            }
+            (Role::Member, Some(_)) => Some((Vec::new(), vec![member], superseded)),
+            (Role::Member, None) => Some((vec![member], Vec::new(), superseded)),
         };
         let change = change
             .map(|(joined, changed, left)| self.publish(cluster, joined, changed, left, false));
         let version = self.clusters[cluster].topology.version();
         self.check_invariants();
-        Ok((Joined { token, version }, change))
+        Ok((
+            Joined {
+                token: keys.token,
+                version,
+            },
+            change,
+        ))
     }
 
     /// Refreshes the registration holding `token`; returns the cluster's topology version.
@@ -331,6 +418,7 @@ impl RegistryState {
             }
             Role::Member => {
                 c.members -= 1;
+                c.by_address.remove(&reg.member.address);
                 self.bury(cluster, &id, now);
                 (!sim::flaw("leave-no-publish")).then(|| {
                     self.publish(
@@ -369,6 +457,7 @@ impl RegistryState {
                 match reg.role {
                     Role::Member => {
                         c.members -= 1;
+                        c.by_address.remove(&reg.member.address);
                         left.push(Member::clone(&reg.member));
                     }
                     Role::Client => c.clients -= 1,
@@ -475,6 +564,19 @@ impl RegistryState {
                 c.topology.version(),
                 self.version
             );
+            assert_eq!(
+                c.by_address.len(),
+                members,
+                "cluster {name:?}: address index and member registrations differ in size"
+            );
+            for (address, id) in &c.by_address {
+                assert!(
+                    c.registrations
+                        .get(id)
+                        .is_some_and(|r| r.role == Role::Member && &r.member.address == address),
+                    "cluster {name:?}: address {address} does not lead back to member {id}"
+                );
+            }
             let listed = c.topology.members();
             assert_eq!(
                 listed.len(),
@@ -648,14 +750,21 @@ mod tests {
         ));
     }
 
+    fn keys(token: &str, secret: &str) -> JoinKeys {
+        JoinKeys {
+            token: token.into(),
+            secret: secret.into(),
+        }
+    }
+
     #[tokio::test]
-    async fn rejoin_replaces_the_token_and_publishes_only_real_changes() {
+    async fn a_retried_join_with_the_secret_replaces_the_token_and_publishes_only_real_changes() {
         let mut s = state();
         let t0 = now();
-        s.join("c", "", m("a"), Role::Member, "t1".into(), t0)
+        s.join("c", "", m("a"), Role::Member, keys("t1", "s"), t0)
             .unwrap();
         let (j, change) = s
-            .join("c", "", m("a"), Role::Member, "t2".into(), t0)
+            .join("c", "", m("a"), Role::Member, keys("t2", "s"), t0)
             .unwrap();
         assert!(change.is_none(), "same description: nothing to broadcast");
         assert_eq!(j.version, 1_001);
@@ -663,10 +772,77 @@ mod tests {
         assert!(s.heartbeat("c", "t2", t0).is_ok());
         let moved = m("a").with_zone("z");
         let (_, change) = s
-            .join("c", "", moved.clone(), Role::Member, "t3".into(), t0)
+            .join("c", "", moved.clone(), Role::Member, keys("t3", "s"), t0)
             .unwrap();
         assert_eq!(change.unwrap().changed, vec![moved]);
         assert_eq!(s.counts(), vec![("c".to_string(), 1, 0)]);
+    }
+
+    #[tokio::test]
+    async fn nobody_takes_over_a_registered_id() {
+        let mut s = state();
+        let t0 = now();
+        s.join("c", "", m("a"), Role::Member, keys("ta", "mine"), t0)
+            .unwrap();
+        s.join("c", "", m("b"), Role::Member, keys("tb", ""), t0)
+            .unwrap();
+        let mut hijack = m("a");
+        hijack.address = "evil:1".into();
+        for (id, secret) in [("a", "guess"), ("a", ""), ("b", ""), ("b", "x")] {
+            let mut who = hijack.clone();
+            who.id = MemberId::parse(id).unwrap();
+            let err = s
+                .join("c", "", who, Role::Member, keys("stolen", secret), t0)
+                .unwrap_err();
+            assert!(
+                matches!(err, RegistryError::AlreadyRegistered { .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains(id), "{err}");
+        }
+        // The victims are untouched: same address, tokens still valid.
+        assert_eq!(s.resolve("c", "a").unwrap().0, m("a"));
+        assert!(s.heartbeat("c", "ta", t0).is_ok() && s.heartbeat("c", "tb", t0).is_ok());
+        assert!(s.leave("c", "stolen", t0).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_new_incarnation_at_an_address_supersedes_the_old_one_in_one_change() {
+        let mut s = state();
+        let t0 = now();
+        s.join("c", "", m("old"), Role::Member, keys("to", "1"), t0)
+            .unwrap();
+        s.join("c", "", m("other"), Role::Member, keys("tx", "2"), t0)
+            .unwrap();
+        let mut new = m("new");
+        new.address = m("old").address;
+        let (_, change) = s
+            .join("c", "", new.clone(), Role::Member, keys("tn", "3"), t0)
+            .unwrap();
+        let change = change.unwrap();
+        assert_eq!(
+            (change.joined.clone(), change.left.clone()),
+            (vec![new], vec![m("old")])
+        );
+        assert!(!change.expired);
+        assert_eq!(
+            change
+                .topology
+                .member_ids()
+                .map(|i| i.as_str())
+                .collect::<Vec<_>>(),
+            ["new", "other"]
+        );
+        assert!(
+            s.heartbeat("c", "to", t0).is_err(),
+            "the old registration is gone"
+        );
+        // And it cannot come back.
+        assert!(matches!(
+            s.join("c", "", m("old"), Role::Member, keys("to2", "1"), t0),
+            Err(RegistryError::Removed { .. })
+        ));
+        assert_eq!(s.counts(), vec![("c".to_string(), 2, 0)]);
     }
 
     #[tokio::test]
@@ -748,7 +924,7 @@ mod tests {
                 .is_ok()
         );
         for id in ["b", "c", "d"] {
-            s.join("c", "", m(id), Role::Member, format!("t{id}"), t)
+            s.join("c", "", m(id), Role::Member, format!("t{id}").into(), t)
                 .unwrap();
         }
         assert!(matches!(
@@ -817,7 +993,7 @@ mod tests {
         let t0 = now();
         for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
             let at = t0 + Duration::from_millis(i as u64);
-            s.join("c", "", m(id), Role::Member, format!("t{id}"), at)
+            s.join("c", "", m(id), Role::Member, format!("t{id}").into(), at)
                 .unwrap();
             s.leave("c", &format!("t{id}"), at).unwrap();
         }

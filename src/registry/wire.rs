@@ -100,6 +100,7 @@ pub fn status(e: &RegistryError) -> Status {
         RegistryError::UnknownRegistration(_) | RegistryError::NotFound(_) => Code::NotFound,
         RegistryError::Exhausted(_) => Code::ResourceExhausted,
         RegistryError::Removed { .. } => Code::FailedPrecondition,
+        RegistryError::AlreadyRegistered { .. } => Code::AlreadyExists,
     };
     Status::new(code, e.to_string())
 }

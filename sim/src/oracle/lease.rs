@@ -16,6 +16,8 @@ use crate::record::Recorder;
 struct Registration {
     /// A member (listed in the topology), not a client.
     member: bool,
+    /// Where it said it is reached.
+    address: String,
     /// The last join or heartbeat the registry accepted.
     renewed_at: Instant,
     /// When a leave was accepted.
@@ -55,12 +57,22 @@ impl Leases {
         self.next_deadline = None;
     }
 
-    /// A join was accepted.
-    pub fn joined(&mut self, id: MemberId, member: bool, at: Instant) {
+    /// A join was accepted. A member joining at the address of another member id supersedes
+    /// it: that one is gone at once, as after a leave.
+    pub fn joined(&mut self, id: MemberId, member: bool, address: String, at: Instant) {
+        if member {
+            for (other, r) in &mut self.registrations {
+                if *other != id && r.member && r.address == address && r.left_at.is_none() {
+                    r.left_at = Some(at);
+                    self.next_deadline = None;
+                }
+            }
+        }
         self.registrations.insert(
             id,
             Registration {
                 member,
+                address,
                 renewed_at: at,
                 left_at: None,
             },

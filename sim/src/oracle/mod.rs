@@ -136,9 +136,11 @@ impl Oracles {
         self.lock().lease.started(run);
     }
 
-    /// The registry accepted a join of `id`.
-    pub fn joined(&self, id: MemberId, member: bool) {
-        self.lock().lease.joined(id, member, Instant::now());
+    /// The registry accepted a join of `id` at `address`.
+    pub fn joined(&self, id: MemberId, member: bool, address: String) {
+        self.lock()
+            .lease
+            .joined(id, member, address, Instant::now());
     }
 
     /// The registry accepted a heartbeat of `id`.
