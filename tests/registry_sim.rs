@@ -11,9 +11,14 @@ use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::time::{Instant, sleep};
 use shoal::registry::{RegistryConfig, RegistryProvider, RegistryProviderConfig, RegistryServer};
-use shoal::{ClusterProvider, ClusterProviderContext, MemberId, PartitionManager, TokioClock};
+use shoal::{
+    ClusterEvent, ClusterProvider, ClusterProviderContext, MemberId, PartitionManager, TokioClock,
+};
 
 type Views = Arc<Mutex<BTreeMap<usize, (MemberId, Arc<PartitionManager>)>>>;
+
+/// Each member's own-standing events (lost, restored), with when they were published.
+type Standing = Arc<Mutex<Vec<(usize, Instant, ClusterEvent)>>>;
 
 const REGISTRY_IP: [u8; 4] = [10, 0, 0, 1];
 
@@ -41,12 +46,17 @@ fn start_registry(h: &Handle) -> NodeHandle {
 }
 
 fn start_member(h: &Handle, i: usize, views: Views) -> NodeHandle {
+    start_member_recording(h, i, views, Standing::default())
+}
+
+fn start_member_recording(h: &Handle, i: usize, views: Views, standing: Standing) -> NodeHandle {
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 1, i as u8));
     h.create_node()
         .name(format!("m{i}"))
         .ip(ip)
         .init(move || {
             let views = views.clone();
+            let standing = standing.clone();
             async move {
                 let ctx = ClusterProviderContext::new(
                     "c",
@@ -59,6 +69,18 @@ fn start_member(h: &Handle, i: usize, views: Views) -> NodeHandle {
                     .lock()
                     .unwrap()
                     .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                let mut events = ctx.events.subscribe();
+                madsim::task::spawn(async move {
+                    while let Ok(e) = events.recv().await {
+                        if matches!(
+                            e,
+                            ClusterEvent::MembershipLost { .. }
+                                | ClusterEvent::MembershipRestored { .. }
+                        ) {
+                            standing.lock().unwrap().push((i, Instant::now(), e));
+                        }
+                    }
+                });
                 let mut config = RegistryProviderConfig::new("http://10.0.0.1:7600");
                 config.rpc_timeout = Duration::from_secs(1);
                 config.watch_idle_timeout = Duration::from_secs(6);
@@ -98,14 +120,16 @@ async fn wait_all(views: &Views, which: &[usize], n: usize, limit: Duration) -> 
 }
 
 #[madsim::test]
-async fn partitioned_member_expires_and_rejoins_after_heal() {
+async fn partitioned_member_expires_knows_it_and_rejoins_as_a_new_incarnation_after_heal() {
     let h = Handle::current();
     let views: Views = Arc::default();
+    let standing: Standing = Arc::default();
     let registry = start_registry(&h);
     let nodes: Vec<NodeHandle> = (1..=3)
-        .map(|i| start_member(&h, i, views.clone()))
+        .map(|i| start_member_recording(&h, i, views.clone(), standing.clone()))
         .collect();
     wait_all(&views, &[1, 2, 3], 3, Duration::from_secs(20)).await;
+    let old_id = views.lock().unwrap()[&3].0.clone();
 
     // Cut member 3 off from the registry in both directions.
     let net = NetSim::current();
@@ -124,8 +148,25 @@ async fn partitioned_member_expires_and_rejoins_after_heal() {
         expired_after <= cfg.ttl + cfg.sweep_interval + Duration::from_millis(200),
         "expired late: {expired_after:?} after the cut"
     );
-    // The isolated member still holds its last view (it cannot learn anything).
+    // The isolated member still holds its last view (it cannot learn anything), but it told
+    // its application it lost its registration before the others saw it go.
     assert_eq!(sizes(&views)[&3], 3);
+    let lost_at = standing
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|(i, at, e)| match e {
+            ClusterEvent::MembershipLost { member, .. } if *i == 3 && *member == old_id => {
+                Some(*at)
+            }
+            _ => None,
+        })
+        .expect("the cut-off member announced MembershipLost");
+    assert!(
+        lost_at < cut + expired_after,
+        "lost announced {:?} after the cut, the survivors saw the expiry after {expired_after:?}",
+        lost_at - cut
+    );
 
     net.unclog_link(nodes[2].id(), registry.id());
     net.unclog_link(registry.id(), nodes[2].id());
@@ -137,18 +178,37 @@ async fn partitioned_member_expires_and_rejoins_after_heal() {
         "rejoined after {back:?}"
     );
     eprintln!(
-        "partition: expired on survivors after {expired_after:?}, back after {back:?}, {:?} since the cut",
+        "partition: lost announced after {:?}, expired on survivors after {expired_after:?}, back after {back:?}, {:?} since the cut",
+        lost_at - cut,
         cut.elapsed()
     );
-    // Same incarnation: a partition is not a restart.
-    let ids: Vec<MemberId> = views
+    // A new incarnation: peers never see the expired id come back.
+    let new_id = standing
         .lock()
         .unwrap()
-        .values()
-        .map(|(id, _)| id.clone())
-        .collect();
-    let topo = views.lock().unwrap()[&1].1.topology();
-    assert!(ids.iter().all(|id| topo.contains(id)));
+        .iter()
+        .find_map(|(i, _, e)| match e {
+            ClusterEvent::MembershipRestored {
+                member, previous, ..
+            } if *i == 3 && *previous == old_id => Some(member.id.clone()),
+            _ => None,
+        })
+        .expect("the member announced MembershipRestored");
+    assert_ne!(new_id, old_id);
+    let start = Instant::now();
+    for i in 1..=3 {
+        loop {
+            let topo = views.lock().unwrap()[&i].1.topology();
+            if topo.contains(&new_id) && !topo.contains(&old_id) && topo.len() == 3 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "m{i} never settled on the new incarnation: {topo:?}"
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[madsim::test]

@@ -484,16 +484,23 @@ impl SimCluster {
             .position(|s| lock(&s.current).as_ref().is_some_and(|c| c.holds(id)))
     }
 
-    /// Recomputes every path's health from the faults in force.
-    fn refresh_health(&self) {
+    /// Whether a fault disturbs member `i`'s path to the registry now (a graceful shutdown
+    /// under way does not count).
+    fn path_disturbed(&self, i: usize) -> bool {
         let registry = self.registry_node_id();
         let slots = lock(&self.slots);
-        for (i, s) in slots.iter().enumerate() {
-            let clogged = registry.is_some_and(|r| self.links.either_way(s.node.id(), r));
-            let disturbed = !s.alive || s.paused || s.leaving || s.lost_heartbeats || clogged;
-            self.health.set_node(i, disturbed);
+        let s = &slots[i];
+        let clogged = registry.is_some_and(|r| self.links.either_way(s.node.id(), r));
+        !s.alive || s.paused || s.lost_heartbeats || clogged
+    }
+
+    /// Recomputes every path's health from the faults in force.
+    fn refresh_health(&self) {
+        let n = lock(&self.slots).len();
+        for i in 0..n {
+            let leaving = lock(&self.slots)[i].leaving;
+            self.health.set_node(i, leaving || self.path_disturbed(i));
         }
-        drop(slots);
         if let Some(r) = &self.registry {
             self.health.set_registry(r.down.load(Ordering::SeqCst));
         }
@@ -606,7 +613,7 @@ impl SimCluster {
             s.leaving = true;
             s.stop.clone()
         };
-        let leave_started = Instant::now();
+        let healthy_at_start = self.health.healthy_since(i).is_some();
         stop.requested.store(true, Ordering::SeqCst);
         stop.notify.notify_one();
         self.refresh_health();
@@ -618,12 +625,9 @@ impl SimCluster {
                 }
                 sleep(Duration::from_millis(10)).await;
             }
-            // Healthy from the start of the shutdown to its end (a fault that cut the member
-            // meanwhile may have lost every Leave attempt).
-            let was_healthy = c
-                .health
-                .healthy_since(i)
-                .is_some_and(|since| since <= leave_started);
+            // Healthy at the start of the shutdown and at its end, leaving aside the shutdown
+            // itself (a fault that cut the member meanwhile may have lost every Leave attempt).
+            let was_healthy = healthy_at_start && !c.path_disturbed(i);
             let id = {
                 let mut slots = lock(&c.slots);
                 let s = &mut slots[i];

@@ -54,6 +54,14 @@ pub struct Recorder {
     start: Instant,
 }
 
+/// Where one node incarnation's view is: the (epoch, version) last applied, and the registry
+/// epochs it left.
+#[derive(Debug)]
+struct ViewCursor {
+    at: (u64, u64),
+    left_epochs: BTreeSet<u64>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     trace: Vec<TraceEvent>,
@@ -61,8 +69,8 @@ struct Inner {
     faults: Vec<FaultSpan>,
     violations: Vec<String>,
     failovers: Vec<Duration>,
-    /// Per node incarnation: the (epoch, version) last applied and the epochs it left.
-    last_version: BTreeMap<(String, MemberId), ((u64, u64), BTreeSet<u64>)>,
+    /// Per node incarnation: where its view is.
+    last_version: BTreeMap<(String, MemberId), ViewCursor>,
     keep_trace: bool,
     digest: u64,
     reported: std::collections::BTreeSet<String>,
@@ -136,14 +144,14 @@ impl Recorder {
         let key = (node.to_string(), id.clone());
         let problem = {
             let mut inner = self.lock();
-            let entry = inner
-                .last_version
-                .entry(key)
-                .or_insert_with(|| ((epoch, 0), BTreeSet::new()));
-            let (prev_epoch, prev) = entry.0;
+            let entry = inner.last_version.entry(key).or_insert_with(|| ViewCursor {
+                at: (epoch, 0),
+                left_epochs: BTreeSet::new(),
+            });
+            let (prev_epoch, prev) = entry.at;
             let problem = if prev_epoch == epoch && version <= prev && prev != 0 {
                 Some(format!("applied {version} after {prev}"))
-            } else if prev_epoch != epoch && entry.1.contains(&epoch) {
+            } else if prev_epoch != epoch && entry.left_epochs.contains(&epoch) {
                 Some(format!(
                     "applied {version} of epoch {epoch:x}, which it had left for epoch {prev_epoch:x}"
                 ))
@@ -151,9 +159,9 @@ impl Recorder {
                 None
             };
             if prev_epoch != epoch {
-                entry.1.insert(prev_epoch);
+                entry.left_epochs.insert(prev_epoch);
             }
-            entry.0 = (epoch, version);
+            entry.at = (epoch, version);
             problem
         };
         if let Some(problem) = problem {
