@@ -188,6 +188,64 @@ fn a_member_frozen_past_its_ttl_knows_it_lost_membership_and_returns_as_a_new_in
     );
 }
 
+/// A registry frozen for twice the TTL (SIGSTOP: a VM pause) does not expire its members when it
+/// wakes: the stall is added to every lease. The members noticed they could not renew and said
+/// so; they are back under the same ids, and no watcher saw anyone leave.
+#[test]
+fn a_stalled_registry_extends_leases_instead_of_expiring_everyone() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut args = FAST.to_vec();
+    args.extend(["--metrics-listen", &metrics]);
+    let (registry, addr) = start_registry("127.0.0.1:0", &args);
+    let u = url(&addr);
+    let members: Vec<Proc> = (1..=2)
+        .map(|i| start_member(&format!("m{i}"), &u, "c", &[]))
+        .collect();
+    for m in &members {
+        m.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    }
+    let signal = |sig: &str| {
+        let pid = registry.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    for m in &members {
+        m.wait_line("membership lost while the registry is frozen", 20, |l| {
+            l.contains("\"membership-lost\"")
+        });
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    signal("-CONT");
+    for m in &members {
+        let line = m.wait_line("membership restored", 20, |l| {
+            l.contains("\"membership-restored\"")
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            v["member"], v["previous"],
+            "{}: same incarnation: {v}",
+            m.name
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1_000));
+    for m in &members {
+        let counts: Vec<usize> = m.json_lines("snapshot").iter().map(member_count).collect();
+        assert!(
+            counts.iter().skip_while(|&&n| n < 2).all(|&n| n == 2),
+            "{}: a member was removed after the stall: {counts:?}",
+            m.name
+        );
+    }
+    assert_eq!(metric(&metrics, "shoal_registry_expiries_total"), Some(0.0));
+    assert_eq!(metric(&metrics, "shoal_registry_stalls_total"), Some(1.0));
+}
+
 /// A registry restarted on a host whose clock is ten minutes behind issues lower versions in a
 /// new epoch: members take its snapshot as a reset and keep following it (no freeze).
 #[test]
@@ -597,6 +655,72 @@ fn cli_exits_nonzero_with_a_clear_message_when_the_registry_is_unreachable() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
+}
+
+/// What an operator meets: the heartbeat interval derives from the TTL (`--ttl 2s` just works),
+/// a pair that leaves no room for missed heartbeats is refused naming the flags, secrets come
+/// from files instead of the command line, and logs written to a pipe carry no colour codes.
+#[test]
+fn operator_settings_derive_the_heartbeat_read_tokens_from_files_and_log_plainly() {
+    let out = std::process::Command::new(registry_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ttl",
+            "3s",
+            "--heartbeat-interval",
+            "2s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("two missed heartbeats") && err.contains("--heartbeat-interval"),
+        "{err}"
+    );
+    let dir = temp_dir("tokens");
+    let registry_tokens = write(
+        &dir,
+        "registry-tokens",
+        "# cluster secrets\n\nsecure=t0ken\n",
+    );
+    let member_token = write(&dir, "member-token", "t0ken\n");
+    let wrong_token = write(&dir, "wrong-token", "guess\n");
+    let (registry, addr) = start_registry(
+        "127.0.0.1:0",
+        &["--ttl", "2s", "--cluster-token-file", &registry_tokens],
+    );
+    let u = url(&addr);
+    let m = start_member("m", &u, "secure", &["--cluster-token-file", &member_token]);
+    m.wait_snapshot("the member in the token cluster", 20, |v| {
+        member_count(v) == 1
+    });
+    let (ok, _, err) = topology(&u, "secure", &["--cluster-token-file", &wrong_token]);
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, out, err) = topology(&u, "secure", &["--cluster-token-file", &member_token]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"members\""), "{out}");
+    let logs = registry.err_lines.lock().unwrap().clone();
+    assert!(
+        logs.iter().any(|l| l.contains("registry serving")),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter().all(|l| !l.contains('\u{1b}')),
+        "ANSI codes in logs written to a pipe: {logs:?}"
+    );
+    let bad = write(&dir, "bad-tokens", "secure\n");
+    let out = std::process::Command::new(registry_bin())
+        .args(["--listen", "127.0.0.1:0", "--cluster-token-file", &bad])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cluster-token-file") && err.contains("line 1"),
+        "{err}"
+    );
 }
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.

@@ -25,10 +25,10 @@ const REGISTRY_IP: [u8; 4] = [10, 0, 0, 1];
 fn registry_config() -> RegistryConfig {
     RegistryConfig {
         ttl: Duration::from_secs(6),
-        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_interval: Some(Duration::from_secs(2)),
         sweep_interval: Duration::from_millis(500),
         progress_interval: Duration::from_secs(2),
-        startup_grace: Duration::from_secs(3),
+        startup_grace: Some(Duration::from_secs(3)),
         ..RegistryConfig::default()
     }
 }
@@ -141,7 +141,7 @@ async fn partitioned_member_expires_knows_it_and_rejoins_as_a_new_incarnation_af
     // The last heartbeat got through at most one interval before the cut; expiry is noticed at
     // the next sweep; then one broadcast.
     assert!(
-        expired_after >= cfg.ttl - cfg.heartbeat_interval,
+        expired_after >= cfg.ttl - cfg.heartbeat(),
         "expired too early: {expired_after:?}"
     );
     assert!(
@@ -174,7 +174,7 @@ async fn partitioned_member_expires_knows_it_and_rejoins_as_a_new_incarnation_af
     // Re-join happens at the member's next heartbeat (NOT_FOUND, then join): within one
     // heartbeat interval plus the madsim retry delay of held messages (up to about 10 s).
     assert!(
-        back <= cfg.heartbeat_interval + Duration::from_secs(12),
+        back <= cfg.heartbeat() + Duration::from_secs(12),
         "rejoined after {back:?}"
     );
     eprintln!(
@@ -260,7 +260,7 @@ async fn registry_restart_loses_no_live_member() {
         "a live member disappeared from some view during the restart"
     );
     assert!(
-        recovered <= cfg.startup_grace + cfg.heartbeat_interval + Duration::from_secs(12),
+        recovered <= cfg.grace() + cfg.heartbeat() + Duration::from_secs(12),
         "recovered after {recovered:?}"
     );
 }

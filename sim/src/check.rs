@@ -146,8 +146,7 @@ pub fn liveness_bound(cluster: &SimCluster) -> Duration {
         // Node-side timers run on clocks that may still drift 25% slow, hence the 4/3.
         ProviderKind::Registry => {
             let c = cluster.registry_config();
-            (c.startup_grace + c.ttl + c.heartbeat_interval) * 4 / 3
-                + Duration::from_secs(5 + 10 + 4)
+            (c.grace() + c.ttl + c.heartbeat()) * 4 / 3 + Duration::from_secs(5 + 10 + 4)
         }
     }
 }

@@ -234,6 +234,8 @@ struct RegistryControl {
     /// registry-restart faults must not restart a running registry).
     crashes: AtomicU64,
     down: AtomicBool,
+    /// Frozen by a [`Fault::RegistryPause`], since this instant.
+    paused_since: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -310,6 +312,7 @@ impl SimCluster {
                 door,
                 crashes: AtomicU64::new(0),
                 down: AtomicBool::new(false),
+                paused_since: Mutex::new(None),
             }
         });
         let memory = InMemoryRegistry::new();
@@ -502,13 +505,17 @@ impl SimCluster {
             self.health.set_node(i, leaving || self.path_disturbed(i));
         }
         if let Some(r) = &self.registry {
-            self.health.set_registry(r.down.load(Ordering::SeqCst));
+            self.health
+                .set_registry(r.down.load(Ordering::SeqCst) || lock(&r.paused_since).is_some());
         }
     }
 
     /// Feeds the lease oracle the registry's published topology.
     fn poll_registry(&self) {
         let Some(r) = &self.registry else { return };
+        if lock(&r.paused_since).is_some() {
+            return; // A frozen process publishes nothing (and expires nobody).
+        }
         let Some((run, server)) = lock(&r.server).clone() else {
             return;
         };
@@ -960,6 +967,22 @@ impl SimCluster {
                 self.crash_registry(fault, down_for);
             }
             Fault::RegistryRestart { down_for } => self.crash_registry(fault, down_for),
+            Fault::RegistryPause { duration } => {
+                let Some(r) = &self.registry else { return };
+                if r.down.load(Ordering::SeqCst) || lock(&r.paused_since).is_some() {
+                    return;
+                }
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), vec!["registry".into()]);
+                *lock(&r.paused_since) = Some(Instant::now());
+                self.handle.pause(r.node.id());
+                self.refresh_health();
+                self.later(duration, move |c| {
+                    c.resume_registry();
+                    c.recorder.fault_healed(idx);
+                });
+            }
             Fault::RollingRestart { gap } => {
                 let idx = self
                     .recorder
@@ -1019,6 +1042,9 @@ impl SimCluster {
             .recorder
             .fault_started(fault.to_string(), vec!["registry".into()]);
         lock(&r.server).take();
+        if lock(&r.paused_since).take().is_some() {
+            self.handle.resume(r.node.id());
+        }
         self.handle.kill(r.node.id());
         r.down.store(true, Ordering::SeqCst);
         self.refresh_health();
@@ -1035,6 +1061,17 @@ impl SimCluster {
             }
             c.recorder.fault_healed(idx);
         });
+    }
+
+    /// Resumes the registry if it is frozen; the lease oracle learns for how long.
+    fn resume_registry(&self) {
+        let Some(r) = &self.registry else { return };
+        let Some(since) = lock(&r.paused_since).take() else {
+            return;
+        };
+        self.handle.resume(r.node.id());
+        self.oracles.registry_stalled(since.elapsed());
+        self.refresh_health();
     }
 
     /// Restarts the registry if it is down.
@@ -1077,6 +1114,7 @@ impl SimCluster {
             self.resume(i);
             self.restart(i);
         }
+        self.resume_registry();
         self.restart_registry();
         self.refresh_health();
         self.recorder.trace("harness", "HEAL ALL");
@@ -1115,6 +1153,8 @@ impl SimCluster {
                     );
                     rec.count_n("registry: expiries", m.expiries.get());
                     rec.count_n("registry: leaves", m.leaves.get());
+                    rec.count_n("registry: stalls", m.stalls.get());
+                    rec.count_n("registry: superseded", m.superseded.get());
                 }
             }
         }

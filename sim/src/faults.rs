@@ -127,6 +127,12 @@ pub enum Fault {
         #[serde(with = "ms")]
         down_for: Duration,
     },
+    /// The registry process freezes (a VM pause, a long GC) and resumes with its state.
+    RegistryPause {
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
     /// Every member restarts, one after another.
     RollingRestart {
         /// Gap between two restarts.
@@ -162,6 +168,7 @@ impl Fault {
             Fault::RegistryClock { .. } => "registry-clock",
             Fault::RegistryClockStep { .. } => "registry-clock-step",
             Fault::RegistryRestart { .. } => "registry-restart",
+            Fault::RegistryPause { .. } => "registry-pause",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
         }
@@ -180,6 +187,7 @@ impl Fault {
                 | Fault::RegistryClock { .. }
                 | Fault::RegistryClockStep { .. }
                 | Fault::RegistryRestart { .. }
+                | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
         )
     }
@@ -275,6 +283,9 @@ impl fmt::Display for Fault {
             Fault::RegistryRestart { down_for } => {
                 write!(f, "registry restart, down {}", s(down_for))
             }
+            Fault::RegistryPause { duration } => {
+                write!(f, "registry frozen for {}", s(duration))
+            }
             Fault::RollingRestart { gap } => write!(f, "rolling restart, gap {}", s(gap)),
             Fault::Flap {
                 member,
@@ -319,6 +330,8 @@ pub enum FaultKind {
     RegistryClockStep,
     /// [`Fault::RegistryRestart`].
     RegistryRestart,
+    /// [`Fault::RegistryPause`].
+    RegistryPause,
     /// [`Fault::RollingRestart`].
     RollingRestart,
     /// [`Fault::Flap`].
@@ -327,7 +340,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// The kinds random schedules draw from.
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::Partition,
         FaultKind::Split,
         FaultKind::OneWay,
@@ -341,6 +354,7 @@ impl FaultKind {
         FaultKind::RegistryClock,
         FaultKind::RegistryClockStep,
         FaultKind::RegistryRestart,
+        FaultKind::RegistryPause,
         FaultKind::RollingRestart,
         FaultKind::Flap,
     ];
@@ -419,6 +433,9 @@ impl FaultKind {
             },
             FaultKind::RegistryRestart => Fault::RegistryRestart {
                 down_for: r.ms(200, 8_000),
+            },
+            FaultKind::RegistryPause => Fault::RegistryPause {
+                duration: r.ms(500, 20_000),
             },
             FaultKind::RollingRestart => Fault::RollingRestart {
                 gap: r.ms(1_000, 5_000),

@@ -59,6 +59,9 @@ pub enum Flaw {
     /// Planted in the provider's heartbeat: the lease counts from every attempt, not from the
     /// last accepted one, so a cut-off member never notices it lost its registration.
     LeaseRenewedOnAttempt,
+    /// Planted in the registry's stall handling: leases are not extended after the registry
+    /// itself stalled, so everyone expires when it wakes.
+    StallNotExtended,
     /// Planted in the registry's sweep: expired ids are not remembered, so a join of one that
     /// arrives late (sent before the expiry, delayed by the network) brings it back.
     ExpiryNotBuried,
@@ -81,6 +84,7 @@ impl Flaw {
             Flaw::SnapshotIgnoresEpoch => "snapshot-ignores-epoch",
             Flaw::LeaseRenewedOnAttempt => "lease-renewed-on-attempt",
             Flaw::ExpiryNotBuried => "expiry-not-buried",
+            Flaw::StallNotExtended => "stall-not-extended",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

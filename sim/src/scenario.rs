@@ -121,6 +121,30 @@ fn heartbeat_loss(r: &mut SimRng, n: usize) -> FaultSchedule {
     ])
 }
 
+fn registry_pause(r: &mut SimRng, n: usize) -> FaultSchedule {
+    FaultSchedule::new(vec![
+        at(
+            10.0,
+            Fault::RegistryPause {
+                duration: r.ms(8_000, 20_000),
+            },
+        ),
+        at(
+            40.0,
+            Fault::Crash {
+                member: r.pick(n),
+                restart_after: None,
+            },
+        ),
+        at(
+            50.0,
+            Fault::RegistryPause {
+                duration: r.ms(500, 3_000),
+            },
+        ),
+    ])
+}
+
 fn registry_restart(r: &mut SimRng, _: usize) -> FaultSchedule {
     FaultSchedule::new(vec![
         at(
@@ -338,10 +362,7 @@ pub fn all() -> Vec<Scenario> {
             "every member restarts in turn as a new incarnation",
             80,
             rolling_restart,
-            &[
-                "workload: reports with moves",
-                "registry: re-join of a known id",
-            ],
+            &["workload: reports with moves", "registry: superseded"],
         ),
         reg(
             "flapping",
@@ -388,6 +409,13 @@ pub fn all() -> Vec<Scenario> {
                 "events: missed by lagging subscribers",
                 "placement: owner cache evictions",
             ],
+        ),
+        reg(
+            "registry-pause",
+            "the registry freezes for 1.3-3.3 TTLs (a VM pause) and resumes; later a member crashes and the registry freezes briefly",
+            65,
+            registry_pause,
+            &["registry: stalls", "provider: membership lost"],
         ),
         reg(
             "registry-clock-step",

@@ -303,6 +303,14 @@ fn resurrection_oracle_fires_on_a_registry_that_forgets_expired_ids() {
     panic!("the resurrection checker never fired on flaw ExpiryNotBuried");
 }
 
+/// A registry that wakes from a stall longer than the TTL must not expire everyone: the lease
+/// oracle holds it to extending every lease by the stall.
+#[test]
+fn lease_oracle_fires_on_a_registry_that_does_not_extend_leases_after_a_stall() {
+    let v = first_failure("registry-pause", Flaw::StallNotExtended, "registry stalls");
+    assert!(v.contains("was expired"), "{v}");
+}
+
 /// madsim's own determinism check: two runs of one seed draw the same random numbers in the
 /// same order (it logs every draw and compares).
 #[test]

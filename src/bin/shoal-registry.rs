@@ -30,10 +30,11 @@ mod real {
         /// Address to serve Prometheus metrics on (`GET /metrics`); off when unset.
         #[arg(long, env = "SHOAL_REGISTRY_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
-        /// Registration TTL, like `6s` or `1500ms`.
+        /// Registration TTL, like `6s` or `1500ms` [default: 6s].
         #[arg(long, env = "SHOAL_REGISTRY_TTL", value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        /// Heartbeat interval members are told to use.
+        /// Heartbeat interval members are told to use [default: a third of the TTL, so two
+        /// heartbeats in a row may be lost; at most a third of the TTL].
         #[arg(long, env = "SHOAL_REGISTRY_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
         heartbeat_interval: Option<Duration>,
         /// How often expired registrations are swept.
@@ -43,7 +44,7 @@ mod real {
         #[arg(long, env = "SHOAL_REGISTRY_PROGRESS_INTERVAL", value_parser = humantime::parse_duration)]
         progress_interval: Option<Duration>,
         /// How long watchers wait for their first snapshot after a start, so members re-join
-        /// first.
+        /// first [default: 1.5 heartbeat intervals; 0 turns it off].
         #[arg(long, env = "SHOAL_REGISTRY_STARTUP_GRACE", value_parser = humantime::parse_duration)]
         startup_grace: Option<Duration>,
         /// Most members per cluster.
@@ -70,9 +71,14 @@ mod real {
         /// PEM CA bundle: require client certificates signed by it (mTLS).
         #[arg(long, env = "SHOAL_REGISTRY_CLIENT_CA", requires = "tls_cert")]
         client_ca: Option<PathBuf>,
-        /// A cluster's shared secret, as CLUSTER=TOKEN (repeatable).
-        #[arg(long = "cluster-token", env = "SHOAL_REGISTRY_CLUSTER_TOKENS", value_delimiter = ',', value_parser = parse_token)]
+        /// A cluster's shared secret, as CLUSTER=TOKEN (repeatable; visible in `ps`: prefer
+        /// --cluster-token-file or the environment variable).
+        #[arg(long = "cluster-token", env = "SHOAL_REGISTRY_CLUSTER_TOKENS", hide_env_values = true, value_delimiter = ',', value_parser = parse_token)]
         cluster_tokens: Vec<(String, String)>,
+        /// A file of cluster secrets, one CLUSTER=TOKEN per line (`#` comments and blank lines
+        /// are skipped).
+        #[arg(long, env = "SHOAL_REGISTRY_CLUSTER_TOKEN_FILE")]
+        cluster_token_file: Option<PathBuf>,
     }
 
     /// How long a SIGTERM waits for open connections to finish.
@@ -83,6 +89,25 @@ mod real {
             Some((c, t)) if !c.is_empty() && !t.is_empty() => Ok((c.to_string(), t.to_string())),
             _ => Err(format!("expected CLUSTER=TOKEN, got {s:?}")),
         }
+    }
+
+    /// Reads a token file: `CLUSTER=TOKEN` lines, `#` comments and blank lines skipped.
+    fn read_token_file(path: &PathBuf) -> Result<Vec<(String, String)>> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--cluster-token-file: cannot read {}", path.display()))?;
+        text.lines()
+            .enumerate()
+            .map(|(n, l)| (n + 1, l.trim()))
+            .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+            .map(|(n, l)| {
+                parse_token(l).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--cluster-token-file: {} line {n}: expected CLUSTER=TOKEN",
+                        path.display()
+                    )
+                })
+            })
+            .collect()
     }
 
     /// The TOML file: server settings plus the registry's own.
@@ -126,7 +151,7 @@ mod real {
             r.ttl = v;
         }
         if let Some(v) = cli.heartbeat_interval {
-            r.heartbeat_interval = v;
+            r.heartbeat_interval = Some(v);
         }
         if let Some(v) = cli.sweep_interval {
             r.sweep_interval = v;
@@ -135,7 +160,7 @@ mod real {
             r.progress_interval = v;
         }
         if let Some(v) = cli.startup_grace {
-            r.startup_grace = v;
+            r.startup_grace = Some(v);
         }
         if let Some(v) = cli.max_members_per_cluster {
             r.limits.max_members_per_cluster = v;
@@ -152,6 +177,9 @@ mod real {
         }
         if let Some(v) = cli.max_message_bytes {
             r.limits.max_message_bytes = v;
+        }
+        if let Some(path) = &cli.cluster_token_file {
+            r.cluster_tokens.extend(read_token_file(path)?);
         }
         let tokens: BTreeMap<String, String> = cli.cluster_tokens.into_iter().collect();
         r.cluster_tokens.extend(tokens);
@@ -200,6 +228,7 @@ mod real {
                     .unwrap_or_else(|_| "info".into()),
             )
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
         let s = settings(Cli::parse())?;
         let server = RegistryServer::new(s.registry.clone(), TokioClock::shared())
@@ -237,7 +266,7 @@ mod real {
             .with_context(|| format!("--listen: cannot bind {}", s.listen))?;
         let local = listener.local_addr()?;
         let sweeper = server.spawn_sweeper();
-        tracing::info!(addr = %local, ttl = ?s.registry.ttl, heartbeat_interval = ?s.registry.heartbeat_interval, tls = s.tls.is_some(), "registry serving");
+        tracing::info!(addr = %local, ttl = ?s.registry.ttl, heartbeat_interval = ?s.registry.heartbeat(), startup_grace = ?s.registry.grace(), tls = s.tls.is_some(), "registry serving");
         // A line on stdout tells scripts and tests the bound address (useful with port 0).
         println!("listening on {local}");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -38,9 +38,17 @@ mod real {
         /// Cluster name.
         #[arg(long, env = "SHOAL_CLUSTER")]
         cluster: String,
-        /// The cluster's shared secret, if the registry requires one.
-        #[arg(long, env = "SHOAL_CLUSTER_TOKEN")]
+        /// The cluster's shared secret, if the registry requires one (visible in `ps`: prefer
+        /// --cluster-token-file or the SHOAL_CLUSTER_TOKEN environment variable).
+        #[arg(long, env = "SHOAL_CLUSTER_TOKEN", hide_env_values = true)]
         cluster_token: Option<String>,
+        /// A file holding the cluster's shared secret (surrounding whitespace ignored).
+        #[arg(
+            long,
+            env = "SHOAL_CLUSTER_TOKEN_FILE",
+            conflicts_with = "cluster_token"
+        )]
+        cluster_token_file: Option<PathBuf>,
         /// PEM CA certificate to verify the registry's TLS certificate.
         #[arg(long, env = "SHOAL_CA")]
         ca: Option<PathBuf>,
@@ -59,6 +67,19 @@ mod real {
     }
 
     impl Connection {
+        fn token(&self) -> Result<Option<String>> {
+            let Some(path) = &self.cluster_token_file else {
+                return Ok(self.cluster_token.clone());
+            };
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--cluster-token-file: cannot read {}", path.display()))?;
+            let token = text.trim();
+            if token.is_empty() {
+                bail!("--cluster-token-file: {} is empty", path.display());
+            }
+            Ok(Some(token.to_string()))
+        }
+
         fn tls(&self) -> Result<Option<ClientTlsConfig>> {
             let Some(ca) = &self.ca else { return Ok(None) };
             let pem =
@@ -81,7 +102,7 @@ mod real {
             let mut c = RegistryProviderConfig::new(self.registry.clone());
             c.rpc_timeout = self.timeout;
             c.connect_timeout = self.timeout;
-            c.cluster_token = self.cluster_token.clone();
+            c.cluster_token = self.token()?;
             c.tls = self.tls()?;
             Ok(c)
         }
@@ -236,7 +257,7 @@ mod real {
         let req = pb::WatchRequest {
             cluster: conn.cluster.clone(),
             from_version: 0,
-            cluster_token: conn.cluster_token.clone().unwrap_or_default(),
+            cluster_token: conn.token()?.unwrap_or_default(),
             epoch: 0,
         };
         let topology = tokio::time::timeout(args.wait, async {
@@ -288,6 +309,7 @@ mod real {
                     .unwrap_or_else(|_| "info".into()),
             )
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
         match Cli::parse().command {
             Command::Member(a) => member(a).await,

@@ -9,16 +9,16 @@ use crate::cluster::MemberLimits;
 
 /// Settings of a registry server. Every field has a default; see docs/providers/registry.md for
 /// why each default is what it is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
     /// A registration not refreshed for this long expires.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// How often members are told to heartbeat (a third of the TTL: two heartbeats may be lost
-    /// before a live member expires).
+    /// How often members are told to heartbeat. Unset: a third of the TTL, so two heartbeats
+    /// in a row may be lost before a live member expires (see [`Self::heartbeat`]).
     #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
+    pub heartbeat_interval: Option<Duration>,
     /// How often expired registrations are swept.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
@@ -26,9 +26,10 @@ pub struct RegistryConfig {
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
     /// After a (re)start, watchers wait this long for their first snapshot, so members that were
-    /// registered before the restart can re-join first instead of appearing to leave.
+    /// registered before the restart can re-join first instead of appearing to leave. Unset:
+    /// one and a half heartbeat intervals (members re-join at their next heartbeat); zero: off.
     #[serde(with = "humantime_serde")]
-    pub startup_grace: Duration,
+    pub startup_grace: Option<Duration>,
     /// Resource limits.
     pub limits: RegistryLimits,
     /// Shared secret per cluster; a cluster listed here refuses requests without its token.
@@ -39,22 +40,54 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(6),
-            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_interval: None,
             sweep_interval: Duration::from_millis(500),
             progress_interval: Duration::from_secs(5),
-            startup_grace: Duration::from_secs(3),
+            startup_grace: None,
             limits: RegistryLimits::default(),
             cluster_tokens: BTreeMap::new(),
         }
     }
 }
 
+/// Tokens are redacted: settings are logged and printed in errors.
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tokens: BTreeMap<&str, &str> = self
+            .cluster_tokens
+            .keys()
+            .map(|c| (c.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("RegistryConfig")
+            .field("ttl", &self.ttl)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("progress_interval", &self.progress_interval)
+            .field("startup_grace", &self.startup_grace)
+            .field("limits", &self.limits)
+            .field("cluster_tokens", &tokens)
+            .finish()
+    }
+}
+
 impl RegistryConfig {
+    /// The heartbeat interval members are told to use: the one set, or a third of the TTL.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat_interval.unwrap_or(self.ttl / 3)
+    }
+
+    /// How long watchers wait for their first snapshot after a start: the one set, or one and a
+    /// half heartbeat intervals.
+    pub fn grace(&self) -> Duration {
+        self.startup_grace
+            .unwrap_or_else(|| self.heartbeat() * 3 / 2)
+    }
+
     /// Checks the settings make sense together, naming the offending one.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("ttl", self.ttl),
-            ("heartbeat interval", self.heartbeat_interval),
+            ("heartbeat interval", self.heartbeat()),
             ("sweep interval", self.sweep_interval),
             ("progress interval", self.progress_interval),
         ];
@@ -63,10 +96,20 @@ impl RegistryConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.heartbeat_interval >= self.ttl {
+        let heartbeat = self.heartbeat();
+        if heartbeat * 3 > self.ttl {
             return Err(format!(
-                "heartbeat interval ({:?}) must be shorter than the ttl ({:?})",
-                self.heartbeat_interval, self.ttl
+                "heartbeat interval ({heartbeat:?}) leaves no room for two missed heartbeats within the ttl ({:?}): use at most a third of the ttl ({:?}), or leave it unset to derive it",
+                self.ttl,
+                self.ttl / 3
+            ));
+        }
+        if let Some(grace) = self.startup_grace
+            && !grace.is_zero()
+            && grace < heartbeat
+        {
+            return Err(format!(
+                "startup grace ({grace:?}) is shorter than the heartbeat interval ({heartbeat:?}): members cannot re-join before watchers get their first snapshot; use at least the heartbeat interval, 0 to turn it off, or leave it unset"
             ));
         }
         for (cluster, token) in &self.cluster_tokens {
@@ -75,6 +118,39 @@ impl RegistryConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_and_grace_derive_from_the_ttl_and_bad_pairs_are_named() {
+        let mut c = RegistryConfig {
+            ttl: Duration::from_secs(2),
+            ..RegistryConfig::default()
+        };
+        assert!(c.validate().is_ok(), "a short ttl alone is fine");
+        assert_eq!(c.heartbeat(), Duration::from_secs(2) / 3);
+        assert_eq!(c.grace(), Duration::from_secs(2) / 3 * 3 / 2);
+        c.heartbeat_interval = Some(Duration::from_secs(1));
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("two missed heartbeats"), "{err}");
+        c.ttl = Duration::from_secs(3);
+        assert!(c.validate().is_ok());
+        c.startup_grace = Some(Duration::from_millis(500));
+        assert!(c.validate().unwrap_err().contains("startup grace"));
+        c.startup_grace = Some(Duration::ZERO);
+        assert!(c.validate().is_ok(), "zero turns the grace off");
+    }
+
+    #[test]
+    fn debug_output_names_clusters_but_not_their_tokens() {
+        let mut c = RegistryConfig::default();
+        c.cluster_tokens.insert("prod".into(), "hunter2".into());
+        let text = format!("{c:?}");
+        assert!(text.contains("prod") && !text.contains("hunter2"), "{text}");
     }
 }
 

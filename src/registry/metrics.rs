@@ -40,6 +40,9 @@ pub struct RegistryMetrics {
     pub expiries: Counter,
     /// Registrations superseded by a newer incarnation joining at the same address.
     pub superseded: Counter,
+    /// Times the registry found it had stalled (woke up more than a sweep interval late) and
+    /// extended every lease by the stall.
+    pub stalls: Counter,
     /// Heartbeats accepted.
     pub heartbeats: Counter,
     /// Open watch streams.
@@ -76,6 +79,11 @@ impl RegistryMetrics {
             "registry_superseded",
             "Registrations superseded by a newer incarnation at the same address",
             self.superseded.clone(),
+        );
+        registry.register(
+            "registry_stalls",
+            "Stalls after which every lease was extended",
+            self.stalls.clone(),
         );
         registry.register(
             "registry_heartbeats",

@@ -58,7 +58,7 @@ impl Backoff {
 }
 
 /// Settings of a [`RegistryProvider`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RegistryProviderConfig {
     /// The registry's URL: `http://host:port`, or `https://` with [`Self::tls`].
     pub endpoint: String,
@@ -87,6 +87,29 @@ pub struct RegistryProviderConfig {
     /// TLS settings for `https://` endpoints (normal build only; simulated tonic has no TLS).
     #[cfg(not(madsim))]
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// The cluster token is redacted: settings end up in logs and error reports.
+impl std::fmt::Debug for RegistryProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("RegistryProviderConfig");
+        d.field("endpoint", &self.endpoint)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("backoff", &self.backoff)
+            .field(
+                "cluster_token",
+                &self.cluster_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("watch_idle_timeout", &self.watch_idle_timeout)
+            .field("startup_timeout", &self.startup_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("lease_margin", &self.lease_margin)
+            .field("max_clock_drift_ppm", &self.max_clock_drift_ppm);
+        #[cfg(not(madsim))]
+        d.field("tls", &self.tls.is_some());
+        d.finish()
+    }
 }
 
 impl RegistryProviderConfig {
@@ -806,6 +829,17 @@ impl ClusterProvider for RegistryProvider {
 mod tests {
     use super::*;
     use crate::runtime::TokioClock;
+
+    #[test]
+    fn debug_output_does_not_show_the_cluster_token() {
+        let mut c = RegistryProviderConfig::new("http://r:1");
+        c.cluster_token = Some("hunter2".into());
+        let text = format!("{c:?}");
+        assert!(
+            text.contains("redacted") && !text.contains("hunter2"),
+            "{text}"
+        );
+    }
 
     #[tokio::test]
     async fn backoff_grows_caps_and_jitters_within_bounds() {

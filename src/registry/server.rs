@@ -66,7 +66,7 @@ impl RegistryServer {
         let now = clock.now();
         Ok(Self {
             shared: Arc::new(Shared {
-                ready_at: now + config.startup_grace,
+                ready_at: now + config.grace(),
                 core: Mutex::new(Core {
                     state: RegistryState::new(config.clone(), floor, clock.random_u64()),
                     feeds: BTreeMap::new(),
@@ -105,11 +105,18 @@ impl RegistryServer {
         self.shared.clock.clone().spawn(
             "registry-sweeper",
             Box::pin(async move {
+                let interval = shared.config.sweep_interval;
                 loop {
-                    shared.clock.sleep(shared.config.sweep_interval).await;
-                    if sim::buggify(0.05) {
-                        // Fault point: a late sweep (a stalled thread, a long GC).
-                        shared.clock.sleep(shared.config.sweep_interval * 3).await;
+                    let due = shared.clock.now() + interval;
+                    shared.clock.sleep(interval).await;
+                    // Woken more than an interval late: the process stalled (a VM pause, a long
+                    // GC) and nobody could renew meanwhile. The stall does not count against
+                    // anyone's TTL.
+                    let late = shared.clock.now().saturating_duration_since(due);
+                    if late > interval {
+                        shared.metrics.stalls.inc();
+                        tracing::warn!(stalled = ?late, "the registry stalled; extending every lease by the stall before sweeping");
+                        shared.lock().state.extend_leases(late);
                     }
                     shared.sweep();
                 }
@@ -328,7 +335,7 @@ impl pb::registry_server::Registry for RegistryService {
         Ok(Response::new(pb::JoinResponse {
             member_token: joined.token,
             ttl_ms: s.config.ttl.as_millis() as u64,
-            heartbeat_interval_ms: s.config.heartbeat_interval.as_millis() as u64,
+            heartbeat_interval_ms: s.config.heartbeat().as_millis() as u64,
             topology_version: joined.version,
         }))
     }

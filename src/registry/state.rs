@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::cluster::{ClusterTopology, Member, MemberId, ModelError, check_text};
 use crate::runtime::{Instant, sim};
@@ -476,6 +477,21 @@ impl RegistryState {
         self.prune_tombstones(now);
         self.check_invariants();
         changes
+    }
+
+    /// Pushes every registration's expiry `by` later: after the registry itself stalled (a VM
+    /// pause, a long GC), members could not renew for that long through no fault of theirs,
+    /// so the stall does not count against their TTL (as etcd extends leases after a leader
+    /// change).
+    pub fn extend_leases(&mut self, by: Duration) {
+        if sim::flaw("stall-not-extended") {
+            return;
+        }
+        for c in self.clusters.values_mut() {
+            for r in c.registrations.values_mut() {
+                r.expires_at += by;
+            }
+        }
     }
 
     /// The cluster's current topology (empty at version 0 when nobody is registered).

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct Proc {
     pub child: Child,
     pub lines: Arc<Mutex<Vec<String>>>,
+    /// The first stderr lines (logs).
+    pub err_lines: Arc<Mutex<Vec<String>>>,
     pub name: String,
 }
 
@@ -42,16 +44,23 @@ impl Proc {
         });
         let err = child.stderr.take().unwrap();
         let tag = name.to_string();
+        let err_lines = Arc::new(Mutex::new(Vec::new()));
+        let err_sink = err_lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if std::env::var_os("SHOAL_TEST_VERBOSE").is_some() {
                     eprintln!("[{tag}] {line}");
+                }
+                let mut kept = err_sink.lock().unwrap();
+                if kept.len() < 10_000 {
+                    kept.push(line);
                 }
             }
         });
         Proc {
             child,
             lines,
+            err_lines,
             name: name.to_string(),
         }
     }

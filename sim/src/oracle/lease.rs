@@ -22,6 +22,8 @@ struct Registration {
     renewed_at: Instant,
     /// When a leave was accepted.
     left_at: Option<Instant>,
+    /// How far registry stalls since `renewed_at` pushed the expiry out: at least, at most.
+    extended: (Duration, Duration),
 }
 
 /// What the lease oracle asks the cluster about the nodes (the faults the harness applied).
@@ -75,6 +77,7 @@ impl Leases {
                 address,
                 renewed_at: at,
                 left_at: None,
+                extended: (Duration::ZERO, Duration::ZERO),
             },
         );
     }
@@ -83,7 +86,18 @@ impl Leases {
     pub fn renewed(&mut self, id: &MemberId, at: Instant) {
         if let Some(r) = self.registrations.get_mut(id) {
             r.renewed_at = at;
+            r.extended = (Duration::ZERO, Duration::ZERO);
         }
+    }
+
+    /// The registry stalled: every registration's expiry moved out by between `at_least` and
+    /// `at_most`.
+    pub fn stalled(&mut self, at_least: Duration, at_most: Duration) {
+        for r in self.registrations.values_mut() {
+            r.extended.0 += at_least;
+            r.extended.1 += at_most;
+        }
+        self.next_deadline = None;
     }
 
     /// A leave was accepted.
@@ -144,14 +158,15 @@ impl Leases {
             }
             // An expiry, published at some moment in (now - POLL, now].
             let since_renewal = now.saturating_duration_since(reg.renewed_at);
-            if since_renewal < bounds.ttl_min() {
+            if since_renewal < bounds.ttl_min() + reg.extended.0 {
                 rec.violation_once(
                     format!("early expiry {id} {}", t.version()),
                     format!(
-                        "lease: {id} was expired {} ms after the registry accepted its last heartbeat (TTL {} ms, at least {} ms on a fast registry clock)",
+                        "lease: {id} was expired {} ms after the registry accepted its last heartbeat (TTL {} ms, at least {} ms on a fast registry clock, plus at least {} ms of registry stalls since)",
                         ms(since_renewal),
                         ms(bounds.ttl),
-                        ms(bounds.ttl_min())
+                        ms(bounds.ttl_min()),
+                        ms(reg.extended.0)
                     ),
                 );
             }
@@ -201,7 +216,7 @@ impl Leases {
             .filter_map(|id| self.registrations.get(id))
             .map(|r| match r.left_at {
                 Some(left) => left + POLL * 2,
-                None => r.renewed_at + late_after,
+                None => r.renewed_at + late_after + r.extended.1,
             })
             .min();
         for id in t.member_ids() {
@@ -222,7 +237,7 @@ impl Leases {
                 Some(_) => {}
                 None => {
                     let late = now.saturating_duration_since(reg.renewed_at);
-                    if late > bounds.ttl_max() + bounds.sweep_allowance() {
+                    if late > bounds.ttl_max() + bounds.sweep_allowance() + reg.extended.1 {
                         rec.violation_once(
                             format!("overdue {id}"),
                             format!(

@@ -54,7 +54,7 @@ impl Bounds {
             registry,
             ttl: config.ttl,
             sweep: config.sweep_interval,
-            heartbeat: config.heartbeat_interval,
+            heartbeat: config.heartbeat(),
             degraded,
         }
     }
@@ -151,6 +151,20 @@ impl Oracles {
     /// The registry accepted a leave of `id`.
     pub fn left(&self, id: &MemberId) {
         self.lock().lease.left(id, Instant::now());
+    }
+
+    /// The registry was frozen for `d` and resumed with its state: every lease it holds is
+    /// extended by the stall (less up to a sweep interval, which is how late it can notice).
+    pub fn registry_stalled(&self, d: Duration) {
+        let sweep = self.bounds.sweep;
+        let drift = REGISTRY_MAX_DRIFT_PPM as f64 / 1e6;
+        // The registry notices a stall only when its sweeper wakes more than an interval late.
+        let at_least = if d > sweep * 2 {
+            (d - sweep).mul_f64(1.0 - drift)
+        } else {
+            Duration::ZERO
+        };
+        self.lock().lease.stalled(at_least, d.mul_f64(1.0 + drift));
     }
 
     /// The node registered as `id` announced that it lost its registration.
