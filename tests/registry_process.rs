@@ -393,6 +393,149 @@ async fn nobody_can_take_over_a_member_id_and_a_new_incarnation_supersedes_its_a
     );
 }
 
+/// One client cannot exhaust the registry: every global and per-cluster limit answers with
+/// RESOURCE_EXHAUSTED (or INVALID_ARGUMENT for an oversized member) and a message naming it,
+/// the operator's named cluster keeps working, and its watcher keeps receiving updates.
+#[tokio::test]
+async fn limits_hold_against_one_client_and_named_clusters_keep_working() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "--metrics-listen",
+        &metrics,
+        "--cluster",
+        "named",
+        "--max-clusters",
+        "1",
+        "--max-registrations",
+        "4",
+        "--max-watchers",
+        "4",
+        "--max-member-bytes",
+        "2000",
+        "--max-snapshot-bytes",
+        "4000",
+        "--max-message-bytes",
+        "65536",
+        "--startup-grace",
+        "0s",
+    ];
+    let (_registry, addr) = start_registry("127.0.0.1:0", &args);
+    let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
+    let watch = |cluster: &str| pb::WatchRequest {
+        cluster: cluster.into(),
+        ..Default::default()
+    };
+    let mut named = client.watch(watch("named")).await.unwrap().into_inner();
+    named.message().await.unwrap().unwrap();
+    let member = |cluster: &str, id: &str, port: u16, blob: usize| pb::JoinRequest {
+        cluster: cluster.into(),
+        member: Some(pb::Member {
+            id: id.into(),
+            address: format!("127.0.0.1:{port}"),
+            kinds: vec!["k".into()],
+            metadata: (0..blob.div_ceil(1_000))
+                .map(|i| (format!("blob{i}"), "x".repeat(1_000.min(blob - i * 1_000))))
+                .collect(),
+            ..Default::default()
+        }),
+        role: pb::Role::Member as i32,
+        incarnation_secret: format!("secret-{id}"),
+        ..Default::default()
+    };
+    let refused =
+        |r: Result<tonic::Response<pb::JoinResponse>, tonic::Status>, code, what: &str| {
+            let err = r.unwrap_err();
+            assert_eq!(err.code(), code, "{what}: {err:?}");
+            assert!(err.message().contains(what), "{what}: {err:?}");
+        };
+    client.join(member("open1", "a", 1, 0)).await.unwrap();
+    refused(
+        client.join(member("open2", "b", 2, 0)).await,
+        Code::ResourceExhausted,
+        "clusters",
+    );
+    let err = client.watch(watch("open2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    refused(
+        client.join(member("named", "big", 3, 3_000)).await,
+        Code::InvalidArgument,
+        "bytes encoded",
+    );
+    client.join(member("named", "x", 4, 1_500)).await.unwrap();
+    client.join(member("named", "y", 5, 1_500)).await.unwrap();
+    refused(
+        client.join(member("named", "z", 6, 1_500)).await,
+        Code::ResourceExhausted,
+        "snapshot limit",
+    );
+    let d = client
+        .join(member("named", "d", 7, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    refused(
+        client.join(member("named", "e", 8, 0)).await,
+        Code::ResourceExhausted,
+        "registrations",
+    );
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut w = client.watch(watch("named")).await.unwrap().into_inner();
+        w.message().await.unwrap().unwrap();
+        open.push(w);
+    }
+    let mut over = client.watch(watch("named")).await;
+    if let Ok(stream) = &mut over {
+        // Refusal may come as the stream's first message.
+        over = stream
+            .get_mut()
+            .message()
+            .await
+            .map(|_| panic!("a fifth watcher was admitted"));
+    }
+    let err = over.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("watch streams"), "{err:?}");
+    // The named cluster's first watcher still hears about changes.
+    client
+        .leave(pb::LeaveRequest {
+            cluster: "named".into(),
+            member_token: d.member_token,
+        })
+        .await
+        .unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(pb::watch_response::Event::Update(u)) =
+                named.message().await.unwrap().unwrap().event
+                && !u.left.is_empty()
+            {
+                break u.left;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(left, ["d"]);
+    let limit = |name: &str| {
+        metric(
+            &metrics,
+            &format!("shoal_registry_limit_rejections_total{{limit=\"{name}\"}}"),
+        )
+    };
+    for name in [
+        "max_clusters",
+        "max_snapshot_bytes",
+        "max_registrations",
+        "max_watchers",
+    ] {
+        assert!(
+            limit(name).unwrap_or(0.0) >= 1.0,
+            "no rejection counted for {name}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
     let mut args = FAST.to_vec();

@@ -50,9 +50,49 @@ mod real {
         /// Most members per cluster.
         #[arg(long, env = "SHOAL_REGISTRY_MAX_MEMBERS")]
         max_members_per_cluster: Option<usize>,
-        /// Most clusters.
+        /// Most clusters that were not named with --cluster or --cluster-token (registered or
+        /// watched; named clusters are always admitted) [default: 1024].
         #[arg(long, env = "SHOAL_REGISTRY_MAX_CLUSTERS")]
         max_clusters: Option<usize>,
+        /// A cluster this registry serves: always admitted, whatever --max-clusters (repeatable).
+        #[arg(
+            long = "cluster",
+            env = "SHOAL_REGISTRY_CLUSTERS",
+            value_delimiter = ','
+        )]
+        clusters: Vec<String>,
+        /// Refuse every cluster not named with --cluster or --cluster-token.
+        #[arg(long, env = "SHOAL_REGISTRY_ONLY_NAMED_CLUSTERS")]
+        only_named_clusters: bool,
+        /// Most client registrations per cluster [default: 10000].
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_CLIENTS")]
+        max_clients_per_cluster: Option<usize>,
+        /// Most registrations across all clusters [default: 100000].
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_REGISTRATIONS")]
+        max_registrations: Option<usize>,
+        /// Most watch streams per cluster [default: 20000].
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_WATCHERS_PER_CLUSTER")]
+        max_watchers_per_cluster: Option<usize>,
+        /// Most watch streams across all clusters [default: 100000].
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_WATCHERS")]
+        max_watchers: Option<usize>,
+        /// Largest member description, encoded, in bytes [default: 16384].
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_MEMBER_BYTES")]
+        max_member_bytes: Option<usize>,
+        /// Largest encoded snapshot of one cluster, in bytes; Shoal's clients accept up to 64 MiB
+        /// [default: 33554432].
+        #[arg(long, env = "SHOAL_REGISTRY_MAX_SNAPSHOT_BYTES")]
+        max_snapshot_bytes: Option<usize>,
+        /// Most concurrent HTTP/2 streams per connection (watches and calls) [default: 1024].
+        #[arg(
+            long,
+            env = "SHOAL_REGISTRY_MAX_CONCURRENT_STREAMS",
+            default_value_t = 1024
+        )]
+        max_concurrent_streams: u32,
+        /// Deadline of every unary call on the server side [default: 10s].
+        #[arg(long, env = "SHOAL_REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+        request_timeout: Duration,
         /// Most kinds per member.
         #[arg(long, env = "SHOAL_REGISTRY_MAX_KINDS")]
         max_kinds: Option<usize>,
@@ -129,6 +169,8 @@ mod real {
     }
 
     struct Settings {
+        max_concurrent_streams: u32,
+        request_timeout: Duration,
         listen: SocketAddr,
         metrics_listen: Option<SocketAddr>,
         tls: Option<TlsFile>,
@@ -168,6 +210,27 @@ mod real {
         if let Some(v) = cli.max_clusters {
             r.limits.max_clusters = v;
         }
+        r.clusters.extend(cli.clusters.iter().cloned());
+        r.only_named_clusters |= cli.only_named_clusters;
+        let limits = [
+            (
+                cli.max_clients_per_cluster,
+                &mut r.limits.max_clients_per_cluster,
+            ),
+            (cli.max_registrations, &mut r.limits.max_registrations),
+            (
+                cli.max_watchers_per_cluster,
+                &mut r.limits.max_watchers_per_cluster,
+            ),
+            (cli.max_watchers, &mut r.limits.max_watchers),
+            (cli.max_member_bytes, &mut r.limits.max_member_bytes),
+            (cli.max_snapshot_bytes, &mut r.limits.max_snapshot_bytes),
+        ];
+        for (flag, setting) in limits {
+            if let Some(v) = flag {
+                *setting = v;
+            }
+        }
         if let Some(v) = cli.max_kinds {
             r.limits.member.max_kinds = v;
         }
@@ -185,7 +248,7 @@ mod real {
         r.cluster_tokens.extend(tokens);
         if let Err(e) = r.validate() {
             bail!(
-                "invalid settings: {e} (check --ttl, --heartbeat-interval and the settings file)"
+                "invalid settings: {e} (check the flags of the same name, like --ttl, --heartbeat-interval or --max-snapshot-bytes, and the settings file)"
             );
         }
         let tls = match (cli.tls_cert, cli.tls_key) {
@@ -197,6 +260,8 @@ mod real {
             _ => file.tls,
         };
         Ok(Settings {
+            max_concurrent_streams: cli.max_concurrent_streams,
+            request_timeout: cli.request_timeout,
             listen: cli
                 .listen
                 .or(file.listen)
@@ -253,6 +318,8 @@ mod real {
         }
 
         let mut builder = Server::builder()
+            .max_concurrent_streams(Some(s.max_concurrent_streams))
+            .timeout(s.request_timeout)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .tcp_nodelay(true);

@@ -253,7 +253,8 @@ mod real {
             .connect()
             .await
             .with_context(|| format!("cannot reach the registry at {}", conn.registry))?;
-        let mut client = pb::registry_client::RegistryClient::new(channel);
+        let mut client = pb::registry_client::RegistryClient::new(channel)
+            .max_decoding_message_size(shoal::registry::MAX_DECODE_BYTES);
         let req = pb::WatchRequest {
             cluster: conn.cluster.clone(),
             from_version: 0,

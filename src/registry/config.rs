@@ -34,6 +34,12 @@ pub struct RegistryConfig {
     pub limits: RegistryLimits,
     /// Shared secret per cluster; a cluster listed here refuses requests without its token.
     pub cluster_tokens: BTreeMap<String, String>,
+    /// Clusters named by the operator (open ones; those in `cluster_tokens` are named too).
+    /// Named clusters are always admitted: `limits.max_clusters` bounds only the others, so
+    /// nobody can squat the capacity they need.
+    pub clusters: std::collections::BTreeSet<String>,
+    /// Refuse every cluster that is not named (in `clusters` or `cluster_tokens`).
+    pub only_named_clusters: bool,
 }
 
 impl Default for RegistryConfig {
@@ -46,6 +52,8 @@ impl Default for RegistryConfig {
             startup_grace: None,
             limits: RegistryLimits::default(),
             cluster_tokens: BTreeMap::new(),
+            clusters: Default::default(),
+            only_named_clusters: false,
         }
     }
 }
@@ -66,11 +74,18 @@ impl std::fmt::Debug for RegistryConfig {
             .field("startup_grace", &self.startup_grace)
             .field("limits", &self.limits)
             .field("cluster_tokens", &tokens)
+            .field("clusters", &self.clusters)
+            .field("only_named_clusters", &self.only_named_clusters)
             .finish()
     }
 }
 
 impl RegistryConfig {
+    /// Whether the operator named `cluster` (it has a token, or is listed in `clusters`).
+    pub fn is_named(&self, cluster: &str) -> bool {
+        self.clusters.contains(cluster) || self.cluster_tokens.contains_key(cluster)
+    }
+
     /// The heartbeat interval members are told to use: the one set, or a third of the TTL.
     pub fn heartbeat(&self) -> Duration {
         self.heartbeat_interval.unwrap_or(self.ttl / 3)
@@ -110,6 +125,21 @@ impl RegistryConfig {
         {
             return Err(format!(
                 "startup grace ({grace:?}) is shorter than the heartbeat interval ({heartbeat:?}): members cannot re-join before watchers get their first snapshot; use at least the heartbeat interval, 0 to turn it off, or leave it unset"
+            ));
+        }
+        let limits = &self.limits;
+        // Room for the snapshot message's own framing.
+        if limits.max_snapshot_bytes + 1024 > super::MAX_DECODE_BYTES {
+            return Err(format!(
+                "max_snapshot_bytes ({}) must stay below what clients accept ({} bytes, less 1 KiB of framing)",
+                limits.max_snapshot_bytes,
+                super::MAX_DECODE_BYTES
+            ));
+        }
+        if limits.max_member_bytes > limits.max_snapshot_bytes {
+            return Err(format!(
+                "max_member_bytes ({}) exceeds max_snapshot_bytes ({})",
+                limits.max_member_bytes, limits.max_snapshot_bytes
             ));
         }
         for (cluster, token) in &self.cluster_tokens {
@@ -158,8 +188,18 @@ mod tests {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryLimits {
-    /// Most clusters at once.
+    /// Most clusters at once (registered or watched) that the operator did not name; named
+    /// clusters do not count and are always admitted.
     pub max_clusters: usize,
+    /// Most registrations (members and clients) across all clusters.
+    pub max_registrations: usize,
+    /// Most concurrent watch streams across all clusters.
+    pub max_watchers: usize,
+    /// Largest member description, encoded, in bytes.
+    pub max_member_bytes: usize,
+    /// Largest snapshot of one cluster (its members, encoded), in bytes: a join that would make
+    /// it larger is refused. Clients accept messages up to [`crate::registry::MAX_DECODE_BYTES`].
+    pub max_snapshot_bytes: usize,
     /// Most members per cluster.
     pub max_members_per_cluster: usize,
     /// Most client registrations per cluster.
@@ -183,6 +223,10 @@ impl Default for RegistryLimits {
     fn default() -> Self {
         Self {
             max_clusters: 1024,
+            max_registrations: 100_000,
+            max_watchers: 100_000,
+            max_member_bytes: 16 * 1024,
+            max_snapshot_bytes: 32 * 1024 * 1024,
             max_members_per_cluster: 10_000,
             max_clients_per_cluster: 10_000,
             max_watchers_per_cluster: 20_000,

@@ -53,6 +53,21 @@ pub struct RegistryMetrics {
     pub watch_lagged: Counter,
     /// Rejected requests by RPC and status code.
     pub rejections: Family<RejectLabel, Counter>,
+    /// Requests refused because a limit was reached, by the limit's setting name.
+    pub limit_rejections: Family<LimitLabel, Counter>,
+    /// Registrations across all clusters.
+    pub registrations: Gauge,
+    /// Clusters held (registered or watched).
+    pub clusters: Gauge,
+    /// Encoded snapshot size per cluster, in bytes (against `max_snapshot_bytes`).
+    pub snapshot_bytes: Family<ClusterLabel, Gauge>,
+}
+
+/// The `limit` label: a limit's setting name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// Setting name, like `max_watchers`.
+    pub limit: String,
 }
 
 impl RegistryMetrics {
@@ -110,6 +125,34 @@ impl RegistryMetrics {
             "Rejected requests",
             self.rejections.clone(),
         );
+        registry.register(
+            "registry_limit_rejections",
+            "Requests refused at a limit, by limit",
+            self.limit_rejections.clone(),
+        );
+        registry.register(
+            "registry_registrations",
+            "Registrations across all clusters",
+            self.registrations.clone(),
+        );
+        registry.register(
+            "registry_clusters",
+            "Clusters held (registered or watched)",
+            self.clusters.clone(),
+        );
+        registry.register(
+            "registry_snapshot_bytes",
+            "Encoded snapshot size per cluster",
+            self.snapshot_bytes.clone(),
+        );
+    }
+
+    pub(crate) fn limit_reached(&self, limit: &str) {
+        self.limit_rejections
+            .get_or_create(&LimitLabel {
+                limit: limit.to_string(),
+            })
+            .inc();
     }
 
     pub(crate) fn rejected(&self, op: &str, code: Code) {
@@ -125,11 +168,16 @@ impl RegistryMetrics {
     pub(crate) fn observe(&self, state: &RegistryState) {
         self.members.clear();
         self.clients.clear();
+        self.snapshot_bytes.clear();
         for (cluster, members, clients) in state.counts() {
+            let bytes = state.snapshot_bytes(&cluster);
             let label = ClusterLabel { cluster };
             self.members.get_or_create(&label).set(members as i64);
             self.clients.get_or_create(&label).set(clients as i64);
+            self.snapshot_bytes.get_or_create(&label).set(bytes as i64);
         }
+        self.registrations.set(state.registrations() as i64);
+        self.clusters.set(state.cluster_count() as i64);
     }
 }
 

@@ -248,7 +248,7 @@ impl RegistryProvider {
         let channel = self.config.channel()?;
         let session = Arc::new(Session {
             config: self.config.clone(),
-            client: RegistryClient::new(channel),
+            client: RegistryClient::new(channel).max_decoding_message_size(super::MAX_DECODE_BYTES),
             member: Mutex::new(ctx.member.clone()),
             lease: Mutex::new(LeaseTracker::new(
                 self.config.lease_timing(Duration::from_secs(6)),

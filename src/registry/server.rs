@@ -53,7 +53,6 @@ struct Core {
 #[derive(Debug)]
 struct Feed {
     tx: broadcast::Sender<Arc<Change>>,
-    watchers: usize,
 }
 
 impl RegistryServer {
@@ -232,6 +231,9 @@ impl Shared {
     fn fail(&self, op: &'static str, e: RegistryError) -> Status {
         let status = wire::status(&e);
         self.metrics.rejected(op, status.code());
+        if let RegistryError::Exhausted { limit, .. } = &e {
+            self.metrics.limit_reached(limit);
+        }
         tracing::debug!(op, error = %e, "request rejected");
         status
     }
@@ -392,28 +394,16 @@ impl pb::registry_server::Registry for RegistryService {
         let guard = {
             let mut core = s.lock();
             core.state
-                .authorize(&req.cluster, &req.cluster_token)
+                .watch_opened(&req.cluster, &req.cluster_token)
                 .map_err(|e| s.fail("watch", e))?;
             let capacity = s.config.limits.watch_buffer.max(1);
-            let feed = core
-                .feeds
+            core.feeds
                 .entry(req.cluster.clone())
                 .or_insert_with(|| Feed {
                     tx: broadcast::channel(capacity).0,
-                    watchers: 0,
                 });
-            if feed.watchers >= s.config.limits.max_watchers_per_cluster {
-                let max = s.config.limits.max_watchers_per_cluster;
-                return Err(s.fail(
-                    "watch",
-                    RegistryError::Exhausted(format!(
-                        "cluster {:?} has {max} watchers, its limit",
-                        req.cluster
-                    )),
-                ));
-            }
-            feed.watchers += 1;
             s.metrics.watchers.inc();
+            s.metrics.clusters.set(core.state.cluster_count() as i64);
             WatcherGuard {
                 shared: s.clone(),
                 cluster: req.cluster.clone(),
@@ -465,14 +455,15 @@ struct WatcherGuard {
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
         let mut core = self.shared.lock();
-        if let Some(feed) = core.feeds.get_mut(&self.cluster) {
-            feed.watchers = feed.watchers.saturating_sub(1);
-            if feed.watchers == 0 {
-                core.feeds.remove(&self.cluster);
-                core.packed.remove(&self.cluster);
-            }
+        if core.state.watch_closed(&self.cluster) == 0 {
+            core.feeds.remove(&self.cluster);
+            core.packed.remove(&self.cluster);
         }
         self.shared.metrics.watchers.dec();
+        self.shared
+            .metrics
+            .clusters
+            .set(core.state.cluster_count() as i64);
         tracing::debug!(cluster = %self.cluster, "watch closed");
     }
 }

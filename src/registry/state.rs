@@ -46,8 +46,13 @@ pub enum RegistryError {
     #[error("{0}")]
     NotFound(String),
     /// A limit was reached (`ResourceExhausted`).
-    #[error("{0}")]
-    Exhausted(String),
+    #[error("{message}")]
+    Exhausted {
+        /// The setting that sets the limit (as in the settings file; the flag is named alike).
+        limit: &'static str,
+        /// What the client is told.
+        message: String,
+    },
     /// The id was removed from the cluster (it expired or left) and cannot come back
     /// (`FailedPrecondition`): peers saw it go, so the caller must join as a new incarnation.
     #[error(
@@ -130,6 +135,8 @@ struct Registration {
     /// The incarnation secret presented at join (empty: none).
     secret: String,
     expires_at: Instant,
+    /// Bytes this member adds to an encoded snapshot (0 for a client).
+    encoded: usize,
 }
 
 #[derive(Debug)]
@@ -143,6 +150,8 @@ struct Cluster {
     by_address: BTreeMap<String, MemberId>,
     members: usize,
     clients: usize,
+    /// The encoded size of a snapshot of this cluster's members.
+    snapshot_bytes: usize,
 }
 
 /// All clusters of one registry.
@@ -161,6 +170,18 @@ pub struct RegistryState {
     /// bring them back: by (cluster, id), and in removal order for pruning.
     tombstones: BTreeMap<(String, MemberId), Instant>,
     tombstone_order: std::collections::BTreeSet<(Instant, String, MemberId)>,
+    /// Registrations across all clusters.
+    registrations: usize,
+    /// Open watch streams per cluster (a cluster may be watched before anyone registers).
+    watched: BTreeMap<String, usize>,
+    /// Open watch streams across all clusters.
+    watchers: usize,
+}
+
+/// Bytes `member` adds to an encoded `MemberList` (the field's tag, length and body).
+fn snapshot_share(member: &Member) -> usize {
+    let body = prost::Message::encoded_len(&super::wire::member_to_pb(member));
+    1 + prost::encoding::encoded_len_varint(body as u64) + body
 }
 
 /// How long a removed id is remembered, in TTLs (a join delayed longer than this could bring it
@@ -178,7 +199,113 @@ impl RegistryState {
             clusters: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             tombstone_order: std::collections::BTreeSet::new(),
+            registrations: 0,
+            watched: BTreeMap::new(),
+            watchers: 0,
         }
+    }
+
+    /// Whether `cluster` may exist on this registry: one it already holds or serves, one the
+    /// operator named, or (unless only named clusters are allowed) a new one while fewer than
+    /// `max_clusters` unnamed clusters exist.
+    fn admit(&self, cluster: &str) -> Result<(), RegistryError> {
+        if self.clusters.contains_key(cluster)
+            || self.watched.contains_key(cluster)
+            || self.config.is_named(cluster)
+        {
+            return Ok(());
+        }
+        if self.config.only_named_clusters {
+            return Err(RegistryError::NotFound(format!(
+                "cluster {cluster:?} is not configured on this registry"
+            )));
+        }
+        let unnamed = self
+            .clusters
+            .keys()
+            .chain(
+                self.watched
+                    .keys()
+                    .filter(|c| !self.clusters.contains_key(*c)),
+            )
+            .filter(|c| !self.config.is_named(c))
+            .count();
+        let max = self.config.limits.max_clusters;
+        if unnamed >= max {
+            return Err(RegistryError::Exhausted {
+                limit: "max_clusters",
+                message: format!(
+                    "the registry holds {unnamed} clusters, its limit (named clusters are exempt)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A watch stream of `cluster` opens (authorized with `token`): counted against the
+    /// per-cluster and global limits.
+    pub fn watch_opened(&mut self, cluster: &str, token: &str) -> Result<(), RegistryError> {
+        self.authorize(cluster, token)?;
+        self.admit(cluster)?;
+        let limits = &self.config.limits;
+        let here = self.watched.get(cluster).copied().unwrap_or(0);
+        if here >= limits.max_watchers_per_cluster {
+            return Err(RegistryError::Exhausted {
+                limit: "max_watchers_per_cluster",
+                message: format!("cluster {cluster:?} has {here} watchers, its limit"),
+            });
+        }
+        if self.watchers >= limits.max_watchers {
+            return Err(RegistryError::Exhausted {
+                limit: "max_watchers",
+                message: format!(
+                    "the registry serves {} watch streams, its limit",
+                    self.watchers
+                ),
+            });
+        }
+        *self.watched.entry(cluster.to_string()).or_default() += 1;
+        self.watchers += 1;
+        Ok(())
+    }
+
+    /// A watch stream of `cluster` closed; returns how many remain on it.
+    pub fn watch_closed(&mut self, cluster: &str) -> usize {
+        let Some(n) = self.watched.get_mut(cluster) else {
+            return 0;
+        };
+        *n -= 1;
+        self.watchers -= 1;
+        let left = *n;
+        if left == 0 {
+            self.watched.remove(cluster);
+        }
+        left
+    }
+
+    /// Open watch streams across all clusters.
+    pub fn watchers(&self) -> usize {
+        self.watchers
+    }
+
+    /// Registrations across all clusters.
+    pub fn registrations(&self) -> usize {
+        self.registrations
+    }
+
+    /// Clusters held: registered or watched.
+    pub fn cluster_count(&self) -> usize {
+        self.clusters.len()
+            + self
+                .watched
+                .keys()
+                .filter(|c| !self.clusters.contains_key(*c))
+                .count()
+    }
+
+    /// The encoded size of a snapshot of `cluster` (0 when unknown).
+    pub fn snapshot_bytes(&self, cluster: &str) -> usize {
+        self.clusters.get(cluster).map_or(0, |c| c.snapshot_bytes)
     }
 
     /// Remembers that `id` left `cluster` at `now` (bounded: the oldest are forgotten first).
@@ -263,12 +390,30 @@ impl RegistryState {
                 id: member.id,
             });
         }
+        self.admit(cluster)?;
         let limits = &self.config.limits;
-        if !self.clusters.contains_key(cluster) && self.clusters.len() >= limits.max_clusters {
-            return Err(RegistryError::Exhausted(format!(
-                "the registry holds {} clusters, its limit",
-                limits.max_clusters
+        let encoded = match role {
+            Role::Member => snapshot_share(&member),
+            Role::Client => 0,
+        };
+        if encoded > limits.max_member_bytes {
+            return Err(RegistryError::Invalid(format!(
+                "the member description is {encoded} bytes encoded, the limit is {}",
+                limits.max_member_bytes
             )));
+        }
+        let registered = self
+            .clusters
+            .get(cluster)
+            .is_some_and(|c| c.registrations.contains_key(&member.id));
+        if !registered && self.registrations >= limits.max_registrations {
+            return Err(RegistryError::Exhausted {
+                limit: "max_registrations",
+                message: format!(
+                    "the registry holds {} registrations, its limit",
+                    self.registrations
+                ),
+            });
         }
         let expires_at = now + self.config.ttl;
         let epoch = self.epoch;
@@ -282,6 +427,7 @@ impl RegistryState {
                 by_address: BTreeMap::new(),
                 members: 0,
                 clients: 0,
+                snapshot_bytes: 0,
             });
         let previous = c.registrations.get(&member.id);
         if let Some(prev) = previous {
@@ -300,23 +446,57 @@ impl RegistryState {
                 )));
             }
         } else {
-            let (count, max, what) = match role {
-                Role::Member => (c.members, limits.max_members_per_cluster, "members"),
-                Role::Client => (c.clients, limits.max_clients_per_cluster, "clients"),
+            let (count, max, what, limit) = match role {
+                Role::Member => (
+                    c.members,
+                    limits.max_members_per_cluster,
+                    "members",
+                    "max_members_per_cluster",
+                ),
+                Role::Client => (
+                    c.clients,
+                    limits.max_clients_per_cluster,
+                    "clients",
+                    "max_clients_per_cluster",
+                ),
             };
             if count >= max {
-                return Err(RegistryError::Exhausted(format!(
-                    "cluster {cluster:?} has {count} {what}, its limit"
-                )));
+                return Err(RegistryError::Exhausted {
+                    limit,
+                    message: format!("cluster {cluster:?} has {count} {what}, its limit"),
+                });
+            }
+        }
+        if role == Role::Member {
+            // The snapshot after this join: this member's old description and an older
+            // incarnation at its address (superseded) drop out.
+            let replaced = previous.map_or(0, |p| p.encoded)
+                + c.by_address
+                    .get(&member.address)
+                    .filter(|id| **id != member.id)
+                    .and_then(|id| c.registrations.get(id))
+                    .map_or(0, |r| r.encoded);
+            let after = c.snapshot_bytes - replaced + encoded;
+            if after > limits.max_snapshot_bytes {
+                return Err(RegistryError::Exhausted {
+                    limit: "max_snapshot_bytes",
+                    message: format!(
+                        "cluster {cluster:?} would encode to {after} bytes with this member, over its snapshot limit of {}",
+                        limits.max_snapshot_bytes
+                    ),
+                });
             }
         }
         let described_before = previous.map(|p| p.member.clone());
+        let mut added = 0usize;
         if let Some(old) = c.registrations.remove(&member.id) {
             c.tokens.remove(&old.token);
+            c.snapshot_bytes -= old.encoded;
             if old.role == Role::Member {
                 c.by_address.remove(&old.member.address);
             }
         } else {
+            added += 1;
             match role {
                 Role::Member => c.members += 1,
                 Role::Client => c.clients += 1,
@@ -332,6 +512,7 @@ impl RegistryState {
                     .expect("address index matches registrations");
                 c.tokens.remove(&old.token);
                 c.members -= 1;
+                c.snapshot_bytes -= old.encoded;
                 superseded.push(Member::clone(&old.member));
             }
             c.by_address
@@ -346,8 +527,11 @@ impl RegistryState {
                 token: keys.token.clone(),
                 secret: keys.secret,
                 expires_at,
+                encoded,
             },
         );
+        c.snapshot_bytes += encoded;
+        self.registrations = self.registrations + added - superseded.len();
         for old in &superseded {
             self.bury(cluster, &old.id, now);
         }
@@ -412,6 +596,7 @@ impl RegistryState {
             .registrations
             .remove(&id)
             .expect("token index matches registrations");
+        c.snapshot_bytes -= reg.encoded;
         let change = match reg.role {
             Role::Client => {
                 c.clients -= 1;
@@ -432,6 +617,7 @@ impl RegistryState {
                 })
             }
         };
+        self.registrations -= 1;
         self.drop_if_empty(cluster);
         self.check_invariants();
         Ok(change)
@@ -452,9 +638,12 @@ impl RegistryState {
                 .map(|(id, _)| id.clone())
                 .collect();
             let mut left = Vec::new();
+            let mut removed = 0;
             for id in expired {
                 let reg = c.registrations.remove(&id).expect("listed");
                 c.tokens.remove(&reg.token);
+                c.snapshot_bytes -= reg.encoded;
+                removed += 1;
                 match reg.role {
                     Role::Member => {
                         c.members -= 1;
@@ -464,6 +653,7 @@ impl RegistryState {
                     Role::Client => c.clients -= 1,
                 }
             }
+            self.registrations -= removed;
             if !sim::flaw("expiry-not-buried") {
                 for m in &left {
                     self.bury(&name, &m.id, now);
@@ -550,8 +740,30 @@ impl RegistryState {
         if !sim::self_checks() {
             return;
         }
+        assert_eq!(
+            self.registrations,
+            self.clusters
+                .values()
+                .map(|c| c.registrations.len())
+                .sum::<usize>(),
+            "registration count"
+        );
+        assert_eq!(
+            self.watchers,
+            self.watched.values().sum::<usize>(),
+            "watcher count"
+        );
+        assert!(
+            self.watched.values().all(|n| *n > 0),
+            "idle watch entry kept"
+        );
         for (name, c) in &self.clusters {
             assert!(!c.registrations.is_empty(), "empty cluster {name:?} kept");
+            assert_eq!(
+                c.snapshot_bytes,
+                c.registrations.values().map(|r| r.encoded).sum::<usize>(),
+                "cluster {name:?}: snapshot size"
+            );
             assert_eq!(
                 c.tokens.len(),
                 c.registrations.len(),
@@ -703,7 +915,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             s.join("d", "", m("b"), Role::Member, "tb".into(), t0),
-            Err(RegistryError::Exhausted(_))
+            Err(RegistryError::Exhausted { .. })
         ));
         s.join("c", "", m("b"), Role::Member, "tb".into(), t0)
             .unwrap();
@@ -945,7 +1157,7 @@ mod tests {
         }
         assert!(matches!(
             s.join("c", "", m("e"), Role::Member, "te".into(), t),
-            Err(RegistryError::Exhausted(_))
+            Err(RegistryError::Exhausted { .. })
         ));
         assert!(matches!(
             s.resolve("c", "zz"),
@@ -1024,6 +1236,127 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    fn limit_of(e: RegistryError) -> &'static str {
+        match e {
+            RegistryError::Exhausted { limit, .. } => limit,
+            other => panic!("expected a limit, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn named_clusters_are_exempt_from_the_cluster_cap_and_watches_count() {
+        let mut config = RegistryConfig::default();
+        config.limits.max_clusters = 1;
+        config.clusters.insert("named".into());
+        let mut s = RegistryState::new(Arc::new(config), 0, 7);
+        let t0 = now();
+        // A watcher of an unknown cluster takes a cluster slot (it holds a feed).
+        s.watch_opened("squat", "").unwrap();
+        assert_eq!(s.cluster_count(), 1);
+        let err = s
+            .join("other", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap_err();
+        assert_eq!(limit_of(err), "max_clusters");
+        assert_eq!(
+            limit_of(s.watch_opened("other", "").unwrap_err()),
+            "max_clusters"
+        );
+        // The operator's cluster is always admitted.
+        s.join("named", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        s.watch_opened("named", "").unwrap();
+        // The squatter leaves: its slot frees.
+        assert_eq!(s.watch_closed("squat"), 0);
+        s.watch_opened("other", "").unwrap();
+        assert_eq!(s.watchers(), 2);
+    }
+
+    #[tokio::test]
+    async fn only_named_clusters_refuses_the_rest_by_name() {
+        let mut config = RegistryConfig {
+            only_named_clusters: true,
+            ..RegistryConfig::default()
+        };
+        config.cluster_tokens.insert("secure".into(), "t".into());
+        let mut s = RegistryState::new(Arc::new(config), 0, 7);
+        let err = s
+            .join("elsewhere", "", m("a"), Role::Member, "ta".into(), now())
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::NotFound(ref msg) if msg.contains("elsewhere")));
+        assert!(s.watch_opened("elsewhere", "").is_err());
+        assert!(s.watch_opened("secure", "t").is_ok());
+    }
+
+    #[tokio::test]
+    async fn global_registration_and_watcher_caps() {
+        let mut config = RegistryConfig::default();
+        config.limits.max_registrations = 2;
+        config.limits.max_watchers = 1;
+        let mut s = RegistryState::new(Arc::new(config), 0, 7);
+        let t0 = now();
+        s.join("c1", "", m("a"), Role::Member, "ta".into(), t0)
+            .unwrap();
+        s.join("c2", "", m("b"), Role::Client, "tb".into(), t0)
+            .unwrap();
+        let err = s
+            .join("c3", "", m("c"), Role::Member, "tc".into(), t0)
+            .unwrap_err();
+        assert_eq!(limit_of(err), "max_registrations");
+        // A retried join of a registered id is not a new registration.
+        s.join("c1", "", m("a"), Role::Member, keys("ta2", ""), t0)
+            .unwrap_err(); // (refused for the secret, not the cap)
+        s.leave("c2", "tb", t0).unwrap();
+        s.join("c3", "", m("c"), Role::Member, "tc".into(), t0)
+            .unwrap();
+        s.watch_opened("c1", "").unwrap();
+        assert_eq!(
+            limit_of(s.watch_opened("c3", "").unwrap_err()),
+            "max_watchers"
+        );
+    }
+
+    #[tokio::test]
+    async fn member_and_snapshot_sizes_are_capped() {
+        let mut config = RegistryConfig::default();
+        config.limits.max_member_bytes = 200;
+        config.limits.max_snapshot_bytes = 300;
+        let mut s = RegistryState::new(Arc::new(config), 0, 7);
+        let t0 = now();
+        let mut big = m("a");
+        big.metadata.insert("blob".into(), "x".repeat(300));
+        let err = s
+            .join("c", "", big, Role::Member, "ta".into(), t0)
+            .unwrap_err();
+        assert!(err.to_string().contains("bytes encoded"), "{err}");
+        let mut fat = m("a");
+        fat.metadata.insert("blob".into(), "x".repeat(120));
+        s.join("c", "", fat.clone(), Role::Member, keys("ta", "s"), t0)
+            .unwrap();
+        let mut fat_b = fat.clone();
+        fat_b.id = MemberId::parse("b").unwrap();
+        fat_b.address = "b:1".into();
+        s.join("c", "", fat_b.clone(), Role::Member, keys("tb", "s"), t0)
+            .unwrap();
+        let mut fat_c = fat_b.clone();
+        fat_c.id = MemberId::parse("c").unwrap();
+        fat_c.address = "c:1".into();
+        let err = s
+            .join("c", "", fat_c, Role::Member, keys("tc", "s"), t0)
+            .unwrap_err();
+        assert_eq!(limit_of(err), "max_snapshot_bytes");
+        // Replacing a description counts the new one instead of the old one.
+        assert!(
+            s.join("c", "", m("a"), Role::Member, keys("ta2", "s"), t0)
+                .is_ok()
+        );
+        let encoded = prost::Message::encoded_len(&super::super::wire::pb_list(&s.topology("c")));
+        assert_eq!(
+            s.snapshot_bytes("c"),
+            encoded,
+            "the tracked size is the real encoding"
+        );
     }
 
     #[test]

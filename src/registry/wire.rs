@@ -31,12 +31,16 @@ pub fn member_to_pb(m: &Member) -> pb::Member {
     }
 }
 
+/// The members of `t` as a `MemberList`.
+pub fn pb_list(t: &ClusterTopology) -> pb::MemberList {
+    pb::MemberList {
+        members: t.members().iter().map(|m| member_to_pb(m)).collect(),
+    }
+}
+
 /// The members of `t` encoded as a `MemberList`, to be shared by every watcher of that version.
 pub fn pack_members(t: &ClusterTopology) -> prost::bytes::Bytes {
-    let list = pb::MemberList {
-        members: t.members().iter().map(|m| member_to_pb(m)).collect(),
-    };
-    prost::Message::encode_to_vec(&list).into()
+    prost::Message::encode_to_vec(&pb_list(t)).into()
 }
 
 /// A full-topology watch message carrying already packed members (cheap to clone).
@@ -98,7 +102,7 @@ pub fn status(e: &RegistryError) -> Status {
         RegistryError::Invalid(_) => Code::InvalidArgument,
         RegistryError::Unauthenticated(_) => Code::Unauthenticated,
         RegistryError::UnknownRegistration(_) | RegistryError::NotFound(_) => Code::NotFound,
-        RegistryError::Exhausted(_) => Code::ResourceExhausted,
+        RegistryError::Exhausted { .. } => Code::ResourceExhausted,
         RegistryError::Removed { .. } => Code::FailedPrecondition,
         RegistryError::AlreadyRegistered { .. } => Code::AlreadyExists,
     };
@@ -353,7 +357,11 @@ mod tests {
             Code::NotFound
         );
         assert_eq!(
-            status(&RegistryError::Exhausted("x".into())).code(),
+            status(&RegistryError::Exhausted {
+                limit: "max_clusters",
+                message: "x".into()
+            })
+            .code(),
             Code::ResourceExhausted
         );
     }
