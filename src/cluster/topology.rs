@@ -44,6 +44,33 @@ impl ClusterTopology {
         })
     }
 
+    /// The next version of this topology: `left` removed, `upserts` added or replaced (by id),
+    /// in the same epoch. Unchanged members are shared with `self`; the cost is one copy of the
+    /// member pointers, so a source that issues many small changes to a large cluster does not
+    /// rebuild or re-sort it each time.
+    pub fn patched(&self, version: u64, left: &[&MemberId], upserts: &[Arc<Member>]) -> Self {
+        let mut next = self.clone();
+        next.patch(version, left, upserts);
+        next
+    }
+
+    /// [`Self::patched`] in place (no copy at all when the caller holds the only reference,
+    /// through [`Arc::make_mut`]).
+    pub fn patch(&mut self, version: u64, left: &[&MemberId], upserts: &[Arc<Member>]) {
+        for id in left {
+            if let Ok(i) = self.members.binary_search_by(|m| m.id.cmp(id)) {
+                self.members.remove(i);
+            }
+        }
+        for m in upserts {
+            match self.members.binary_search_by(|x| x.id.cmp(&m.id)) {
+                Ok(i) => self.members[i] = m.clone(),
+                Err(i) => self.members.insert(i, m.clone()),
+            }
+        }
+        self.version = version;
+    }
+
     /// The same topology, issued under `epoch`.
     pub fn with_epoch(mut self, epoch: u64) -> Self {
         self.epoch = epoch;
@@ -221,6 +248,47 @@ mod tests {
 
     fn m(id: &str, addr: &str, kinds: &[&str]) -> Member {
         Member::new(MemberId::parse(id).unwrap(), addr, kinds.iter().copied())
+    }
+
+    #[test]
+    fn a_patched_topology_equals_one_built_from_scratch() {
+        let old = ClusterTopology::new(
+            "c",
+            1,
+            [m("a", "x:1", &[]), m("c", "x:3", &[]), m("e", "x:5", &[])],
+        )
+        .unwrap()
+        .with_epoch(9);
+        let moved = Arc::new(m("c", "y:3", &["k"]));
+        let new = old.patched(
+            2,
+            &[
+                &MemberId::parse("a").unwrap(),
+                &MemberId::parse("zz").unwrap(),
+            ],
+            &[
+                Arc::new(m("b", "x:2", &[])),
+                moved.clone(),
+                Arc::new(m("f", "x:6", &[])),
+            ],
+        );
+        let want = ClusterTopology::new(
+            "c",
+            2,
+            [
+                m("b", "x:2", &[]),
+                Member::clone(&moved),
+                m("e", "x:5", &[]),
+                m("f", "x:6", &[]),
+            ],
+        )
+        .unwrap()
+        .with_epoch(9);
+        assert_eq!(new, want);
+        assert!(
+            Arc::ptr_eq(&new.members()[2], &old.members()[2]),
+            "unchanged members are shared"
+        );
     }
 
     #[test]

@@ -849,17 +849,17 @@ impl RegistryState {
             .get_mut(cluster)
             .expect("publishing for a known cluster");
         let previous_version = c.topology.version();
-        let members = c
-            .registrations
-            .values()
-            .filter(|r| r.role == Role::Member)
-            .map(|r| r.member.clone());
-        let topology = Arc::new(
-            ClusterTopology::new(cluster, version, members)
-                .expect("registration ids are unique keys")
-                .with_epoch(self.epoch),
-        );
-        c.topology = topology.clone();
+        // Patch the previous version instead of rebuilding it from every registration: a join
+        // into a large cluster costs a copy of the member pointers, not a sort.
+        let upserts: Vec<Arc<Member>> = joined
+            .iter()
+            .chain(&changed)
+            .map(|m| c.registrations[&m.id].member.clone())
+            .collect();
+        let gone: Vec<&MemberId> = left.iter().map(|m| &m.id).collect();
+        // In place when no watcher still holds the previous version; a copy otherwise.
+        Arc::make_mut(&mut c.topology).patch(version, &gone, &upserts);
+        let topology = c.topology.clone();
         Change {
             topology,
             previous_version,
