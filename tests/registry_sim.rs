@@ -314,3 +314,52 @@ async fn client_starts_on_an_empty_cluster_and_sees_later_joins() {
         sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `start_member` that fails after its join reached the registry (here: no first topology
+/// within a startup timeout shorter than the registry's startup grace) withdraws that
+/// registration: peers never see a member whose start failed, instead of seeing it for a TTL.
+#[madsim::test]
+async fn a_failed_start_leaves_no_registration_behind() {
+    let h = Handle::current();
+    let _registry = start_registry(&h);
+    let failed: Arc<Mutex<Option<(MemberId, String)>>> = Arc::default();
+    let slot = failed.clone();
+    h.create_node()
+        .name("impatient")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9)))
+        .build()
+        .spawn(async move {
+            let ctx =
+                ClusterProviderContext::new("c", "10.0.1.9:4000", ["user"], TokioClock::shared())
+                    .unwrap();
+            let mut config = RegistryProviderConfig::new("http://10.0.0.1:7600");
+            // The registry holds first snapshots back for its startup grace (3 s).
+            config.startup_timeout = Duration::from_secs(1);
+            let provider = RegistryProvider::new(config);
+            let err = provider.start_member(ctx.clone()).await.unwrap_err();
+            *slot.lock().unwrap() = Some((ctx.member.id.clone(), err.to_string()));
+        });
+    let start = Instant::now();
+    let (id, err) = loop {
+        if let Some(f) = failed.lock().unwrap().clone() {
+            break f;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "start never failed"
+        );
+        sleep(Duration::from_millis(50)).await;
+    };
+    assert!(err.contains("no topology"), "{err}");
+    // A member that starts now sees the registry's topology without the failed one, well within
+    // the TTL (6 s) after the failure.
+    let views: Views = Arc::default();
+    let _m = start_member(&h, 1, views.clone());
+    wait_all(&views, &[1], 1, Duration::from_secs(10)).await;
+    let topology = views.lock().unwrap()[&1].1.topology();
+    assert!(
+        !topology.contains(&id),
+        "{id} lingers after its failed start: {topology:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(6));
+}
