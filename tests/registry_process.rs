@@ -885,10 +885,32 @@ fn tls_member_joins_and_plaintext_is_refused() {
     let dir = temp_dir("tls");
     let (ca, cert, key, _, _) = pki(&dir);
     let mut args = FAST.to_vec();
-    args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    args.extend([
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-handshake-timeout",
+        "1s",
+    ]);
     let (_registry, addr) = start_registry("127.0.0.1:0", &args);
     let port = addr.rsplit(':').next().unwrap();
     let https = format!("https://localhost:{port}");
+    // A client that connects and never starts its handshake is disconnected after the
+    // handshake timeout, instead of holding a socket for good.
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let opened = Instant::now();
+    let mut buf = [0u8; 16];
+    let closed = matches!(std::io::Read::read(&mut silent, &mut buf), Ok(0) | Err(_))
+        && opened.elapsed() < Duration::from_secs(8);
+    assert!(
+        closed,
+        "a silent TLS client was still connected after {:?}",
+        opened.elapsed()
+    );
     let m = start_member("tls-member", &https, "c", &["--ca", &ca]);
     m.wait_snapshot("the member over TLS", 20, |v| member_count(v) == 1);
     let (ok, out, err) = topology(&https, "c", &["--ca", &ca]);

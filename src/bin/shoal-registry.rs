@@ -108,6 +108,10 @@ mod real {
         /// PEM private key of the certificate.
         #[arg(long, env = "SHOAL_REGISTRY_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// How long a TLS client may take to complete its handshake before the connection is
+        /// closed (a client that connects and sends nothing holds no socket for longer).
+        #[arg(long, env = "SHOAL_REGISTRY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+        tls_handshake_timeout: Duration,
         /// PEM CA bundle: require client certificates signed by it (mTLS).
         #[arg(long, env = "SHOAL_REGISTRY_CLIENT_CA", requires = "tls_cert")]
         client_ca: Option<PathBuf>,
@@ -169,6 +173,7 @@ mod real {
     }
 
     struct Settings {
+        tls_handshake_timeout: Duration,
         max_concurrent_streams: u32,
         request_timeout: Duration,
         listen: SocketAddr,
@@ -260,6 +265,7 @@ mod real {
             _ => file.tls,
         };
         Ok(Settings {
+            tls_handshake_timeout: cli.tls_handshake_timeout,
             max_concurrent_streams: cli.max_concurrent_streams,
             request_timeout: cli.request_timeout,
             listen: cli
@@ -272,14 +278,16 @@ mod real {
         })
     }
 
-    fn tls_config(tls: &TlsFile) -> Result<ServerTlsConfig> {
+    fn tls_config(tls: &TlsFile, handshake_timeout: Duration) -> Result<ServerTlsConfig> {
         let read = |flag: &str, p: &PathBuf| {
             std::fs::read(p).with_context(|| format!("{flag}: cannot read {}", p.display()))
         };
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
-            read("--tls-cert", &tls.cert)?,
-            read("--tls-key", &tls.key)?,
-        ));
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read("--tls-cert", &tls.cert)?,
+                read("--tls-key", &tls.key)?,
+            ))
+            .timeout(handshake_timeout);
         if let Some(ca) = &tls.client_ca {
             config = config.client_ca_root(Certificate::from_pem(read("--client-ca", ca)?));
         }
@@ -325,7 +333,7 @@ mod real {
             .tcp_nodelay(true);
         if let Some(tls) = &s.tls {
             builder = builder
-                .tls_config(tls_config(tls)?)
+                .tls_config(tls_config(tls, s.tls_handshake_timeout)?)
                 .context("invalid TLS settings")?;
         }
         let listener = tokio::net::TcpListener::bind(s.listen)
