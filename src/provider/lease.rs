@@ -230,4 +230,10 @@ mod tests {
             Some(LeaseTransition::Lost(LossReason::Revoked))
         );
     }
+
+    #[test]
+    fn loss_reasons_say_what_happened() {
+        assert!(LossReason::NotRenewed.to_string().contains("renewal"));
+        assert!(LossReason::Revoked.to_string().contains("no longer knows"));
+    }
 }
