@@ -22,8 +22,20 @@ type Standing = Arc<Mutex<Vec<(usize, Instant, ClusterEvent)>>>;
 
 const REGISTRY_IP: [u8; 4] = [10, 0, 0, 1];
 
+/// The cluster's shared secret: the simulated cluster is token-protected, so a provider that
+/// forgot to send it would fail every test here.
+const TOKEN: &str = "s3cret";
+
+/// Provider settings for the registry node.
+fn provider_config() -> RegistryProviderConfig {
+    let mut config = RegistryProviderConfig::new("http://10.0.0.1:7600");
+    config.cluster_token = Some(TOKEN.into());
+    config
+}
+
 fn registry_config() -> RegistryConfig {
     RegistryConfig {
+        cluster_tokens: [("c".to_string(), TOKEN.to_string())].into(),
         // Not the default TTL, so a provider that ignored the TTL the registry announces (and
         // judged its lease by the default) would be caught.
         ttl: Duration::from_secs(4),
@@ -83,7 +95,7 @@ fn start_member_recording(h: &Handle, i: usize, views: Views, standing: Standing
                         }
                     }
                 });
-                let mut config = RegistryProviderConfig::new("http://10.0.0.1:7600");
+                let mut config = provider_config();
                 config.rpc_timeout = Duration::from_secs(1);
                 config.watch_idle_timeout = Duration::from_secs(6);
                 let provider = RegistryProvider::new(config);
@@ -91,6 +103,11 @@ fn start_member_recording(h: &Handle, i: usize, views: Views, standing: Standing
                     tracing::warn!(error = %e, "start failed; retrying");
                     sleep(Duration::from_secs(1)).await;
                 }
+                // The contract: when start_member returns, the node's topology contains it.
+                assert!(
+                    ctx.partition_manager.topology().contains(&ctx.member.id),
+                    "start_member returned before the node's topology contained it"
+                );
                 std::future::pending::<()>().await;
             }
         })
@@ -285,8 +302,7 @@ async fn client_starts_on_an_empty_cluster_and_sees_later_joins() {
                 TokioClock::shared(),
             )
             .unwrap();
-            let provider =
-                RegistryProvider::new(RegistryProviderConfig::new("http://10.0.0.1:7600"));
+            let provider = RegistryProvider::new(provider_config());
             // The registry holds the first snapshot for its startup grace (3 s), then sends an
             // empty one at version 0: start_client must accept it.
             provider
@@ -334,7 +350,7 @@ async fn a_failed_start_leaves_no_registration_behind() {
             let ctx =
                 ClusterProviderContext::new("c", "10.0.1.9:4000", ["user"], TokioClock::shared())
                     .unwrap();
-            let mut config = RegistryProviderConfig::new("http://10.0.0.1:7600");
+            let mut config = provider_config();
             // The registry holds first snapshots back for its startup grace (3 s).
             config.startup_timeout = Duration::from_secs(1);
             let provider = RegistryProvider::new(config);
@@ -367,4 +383,48 @@ async fn a_failed_start_leaves_no_registration_behind() {
         start.elapsed() < registry_config().ttl,
         "the new member saw a clean topology only after a TTL"
     );
+}
+
+/// A process that starts again under an id that already left (the same context reused after a
+/// shutdown) is refused by the registry (`FAILED_PRECONDITION`: removed ids never come back) and
+/// joins as a new incarnation at once: the start succeeds, under another id.
+#[madsim::test]
+async fn a_start_under_a_removed_id_joins_as_a_new_incarnation() {
+    let h = Handle::current();
+    let _registry = start_registry(&h);
+    // (the reused id, whether the topology lists it, how many members it lists)
+    type Outcome = (MemberId, bool, usize);
+    let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
+    let slot = outcome.clone();
+    h.create_node()
+        .name("again")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 8)))
+        .build()
+        .spawn(async move {
+            let ctx =
+                ClusterProviderContext::new("c", "10.0.1.8:4000", ["user"], TokioClock::shared())
+                    .unwrap();
+            let first = RegistryProvider::new(provider_config());
+            first.start_member(ctx.clone()).await.unwrap();
+            first.shutdown(true).await.unwrap();
+            let second = RegistryProvider::new(provider_config());
+            second.start_member(ctx.clone()).await.unwrap();
+            let t = ctx.partition_manager.topology();
+            *slot.lock().unwrap() =
+                Some((ctx.member.id.clone(), t.contains(&ctx.member.id), t.len()));
+            std::future::pending::<()>().await;
+        });
+    let start = Instant::now();
+    let (old, listed, members) = loop {
+        if let Some(o) = outcome.lock().unwrap().clone() {
+            break o;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the second start never finished"
+        );
+        sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!listed, "{old} came back after it left");
+    assert_eq!(members, 1, "the second start registered exactly one member");
 }

@@ -855,5 +855,8 @@ mod tests {
             );
         }
         assert!(b.delay(40, &clock) <= b.max);
+        // 100 ms doubles to 6.4 s at attempt 6: capped from there on.
+        assert!(!b.is_capped(0) && !b.is_capped(5));
+        assert!(b.is_capped(6) && b.is_capped(30));
     }
 }
