@@ -28,6 +28,19 @@ fn url(addr: &str) -> String {
     format!("http://{addr}")
 }
 
+/// Starts members `m1..=mn` of cluster `c` on the registry at `registry_url` and waits until each
+/// sees all `n`; returns them with the snapshot line each saw.
+fn full_cluster(registry_url: &str, n: usize) -> (Vec<Proc>, Vec<serde_json::Value>) {
+    let members: Vec<Proc> = (1..=n)
+        .map(|i| start_member(&format!("m{i}"), registry_url, "c", &[]))
+        .collect();
+    let seen = members
+        .iter()
+        .map(|m| m.wait_snapshot(&format!("{n} members"), 20, |v| member_count(v) == n))
+        .collect();
+    (members, seen)
+}
+
 #[test]
 fn kill9_member_expires_and_graceful_stop_is_seen_at_once() {
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -81,17 +94,12 @@ fn registry_restart_brings_every_live_member_back() {
     args[7] = "1s"; // startup grace: members re-join before watchers get a snapshot
     let (mut registry, addr) = start_registry("127.0.0.1:0", &args);
     let u = url(&addr);
-    let members: Vec<Proc> = (1..=3)
-        .map(|i| start_member(&format!("m{i}"), &u, "c", &[]))
-        .collect();
-    let mut before = 0;
-    for m in &members {
-        before = before.max(
-            m.wait_snapshot("3 members", 20, |v| member_count(v) == 3)["version"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    let (members, seen) = full_cluster(&u, 3);
+    let before = seen
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .max()
+        .unwrap();
     registry.kill9();
     let (_registry, addr2) = start_registry(&addr, &args);
     assert_eq!(addr, addr2);
@@ -190,12 +198,7 @@ fn a_stalled_registry_extends_leases_instead_of_expiring_everyone() {
     args.extend(["--metrics-listen", &metrics]);
     let (registry, addr) = start_registry("127.0.0.1:0", &args);
     let u = url(&addr);
-    let members: Vec<Proc> = (1..=2)
-        .map(|i| start_member(&format!("m{i}"), &u, "c", &[]))
-        .collect();
-    for m in &members {
-        m.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
-    }
+    let (members, _) = full_cluster(&u, 2);
     let signal = |sig: &str| registry.signal(sig);
     signal("-STOP");
     for m in &members {
@@ -237,17 +240,12 @@ fn registry_restarted_with_its_clock_behind_is_followed_not_ignored() {
     args[7] = "1s"; // startup grace: members re-join before watchers get a snapshot
     let (mut registry, addr) = start_registry("127.0.0.1:0", &args);
     let u = url(&addr);
-    let members: Vec<Proc> = (1..=2)
-        .map(|i| start_member(&format!("m{i}"), &u, "c", &[]))
-        .collect();
-    let mut before = (String::new(), 0);
-    for m in &members {
-        let v = m.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
-        before = (
-            v["epoch"].as_str().unwrap().to_string(),
-            v["version"].as_u64().unwrap(),
-        );
-    }
+    let (members, seen) = full_cluster(&u, 2);
+    let last = seen.last().unwrap();
+    let before = (
+        last["epoch"].as_str().unwrap().to_string(),
+        last["version"].as_u64().unwrap(),
+    );
     registry.kill9();
     let (_registry, addr2) = start_registry_faketime("-10m", &addr, &args);
     assert_eq!(addr, addr2);

@@ -303,15 +303,6 @@ impl pb::registry_server::Registry for RegistryService {
             .ok_or_else(|| RegistryError::Invalid("member is required".into()))
             .and_then(|m| wire::member_from_pb(m).map_err(RegistryError::from))
             .map_err(|e| s.fail("join", e))?;
-        if req.incarnation_secret.len() > MAX_SECRET_LEN {
-            return Err(s.fail(
-                "join",
-                RegistryError::Invalid(format!(
-                    "incarnation_secret is {} bytes long, the limit is {MAX_SECRET_LEN}",
-                    req.incarnation_secret.len()
-                )),
-            ));
-        }
         let id = member.id.clone();
         let keys = JoinKeys {
             token: s.token(),
@@ -402,7 +393,7 @@ impl pb::registry_server::Registry for RegistryService {
                 .or_insert_with(|| Feed {
                     tx: broadcast::channel(capacity).0,
                 });
-            s.metrics.watchers.inc();
+            s.metrics.watchers.set(core.state.watchers() as i64);
             s.metrics.clusters.set(core.state.cluster_count() as i64);
             WatcherGuard {
                 shared: s.clone(),
@@ -459,7 +450,10 @@ impl Drop for WatcherGuard {
             core.feeds.remove(&self.cluster);
             core.packed.remove(&self.cluster);
         }
-        self.shared.metrics.watchers.dec();
+        self.shared
+            .metrics
+            .watchers
+            .set(core.state.watchers() as i64);
         self.shared
             .metrics
             .clusters
@@ -591,9 +585,6 @@ impl Cursor {
         }
     }
 }
-
-/// Longest incarnation secret accepted, in bytes.
-pub const MAX_SECRET_LEN: usize = 128;
 
 /// How long a watch client should wait for any message before deciding the stream is dead:
 /// three progress intervals.

@@ -184,6 +184,9 @@ fn snapshot_share(member: &Member) -> usize {
     1 + prost::encoding::encoded_len_varint(body as u64) + body
 }
 
+/// Longest incarnation secret accepted, in bytes.
+pub const MAX_SECRET_LEN: usize = 128;
+
 /// How long a removed id is remembered, in TTLs (a join delayed longer than this could bring it
 /// back; networks do not hold requests that long).
 pub const TOMBSTONE_TTLS: u32 = 10;
@@ -380,6 +383,12 @@ impl RegistryState {
     ) -> Result<(Joined, Option<Change>), RegistryError> {
         self.authorize(cluster, cluster_token)?;
         member.validate(&self.config.limits.member)?;
+        if keys.secret.len() > MAX_SECRET_LEN {
+            return Err(RegistryError::Invalid(format!(
+                "incarnation_secret is {} bytes long, the limit is {MAX_SECRET_LEN}",
+                keys.secret.len()
+            )));
+        }
         if role == Role::Member
             && self
                 .tombstones
@@ -1346,6 +1355,17 @@ mod tests {
             .join("c", "", fat_c, Role::Member, keys("tc", "s"), t0)
             .unwrap_err();
         assert_eq!(limit_of(err), "max_snapshot_bytes");
+        let err = s
+            .join(
+                "c",
+                "",
+                m("d"),
+                Role::Member,
+                keys("td", &"s".repeat(129)),
+                t0,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("incarnation_secret"), "{err}");
         // Replacing a description counts the new one instead of the old one.
         assert!(
             s.join("c", "", m("a"), Role::Member, keys("ta2", "s"), t0)
