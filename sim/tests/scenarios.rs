@@ -149,6 +149,18 @@ fn version_checker_fires_on_a_provider_that_applies_stale_versions() {
     assert!(v.starts_with("t=") && v.contains("m0"), "{v}");
 }
 
+/// Across a registry restart, a node that re-applies a topology of the run it left has gone
+/// back in time even though the numbers grew: the versions checker tracks epochs.
+#[test]
+fn version_checker_fires_on_a_stale_replay_across_a_registry_epoch() {
+    let v = first_failure(
+        "registry-clock-step",
+        Flaw::StaleReplay,
+        "which it had left",
+    );
+    assert!(v.contains("m0"), "{v}");
+}
+
 #[test]
 fn agreement_checker_fires_on_a_provider_that_corrupts_placement() {
     let v = first_failure("steady", Flaw::CorruptPlacement, "disagree on the owner");
