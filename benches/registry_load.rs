@@ -668,6 +668,7 @@ mod real {
                     role: pb::Role::Member as i32,
                     cluster_token: String::new(),
                     incarnation_secret: String::new(),
+                    update_only: false,
                 };
                 let joined = within("Join", client.join(request)).await?.into_inner();
                 Ok(Handle::Registry {

@@ -50,7 +50,9 @@ pub mod provider;
 pub mod registry;
 pub mod runtime;
 
-pub use cluster::{ClusterTopology, Member, MemberId, MemberLimits, ModelError, TopologyDiff};
+pub use cluster::{
+    ClusterTopology, Description, Member, MemberId, MemberLimits, ModelError, TopologyDiff,
+};
 pub use events::{ClusterEvent, EventStream, Subscription, SubscriptionError, TopologyEvent};
 pub use placement::{PartitionConfig, PartitionManager, PlacementError, RebalanceReport};
 pub use provider::{

@@ -271,3 +271,63 @@ async fn slow_watcher_skips_to_the_newest_topology() {
     drop(providers);
     wait_members(&watcher_ctx.partition_manager, 0).await;
 }
+
+#[tokio::test]
+async fn a_member_changes_its_description_in_place_and_peers_rebalance() {
+    let registry = InMemoryRegistry::new();
+    let a = ctx("c", "10.0.0.1:4000", &["user"]);
+    let b = ctx("c", "10.0.0.2:4000", &["user"]);
+    let pa = member(&registry, &a).await;
+    let _pb = member(&registry, &b).await;
+    wait_members(&b.partition_manager, 2).await;
+    let mut events = b.events.subscribe();
+    let before = b.partition_manager.version();
+    let d = shoal::Description {
+        kinds: ["order".to_string(), "user".to_string()].into(),
+        zone: Some("z1".into()),
+        metadata: [("rack".to_string(), "r1".to_string())].into(),
+    };
+    pa.update_member(d.clone()).await.unwrap();
+    // The caller's own view shows it on return; the peer learns it as one changed member.
+    let own = a.partition_manager.topology();
+    assert_eq!(own.member(&a.member.id).unwrap().description(), d);
+    loop {
+        if let Ok(ClusterEvent::TopologyChanged { topology, .. }) = events.recv().await
+            && topology.version() > before
+        {
+            assert_eq!(topology.member(&a.member.id).unwrap().description(), d);
+            assert_eq!(topology.len(), 2, "the same incarnation, not a new member");
+            break;
+        }
+    }
+    assert_eq!(
+        b.partition_manager.owner("order", "o1").unwrap().id,
+        a.member.id
+    );
+    // An invalid description is refused and changes nothing; a client has none to change.
+    let bad = shoal::Description {
+        zone: Some(String::new()),
+        ..d.clone()
+    };
+    assert!(matches!(
+        pa.update_member(bad).await,
+        Err(ProviderError::Invalid(_))
+    ));
+    assert_eq!(
+        registry
+            .topology("c")
+            .member(&a.member.id)
+            .unwrap()
+            .description(),
+        d
+    );
+    let client = InMemoryProvider::new(registry.clone());
+    client
+        .start_client(ctx("c", "10.0.0.9:4000", &[]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        client.update_member(d).await,
+        Err(ProviderError::NotAMember)
+    ));
+}

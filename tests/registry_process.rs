@@ -283,6 +283,7 @@ async fn nobody_can_take_over_a_member_id_and_a_new_incarnation_supersedes_its_a
         role: pb::Role::Member as i32,
         cluster_token: String::new(),
         incarnation_secret: secret.into(),
+        update_only: false,
     };
     let victim = client
         .join(join("victim", "127.0.0.1:7001", "s3cret"))
@@ -558,6 +559,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         role: pb::Role::Member as i32,
         cluster_token: token.into(),
         incarnation_secret: String::new(),
+        update_only: false,
     };
     let cases: Vec<(&str, pb::JoinRequest, Code)> = vec![
         (

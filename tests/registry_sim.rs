@@ -10,9 +10,12 @@ use std::time::Duration;
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::time::{Instant, sleep};
-use shoal::registry::{RegistryConfig, RegistryProvider, RegistryProviderConfig, RegistryServer};
+use shoal::registry::{
+    RegistryConfig, RegistryLimits, RegistryProvider, RegistryProviderConfig, RegistryServer,
+};
 use shoal::{
-    ClusterEvent, ClusterProvider, ClusterProviderContext, MemberId, PartitionManager, TokioClock,
+    ClusterEvent, ClusterProvider, ClusterProviderContext, MemberId, MemberLimits,
+    PartitionManager, TokioClock,
 };
 
 type Views = Arc<Mutex<BTreeMap<usize, (MemberId, Arc<PartitionManager>)>>>;
@@ -43,6 +46,13 @@ fn registry_config() -> RegistryConfig {
         sweep_interval: Duration::from_millis(500),
         progress_interval: Duration::from_secs(2),
         startup_grace: Some(Duration::from_secs(3)),
+        limits: RegistryLimits {
+            member: MemberLimits {
+                max_metadata_entries: 4,
+                ..MemberLimits::default()
+            },
+            ..RegistryLimits::default()
+        },
         ..RegistryConfig::default()
     }
 }
@@ -427,4 +437,164 @@ async fn a_start_under_a_removed_id_joins_as_a_new_incarnation() {
     };
     assert!(!listed, "{old} came back after it left");
     assert_eq!(members, 1, "the second start registered exactly one member");
+}
+
+/// A request to the scripted member: a new description, and where to send the outcome.
+type DescribeCmd = (
+    shoal::Description,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
+
+/// A member whose description the test changes through `update_member`.
+fn start_scripted_member(
+    h: &Handle,
+    i: usize,
+    views: Views,
+    commands: tokio::sync::mpsc::Receiver<DescribeCmd>,
+) -> NodeHandle {
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 1, i as u8));
+    // The node's init runs once (never restarted here), so it can own the receiver.
+    let commands = Arc::new(Mutex::new(Some(commands)));
+    h.create_node()
+        .name(format!("m{i}"))
+        .ip(ip)
+        .init(move || {
+            let views = views.clone();
+            let mut commands = commands.lock().unwrap().take().expect("started once");
+            async move {
+                let ctx = ClusterProviderContext::new(
+                    "c",
+                    format!("{ip}:4000"),
+                    ["user"],
+                    TokioClock::shared(),
+                )
+                .unwrap();
+                views
+                    .lock()
+                    .unwrap()
+                    .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                let mut config = provider_config();
+                config.rpc_timeout = Duration::from_secs(1);
+                config.startup_timeout = Duration::from_secs(8);
+                let provider = RegistryProvider::new(config);
+                provider.start_member(ctx.clone()).await.unwrap();
+                while let Some((description, reply)) = commands.recv().await {
+                    let outcome = provider
+                        .update_member(description)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(outcome);
+                }
+                std::future::pending::<()>().await;
+            }
+        })
+        .build()
+}
+
+async fn describe(
+    commands: &tokio::sync::mpsc::Sender<DescribeCmd>,
+    d: &shoal::Description,
+) -> Result<(), String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    commands.send((d.clone(), tx)).await.unwrap();
+    rx.await.unwrap()
+}
+
+/// Waits until every node in `which` lists a member at `address` described as `d`; returns
+/// that member's id.
+async fn wait_described(
+    views: &Views,
+    which: &[usize],
+    address: &str,
+    d: &shoal::Description,
+) -> MemberId {
+    let start = Instant::now();
+    loop {
+        let found: Vec<Option<MemberId>> = which
+            .iter()
+            .map(|i| {
+                let t = views.lock().unwrap()[i].1.topology();
+                t.members()
+                    .iter()
+                    .find(|m| m.address == address && m.description() == *d)
+                    .map(|m| m.id.clone())
+            })
+            .collect();
+        if let Some(Some(id)) = found.first()
+            && found.iter().all(|f| f.as_ref() == Some(id))
+        {
+            return id.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nodes {which:?} never showed {address} as {d:?}: {found:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[madsim::test]
+async fn a_member_changes_its_description_in_place_and_keeps_it_across_a_rejoin() {
+    let h = Handle::current();
+    let views: Views = Arc::default();
+    let registry = start_registry(&h);
+    let (commands, rx) = tokio::sync::mpsc::channel(1);
+    let m1 = start_scripted_member(&h, 1, views.clone(), rx);
+    for i in 2..=3 {
+        start_member(&h, i, views.clone());
+    }
+    wait_all(&views, &[1, 2, 3], 3, Duration::from_secs(20)).await;
+    let id = views.lock().unwrap()[&1].0.clone();
+    let address = "10.0.1.1:4000";
+
+    // In place: the same incarnation, a new zone, label and kind, on every node.
+    let a = shoal::Description {
+        kinds: ["order".to_string(), "user".to_string()].into(),
+        zone: Some("zone-a".into()),
+        metadata: [("rack".to_string(), "r1".to_string())].into(),
+    };
+    let before = views.lock().unwrap()[&2].1.version();
+    describe(&commands, &a).await.unwrap();
+    assert_eq!(wait_described(&views, &[1, 2, 3], address, &a).await, id);
+    let pm2 = views.lock().unwrap()[&2].1.clone();
+    assert!(pm2.version() > before);
+    // Only m1 hosts "order": every order identity is placed on it.
+    assert_eq!(
+        pm2.peek_owner("order", "o-1").map(|m| m.id.clone()),
+        Some(id.clone())
+    );
+
+    // Refused by the registry (it allows 4 labels): the call says so, the old description
+    // stays, and the member keeps its registration (heartbeats go on) for three TTLs.
+    let crowded = shoal::Description {
+        metadata: (0..6).map(|k| (format!("k{k}"), "v".to_string())).collect(),
+        ..a.clone()
+    };
+    let refused = describe(&commands, &crowded).await.unwrap_err();
+    assert!(refused.contains("metadata"), "{refused}");
+    sleep(registry_config().ttl * 3).await;
+    assert_eq!(wait_described(&views, &[1, 2, 3], address, &a).await, id);
+
+    // Cut off from the registry: the update cannot be published and the call says so; the
+    // member expires; after the heal it returns as a new incarnation with the new description.
+    let b = shoal::Description {
+        kinds: ["user".to_string()].into(),
+        zone: Some("zone-b".into()),
+        metadata: [("rack".to_string(), "r2".to_string())].into(),
+    };
+    let net = NetSim::current();
+    net.clog_link(m1.id(), registry.id());
+    net.clog_link(registry.id(), m1.id());
+    let pending = describe(&commands, &b).await.unwrap_err();
+    assert!(pending.contains("pending"), "{pending}");
+    wait_all(&views, &[2, 3], 2, Duration::from_secs(30)).await;
+    net.unclog_link(m1.id(), registry.id());
+    net.unclog_link(registry.id(), m1.id());
+    let new_id = wait_described(&views, &[1, 2, 3], address, &b).await;
+    assert_ne!(new_id, id, "an expired member returns as a new incarnation");
+    assert_eq!(
+        pm2.peek_owner("order", "o-1"),
+        None,
+        "nobody hosts order now"
+    );
 }

@@ -2,7 +2,8 @@
 //! sweeps and clock advances, and checks every answer against a plain model written here:
 //! - a join of a registered id succeeds only with its incarnation secret (else
 //!   `AlreadyRegistered`); a removed id never comes back (`Removed`) while remembered; a member
-//!   joining at another member's address supersedes it;
+//!   joining at another member's address supersedes it; an `update_only` join of an id that is
+//!   not registered is `NotFound`;
 //! - heartbeat and leave succeed exactly for live tokens; a sweep removes exactly the
 //!   registrations whose TTL ran out, and reports each member in one change per cluster;
 //! - after every step each cluster's topology lists exactly the model's members, versions only
@@ -31,6 +32,7 @@ enum Op {
         client: bool,
         secret: u8,
         zone: bool,
+        update_only: bool,
     },
     Heartbeat {
         token: u8,
@@ -122,6 +124,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 client,
                 secret,
                 zone,
+                update_only,
             } => {
                 let cluster = CLUSTERS[usize::from(cluster) % CLUSTERS.len()];
                 let id = MemberId::parse(format!("m{}", id % 8)).expect("valid id");
@@ -136,12 +139,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 let keys = JoinKeys {
                     token: token.clone(),
                     secret: secret.clone(),
+                    update_only,
                 };
                 let got = state.join(cluster, "", member.clone(), role, keys, now);
                 let key = (cluster.to_string(), id.clone());
                 let existing = model.regs.get(&key).cloned();
                 let expected_err = if !client && model.removed.contains_key(&key) {
                     Some("removed")
+                } else if update_only && existing.is_none() {
+                    Some("notfound")
                 } else if let Some(e) = &existing {
                     if e.secret.is_empty() || e.secret != secret {
                         Some("already")
@@ -156,7 +162,8 @@ fuzz_target!(|ops: Vec<Op>| {
                 match (got, expected_err) {
                     (Err(RegistryError::Removed { .. }), Some("removed"))
                     | (Err(RegistryError::AlreadyRegistered { .. }), Some("already"))
-                    | (Err(RegistryError::Invalid(_)), Some("invalid")) => {}
+                    | (Err(RegistryError::Invalid(_)), Some("invalid"))
+                    | (Err(RegistryError::NotFound(_)), Some("notfound")) => {}
                     (Ok((joined, change)), None) => {
                         assert_eq!(joined.token, token);
                         let mut superseded = Vec::new();

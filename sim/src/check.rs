@@ -97,7 +97,8 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
     if !starting.is_empty() {
         return Err(format!("{starting:?} restarted but not started yet"));
     }
-    let expected = cluster.live_member_ids();
+    let described = cluster.live_member_descriptions();
+    let expected: std::collections::BTreeSet<MemberId> = described.keys().cloned().collect();
     let views = cluster.live_views();
     let mut version = None;
     for (name, _, inc) in &views {
@@ -109,6 +110,20 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
                 t.version(),
                 members,
                 expected
+            ));
+        }
+        // Every member as its process last described itself (a Describe fault).
+        if let Some(m) = t
+            .members()
+            .iter()
+            .find(|m| described.get(&m.id).is_some_and(|d| *d != m.description()))
+        {
+            return Err(format!(
+                "{name} (v{}) sees {} as {:?}, its process describes itself as {:?}",
+                t.version(),
+                m.id,
+                m.description(),
+                described[&m.id]
             ));
         }
         match version {

@@ -23,8 +23,8 @@ use shoal::registry::{
 };
 use shoal::runtime::{SharedClock, SkewedClock, TokioClock};
 use shoal::{
-    ClusterEvent, ClusterProvider, ClusterProviderContext, EventStream, MemberId, PartitionConfig,
-    PartitionManager,
+    ClusterEvent, ClusterProvider, ClusterProviderContext, Description, EventStream, MemberId,
+    PartitionConfig, PartitionManager,
 };
 
 use crate::faults::Fault;
@@ -39,8 +39,36 @@ use crate::workload::{FreshOwners, Workload};
 
 /// The cluster name every simulated node uses.
 pub const CLUSTER: &str = "sim";
-/// The kind every member hosts.
+/// The kind every member hosts (until a [`Fault::Describe`] drains it).
 pub const KIND: &str = "user";
+/// A kind members host in some descriptions only ([`description_of`]).
+pub const AUX_KIND: &str = "aux";
+
+/// The description a member starts with: it hosts [`KIND`], no zone, no labels.
+pub fn base_description() -> Description {
+    Description {
+        kinds: [KIND.to_string()].into(),
+        ..Description::default()
+    }
+}
+
+/// The description of `generation` ([`Fault::Describe`]): zone `zone-{g % 3}`, a `generation`
+/// label, [`AUX_KIND`] added on odd generations, and [`KIND`] dropped (drained) on every
+/// fourth, so placement moves both ways.
+pub fn description_of(generation: u32) -> Description {
+    let mut kinds = std::collections::BTreeSet::new();
+    if generation % 4 != 3 {
+        kinds.insert(KIND.to_string());
+    }
+    if generation % 2 == 1 {
+        kinds.insert(AUX_KIND.to_string());
+    }
+    Description {
+        kinds,
+        zone: Some(format!("zone-{}", generation % 3)),
+        metadata: [("generation".to_string(), generation.to_string())].into(),
+    }
+}
 const REGISTRY_PORT: u16 = 7600;
 
 /// How long a survivor must have been connected before a departure for the failover oracle to
@@ -159,6 +187,8 @@ pub struct Incarnation {
     pub started_at: Instant,
     /// When its provider finished starting, if it has.
     pub ready_at: Option<Instant>,
+    /// The description the harness last asked this process to have (members).
+    pub description: Description,
 }
 
 impl Incarnation {
@@ -195,6 +225,14 @@ struct Slot {
     leaving: bool,
     lost_heartbeats: bool,
     stop: Arc<StopSignal>,
+    describe: Arc<DescribeSignal>,
+}
+
+/// Asks a member to change its description ([`Fault::Describe`]).
+#[derive(Debug, Default)]
+struct DescribeSignal {
+    generation: Mutex<Option<u32>>,
+    notify: tokio::sync::Notify,
 }
 
 /// Asks a node to shut down gracefully, and hears when it has.
@@ -333,7 +371,9 @@ impl SimCluster {
             let clock = SkewedClock::new(TokioClock::shared());
             let current: Arc<Mutex<Option<Incarnation>>> = Arc::default();
             let stop = Arc::new(StopSignal::default());
+            let describe = Arc::new(DescribeSignal::default());
             let spec = NodeSpec {
+                describe: describe.clone(),
                 name: name.clone(),
                 ip,
                 is_client,
@@ -369,6 +409,7 @@ impl SimCluster {
                 leaving: false,
                 lost_heartbeats: false,
                 stop,
+                describe,
             });
         }
         let n = slots.len();
@@ -446,10 +487,19 @@ impl SimCluster {
 
     /// Ids of the members whose node is running (paused included: they are alive).
     pub fn live_member_ids(&self) -> BTreeSet<MemberId> {
+        self.live_member_descriptions().into_keys().collect()
+    }
+
+    /// The description each running member's process was last asked to have, by current id.
+    pub fn live_member_descriptions(&self) -> BTreeMap<MemberId, Description> {
         lock(&self.slots)
             .iter()
             .filter(|s| s.alive && !s.is_client)
-            .filter_map(|s| lock(&s.current).as_ref().map(|i| i.id.clone()))
+            .filter_map(|s| {
+                lock(&s.current)
+                    .as_ref()
+                    .map(|i| (i.id.clone(), i.description.clone()))
+            })
             .collect()
     }
 
@@ -538,9 +588,11 @@ impl SimCluster {
         else {
             return true; // That process crashed or left.
         };
+        // A start that failed, or one still under way (the application was never told it is
+        // a member, so it serves nothing).
         let abandoned = lock(&s.current)
             .as_ref()
-            .is_some_and(|c| c.abandoned_ids.contains(id));
+            .is_some_and(|c| c.abandoned_ids.contains(id) || c.ready_at.is_none());
         abandoned
             || !s.alive
             || s.leaving
@@ -1032,6 +1084,30 @@ impl SimCluster {
                     c.recorder.fault_healed(idx);
                 });
             }
+            Fault::Describe { member, generation } => {
+                if member >= members {
+                    return;
+                }
+                let signal = {
+                    let slots = lock(&self.slots);
+                    let s = &slots[member];
+                    let running = lock(&s.current)
+                        .as_ref()
+                        .is_some_and(|i| i.ready_at.is_some());
+                    (s.alive && !s.leaving && running).then(|| s.describe.clone())
+                };
+                let Some(signal) = signal else {
+                    self.recorder
+                        .count("fault: describe skipped (member not running)");
+                    return;
+                };
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), names(&[member]));
+                *lock(&signal.generation) = Some(generation);
+                signal.notify.notify_one();
+                self.recorder.fault_healed(idx);
+            }
         }
     }
 
@@ -1138,6 +1214,7 @@ impl SimCluster {
                     rec.count_n("provider: epoch changes", m.epoch_changes.get());
                     rec.count_n("provider: membership lost", m.membership_lost.get());
                     rec.count_n("provider: membership restored", m.membership_restored.get());
+                    rec.count_n("provider: description updates", m.description_updates.get());
                 }
                 MetricSource::Events(m) => {
                     rec.count_n("events: missed by lagging subscribers", m.lagged.get());
@@ -1210,12 +1287,41 @@ struct NodeSpec {
     oracles: Arc<Oracles>,
     knobs: Knobs,
     stop: Arc<StopSignal>,
+    describe: Arc<DescribeSignal>,
     metrics: Arc<Mutex<Vec<MetricSource>>>,
     fresh: Arc<FreshOwners>,
     app: Option<AppFn>,
 }
 
 impl NodeSpec {
+    /// Applies each [`Fault::Describe`] addressed to this node through the provider.
+    async fn describer(self, provider: Arc<dyn ClusterProvider>) {
+        loop {
+            self.describe.notify.notified().await;
+            let Some(generation) = lock(&self.describe.generation).take() else {
+                continue;
+            };
+            let d = description_of(generation);
+            if let Some(inc) = lock(&self.current).as_mut() {
+                inc.description = d.clone();
+            }
+            match provider.update_member(d).await {
+                Ok(()) => self.recorder.trace(
+                    &self.name,
+                    format!("description generation {generation} shown"),
+                ),
+                Err(e) => {
+                    self.recorder
+                        .count("node: description update not shown in time");
+                    self.recorder.trace(
+                        &self.name,
+                        format!("description generation {generation}: {e}"),
+                    );
+                }
+            }
+        }
+    }
+
     async fn run(self) {
         // Processes start at different moments (0-2 s apart), so heartbeat phases differ.
         sleep(Duration::from_millis(madsim::rand::random::<u64>() % 2_000)).await;
@@ -1298,10 +1404,10 @@ impl NodeSpec {
                 Box::new(p)
             }
         };
-        let provider: Box<dyn ClusterProvider> = if self.flaw.wraps_provider() {
-            Box::new(FlawedProvider::new(provider, self.flaw))
+        let provider: Arc<dyn ClusterProvider> = if self.flaw.wraps_provider() {
+            Arc::new(FlawedProvider::new(provider, self.flaw))
         } else {
-            provider
+            Arc::from(provider)
         };
         *lock(&self.current) = Some(Incarnation {
             id: id.clone(),
@@ -1310,6 +1416,11 @@ impl NodeSpec {
             manager: ctx.partition_manager.clone(),
             started_at: Instant::now(),
             ready_at: None,
+            description: if self.is_client {
+                Description::default()
+            } else {
+                base_description()
+            },
         });
         let mut attempt = 0u32;
         loop {
@@ -1341,6 +1452,9 @@ impl NodeSpec {
             inc.ready_at = Some(Instant::now());
         }
         self.recorder.trace(&self.name, "provider started");
+        if !self.is_client {
+            madsim::task::spawn(self.clone().describer(provider.clone()));
+        }
         madsim::task::spawn(
             Workload::new(
                 self.name.clone(),

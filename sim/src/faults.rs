@@ -139,6 +139,15 @@ pub enum Fault {
         #[serde(with = "ms")]
         gap: Duration,
     },
+    /// The member changes its description (kinds, zone, metadata) in place, through
+    /// `ClusterProvider::update_member`: the description of `generation` (see
+    /// [`crate::cluster::description_of`]).
+    Describe {
+        /// The member.
+        member: usize,
+        /// Which description.
+        generation: u32,
+    },
     /// The member is partitioned from everyone and healed `times` times in a row.
     Flap {
         /// The member.
@@ -171,6 +180,7 @@ impl Fault {
             Fault::RegistryPause { .. } => "registry-pause",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
+            Fault::Describe { .. } => "describe",
         }
     }
 
@@ -292,6 +302,9 @@ impl fmt::Display for Fault {
                 times,
                 period,
             } => write!(f, "flap m{member} {times}x every {}", s(period)),
+            Fault::Describe { member, generation } => {
+                write!(f, "m{member} describes itself as generation {generation}")
+            }
         }
     }
 }
@@ -336,11 +349,13 @@ pub enum FaultKind {
     RollingRestart,
     /// [`Fault::Flap`].
     Flap,
+    /// [`Fault::Describe`].
+    Describe,
 }
 
 impl FaultKind {
     /// The kinds random schedules draw from.
-    pub const ALL: [FaultKind; 16] = [
+    pub const ALL: [FaultKind; 17] = [
         FaultKind::Partition,
         FaultKind::Split,
         FaultKind::OneWay,
@@ -357,6 +372,7 @@ impl FaultKind {
         FaultKind::RegistryPause,
         FaultKind::RollingRestart,
         FaultKind::Flap,
+        FaultKind::Describe,
     ];
 
     /// A fault of this kind against a cluster of `n` (at least 2) members, with its parameters
@@ -444,6 +460,10 @@ impl FaultKind {
                 member: m,
                 times: r.range(2, 6) as u32,
                 period: r.ms(500, 4_000),
+            },
+            FaultKind::Describe => Fault::Describe {
+                member: m,
+                generation: r.range(1, 1_000) as u32,
             },
         }
     }

@@ -16,7 +16,8 @@ use shoal::provider::{
 };
 use shoal::runtime::TaskHandle;
 use shoal::{
-    ClusterEvent, ClusterTopology, EventStream, MemberId, PartitionConfig, RebalanceReport,
+    ClusterEvent, ClusterTopology, Description, EventStream, MemberId, PartitionConfig,
+    RebalanceReport,
 };
 
 /// A deliberate defect.
@@ -65,6 +66,14 @@ pub enum Flaw {
     /// Planted in the registry's sweep: expired ids are not remembered, so a join of one that
     /// arrives late (sent before the expiry, delayed by the network) brings it back.
     ExpiryNotBuried,
+    /// Planted in the registry's publish: a member's new description goes out in the update
+    /// but is not patched into the registry's own topology, so later snapshots list the old one.
+    ChangedNotPatched,
+    /// Planted in the provider's watch decoding: an update's `changed` members are not applied.
+    UpdateIgnoresChanged,
+    /// Planted in the registry's watch encoding: updates leave out `changed` members (the
+    /// registry's own topology and its snapshots have them).
+    UpdateOmitsChanged,
 }
 
 impl Flaw {
@@ -85,6 +94,9 @@ impl Flaw {
             Flaw::LeaseRenewedOnAttempt => "lease-renewed-on-attempt",
             Flaw::ExpiryNotBuried => "expiry-not-buried",
             Flaw::StallNotExtended => "stall-not-extended",
+            Flaw::ChangedNotPatched => "changed-not-patched",
+            Flaw::UpdateIgnoresChanged => "update-ignores-changed",
+            Flaw::UpdateOmitsChanged => "update-omits-changed",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }
@@ -199,6 +211,10 @@ impl ClusterProvider for FlawedProvider {
             t.abort();
         }
         self.inner.shutdown(graceful).await
+    }
+
+    async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
+        self.inner.update_member(description).await
     }
 
     async fn resolve_partition_manager(

@@ -117,6 +117,7 @@ impl Registry for Observed {
         let req = request.get_ref().clone();
         let resp = self.inner.join(request).await?;
         let address = req.member.as_ref().map(|m| m.address.clone());
+        let described = req.member.clone();
         if let Some(id) = req.member.and_then(|m| MemberId::parse(m.id).ok()) {
             let member = req.role != pb::Role::Client as i32;
             let again = {
@@ -127,6 +128,9 @@ impl Registry for Observed {
             };
             if again {
                 self.rec.count("registry: re-join of a known id");
+            }
+            if member && let Some(m) = &described {
+                self.oracles.described(m, resp.get_ref().topology_version);
             }
             self.oracles.joined(id, member, address.unwrap_or_default());
         }

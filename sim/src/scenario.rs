@@ -284,6 +284,83 @@ fn registry_clock_step(r: &mut SimRng, n: usize) -> FaultSchedule {
     ])
 }
 
+fn describe(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let generation = |r: &mut SimRng| r.range(1, 1_000) as u32;
+    let pick_other = |r: &mut SimRng, a: usize| (a + 1 + r.pick(n - 1)) % n;
+    // Every member takes a new description, one a second.
+    let mut faults: Vec<Scheduled> = (0..n)
+        .map(|m| {
+            at(
+                3.0 + m as f64,
+                Fault::Describe {
+                    member: m,
+                    generation: generation(r),
+                },
+            )
+        })
+        .collect();
+    // One changes while cut off (it expires, and returns as a new incarnation described so).
+    let a = r.pick(n);
+    faults.push(at(
+        15.0,
+        Fault::Partition {
+            members: vec![a],
+            with_registry: false,
+            duration: r.ms(3_000, 15_000),
+        },
+    ));
+    faults.push(at(
+        16.0,
+        Fault::Describe {
+            member: a,
+            generation: generation(r),
+        },
+    ));
+    // One changes while the registry is down (it learns the change from the re-join).
+    let b = pick_other(r, a);
+    faults.push(at(
+        35.0,
+        Fault::RegistryRestart {
+            down_for: r.ms(500, 4_000),
+        },
+    ));
+    faults.push(at(
+        35.5,
+        Fault::Describe {
+            member: b,
+            generation: generation(r),
+        },
+    ));
+    // One drains the kind every identity lives on, then changes twice in a row.
+    let c = r.pick(n);
+    faults.push(at(
+        50.0,
+        Fault::Describe {
+            member: c,
+            generation: 4 * r.range(0, 250) as u32 + 3,
+        },
+    ));
+    let d = pick_other(r, c);
+    for k in 0..2 {
+        faults.push(at(
+            55.0 + 0.1 * k as f64,
+            Fault::Describe {
+                member: d,
+                generation: generation(r),
+            },
+        ));
+    }
+    // A described member crashes: its next incarnation starts from its base description.
+    faults.push(at(
+        60.0,
+        Fault::Crash {
+            member: r.pick(n),
+            restart_after: Some(r.ms(1_000, 5_000)),
+        },
+    ));
+    FaultSchedule::new(faults)
+}
+
 fn memory_crash(r: &mut SimRng, n: usize) -> FaultSchedule {
     FaultSchedule::new(
         (0..3)
@@ -423,6 +500,17 @@ pub fn all() -> Vec<Scenario> {
             60,
             registry_clock_step,
             &["provider: epoch changes"],
+        ),
+        reg(
+            "describe",
+            "members change kinds, zone and labels in place: while cut off, while the registry restarts, draining the kind, twice in a row",
+            75,
+            describe,
+            &[
+                "fault: describe",
+                "provider: description updates",
+                "workload: reports with moves",
+            ],
         ),
         Scenario {
             name: "memory-crash",

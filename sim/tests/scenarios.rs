@@ -325,6 +325,31 @@ fn lease_oracle_fires_on_a_registry_that_does_not_extend_leases_after_a_stall() 
 
 /// madsim's own determinism check: two runs of one seed draw the same random numbers in the
 /// same order (it logs every draw and compares).
+/// A member's new description sent in snapshots but left out of updates: watchers that follow
+/// updates hold a description the member no longer has. Judged against the join the harness saw
+/// the registry accept, not against the registry's own topology.
+#[test]
+fn description_oracle_fires_on_updates_that_leave_out_changed_members() {
+    let v = first_failure(
+        "describe",
+        Flaw::UpdateOmitsChanged,
+        "accepted that member's join",
+    );
+    assert!(v.contains("history: the registry issued"), "{v}");
+}
+
+#[test]
+fn history_oracle_fires_on_a_provider_that_ignores_changed_members() {
+    let v = first_failure("describe", Flaw::UpdateIgnoresChanged, "history:");
+    assert!(v.contains("in the node's view"), "{v}");
+}
+
+#[test]
+fn invariants_fire_on_a_registry_that_does_not_store_a_new_description() {
+    let v = first_failure("describe", Flaw::ChangedNotPatched, "not registered");
+    assert!(v.contains("panicked"), "{v}");
+}
+
 #[test]
 fn madsim_sees_the_same_random_draws_twice() {
     let seed = 11;

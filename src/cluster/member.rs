@@ -152,6 +152,20 @@ impl Default for MemberLimits {
     }
 }
 
+/// The part of a member's description that may change while it runs, without it becoming a new
+/// incarnation: a node that drains a kind before it stops, a label an operator sets, a zone
+/// learnt after start. The id and address never change (a new address is a new process: a new
+/// incarnation), so placement stays stable for identities of kinds the member keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    /// Actor kinds the member hosts.
+    pub kinds: BTreeSet<String>,
+    /// Failure domain, if known.
+    pub zone: Option<String>,
+    /// Free-form labels.
+    pub metadata: BTreeMap<String, String>,
+}
+
 /// One member of a cluster as every other node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -189,6 +203,23 @@ impl Member {
     /// Sets the zone.
     pub fn with_zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// What this member says about itself besides its id and address.
+    pub fn description(&self) -> Description {
+        Description {
+            kinds: self.kinds.clone(),
+            zone: self.zone.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    /// This member with `description` in place of its own (same id and address).
+    pub fn described(mut self, description: Description) -> Self {
+        self.kinds = description.kinds;
+        self.zone = description.zone;
+        self.metadata = description.metadata;
         self
     }
 

@@ -4,7 +4,7 @@ mod member;
 mod topology;
 
 pub(crate) use member::check_text;
-pub use member::{Member, MemberId, MemberLimits};
+pub use member::{Description, Member, MemberId, MemberLimits};
 pub use topology::{ClusterTopology, MemberChange, TopologyDiff};
 
 /// Why a member, id or topology description was rejected.

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::cluster::{ClusterTopology, Member, MemberId, MemberLimits, ModelError, check_text};
 use crate::events::{ClusterEvent, EventStream, TopologyEvent};
 use crate::placement::{PartitionConfig, PartitionManager, PlacementError, RebalanceReport};
-use crate::runtime::SharedClock;
+use std::time::Duration;
+
+use crate::runtime::{SharedClock, timeout};
 
 /// Longest cluster name, in bytes.
 pub const MAX_CLUSTER_NAME_LEN: usize = 128;
@@ -86,6 +88,27 @@ impl ClusterProviderContext {
     pub fn with_member_id(mut self, id: MemberId) -> Self {
         self.member.id = id;
         self
+    }
+
+    /// Waits until `ready` holds, looking again after every event this node publishes and at
+    /// least every 100 ms (a first empty snapshot publishes nothing); `false` after `within`.
+    /// Providers use it to return from a start or an update only once the node's own view
+    /// shows the result.
+    pub async fn wait_until(&self, within: Duration, ready: impl Fn() -> bool) -> bool {
+        // Subscribed before the first look, so a change in between is not missed.
+        let mut events = self.events.subscribe();
+        let clock = self.clock.clone();
+        timeout(clock.as_ref(), within, async {
+            while !ready() {
+                tokio::select! {
+                    biased;
+                    _ = events.recv() => {}
+                    _ = clock.sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Applies a topology received from the provider's source: the partition manager takes it if

@@ -15,7 +15,7 @@ use super::{
     ClusterProvider, ClusterProviderContext, LocalPartitionManager, PartitionManagerHandle,
     ProviderError,
 };
-use crate::cluster::{ClusterTopology, Member, MemberId, MemberLimits};
+use crate::cluster::{ClusterTopology, Description, Member, MemberId, MemberLimits};
 use crate::placement::{PartitionManager, PlacementError};
 use crate::runtime::TaskHandle;
 
@@ -154,6 +154,29 @@ impl InMemoryRegistry {
             backend.publish(cluster);
         }
         removed
+    }
+
+    /// Replaces the description of `id` in `cluster` (a change only when it differs).
+    fn describe(
+        &self,
+        cluster: &str,
+        id: &MemberId,
+        description: Description,
+    ) -> Result<(), ProviderError> {
+        let mut backend = self.lock();
+        let limits = backend.limits.clone();
+        let reg = backend
+            .clusters
+            .get_mut(cluster)
+            .and_then(|state| state.members.get_mut(id))
+            .ok_or_else(|| ProviderError::UnknownMember(id.clone()))?;
+        let updated = reg.member.clone().described(description);
+        updated.validate(&limits)?;
+        if updated != reg.member {
+            reg.member = updated;
+            backend.publish(cluster);
+        }
+        Ok(())
     }
 
     /// Drops clusters with neither members nor watchers, so the registry does not grow with
@@ -341,6 +364,17 @@ impl ClusterProvider for InMemoryProvider {
         running.task.join_ref().await;
         self.registry.collect(&cluster);
         tracing::info!(cluster = %cluster, member = %running.ctx.member.id, graceful, "in-memory provider stopped");
+        Ok(())
+    }
+
+    async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
+        let running = self.running.lock().await;
+        let running = running.as_ref().ok_or(ProviderError::NotStarted)?;
+        let id = running.member.as_ref().ok_or(ProviderError::NotAMember)?;
+        let cluster = &running.ctx.cluster_name;
+        self.registry.describe(cluster, id, description)?;
+        // The watch task applies it too; applying here makes the change visible on return.
+        apply(&running.ctx, self.registry.topology(cluster));
         Ok(())
     }
 

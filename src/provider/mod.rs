@@ -14,7 +14,7 @@ pub use remote::{
     PartitionService,
 };
 
-use crate::cluster::{MemberId, ModelError};
+use crate::cluster::{Description, MemberId, ModelError};
 
 /// Why a provider operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,9 @@ pub enum ProviderError {
     /// The operation needs a started provider.
     #[error("provider is not started")]
     NotStarted,
+    /// The operation is for members, and this node watches as a client.
+    #[error("this node watches as a client: it has no member description")]
+    NotAMember,
     /// The member is not (or no longer) part of the cluster.
     #[error("member {0} is not in the cluster")]
     UnknownMember(MemberId),
@@ -61,6 +64,14 @@ pub trait ClusterProvider: Send + Sync + 'static {
     /// Stops the provider. `graceful`: deregister first so peers learn at once; otherwise just
     /// stop, as a crash would (peers learn through the provider's failure detection).
     async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError>;
+
+    /// Changes what this member tells its peers about itself (kinds, zone, metadata) without
+    /// becoming a new incarnation; peers see one `changed` member and placement moves only the
+    /// identities of kinds it stopped or started hosting. Returns once this node's own topology
+    /// shows the new description. When the backend cannot be reached, the change stays pending
+    /// (the provider publishes it as soon as it can, and keeps it across re-joins) and the call
+    /// returns [`ProviderError::Unavailable`]. Members only: a client has no description.
+    async fn update_member(&self, description: Description) -> Result<(), ProviderError>;
 
     /// A handle to the partition manager of `member`, wherever that member runs.
     async fn resolve_partition_manager(

@@ -210,12 +210,19 @@ pub struct RegistryProviderMetrics {
     pub membership_lost: Counter,
     /// Times this member was registered again (as a new incarnation) after losing it.
     pub membership_restored: Counter,
+    /// Description changes (kinds, zone, metadata) the registry accepted.
+    pub description_updates: Counter,
 }
 
 impl RegistryProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 11] = [
+        let all: [(&str, &str, &Counter); 12] = [
+            (
+                "registry_client_description_updates",
+                "Description changes (kinds, zone, metadata) the registry accepted",
+                &self.description_updates,
+            ),
             (
                 "registry_client_heartbeat_failures",
                 "Heartbeats that failed",

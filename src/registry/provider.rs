@@ -1,5 +1,6 @@
 //! `RegistryProvider`: joins a registry, heartbeats, watches with reconnect, and heals itself.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tonic::{Code, Status};
 use super::metrics::RegistryProviderMetrics;
 use super::pb::registry_client::RegistryClient;
 use super::{pb, wire};
-use crate::cluster::{ClusterTopology, Member, MemberId};
+use crate::cluster::{ClusterTopology, Description, Member, MemberId, MemberLimits};
 use crate::events::ClusterEvent;
 use crate::placement::PlacementError;
 use crate::provider::{
@@ -219,6 +220,18 @@ struct Session {
     metrics: RegistryProviderMetrics,
     /// Held by a join attempt from request to stored token.
     joining: tokio::sync::Mutex<()>,
+    /// Generation of the description in `member`, bumped by every update (under `member`'s
+    /// lock).
+    described: AtomicU64,
+    /// The generation the registry last accepted; behind `described` while an update is
+    /// pending.
+    published: AtomicU64,
+    /// Wakes the heartbeat loop to publish a new description at once.
+    describe: tokio::sync::Notify,
+    /// The description the registry last accepted (restored when it refuses a new one).
+    accepted: Mutex<Description>,
+    /// The newest generation the registry refused, and why.
+    refused: Mutex<Option<(u64, String)>>,
 }
 
 impl RegistryProvider {
@@ -267,10 +280,13 @@ impl RegistryProvider {
             synced: std::sync::atomic::AtomicBool::new(false),
             metrics: self.metrics.clone(),
             joining: tokio::sync::Mutex::new(()),
+            described: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            describe: tokio::sync::Notify::new(),
+            accepted: Mutex::new(ctx.member.description()),
+            refused: Mutex::new(None),
         });
-        // Subscribe before anything can be applied, so the first topology is not missed.
-        let mut events = ctx.events.subscribe();
-        let interval = session.join().await?;
+        let interval = session.join(false).await?;
         let clock = ctx.clock.clone();
         let mut tasks = vec![
             clock.spawn(
@@ -288,27 +304,13 @@ impl RegistryProvider {
         };
         // Wait for the first topology (one that contains this node, for a member).
         let pm = ctx.partition_manager.clone();
-        let synced = || session.synced.load(std::sync::atomic::Ordering::SeqCst);
-        let ready = timeout(clock.as_ref(), self.config.startup_timeout, async {
-            loop {
-                let ok = match role {
-                    pb::Role::Member => pm.topology().contains(&session.member_id()),
-                    _ => synced(),
-                };
-                if ok {
-                    return;
-                }
-                // Any event means the topology moved on; an empty first snapshot publishes no
-                // event, so look again at least every 100 ms.
-                tokio::select! {
-                    biased;
-                    _ = events.recv() => {}
-                    _ = clock.sleep(Duration::from_millis(100)) => {}
-                }
-            }
-        })
-        .await;
-        if ready.is_err() {
+        let ready = ctx
+            .wait_until(self.config.startup_timeout, || match role {
+                pb::Role::Member => pm.topology().contains(&session.member_id()),
+                _ => session.synced.load(std::sync::atomic::Ordering::SeqCst),
+            })
+            .await;
+        if !ready {
             // Stop the tasks first (a re-join in flight finishes), then withdraw the
             // registration this start made: a failed start must leave nothing behind.
             let joining = session.joining.lock().await;
@@ -353,36 +355,50 @@ impl Session {
         lock(&self.member).id.clone()
     }
 
-    /// Joins (or re-joins); returns the heartbeat interval the server asks for.
-    async fn join(&self) -> Result<Duration, ProviderError> {
+    /// Joins (or re-joins); returns the heartbeat interval the server asks for. `update`: only
+    /// publish a new description of the registration this member holds; if the registry no
+    /// longer holds it (expired, or restarted and lost it), this is a lost registration: the
+    /// member joins again under a new id.
+    async fn join(&self, update: bool) -> Result<Duration, ProviderError> {
         self.retire_stale_id();
         // Held until the new token is stored: a shutdown waits for a join in flight instead of
         // cancelling it after the registry applied it (which would leave a registration behind
         // that no Leave can name). One attempt is bounded by the RPC deadline.
         let _joining = self.joining.lock().await;
         let mut refused_as_removed = false;
+        let mut update_only = update && self.role == pb::Role::Member;
         loop {
-            let member = lock(&self.member).clone();
+            let (member, generation) = {
+                let m = lock(&self.member);
+                (m.clone(), self.described.load(Ordering::SeqCst))
+            };
             let req = pb::JoinRequest {
                 cluster: self.ctx.cluster_name.clone(),
                 member: Some(wire::member_to_pb(&member)),
                 role: self.role as i32,
                 cluster_token: self.cluster_token(),
                 incarnation_secret: self.secret.clone(),
+                update_only,
             };
             let mut client = self.client.clone();
             let sent_at = self.clock().now();
             let resp = match self.call(client.join(req)).await {
                 Ok(resp) => resp,
                 Err(s)
-                    if s.code() == Code::FailedPrecondition
+                    if (s.code() == Code::FailedPrecondition
+                        || (update_only && s.code() == Code::NotFound))
                         && self.role == pb::Role::Member
                         && !refused_as_removed =>
                 {
-                    // This id was removed (a join of it arrived late, after its expiry): peers
-                    // saw it go, so it cannot come back. Join as a new incarnation at once.
+                    // This id was removed (a join of it arrived late, after its expiry), or
+                    // the registry no longer holds it (it restarted): peers saw it go, so it
+                    // cannot come back. Join as a new incarnation at once.
                     refused_as_removed = true;
+                    update_only = false;
                     *lock(&self.unanswered_join) = None;
+                    if let Some(t) = lock(&self.lease).revoked() {
+                        self.publish(t);
+                    }
                     self.rotate_id("the registry removed this id");
                     continue;
                 }
@@ -396,6 +412,11 @@ impl Session {
             };
             *lock(&self.unanswered_join) = None;
             *lock(&self.token) = Some(resp.member_token);
+            *lock(&self.accepted) = member.description();
+            if self.published.swap(generation, Ordering::SeqCst) != generation {
+                self.metrics.description_updates.inc();
+                tracing::info!(member = %member.id, version = resp.topology_version, kinds = ?member.kinds, zone = ?member.zone, "the registry accepted this member's new description");
+            }
             tracing::debug!(member = %member.id, version = resp.topology_version, "joined the registry");
             if resp.ttl_ms > 0 {
                 let timing = self.config.lease_timing(Duration::from_millis(resp.ttl_ms));
@@ -404,6 +425,23 @@ impl Session {
             self.renewed(sent_at);
             return Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(1)));
         }
+    }
+
+    /// The registry refused the pending description: go back to the one it holds (so later
+    /// re-joins are not refused too) and tell the caller waiting in `update_member`.
+    fn refuse_description(&self, why: String) {
+        let mut member = lock(&self.member);
+        let generation = self.described.load(Ordering::SeqCst);
+        *member = member.clone().described(lock(&self.accepted).clone());
+        *lock(&self.refused) = Some((generation, why.clone()));
+        self.published.store(generation, Ordering::SeqCst);
+        tracing::warn!(member = %member.id, error = %why, "the registry refused this member's new description; keeping the old one");
+    }
+
+    /// Whether this member's description changed since the registry last accepted it.
+    fn description_pending(&self) -> bool {
+        self.role == pb::Role::Member
+            && self.published.load(Ordering::SeqCst) != self.described.load(Ordering::SeqCst)
     }
 
     /// Takes a new incarnation id if a join of the current one went unanswered long enough
@@ -521,7 +559,7 @@ impl Session {
     async fn rejoin_until_done(&self) -> Duration {
         let mut attempt = 0;
         loop {
-            match self.join().await {
+            match self.join(false).await {
                 Ok(interval) => return interval,
                 Err(e) => {
                     tracing::warn!(member = %self.member_id(), error = %e, attempt, "re-join failed");
@@ -549,7 +587,28 @@ impl Session {
             } else {
                 self.backoff(failures - 1).min(interval)
             };
-            self.clock().sleep(pause).await;
+            tokio::select! {
+                biased;
+                _ = self.describe.notified() => {}
+                _ = self.clock().sleep(pause) => {}
+            }
+            if self.description_pending() {
+                // A join with this incarnation's secret replaces the description (and the
+                // token) of the same registration: peers see one `changed` member. It renews
+                // the registration too, so it stands in for this heartbeat.
+                match self.join(true).await {
+                    Ok(i) => {
+                        interval = i;
+                        failures = 0;
+                    }
+                    Err(ProviderError::Rejected(why)) => self.refuse_description(why),
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(member = %self.member_id(), error = %e, failures, "publishing this member's new description failed; retrying");
+                    }
+                }
+                continue;
+            }
             let token = lock(&self.token).clone().unwrap_or_default();
             let req = pb::HeartbeatRequest {
                 cluster: self.ctx.cluster_name.clone(),
@@ -706,6 +765,7 @@ impl Session {
                 Ok(_) => return,
                 Err(s) if s.code() == Code::NotFound && attempt > 0 => return,
                 Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                    tracing::debug!(member = %self.member_id(), attempt, code = ?s.code(), message = s.message(), source = ?std::error::Error::source(&s), "leave failed; retrying");
                     last = Some(s);
                 }
                 Err(s) => {
@@ -725,7 +785,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// How many times a graceful shutdown tries to send Leave.
-const LEAVE_ATTEMPTS: u32 = 3;
+const LEAVE_ATTEMPTS: u32 = 5;
 
 /// Why a watch stream ended (each reopen is counted by reason).
 #[derive(Debug)]
@@ -785,6 +845,56 @@ impl ClusterProvider for RegistryProvider {
         }
         tracing::info!(member = %running.session.member_id(), graceful, "registry provider stopped");
         Ok(())
+    }
+
+    async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
+        let session = {
+            let running = self.running.lock().await;
+            running
+                .as_ref()
+                .ok_or(ProviderError::NotStarted)?
+                .session
+                .clone()
+        };
+        if session.role != pb::Role::Member {
+            return Err(ProviderError::NotAMember);
+        }
+        let generation = {
+            let mut member = lock(&session.member);
+            let updated = member.clone().described(description.clone());
+            updated.validate(&MemberLimits::default())?;
+            *member = updated;
+            session.described.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        session.describe.notify_one();
+        let pm = session.ctx.partition_manager.clone();
+        let refusal = || {
+            lock(&session.refused)
+                .clone()
+                .filter(|(g, _)| *g >= generation)
+        };
+        let shown = session
+            .ctx
+            .wait_until(self.config.startup_timeout, || {
+                let id = session.member_id();
+                refusal().is_some()
+                    || (!session.description_pending()
+                        && pm
+                            .topology()
+                            .member(&id)
+                            .is_some_and(|m| m.description() == description))
+            })
+            .await;
+        if let Some((_, why)) = refusal() {
+            Err(ProviderError::Rejected(why))
+        } else if shown {
+            Ok(())
+        } else {
+            Err(ProviderError::Unavailable(format!(
+                "the registry at {} did not show the new description within {:?}; it stays pending",
+                self.config.endpoint, self.config.startup_timeout
+            )))
+        }
     }
 
     async fn resolve_partition_manager(

@@ -307,6 +307,7 @@ impl pb::registry_server::Registry for RegistryService {
         let keys = JoinKeys {
             token: s.token(),
             secret: req.incarnation_secret,
+            update_only: req.update_only,
         };
         let now = s.clock.now();
         let mut core = s.lock();

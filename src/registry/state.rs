@@ -97,6 +97,9 @@ pub struct JoinKeys {
     pub token: String,
     /// The secret the joining incarnation chose (sent with every join it makes).
     pub secret: String,
+    /// Only change the description of a registration the registry holds; never register the
+    /// id anew (see `JoinRequest.update_only`).
+    pub update_only: bool,
 }
 
 impl From<&str> for JoinKeys {
@@ -104,6 +107,7 @@ impl From<&str> for JoinKeys {
         Self {
             token: token.to_string(),
             secret: String::new(),
+            update_only: false,
         }
     }
 }
@@ -113,6 +117,7 @@ impl From<String> for JoinKeys {
         Self {
             token,
             secret: String::new(),
+            update_only: false,
         }
     }
 }
@@ -415,6 +420,12 @@ impl RegistryState {
             .clusters
             .get(cluster)
             .is_some_and(|c| c.registrations.contains_key(&member.id));
+        if keys.update_only && !registered {
+            return Err(RegistryError::NotFound(format!(
+                "{} is not registered in cluster {cluster:?} (expired, or the registry restarted): join under a new id",
+                member.id
+            )));
+        }
         if !registered && self.registrations >= limits.max_registrations {
             return Err(RegistryError::Exhausted {
                 limit: "max_registrations",
@@ -860,9 +871,14 @@ impl RegistryState {
         let previous_version = c.topology.version();
         // Patch the previous version instead of rebuilding it from every registration: a join
         // into a large cluster costs a copy of the member pointers, not a sort.
+        let patched_changes: &[Member] = if sim::flaw("changed-not-patched") {
+            &[]
+        } else {
+            &changed
+        };
         let upserts: Vec<Arc<Member>> = joined
             .iter()
-            .chain(&changed)
+            .chain(patched_changes)
             .map(|m| c.registrations[&m.id].member.clone())
             .collect();
         let gone: Vec<&MemberId> = left.iter().map(|m| &m.id).collect();
@@ -991,6 +1007,7 @@ mod tests {
         JoinKeys {
             token: token.into(),
             secret: secret.into(),
+            update_only: false,
         }
     }
 
@@ -1013,6 +1030,61 @@ mod tests {
             .unwrap();
         assert_eq!(change.unwrap().changed, vec![moved]);
         assert_eq!(s.counts(), vec![("c".to_string(), 1, 0)]);
+    }
+
+    #[tokio::test]
+    async fn an_update_only_join_changes_a_held_registration_and_never_registers_an_id() {
+        let mut s = state();
+        let t0 = now();
+        let update = |token: &str| JoinKeys {
+            update_only: true,
+            ..keys(token, "s")
+        };
+        // Not held (never joined, or lost with a registry restart): NotFound, nothing added.
+        let err = s
+            .join("c", "", m("a"), Role::Member, update("t0"), t0)
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::NotFound(_)), "{err}");
+        assert!(err.to_string().contains("new id"), "{err}");
+        assert!(s.topology("c").is_empty());
+        s.join("c", "", m("a"), Role::Member, keys("t1", "s"), t0)
+            .unwrap();
+        let drained = m("a").with_zone("z2");
+        let (_, change) = s
+            .join("c", "", drained.clone(), Role::Member, update("t2"), t0)
+            .unwrap();
+        assert_eq!(change.unwrap().changed, vec![drained]);
+        // Someone else's secret is still refused.
+        let err = s
+            .join(
+                "c",
+                "",
+                m("a"),
+                Role::Member,
+                JoinKeys {
+                    secret: "x".into(),
+                    ..update("t3")
+                },
+                t0,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyRegistered { .. }),
+            "{err}"
+        );
+        // Expired: removed, and an update cannot bring it back either.
+        s.sweep(t0 + Duration::from_secs(60));
+        let err = s
+            .join(
+                "c",
+                "",
+                m("a"),
+                Role::Member,
+                update("t4"),
+                t0 + Duration::from_secs(60),
+            )
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Removed { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -81,7 +81,11 @@ pub fn update(c: &Change) -> pb::WatchResponse {
             previous_version: c.previous_version,
             joined: c.joined.iter().map(member_to_pb).collect(),
             left: c.left.iter().map(|m| m.id.to_string()).collect(),
-            changed: c.changed.iter().map(member_to_pb).collect(),
+            changed: if sim::flaw("update-omits-changed") {
+                Vec::new()
+            } else {
+                c.changed.iter().map(member_to_pb).collect()
+            },
         })),
     }
 }
@@ -201,7 +205,12 @@ pub fn next_topology(
                     members.remove(&id);
                 }
             }
-            for m in u.joined.into_iter().chain(u.changed) {
+            let changed = if sim::flaw("update-ignores-changed") {
+                Vec::new()
+            } else {
+                u.changed
+            };
+            for m in u.joined.into_iter().chain(changed) {
                 let m = member_from_pb(m).map_err(bad)?;
                 members.insert(m.id.clone(), Arc::new(m));
             }

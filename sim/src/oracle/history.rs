@@ -3,13 +3,16 @@
 //! Built from the watch messages the registry sent (snapshots, and updates applied to the
 //! version they name, by this module's own code, not the provider's), so a node whose view is
 //! not in the history holds a topology the registry never issued: invented, mixed from two
-//! versions, or applied wrongly.
+//! versions, or applied wrongly. It also holds the registry to the descriptions members sent:
+//! once the registry accepted a join (a new description of a registered member, too), every
+//! topology it issues at that join's version or later lists the member as that join described
+//! it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use shoal::registry::pb;
-use shoal::{ClusterTopology, Member, MemberId};
+use shoal::{ClusterTopology, Description, Member, MemberId};
 
 use crate::cluster::CLUSTER;
 use crate::record::Recorder;
@@ -22,9 +25,27 @@ const MAX_VERSIONS: usize = 100_000;
 pub struct History {
     /// By (registry epoch, version): versions of different registry runs may repeat.
     by_version: BTreeMap<(u64, u64), Arc<ClusterTopology>>,
+    /// Per member id, in the current registry run: the description of its last accepted join,
+    /// and the version that join answered with.
+    described: BTreeMap<MemberId, (u64, Description)>,
 }
 
 impl History {
+    /// A registry run started: descriptions accepted by earlier runs no longer bind it.
+    pub fn restarted(&mut self) {
+        self.described.clear();
+    }
+
+    /// The registry accepted a member's join describing it as `m`, answering `version`.
+    pub fn described(&mut self, m: &pb::Member, version: u64) {
+        if let Some(m) = member(m)
+            && (self.described.len() < MAX_VERSIONS || self.described.contains_key(&m.id))
+        {
+            self.described
+                .insert(m.id.clone(), (version, m.description()));
+        }
+    }
+
     /// The registry sent `msg` to a watcher.
     pub fn sent(&mut self, msg: &pb::WatchResponse, rec: &Recorder) {
         let topology = match &msg.event {
@@ -54,6 +75,22 @@ impl History {
             );
             return;
         };
+        if let Some((m, (at, d))) = t.members().iter().find_map(|m| {
+            self.described
+                .get(&m.id)
+                .filter(|(at, d)| *at <= t.version() && *d != m.description())
+                .map(|e| (m, e))
+        }) {
+            rec.violation_once(
+                format!("history description {} {}", m.id, t.version()),
+                format!(
+                    "history: the registry issued v{} listing {} as {:?}, but it accepted that member's join as {d:?} at v{at}",
+                    t.version(),
+                    m.id,
+                    m.description()
+                ),
+            );
+        }
         let key = (t.epoch(), t.version());
         match self.by_version.get(&key) {
             Some(known) if known.members() != t.members() => rec.violation_once(
@@ -87,15 +124,34 @@ impl History {
             Some(issued) if issued.members() != t.members() => rec.violation_once(
                 format!("history differs {node} {}", t.version()),
                 format!(
-                    "history: {node} holds v{} as {} but the registry issued {}",
+                    "history: {node} holds v{} as {} but the registry issued {}{}",
                     t.version(),
                     describe(t),
-                    describe(issued)
+                    describe(issued),
+                    first_difference(t, issued)
                 ),
             ),
             Some(_) => {}
         }
     }
+}
+
+/// The first member listed in both but described differently, spelled out.
+fn first_difference(held: &ClusterTopology, issued: &ClusterTopology) -> String {
+    held.members()
+        .iter()
+        .find_map(|m| {
+            let other = issued.member(&m.id)?;
+            (**m != *other).then(|| {
+                format!(
+                    "; {} is {:?} in the node's view, {:?} as issued",
+                    m.id,
+                    m.description(),
+                    other.description()
+                )
+            })
+        })
+        .unwrap_or_default()
 }
 
 fn describe(t: &ClusterTopology) -> String {

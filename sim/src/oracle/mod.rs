@@ -6,7 +6,8 @@
 //! sampling at the end. None of them asks the registry or a provider for its own opinion:
 //!
 //! * [`history`]: every topology a node holds is one the registry issued, member for member;
-//!   the registry never issues two topologies under one version.
+//!   the registry never issues two topologies under one version; from a join's version on, it
+//!   lists the member as that join described it.
 //! * [`lease`]: a registration disappears no sooner than a TTL after the last heartbeat the
 //!   registry accepted, no later than a TTL plus a sweep, at once after an accepted leave; a
 //!   member whose path to the registry was healthy is never expired; a member the registry
@@ -133,7 +134,14 @@ impl Oracles {
 
     /// A registry run started (its state is empty).
     pub fn registry_started(&self, run: u64) {
-        self.lock().lease.started(run);
+        let mut s = self.lock();
+        s.lease.started(run);
+        s.history.restarted();
+    }
+
+    /// The registry accepted a member's join describing it as `member`, answering `version`.
+    pub fn described(&self, member: &pb::Member, version: u64) {
+        self.lock().history.described(member, version);
     }
 
     /// The registry accepted a join of `id` at `address`.
