@@ -375,6 +375,73 @@ async fn nobody_can_take_over_a_member_id_and_a_new_incarnation_supersedes_its_a
     );
 }
 
+/// A registered member changes its description in place (a join with its secret and
+/// `update_only`): watchers get one update with the member in `changed`; an `update_only` join
+/// of an id the registry does not hold is NOT_FOUND and registers nothing.
+#[tokio::test]
+async fn an_update_only_join_changes_a_description_in_place_and_never_registers_an_id() {
+    let (_registry, addr) = start_registry("127.0.0.1:0", FAST);
+    let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
+    let join = |zone: &str, update_only: bool| pb::JoinRequest {
+        cluster: "c".into(),
+        member: Some(pb::Member {
+            id: "m1".into(),
+            address: "127.0.0.1:7001".into(),
+            kinds: vec!["k".into()],
+            zone: zone.into(),
+            ..Default::default()
+        }),
+        role: pb::Role::Member as i32,
+        incarnation_secret: "s3cret".into(),
+        update_only,
+        ..Default::default()
+    };
+    let err = client.join(join("", true)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("new id"), "{err:?}");
+    let first = client.join(join("", false)).await.unwrap().into_inner();
+    assert!(first.topology_version > 0);
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            cluster: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap(); // the snapshot
+    let moved = client.join(join("z2", true)).await.unwrap().into_inner();
+    assert!(moved.topology_version > first.topology_version);
+    let update = loop {
+        match watch.message().await.unwrap().unwrap().event {
+            Some(pb::watch_response::Event::Update(u)) => break u,
+            Some(pb::watch_response::Event::Progress(_)) => continue,
+            other => panic!("expected an update, got {other:?}"),
+        }
+    };
+    assert!(
+        update.joined.is_empty() && update.left.is_empty(),
+        "{update:?}"
+    );
+    assert_eq!(update.changed.len(), 1);
+    assert_eq!(update.changed[0].zone, "z2");
+    assert_eq!(update.version, moved.topology_version);
+    // The new token holds the registration; the old one is void.
+    let hb = |token: String| pb::HeartbeatRequest {
+        cluster: "c".into(),
+        member_token: token,
+    };
+    assert!(client.heartbeat(hb(moved.member_token)).await.is_ok());
+    assert_eq!(
+        client
+            .heartbeat(hb(first.member_token))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+}
+
 /// One client cannot exhaust the registry: every global and per-cluster limit answers with
 /// RESOURCE_EXHAUSTED (or INVALID_ARGUMENT for an oversized member) and a message naming it,
 /// the operator's named cluster keeps working, and its watcher keeps receiving updates.
