@@ -1084,6 +1084,26 @@ impl SimCluster {
                     c.recorder.fault_healed(idx);
                 });
             }
+            Fault::StreamReset { times, period } => {
+                let Some(r) = &self.registry else { return };
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), vec!["registry".into()]);
+                let door = r.door.clone();
+                let c = self.clone();
+                self.background(async move {
+                    for k in 0..times {
+                        if c.is_healed() {
+                            return;
+                        }
+                        if k > 0 {
+                            sleep(period).await;
+                        }
+                        door.reset_streams();
+                    }
+                    c.recorder.fault_healed(idx);
+                });
+            }
             Fault::Describe { member, generation } => {
                 if member >= members {
                     return;

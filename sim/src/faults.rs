@@ -139,6 +139,15 @@ pub enum Fault {
         #[serde(with = "ms")]
         gap: Duration,
     },
+    /// Every watch stream open at the registry is reset (ends with `Unavailable`), `times`
+    /// times, `period` apart: a proxy or NIC in front of the registry restarting.
+    StreamReset {
+        /// How many resets.
+        times: u32,
+        /// Gap between two resets.
+        #[serde(with = "ms")]
+        period: Duration,
+    },
     /// The member changes its description (kinds, zone, metadata) in place, through
     /// `ClusterProvider::update_member`: the description of `generation` (see
     /// [`crate::cluster::description_of`]).
@@ -181,6 +190,7 @@ impl Fault {
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
             Fault::Describe { .. } => "describe",
+            Fault::StreamReset { .. } => "stream-reset",
         }
     }
 
@@ -199,6 +209,7 @@ impl Fault {
                 | Fault::RegistryRestart { .. }
                 | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
+                | Fault::StreamReset { .. }
         )
     }
 }
@@ -305,6 +316,9 @@ impl fmt::Display for Fault {
             Fault::Describe { member, generation } => {
                 write!(f, "m{member} describes itself as generation {generation}")
             }
+            Fault::StreamReset { times, period } => {
+                write!(f, "watch streams reset {times}x every {}", s(period))
+            }
         }
     }
 }
@@ -351,11 +365,13 @@ pub enum FaultKind {
     Flap,
     /// [`Fault::Describe`].
     Describe,
+    /// [`Fault::StreamReset`].
+    StreamReset,
 }
 
 impl FaultKind {
     /// The kinds random schedules draw from.
-    pub const ALL: [FaultKind; 17] = [
+    pub const ALL: [FaultKind; 18] = [
         FaultKind::Partition,
         FaultKind::Split,
         FaultKind::OneWay,
@@ -373,6 +389,7 @@ impl FaultKind {
         FaultKind::RollingRestart,
         FaultKind::Flap,
         FaultKind::Describe,
+        FaultKind::StreamReset,
     ];
 
     /// A fault of this kind against a cluster of `n` (at least 2) members, with its parameters
@@ -464,6 +481,10 @@ impl FaultKind {
             FaultKind::Describe => Fault::Describe {
                 member: m,
                 generation: r.range(1, 1_000) as u32,
+            },
+            FaultKind::StreamReset => Fault::StreamReset {
+                times: r.range(1, 4) as u32,
+                period: r.ms(100, 5_000),
             },
         }
     }

@@ -1,6 +1,7 @@
 //! The network in front of the registry, as the harness sees it: a decorator over the registry's
 //! gRPC service that records every request the registry *accepted* and every watch message it
-//! sent (for the oracles), and that can lose a member's heartbeats or duplicate its leaves.
+//! sent (for the oracles), and that can lose a member's heartbeats, duplicate its leaves, or reset
+//! every watch stream (a connection reset: a proxy or NIC in front of the registry restarting).
 //!
 //! This is the simulator's only hook into the registry: the product serves it through its real
 //! `RegistryServer::serve_with` path and never knows.
@@ -23,6 +24,8 @@ use crate::record::Recorder;
 #[derive(Debug, Default)]
 pub struct Door {
     state: Mutex<DoorState>,
+    /// Woken when every open watch stream is to be reset.
+    reset: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +42,8 @@ struct DoorState {
     lose_first_leave: bool,
     /// Members whose first Leave was lost.
     lost_leave: BTreeSet<MemberId>,
+    /// Stream resets so far; a stream opened before the latest one is reset.
+    resets: u64,
 }
 
 impl Door {
@@ -69,6 +74,17 @@ impl Door {
     /// Whether each member's first Leave is lost on the way (a graceful shutdown must retry).
     pub fn set_lose_first_leave(&self, on: bool) {
         self.lock().lose_first_leave = on;
+    }
+
+    /// Resets every watch stream open now: each ends with `Unavailable`, as when the
+    /// connection under it is reset.
+    pub fn reset_streams(&self) {
+        self.lock().resets += 1;
+        self.reset.notify_waiters();
+    }
+
+    fn resets(&self) -> u64 {
+        self.lock().resets
     }
 
     /// Whether `id`'s heartbeats are being lost.
@@ -197,10 +213,37 @@ impl Registry for Observed {
             self.rec.count("registry: watch resumed from a version");
         }
         let stream = self.inner.watch(request).await?.into_inner();
-        let oracles = self.oracles.clone();
-        let observed = stream.inspect(move |item| {
-            if let Ok(msg) = item {
-                oracles.sent(msg);
+        let opened = self.door.resets();
+        let state = Some((stream, self.door.clone(), self.oracles.clone()));
+        // Each message the registry sends is recorded for the oracles; a reset ends the stream
+        // with an error (once), then nothing.
+        let observed = futures::stream::unfold(state, move |state| async move {
+            let (mut stream, door, oracles) = state?;
+            let item = {
+                let reset = door.reset.notified();
+                tokio::pin!(reset);
+                reset.as_mut().enable();
+                if door.resets() != opened {
+                    None
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = &mut reset => None,
+                        item = stream.next() => Some(item?),
+                    }
+                }
+            };
+            match item {
+                None => Some((
+                    Err(Status::unavailable("connection reset (simulated)")),
+                    None,
+                )),
+                Some(item) => {
+                    if let Ok(msg) = &item {
+                        oracles.sent(msg);
+                    }
+                    Some((item, Some((stream, door, oracles))))
+                }
             }
         });
         Ok(Response::new(Box::pin(observed)))

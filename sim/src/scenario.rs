@@ -260,6 +260,7 @@ fn network(r: &mut SimRng, n: usize) -> FaultSchedule {
         at(5.0, FaultKind::ReplyLost.draw(r, n)),
         at(25.0, FaultKind::Swizzle.draw(r, n)),
         at(50.0, FaultKind::OneWay.draw(r, n)),
+        at(40.0, FaultKind::StreamReset.draw(r, n)),
     ];
     faults.push(at(r.range(10, 60) as f64, FaultKind::Crash.draw(r, n)));
     FaultSchedule::new(faults)
@@ -468,12 +469,15 @@ pub fn all() -> Vec<Scenario> {
         ),
         reg(
             "network",
-            "lost replies (heartbeat accepted, answer dropped), swizzle-clogging, a one-way cut, a crash",
+            "lost replies (heartbeat accepted, answer dropped), swizzle-clogging, watch streams reset, a one-way cut, a crash",
             75,
             network,
             &[
                 "fault: swizzle",
                 "fault: reply-lost",
+                "fault: stream-reset",
+                "provider: watch failed, reopened",
+                "provider: watch resumed by progress",
                 "provider: heartbeat failures",
             ],
         ),
