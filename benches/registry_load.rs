@@ -20,7 +20,10 @@
 //! Environment knobs (defaults in brackets): `SHOAL_BENCH_SIZES` [1000,10000],
 //! `SHOAL_BENCH_SYSTEMS` [registry,etcd], `SHOAL_BENCH_CHANNELS` [8], `SHOAL_BENCH_WORKERS` [64],
 //! `SHOAL_BENCH_REGISTER_CONCURRENCY` [64], `SHOAL_BENCH_STEADY_SECS` [10],
-//! `SHOAL_BENCH_SATURATION_SECS` [5], `SHOAL_BENCH_MAX_WATCHERS` [1000].
+//! `SHOAL_BENCH_SATURATION_SECS` [5], `SHOAL_BENCH_MAX_WATCHERS` [1000],
+//! `SHOAL_BENCH_REGISTRATION_WATCHERS` [0] (registry only: watch streams open, and drained,
+//! while the members register), `SHOAL_BENCH_REGISTRY_ARGS` [""] (extra `shoal-registry` flags,
+//! space-separated, e.g. `--publish-interval 0s`).
 
 // The simulated build (`--cfg madsim`) has no real processes or sockets to measure.
 #[cfg(madsim)]
@@ -109,6 +112,8 @@ mod real {
         steady: Duration,
         saturation: Duration,
         max_watchers: usize,
+        registration_watchers: usize,
+        registry_args: Vec<String>,
     }
 
     fn env<T: FromStr>(name: &str, default: T) -> Result<T, String>
@@ -147,6 +152,12 @@ mod real {
                 steady: Duration::from_secs(env("SHOAL_BENCH_STEADY_SECS", 10)?),
                 saturation: Duration::from_secs(env("SHOAL_BENCH_SATURATION_SECS", 5)?),
                 max_watchers: env("SHOAL_BENCH_MAX_WATCHERS", 1000)?,
+                registration_watchers: env("SHOAL_BENCH_REGISTRATION_WATCHERS", 0)?,
+                registry_args: std::env::var("SHOAL_BENCH_REGISTRY_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect(),
             };
             if s.sizes.iter().any(|&n| n == 0 || n > 19_000) {
                 return Err("SHOAL_BENCH_SIZES: each size must be in 1..=19000".into());
@@ -422,7 +433,7 @@ mod real {
         }
     }
 
-    fn start_registry(bin: &Path, dir: PathBuf) -> Result<ServerProcess, String> {
+    fn start_registry(bin: &Path, dir: PathBuf, extra: &[String]) -> Result<ServerProcess, String> {
         let log = File::create(dir.join("registry.log"))
             .map_err(|e| format!("cannot create the registry log: {e}"))?;
         let mut child = Command::new(bin)
@@ -438,6 +449,7 @@ mod real {
                 "--max-members-per-cluster",
                 "20000",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -1050,6 +1062,55 @@ mod real {
         }
     }
 
+    /// A watch stream read to the end, counting its messages; aborted when dropped.
+    struct Drain {
+        messages: Arc<AtomicUsize>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drain {
+        fn messages(&self) -> usize {
+            self.messages.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Drain {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// Opens `k` registry watch streams whose messages are read and counted, so changes during
+    /// registration go out to watchers as they would in a live cluster.
+    async fn open_drains(endpoint: &str, k: usize) -> Result<Vec<Drain>, String> {
+        let connections = k.div_ceil(WATCHERS_PER_CONNECTION).max(1);
+        let Clients::Registry(cs) = connect(System::Registry, endpoint, connections).await? else {
+            return Err("registry clients expected".into());
+        };
+        let mut drains = Vec::new();
+        for i in 0..k {
+            let mut client = cs[i % cs.len()].clone();
+            let request = pb::WatchRequest {
+                cluster: CLUSTER.into(),
+                ..Default::default()
+            };
+            let mut stream = client
+                .watch(request)
+                .await
+                .map_err(|e| format!("Watch (drain): {e}"))?
+                .into_inner();
+            let messages = Arc::new(AtomicUsize::new(0));
+            let counted = messages.clone();
+            let task = tokio::spawn(async move {
+                while let Ok(Some(_)) = stream.message().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            drains.push(Drain { messages, task });
+        }
+        Ok(drains)
+    }
+
     /// Opens `watchers` watch streams, registers one new member, and times its arrival at each.
     async fn watch_fanout(
         system: System,
@@ -1171,7 +1232,11 @@ mod real {
     ) -> Result<Report, String> {
         let dir = scratch_dir(system, n)?;
         let mut server = match system {
-            System::Registry => start_registry(registry_bin.ok_or("no registry binary")?, dir)?,
+            System::Registry => start_registry(
+                registry_bin.ok_or("no registry binary")?,
+                dir,
+                &s.registry_args,
+            )?,
             System::Etcd => start_etcd(dir)?,
         };
         let result = measure(&mut server, system, n, s, ticks).await;
@@ -1208,8 +1273,17 @@ mod real {
         // Hard bound on the member tasks' life, whatever happens below.
         let deadline = Instant::now() + Duration::from_secs(900);
 
-        // Registration.
-        eprintln!("  {name}: registering {n} members");
+        // Registration, with watchers draining their streams if asked (registry only).
+        let drains = match system {
+            System::Registry if s.registration_watchers > 0 => {
+                open_drains(&server.endpoint, s.registration_watchers).await?
+            }
+            _ => Vec::new(),
+        };
+        eprintln!(
+            "  {name}: registering {n} members ({} watchers)",
+            drains.len()
+        );
         let started = Instant::now();
         let mut members: Vec<JoinHandle<()>> = (0..n)
             .map(|i| tokio::spawn(member(shared.clone(), i, deadline)))
@@ -1234,6 +1308,17 @@ mod real {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let registration_secs = started.elapsed().as_secs_f64();
+        let drained: Vec<usize> = drains.iter().map(|d| d.messages()).collect();
+        drop(drains);
+        if !drained.is_empty() {
+            eprintln!(
+                "  {name}: {n} joins in {registration_secs:.2} s ({:.0}/s) with {} watchers, each sent {}-{} messages",
+                n as f64 / registration_secs,
+                drained.len(),
+                drained.iter().min().unwrap_or(&0),
+                drained.iter().max().unwrap_or(&0)
+            );
+        }
         let registration = std::mem::take(&mut *lock(&shared.registration)).stats();
         if registration.count == 0 {
             stop(&members);

@@ -442,6 +442,64 @@ async fn an_update_only_join_changes_a_description_in_place_and_never_registers_
     );
 }
 
+/// Under load a cluster's changes reach its watchers coalesced: a burst of joins arrives as a
+/// few updates, each applying to the version before it, that add up to every join.
+#[tokio::test]
+async fn a_burst_of_joins_reaches_watchers_as_a_few_chained_updates() {
+    let mut args = FAST.to_vec();
+    args.extend(["--publish-interval", "200ms"]);
+    let (_registry, addr) = start_registry("127.0.0.1:0", &args);
+    let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
+    let join = |i: usize| pb::JoinRequest {
+        cluster: "c".into(),
+        member: Some(pb::Member {
+            id: format!("m{i}"),
+            address: format!("127.0.0.1:{}", 7000 + i),
+            kinds: vec!["k".into()],
+            ..Default::default()
+        }),
+        role: pb::Role::Member as i32,
+        incarnation_secret: format!("s{i}"),
+        ..Default::default()
+    };
+    client.join(join(0)).await.unwrap();
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            cluster: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::watch_response::Event::Snapshot(first)) =
+        watch.message().await.unwrap().unwrap().event
+    else {
+        panic!("a watch starts with a snapshot");
+    };
+    let mut version = first.version;
+    let mut members: std::collections::BTreeSet<String> = ["m0".to_string()].into();
+    const N: usize = 40;
+    for i in 1..=N {
+        client.join(join(i)).await.unwrap();
+    }
+    let mut updates = 0;
+    while members.len() < N + 1 {
+        match watch.message().await.unwrap().unwrap().event {
+            Some(pb::watch_response::Event::Update(u)) => {
+                assert_eq!(u.previous_version, version, "updates chain");
+                version = u.version;
+                members.extend(u.joined.into_iter().map(|m| m.id));
+                updates += 1;
+            }
+            Some(pb::watch_response::Event::Progress(_)) => {}
+            other => panic!("expected updates, got {other:?}"),
+        }
+    }
+    // 40 joins over loopback take milliseconds; each publish interval sends one update.
+    assert!(updates <= 10, "{N} joins arrived as {updates} updates");
+    eprintln!("{N} joins arrived as {updates} updates");
+}
+
 /// One client cannot exhaust the registry: every global and per-cluster limit answers with
 /// RESOURCE_EXHAUSTED (or INVALID_ARGUMENT for an oversized member) and a message naming it,
 /// the operator's named cluster keeps working, and its watcher keeps receiving updates.

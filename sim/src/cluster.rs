@@ -285,6 +285,8 @@ impl SimCluster {
         let handle = Handle::current();
         let mut registry_config = b.registry.clone();
         registry_config.limits.watch_buffer = b.knobs.watch_buffer;
+        registry_config.publish_interval =
+            b.knobs.publish_interval.min(registry_config.sweep_interval);
         let oracles = Oracles::new(
             recorder.clone(),
             Bounds::new(
@@ -1252,6 +1254,7 @@ impl SimCluster {
                     rec.count_n("registry: leaves", m.leaves.get());
                     rec.count_n("registry: stalls", m.stalls.get());
                     rec.count_n("registry: superseded", m.superseded.get());
+                    rec.count_n("registry: changes coalesced", m.coalesced.get());
                 }
             }
         }

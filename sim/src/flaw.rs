@@ -74,6 +74,9 @@ pub enum Flaw {
     /// Planted in the registry's watch encoding: updates leave out `changed` members (the
     /// registry's own topology and its snapshots have them).
     UpdateOmitsChanged,
+    /// Planted in the registry's publisher: an update that coalesces several changes leaves
+    /// out the members that left.
+    CoalescedDropsLeft,
 }
 
 impl Flaw {
@@ -97,6 +100,7 @@ impl Flaw {
             Flaw::ChangedNotPatched => "changed-not-patched",
             Flaw::UpdateIgnoresChanged => "update-ignores-changed",
             Flaw::UpdateOmitsChanged => "update-omits-changed",
+            Flaw::CoalescedDropsLeft => "coalesced-drops-left",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

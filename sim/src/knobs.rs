@@ -28,6 +28,8 @@ pub struct Knobs {
     pub duplicate_leaves: bool,
     /// Each member's first Leave is lost on the way (the provider must retry).
     pub lose_first_leave: bool,
+    /// The registry's publish interval (long: changes are coalesced into fewer updates).
+    pub publish_interval: Duration,
 }
 
 impl Default for Knobs {
@@ -41,6 +43,7 @@ impl Default for Knobs {
             watch_buffer: shoal::registry::RegistryLimits::default().watch_buffer,
             duplicate_leaves: false,
             lose_first_leave: false,
+            publish_interval: shoal::registry::RegistryConfig::default().publish_interval,
         }
     }
 }
@@ -70,6 +73,9 @@ impl Knobs {
         }
         k.duplicate_leaves = r.chance(0.3);
         k.lose_first_leave = r.chance(0.4);
+        if r.chance(0.25) {
+            k.publish_interval = r.ms(100, 500);
+        }
         k
     }
 

@@ -440,7 +440,11 @@ pub fn all() -> Vec<Scenario> {
             "every member restarts in turn as a new incarnation",
             80,
             rolling_restart,
-            &["workload: reports with moves", "registry: superseded"],
+            &[
+                "workload: reports with moves",
+                "registry: superseded",
+                "registry: changes coalesced",
+            ],
         ),
         reg(
             "flapping",

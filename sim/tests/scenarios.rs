@@ -350,6 +350,14 @@ fn invariants_fire_on_a_registry_that_does_not_store_a_new_description() {
     assert!(v.contains("panicked"), "{v}");
 }
 
+/// A coalesced update that leaves out departures: watchers following updates keep listing a
+/// member that the snapshots of the same version no longer have.
+#[test]
+fn history_oracle_fires_on_coalesced_updates_that_drop_departures() {
+    let v = first_failure("member-crash", Flaw::CoalescedDropsLeft, "history:");
+    assert!(v.contains("two different topologies"), "{v}");
+}
+
 #[test]
 fn madsim_sees_the_same_random_draws_twice() {
     let seed = 11;

@@ -43,6 +43,11 @@ mod real {
         /// How often a quiet watch carries a progress message.
         #[arg(long, env = "SHOAL_REGISTRY_PROGRESS_INTERVAL", value_parser = humantime::parse_duration)]
         progress_interval: Option<Duration>,
+        /// Under load, a cluster's changes go to its watchers at most once per this interval,
+        /// coalesced into one update; 0 sends every change at once [default: 10ms; at most the
+        /// sweep interval].
+        #[arg(long, env = "SHOAL_REGISTRY_PUBLISH_INTERVAL", value_parser = humantime::parse_duration)]
+        publish_interval: Option<Duration>,
         /// How long watchers wait for their first snapshot after a start, so members re-join
         /// first [default: 1.5 heartbeat intervals; 0 turns it off].
         #[arg(long, env = "SHOAL_REGISTRY_STARTUP_GRACE", value_parser = humantime::parse_duration)]
@@ -206,6 +211,9 @@ mod real {
         if let Some(v) = cli.progress_interval {
             r.progress_interval = v;
         }
+        if let Some(v) = cli.publish_interval {
+            r.publish_interval = v;
+        }
         if let Some(v) = cli.startup_grace {
             r.startup_grace = Some(v);
         }
@@ -340,7 +348,7 @@ mod real {
             .await
             .with_context(|| format!("--listen: cannot bind {}", s.listen))?;
         let local = listener.local_addr()?;
-        let sweeper = server.spawn_sweeper();
+        let sweeper = server.spawn_tasks();
         tracing::info!(addr = %local, ttl = ?s.registry.ttl, heartbeat_interval = ?s.registry.heartbeat(), startup_grace = ?s.registry.grace(), tls = s.tls.is_some(), "registry serving");
         // A line on stdout tells scripts and tests the bound address (useful with port 0).
         println!("listening on {local}");

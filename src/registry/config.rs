@@ -25,6 +25,11 @@ pub struct RegistryConfig {
     /// How often a quiet watch stream carries a progress message.
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
+    /// Under load, changes of one cluster go out to its watchers at most once per this
+    /// interval, coalesced into one update (a change after a quiet interval goes out at once).
+    /// Zero: every change at once.
+    #[serde(with = "humantime_serde")]
+    pub publish_interval: Duration,
     /// After a (re)start, watchers wait this long for their first snapshot, so members that were
     /// registered before the restart can re-join first instead of appearing to leave. Unset:
     /// one and a half heartbeat intervals (members re-join at their next heartbeat); zero: off.
@@ -49,6 +54,7 @@ impl Default for RegistryConfig {
             heartbeat_interval: None,
             sweep_interval: Duration::from_millis(500),
             progress_interval: Duration::from_secs(5),
+            publish_interval: Duration::from_millis(10),
             startup_grace: None,
             limits: RegistryLimits::default(),
             cluster_tokens: BTreeMap::new(),
@@ -71,6 +77,7 @@ impl std::fmt::Debug for RegistryConfig {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("sweep_interval", &self.sweep_interval)
             .field("progress_interval", &self.progress_interval)
+            .field("publish_interval", &self.publish_interval)
             .field("startup_grace", &self.startup_grace)
             .field("limits", &self.limits)
             .field("cluster_tokens", &tokens)
@@ -110,6 +117,12 @@ impl RegistryConfig {
             if d.is_zero() {
                 return Err(format!("{name} must be positive"));
             }
+        }
+        if self.publish_interval > self.sweep_interval {
+            return Err(format!(
+                "publish interval ({:?}) is longer than the sweep interval ({:?}): changes would reach watchers later than expiries are noticed",
+                self.publish_interval, self.sweep_interval
+            ));
         }
         let heartbeat = self.heartbeat();
         if heartbeat * 3 > self.ttl {

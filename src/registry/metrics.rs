@@ -43,6 +43,11 @@ pub struct RegistryMetrics {
     /// Times the registry found it had stalled (woke up more than a sweep interval late) and
     /// extended every lease by the stall.
     pub stalls: Counter,
+    /// Updates sent to a cluster's watchers (each may carry several coalesced changes).
+    pub publishes: Counter,
+    /// Changes held back and folded into a later update (under load, at most one update per
+    /// publish interval goes out).
+    pub coalesced: Counter,
     /// Heartbeats accepted.
     pub heartbeats: Counter,
     /// Open watch streams.
@@ -99,6 +104,16 @@ impl RegistryMetrics {
             "registry_stalls",
             "Stalls after which every lease was extended",
             self.stalls.clone(),
+        );
+        registry.register(
+            "registry_publishes",
+            "Updates sent to a cluster's watchers",
+            self.publishes.clone(),
+        );
+        registry.register(
+            "registry_coalesced_changes",
+            "Changes folded into a later update under load",
+            self.coalesced.clone(),
         );
         registry.register(
             "registry_heartbeats",

@@ -38,6 +38,8 @@ struct Shared {
     /// Snapshot encodings under way at once (the first watchers of a new version build it;
     /// the rest wait for a slot and then find it cached).
     snapshot_slots: tokio::sync::Semaphore,
+    /// Woken when a change was held back: the publisher sends it after the publish interval.
+    held: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -53,6 +55,27 @@ struct Core {
 #[derive(Debug)]
 struct Feed {
     tx: broadcast::Sender<Arc<Change>>,
+    /// The topology the watchers were last sent; new watchers start from it, so the updates
+    /// they get next apply to what they hold.
+    published: Arc<crate::cluster::ClusterTopology>,
+    /// When the last update went out.
+    published_at: Option<Instant>,
+    /// Changes held back since (published together, after the publish interval).
+    held: u64,
+    /// Whether every held change was an expiry.
+    held_expired: bool,
+}
+
+impl Feed {
+    fn new(capacity: usize, published: Arc<crate::cluster::ClusterTopology>) -> Self {
+        Self {
+            tx: broadcast::channel(capacity).0,
+            published,
+            published_at: None,
+            held: 0,
+            held_expired: true,
+        }
+    }
 }
 
 impl RegistryServer {
@@ -75,6 +98,7 @@ impl RegistryServer {
                 clock,
                 metrics: RegistryMetrics::default(),
                 snapshot_slots: tokio::sync::Semaphore::new(SNAPSHOT_SLOTS),
+                held: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -98,27 +122,15 @@ impl RegistryServer {
         .max_decoding_message_size(limit)
     }
 
-    /// Starts the task that expires silent registrations every sweep interval.
-    pub fn spawn_sweeper(&self) -> TaskHandle {
+    /// Starts the registry's background work: the sweeper, which expires silent registrations
+    /// every sweep interval, and the publisher, which sends changes held back under load.
+    pub fn spawn_tasks(&self) -> TaskHandle {
         let shared = self.shared.clone();
+        let publisher = self.shared.clone();
         self.shared.clock.clone().spawn(
-            "registry-sweeper",
+            "registry-background",
             Box::pin(async move {
-                let interval = shared.config.sweep_interval;
-                loop {
-                    let due = shared.clock.now() + interval;
-                    shared.clock.sleep(interval).await;
-                    // Woken more than an interval late: the process stalled (a VM pause, a long
-                    // GC) and nobody could renew meanwhile. The stall does not count against
-                    // anyone's TTL.
-                    let late = shared.clock.now().saturating_duration_since(due);
-                    if late > interval {
-                        shared.metrics.stalls.inc();
-                        tracing::warn!(stalled = ?late, "the registry stalled; extending every lease by the stall before sweeping");
-                        shared.lock().state.extend_leases(late);
-                    }
-                    shared.sweep();
-                }
+                tokio::join!(shared.sweeper(), publisher.publisher());
             }),
         )
     }
@@ -164,7 +176,7 @@ impl RegistryServer {
     where
         S: pb::registry_server::Registry,
     {
-        let sweeper = self.spawn_sweeper();
+        let sweeper = self.spawn_tasks();
         let limit = self.shared.config.limits.max_message_bytes;
         let service = pb::registry_server::RegistryServer::new(wrap(RegistryService {
             shared: self.shared.clone(),
@@ -209,7 +221,7 @@ impl Shared {
                         .map(|m| (cluster.clone(), m.id.clone(), version)),
                 );
                 if !sim::flaw("sweep-no-broadcast") {
-                    core.broadcast(change);
+                    self.broadcast(&mut core, change);
                 }
             }
             self.metrics.observe(&core.state);
@@ -239,18 +251,112 @@ impl Shared {
     }
 }
 
-impl Core {
-    fn broadcast(&mut self, change: Change) {
-        let cluster = change.topology.cluster_name().to_string();
-        if sim::buggify(0.02) {
-            // Fault point: a broadcast lost on its way to the watchers; the progress tick must
-            // notice that they are behind and send a snapshot.
+impl Shared {
+    /// Expires silent registrations every sweep interval.
+    async fn sweeper(&self) {
+        let interval = self.config.sweep_interval;
+        loop {
+            let due = self.clock.now() + interval;
+            self.clock.sleep(interval).await;
+            // Woken more than an interval late: the process stalled (a VM pause, a long GC) and
+            // nobody could renew meanwhile. The stall does not count against anyone's TTL.
+            let late = self.clock.now().saturating_duration_since(due);
+            if late > interval {
+                self.metrics.stalls.inc();
+                tracing::warn!(stalled = ?late, "the registry stalled; extending every lease by the stall before sweeping");
+                self.lock().state.extend_leases(late);
+            }
+            self.sweep();
+        }
+    }
+
+    /// Sends the changes held back under load, one publish interval after they were held.
+    async fn publisher(&self) {
+        loop {
+            self.held.notified().await;
+            self.clock.sleep(self.config.publish_interval).await;
+            let now = self.clock.now();
+            let mut core = self.lock();
+            let held: Vec<String> = core
+                .feeds
+                .iter()
+                .filter(|(_, f)| f.held > 0)
+                .map(|(c, _)| c.clone())
+                .collect();
+            for cluster in held {
+                core.flush(&cluster, now, &self.metrics);
+            }
+        }
+    }
+
+    /// Sends `change` to its cluster's watchers now, or (under load: an update went out less
+    /// than a publish interval ago) holds it for the publisher, which sends everything held
+    /// as one update. Holding drops the change's topology, so the state patches the next
+    /// version in place instead of copying it.
+    fn broadcast(&self, core: &mut Core, change: Change) {
+        let now = self.clock.now();
+        let interval = self.config.publish_interval;
+        let Some(feed) = core.feeds.get_mut(change.topology.cluster_name()) else {
+            return;
+        };
+        let quiet = feed.held == 0 && feed.published_at.is_none_or(|t| now >= t + interval);
+        if quiet || interval.is_zero() {
+            feed.published = change.topology.clone();
+            feed.published_at = Some(now);
+            self.metrics.publishes.inc();
+            if sim::buggify(0.02) {
+                // Fault point: a broadcast lost on its way to the watchers; the progress tick
+                // must notice that they are behind and send a snapshot.
+                return;
+            }
+            // No receiver only means every watcher is gone; the feed is dropped with the last.
+            let _ = feed.tx.send(Arc::new(change));
             return;
         }
-        if let Some(feed) = self.feeds.get(&cluster) {
-            // No receiver only means every watcher is gone; the feed is dropped with the last one.
-            let _ = feed.tx.send(Arc::new(change));
+        feed.held += 1;
+        feed.held_expired &= change.expired;
+        self.held.notify_one();
+    }
+}
+
+impl Core {
+    /// Sends what `cluster`'s watchers were held back from: one update from the topology they
+    /// were last sent to the state's current one.
+    fn flush(&mut self, cluster: &str, now: Instant, metrics: &RegistryMetrics) {
+        let latest = self.state.topology(cluster);
+        let Some(feed) = self.feeds.get_mut(cluster) else {
+            return;
+        };
+        if feed.held == 0 {
+            return;
         }
+        let diff = feed.published.diff(&latest);
+        let change = Change {
+            previous_version: feed.published.version(),
+            joined: diff.joined,
+            changed: diff.changed.into_iter().map(|c| c.after).collect(),
+            left: if sim::flaw("coalesced-drops-left") {
+                Vec::new()
+            } else {
+                diff.left
+            },
+            expired: feed.held_expired,
+            topology: latest.clone(),
+        };
+        metrics.coalesced.inc_by(feed.held - 1);
+        metrics.publishes.inc();
+        tracing::debug!(
+            cluster,
+            changes = feed.held,
+            from_version = change.previous_version,
+            to_version = latest.version(),
+            "coalesced changes published"
+        );
+        feed.published = latest;
+        feed.published_at = Some(now);
+        feed.held = 0;
+        feed.held_expired = true;
+        let _ = feed.tx.send(Arc::new(change));
     }
 }
 
@@ -320,7 +426,7 @@ impl pb::registry_server::Registry for RegistryService {
                 s.metrics.superseded.inc();
                 tracing::info!(cluster = %req.cluster, member = %old.id, by = %id, address = %old.address, "superseded by a newer incarnation at its address");
             }
-            core.broadcast(change);
+            s.broadcast(&mut core, change);
         }
         s.metrics.joins.inc();
         s.metrics.observe(&core.state);
@@ -368,7 +474,7 @@ impl pb::registry_server::Registry for RegistryService {
             for m in &change.left {
                 tracing::info!(cluster = %req.cluster, member = %m.id, version = change.topology.version(), "left");
             }
-            core.broadcast(change);
+            s.broadcast(&mut core, change);
         }
         s.metrics.leaves.inc();
         s.metrics.observe(&core.state);
@@ -389,11 +495,11 @@ impl pb::registry_server::Registry for RegistryService {
                 .watch_opened(&req.cluster, &req.cluster_token)
                 .map_err(|e| s.fail("watch", e))?;
             let capacity = s.config.limits.watch_buffer.max(1);
-            core.feeds
-                .entry(req.cluster.clone())
-                .or_insert_with(|| Feed {
-                    tx: broadcast::channel(capacity).0,
-                });
+            if !core.feeds.contains_key(&req.cluster) {
+                let published = core.state.topology(&req.cluster);
+                core.feeds
+                    .insert(req.cluster.clone(), Feed::new(capacity, published));
+            }
             s.metrics.watchers.set(core.state.watchers() as i64);
             s.metrics.clusters.set(core.state.cluster_count() as i64);
             WatcherGuard {
@@ -525,7 +631,7 @@ impl Cursor {
                 let core = s.lock();
                 // No feed: the server is shutting down (close_watches); end the stream.
                 let feed = core.feeds.get(&cluster)?;
-                (core.state.topology(&cluster), feed.tx.subscribe())
+                (feed.published.clone(), feed.tx.subscribe())
             };
             self.rx = Some(rx);
             self.version = topology.version();
@@ -549,9 +655,11 @@ impl Cursor {
             };
             match event {
                 None => {
-                    // Quiet for a progress interval: if this watcher is behind the state (a
-                    // change it never heard of), it gets a snapshot; otherwise progress.
-                    let current = s.lock().state.topology(&cluster);
+                    // Quiet for a progress interval: if this watcher is behind what was
+                    // published (an update it never heard of), it gets a snapshot; otherwise
+                    // progress.
+                    // No feed: the server is shutting down; end the stream.
+                    let current = s.lock().feeds.get(&cluster).map(|f| f.published.clone())?;
                     if current.version() > self.version {
                         self.version = current.version();
                         let msg = self.snapshot(&current).await;
@@ -576,7 +684,8 @@ impl Cursor {
                 Some(Err(broadcast::error::RecvError::Lagged(missed))) => {
                     s.metrics.watch_lagged.inc();
                     tracing::debug!(cluster = %cluster, missed, "watcher lagged; sending a snapshot");
-                    let topology = s.lock().state.topology(&cluster);
+                    // No feed: the server is shutting down; end the stream.
+                    let topology = s.lock().feeds.get(&cluster).map(|f| f.published.clone())?;
                     self.version = topology.version();
                     let msg = self.snapshot(&topology).await;
                     return Some((Ok(msg), self));
