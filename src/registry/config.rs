@@ -186,6 +186,10 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("startup grace"));
         c.startup_grace = Some(Duration::ZERO);
         assert!(c.validate().is_ok(), "zero turns the grace off");
+        c.publish_interval = c.sweep_interval * 2;
+        assert!(c.validate().unwrap_err().contains("publish interval"));
+        c.publish_interval = Duration::ZERO;
+        assert!(c.validate().is_ok(), "zero publishes every change at once");
     }
 
     #[test]
