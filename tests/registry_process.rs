@@ -603,7 +603,21 @@ async fn limits_hold_against_one_client_and_named_clusters_keep_working() {
     let err = over.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("watch streams"), "{err:?}");
-    // The named cluster's first watcher still hears about changes.
+    // The named cluster's first watcher still hears about changes: d's join, then its leave
+    // (after the join was seen: a join and leave within one publish interval coalesce into
+    // nothing).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(pb::watch_response::Event::Update(u)) =
+                named.message().await.unwrap().unwrap().event
+                && u.joined.iter().any(|m| m.id == "d")
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
     client
         .leave(pb::LeaveRequest {
             cluster: "named".into(),
@@ -615,7 +629,7 @@ async fn limits_hold_against_one_client_and_named_clusters_keep_working() {
         loop {
             if let Some(pb::watch_response::Event::Update(u)) =
                 named.message().await.unwrap().unwrap().event
-                && !u.left.is_empty()
+                && u.left.iter().any(|id| id == "d")
             {
                 break u.left;
             }
@@ -1110,4 +1124,96 @@ async fn health_service_reports_serving_and_sigterm_drains() {
     assert_eq!(err.code(), Code::NotFound);
     let status = registry.sigterm();
     assert!(status.success(), "SIGTERM drains and exits 0: {status:?}");
+}
+
+/// A connection that carries no call for the idle timeout is closed (a socket that never even
+/// says hello included), while a watch stream and a heartbeating member, idle at the byte
+/// level between messages but never without a call, keep theirs.
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut args = FAST.to_vec();
+    args.extend(["--idle-timeout", "1s", "--metrics-listen", &metrics]);
+    let (_registry, addr) = start_registry("127.0.0.1:0", &args);
+    // A raw socket that sends nothing: closed by the server (read sees EOF or a reset).
+    let addr_ = addr.clone();
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&addr_).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(started.elapsed()),
+                Ok(_) => continue, // the server's HTTP/2 preface and settings
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return Err("the idle connection was still open after 20 s".to_string());
+                }
+                Err(_) => return Ok(started.elapsed()),
+            }
+        }
+    });
+    // A watcher and a heartbeating member, each on its own connection.
+    let mut watcher = RegistryClient::connect(url(&addr)).await.unwrap();
+    let mut stream = watcher
+        .watch(pb::WatchRequest {
+            cluster: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut member = RegistryClient::connect(url(&addr)).await.unwrap();
+    let joined = member
+        .join(pb::JoinRequest {
+            cluster: "c".into(),
+            member: Some(pb::Member {
+                id: "m1".into(),
+                address: "127.0.0.1:7001".into(),
+                kinds: vec!["k".into()],
+                ..Default::default()
+            }),
+            role: pb::Role::Member as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The member heartbeats every 300 ms from now on (well within the idle timeout).
+    let token = joined.member_token.clone();
+    let heartbeats = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            member
+                .heartbeat(pb::HeartbeatRequest {
+                    cluster: "c".into(),
+                    member_token: token.clone(),
+                })
+                .await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<_, tonic::Status>(())
+    });
+    let closed_after = raw.await.unwrap().unwrap();
+    eprintln!("idle raw connection closed after {closed_after:?}");
+    // Meanwhile (four idle timeouts) every heartbeat succeeded, the watch stream still
+    // delivers, and only the raw socket was closed as idle.
+    heartbeats.await.unwrap().unwrap();
+    let mut messages = 0;
+    while messages < 3 {
+        stream
+            .message()
+            .await
+            .unwrap()
+            .expect("the watch stream is open");
+        messages += 1;
+    }
+    assert_eq!(
+        metric(&metrics, "shoal_registry_idle_connections_closed_total"),
+        Some(1.0)
+    );
 }

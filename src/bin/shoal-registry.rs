@@ -12,7 +12,9 @@ mod real {
 
     use anyhow::{Context, Result, bail};
     use clap::Parser;
+    use futures::StreamExt;
     use serde::Deserialize;
+    use shoal::registry::idle::{IdleIo, IdleLayer, IdleTracker};
     use shoal::registry::{RegistryConfig, RegistryServer};
     use shoal::runtime::TokioClock;
     use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -95,6 +97,10 @@ mod real {
             default_value_t = 1024
         )]
         max_concurrent_streams: u32,
+        /// Close a connection that carries no call for this long (HTTP/2 pings do not count; a
+        /// watch stream or a heartbeat every few seconds does); 0 turns it off [default: 5m].
+        #[arg(long, env = "SHOAL_REGISTRY_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+        idle_timeout: Duration,
         /// Deadline of every unary call on the server side [default: 10s].
         #[arg(long, env = "SHOAL_REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
         request_timeout: Duration,
@@ -178,6 +184,7 @@ mod real {
     }
 
     struct Settings {
+        idle_timeout: Duration,
         tls_handshake_timeout: Duration,
         max_concurrent_streams: u32,
         request_timeout: Duration,
@@ -273,6 +280,7 @@ mod real {
             _ => file.tls,
         };
         Ok(Settings {
+            idle_timeout: cli.idle_timeout,
             tls_handshake_timeout: cli.tls_handshake_timeout,
             max_concurrent_streams: cli.max_concurrent_streams,
             request_timeout: cli.request_timeout,
@@ -333,7 +341,15 @@ mod real {
             ));
         }
 
+        // Off: a timeout nobody reaches (a hundred years).
+        let idle = if s.idle_timeout.is_zero() {
+            Duration::from_secs(100 * 365 * 24 * 3600)
+        } else {
+            s.idle_timeout
+        };
+        let tracker = IdleTracker::new(idle, server.metrics().idle_connections_closed.clone());
         let mut builder = Server::builder()
+            .layer(IdleLayer::new(tracker.clone()))
             .max_concurrent_streams(Some(s.max_concurrent_streams))
             .timeout(s.request_timeout)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -359,7 +375,8 @@ mod real {
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(30))),
+                    .with_keepalive(Some(Duration::from_secs(30)))
+                    .map(move |conn| conn.map(|socket| IdleIo::new(socket, tracker.clone()))),
                 async {
                     let _ = stop_rx.await;
                 },

@@ -48,6 +48,9 @@ pub struct RegistryMetrics {
     /// Changes held back and folded into a later update (under load, at most one update per
     /// publish interval goes out).
     pub coalesced: Counter,
+    /// Connections closed after carrying no call for the idle timeout (`shoal-registry
+    /// --idle-timeout`).
+    pub idle_connections_closed: Counter,
     /// Heartbeats accepted.
     pub heartbeats: Counter,
     /// Open watch streams.
@@ -114,6 +117,11 @@ impl RegistryMetrics {
             "registry_coalesced_changes",
             "Changes folded into a later update under load",
             self.coalesced.clone(),
+        );
+        registry.register(
+            "registry_idle_connections_closed",
+            "Connections closed after carrying no call for the idle timeout",
+            self.idle_connections_closed.clone(),
         );
         registry.register(
             "registry_heartbeats",

@@ -3,6 +3,8 @@
 //! docs/providers/registry.md.
 
 mod config;
+#[cfg(not(madsim))]
+pub mod idle;
 mod metrics;
 mod provider;
 mod server;
