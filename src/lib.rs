@@ -15,6 +15,9 @@
 //! * [`runtime`]: the [`Clock`] boundary (time, sleep, spawn, randomness) through which provider
 //!   code touches the world; real tokio in production, simulated time under `--cfg madsim`.
 //! * [`metrics`]: Prometheus metrics for placement and events.
+//! * [`registry`]: the bundled gRPC registry (server, provider, protocol); [`kubernetes`]: the
+//!   Kubernetes provider's API boundary, watch state machine and in-memory API server (the
+//!   provider itself is in progress).
 //!
 //! ```
 //! use shoal::{ClusterProvider, ClusterProviderContext, TokioClock};
@@ -44,6 +47,7 @@
 
 pub mod cluster;
 pub mod events;
+pub mod kubernetes;
 pub mod metrics;
 pub mod placement;
 pub mod provider;

@@ -58,13 +58,20 @@ fn registry_config() -> RegistryConfig {
 }
 
 fn start_registry(h: &Handle) -> NodeHandle {
+    start_registry_with(h, registry_config())
+}
+
+fn start_registry_with(h: &Handle, config: RegistryConfig) -> NodeHandle {
     h.create_node()
         .name("registry")
         .ip(IpAddr::V4(Ipv4Addr::from(REGISTRY_IP)))
-        .init(|| async {
-            let server = RegistryServer::new(registry_config(), TokioClock::shared()).unwrap();
-            let addr: SocketAddr = "0.0.0.0:7600".parse().unwrap();
-            server.serve(addr, std::future::pending()).await.unwrap();
+        .init(move || {
+            let config = config.clone();
+            async move {
+                let server = RegistryServer::new(config, TokioClock::shared()).unwrap();
+                let addr: SocketAddr = "0.0.0.0:7600".parse().unwrap();
+                server.serve(addr, std::future::pending()).await.unwrap();
+            }
         })
         .build()
 }
@@ -439,10 +446,11 @@ async fn a_start_under_a_removed_id_joins_as_a_new_incarnation() {
     assert_eq!(members, 1, "the second start registered exactly one member");
 }
 
-/// A request to the scripted member: a new description, and where to send the outcome.
+/// A request to the scripted member: a new description, and where to send the outcome (with
+/// the provider's count of accepted description changes).
 type DescribeCmd = (
     shoal::Description,
-    tokio::sync::oneshot::Sender<Result<(), String>>,
+    tokio::sync::oneshot::Sender<Result<u64, String>>,
 );
 
 /// A member whose description the test changes through `update_member`.
@@ -482,6 +490,7 @@ fn start_scripted_member(
                     let outcome = provider
                         .update_member(description)
                         .await
+                        .map(|()| provider.metrics().description_updates.get())
                         .map_err(|e| e.to_string());
                     let _ = reply.send(outcome);
                 }
@@ -494,7 +503,7 @@ fn start_scripted_member(
 async fn describe(
     commands: &tokio::sync::mpsc::Sender<DescribeCmd>,
     d: &shoal::Description,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     commands.send((d.clone(), tx)).await.unwrap();
     rx.await.unwrap()
@@ -596,5 +605,149 @@ async fn a_member_changes_its_description_in_place_and_keeps_it_across_a_rejoin(
         pm2.peek_owner("order", "o-1"),
         None,
         "nobody hosts order now"
+    );
+}
+
+/// Joins at the same instant are coalesced: a member's first snapshot may be the version before
+/// its own join (new watchers start from what was last published). `start_member` must still
+/// return only once the node's own topology lists it (each member asserts that contract).
+#[madsim::test]
+async fn start_member_waits_for_its_own_coalesced_join() {
+    let h = Handle::current();
+    let views: Views = Arc::default();
+    start_registry_with(
+        &h,
+        RegistryConfig {
+            startup_grace: Some(Duration::ZERO),
+            publish_interval: Duration::from_millis(400),
+            ..registry_config()
+        },
+    );
+    // A first member (its watch opens the cluster's feed, so later changes can be held), then
+    // three at once: the second and third joins are held behind the first.
+    start_member(&h, 1, views.clone());
+    wait_all(&views, &[1], 1, Duration::from_secs(20)).await;
+    for i in 2..=4 {
+        start_member(&h, i, views.clone());
+    }
+    wait_all(&views, &[1, 2, 3, 4], 4, Duration::from_secs(20)).await;
+}
+
+/// A description change survives a short cut under the same incarnation (a failed attempt is
+/// not a lost registration), and one made while the registry restarts is published by a new
+/// incarnation (the restarted registry does not hold the old id, and peers saw it go).
+#[madsim::test]
+async fn a_description_change_keeps_its_id_across_a_short_cut_and_not_across_a_registry_restart() {
+    let h = Handle::current();
+    let views: Views = Arc::default();
+    let registry = start_registry(&h);
+    let (commands, rx) = tokio::sync::mpsc::channel(1);
+    let m1 = start_scripted_member(&h, 1, views.clone(), rx);
+    start_member(&h, 2, views.clone());
+    wait_all(&views, &[1, 2], 2, Duration::from_secs(20)).await;
+    let id = views.lock().unwrap()[&1].0.clone();
+    let address = "10.0.1.1:4000";
+    let d = |zone: &str| shoal::Description {
+        kinds: ["user".to_string()].into(),
+        zone: Some(zone.into()),
+        metadata: Default::default(),
+    };
+
+    // Cut for 1.5 s (TTL 4 s): the update waits, then lands on the same registration.
+    let net = NetSim::current();
+    net.clog_link(m1.id(), registry.id());
+    net.clog_link(registry.id(), m1.id());
+    let update = {
+        let commands = commands.clone();
+        let a = d("zone-a");
+        madsim::task::spawn(async move { describe(&commands, &a).await })
+    };
+    sleep(Duration::from_millis(1_500)).await;
+    net.unclog_link(m1.id(), registry.id());
+    net.unclog_link(registry.id(), m1.id());
+    assert_eq!(update.await.unwrap(), Ok(1), "one change accepted");
+    assert_eq!(
+        wait_described(&views, &[1, 2], address, &d("zone-a")).await,
+        id
+    );
+
+    // The registry restarts (state lost) while the next change is pending.
+    h.kill(registry.id());
+    let update = {
+        let commands = commands.clone();
+        let b = d("zone-b");
+        madsim::task::spawn(async move { describe(&commands, &b).await })
+    };
+    sleep(Duration::from_secs(2)).await;
+    h.restart(registry.id());
+    let new_id = wait_described(&views, &[1, 2], address, &d("zone-b")).await;
+    assert_ne!(
+        new_id, id,
+        "the restarted registry never held {id}: a new incarnation"
+    );
+    // The call may have timed out while the registry was down; the change was kept and
+    // published, counted once more.
+    if let Ok(Ok(n)) = update.await {
+        assert_eq!(n, 2);
+    }
+}
+
+/// A member that shuts down gracefully at `leave_at` (simulated time since the test began).
+fn start_leaving_member(h: &Handle, i: usize, views: Views, leave_at: Instant) -> NodeHandle {
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 1, i as u8));
+    h.create_node()
+        .name(format!("m{i}"))
+        .ip(ip)
+        .init(move || {
+            let views = views.clone();
+            async move {
+                let ctx = ClusterProviderContext::new(
+                    "c",
+                    format!("{ip}:4000"),
+                    ["user"],
+                    TokioClock::shared(),
+                )
+                .unwrap();
+                views
+                    .lock()
+                    .unwrap()
+                    .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                let mut config = provider_config();
+                config.rpc_timeout = Duration::from_secs(1);
+                let provider = RegistryProvider::new(config);
+                provider.start_member(ctx.clone()).await.unwrap();
+                madsim::time::sleep_until(leave_at).await;
+                provider.shutdown(true).await.unwrap();
+                std::future::pending::<()>().await;
+            }
+        })
+        .build()
+}
+
+/// A graceful shutdown whose first Leave attempts fail (the member is cut off for 600 ms) keeps
+/// trying, so peers see a leave, not an expiry a TTL later.
+#[madsim::test]
+async fn a_graceful_leave_retries_across_a_short_cut() {
+    let h = Handle::current();
+    let views: Views = Arc::default();
+    let registry = start_registry(&h);
+    let leave_at = Instant::now() + Duration::from_secs(15);
+    let m1 = start_leaving_member(&h, 1, views.clone(), leave_at);
+    start_member(&h, 2, views.clone());
+    wait_all(&views, &[1, 2], 2, Duration::from_secs(14)).await;
+    madsim::time::sleep_until(leave_at - Duration::from_millis(10)).await;
+    let net = NetSim::current();
+    net.clog_link(m1.id(), registry.id());
+    net.clog_link(registry.id(), m1.id());
+    sleep(Duration::from_millis(610)).await;
+    net.unclog_link(m1.id(), registry.id());
+    net.unclog_link(registry.id(), m1.id());
+    // The last heartbeat got through at most a heartbeat interval (1 s) before the cut, so an
+    // expiry could not come before leave_at + 3 s (TTL 4 s). A leave is seen well before.
+    let gone = wait_all(&views, &[2], 1, Duration::from_secs(10)).await;
+    let at = Instant::now() - leave_at;
+    assert!(
+        at < Duration::from_millis(2_500),
+        "m1 disappeared {at:?} after its shutdown began ({gone:?} of waiting): an expiry, not a leave"
     );
 }

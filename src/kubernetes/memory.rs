@@ -1,0 +1,594 @@
+//! An in-memory Kubernetes API server for Leases and EndpointSlices, with the semantics the
+//! provider depends on:
+//!
+//! * one resource version counter for every object (like etcd's revision), set on every write
+//!   and carried by every watch event;
+//! * `create` of a taken name is `409 AlreadyExists`; `replace` and `delete` with a resource
+//!   version that is no longer current are `409 Conflict`;
+//! * a list returns its resource version; a watch from it sees every later change, in order;
+//! * the event history is compacted (bounded, or on demand): a watch from a compacted version
+//!   is `410 Gone`, and so is a watcher that falls too far behind a live watch;
+//! * bookmarks ([`MemoryApiServer::bookmark`]) tell watchers the current version.
+//!
+//! Not modelled: field selectors, pagination, server-side apply, finalizers and garbage
+//! collection, admission, RBAC. Writes of EndpointSlices (the endpoints controller's job) go
+//! through [`MemoryApiServer::put_endpoint_slice`] and [`MemoryApiServer::delete_endpoint_slice`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::api::{
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, Object, ObjectList, SERVICE_NAME_LABEL,
+    WatchEvent, WatchStream, selects,
+};
+
+/// Events kept for watches to resume from, per kind, unless compacted earlier.
+pub const DEFAULT_HISTORY: usize = 1_000;
+
+/// Live events buffered per watcher; one further behind is closed with `410 Gone`.
+const WATCH_BUFFER: usize = 256;
+
+/// The shared state of one in-memory API server. Clone it to share.
+#[derive(Clone, Debug)]
+pub struct MemoryApiServer {
+    inner: Arc<Mutex<State>>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The newest resource version issued.
+    version: u64,
+    /// Events at or below this version are gone from the history.
+    compacted: u64,
+    history_limit: usize,
+    leases: Kind<Lease>,
+    slices: Kind<EndpointSlice>,
+}
+
+#[derive(Debug)]
+struct Kind<T> {
+    objects: BTreeMap<(String, String), T>,
+    history: VecDeque<(u64, WatchEvent<T>)>,
+    tx: broadcast::Sender<(u64, WatchEvent<T>)>,
+}
+
+impl<T: Object> Kind<T> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            tx: broadcast::channel(WATCH_BUFFER).0,
+        }
+    }
+
+    fn record(&mut self, version: u64, event: WatchEvent<T>) {
+        self.history.push_back((version, event.clone()));
+        // No receiver only means nobody watches this kind now.
+        let _ = self.tx.send((version, event));
+    }
+}
+
+fn key(meta: &super::api::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone(), meta.name.clone())
+}
+
+impl Default for MemoryApiServer {
+    fn default() -> Self {
+        Self::new(DEFAULT_HISTORY)
+    }
+}
+
+impl MemoryApiServer {
+    /// An empty server keeping the last `history_limit` events of each kind for watches.
+    pub fn new(history_limit: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(State {
+                version: 0,
+                compacted: 0,
+                history_limit: history_limit.max(1),
+                leases: Kind::new(),
+                slices: Kind::new(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation completes before anything can panic, so a poisoned lock is consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest resource version issued.
+    pub fn resource_version(&self) -> String {
+        self.lock().version.to_string()
+    }
+
+    /// Forgets every event up to the current version: a watch from any older version is
+    /// `410 Gone` (what etcd compaction does to a watcher that was away).
+    pub fn compact(&self) {
+        let mut s = self.lock();
+        s.compacted = s.version;
+        s.leases.history.clear();
+        s.slices.history.clear();
+    }
+
+    /// Sends every watcher a bookmark with the current version.
+    pub fn bookmark(&self) {
+        let s = self.lock();
+        let version = s.version;
+        let _ = s
+            .leases
+            .tx
+            .send((version, WatchEvent::Bookmark(version.to_string())));
+        let _ = s
+            .slices
+            .tx
+            .send((version, WatchEvent::Bookmark(version.to_string())));
+    }
+
+    /// Creates or replaces an EndpointSlice (the endpoints controller's write).
+    pub fn put_endpoint_slice(&self, mut slice: EndpointSlice) -> EndpointSlice {
+        let mut s = self.lock();
+        let version = s.bump();
+        slice.meta.resource_version = version.to_string();
+        let k = key(&slice.meta);
+        let event = match s.slices.objects.get(&k) {
+            Some(old) => {
+                slice.meta.uid = old.meta.uid.clone();
+                WatchEvent::Modified(slice.clone())
+            }
+            None => {
+                slice.meta.uid = format!("uid-{version}");
+                WatchEvent::Added(slice.clone())
+            }
+        };
+        s.slices.objects.insert(k, slice.clone());
+        s.slices.record(version, event);
+        s.trim();
+        slice
+    }
+
+    /// Deletes an EndpointSlice; whether it existed.
+    pub fn delete_endpoint_slice(&self, namespace: &str, name: &str) -> bool {
+        let mut s = self.lock();
+        let k = (namespace.to_string(), name.to_string());
+        if !s.slices.objects.contains_key(&k) {
+            return false;
+        }
+        let version = s.bump();
+        let mut gone = s.slices.objects.remove(&k).expect("checked above");
+        gone.meta.resource_version = version.to_string();
+        s.slices.record(version, WatchEvent::Deleted(gone));
+        s.trim();
+        true
+    }
+
+    /// Every Lease, by (namespace, name) (for tests and oracles).
+    pub fn leases(&self) -> BTreeMap<(String, String), Lease> {
+        self.lock().leases.objects.clone()
+    }
+}
+
+impl State {
+    fn bump(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+
+    /// Compacts the oldest events beyond the history limit.
+    fn trim(&mut self) {
+        let limit = self.history_limit;
+        for history in [
+            &mut self.leases.history as &mut dyn HistoryLen,
+            &mut self.slices.history,
+        ] {
+            while history.len() > limit {
+                let v = history.pop_front_version();
+                self.compacted = self.compacted.max(v);
+            }
+        }
+    }
+}
+
+/// Compaction across kinds without naming their object types.
+trait HistoryLen {
+    fn len(&self) -> usize;
+    fn pop_front_version(&mut self) -> u64;
+}
+
+impl<T> HistoryLen for VecDeque<(u64, WatchEvent<T>)> {
+    fn len(&self) -> usize {
+        VecDeque::len(self)
+    }
+    fn pop_front_version(&mut self) -> u64 {
+        self.pop_front().map_or(0, |(v, _)| v)
+    }
+}
+
+/// Parses a resource version the server issued ("" and "0": from now).
+fn parse_version(rv: &str) -> Result<u64, ApiError> {
+    if rv.is_empty() {
+        return Ok(0);
+    }
+    rv.parse()
+        .map_err(|_| ApiError::Rejected(format!("invalid resource version {rv:?}")))
+}
+
+/// The namespace an event belongs to (`None`: a bookmark, for everyone).
+fn namespace_of<T: Object>(event: &WatchEvent<T>) -> Option<&str> {
+    match event {
+        WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+            Some(o.meta().namespace.as_str())
+        }
+        WatchEvent::Bookmark(_) => None,
+    }
+}
+
+fn labels_of<T: Object>(event: &WatchEvent<T>) -> Option<&BTreeMap<String, String>> {
+    match event {
+        WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+            Some(&o.meta().labels)
+        }
+        WatchEvent::Bookmark(_) => None,
+    }
+}
+
+/// A watch of one kind: the history after `from`, then live events, filtered by namespace and
+/// labels; a watcher that falls behind the live buffer gets `410 Gone` and the stream ends.
+fn watch<T: Object>(
+    kind: &Kind<T>,
+    compacted: u64,
+    from: u64,
+    namespace: &str,
+    selector: &LabelSelector,
+) -> Result<WatchStream<T>, ApiError> {
+    if from < compacted {
+        return Err(ApiError::Gone(format!(
+            "too old resource version: {from} (compacted to {compacted})"
+        )));
+    }
+    let wanted = {
+        let (namespace, selector) = (namespace.to_string(), selector.clone());
+        move |event: &WatchEvent<T>| {
+            namespace_of(event).is_none_or(|ns| ns == namespace)
+                && labels_of(event).is_none_or(|l| selects(&selector, l))
+        }
+    };
+    let backlog: VecDeque<WatchEvent<T>> = kind
+        .history
+        .iter()
+        .filter(|(v, e)| *v > from && wanted(e))
+        .map(|(_, e)| e.clone())
+        .collect();
+    // Subscribed under the same lock as the backlog was read: nothing falls in between.
+    let rx = kind.tx.subscribe();
+    let state = Some((backlog, rx, from));
+    Ok(Box::pin(futures::stream::unfold(state, move |state| {
+        let wanted = wanted.clone();
+        async move {
+            let (mut backlog, mut rx, mut seen) = state?;
+            if let Some(e) = backlog.pop_front() {
+                return Some((Ok(e), Some((backlog, rx, seen))));
+            }
+            loop {
+                match rx.recv().await {
+                    Ok((v, e)) if v > seen || matches!(e, WatchEvent::Bookmark(_)) => {
+                        seen = seen.max(v);
+                        if wanted(&e) {
+                            return Some((Ok(e), Some((backlog, rx, seen))));
+                        }
+                    }
+                    // Already in the backlog.
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return Some((
+                            Err(ApiError::Gone(format!(
+                                "watcher fell behind after resource version {seen}"
+                            ))),
+                            None,
+                        ));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    })))
+}
+
+#[async_trait]
+impl KubeApi for MemoryApiServer {
+    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Option<Lease>, ApiError> {
+        Ok(self
+            .lock()
+            .leases
+            .objects
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned())
+    }
+
+    async fn create_lease(&self, mut lease: Lease) -> Result<Lease, ApiError> {
+        let mut s = self.lock();
+        let k = key(&lease.meta);
+        if s.leases.objects.contains_key(&k) {
+            return Err(ApiError::AlreadyExists(format!(
+                "leases {:?} already exists",
+                lease.meta.name
+            )));
+        }
+        let version = s.bump();
+        lease.meta.resource_version = version.to_string();
+        lease.meta.uid = format!("uid-{version}");
+        s.leases.objects.insert(k, lease.clone());
+        s.leases.record(version, WatchEvent::Added(lease.clone()));
+        s.trim();
+        Ok(lease)
+    }
+
+    async fn replace_lease(&self, mut lease: Lease) -> Result<Lease, ApiError> {
+        let mut s = self.lock();
+        let k = key(&lease.meta);
+        let Some(current) = s.leases.objects.get(&k) else {
+            return Err(ApiError::NotFound(format!(
+                "leases {:?} not found",
+                lease.meta.name
+            )));
+        };
+        if !lease.meta.resource_version.is_empty()
+            && lease.meta.resource_version != current.meta.resource_version
+        {
+            return Err(ApiError::Conflict(format!(
+                "the object has been modified: leases {:?} is at {}, not {}",
+                lease.meta.name, current.meta.resource_version, lease.meta.resource_version
+            )));
+        }
+        lease.meta.uid = current.meta.uid.clone();
+        let version = s.bump();
+        lease.meta.resource_version = version.to_string();
+        s.leases.objects.insert(k, lease.clone());
+        s.leases
+            .record(version, WatchEvent::Modified(lease.clone()));
+        s.trim();
+        Ok(lease)
+    }
+
+    async fn delete_lease(
+        &self,
+        namespace: &str,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let mut s = self.lock();
+        let k = (namespace.to_string(), name.to_string());
+        let Some(current) = s.leases.objects.get(&k) else {
+            return Err(ApiError::NotFound(format!("leases {name:?} not found")));
+        };
+        if let Some(rv) = precondition
+            && rv != current.meta.resource_version
+        {
+            return Err(ApiError::Conflict(format!(
+                "precondition failed: leases {name:?} is at {}, not {rv}",
+                current.meta.resource_version
+            )));
+        }
+        let version = s.bump();
+        let mut gone = s.leases.objects.remove(&k).expect("checked above");
+        gone.meta.resource_version = version.to_string();
+        s.leases.record(version, WatchEvent::Deleted(gone));
+        s.trim();
+        Ok(())
+    }
+
+    async fn list_leases(
+        &self,
+        namespace: &str,
+        selector: &LabelSelector,
+    ) -> Result<ObjectList<Lease>, ApiError> {
+        let s = self.lock();
+        Ok(ObjectList {
+            items: s
+                .leases
+                .objects
+                .iter()
+                .filter(|((ns, _), l)| ns == namespace && selects(selector, &l.meta.labels))
+                .map(|(_, l)| l.clone())
+                .collect(),
+            resource_version: s.version.to_string(),
+        })
+    }
+
+    async fn watch_leases(
+        &self,
+        namespace: &str,
+        selector: &LabelSelector,
+        resource_version: &str,
+    ) -> Result<WatchStream<Lease>, ApiError> {
+        let from = parse_version(resource_version)?;
+        let s = self.lock();
+        let from = if from == 0 { s.version } else { from };
+        watch(&s.leases, s.compacted, from, namespace, selector)
+    }
+
+    async fn list_endpoint_slices(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<ObjectList<EndpointSlice>, ApiError> {
+        let s = self.lock();
+        let selector: LabelSelector =
+            [(SERVICE_NAME_LABEL.to_string(), service.to_string())].into();
+        Ok(ObjectList {
+            items: s
+                .slices
+                .objects
+                .iter()
+                .filter(|((ns, _), e)| ns == namespace && selects(&selector, &e.meta.labels))
+                .map(|(_, e)| e.clone())
+                .collect(),
+            resource_version: s.version.to_string(),
+        })
+    }
+
+    async fn watch_endpoint_slices(
+        &self,
+        namespace: &str,
+        service: &str,
+        resource_version: &str,
+    ) -> Result<WatchStream<EndpointSlice>, ApiError> {
+        let from = parse_version(resource_version)?;
+        let s = self.lock();
+        let from = if from == 0 { s.version } else { from };
+        let selector: LabelSelector =
+            [(SERVICE_NAME_LABEL.to_string(), service.to_string())].into();
+        watch(&s.slices, s.compacted, from, namespace, &selector)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::kubernetes::api::ObjectMeta;
+    use crate::kubernetes::watch::{Next, Reflector};
+
+    fn lease(name: &str, cluster: &str) -> Lease {
+        Lease {
+            meta: ObjectMeta {
+                name: name.into(),
+                namespace: "ns".into(),
+                labels: [("shoal.io/cluster".to_string(), cluster.to_string())].into(),
+                ..ObjectMeta::default()
+            },
+            holder_identity: Some(name.into()),
+            ..Lease::default()
+        }
+    }
+
+    fn sel(cluster: &str) -> LabelSelector {
+        [("shoal.io/cluster".to_string(), cluster.to_string())].into()
+    }
+
+    #[tokio::test]
+    async fn writes_carry_resource_versions_and_stale_ones_conflict() {
+        let api = MemoryApiServer::default();
+        let a = api.create_lease(lease("a", "c")).await.unwrap();
+        assert_eq!(a.meta.resource_version, "1");
+        assert!(matches!(
+            api.create_lease(lease("a", "c")).await,
+            Err(ApiError::AlreadyExists(_))
+        ));
+        let mut renewed = a.clone();
+        renewed.renew_time_micros = Some(5);
+        let renewed = api.replace_lease(renewed).await.unwrap();
+        assert_eq!(renewed.meta.resource_version, "2");
+        assert_eq!(renewed.meta.uid, a.meta.uid);
+        // A writer still holding version 1 loses.
+        let mut stale = a.clone();
+        stale.holder_identity = Some("thief".into());
+        assert!(matches!(
+            api.replace_lease(stale).await,
+            Err(ApiError::Conflict(_))
+        ));
+        assert!(matches!(
+            api.delete_lease("ns", "a", Some("1")).await,
+            Err(ApiError::Conflict(_))
+        ));
+        api.delete_lease("ns", "a", Some("2")).await.unwrap();
+        assert!(matches!(
+            api.delete_lease("ns", "a", None).await,
+            Err(ApiError::NotFound(_))
+        ));
+        assert_eq!(api.get_lease("ns", "a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_a_list_sees_every_later_change_of_its_selection_in_order() {
+        let api = MemoryApiServer::default();
+        api.create_lease(lease("a", "c")).await.unwrap();
+        api.create_lease(lease("other", "d")).await.unwrap();
+        let list = api.list_leases("ns", &sel("c")).await.unwrap();
+        assert_eq!(list.items.len(), 1);
+        api.create_lease(lease("b", "c")).await.unwrap();
+        api.create_lease(lease("other2", "d")).await.unwrap();
+        let mut w = api
+            .watch_leases("ns", &sel("c"), &list.resource_version)
+            .await
+            .unwrap();
+        api.delete_lease("ns", "a", None).await.unwrap();
+        api.bookmark();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(w.next().await.unwrap().unwrap());
+        }
+        assert!(matches!(&got[0], WatchEvent::Added(l) if l.meta.name == "b"));
+        assert!(matches!(&got[1], WatchEvent::Deleted(l) if l.meta.name == "a"));
+        assert_eq!(got[2], WatchEvent::Bookmark("5".into()));
+    }
+
+    #[tokio::test]
+    async fn compaction_makes_old_versions_gone_and_a_reflector_relists() {
+        let api = MemoryApiServer::new(2);
+        api.create_lease(lease("a", "c")).await.unwrap();
+        let mut r: Reflector<Lease> = Reflector::new();
+        r.listed(api.list_leases("ns", &sel("c")).await.unwrap());
+        assert_eq!(
+            r.next(),
+            Next::Watch {
+                resource_version: "1".into()
+            }
+        );
+        // Versions 2-4; two events are kept, so everything up to version 2 is compacted.
+        for name in ["b", "x", "y"] {
+            api.create_lease(lease(name, "c")).await.unwrap();
+        }
+        let err = api.watch_leases("ns", &sel("c"), "1").await.err().unwrap();
+        assert!(matches!(err, ApiError::Gone(_)), "{err:?}");
+        r.failed(&err);
+        assert_eq!(r.next(), Next::List);
+        assert_eq!(r.objects().len(), 1, "kept until the relist answers");
+        r.listed(api.list_leases("ns", &sel("c")).await.unwrap());
+        assert_eq!(r.objects().len(), 4);
+        // A watch from a version still kept works; after an explicit compaction it is gone.
+        assert!(api.watch_leases("ns", &sel("c"), "3").await.is_ok());
+        api.compact();
+        assert!(matches!(
+            api.watch_leases("ns", &sel("c"), "3").await.err().unwrap(),
+            ApiError::Gone(_)
+        ));
+        let rv = api.resource_version();
+        assert!(api.watch_leases("ns", &sel("c"), &rv).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn endpoint_slices_are_selected_by_service() {
+        let api = MemoryApiServer::default();
+        let slice = |name: &str, service: &str| EndpointSlice {
+            meta: ObjectMeta {
+                name: name.into(),
+                namespace: "ns".into(),
+                labels: [(SERVICE_NAME_LABEL.to_string(), service.to_string())].into(),
+                ..ObjectMeta::default()
+            },
+            endpoints: vec![],
+        };
+        api.put_endpoint_slice(slice("s1", "shop"));
+        api.put_endpoint_slice(slice("s2", "other"));
+        let list = api.list_endpoint_slices("ns", "shop").await.unwrap();
+        assert_eq!(list.items.len(), 1);
+        let mut w = api
+            .watch_endpoint_slices("ns", "shop", &list.resource_version)
+            .await
+            .unwrap();
+        api.put_endpoint_slice(slice("s2", "other"));
+        api.put_endpoint_slice(slice("s1", "shop"));
+        assert!(api.delete_endpoint_slice("ns", "s1"));
+        assert!(
+            matches!(w.next().await.unwrap().unwrap(), WatchEvent::Modified(s) if s.meta.name == "s1")
+        );
+        assert!(
+            matches!(w.next().await.unwrap().unwrap(), WatchEvent::Deleted(s) if s.meta.name == "s1")
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! The Kubernetes provider, in progress (issue 8): members as `coordination.k8s.io/v1` Leases
+//! plus the `discovery.k8s.io/v1` EndpointSlices of a Service.
+//!
+//! What exists so far is the part every world shares:
+//!
+//! * [`api`]: the [`api::KubeApi`] boundary (the only thing that differs between production,
+//!   where kube-rs talks to a real API server, and simulation), with the object types the
+//!   provider reads and writes.
+//! * [`watch`]: the list / watch / relist state machine ([`watch::Reflector`]), pure, as
+//!   kube-runtime's watcher: a `410 Gone` relists and swaps the cache at once, so members never
+//!   vanish in between.
+//! * [`memory`]: an in-memory API server implementing [`api::KubeApi`] with the API's semantics
+//!   (resourceVersion, 409 Conflict, bookmarks, 410 Gone after compaction), for tests and the
+//!   simulator's stand-in.
+//!
+//! Not yet: the provider core (Lease per member, renewal, observer-clock expiry, EndpointSlice
+//! merge), the kube-rs adapter, scenarios, manifests and docs.
+
+pub mod api;
+pub mod memory;
+pub mod watch;
