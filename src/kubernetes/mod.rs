@@ -9,13 +9,17 @@
 //! * [`watch`]: the list / watch / relist state machine ([`watch::Reflector`]), pure, as
 //!   kube-runtime's watcher: a `410 Gone` relists and swaps the cache at once, so members never
 //!   vanish in between.
+//! * [`members`]: the provider's decisions, pure: the Lease schema of a member, liveness judged
+//!   on the observer's own clock (as client-go's leader election does), EndpointSlices merged
+//!   into the set of serving Pods, and the members that follow.
 //! * [`memory`]: an in-memory API server implementing [`api::KubeApi`] with the API's semantics
 //!   (resourceVersion, 409 Conflict, bookmarks, 410 Gone after compaction), for tests and the
 //!   simulator's stand-in.
 //!
-//! Not yet: the provider core (Lease per member, renewal, observer-clock expiry, EndpointSlice
-//! merge), the kube-rs adapter, scenarios, manifests and docs.
+//! Not yet: the provider's async shell (renewing its Lease, watching, cleaning expired Leases,
+//! membership lost / restored), the kube-rs adapter, scenarios, manifests and docs.
 
 pub mod api;
+pub mod members;
 pub mod memory;
 pub mod watch;

@@ -1032,6 +1032,48 @@ mod tests {
         assert_eq!(s.counts(), vec![("c".to_string(), 1, 0)]);
     }
 
+    /// Every limit admits exactly its value, and the gauges' sources count what is held.
+    #[tokio::test]
+    async fn limits_admit_exactly_their_value_and_the_counts_are_right() {
+        let t0 = now();
+        let (a, b, c) = (m("a"), m("b"), m("c"));
+        let mut config = RegistryConfig::default();
+        config.limits.max_member_bytes = snapshot_share(&a);
+        config.limits.max_snapshot_bytes = snapshot_share(&a) + snapshot_share(&b);
+        let mut s = RegistryState::new(Arc::new(config), 1_000, 7);
+        assert_eq!(s.epoch(), 7);
+        assert_eq!((s.registrations(), s.cluster_count()), (0, 0));
+        let secret = "s".repeat(MAX_SECRET_LEN);
+        s.join("c", "", a, Role::Member, keys("ta", &secret), t0)
+            .unwrap();
+        let err = s
+            .join(
+                "c",
+                "",
+                m("x"),
+                Role::Member,
+                keys("tx", &format!("{secret}s")),
+                t0,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("incarnation_secret"), "{err}");
+        let mut fat = m("f");
+        fat.metadata.insert("k".into(), "v".into());
+        let err = s
+            .join("c", "", fat, Role::Member, keys("tf", ""), t0)
+            .unwrap_err();
+        assert!(err.to_string().contains("bytes encoded"), "{err}");
+        s.join("c", "", b, Role::Member, keys("tb", ""), t0)
+            .unwrap();
+        let err = s
+            .join("c", "", c, Role::Member, keys("tc", ""), t0)
+            .unwrap_err();
+        assert!(err.to_string().contains("snapshot limit"), "{err}");
+        s.join("d", "", m("cl"), Role::Client, keys("tcl", ""), t0)
+            .unwrap();
+        assert_eq!((s.registrations(), s.cluster_count()), (3, 2));
+    }
+
     #[tokio::test]
     async fn an_update_only_join_changes_a_held_registration_and_never_registers_an_id() {
         let mut s = state();
