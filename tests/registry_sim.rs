@@ -76,6 +76,18 @@ fn start_registry_with(h: &Handle, config: RegistryConfig) -> NodeHandle {
         .build()
 }
 
+/// Member `i`'s context at `ip`, published in `views`.
+fn member_ctx(i: usize, ip: IpAddr, views: &Views) -> ClusterProviderContext {
+    let ctx =
+        ClusterProviderContext::new("c", format!("{ip}:4000"), ["user"], TokioClock::shared())
+            .unwrap();
+    views
+        .lock()
+        .unwrap()
+        .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+    ctx
+}
+
 fn start_member(h: &Handle, i: usize, views: Views) -> NodeHandle {
     start_member_recording(h, i, views, Standing::default())
 }
@@ -89,17 +101,7 @@ fn start_member_recording(h: &Handle, i: usize, views: Views, standing: Standing
             let views = views.clone();
             let standing = standing.clone();
             async move {
-                let ctx = ClusterProviderContext::new(
-                    "c",
-                    format!("{ip}:4000"),
-                    ["user"],
-                    TokioClock::shared(),
-                )
-                .unwrap();
-                views
-                    .lock()
-                    .unwrap()
-                    .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                let ctx = member_ctx(i, ip, &views);
                 let mut events = ctx.events.subscribe();
                 madsim::task::spawn(async move {
                     while let Ok(e) = events.recv().await {
@@ -470,17 +472,7 @@ fn start_scripted_member(
             let views = views.clone();
             let mut commands = commands.lock().unwrap().take().expect("started once");
             async move {
-                let ctx = ClusterProviderContext::new(
-                    "c",
-                    format!("{ip}:4000"),
-                    ["user"],
-                    TokioClock::shared(),
-                )
-                .unwrap();
-                views
-                    .lock()
-                    .unwrap()
-                    .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                let ctx = member_ctx(i, ip, &views);
                 let mut config = provider_config();
                 config.rpc_timeout = Duration::from_secs(1);
                 config.startup_timeout = Duration::from_secs(8);
@@ -701,17 +693,7 @@ fn start_leaving_member(h: &Handle, i: usize, views: Views, leave_at: Instant) -
         .init(move || {
             let views = views.clone();
             async move {
-                let ctx = ClusterProviderContext::new(
-                    "c",
-                    format!("{ip}:4000"),
-                    ["user"],
-                    TokioClock::shared(),
-                )
-                .unwrap();
-                views
-                    .lock()
-                    .unwrap()
-                    .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                let ctx = member_ctx(i, ip, &views);
                 let mut config = provider_config();
                 config.rpc_timeout = Duration::from_secs(1);
                 let provider = RegistryProvider::new(config);

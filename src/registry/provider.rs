@@ -244,6 +244,16 @@ impl RegistryProvider {
         }
     }
 
+    /// The running session.
+    async fn session(&self) -> Result<Arc<Session>, ProviderError> {
+        let running = self.running.lock().await;
+        Ok(running
+            .as_ref()
+            .ok_or(ProviderError::NotStarted)?
+            .session
+            .clone())
+    }
+
     /// How often this provider's recovery paths ran (register them to export).
     pub fn metrics(&self) -> &RegistryProviderMetrics {
         &self.metrics
@@ -848,14 +858,7 @@ impl ClusterProvider for RegistryProvider {
     }
 
     async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
-        let session = {
-            let running = self.running.lock().await;
-            running
-                .as_ref()
-                .ok_or(ProviderError::NotStarted)?
-                .session
-                .clone()
-        };
+        let session = self.session().await?;
         if session.role != pb::Role::Member {
             return Err(ProviderError::NotAMember);
         }
@@ -901,14 +904,7 @@ impl ClusterProvider for RegistryProvider {
         &self,
         member: &MemberId,
     ) -> Result<PartitionManagerHandle, ProviderError> {
-        let session = {
-            let running = self.running.lock().await;
-            running
-                .as_ref()
-                .ok_or(ProviderError::NotStarted)?
-                .session
-                .clone()
-        };
+        let session = self.session().await?;
         let req = pb::ResolveRequest {
             cluster: session.ctx.cluster_name.clone(),
             member_id: member.to_string(),
