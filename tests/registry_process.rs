@@ -24,6 +24,23 @@ const FAST: &[&str] = &[
     "1s",
 ];
 
+/// A join of member `id` at `address` hosting kind `k` into cluster `c`, as an independent client
+/// writes it from the .proto.
+fn member_join(id: &str, address: &str, secret: &str) -> pb::JoinRequest {
+    pb::JoinRequest {
+        cluster: "c".into(),
+        member: Some(pb::Member {
+            id: id.into(),
+            address: address.into(),
+            kinds: vec!["k".into()],
+            ..Default::default()
+        }),
+        role: pb::Role::Member as i32,
+        incarnation_secret: secret.into(),
+        ..Default::default()
+    }
+}
+
 fn url(addr: &str) -> String {
     format!("http://{addr}")
 }
@@ -272,19 +289,7 @@ fn registry_restarted_with_its_clock_behind_is_followed_not_ignored() {
 async fn nobody_can_take_over_a_member_id_and_a_new_incarnation_supersedes_its_address() {
     let (_registry, addr) = start_registry("127.0.0.1:0", FAST);
     let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
-    let join = |id: &str, address: &str, secret: &str| pb::JoinRequest {
-        cluster: "c".into(),
-        member: Some(pb::Member {
-            id: id.into(),
-            address: address.into(),
-            kinds: vec!["k".into()],
-            ..Default::default()
-        }),
-        role: pb::Role::Member as i32,
-        cluster_token: String::new(),
-        incarnation_secret: secret.into(),
-        update_only: false,
-    };
+    let join = member_join;
     let victim = client
         .join(join("victim", "127.0.0.1:7001", "s3cret"))
         .await
@@ -382,19 +387,13 @@ async fn nobody_can_take_over_a_member_id_and_a_new_incarnation_supersedes_its_a
 async fn an_update_only_join_changes_a_description_in_place_and_never_registers_an_id() {
     let (_registry, addr) = start_registry("127.0.0.1:0", FAST);
     let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
-    let join = |zone: &str, update_only: bool| pb::JoinRequest {
-        cluster: "c".into(),
-        member: Some(pb::Member {
-            id: "m1".into(),
-            address: "127.0.0.1:7001".into(),
-            kinds: vec!["k".into()],
-            zone: zone.into(),
-            ..Default::default()
-        }),
-        role: pb::Role::Member as i32,
-        incarnation_secret: "s3cret".into(),
-        update_only,
-        ..Default::default()
+    let join = |zone: &str, update_only: bool| {
+        let mut req = member_join("m1", "127.0.0.1:7001", "s3cret");
+        if let Some(m) = req.member.as_mut() {
+            m.zone = zone.into();
+        }
+        req.update_only = update_only;
+        req
     };
     let err = client.join(join("", true)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -450,17 +449,12 @@ async fn a_burst_of_joins_reaches_watchers_as_a_few_chained_updates() {
     args.extend(["--publish-interval", "200ms"]);
     let (_registry, addr) = start_registry("127.0.0.1:0", &args);
     let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
-    let join = |i: usize| pb::JoinRequest {
-        cluster: "c".into(),
-        member: Some(pb::Member {
-            id: format!("m{i}"),
-            address: format!("127.0.0.1:{}", 7000 + i),
-            kinds: vec!["k".into()],
-            ..Default::default()
-        }),
-        role: pb::Role::Member as i32,
-        incarnation_secret: format!("s{i}"),
-        ..Default::default()
+    let join = |i: usize| {
+        member_join(
+            &format!("m{i}"),
+            &format!("127.0.0.1:{}", 7000 + i),
+            &format!("s{i}"),
+        )
     };
     client.join(join(0)).await.unwrap();
     let mut watch = client
@@ -1169,17 +1163,7 @@ async fn idle_connections_are_closed_and_busy_ones_kept() {
         .into_inner();
     let mut member = RegistryClient::connect(url(&addr)).await.unwrap();
     let joined = member
-        .join(pb::JoinRequest {
-            cluster: "c".into(),
-            member: Some(pb::Member {
-                id: "m1".into(),
-                address: "127.0.0.1:7001".into(),
-                kinds: vec!["k".into()],
-                ..Default::default()
-            }),
-            role: pb::Role::Member as i32,
-            ..Default::default()
-        })
+        .join(member_join("m1", "127.0.0.1:7001", ""))
         .await
         .unwrap()
         .into_inner();

@@ -142,19 +142,31 @@ fn sizes(views: &Views) -> BTreeMap<usize, usize> {
         .collect()
 }
 
-async fn wait_all(views: &Views, which: &[usize], n: usize, limit: Duration) -> Duration {
+/// Polls `check` every 50 ms until it gives a value; fails with its last reason after `limit`.
+async fn eventually<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
     let start = Instant::now();
     loop {
-        let s = sizes(views);
-        if which.iter().all(|i| s.get(i) == Some(&n)) {
-            return start.elapsed();
+        match check() {
+            Ok(v) => return v,
+            Err(why) => assert!(start.elapsed() < limit, "after {limit:?}: {why}"),
         }
-        assert!(
-            start.elapsed() < limit,
-            "members {which:?} did not reach {n} members within {limit:?}: {s:?}"
-        );
         sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn wait_all(views: &Views, which: &[usize], n: usize, limit: Duration) -> Duration {
+    let start = Instant::now();
+    eventually(limit, || {
+        let s = sizes(views);
+        if which.iter().all(|i| s.get(i) == Some(&n)) {
+            Ok(start.elapsed())
+        } else {
+            Err(format!(
+                "members {which:?} did not reach {n} members: {s:?}"
+            ))
+        }
+    })
+    .await
 }
 
 #[madsim::test]
@@ -509,8 +521,7 @@ async fn wait_described(
     address: &str,
     d: &shoal::Description,
 ) -> MemberId {
-    let start = Instant::now();
-    loop {
+    eventually(Duration::from_secs(30), || {
         let found: Vec<Option<MemberId>> = which
             .iter()
             .map(|i| {
@@ -521,17 +532,14 @@ async fn wait_described(
                     .map(|m| m.id.clone())
             })
             .collect();
-        if let Some(Some(id)) = found.first()
-            && found.iter().all(|f| f.as_ref() == Some(id))
-        {
-            return id.clone();
+        match found.first() {
+            Some(Some(id)) if found.iter().all(|f| f.as_ref() == Some(id)) => Ok(id.clone()),
+            _ => Err(format!(
+                "nodes {which:?} never showed {address} as {d:?}: {found:?}"
+            )),
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "nodes {which:?} never showed {address} as {d:?}: {found:?}"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[madsim::test]

@@ -56,7 +56,7 @@ pub fn base_description() -> Description {
 /// label, [`AUX_KIND`] added on odd generations, and [`KIND`] dropped (drained) on every
 /// fourth, so placement moves both ways.
 pub fn description_of(generation: u32) -> Description {
-    let mut kinds = std::collections::BTreeSet::new();
+    let mut kinds = BTreeSet::new();
     if generation % 4 != 3 {
         kinds.insert(KIND.to_string());
     }
@@ -485,11 +485,6 @@ impl SimCluster {
             .filter(|s| s.alive && lock(&s.current).is_none())
             .map(|s| s.name.clone())
             .collect()
-    }
-
-    /// Ids of the members whose node is running (paused included: they are alive).
-    pub fn live_member_ids(&self) -> BTreeSet<MemberId> {
-        self.live_member_descriptions().into_keys().collect()
     }
 
     /// The description each running member's process was last asked to have, by current id.

@@ -64,6 +64,19 @@ impl<T: Object> Kind<T> {
         }
     }
 
+    /// The objects of `namespace` matching `selector`, as of `version`.
+    fn list(&self, version: u64, namespace: &str, selector: &LabelSelector) -> ObjectList<T> {
+        ObjectList {
+            items: self
+                .objects
+                .iter()
+                .filter(|((ns, _), o)| ns == namespace && selects(selector, &o.meta().labels))
+                .map(|(_, o)| o.clone())
+                .collect(),
+            resource_version: version.to_string(),
+        }
+    }
+
     fn record(&mut self, version: u64, event: WatchEvent<T>) {
         self.history.push_back((version, event.clone()));
         // No receiver only means nobody watches this kind now.
@@ -207,6 +220,11 @@ impl<T> HistoryLen for VecDeque<(u64, WatchEvent<T>)> {
     }
 }
 
+/// The selector of a Service's EndpointSlices.
+fn service_selector(service: &str) -> LabelSelector {
+    [(SERVICE_NAME_LABEL.to_string(), service.to_string())].into()
+}
+
 /// Parses a resource version the server issued ("" and "0": from now).
 fn parse_version(rv: &str) -> Result<u64, ApiError> {
     if rv.is_empty() {
@@ -239,11 +257,16 @@ fn labels_of<T: Object>(event: &WatchEvent<T>) -> Option<&BTreeMap<String, Strin
 /// labels; a watcher that falls behind the live buffer gets `410 Gone` and the stream ends.
 fn watch<T: Object>(
     kind: &Kind<T>,
-    compacted: u64,
-    from: u64,
+    state: &State,
+    resource_version: &str,
     namespace: &str,
     selector: &LabelSelector,
 ) -> Result<WatchStream<T>, ApiError> {
+    let compacted = state.compacted;
+    let from = match parse_version(resource_version)? {
+        0 => state.version,
+        v => v,
+    };
     if from < compacted {
         return Err(ApiError::Gone(format!(
             "too old resource version: {from} (compacted to {compacted})"
@@ -386,16 +409,7 @@ impl KubeApi for MemoryApiServer {
         selector: &LabelSelector,
     ) -> Result<ObjectList<Lease>, ApiError> {
         let s = self.lock();
-        Ok(ObjectList {
-            items: s
-                .leases
-                .objects
-                .iter()
-                .filter(|((ns, _), l)| ns == namespace && selects(selector, &l.meta.labels))
-                .map(|(_, l)| l.clone())
-                .collect(),
-            resource_version: s.version.to_string(),
-        })
+        Ok(s.leases.list(s.version, namespace, selector))
     }
 
     async fn watch_leases(
@@ -404,10 +418,8 @@ impl KubeApi for MemoryApiServer {
         selector: &LabelSelector,
         resource_version: &str,
     ) -> Result<WatchStream<Lease>, ApiError> {
-        let from = parse_version(resource_version)?;
         let s = self.lock();
-        let from = if from == 0 { s.version } else { from };
-        watch(&s.leases, s.compacted, from, namespace, selector)
+        watch(&s.leases, &s, resource_version, namespace, selector)
     }
 
     async fn list_endpoint_slices(
@@ -416,18 +428,8 @@ impl KubeApi for MemoryApiServer {
         service: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         let s = self.lock();
-        let selector: LabelSelector =
-            [(SERVICE_NAME_LABEL.to_string(), service.to_string())].into();
-        Ok(ObjectList {
-            items: s
-                .slices
-                .objects
-                .iter()
-                .filter(|((ns, _), e)| ns == namespace && selects(&selector, &e.meta.labels))
-                .map(|(_, e)| e.clone())
-                .collect(),
-            resource_version: s.version.to_string(),
-        })
+        Ok(s.slices
+            .list(s.version, namespace, &service_selector(service)))
     }
 
     async fn watch_endpoint_slices(
@@ -436,12 +438,14 @@ impl KubeApi for MemoryApiServer {
         service: &str,
         resource_version: &str,
     ) -> Result<WatchStream<EndpointSlice>, ApiError> {
-        let from = parse_version(resource_version)?;
         let s = self.lock();
-        let from = if from == 0 { s.version } else { from };
-        let selector: LabelSelector =
-            [(SERVICE_NAME_LABEL.to_string(), service.to_string())].into();
-        watch(&s.slices, s.compacted, from, namespace, &selector)
+        watch(
+            &s.slices,
+            &s,
+            resource_version,
+            namespace,
+            &service_selector(service),
+        )
     }
 }
 

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+// Real time on purpose: this module serves real sockets over real tonic and is compiled out of
+// the simulated build (`#[cfg(not(madsim))]` in `registry/mod.rs`); no simulated code reaches it.
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
