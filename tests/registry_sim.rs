@@ -2,6 +2,8 @@
 //! members on theirs, partitions and a registry restart. Times asserted here are simulated.
 #![cfg(madsim)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -102,18 +104,7 @@ fn start_member_recording(h: &Handle, i: usize, views: Views, standing: Standing
             let standing = standing.clone();
             async move {
                 let ctx = member_ctx(i, ip, &views);
-                let mut events = ctx.events.subscribe();
-                madsim::task::spawn(async move {
-                    while let Ok(e) = events.recv().await {
-                        if matches!(
-                            e,
-                            ClusterEvent::MembershipLost { .. }
-                                | ClusterEvent::MembershipRestored { .. }
-                        ) {
-                            standing.lock().unwrap().push((i, Instant::now(), e));
-                        }
-                    }
-                });
+                common::record_standing(i, &ctx.events, standing.clone());
                 let mut config = provider_config();
                 config.rpc_timeout = Duration::from_secs(1);
                 config.watch_idle_timeout = Duration::from_secs(6);

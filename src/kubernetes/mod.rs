@@ -16,10 +16,17 @@
 //!   (resourceVersion, 409 Conflict, bookmarks, 410 Gone after compaction), for tests and the
 //!   simulator's stand-in.
 //!
-//! Not yet: the provider's async shell (renewing its Lease, watching, cleaning expired Leases,
-//! membership lost / restored), the kube-rs adapter, scenarios, manifests and docs.
+//! * [`provider`]: [`KubernetesProvider`], the async shell over those: it renews this member's
+//!   Lease, watches, deletes expired Leases and announces this member's own standing.
+//!
+//! Not yet: the kube-rs adapter, the simulated API-server node and its scenarios, manifests.
 
 pub mod api;
 pub mod members;
 pub mod memory;
+mod metrics;
+mod provider;
 pub mod watch;
+
+pub use metrics::KubernetesProviderMetrics;
+pub use provider::{KubernetesProvider, KubernetesProviderConfig};

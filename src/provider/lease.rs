@@ -179,6 +179,144 @@ impl LeaseTracker {
     }
 }
 
+/// A member's standing as a provider keeps it: the [`LeaseTracker`], and the announcement of
+/// each change as [`crate::ClusterEvent::MembershipLost`] or
+/// [`crate::ClusterEvent::MembershipRestored`], the same for every provider.
+#[derive(Debug)]
+pub(crate) struct MemberStanding {
+    tracker: std::sync::Mutex<LeaseTracker>,
+    /// Woken whenever the deadline may have moved.
+    changed: tokio::sync::Notify,
+    /// The incarnation whose loss was announced, until its restore names it as `previous`.
+    lost_as: std::sync::Mutex<Option<crate::cluster::MemberId>>,
+    lost: prometheus_client::metrics::counter::Counter,
+    restored: prometheus_client::metrics::counter::Counter,
+}
+
+impl MemberStanding {
+    /// Not registered yet; `lost` and `restored` count the announcements.
+    pub(crate) fn new(
+        timing: LeaseTiming,
+        lost: prometheus_client::metrics::counter::Counter,
+        restored: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        Self {
+            tracker: std::sync::Mutex::new(LeaseTracker::new(timing)),
+            changed: tokio::sync::Notify::new(),
+            lost_as: std::sync::Mutex::new(None),
+            lost,
+            restored,
+        }
+    }
+
+    fn tracker(&self) -> std::sync::MutexGuard<'_, LeaseTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The timing in force.
+    pub(crate) fn timing(&self) -> LeaseTiming {
+        self.tracker().timing()
+    }
+
+    /// Replaces the timing (the backend announced its TTL).
+    pub(crate) fn set_timing(&self, timing: LeaseTiming) {
+        self.tracker().set_timing(timing);
+        self.changed.notify_one();
+    }
+
+    /// A renewal sent at `sent_at` was accepted; `member` is this node as registered.
+    pub(crate) fn renewed(
+        &self,
+        ctx: &crate::provider::ClusterProviderContext,
+        member: &crate::cluster::Member,
+        sent_at: Instant,
+    ) {
+        let transition = self.tracker().renewed(sent_at);
+        self.changed.notify_one();
+        if let Some(t) = transition {
+            self.announce(ctx, t, member);
+        }
+    }
+
+    /// The backend said the registration is gone; `member` is the incarnation that lost it.
+    pub(crate) fn revoked(
+        &self,
+        ctx: &crate::provider::ClusterProviderContext,
+        member: &crate::cluster::Member,
+    ) {
+        let transition = self.tracker().revoked();
+        if let Some(t) = transition {
+            self.announce(ctx, t, member);
+        }
+    }
+
+    fn announce(
+        &self,
+        ctx: &crate::provider::ClusterProviderContext,
+        transition: LeaseTransition,
+        member: &crate::cluster::Member,
+    ) {
+        let version = ctx.partition_manager.version();
+        let cluster = ctx.cluster_name.clone();
+        let mut lost_as = self.lost_as.lock().unwrap_or_else(|e| e.into_inner());
+        match transition {
+            LeaseTransition::Lost(reason) => {
+                self.lost.inc();
+                *lost_as = Some(member.id.clone());
+                tracing::warn!(cluster = %cluster, member = %member.id, %reason, version, "membership lost: stop serving owned identities");
+                ctx.events.publish(crate::ClusterEvent::MembershipLost {
+                    cluster,
+                    member: member.id.clone(),
+                    reason,
+                    version,
+                });
+            }
+            LeaseTransition::Restored => {
+                self.restored.inc();
+                let previous = lost_as.take().unwrap_or_else(|| member.id.clone());
+                tracing::warn!(cluster = %cluster, member = %member.id, previous = %previous, version, "membership restored");
+                ctx.events.publish(crate::ClusterEvent::MembershipRestored {
+                    cluster,
+                    member: member.clone(),
+                    previous,
+                    version,
+                });
+            }
+        }
+    }
+
+    /// Runs forever: announces the loss when the deadline passes on the context's clock (no
+    /// renewal accepted for [`LeaseTiming::lost_after`]). `member` gives this node as
+    /// registered at that moment.
+    pub(crate) async fn watchdog(
+        &self,
+        ctx: &crate::provider::ClusterProviderContext,
+        member: impl Fn() -> crate::cluster::Member,
+    ) {
+        let clock = &ctx.clock;
+        loop {
+            let notified = self.changed.notified();
+            let deadline = self.tracker().deadline();
+            match deadline {
+                None => notified.await,
+                Some(deadline) => {
+                    let wait = deadline.saturating_duration_since(clock.now());
+                    tokio::select! {
+                        biased;
+                        _ = notified => {}
+                        _ = clock.sleep(wait) => {
+                            let transition = self.tracker().check(clock.now());
+                            if let Some(t) = transition {
+                                self.announce(ctx, t, &member());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

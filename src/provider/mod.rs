@@ -1,11 +1,14 @@
 //! The provider contract: how a node joins a cluster, learns its topology and leaves.
 
+mod backoff;
 mod context;
+pub(crate) mod describe;
 pub mod lease;
 pub mod memory;
 
 use async_trait::async_trait;
 
+pub use backoff::Backoff;
 pub use context::ClusterProviderContext;
 pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason};
 pub mod remote;

@@ -23,8 +23,9 @@ pub mod pb {
     tonic::include_proto!("shoal.registry.v1");
 }
 
+pub use crate::provider::Backoff;
 pub use config::{RegistryConfig, RegistryLimits};
 pub use metrics::{RegistryMetrics, RegistryProviderMetrics};
-pub use provider::{Backoff, RegistryProvider, RegistryProviderConfig};
+pub use provider::{RegistryProvider, RegistryProviderConfig};
 pub use server::{RegistryGrpcService, RegistryServer, RegistryService, watch_idle_timeout};
 pub use state::{Change, JoinKeys, Joined, RegistryError, RegistryState, Role};

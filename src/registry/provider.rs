@@ -1,6 +1,5 @@
 //! `RegistryProvider`: joins a registry, heartbeats, watches with reconnect, and heals itself.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,52 +10,15 @@ use tonic::{Code, Status};
 use super::metrics::RegistryProviderMetrics;
 use super::pb::registry_client::RegistryClient;
 use super::{pb, wire};
-use crate::cluster::{ClusterTopology, Description, Member, MemberId, MemberLimits};
-use crate::events::ClusterEvent;
+use crate::cluster::{ClusterTopology, Description, Member, MemberId};
 use crate::placement::PlacementError;
+use crate::provider::describe::Descriptions;
+use crate::provider::lease::MemberStanding;
 use crate::provider::{
-    ClusterProvider, ClusterProviderContext, LeaseTiming, LeaseTracker, LeaseTransition,
-    PartitionManagerHandle, ProviderError, remote::GrpcPartitionManager,
+    Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
+    ProviderError, remote::GrpcPartitionManager,
 };
-use crate::runtime::{Clock, SharedClock, TaskHandle, jitter, sim, timeout};
-
-/// Exponential backoff with jitter for reconnects and re-joins.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    /// First delay.
-    pub initial: Duration,
-    /// Largest delay.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before retry number `attempt` (0-based): the capped exponential delay `d`,
-    /// drawn uniformly from `[d/2, d]` ("equal jitter"), so a fleet that lost the registry at
-    /// the same moment does not reconnect in lockstep.
-    pub fn delay(&self, attempt: u32, clock: &dyn Clock) -> Duration {
-        let exp = self.uncapped(attempt).min(self.max);
-        exp / 2 + jitter(clock, exp / 2)
-    }
-
-    /// Whether retry number `attempt` has reached the cap.
-    pub fn is_capped(&self, attempt: u32) -> bool {
-        self.uncapped(attempt) >= self.max
-    }
-
-    fn uncapped(&self, attempt: u32) -> Duration {
-        self.initial
-            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-    }
-}
+use crate::runtime::{SharedClock, TaskSet, sim, timeout};
 
 /// Settings of a [`RegistryProvider`].
 #[derive(Clone)]
@@ -166,10 +128,10 @@ impl RegistryProviderConfig {
 ///
 /// One long-lived channel carries every call. Heartbeats follow the interval the server asks
 /// for. The member tracks when its last accepted heartbeat was sent and publishes
-/// [`ClusterEvent::MembershipLost`] before the registry can expire it (see
+/// [`crate::ClusterEvent::MembershipLost`] before the registry can expire it (see
 /// [`crate::provider::lease`]); a registration the server no longer knows (it expired, or the
 /// registry restarted) is re-joined at once as a new incarnation, announced by
-/// [`ClusterEvent::MembershipRestored`]. The watch reconnects with backoff and jitter, resumes from the version
+/// [`crate::ClusterEvent::MembershipRestored`]. The watch reconnects with backoff and jitter, resumes from the version
 /// held, applies only newer versions, and is reopened if it goes quiet for longer than
 /// `watch_idle_timeout` (the server sends progress messages while nothing changes).
 #[derive(Debug)]
@@ -182,15 +144,7 @@ pub struct RegistryProvider {
 #[derive(Debug)]
 struct Running {
     session: Arc<Session>,
-    tasks: Vec<TaskHandle>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
+    tasks: TaskSet,
 }
 
 /// What the heartbeat and watch tasks share.
@@ -201,11 +155,7 @@ struct Session {
     /// This node as currently registered (a new incarnation id after each loss).
     member: Mutex<Member>,
     /// This member's own view of its registration (members only).
-    lease: Mutex<LeaseTracker>,
-    /// Woken whenever the lease's deadline may have moved.
-    lease_changed: tokio::sync::Notify,
-    /// The incarnation whose loss was announced, until the restore is announced.
-    lost_as: Mutex<Option<MemberId>>,
+    standing: MemberStanding,
     /// When the first join attempt of the current id that got no answer was sent.
     unanswered_join: Mutex<Option<crate::runtime::Instant>>,
     /// Sent with every join: proves a retried join comes from this process (see the .proto).
@@ -220,18 +170,10 @@ struct Session {
     metrics: RegistryProviderMetrics,
     /// Held by a join attempt from request to stored token.
     joining: tokio::sync::Mutex<()>,
-    /// Generation of the description in `member`, bumped by every update (under `member`'s
-    /// lock).
-    described: AtomicU64,
-    /// The generation the registry last accepted; behind `described` while an update is
-    /// pending.
-    published: AtomicU64,
+    /// The description generations (update_member).
+    descriptions: Descriptions,
     /// Wakes the heartbeat loop to publish a new description at once.
     describe: tokio::sync::Notify,
-    /// The description the registry last accepted (restored when it refuses a new one).
-    accepted: Mutex<Description>,
-    /// The newest generation the registry refused, and why.
-    refused: Mutex<Option<(u64, String)>>,
 }
 
 impl RegistryProvider {
@@ -273,11 +215,11 @@ impl RegistryProvider {
             config: self.config.clone(),
             client: RegistryClient::new(channel).max_decoding_message_size(super::MAX_DECODE_BYTES),
             member: Mutex::new(ctx.member.clone()),
-            lease: Mutex::new(LeaseTracker::new(
+            standing: MemberStanding::new(
                 self.config.lease_timing(Duration::from_secs(6)),
-            )),
-            lease_changed: tokio::sync::Notify::new(),
-            lost_as: Mutex::new(None),
+                self.metrics.membership_lost.clone(),
+                self.metrics.membership_restored.clone(),
+            ),
             unanswered_join: Mutex::new(None),
             secret: format!(
                 "{:016x}{:016x}",
@@ -290,11 +232,8 @@ impl RegistryProvider {
             synced: std::sync::atomic::AtomicBool::new(false),
             metrics: self.metrics.clone(),
             joining: tokio::sync::Mutex::new(()),
-            described: AtomicU64::new(0),
-            published: AtomicU64::new(0),
+            descriptions: Descriptions::new(ctx.member.description()),
             describe: tokio::sync::Notify::new(),
-            accepted: Mutex::new(ctx.member.description()),
-            refused: Mutex::new(None),
         });
         let interval = session.join(false).await?;
         let clock = ctx.clock.clone();
@@ -310,7 +249,7 @@ impl RegistryProvider {
         }
         let started = Running {
             session: session.clone(),
-            tasks,
+            tasks: tasks.into(),
         };
         // Wait for the first topology (one that contains this node, for a member).
         let pm = ctx.partition_manager.clone();
@@ -378,10 +317,7 @@ impl Session {
         let mut refused_as_removed = false;
         let mut update_only = update && self.role == pb::Role::Member;
         loop {
-            let (member, generation) = {
-                let m = lock(&self.member);
-                (m.clone(), self.described.load(Ordering::SeqCst))
-            };
+            let (member, generation) = self.descriptions.current(&self.member);
             let req = pb::JoinRequest {
                 cluster: self.ctx.cluster_name.clone(),
                 member: Some(wire::member_to_pb(&member)),
@@ -406,9 +342,8 @@ impl Session {
                     refused_as_removed = true;
                     update_only = false;
                     *lock(&self.unanswered_join) = None;
-                    if let Some(t) = lock(&self.lease).revoked() {
-                        self.publish(t);
-                    }
+                    self.standing
+                        .revoked(&self.ctx, &lock(&self.member).clone());
                     self.rotate_id("the registry removed this id");
                     continue;
                 }
@@ -422,36 +357,23 @@ impl Session {
             };
             *lock(&self.unanswered_join) = None;
             *lock(&self.token) = Some(resp.member_token);
-            *lock(&self.accepted) = member.description();
-            if self.published.swap(generation, Ordering::SeqCst) != generation {
+            if self.descriptions.accepted(&member, generation) {
                 self.metrics.description_updates.inc();
                 tracing::info!(member = %member.id, version = resp.topology_version, kinds = ?member.kinds, zone = ?member.zone, "the registry accepted this member's new description");
             }
             tracing::debug!(member = %member.id, version = resp.topology_version, "joined the registry");
             if resp.ttl_ms > 0 {
                 let timing = self.config.lease_timing(Duration::from_millis(resp.ttl_ms));
-                lock(&self.lease).set_timing(timing);
+                self.standing.set_timing(timing);
             }
             self.renewed(sent_at);
             return Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(1)));
         }
     }
 
-    /// The registry refused the pending description: go back to the one it holds (so later
-    /// re-joins are not refused too) and tell the caller waiting in `update_member`.
-    fn refuse_description(&self, why: String) {
-        let mut member = lock(&self.member);
-        let generation = self.described.load(Ordering::SeqCst);
-        *member = member.clone().described(lock(&self.accepted).clone());
-        *lock(&self.refused) = Some((generation, why.clone()));
-        self.published.store(generation, Ordering::SeqCst);
-        tracing::warn!(member = %member.id, error = %why, "the registry refused this member's new description; keeping the old one");
-    }
-
     /// Whether this member's description changed since the registry last accepted it.
     fn description_pending(&self) -> bool {
-        self.role == pb::Role::Member
-            && self.published.load(Ordering::SeqCst) != self.described.load(Ordering::SeqCst)
+        self.role == pb::Role::Member && self.descriptions.pending()
     }
 
     /// Takes a new incarnation id if a join of the current one went unanswered long enough
@@ -461,7 +383,7 @@ impl Session {
         let Some(first) = *lock(&self.unanswered_join) else {
             return;
         };
-        let lost_after = lock(&self.lease).timing().lost_after();
+        let lost_after = self.standing.timing().lost_after();
         if self.clock().now().saturating_duration_since(first) < lost_after {
             return;
         }
@@ -486,45 +408,8 @@ impl Session {
         if self.role != pb::Role::Member {
             return;
         }
-        let transition = lock(&self.lease).renewed(sent_at);
-        self.lease_changed.notify_one();
-        if let Some(t) = transition {
-            self.publish(t);
-        }
-    }
-
-    /// Publishes a change of this member's standing.
-    fn publish(&self, transition: LeaseTransition) {
-        let version = self.ctx.partition_manager.version();
-        let cluster = self.ctx.cluster_name.clone();
-        match transition {
-            LeaseTransition::Lost(reason) => {
-                let member = self.member_id();
-                *lock(&self.lost_as) = Some(member.clone());
-                self.metrics.membership_lost.inc();
-                tracing::warn!(cluster = %cluster, member = %member, %reason, version, "membership lost: stop serving owned identities");
-                self.ctx.events.publish(ClusterEvent::MembershipLost {
-                    cluster,
-                    member,
-                    reason,
-                    version,
-                });
-            }
-            LeaseTransition::Restored => {
-                let member = lock(&self.member).clone();
-                let previous = lock(&self.lost_as)
-                    .take()
-                    .unwrap_or_else(|| member.id.clone());
-                self.metrics.membership_restored.inc();
-                tracing::warn!(cluster = %cluster, member = %member.id, previous = %previous, version, "membership restored");
-                self.ctx.events.publish(ClusterEvent::MembershipRestored {
-                    cluster,
-                    member,
-                    previous,
-                    version,
-                });
-            }
-        }
+        let member = lock(&self.member).clone();
+        self.standing.renewed(&self.ctx, &member, sent_at);
     }
 
     /// The registration is gone (the registry said so): publish the loss if it was not
@@ -534,36 +419,17 @@ impl Session {
         if self.role != pb::Role::Member {
             return;
         }
-        if let Some(t) = lock(&self.lease).revoked() {
-            self.publish(t);
-        }
+        let member = lock(&self.member).clone();
+        self.standing.revoked(&self.ctx, &member);
         self.rotate_id("the registry no longer knows this member");
     }
 
-    /// Publishes [`ClusterEvent::MembershipLost`] when no heartbeat was accepted for the
+    /// Publishes [`crate::ClusterEvent::MembershipLost`] when no heartbeat was accepted for the
     /// lease's `lost_after`, measured on this node's monotonic clock.
     async fn lease_watchdog(self: Arc<Self>) {
-        loop {
-            let notified = self.lease_changed.notified();
-            let deadline = lock(&self.lease).deadline();
-            match deadline {
-                None => notified.await,
-                Some(deadline) => {
-                    let wait = deadline.saturating_duration_since(self.clock().now());
-                    tokio::select! {
-                        biased;
-                        _ = notified => {}
-                        _ = self.clock().sleep(wait) => {
-                            let now = self.clock().now();
-                            let transition = lock(&self.lease).check(now);
-                            if let Some(t) = transition {
-                                self.publish(t);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        self.standing
+            .watchdog(&self.ctx, || lock(&self.member).clone())
+            .await
     }
 
     async fn rejoin_until_done(&self) -> Duration {
@@ -611,7 +477,9 @@ impl Session {
                         interval = i;
                         failures = 0;
                     }
-                    Err(ProviderError::Rejected(why)) => self.refuse_description(why),
+                    Err(ProviderError::Rejected(why)) => {
+                        self.descriptions.refuse(&self.member, why)
+                    }
                     Err(e) => {
                         failures = failures.saturating_add(1);
                         tracing::warn!(member = %self.member_id(), error = %e, failures, "publishing this member's new description failed; retrying");
@@ -843,12 +711,7 @@ impl ClusterProvider for RegistryProvider {
         // A (re-)join in flight finishes first, so Leave names the registration that exists.
         let session = running.session.clone();
         let joining = session.joining.lock().await;
-        for t in &running.tasks {
-            t.abort();
-        }
-        for t in &mut running.tasks {
-            t.join_ref().await;
-        }
+        running.tasks.stop().await;
         drop(joining);
         if graceful && !sim::flaw("shutdown-skips-leave") {
             running.session.leave().await;
@@ -862,42 +725,22 @@ impl ClusterProvider for RegistryProvider {
         if session.role != pb::Role::Member {
             return Err(ProviderError::NotAMember);
         }
-        let generation = {
-            let mut member = lock(&session.member);
-            let updated = member.clone().described(description.clone());
-            updated.validate(&MemberLimits::default())?;
-            *member = updated;
-            session.described.fetch_add(1, Ordering::SeqCst) + 1
-        };
+        let generation = session
+            .descriptions
+            .set(&session.member, description.clone())?;
         session.describe.notify_one();
-        let pm = session.ctx.partition_manager.clone();
-        let refusal = || {
-            lock(&session.refused)
-                .clone()
-                .filter(|(g, _)| *g >= generation)
-        };
-        let shown = session
-            .ctx
-            .wait_until(self.config.startup_timeout, || {
-                let id = session.member_id();
-                refusal().is_some()
-                    || (!session.description_pending()
-                        && pm
-                            .topology()
-                            .member(&id)
-                            .is_some_and(|m| m.description() == description))
-            })
-            .await;
-        if let Some((_, why)) = refusal() {
-            Err(ProviderError::Rejected(why))
-        } else if shown {
-            Ok(())
-        } else {
-            Err(ProviderError::Unavailable(format!(
-                "the registry at {} did not show the new description within {:?}; it stays pending",
-                self.config.endpoint, self.config.startup_timeout
-            )))
-        }
+        let backend = format!("the registry at {}", self.config.endpoint);
+        session
+            .descriptions
+            .wait_shown(
+                &session.ctx,
+                &session.member,
+                generation,
+                &description,
+                self.config.startup_timeout,
+                &backend,
+            )
+            .await
     }
 
     async fn resolve_partition_manager(

@@ -60,6 +60,44 @@ impl TaskHandle {
     }
 }
 
+/// A provider's background tasks: all cancelled when the set is dropped (a provider dropped
+/// without `shutdown` is a node gone), or stopped and awaited by [`TaskSet::stop`].
+#[derive(Debug, Default)]
+pub struct TaskSet {
+    tasks: Vec<TaskHandle>,
+}
+
+impl TaskSet {
+    /// Adds a task.
+    pub fn push(&mut self, task: TaskHandle) {
+        self.tasks.push(task);
+    }
+
+    /// Cancels every task and waits until none runs any more.
+    pub async fn stop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in &mut self.tasks {
+            t.join_ref().await;
+        }
+    }
+}
+
+impl From<Vec<TaskHandle>> for TaskSet {
+    fn from(tasks: Vec<TaskHandle>) -> Self {
+        Self { tasks }
+    }
+}
+
+impl Drop for TaskSet {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// The production clock: tokio's timers and tasks, or madsim's under `--cfg madsim`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TokioClock;

@@ -7,7 +7,7 @@ pub mod sim;
 
 pub use clock::{
     BoxFuture, Clock, Elapsed, Instant, MAX_DRIFT_PPM, SharedClock, SkewedClock, TaskHandle,
-    TokioClock, jitter, timeout, unix_millis,
+    TaskSet, TokioClock, jitter, timeout, unix_millis,
 };
 #[cfg(not(madsim))]
 pub use signal::shutdown_signal;

@@ -27,3 +27,26 @@ pub async fn wait_members(pm: &Arc<PartitionManager>, n: usize) -> Arc<ClusterTo
     wait_until(&format!("{n} members"), 10, || pm.topology().len() == n).await;
     pm.topology()
 }
+
+/// Records node `node`'s own-standing events (membership lost and restored) in `into`, with
+/// when each was published (runtime clock), until the node's event stream closes.
+pub fn record_standing(
+    node: usize,
+    events: &shoal::EventStream,
+    into: Arc<std::sync::Mutex<Vec<(usize, tokio::time::Instant, shoal::ClusterEvent)>>>,
+) {
+    let mut events = events.subscribe();
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if matches!(
+                e,
+                shoal::ClusterEvent::MembershipLost { .. }
+                    | shoal::ClusterEvent::MembershipRestored { .. }
+            ) {
+                into.lock()
+                    .unwrap()
+                    .push((node, tokio::time::Instant::now(), e));
+            }
+        }
+    });
+}

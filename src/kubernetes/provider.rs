@@ -1,0 +1,1031 @@
+//! `KubernetesProvider`: one Lease per member, renewed; Leases (and a Service's EndpointSlices)
+//! watched; expired Leases deleted; the member's own standing announced. Written once over
+//! [`KubeApi`] and the [`crate::runtime::Clock`], so the same code runs against kube-rs in
+//! production and the simulated API server in tests.
+//!
+//! Who is a member is decided in one place, the API server: a member whose Lease this node
+//! finds expired (see [`Liveness`]) deletes that Lease with its resource version as a
+//! precondition, so a renewal that got there first wins; every node drops the member when it
+//! sees the deletion. A member removed that way can never renew under the same id again (its
+//! next renewal finds no Lease, and it comes back as a new incarnation), so "removed" is final
+//! for every peer. A node that cannot reach the API server ages no Lease (it cannot tell dead
+//! members from a silent server), and its own member announces that it lost its Lease.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::api::{
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, Object, ObjectList, ObjectReference,
+    WatchEvent, WatchStream,
+};
+use super::members::{CLUSTER_LABEL, Liveness, lease_name, member_lease, members, serving_pods};
+use super::metrics::KubernetesProviderMetrics;
+use super::watch::{Next, Outcome, Reflector};
+use crate::cluster::{ClusterTopology, Description, Member, MemberId};
+use crate::placement::PlacementError;
+use crate::provider::describe::Descriptions;
+use crate::provider::lease::MemberStanding;
+use crate::provider::{
+    Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
+    ProviderError, remote::GrpcPartitionManager,
+};
+use crate::runtime::{SharedClock, TaskSet, jitter, sim, timeout};
+
+/// Settings of a [`KubernetesProvider`].
+#[derive(Clone, Debug)]
+pub struct KubernetesProviderConfig {
+    /// The namespace of the Leases (and of the Service).
+    pub namespace: String,
+    /// A headless Service whose EndpointSlices gate membership: a member is listed only while
+    /// its Pod's endpoint is serving and not terminating. `None`: Leases alone.
+    pub service: Option<String>,
+    /// How long a member may go without renewing its Lease (whole seconds: the API's unit).
+    pub lease_duration: Duration,
+    /// How often the Lease is renewed (default: a third of the duration).
+    pub renew_interval: Option<Duration>,
+    /// Deadline of every API call (a watch: of opening it).
+    pub request_timeout: Duration,
+    /// Retry pacing of failed renewals and watches (capped at the renew interval).
+    pub backoff: Backoff,
+    /// A watch stream that carries nothing (not even a bookmark) for this long is reopened.
+    pub watch_idle_timeout: Duration,
+    /// How long `start_member`/`start_client` wait for the first topology.
+    pub startup_timeout: Duration,
+    /// This member's Pod: the Lease's owner (Kubernetes deletes the Lease with the Pod) and the
+    /// endpoint that must be serving when a Service is configured.
+    pub pod: Option<ObjectReference>,
+    /// Extra room before this member declares its own Lease lost (default: a tenth of the
+    /// duration). See [`LeaseTiming`].
+    pub lease_margin: Option<Duration>,
+    /// The largest clock rate error assumed for any node, in parts per million (default 2%).
+    pub max_clock_drift_ppm: u32,
+    /// Deadline of calls to other members' partition managers.
+    pub partition_rpc_timeout: Duration,
+}
+
+impl KubernetesProviderConfig {
+    /// Defaults for Leases in `namespace`: a 15 s duration renewed every 5 s (client-go's
+    /// leader-election defaults), no Service.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service: None,
+            lease_duration: Duration::from_secs(15),
+            renew_interval: None,
+            request_timeout: Duration::from_secs(5),
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+            watch_idle_timeout: Duration::from_secs(90),
+            startup_timeout: Duration::from_secs(30),
+            pod: None,
+            lease_margin: None,
+            max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
+            partition_rpc_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// The renew interval in force.
+    pub fn renew_interval(&self) -> Duration {
+        self.renew_interval.unwrap_or(self.lease_duration / 3)
+    }
+
+    /// Checks the settings; the error names the setting.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        let bad = |what: String| Err(ProviderError::Rejected(what));
+        if self.namespace.is_empty() {
+            return bad("namespace must not be empty".into());
+        }
+        if self.lease_duration < Duration::from_secs(1) || self.lease_duration.subsec_nanos() != 0 {
+            return bad(format!(
+                "lease_duration must be a whole number of seconds, at least 1 s (got {:?})",
+                self.lease_duration
+            ));
+        }
+        let renew = self.renew_interval();
+        if renew.is_zero() || renew >= self.lease_duration {
+            return bad(format!(
+                "renew_interval must be above zero and below lease_duration (got {renew:?} for {:?})",
+                self.lease_duration
+            ));
+        }
+        Ok(())
+    }
+
+    fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            ttl: self.lease_duration,
+            max_clock_drift_ppm: self.max_clock_drift_ppm,
+            margin: self.lease_margin.unwrap_or(self.lease_duration / 10),
+        }
+    }
+
+    /// How much time one answer of the API server proves (see [`Liveness`]): the renew
+    /// interval, so a member that sees its own renewals keeps proven time equal to real time.
+    fn max_gap(&self) -> Duration {
+        self.renew_interval()
+    }
+
+    /// How long after the first cleaner the others step in.
+    fn cleaner_delay(&self) -> Duration {
+        self.lease_duration / 4
+    }
+}
+
+/// A [`ClusterProvider`] backed by the Kubernetes API: see the module docs.
+pub struct KubernetesProvider {
+    config: KubernetesProviderConfig,
+    api: Arc<dyn KubeApi>,
+    running: tokio::sync::Mutex<Option<Running>>,
+    metrics: KubernetesProviderMetrics,
+}
+
+impl std::fmt::Debug for KubernetesProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesProvider")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Running {
+    session: Arc<Session>,
+    tasks: TaskSet,
+}
+
+/// What this node knows of the cluster.
+struct View {
+    leases: Reflector<Lease>,
+    /// `None` without a Service.
+    slices: Option<Reflector<EndpointSlice>>,
+    liveness: Liveness,
+    /// The newest topology version this node issued.
+    version: u64,
+    /// The members of that topology (`None` before the first).
+    applied: Option<Vec<Member>>,
+    /// Expired Leases to delete: name -> (resource version seen, when to try).
+    cleaning: BTreeMap<String, (String, crate::runtime::Instant)>,
+    /// Expired Leases whose deletion was tried at that resource version.
+    tried: BTreeMap<String, String>,
+    /// Leases already warned about as invalid.
+    warned: BTreeSet<String>,
+}
+
+struct Session {
+    config: KubernetesProviderConfig,
+    api: Arc<dyn KubeApi>,
+    ctx: ClusterProviderContext,
+    member_mode: bool,
+    /// This node as currently registered (a new incarnation id after its Lease was deleted).
+    member: Mutex<Member>,
+    /// This member's Lease as last written (its resource version is the next write's
+    /// precondition); `None` until created, and after it was found deleted.
+    own: Mutex<Option<Lease>>,
+    standing: MemberStanding,
+    descriptions: Descriptions,
+    /// Wakes the renew loop (a new description to write).
+    renew_now: tokio::sync::Notify,
+    view: Mutex<View>,
+    view_changed: tokio::sync::Notify,
+    /// Deletions due, for the cleaner task.
+    to_clean: Mutex<Vec<(String, String)>>,
+    clean_now: tokio::sync::Notify,
+    /// Held by a write of this member's Lease, so shutdown deletes the Lease that exists.
+    writing: tokio::sync::Mutex<()>,
+    synced: std::sync::atomic::AtomicBool,
+    metrics: KubernetesProviderMetrics,
+}
+
+impl KubernetesProvider {
+    /// A provider for one node, talking to the API through `api`.
+    pub fn new(config: KubernetesProviderConfig, api: Arc<dyn KubeApi>) -> Self {
+        Self {
+            config,
+            api,
+            running: tokio::sync::Mutex::new(None),
+            metrics: KubernetesProviderMetrics::default(),
+        }
+    }
+
+    /// This provider's counters (register them to export).
+    pub fn metrics(&self) -> &KubernetesProviderMetrics {
+        &self.metrics
+    }
+
+    async fn session(&self) -> Result<Arc<Session>, ProviderError> {
+        let running = self.running.lock().await;
+        Ok(running
+            .as_ref()
+            .ok_or(ProviderError::NotStarted)?
+            .session
+            .clone())
+    }
+
+    async fn start(
+        &self,
+        ctx: ClusterProviderContext,
+        member_mode: bool,
+    ) -> Result<(), ProviderError> {
+        self.config.validate()?;
+        let mut running = self.running.lock().await;
+        if running.is_some() {
+            return Err(ProviderError::AlreadyStarted);
+        }
+        let config = self.config.clone();
+        let session = Arc::new(Session {
+            api: self.api.clone(),
+            member_mode,
+            member: Mutex::new(ctx.member.clone()),
+            own: Mutex::new(None),
+            standing: MemberStanding::new(
+                config.lease_timing(),
+                self.metrics.membership_lost.clone(),
+                self.metrics.membership_restored.clone(),
+            ),
+            descriptions: Descriptions::new(ctx.member.description()),
+            renew_now: tokio::sync::Notify::new(),
+            view: Mutex::new(View {
+                leases: Reflector::new(),
+                slices: config.service.as_ref().map(|_| Reflector::new()),
+                liveness: Liveness::new(config.max_gap()),
+                version: 0,
+                applied: None,
+                cleaning: BTreeMap::new(),
+                tried: BTreeMap::new(),
+                warned: BTreeSet::new(),
+            }),
+            view_changed: tokio::sync::Notify::new(),
+            to_clean: Mutex::new(Vec::new()),
+            clean_now: tokio::sync::Notify::new(),
+            writing: tokio::sync::Mutex::new(()),
+            synced: std::sync::atomic::AtomicBool::new(false),
+            metrics: self.metrics.clone(),
+            ctx: ctx.clone(),
+            config,
+        });
+        let clock = ctx.clock.clone();
+        let mut tasks = vec![
+            clock.spawn(
+                "kubernetes-leases",
+                Box::pin(session.clone().reflect::<Lease>()),
+            ),
+            clock.spawn(
+                "kubernetes-reconcile",
+                Box::pin(session.clone().reconcile_loop()),
+            ),
+        ];
+        if self.config.service.is_some() {
+            tasks.push(clock.spawn(
+                "kubernetes-endpointslices",
+                Box::pin(session.clone().reflect::<EndpointSlice>()),
+            ));
+        }
+        if member_mode {
+            if let Err(e) = session.renew().await {
+                drop(TaskSet::from(tasks));
+                return Err(e.into_provider_error());
+            }
+            tasks.push(clock.spawn("kubernetes-renew", Box::pin(session.clone().renew_loop())));
+            tasks.push(clock.spawn(
+                "kubernetes-lease",
+                Box::pin(session.clone().lease_watchdog()),
+            ));
+            tasks.push(clock.spawn("kubernetes-cleaner", Box::pin(session.clone().cleaner())));
+        }
+        let started = Running {
+            session: session.clone(),
+            tasks: tasks.into(),
+        };
+        let pm = ctx.partition_manager.clone();
+        let ready = ctx
+            .wait_until(self.config.startup_timeout, || {
+                if member_mode {
+                    pm.topology().contains(&session.member_id())
+                } else {
+                    session.synced.load(std::sync::atomic::Ordering::SeqCst)
+                }
+            })
+            .await;
+        if !ready {
+            let writing = session.writing.lock().await;
+            drop(started);
+            drop(writing);
+            if member_mode {
+                session.delete_own().await;
+            }
+            return Err(ProviderError::Unavailable(format!(
+                "this node did not see {} in the cluster's Leases{} within {:?}",
+                if member_mode {
+                    "itself"
+                } else {
+                    "a first list"
+                },
+                self.config
+                    .service
+                    .as_ref()
+                    .map(|s| format!(" (with a serving endpoint of Service {s})"))
+                    .unwrap_or_default(),
+                self.config.startup_timeout
+            )));
+        }
+        tracing::info!(cluster = %ctx.cluster_name, member = %session.member_id(), member_mode, namespace = %self.config.namespace, service = ?self.config.service, "kubernetes provider started");
+        *running = Some(started);
+        Ok(())
+    }
+}
+
+/// An API failure, with what was being done.
+#[derive(Debug)]
+struct CallError {
+    what: String,
+    error: ApiError,
+}
+
+impl CallError {
+    fn into_provider_error(self) -> ProviderError {
+        let text = format!("{}: {}", self.what, self.error);
+        match self.error {
+            ApiError::Unavailable(_) | ApiError::Conflict(_) | ApiError::Gone(_) => {
+                ProviderError::Unavailable(text)
+            }
+            ApiError::AlreadyExists(_) | ApiError::NotFound(_) | ApiError::Rejected(_) => {
+                ProviderError::Rejected(text)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.error)
+    }
+}
+
+impl Session {
+    fn clock(&self) -> &SharedClock {
+        &self.ctx.clock
+    }
+
+    fn member_id(&self) -> MemberId {
+        lock(&self.member).id.clone()
+    }
+
+    fn namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    fn selector(&self) -> LabelSelector {
+        [(CLUSTER_LABEL.to_string(), self.ctx.cluster_name.clone())].into()
+    }
+
+    /// Runs one API call under the request deadline.
+    async fn call<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        fut: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, CallError> {
+        let error = match timeout(self.clock().as_ref(), self.config.request_timeout, fut).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+            Err(_) => ApiError::Unavailable(format!(
+                "no answer within {:?}",
+                self.config.request_timeout
+            )),
+        };
+        Err(CallError {
+            what: what(),
+            error,
+        })
+    }
+
+    fn wall_micros(&self) -> i64 {
+        self.clock()
+            .wall()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    // ---- this member's Lease ----
+
+    /// Writes this member's Lease (creates it if this incarnation has none): a renewal, and
+    /// the pending description if any. A Lease found deleted means peers removed this member:
+    /// it takes a new incarnation and creates a new Lease at once.
+    async fn renew(&self) -> Result<(), CallError> {
+        let _writing = self.writing.lock().await;
+        let mut recreated = false;
+        let mut adopted = false;
+        loop {
+            let (member, generation) = self.descriptions.current(&self.member);
+            let name = lease_name(&self.ctx.cluster_name, &member.id);
+            let sent_at = self.clock().now();
+            let mut lease = member_lease(
+                &self.ctx.cluster_name,
+                self.namespace(),
+                &member,
+                self.config.lease_duration,
+                self.wall_micros(),
+                self.config.pod.clone(),
+            );
+            let own = lock(&self.own).clone();
+            let result = match &own {
+                None => {
+                    let what = || format!("create Lease {}/{name}", self.namespace());
+                    self.call(what, self.api.create_lease(lease)).await
+                }
+                Some(prev) => {
+                    lease.meta.resource_version = prev.meta.resource_version.clone();
+                    lease.meta.uid = prev.meta.uid.clone();
+                    lease.acquire_time_micros = prev.acquire_time_micros;
+                    let what = || format!("update Lease {}/{name}", self.namespace());
+                    self.call(what, self.api.replace_lease(lease)).await
+                }
+            };
+            match result {
+                Ok(written) => {
+                    *lock(&self.own) = Some(written);
+                    if self.descriptions.accepted(&member, generation) {
+                        self.metrics.description_updates.inc();
+                        tracing::info!(member = %member.id, kinds = ?member.kinds, zone = ?member.zone, "this member's Lease carries its new description");
+                    }
+                    self.metrics.renewals.inc();
+                    self.renewed(sent_at);
+                    return Ok(());
+                }
+                Err(e) if matches!(e.error, ApiError::NotFound(_)) && !recreated => {
+                    // Deleted: a peer found it expired (or a person deleted it). Peers saw
+                    // this incarnation go; come back as a new one.
+                    recreated = true;
+                    self.revoked("its Lease was deleted");
+                }
+                Err(e)
+                    if matches!(e.error, ApiError::Conflict(_) | ApiError::AlreadyExists(_))
+                        && !adopted =>
+                {
+                    // Written since the version held: most likely this member's own write
+                    // whose answer was lost. Read it back and write on top of it.
+                    adopted = true;
+                    let what = || format!("get Lease {}/{name}", self.namespace());
+                    match self
+                        .call(what, self.api.get_lease(self.namespace(), &name))
+                        .await?
+                    {
+                        Some(current)
+                            if current.holder_identity.as_deref() == Some(member.id.as_str()) =>
+                        {
+                            *lock(&self.own) = Some(current);
+                        }
+                        Some(_) | None if !recreated => {
+                            recreated = true;
+                            self.revoked("its Lease was deleted or taken over");
+                        }
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => {
+                    if matches!(e.error, ApiError::Rejected(_)) && self.descriptions.pending() {
+                        self.descriptions.refuse(&self.member, e.to_string());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn rotate_id(&self, why: &str) {
+        *lock(&self.own) = None;
+        let mut member = lock(&self.member);
+        let old = member.id.clone();
+        member.id = old.successor(self.clock().as_ref());
+        tracing::info!(old = %old, new = %member.id, why, "taking a new incarnation");
+    }
+
+    fn renewed(&self, sent_at: crate::runtime::Instant) {
+        let member = lock(&self.member).clone();
+        self.standing.renewed(&self.ctx, &member, sent_at);
+    }
+
+    fn revoked(&self, why: &str) {
+        let member = lock(&self.member).clone();
+        self.standing.revoked(&self.ctx, &member);
+        self.rotate_id(why);
+    }
+
+    async fn lease_watchdog(self: Arc<Self>) {
+        self.standing
+            .watchdog(&self.ctx, || lock(&self.member).clone())
+            .await
+    }
+
+    async fn renew_loop(self: Arc<Self>) {
+        let interval = self.config.renew_interval();
+        let mut failures = 0u32;
+        loop {
+            let pause = if failures == 0 {
+                interval
+            } else {
+                self.config
+                    .backoff
+                    .delay(failures - 1, self.clock().as_ref())
+                    .min(interval)
+            };
+            tokio::select! {
+                biased;
+                _ = self.renew_now.notified() => {}
+                _ = self.clock().sleep(pause) => {}
+            }
+            match self.renew().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    self.metrics.renew_failures.inc();
+                    failures = failures.saturating_add(1);
+                    if failures == 2 {
+                        tracing::warn!(member = %self.member_id(), error = %e, failures, "Lease renewals failing");
+                    } else {
+                        tracing::debug!(member = %self.member_id(), error = %e, failures, "Lease renewal failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes this member's Lease (graceful leave), retrying transient failures a few times.
+    async fn delete_own(&self) {
+        let Some(own) = lock(&self.own).take() else {
+            return;
+        };
+        let name = own.meta.name.clone();
+        for attempt in 0..DELETE_ATTEMPTS {
+            if attempt > 0 {
+                let pause = self
+                    .config
+                    .backoff
+                    .delay(attempt - 1, self.clock().as_ref());
+                self.clock().sleep(pause).await;
+            }
+            let what = || format!("delete Lease {}/{name}", self.namespace());
+            match self
+                .call(what, self.api.delete_lease(self.namespace(), &name, None))
+                .await
+            {
+                Ok(()) => return,
+                Err(e) if matches!(e.error, ApiError::NotFound(_)) => return,
+                Err(e) if matches!(e.error, ApiError::Unavailable(_)) => {
+                    tracing::debug!(error = %e, attempt, "deleting this member's Lease failed; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting this member's Lease failed; peers will find it expired");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(lease = %name, "deleting this member's Lease failed; peers will find it expired");
+    }
+
+    // ---- watching ----
+
+    /// Lists and watches one kind of object forever, feeding the view.
+    async fn reflect<T: Watched>(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        loop {
+            let next = T::reflector(&mut lock(&self.view)).next();
+            let result = match next {
+                Next::List => self.list::<T>().await,
+                Next::Watch { resource_version } => {
+                    self.watch::<T>(&resource_version, &mut attempt).await
+                }
+            };
+            let Err(e) = result else {
+                attempt = 0;
+                continue;
+            };
+            {
+                let mut view = lock(&self.view);
+                T::reflector(&mut view).failed(&e.error);
+            }
+            if matches!(e.error, ApiError::Gone(_)) {
+                self.metrics.relists.inc();
+                tracing::info!(kind = T::KIND, error = %e, "watch version gone; relisting");
+                continue;
+            }
+            self.metrics.watch_reopens.inc();
+            let delay = self
+                .config
+                .backoff
+                .delay(attempt, self.clock().as_ref())
+                .min(self.config.renew_interval());
+            tracing::debug!(kind = T::KIND, error = %e, ?delay, "watch ended; reopening");
+            attempt = attempt.saturating_add(1);
+            self.clock().sleep(delay).await;
+        }
+    }
+
+    async fn list<T: Watched>(&self) -> Result<(), CallError> {
+        let list = T::list(self).await?;
+        let now = self.clock().now();
+        {
+            let mut view = lock(&self.view);
+            T::listed(&mut view, &list, now);
+            T::reflector(&mut view).listed(list);
+        }
+        self.view_changed.notify_one();
+        Ok(())
+    }
+
+    async fn watch<T: Watched>(&self, from: &str, attempt: &mut u32) -> Result<(), CallError> {
+        let mut stream = T::watch(self, from).await?;
+        loop {
+            let event = match timeout(
+                self.clock().as_ref(),
+                self.config.watch_idle_timeout,
+                stream.next(),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Err(CallError {
+                        what: format!("watch {}", T::KIND),
+                        error: ApiError::Unavailable(format!(
+                            "quiet for {:?}",
+                            self.config.watch_idle_timeout
+                        )),
+                    });
+                }
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(error))) => {
+                    return Err(CallError {
+                        what: format!("watch {}", T::KIND),
+                        error,
+                    });
+                }
+                Ok(Some(Ok(event))) => event,
+            };
+            *attempt = 0;
+            let now = self.clock().now();
+            let outcome = {
+                let mut view = lock(&self.view);
+                T::observed(&mut view, &event, now);
+                T::reflector(&mut view).event(event)
+            };
+            if T::WAKES_ALWAYS || outcome != Outcome::Unchanged {
+                self.view_changed.notify_one();
+            }
+        }
+    }
+
+    // ---- deciding ----
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        loop {
+            let notified = self.view_changed.notified();
+            let wake = self.reconcile();
+            match wake {
+                Some(at) => {
+                    let wait = at.saturating_duration_since(self.clock().now());
+                    tokio::select! {
+                        biased;
+                        _ = notified => {}
+                        _ = self.clock().sleep(wait) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Issues a topology if the members changed, schedules deletions of expired Leases, and
+    /// says when to look again.
+    fn reconcile(&self) -> Option<crate::runtime::Instant> {
+        let now = self.clock().now();
+        let mut view = lock(&self.view);
+        let view = &mut *view;
+        if !view.leases.is_synced() || view.slices.as_ref().is_some_and(|s| !s.is_synced()) {
+            return None;
+        }
+        let serving = view
+            .slices
+            .as_ref()
+            .map(|s| serving_pods(s.objects().values()));
+        let listed = members(
+            &self.ctx.cluster_name,
+            view.leases.objects().values(),
+            serving.as_ref(),
+        );
+        for (name, why) in &listed.skipped {
+            if view.warned.insert(name.clone()) {
+                self.metrics.leases_skipped.inc();
+                tracing::warn!(lease = %name, reason = %why, "skipping a Lease that describes no valid member");
+            }
+        }
+        view.warned
+            .retain(|name| listed.skipped.iter().any(|(n, _)| n == name));
+        if view.applied.as_ref() != Some(&listed.members) {
+            view.version += 1;
+            match ClusterTopology::new(
+                self.ctx.cluster_name.clone(),
+                view.version,
+                listed.members.iter().cloned(),
+            ) {
+                Ok(topology) => match self.ctx.apply_topology(Arc::new(topology)) {
+                    Ok(_) | Err(PlacementError::StaleTopology { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "topology not applied"),
+                },
+                Err(e) => tracing::warn!(error = %e, "topology not built"),
+            }
+            self.metrics.topologies.inc();
+            self.metrics.members.set(listed.members.len() as i64);
+            view.applied = Some(listed.members.clone());
+        }
+        self.synced.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut wake = view.liveness.next_expiry(now);
+        if self.member_mode
+            && let Some(at) = self.schedule_cleaning(view, &listed.members, now)
+        {
+            wake = Some(wake.map_or(at, |w| w.min(at)));
+        }
+        wake
+    }
+
+    /// Expired Leases are deleted by the first live member in id order at once, and by the
+    /// others if it is still there a while later. Returns when the next deletion is due.
+    fn schedule_cleaning(
+        &self,
+        view: &mut View,
+        live: &[Member],
+        now: crate::runtime::Instant,
+    ) -> Option<crate::runtime::Instant> {
+        let me = self.member_id();
+        let own_name = lease_name(&self.ctx.cluster_name, &me);
+        let expired: BTreeMap<String, String> = view
+            .liveness
+            .expired(now)
+            .into_iter()
+            .filter(|(name, _)| *name != own_name && view.leases.objects().contains_key(name))
+            .collect();
+        view.cleaning.retain(|name, _| expired.contains_key(name));
+        view.tried.retain(|name, rv| expired.get(name) == Some(rv));
+        let first = live.iter().map(|m| &m.id).find(|id| {
+            expired
+                .keys()
+                .all(|name| *name != lease_name(&self.ctx.cluster_name, id))
+        });
+        for (name, rv) in &expired {
+            if view.tried.contains_key(name) {
+                continue;
+            }
+            let due = match view.cleaning.get(name) {
+                Some((seen, due)) if seen == rv => *due,
+                _ => {
+                    let delay = if first == Some(&me) {
+                        Duration::ZERO
+                    } else {
+                        let d = self.config.cleaner_delay();
+                        d + jitter(self.clock().as_ref(), d)
+                    };
+                    now + delay
+                }
+            };
+            view.cleaning.insert(name.clone(), (rv.clone(), due));
+        }
+        let due: Vec<(String, String)> = view
+            .cleaning
+            .iter()
+            .filter(|(_, (_, due))| *due <= now)
+            .map(|(name, (rv, _))| (name.clone(), rv.clone()))
+            .collect();
+        for (name, rv) in &due {
+            view.cleaning.remove(name);
+            view.tried.insert(name.clone(), rv.clone());
+        }
+        if !due.is_empty() {
+            lock(&self.to_clean).extend(due);
+            self.clean_now.notify_one();
+        }
+        view.cleaning.values().map(|(_, due)| *due).min()
+    }
+
+    /// Deletes the expired Leases the reconciler hands over.
+    async fn cleaner(self: Arc<Self>) {
+        loop {
+            self.clean_now.notified().await;
+            let batch = std::mem::take(&mut *lock(&self.to_clean));
+            for (name, rv) in batch {
+                let precondition = if sim::flaw("clean-without-precondition") {
+                    None
+                } else {
+                    Some(rv.as_str())
+                };
+                let what = || format!("delete Lease {}/{name}", self.namespace());
+                match self
+                    .call(
+                        what,
+                        self.api.delete_lease(self.namespace(), &name, precondition),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        self.metrics.leases_cleaned.inc();
+                        tracing::info!(lease = %name, resource_version = %rv, "deleted an expired Lease");
+                    }
+                    Err(e) if matches!(e.error, ApiError::NotFound(_) | ApiError::Conflict(_)) => {
+                        tracing::debug!(lease = %name, error = %e, "expired Lease already deleted or renewed");
+                    }
+                    Err(e) => {
+                        // Tried again a while later (and by the other members anyway).
+                        {
+                            let retry = self.clock().now() + self.config.cleaner_delay();
+                            let mut view = lock(&self.view);
+                            view.tried.remove(&name);
+                            view.cleaning.insert(name.clone(), (rv.clone(), retry));
+                        }
+                        self.view_changed.notify_one();
+                        if matches!(e.error, ApiError::Rejected(_)) {
+                            tracing::error!(lease = %name, error = %e, "cannot delete an expired Lease: it stays listed until a member can (check the Role: leases need `delete`)");
+                        } else {
+                            tracing::warn!(lease = %name, error = %e, "deleting an expired Lease failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How many times a graceful shutdown tries to delete the Lease.
+const DELETE_ATTEMPTS: u32 = 5;
+
+/// A kind of object the provider lists and watches.
+#[async_trait]
+trait Watched: Object + PartialEq + Sized {
+    /// For logs.
+    const KIND: &'static str;
+    /// Whether every event (also an unchanged object, a bookmark) may change the view: Lease
+    /// events move proven time.
+    const WAKES_ALWAYS: bool;
+    fn reflector(view: &mut View) -> &mut Reflector<Self>;
+    async fn list(session: &Session) -> Result<ObjectList<Self>, CallError>;
+    async fn watch(session: &Session, from: &str) -> Result<WatchStream<Self>, CallError>;
+    /// What a list tells the view besides the objects.
+    fn listed(_view: &mut View, _list: &ObjectList<Self>, _now: crate::runtime::Instant) {}
+    /// What an event tells the view besides the object.
+    fn observed(_view: &mut View, _event: &WatchEvent<Self>, _now: crate::runtime::Instant) {}
+}
+
+#[async_trait]
+impl Watched for Lease {
+    const KIND: &'static str = "Leases";
+    const WAKES_ALWAYS: bool = true;
+
+    fn reflector(view: &mut View) -> &mut Reflector<Self> {
+        &mut view.leases
+    }
+
+    async fn list(s: &Session) -> Result<ObjectList<Self>, CallError> {
+        let what = || {
+            format!(
+                "list Leases in {} labelled {CLUSTER_LABEL}={}",
+                s.namespace(),
+                s.ctx.cluster_name
+            )
+        };
+        s.call(what, s.api.list_leases(s.namespace(), &s.selector()))
+            .await
+    }
+
+    async fn watch(s: &Session, from: &str) -> Result<WatchStream<Self>, CallError> {
+        let what = || {
+            format!(
+                "watch Leases in {} labelled {CLUSTER_LABEL}={}",
+                s.namespace(),
+                s.ctx.cluster_name
+            )
+        };
+        s.call(what, s.api.watch_leases(s.namespace(), &s.selector(), from))
+            .await
+    }
+
+    fn listed(view: &mut View, list: &ObjectList<Self>, now: crate::runtime::Instant) {
+        view.liveness.replace_all(&list.items, now);
+    }
+
+    fn observed(view: &mut View, event: &WatchEvent<Self>, now: crate::runtime::Instant) {
+        if view.leases.next() == Next::List {
+            return;
+        }
+        match event {
+            WatchEvent::Added(l) | WatchEvent::Modified(l) => view.liveness.observe(l, now),
+            WatchEvent::Deleted(l) => view.liveness.forget(&l.meta.name, now),
+            WatchEvent::Bookmark(_) => view.liveness.heard(now),
+        }
+    }
+}
+
+#[async_trait]
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "EndpointSlices";
+    const WAKES_ALWAYS: bool = false;
+
+    fn reflector(view: &mut View) -> &mut Reflector<Self> {
+        view.slices
+            .as_mut()
+            .expect("EndpointSlices are watched only with a Service")
+    }
+
+    async fn list(s: &Session) -> Result<ObjectList<Self>, CallError> {
+        let service = s.config.service.clone().unwrap_or_default();
+        let what = || format!("list EndpointSlices of Service {}/{service}", s.namespace());
+        s.call(what, s.api.list_endpoint_slices(s.namespace(), &service))
+            .await
+    }
+
+    async fn watch(s: &Session, from: &str) -> Result<WatchStream<Self>, CallError> {
+        let service = s.config.service.clone().unwrap_or_default();
+        let what = || {
+            format!(
+                "watch EndpointSlices of Service {}/{service}",
+                s.namespace()
+            )
+        };
+        s.call(
+            what,
+            s.api.watch_endpoint_slices(s.namespace(), &service, from),
+        )
+        .await
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl ClusterProvider for KubernetesProvider {
+    async fn start_member(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
+        self.start(ctx, true).await
+    }
+
+    async fn start_client(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
+        self.start(ctx, false).await
+    }
+
+    async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError> {
+        let Some(mut running) = self.running.lock().await.take() else {
+            return Err(ProviderError::NotStarted);
+        };
+        let session = running.session.clone();
+        let writing = session.writing.lock().await;
+        running.tasks.stop().await;
+        drop(writing);
+        if graceful && session.member_mode && !sim::flaw("shutdown-keeps-lease") {
+            session.delete_own().await;
+        }
+        tracing::info!(member = %session.member_id(), graceful, "kubernetes provider stopped");
+        Ok(())
+    }
+
+    async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
+        let session = self.session().await?;
+        if !session.member_mode {
+            return Err(ProviderError::NotAMember);
+        }
+        let generation = session
+            .descriptions
+            .set(&session.member, description.clone())?;
+        session.renew_now.notify_one();
+        session
+            .descriptions
+            .wait_shown(
+                &session.ctx,
+                &session.member,
+                generation,
+                &description,
+                self.config.startup_timeout,
+                "the Kubernetes API",
+            )
+            .await
+    }
+
+    async fn resolve_partition_manager(
+        &self,
+        member: &MemberId,
+    ) -> Result<PartitionManagerHandle, ProviderError> {
+        let session = self.session().await?;
+        let found = session
+            .ctx
+            .partition_manager
+            .topology()
+            .member(member)
+            .cloned()
+            .ok_or_else(|| ProviderError::UnknownMember(member.clone()))?;
+        Ok(Arc::new(GrpcPartitionManager::new(
+            session.ctx.cluster_name.clone(),
+            found,
+            session.config.partition_rpc_timeout,
+            session.ctx.clock.clone(),
+        )?))
+    }
+}
