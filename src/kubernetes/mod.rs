@@ -19,9 +19,13 @@
 //! * [`provider`]: [`KubernetesProvider`], the async shell over those: it renews this member's
 //!   Lease, watches, deletes expired Leases and announces this member's own standing.
 //!
-//! Not yet: the kube-rs adapter, the simulated API-server node and its scenarios, manifests.
+//! * [`kube_rs`] (normal build): the production [`api::KubeApi`] over kube-rs.
+//!
+//! Not yet: the simulated API-server node and its scenarios.
 
 pub mod api;
+#[cfg(not(madsim))]
+pub mod kube_rs;
 pub mod members;
 pub mod memory;
 mod metrics;

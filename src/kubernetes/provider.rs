@@ -198,6 +198,8 @@ struct Session {
     /// Held by a write of this member's Lease, so shutdown deletes the Lease that exists.
     writing: tokio::sync::Mutex<()>,
     synced: std::sync::atomic::AtomicBool,
+    /// The newest refusal (403, 422...) of a list or watch: a start fails with it at once.
+    refused: Mutex<Option<String>>,
     metrics: KubernetesProviderMetrics,
 }
 
@@ -264,6 +266,7 @@ impl KubernetesProvider {
             clean_now: tokio::sync::Notify::new(),
             writing: tokio::sync::Mutex::new(()),
             synced: std::sync::atomic::AtomicBool::new(false),
+            refused: Mutex::new(None),
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
             config,
@@ -304,6 +307,9 @@ impl KubernetesProvider {
         let pm = ctx.partition_manager.clone();
         let ready = ctx
             .wait_until(self.config.startup_timeout, || {
+                if lock(&session.refused).is_some() {
+                    return true;
+                }
                 if member_mode {
                     pm.topology().contains(&session.member_id())
                 } else {
@@ -311,12 +317,16 @@ impl KubernetesProvider {
                 }
             })
             .await;
-        if !ready {
+        let refused = lock(&session.refused).take();
+        if !ready || refused.is_some() {
             let writing = session.writing.lock().await;
             drop(started);
             drop(writing);
             if member_mode {
                 session.delete_own().await;
+            }
+            if let Some(why) = refused {
+                return Err(ProviderError::Rejected(why));
             }
             return Err(ProviderError::Unavailable(format!(
                 "this node did not see {} in the cluster's Leases{} within {:?}",
@@ -606,6 +616,10 @@ impl Session {
             {
                 let mut view = lock(&self.view);
                 T::reflector(&mut view).failed(&e.error);
+            }
+            if matches!(e.error, ApiError::Rejected(_)) {
+                tracing::error!(kind = T::KIND, error = %e, "the API server refuses this watch (check the Role and the namespace)");
+                *lock(&self.refused) = Some(e.to_string());
             }
             if matches!(e.error, ApiError::Gone(_)) {
                 self.metrics.relists.inc();

@@ -1,0 +1,509 @@
+//! The kube-rs adapter over real HTTP, against a double of the Kubernetes API server that speaks
+//! its REST and JSON wire format (normal build only): lists with resource versions, chunked
+//! watch streams with bookmarks and `ERROR` events, `409` / `410` / `403` as `Status` objects,
+//! label selection on the server. kube-rs's client, serialization and error handling run for
+//! real; the double keeps its objects in [`MemoryApiServer`].
+#![cfg(not(madsim))]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::coordination::v1 as coordination;
+use serde_json::json;
+use shoal::kubernetes::api::{
+    ApiError, EndpointSlice, KubeApi, Lease, ObjectMeta, WatchEvent, WatchStream,
+};
+use shoal::kubernetes::kube_rs::{
+    KubeRsApi, lease_from_k8s, lease_to_k8s, parse_selector, slice_to_k8s,
+};
+use shoal::kubernetes::members::CLUSTER_LABEL;
+use shoal::kubernetes::memory::MemoryApiServer;
+use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
+use shoal::{ClusterProvider, ClusterProviderContext, ProviderError, TokioClock};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The API server double.
+#[derive(Clone, Default)]
+struct Double {
+    server: MemoryApiServer,
+    /// `verb resource` pairs refused with 403, like `create leases`.
+    forbidden: Arc<Mutex<BTreeSet<String>>>,
+}
+
+fn full(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed_unsync())
+        .unwrap()
+}
+
+/// A `Status` object, as the API server answers failures.
+fn status_json(code: u16, reason: &str, message: &str) -> serde_json::Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code
+    })
+}
+
+fn failure(e: &ApiError) -> Response<Body> {
+    let (code, reason) = match e {
+        ApiError::Conflict(_) => (409, "Conflict"),
+        ApiError::AlreadyExists(_) => (409, "AlreadyExists"),
+        ApiError::NotFound(_) => (404, "NotFound"),
+        ApiError::Gone(_) => (410, "Expired"),
+        ApiError::Unavailable(_) => (503, "ServiceUnavailable"),
+        ApiError::Rejected(_) => (422, "Invalid"),
+    };
+    full(
+        StatusCode::from_u16(code).unwrap(),
+        status_json(code, reason, &e.to_string()),
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
+    req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| percent_decode(v))
+    })
+}
+
+/// A watch as the API server streams it: one JSON object per line.
+fn watch_body<T: Send + 'static>(
+    stream: WatchStream<T>,
+    kind: &'static str,
+    api_version: &'static str,
+    encode: fn(&T) -> serde_json::Value,
+) -> Response<Body> {
+    let lines = stream.scan(false, move |ended, item| {
+        if *ended {
+            return futures::future::ready(None);
+        }
+        let line = match item {
+            Ok(WatchEvent::Added(o)) => json!({"type": "ADDED", "object": encode(&o)}),
+            Ok(WatchEvent::Modified(o)) => json!({"type": "MODIFIED", "object": encode(&o)}),
+            Ok(WatchEvent::Deleted(o)) => json!({"type": "DELETED", "object": encode(&o)}),
+            Ok(WatchEvent::Bookmark(rv)) => json!({"type": "BOOKMARK", "object": {
+                "kind": kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": rv}
+            }}),
+            Err(e) => {
+                *ended = true;
+                let code = if matches!(e, ApiError::Gone(_)) {
+                    410
+                } else {
+                    500
+                };
+                json!({"type": "ERROR", "object": status_json(code, "Expired", &e.to_string())})
+            }
+        };
+        futures::future::ready(Some(Ok::<_, Infallible>(Frame::data(Bytes::from(
+            format!("{line}\n"),
+        )))))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed_unsync(StreamBody::new(lines)))
+        .unwrap()
+}
+
+fn encode_lease(l: &Lease) -> serde_json::Value {
+    serde_json::to_value(lease_to_k8s(l)).unwrap()
+}
+
+fn encode_slice(s: &EndpointSlice) -> serde_json::Value {
+    serde_json::to_value(slice_to_k8s(s)).unwrap()
+}
+
+impl Double {
+    fn forbid(&self, what: &str) {
+        self.forbidden.lock().unwrap().insert(what.to_string());
+    }
+
+    async fn handle(
+        self,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let path: Vec<String> = req.uri().path().split('/').map(String::from).collect();
+        // ["", "apis", group, "v1", "namespaces", ns, resource, name?]
+        let (group, ns, resource, name) = match path.as_slice() {
+            [_, apis, group, _v, namespaces, ns, resource, rest @ ..]
+                if apis == "apis" && namespaces == "namespaces" && rest.len() <= 1 =>
+            {
+                (
+                    group.clone(),
+                    ns.clone(),
+                    resource.clone(),
+                    rest.first().cloned(),
+                )
+            }
+            _ => {
+                return Ok(full(
+                    StatusCode::NOT_FOUND,
+                    status_json(404, "NotFound", "no such path"),
+                ));
+            }
+        };
+        let watch = query(&req, "watch").is_some_and(|w| w == "true" || w == "1");
+        let verb = match (req.method().clone(), name.is_some(), watch) {
+            (Method::GET, false, true) => "watch",
+            (Method::GET, false, false) => "list",
+            (Method::GET, true, _) => "get",
+            (Method::POST, false, _) => "create",
+            (Method::PUT, true, _) => "update",
+            (Method::DELETE, true, _) => "delete",
+            _ => {
+                return Ok(full(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    status_json(405, "MethodNotAllowed", "no"),
+                ));
+            }
+        };
+        if self
+            .forbidden
+            .lock()
+            .unwrap()
+            .contains(&format!("{verb} {resource}"))
+        {
+            let message = format!(
+                "{resource}.{group} {} is forbidden: User \"system:serviceaccount:{ns}:shoal\" cannot {verb} resource \"{resource}\" in API group \"{group}\" in the namespace \"{ns}\"",
+                name.as_deref()
+                    .map(|n| format!("\"{n}\""))
+                    .unwrap_or_default()
+            );
+            return Ok(full(
+                StatusCode::FORBIDDEN,
+                status_json(403, "Forbidden", &message),
+            ));
+        }
+        let selector = parse_selector(&query(&req, "labelSelector").unwrap_or_default());
+        let rv = query(&req, "resourceVersion").unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let s = &self.server;
+        let answer = match (resource.as_str(), verb) {
+            ("leases", "list") => s.list_leases(&ns, &selector).await.map(|l| {
+                full(
+                    StatusCode::OK,
+                    json!({
+                        "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+                        "metadata": {"resourceVersion": l.resource_version},
+                        "items": l.items.iter().map(encode_lease).collect::<Vec<_>>()
+                    }),
+                )
+            }),
+            ("leases", "watch") => s
+                .watch_leases(&ns, &selector, &rv)
+                .await
+                .map(|w| watch_body(w, "Lease", "coordination.k8s.io/v1", encode_lease)),
+            ("leases", "get") => match s.get_lease(&ns, name.as_deref().unwrap()).await {
+                Ok(Some(l)) => Ok(full(StatusCode::OK, encode_lease(&l))),
+                Ok(None) => Err(ApiError::NotFound(format!(
+                    "leases \"{}\" not found",
+                    name.unwrap()
+                ))),
+                Err(e) => Err(e),
+            },
+            ("leases", "create" | "update") => {
+                let lease: coordination::Lease = match serde_json::from_slice(&body) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        return Ok(full(
+                            StatusCode::BAD_REQUEST,
+                            status_json(400, "BadRequest", &e.to_string()),
+                        ));
+                    }
+                };
+                let mut lease = lease_from_k8s(lease);
+                lease.meta.namespace = ns.clone();
+                let written = if verb == "create" {
+                    s.create_lease(lease).await
+                } else {
+                    s.replace_lease(lease).await
+                };
+                written.map(|l| full(StatusCode::OK, encode_lease(&l)))
+            }
+            ("leases", "delete") => {
+                let options: serde_json::Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+                let pre = options["preconditions"]["resourceVersion"]
+                    .as_str()
+                    .map(String::from);
+                s.delete_lease(&ns, name.as_deref().unwrap(), pre.as_deref())
+                    .await
+                    .map(|()| full(StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})))
+            }
+            ("endpointslices", "list") => {
+                let service = selector
+                    .get(shoal::kubernetes::api::SERVICE_NAME_LABEL)
+                    .cloned()
+                    .unwrap_or_default();
+                s.list_endpoint_slices(&ns, &service).await.map(|l| {
+                    full(
+                        StatusCode::OK,
+                        json!({
+                            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                            "metadata": {"resourceVersion": l.resource_version},
+                            "items": l.items.iter().map(encode_slice).collect::<Vec<_>>()
+                        }),
+                    )
+                })
+            }
+            ("endpointslices", "watch") => {
+                let service = selector
+                    .get(shoal::kubernetes::api::SERVICE_NAME_LABEL)
+                    .cloned()
+                    .unwrap_or_default();
+                s.watch_endpoint_slices(&ns, &service, &rv)
+                    .await
+                    .map(|w| watch_body(w, "EndpointSlice", "discovery.k8s.io/v1", encode_slice))
+            }
+            _ => Err(ApiError::NotFound(format!("{verb} {resource}"))),
+        };
+        Ok(answer.unwrap_or_else(|e| failure(&e)))
+    }
+
+    /// Serves on a free loopback port; returns its URL.
+    async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let double = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let double = double.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| double.clone().handle(req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        url
+    }
+}
+
+async fn api_at(url: &str) -> KubeRsApi {
+    let config = kube::Config::new(url.parse().unwrap());
+    KubeRsApi::new(kube::Client::try_from(config).unwrap())
+}
+
+fn lease(name: &str, cluster: &str) -> Lease {
+    Lease {
+        meta: ObjectMeta {
+            name: name.into(),
+            namespace: "ns".into(),
+            labels: [(CLUSTER_LABEL.to_string(), cluster.to_string())].into(),
+            ..ObjectMeta::default()
+        },
+        holder_identity: Some(name.into()),
+        lease_duration_seconds: Some(10),
+        renew_time_micros: Some(1_700_000_000_123_456),
+        ..Lease::default()
+    }
+}
+
+#[tokio::test]
+async fn conflicts_gone_bookmarks_and_selection_cross_the_wire() {
+    let double = Double::default();
+    let api = api_at(&double.serve().await).await;
+    let created = api.create_lease(lease("a", "c")).await.unwrap();
+    assert!(!created.meta.resource_version.is_empty());
+    assert_eq!(
+        created.renew_time_micros,
+        Some(1_700_000_000_123_456),
+        "MicroTime keeps microseconds"
+    );
+    assert!(matches!(
+        api.create_lease(lease("a", "c")).await,
+        Err(ApiError::AlreadyExists(_))
+    ));
+    // A write based on an old version is a conflict; one on the current version succeeds.
+    let mut stale = created.clone();
+    stale.meta.resource_version = "1".into();
+    let mut renewed = created.clone();
+    renewed.renew_time_micros = Some(1_700_000_001_000_000);
+    let renewed = api.replace_lease(renewed).await.unwrap();
+    stale.renew_time_micros = Some(5);
+    assert!(matches!(
+        api.replace_lease(stale).await,
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        api.delete_lease("ns", "a", Some(&created.meta.resource_version))
+            .await,
+        Err(ApiError::Conflict(_))
+    ));
+    assert_eq!(api.get_lease("ns", "nope").await.unwrap(), None);
+    // The server selects by label.
+    api.create_lease(lease("b", "other")).await.unwrap();
+    let sel = [(CLUSTER_LABEL.to_string(), "c".to_string())].into();
+    let list = api.list_leases("ns", &sel).await.unwrap();
+    assert_eq!(
+        list.items
+            .iter()
+            .map(|l| l.meta.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    // A watch from the list sees later changes of its selection, and bookmarks.
+    let mut watch = api
+        .watch_leases("ns", &sel, &list.resource_version)
+        .await
+        .unwrap();
+    api.create_lease(lease("c", "other")).await.unwrap();
+    api.delete_lease("ns", "a", Some(&renewed.meta.resource_version))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(Ok(WatchEvent::Deleted(ref l))) if l.meta.name == "a"),
+        "{next:?}"
+    );
+    double.server.bookmark();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(Ok(WatchEvent::Bookmark(ref rv))) if *rv == double.server.resource_version()),
+        "{next:?}"
+    );
+    // A watch from a compacted version: 410 Gone, as the provider needs to relist.
+    double.server.compact();
+    let gone = match api.watch_leases("ns", &sel, &list.resource_version).await {
+        Err(e) => e,
+        Ok(mut w) => tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .expect("an event")
+            .expect_err("a 410"),
+    };
+    assert!(matches!(gone, ApiError::Gone(_)), "{gone:?}");
+}
+
+fn provider_config() -> KubernetesProviderConfig {
+    let mut c = KubernetesProviderConfig::new("ns");
+    c.lease_duration = Duration::from_secs(2);
+    c.request_timeout = Duration::from_secs(2);
+    c.startup_timeout = Duration::from_secs(10);
+    c
+}
+
+async fn start(
+    url: &str,
+    port: u16,
+) -> Result<(KubernetesProvider, ClusterProviderContext), ProviderError> {
+    let provider = KubernetesProvider::new(provider_config(), Arc::new(api_at(url).await));
+    let ctx = ClusterProviderContext::new(
+        "c",
+        format!("127.0.0.1:{port}"),
+        ["user"],
+        TokioClock::shared(),
+    )
+    .unwrap();
+    provider.start_member(ctx.clone()).await?;
+    Ok((provider, ctx))
+}
+
+#[tokio::test]
+async fn members_over_kube_rs_see_each_other_and_drop_a_crashed_one() {
+    let double = Double::default();
+    let url = double.serve().await;
+    let (a, a_ctx) = start(&url, 4001).await.unwrap();
+    let (b, b_ctx) = start(&url, 4002).await.unwrap();
+    let (c, _) = start(&url, 4003).await.unwrap();
+    common::wait_until("three members everywhere", 10, || {
+        a_ctx.partition_manager.topology().len() == 3
+            && b_ctx.partition_manager.topology().len() == 3
+    })
+    .await;
+    // c stops without deleting its Lease (a crash): a peer deletes it once expired.
+    c.shutdown(false).await.unwrap();
+    common::wait_until("the crashed member dropped", 15, || {
+        a_ctx.partition_manager.topology().len() == 2
+            && b_ctx.partition_manager.topology().len() == 2
+    })
+    .await;
+    assert_eq!(double.server.leases().len(), 2);
+    // b leaves gracefully: its Lease is deleted.
+    b.shutdown(true).await.unwrap();
+    common::wait_until("the leaver dropped", 10, || {
+        a_ctx.partition_manager.topology().len() == 1
+    })
+    .await;
+    assert_eq!(double.server.leases().len(), 1);
+    a.shutdown(true).await.unwrap();
+    assert!(double.server.leases().is_empty());
+}
+
+#[tokio::test]
+async fn refusals_name_the_resource_and_the_verb() {
+    let double = Double::default();
+    let url = double.serve().await;
+    double.forbid("create leases");
+    let err = start(&url, 4001).await.expect_err("start must fail");
+    let text = err.to_string();
+    assert!(matches!(err, ProviderError::Rejected(_)), "{text}");
+    assert!(
+        text.contains("create Lease ns/") && text.contains("forbidden"),
+        "{text}"
+    );
+    let double = Double::default();
+    let url = double.serve().await;
+    double.forbid("list leases");
+    let err = start(&url, 4001).await.expect_err("start must fail");
+    let text = err.to_string();
+    assert!(matches!(err, ProviderError::Rejected(_)), "{text}");
+    assert!(
+        text.contains("list Leases in ns") && text.contains("forbidden"),
+        "{text}"
+    );
+    // The refused start left nothing behind.
+    assert!(double.server.leases().is_empty());
+}
