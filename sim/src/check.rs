@@ -40,8 +40,11 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
             .iter()
             .any(|(n, _, inc)| n == name && &inc.id == id && inc.manager.version() == *v)
     });
-    // By (registry epoch, version): version numbers of two registry runs may coincide.
-    let mut by_version: BTreeMap<(u64, u64), Vec<NodeSample>> = BTreeMap::new();
+    // By (registry epoch, version): version numbers of two registry runs may coincide. Where
+    // each node numbers its own topologies (Kubernetes), by member set instead: nodes that
+    // list the same members must place the same way.
+    let per_node_versions = cluster.provider() == ProviderKind::Kubernetes;
+    let mut by_version: BTreeMap<(u64, u64, Vec<MemberId>), Vec<NodeSample>> = BTreeMap::new();
     for (name, _, inc) in &views {
         let t = inc.manager.topology();
         if t.version() == 0 {
@@ -57,12 +60,17 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
                 )
             })
             .clone();
+        let key = if per_node_versions {
+            (0, 0, t.member_ids().cloned().collect())
+        } else {
+            (t.epoch(), t.version(), Vec::new())
+        };
         by_version
-            .entry((t.epoch(), t.version()))
+            .entry(key)
             .or_default()
             .push((name.clone(), t, owners));
     }
-    for ((_, version), nodes) in &by_version {
+    for ((_, version, _), nodes) in &by_version {
         let (first_name, first_t, first_owners) = &nodes[0];
         for (name, t, owners) in &nodes[1..] {
             if !t.member_ids().eq(first_t.member_ids()) {
@@ -127,6 +135,11 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
             ));
         }
         match version {
+            // Each node numbers its own topologies (no central issuer): equal member sets and
+            // placement are what must agree.
+            _ if cluster.provider() == ProviderKind::Kubernetes => {
+                version.get_or_insert((t.epoch(), t.version()));
+            }
             None => version = Some((t.epoch(), t.version())),
             Some((e, v)) if (e, v) != (t.epoch(), t.version()) => {
                 return Err(format!(
@@ -162,6 +175,15 @@ pub fn liveness_bound(cluster: &SimCluster) -> Duration {
         ProviderKind::Registry => {
             let c = cluster.registry_config();
             (c.grace() + c.ttl + c.heartbeat()) * 4 / 3 + Duration::from_secs(5 + 10 + 4)
+        }
+        // A dead member's Lease is deleted a duration (plus up to half of one, if the first
+        // cleaner is gone too) after its last renewal; a member that lost its Lease creates a
+        // new one at its next renewal; a restarted process starts within a few seconds; watches
+        // reopen within a renew interval; slow clocks (25%) stretch all of it.
+        ProviderKind::Kubernetes => {
+            let c = crate::cluster::kubernetes_config(None);
+            (c.lease_duration * 2 + c.renew_interval() + c.watch_idle_timeout) * 4 / 3
+                + Duration::from_secs(5 + 10 + 4)
         }
     }
 }

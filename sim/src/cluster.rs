@@ -15,6 +15,9 @@ use std::time::Duration;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use madsim::time::{Instant, sleep};
+use shoal::kubernetes::api::ObjectReference;
+use shoal::kubernetes::memory::MemoryApiServer;
+use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics};
 use shoal::metrics::{EventMetrics, PlacementMetrics};
 use shoal::provider::memory::{InMemoryProvider, InMemoryRegistry};
 use shoal::registry::{
@@ -27,6 +30,7 @@ use shoal::{
     PartitionConfig, PartitionManager,
 };
 
+use crate::apiserver::{APISERVER_PORT, KubeDoor, SimKubeApi};
 use crate::faults::Fault;
 use crate::flaw::{Flaw, FlawedProvider};
 use crate::health::Health;
@@ -84,6 +88,26 @@ pub enum ProviderKind {
     InMemory,
     /// [`RegistryProvider`] against a [`RegistryServer`] on its own node.
     Registry,
+    /// [`KubernetesProvider`] against a simulated API server on its own node
+    /// ([`crate::apiserver`]).
+    Kubernetes,
+}
+
+/// The Kubernetes provider settings simulations use: a 6 s Lease (the registry's TTL) renewed
+/// every 2 s; each member's Lease owned by its Pod.
+pub fn kubernetes_config(pod: Option<&str>) -> KubernetesProviderConfig {
+    let mut c = KubernetesProviderConfig::new("default");
+    c.lease_duration = Duration::from_secs(6);
+    c.request_timeout = Duration::from_secs(1);
+    c.watch_idle_timeout = Duration::from_secs(10);
+    c.startup_timeout = Duration::from_secs(10);
+    c.pod = pod.map(|name| ObjectReference {
+        kind: "Pod".into(),
+        namespace: "default".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    });
+    c
 }
 
 /// How to build a [`SimCluster`].
@@ -205,6 +229,7 @@ enum MetricSource {
     Events(EventMetrics),
     Placement(PlacementMetrics),
     Registry(RegistryMetrics),
+    Kubernetes(KubernetesProviderMetrics),
 }
 
 struct Slot {
@@ -274,6 +299,11 @@ struct RegistryControl {
     down: AtomicBool,
     /// Frozen by a [`Fault::RegistryPause`], since this instant.
     paused_since: Mutex<Option<Instant>>,
+    /// Down (crashed, not restarted yet) since this instant.
+    down_since: Mutex<Option<Instant>>,
+    /// For the Kubernetes provider, this node is the API server and this its door (its store
+    /// survives restarts, as etcd does).
+    kube: Option<Arc<KubeDoor>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -287,18 +317,22 @@ impl SimCluster {
         registry_config.limits.watch_buffer = b.knobs.watch_buffer;
         registry_config.publish_interval =
             b.knobs.publish_interval.min(registry_config.sweep_interval);
-        let oracles = Oracles::new(
-            recorder.clone(),
-            Bounds::new(
+        let bounds = match b.provider {
+            ProviderKind::Kubernetes => {
+                Bounds::kubernetes(&kubernetes_config(None), b.knobs.buggify)
+            }
+            _ => Bounds::new(
                 &registry_config,
                 b.knobs.buggify,
                 b.provider == ProviderKind::Registry,
             ),
-        );
+        };
+        let oracles = Oracles::new(recorder.clone(), bounds);
         let door = Arc::new(Door::default());
         door.set_duplicate_leaves(b.knobs.duplicate_leaves);
         door.set_lose_first_leave(b.knobs.lose_first_leave);
         let metrics: Arc<Mutex<Vec<MetricSource>>> = Arc::default();
+        let kube_door = door.clone();
         let registry = (b.provider == ProviderKind::Registry).then(|| {
             let server: Arc<Mutex<Option<(u64, RegistryServer)>>> = Arc::default();
             let clock = SkewedClock::new(TokioClock::shared());
@@ -353,7 +387,13 @@ impl SimCluster {
                 crashes: AtomicU64::new(0),
                 down: AtomicBool::new(false),
                 paused_since: Mutex::new(None),
+                down_since: Mutex::new(None),
+                kube: None,
             }
+        });
+        let registry = registry.or_else(|| {
+            (b.provider == ProviderKind::Kubernetes)
+                .then(|| start_apiserver(&handle, &oracles, &recorder, kube_door))
         });
         let memory = InMemoryRegistry::new();
         let fresh = Arc::new(FreshOwners::default());
@@ -368,7 +408,7 @@ impl SimCluster {
             let ip = if is_client {
                 IpAddr::V4(Ipv4Addr::new(10, 0, 2, (i - b.members + 1) as u8))
             } else {
-                IpAddr::V4(Ipv4Addr::new(10, 0, 1, (i + 1) as u8))
+                member_ip(i)
             };
             let clock = SkewedClock::new(TokioClock::shared());
             let current: Arc<Mutex<Option<Incarnation>>> = Arc::default();
@@ -563,10 +603,16 @@ impl SimCluster {
         if lock(&r.paused_since).is_some() {
             return; // A frozen process publishes nothing (and expires nobody).
         }
-        let Some((run, server)) = lock(&r.server).clone() else {
-            return;
+        let (run, topology) = match &r.kube {
+            // The API server's store: Leases survive its restarts (one run).
+            Some(door) => (1, door.topology(CLUSTER)),
+            None => {
+                let Some((run, server)) = lock(&r.server).clone() else {
+                    return;
+                };
+                (run, server.topology(CLUSTER))
+            }
         };
-        let topology = server.topology(CLUSTER);
         let healthy = |id: &MemberId| self.slot_of(id).and_then(|i| self.health.healthy_since(i));
         let excused =
             |id: &MemberId, renewed_at: Instant| self.lease_judgement_excused(id, renewed_at);
@@ -750,6 +796,22 @@ impl SimCluster {
                     })
                     .collect()
             };
+            // Kubernetes: a member removes the departed one (deletes its Lease); that needs
+            // some other member that could reach the API server the whole time.
+            let expiry = bound > DELIVERY + POLL;
+            if expiry && c.provider == ProviderKind::Kubernetes {
+                let members = c.member_count();
+                let cleaner = views.iter().any(|(k, _, inc)| {
+                    *k < members
+                        && inc.ready_at.is_some_and(|r| r <= at)
+                        && c.health.healthy_since(*k).is_some_and(|h| h <= at)
+                });
+                if !cleaner {
+                    c.recorder
+                        .count("failover: not judged (no member reached the API server throughout)");
+                    return;
+                }
+            }
             for (j, name, inc) in views {
                 let Some(ready) = inc.ready_at else { continue };
                 let Some(healthy) = c.health.healthy_since(j) else {
@@ -921,11 +983,17 @@ impl SimCluster {
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
                 r.door.set_heartbeat_loss(&id, true);
+                if let Some(k) = &r.kube {
+                    k.set_renewal_loss(member_ip(member), true);
+                }
                 lock(&self.slots)[member].lost_heartbeats = true;
                 self.refresh_health();
                 self.later(duration, move |c| {
                     if let Some(r) = &c.registry {
                         r.door.set_heartbeat_loss(&id, false);
+                        if let Some(k) = &r.kube {
+                            k.set_renewal_loss(member_ip(member), false);
+                        }
                     }
                     lock(&c.slots)[member].lost_heartbeats = false;
                     c.refresh_health();
@@ -1087,6 +1155,7 @@ impl SimCluster {
                     .recorder
                     .fault_started(fault.to_string(), vec!["registry".into()]);
                 let door = r.door.clone();
+                let kube = r.kube.clone();
                 let c = self.clone();
                 self.background(async move {
                     for k in 0..times {
@@ -1097,6 +1166,9 @@ impl SimCluster {
                             sleep(period).await;
                         }
                         door.reset_streams();
+                        if let Some(kube) = &kube {
+                            kube.reset_streams();
+                        }
                     }
                     c.recorder.fault_healed(idx);
                 });
@@ -1139,7 +1211,9 @@ impl SimCluster {
             self.handle.resume(r.node.id());
         }
         self.handle.kill(r.node.id());
-        r.down.store(true, Ordering::SeqCst);
+        if !r.down.swap(true, Ordering::SeqCst) {
+            *lock(&r.down_since) = Some(Instant::now());
+        }
         self.refresh_health();
         let crash = r.crashes.fetch_add(1, Ordering::SeqCst) + 1;
         self.recorder.trace("registry", "crashed");
@@ -1163,7 +1237,11 @@ impl SimCluster {
             return;
         };
         self.handle.resume(r.node.id());
-        self.oracles.registry_stalled(since.elapsed());
+        if r.kube.is_some() {
+            self.oracles.apiserver_silent(since.elapsed());
+        } else {
+            self.oracles.registry_stalled(since.elapsed());
+        }
         self.refresh_health();
     }
 
@@ -1174,6 +1252,11 @@ impl SimCluster {
         {
             self.handle.kill(r.node.id());
             self.handle.restart(r.node.id());
+            if r.kube.is_some()
+                && let Some(since) = lock(&r.down_since).take()
+            {
+                self.oracles.apiserver_silent(since.elapsed());
+            }
             self.refresh_health();
         }
     }
@@ -1239,6 +1322,21 @@ impl SimCluster {
                 MetricSource::Placement(m) => {
                     rec.count_n("placement: owner cache evictions", m.evictions.get());
                     rec.count_n("placement: stale topologies refused", m.stale_updates.get());
+                }
+                MetricSource::Kubernetes(m) => {
+                    rec.count_n("kubernetes: renew failures", m.renew_failures.get());
+                    rec.count_n("kubernetes: relists after 410", m.relists.get());
+                    rec.count_n("kubernetes: watches reopened", m.watch_reopens.get());
+                    rec.count_n("kubernetes: expired leases deleted", m.leases_cleaned.get());
+                    rec.count_n("kubernetes: membership lost", m.membership_lost.get());
+                    rec.count_n(
+                        "kubernetes: membership restored",
+                        m.membership_restored.get(),
+                    );
+                    rec.count_n(
+                        "kubernetes: description updates",
+                        m.description_updates.get(),
+                    );
                 }
                 MetricSource::Registry(m) => {
                     rec.count_n(
@@ -1421,6 +1519,13 @@ impl NodeSpec {
                 lock(&self.metrics).push(MetricSource::Provider(p.metrics().clone()));
                 Box::new(p)
             }
+            ProviderKind::Kubernetes => {
+                let api = SimKubeApi::new(SocketAddr::from(([10, 0, 0, 1], APISERVER_PORT)));
+                let pod = format!("pod-{}", self.name);
+                let p = KubernetesProvider::new(kubernetes_config(Some(&pod)), Arc::new(api));
+                lock(&self.metrics).push(MetricSource::Kubernetes(p.metrics().clone()));
+                Box::new(p)
+            }
         };
         let provider: Arc<dyn ClusterProvider> = if self.flaw.wraps_provider() {
             Arc::new(FlawedProvider::new(provider, self.flaw))
@@ -1519,5 +1624,60 @@ impl NodeSpec {
         }
         *lock(&self.stop.done) = Some(Instant::now());
         std::future::pending::<()>().await;
+    }
+}
+
+/// Events the simulated API server keeps for watches to resume from.
+const APISERVER_HISTORY: usize = 32;
+
+/// The address of member `i`'s node.
+fn member_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 1, (i + 1) as u8))
+}
+
+/// The simulated API server's node (at the registry's address), with its door; its store
+/// lives outside the node, so it survives restarts. It sends bookmarks every 2 s.
+fn start_apiserver(
+    handle: &Handle,
+    oracles: &Arc<Oracles>,
+    recorder: &Recorder,
+    door: Arc<Door>,
+) -> RegistryControl {
+    // A short event history (about 10 s of renewals): a watcher cut off for longer gets
+    // 410 Gone when it resumes and must relist.
+    let store = MemoryApiServer::new(APISERVER_HISTORY);
+    let kube = KubeDoor::new(store, oracles.clone(), recorder.clone());
+    // One run: the store's Leases persist across API-server restarts.
+    oracles.registry_started(1);
+    let (k, rec) = (kube.clone(), recorder.clone());
+    let node = handle
+        .create_node()
+        .name("apiserver")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
+        .init(move || {
+            let (door, rec) = (k.clone(), rec.clone());
+            async move {
+                rec.trace("apiserver", "started");
+                let store = door.store().clone();
+                madsim::task::spawn(async move {
+                    loop {
+                        sleep(Duration::from_secs(2)).await;
+                        store.bookmark();
+                    }
+                });
+                door.serve().await;
+            }
+        })
+        .build();
+    RegistryControl {
+        node,
+        server: Arc::default(),
+        clock: SkewedClock::new(TokioClock::shared()),
+        door,
+        crashes: AtomicU64::new(0),
+        down: AtomicBool::new(false),
+        paused_since: Mutex::new(None),
+        down_since: Mutex::new(None),
+        kube: Some(kube),
     }
 }

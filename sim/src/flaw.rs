@@ -77,6 +77,24 @@ pub enum Flaw {
     /// Planted in the registry's publisher: an update that coalesces several changes leaves
     /// out the members that left.
     CoalescedDropsLeft,
+    /// Planted in the Kubernetes provider's liveness: every gap between this member's own
+    /// renewals counts as proven time, however long (client-go's rule), so a member that
+    /// could not renew for a while expires everyone when it can again.
+    K8sAgesWhileSilent,
+    /// Planted in the Kubernetes provider's cleaner: expired Leases are deleted without the
+    /// resource-version precondition, so one renewed in between is deleted anyway.
+    K8sCleanWithoutPrecondition,
+    /// Planted in the Kubernetes provider: a graceful shutdown does not delete the Lease.
+    K8sShutdownKeepsLease,
+    /// Planted in the Kubernetes provider's renewal: a member whose Lease was deleted
+    /// recreates it under the same id, so peers see a removed member come back.
+    K8sRecreateSameId,
+    /// Planted in the watch state machine: a `410 Gone` does not relist (the watch retries the
+    /// compacted version forever).
+    K8s410NotRelisted,
+    /// Planted in the Kubernetes provider's cleaner: a restarted process does not delete the
+    /// Lease of its previous incarnation at the same address.
+    K8sGhostKept,
 }
 
 impl Flaw {
@@ -101,6 +119,12 @@ impl Flaw {
             Flaw::UpdateIgnoresChanged => "update-ignores-changed",
             Flaw::UpdateOmitsChanged => "update-omits-changed",
             Flaw::CoalescedDropsLeft => "coalesced-drops-left",
+            Flaw::K8sAgesWhileSilent => "k8s-ages-while-silent",
+            Flaw::K8sCleanWithoutPrecondition => "clean-without-precondition",
+            Flaw::K8sShutdownKeepsLease => "shutdown-keeps-lease",
+            Flaw::K8sRecreateSameId => "k8s-recreate-same-id",
+            Flaw::K8s410NotRelisted => "k8s-410-not-relisted",
+            Flaw::K8sGhostKept => "k8s-ghost-kept",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

@@ -183,7 +183,19 @@ fn flapping(r: &mut SimRng, n: usize) -> FaultSchedule {
 }
 
 fn clock_skew(r: &mut SimRng, n: usize) -> FaultSchedule {
-    // Every member's clock offset and drifting, and the registry's too; then a crash.
+    // Every member's clock offset and drifting (up to 25%), and the registry's too; then a
+    // crash.
+    skewed_then_crash(r, n, 250_000, true)
+}
+
+/// Every member's clock offset by up to 2 min and drifting by up to `max_drift_ppm` (and the
+/// registry's clock too, if `registry`); a crash at 30 s.
+fn skewed_then_crash(
+    r: &mut SimRng,
+    n: usize,
+    max_drift_ppm: u64,
+    registry: bool,
+) -> FaultSchedule {
     let mut faults: Vec<Scheduled> = (0..n)
         .map(|m| {
             at(
@@ -191,12 +203,14 @@ fn clock_skew(r: &mut SimRng, n: usize) -> FaultSchedule {
                 Fault::ClockSkew {
                     member: m,
                     offset_ms: r.range(0, 240_000) as i64 - 120_000,
-                    drift_ppm: r.range(0, 500_000) as i64 - 250_000,
+                    drift_ppm: r.range(0, 2 * max_drift_ppm) as i64 - max_drift_ppm as i64,
                 },
             )
         })
         .collect();
-    faults.push(at(1.5, FaultKind::RegistryClock.draw(r, n)));
+    if registry {
+        faults.push(at(1.5, FaultKind::RegistryClock.draw(r, n)));
+    }
     faults.push(at(
         30.0,
         Fault::Crash {
@@ -532,7 +546,128 @@ pub fn all() -> Vec<Scenario> {
             covers: &["workload: reports with moves"],
             known_failure: None,
         },
+        k8s(
+            "k8s-member-crash",
+            "Kubernetes: one member crashes for good (its Lease expires and a peer deletes it), another crashes and restarts",
+            75,
+            member_crash,
+            &[
+                "kubernetes: expired leases deleted",
+                "workload: reports with moves",
+            ],
+        ),
+        k8s(
+            "k8s-lease-expiry",
+            "Kubernetes: one or two members cut off from the API server past their Lease, then healed (lost, deleted, back as a new incarnation; watches relist after 410)",
+            75,
+            partition_heal,
+            &[
+                "kubernetes: membership lost",
+                "kubernetes: membership restored",
+                "kubernetes: relists after 410",
+            ],
+        ),
+        k8s(
+            "k8s-renewal-loss",
+            "Kubernetes: a member's Lease renewals are lost while its watches flow, twice",
+            75,
+            heartbeat_loss,
+            &["kubernetes: renew failures"],
+        ),
+        k8s(
+            "k8s-apiserver-down",
+            "Kubernetes: the API server freezes for 1.3-3.3 Lease durations (nobody can renew: nobody may be evicted), one member stays cut off 1-3 s longer; later a member crashes and it freezes briefly",
+            75,
+            k8s_apiserver_down,
+            &[
+                "kubernetes: membership lost",
+                "kubernetes: membership restored",
+            ],
+        ),
+        k8s(
+            "k8s-apiserver-restart",
+            "Kubernetes: the API server restarts twice (its store kept, every watch ends)",
+            75,
+            registry_restart,
+            &["kubernetes: watches reopened"],
+        ),
+        k8s(
+            "k8s-rolling-update",
+            "Kubernetes: every Pod replaced in turn by a new incarnation (kubectl rollout restart)",
+            75,
+            rolling_restart,
+            &["kubernetes: expired leases deleted"],
+        ),
+        k8s(
+            "k8s-graceful-leave",
+            "Kubernetes: members shut down gracefully (their Leases deleted), one for good",
+            75,
+            graceful_leave,
+            &["fault: leave"],
+        ),
+        k8s(
+            "k8s-clock-skew",
+            "Kubernetes: every node's clock offset by up to 2 min and drifting within the 2% bound, then a crash",
+            75,
+            k8s_clock_skew,
+            &[],
+        ),
+        k8s(
+            "k8s-network",
+            "Kubernetes: lost replies, swizzle-clogging, watch streams reset, a one-way cut, a crash",
+            75,
+            network,
+            &["kubernetes: watches reopened", "kubernetes: renew failures"],
+        ),
     ]
+}
+
+/// A Kubernetes scenario: 5 members and a client against the simulated API server.
+fn k8s(
+    name: &'static str,
+    about: &'static str,
+    fault_phase: u64,
+    generate: fn(&mut SimRng, usize) -> FaultSchedule,
+    covers: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        name,
+        about,
+        provider: ProviderKind::Kubernetes,
+        members: 5,
+        clients: 1,
+        fault_phase: Duration::from_secs(fault_phase),
+        generate,
+        app: None,
+        covers,
+        known_failure: None,
+    }
+}
+
+/// The API server freezes for 8-20 s while one member is cut off from it for 1-3 s longer:
+/// when it thaws, the others can renew before that member can, and must not count the freeze
+/// against it. Then the registry-pause tail: a crash, a short freeze.
+fn k8s_apiserver_down(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let freeze = r.ms(8_000, 20_000);
+    let mut schedule = registry_pause(r, n);
+    schedule.faults[0] = at(10.0, Fault::RegistryPause { duration: freeze });
+    schedule.faults.push(at(
+        10.0,
+        Fault::Partition {
+            members: vec![r.pick(n)],
+            with_registry: false,
+            duration: freeze + r.ms(1_000, 3_000),
+        },
+    ));
+    FaultSchedule::new(schedule.faults)
+}
+
+/// Every node's clock offset (wall time: only written into Leases, never compared) and
+/// drifting within the bound the Kubernetes provider assumes (expiry is judged on the cleaning
+/// member's clock); then a crash.
+fn k8s_clock_skew(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let bound = shoal::provider::LeaseTiming::DEFAULT_MAX_DRIFT_PPM as u64;
+    skewed_then_crash(r, n, bound, false)
 }
 
 /// Scenarios kept out of the default campaign because the product fails them today; each
@@ -747,7 +882,7 @@ async fn run_inner(
         checks_until,
     ));
     for s in &schedule.faults {
-        if s.fault.needs_registry() && scenario.provider != ProviderKind::Registry {
+        if s.fault.needs_registry() && scenario.provider == ProviderKind::InMemory {
             continue;
         }
         sleep_until(phase + s.at.min(scenario.fault_phase)).await;

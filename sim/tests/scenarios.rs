@@ -134,7 +134,12 @@ fn a_seed_replays_exactly() {
 }
 
 fn first_failure(name: &str, flaw: Flaw, needle: &str) -> String {
-    for seed in 1..=6 {
+    first_failure_within(name, flaw, needle, 6)
+}
+
+/// [`first_failure`] over seeds `1..=seeds` (for a flaw that needs a rarer interleaving).
+fn first_failure_within(name: &str, flaw: Flaw, needle: &str, seeds: u64) -> String {
+    for seed in 1..=seeds {
         let r = run(name, seed, flaw);
         if let Some(v) = r.recording.violations.iter().find(|v| v.contains(needle)) {
             return v.clone();
@@ -389,4 +394,67 @@ fn failover_latency_is_recorded_for_every_crash() {
             "failover took {f:?}"
         );
     }
+}
+
+// The Kubernetes provider: each checker fires on a one-line bug planted in the real code.
+
+/// client-go's rule (a Lease ages by the time since this node last saw it change, whether or
+/// not this node could write meanwhile): after an API-server freeze, the first member to
+/// renew deletes a peer that could not renew yet.
+#[test]
+fn lease_oracle_fires_on_kubernetes_leases_aging_while_nobody_could_renew() {
+    let v = first_failure(
+        "k8s-apiserver-down",
+        Flaw::K8sAgesWhileSilent,
+        "registry stalls since",
+    );
+    assert!(v.contains("was expired"), "{v}");
+}
+
+/// A cleaner that deletes without the resource-version precondition deletes a Lease renewed
+/// after it looked: a live member is removed.
+#[test]
+fn lease_oracle_fires_on_kubernetes_deletes_without_a_precondition() {
+    let v = first_failure_within(
+        "k8s-network",
+        Flaw::K8sCleanWithoutPrecondition,
+        "lease:",
+        15,
+    );
+    assert!(
+        v.contains("was expired") || v.contains("had not announced MembershipLost"),
+        "{v}"
+    );
+}
+
+#[test]
+fn failover_checker_fires_on_a_kubernetes_shutdown_that_keeps_its_lease() {
+    let v = first_failure(
+        "k8s-graceful-leave",
+        Flaw::K8sShutdownKeepsLease,
+        "left gracefully",
+    );
+    assert!(v.starts_with("t=") && v.contains("failover:"), "{v}");
+}
+
+#[test]
+fn removed_is_final_fires_on_a_kubernetes_member_that_recreates_its_deleted_lease() {
+    let v = first_failure("k8s-lease-expiry", Flaw::K8sRecreateSameId, "listed again");
+    assert!(v.contains("new incarnation"), "{v}");
+}
+
+#[test]
+fn liveness_fires_on_a_kubernetes_watch_that_does_not_relist_after_410() {
+    let v = first_failure_within("k8s-lease-expiry", Flaw::K8s410NotRelisted, "liveness:", 12);
+    assert!(v.contains("not converged"), "{v}");
+}
+
+#[test]
+fn lease_oracle_fires_on_a_restarted_kubernetes_member_that_keeps_its_ghost() {
+    let v = first_failure(
+        "k8s-rolling-update",
+        Flaw::K8sGhostKept,
+        "started at its address",
+    );
+    assert!(v.contains("still listed"), "{v}");
 }

@@ -104,58 +104,79 @@ struct Seen {
     resource_version: String,
 }
 
-/// Which Leases are live, judged on this observer's clock.
+/// Which Leases are live, judged on this observer's clock, by a member that renews its own
+/// Lease.
 ///
-/// A Lease ages only while this observer can *prove* its cache is current: each answer from
-/// the API server (a list, a watch event, a bookmark) advances a "proven time" by the time
-/// since the previous answer, at most `max_gap`. Leases age on the proven time, so when this
-/// observer is cut off from the API server (or the API server is down for everyone), no Lease
-/// ages by more than `max_gap`: nobody is expired because nobody could renew, and a Lease
-/// whose renewals this observer cannot see is not mistaken for a dead one. While answers keep
-/// coming at least every `max_gap` (a member sees its own renewals), proven time is real time
-/// on this node's monotonic clock.
+/// A Lease ages on **proven time**: time during which this member's own renewals kept being
+/// accepted. Each accepted renewal advances it by the time since the previous one (sent to
+/// sent, on this node's monotonic clock) if that gap is at most `continuity`; a longer gap
+/// (this member could not write for a while) adds nothing. So when the API server is down,
+/// slow to accept writes, or unreachable from here, no Lease ages: nobody is expired because
+/// nobody could renew, and a Lease whose renewals this member could not see is not mistaken
+/// for a dead one. While its renewals go through, proven time is real time. Expiry is judged
+/// at each renewal (proven time moves in steps), so it is seen up to one renew interval late;
+/// a change seen between two renewals is dated by the time since the last one, so a Lease
+/// never looks older than it is.
 #[derive(Clone, Debug)]
 pub struct Liveness {
     seen: BTreeMap<String, Seen>,
-    /// Proven time up to `last_heard`.
+    /// Proven time up to `last_renewal`.
     proven: Duration,
-    /// When the API server last answered.
-    last_heard: Option<Instant>,
-    max_gap: Duration,
+    /// When this member's newest accepted renewal was sent.
+    last_renewal: Option<Instant>,
+    continuity: Duration,
 }
 
 impl Liveness {
-    /// Nothing seen yet; one answer proves at most `max_gap` of time.
-    pub fn new(max_gap: Duration) -> Self {
+    /// Nothing seen yet; renewals more than `continuity` apart prove no time in between.
+    pub fn new(continuity: Duration) -> Self {
         Self {
             seen: BTreeMap::new(),
             proven: Duration::ZERO,
-            last_heard: None,
-            max_gap,
+            last_renewal: None,
+            continuity,
         }
     }
 
-    /// The proven time at `now`: what was proven by the last answer, plus the time since, at
-    /// most `max_gap`.
-    fn proven_at(&self, now: Instant) -> Duration {
-        match self.last_heard {
-            Some(t) => self.proven + now.saturating_duration_since(t).min(self.max_gap),
+    /// This member's own renewal, sent at `sent_at`, was accepted.
+    pub fn renewed_own(&mut self, sent_at: Instant) {
+        let Some(last) = self.last_renewal else {
+            self.last_renewal = Some(sent_at);
+            return;
+        };
+        if sent_at <= last {
+            return; // An older renewal answered late.
+        }
+        let gap = sent_at.saturating_duration_since(last);
+        if gap <= self.continuity || crate::runtime::sim::flaw("k8s-ages-while-silent") {
+            self.proven += gap;
+        } else {
+            // No proven time passed since `last`: changes seen meanwhile were dated as if it
+            // had (see `seen_at`); they happened at the proven time of `last`.
+            for s in self.seen.values_mut() {
+                s.changed_at = s.changed_at.min(self.proven);
+            }
+        }
+        self.last_renewal = Some(sent_at);
+    }
+
+    /// The proven time to date a change seen at `now` with: at most the proven time of the
+    /// last renewal plus the real time since (proven time never runs faster than real time),
+    /// so a Lease never looks older than it is. If the next renewal shows this member could
+    /// not write meanwhile, [`Self::renewed_own`] brings it back down.
+    fn seen_at(&self, now: Instant) -> Duration {
+        match self.last_renewal {
+            Some(t) => self.proven + now.saturating_duration_since(t),
             None => self.proven,
         }
     }
 
-    /// The API server answered at `now` (a list, an event or a bookmark of the Lease watch).
-    pub fn heard(&mut self, now: Instant) {
-        self.proven = self.proven_at(now);
-        self.last_heard = Some(self.last_heard.map_or(now, |t| t.max(now)));
-    }
-
     /// The Lease was seen (listed, added or modified) at `now`.
     pub fn observe(&mut self, lease: &Lease, now: Instant) {
-        self.heard(now);
         let renewal = (lease.renew_time_micros, lease.holder_identity.clone());
         let duration = Duration::from_secs(lease.lease_duration_seconds.unwrap_or(0).max(1) as u64);
         let resource_version = lease.meta.resource_version.clone();
+        let changed_at = self.seen_at(now);
         match self.seen.get_mut(&lease.meta.name) {
             Some(s) if s.renewal == renewal => {
                 s.duration = duration;
@@ -166,7 +187,7 @@ impl Liveness {
                     lease.meta.name.clone(),
                     Seen {
                         renewal,
-                        changed_at: self.proven,
+                        changed_at,
                         duration,
                         resource_version,
                     },
@@ -175,16 +196,14 @@ impl Liveness {
         }
     }
 
-    /// The Lease was deleted (seen at `now`).
-    pub fn forget(&mut self, name: &str, now: Instant) {
-        self.heard(now);
+    /// The Lease was deleted.
+    pub fn forget(&mut self, name: &str) {
         self.seen.remove(name);
     }
 
     /// A relist at `now`: exactly `leases` exist; those seen before keep when their renewal
     /// was last seen to change.
     pub fn replace_all<'a>(&mut self, leases: impl IntoIterator<Item = &'a Lease>, now: Instant) {
-        self.heard(now);
         let mut before = std::mem::take(&mut self.seen);
         for lease in leases {
             if let Some(s) = before.remove(&lease.meta.name) {
@@ -194,34 +213,22 @@ impl Liveness {
         }
     }
 
-    /// Whether the Lease named `name` is live at `now`: its renewal changed less than a lease
-    /// duration of proven time ago.
-    pub fn is_live(&self, name: &str, now: Instant) -> bool {
-        let proven = self.proven_at(now);
+    /// Whether the Lease named `name` is live: its renewal changed less than a lease duration
+    /// of proven time ago.
+    pub fn is_live(&self, name: &str) -> bool {
         self.seen
             .get(name)
-            .is_some_and(|s| proven.saturating_sub(s.changed_at) < s.duration)
+            .is_some_and(|s| self.proven.saturating_sub(s.changed_at) < s.duration)
     }
 
-    /// Leases expired at `now`, with the resource version seen (a cleaner deletes with it as a
-    /// precondition, so two cleaners, or a late renewal, cannot race).
-    pub fn expired(&self, now: Instant) -> Vec<(String, String)> {
+    /// Expired Leases, with the resource version seen (a cleaner deletes with it as a
+    /// precondition, so two cleaners, or a renewal this member has not seen yet, cannot race).
+    pub fn expired(&self) -> Vec<(String, String)> {
         self.seen
             .iter()
-            .filter(|(name, _)| !self.is_live(name, now))
+            .filter(|(name, _)| !self.is_live(name))
             .map(|(name, s)| (name.clone(), s.resource_version.clone()))
             .collect()
-    }
-
-    /// When the next Lease expires unless renewed, if answers keep coming.
-    pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
-        let proven = self.proven_at(now);
-        self.seen
-            .values()
-            .map(|s| s.changed_at + s.duration)
-            .filter(|at| *at > proven)
-            .min()
-            .map(|at| now + (at - proven))
     }
 }
 
@@ -379,54 +386,95 @@ mod tests {
         let mut l = member_lease("c", "ns", &member("m-1"), d, 5_000_000_000, None);
         l.meta.resource_version = "1".into();
         let mut live = Liveness::new(s(3));
-        live.observe(&l, t0);
-        // Answers keep coming every 2 s (under the gap): proven time is real time.
-        for k in 1..=4 {
-            live.heard(t0 + s(2 * k));
+        live.renewed_own(t0);
+        live.observe(&l, t0 + s(1));
+        // This member renews every 2 s: proven time is real time, in steps.
+        for k in 1..=5 {
+            live.renewed_own(t0 + s(2 * k));
         }
-        assert!(live.is_live("c-m-1", t0 + s(9)));
-        assert!(!live.is_live("c-m-1", t0 + d));
-        live.heard(t0 + d);
+        // 10 s proven, the Lease seen changing at 1 s: 9 s old.
+        assert!(live.is_live("c-m-1"));
+        live.renewed_own(t0 + s(12));
+        assert!(!live.is_live("c-m-1"));
         // The same renewal seen again (a relist, a resync) does not extend it...
-        live.observe(&l, t0 + s(10));
-        assert!(!live.is_live("c-m-1", t0 + d));
-        assert_eq!(
-            live.expired(t0 + d),
-            vec![("c-m-1".to_string(), "1".to_string())]
-        );
+        live.observe(&l, t0 + s(12));
+        assert!(!live.is_live("c-m-1"));
+        assert_eq!(live.expired(), vec![("c-m-1".to_string(), "1".to_string())]);
         // ...a new renewal does, whatever time the writer's clock put in it (here: earlier).
         l.renew_time_micros = Some(1);
         l.meta.resource_version = "2".into();
-        live.observe(&l, t0 + s(10));
-        live.heard(t0 + s(12));
-        assert!(live.is_live("c-m-1", t0 + s(12)));
-        assert_eq!(live.next_expiry(t0 + s(12)), Some(t0 + s(20)));
+        live.observe(&l, t0 + s(13));
+        assert!(live.is_live("c-m-1"));
         // A relist keeps what was seen; a Lease gone from it is forgotten.
         live.replace_all([&l], t0 + s(13));
-        assert!(live.is_live("c-m-1", t0 + s(13)));
+        assert!(live.is_live("c-m-1"));
         live.replace_all(std::iter::empty(), t0 + s(13));
-        assert!(!live.is_live("c-m-1", t0 + s(13)));
+        assert!(!live.is_live("c-m-1"));
+        assert!(live.expired().is_empty());
     }
 
     #[tokio::test]
-    async fn leases_do_not_age_while_the_api_server_is_silent() {
+    async fn leases_do_not_age_while_this_member_cannot_renew() {
         let clock = TokioClock;
         let t0 = clock.now();
         let s = Duration::from_secs;
         let l = member_lease("c", "ns", &member("m-1"), s(10), 0, None);
         let mut live = Liveness::new(s(3));
+        live.renewed_own(t0);
         live.observe(&l, t0);
-        live.heard(t0 + s(2));
-        // Cut off for a minute: the Lease aged by at most the gap (3 s) meanwhile...
-        assert!(live.is_live("c-m-1", t0 + s(60)));
-        live.heard(t0 + s(62));
-        assert!(live.is_live("c-m-1", t0 + s(62)));
-        // ...and expires once a full duration of proven time passed without a renewal.
-        for k in 0..=3 {
-            live.heard(t0 + s(62 + 2 * k));
+        live.renewed_own(t0 + s(2));
+        // No renewal of its own for a minute (the API server down or refusing writes): the
+        // gap proves nothing, however long.
+        live.renewed_own(t0 + s(62));
+        assert!(live.is_live("c-m-1"));
+        // Renewing again: the Lease expires once a full duration of proven time has passed.
+        for k in 1..=3 {
+            live.renewed_own(t0 + s(62 + 2 * k));
         }
-        assert!(!live.is_live("c-m-1", t0 + s(68)));
-        assert_eq!(live.next_expiry(t0 + s(68)), None);
+        assert!(live.is_live("c-m-1"), "8 s proven");
+        live.renewed_own(t0 + s(70));
+        assert!(!live.is_live("c-m-1"), "10 s proven");
+        // A change seen between two renewals is dated from when it was seen.
+        let mut l2 = member_lease("c", "ns", &member("m-2"), s(10), 0, None);
+        l2.meta.name = "c-m-2".into();
+        live.observe(&l2, t0 + s(71));
+        for k in 1..=5 {
+            live.renewed_own(t0 + s(70 + 2 * k));
+        }
+        assert!(live.is_live("c-m-2"), "9 s old at 80 s");
+        live.renewed_own(t0 + s(82));
+        assert!(!live.is_live("c-m-2"), "11 s old at 82 s");
+    }
+
+    #[tokio::test]
+    async fn a_change_seen_while_a_renewal_is_unanswered_is_never_dated_too_early() {
+        let clock = TokioClock;
+        let t0 = clock.now();
+        let s = Duration::from_secs;
+        let l = member_lease("c", "ns", &member("m-1"), s(6), 0, None);
+        let mut live = Liveness::new(s(4));
+        live.renewed_own(t0);
+        // The renewal sent at 2 s is answered only at 7 s; the Lease changes at 5 s.
+        live.observe(&l, t0 + s(5));
+        live.renewed_own(t0 + s(2));
+        for k in 2..=5 {
+            live.renewed_own(t0 + s(2 * k));
+        }
+        // 10 s proven; the change was seen at 5 s: 5 s old, live.
+        assert!(live.is_live("c-m-1"));
+        live.renewed_own(t0 + s(12));
+        assert!(!live.is_live("c-m-1"), "7 s old");
+        // Seen during a gap that turns out not to count: dated at the gap's start.
+        let mut l2 = l.clone();
+        l2.meta.name = "c-m-2".into();
+        live.observe(&l2, t0 + s(20));
+        live.renewed_own(t0 + s(30));
+        for k in 1..=2 {
+            live.renewed_own(t0 + s(30 + 2 * k));
+        }
+        assert!(live.is_live("c-m-2"), "4 s proven since");
+        live.renewed_own(t0 + s(36));
+        assert!(!live.is_live("c-m-2"), "6 s proven since");
     }
 
     #[test]

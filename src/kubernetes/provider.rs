@@ -22,7 +22,9 @@ use super::api::{
     ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, Object, ObjectList, ObjectReference,
     WatchEvent, WatchStream,
 };
-use super::members::{CLUSTER_LABEL, Liveness, lease_name, member_lease, members, serving_pods};
+use super::members::{
+    ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, lease_name, member_lease, members, serving_pods,
+};
 use super::metrics::KubernetesProviderMetrics;
 use super::watch::{Next, Outcome, Reflector};
 use crate::cluster::{ClusterTopology, Description, Member, MemberId};
@@ -125,10 +127,10 @@ impl KubernetesProviderConfig {
         }
     }
 
-    /// How much time one answer of the API server proves (see [`Liveness`]): the renew
-    /// interval, so a member that sees its own renewals keeps proven time equal to real time.
-    fn max_gap(&self) -> Duration {
-        self.renew_interval()
+    /// Own renewals further apart than this prove no time in between (see [`Liveness`]): two
+    /// renew intervals, so one failed attempt and its retry still count.
+    fn continuity(&self) -> Duration {
+        self.renew_interval() * 2
     }
 
     /// How long after the first cleaner the others step in.
@@ -254,7 +256,7 @@ impl KubernetesProvider {
             view: Mutex::new(View {
                 leases: Reflector::new(),
                 slices: config.service.as_ref().map(|_| Reflector::new()),
-                liveness: Liveness::new(config.max_gap()),
+                liveness: Liveness::new(config.continuity()),
                 version: 0,
                 applied: None,
                 cleaning: BTreeMap::new(),
@@ -470,7 +472,11 @@ impl Session {
                     // Deleted: a peer found it expired (or a person deleted it). Peers saw
                     // this incarnation go; come back as a new one.
                     recreated = true;
-                    self.revoked("its Lease was deleted");
+                    if sim::flaw("k8s-recreate-same-id") {
+                        *lock(&self.own) = None;
+                    } else {
+                        self.revoked("its Lease was deleted");
+                    }
                 }
                 Err(e)
                     if matches!(e.error, ApiError::Conflict(_) | ApiError::AlreadyExists(_))
@@ -517,6 +523,8 @@ impl Session {
     fn renewed(&self, sent_at: crate::runtime::Instant) {
         let member = lock(&self.member).clone();
         self.standing.renewed(&self.ctx, &member, sent_at);
+        lock(&self.view).liveness.renewed_own(sent_at);
+        self.view_changed.notify_one();
     }
 
     fn revoked(&self, why: &str) {
@@ -755,46 +763,63 @@ impl Session {
             view.applied = Some(listed.members.clone());
         }
         self.synced.store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut wake = view.liveness.next_expiry(now);
-        if self.member_mode
-            && let Some(at) = self.schedule_cleaning(view, &listed.members, now)
-        {
-            wake = Some(wake.map_or(at, |w| w.min(at)));
+        if self.member_mode {
+            self.schedule_cleaning(view, &listed.members, now)
+        } else {
+            None
         }
-        wake
     }
 
     /// Expired Leases are deleted by the first live member in id order at once, and by the
-    /// others if it is still there a while later. Returns when the next deletion is due.
+    /// others if it is still there a while later; the Lease of an earlier incarnation at this
+    /// member's own address (a ghost of a process that was restarted in place) is deleted at
+    /// once. Returns when the next deletion is due.
     fn schedule_cleaning(
         &self,
         view: &mut View,
         live: &[Member],
         now: crate::runtime::Instant,
     ) -> Option<crate::runtime::Instant> {
-        let me = self.member_id();
-        let own_name = lease_name(&self.ctx.cluster_name, &me);
+        let me = lock(&self.member).clone();
+        let own_name = lease_name(&self.ctx.cluster_name, &me.id);
         let expired: BTreeMap<String, String> = view
             .liveness
-            .expired(now)
+            .expired()
             .into_iter()
             .filter(|(name, _)| *name != own_name && view.leases.objects().contains_key(name))
             .collect();
-        view.cleaning.retain(|name, _| expired.contains_key(name));
-        view.tried.retain(|name, rv| expired.get(name) == Some(rv));
+        // Two processes cannot listen on one address: a Lease there with an older id is a
+        // previous incarnation of this process.
+        let ghosts: BTreeMap<String, String> = view
+            .leases
+            .objects()
+            .values()
+            .filter(|_| !sim::flaw("k8s-ghost-kept"))
+            .filter(|l| {
+                l.meta.annotations.get(ADDRESS_ANNOTATION) == Some(&me.address)
+                    && l.holder_identity
+                        .as_deref()
+                        .and_then(|h| MemberId::parse(h).ok())
+                        .is_some_and(|id| id < me.id)
+            })
+            .map(|l| (l.meta.name.clone(), l.meta.resource_version.clone()))
+            .collect();
+        let wanted = |name: &String| expired.get(name).or_else(|| ghosts.get(name));
+        view.cleaning.retain(|name, _| wanted(name).is_some());
+        view.tried.retain(|name, rv| wanted(name) == Some(rv));
         let first = live.iter().map(|m| &m.id).find(|id| {
             expired
                 .keys()
                 .all(|name| *name != lease_name(&self.ctx.cluster_name, id))
         });
-        for (name, rv) in &expired {
+        for (name, rv) in expired.iter().chain(&ghosts) {
             if view.tried.contains_key(name) {
                 continue;
             }
             let due = match view.cleaning.get(name) {
                 Some((seen, due)) if seen == rv => *due,
                 _ => {
-                    let delay = if first == Some(&me) {
+                    let delay = if first == Some(&me.id) || ghosts.contains_key(name) {
                         Duration::ZERO
                     } else {
                         let d = self.config.cleaner_delay();
@@ -932,8 +957,8 @@ impl Watched for Lease {
         }
         match event {
             WatchEvent::Added(l) | WatchEvent::Modified(l) => view.liveness.observe(l, now),
-            WatchEvent::Deleted(l) => view.liveness.forget(&l.meta.name, now),
-            WatchEvent::Bookmark(_) => view.liveness.heard(now),
+            WatchEvent::Deleted(l) => view.liveness.forget(&l.meta.name),
+            WatchEvent::Bookmark(_) => {}
         }
     }
 }

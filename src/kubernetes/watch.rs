@@ -127,7 +127,8 @@ impl<T: Object + PartialEq> Reflector<T> {
     /// The watch (or list) failed. `Gone`: the version held is no longer served, relist (the
     /// cache stays as it is until the list answers). Anything else: retry from where it stood.
     pub fn failed(&mut self, error: &ApiError) {
-        if matches!(error, ApiError::Gone(_)) {
+        if matches!(error, ApiError::Gone(_)) && !crate::runtime::sim::flaw("k8s-410-not-relisted")
+        {
             self.resource_version = None;
         }
     }

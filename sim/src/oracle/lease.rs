@@ -22,6 +22,8 @@ struct Registration {
     renewed_at: Instant,
     /// When a leave was accepted.
     left_at: Option<Instant>,
+    /// The newer incarnation that joined at this one's address (not its own leave).
+    superseded_by: Option<MemberId>,
     /// How far registry stalls since `renewed_at` pushed the expiry out: at least, at most.
     extended: (Duration, Duration),
 }
@@ -66,6 +68,7 @@ impl Leases {
             for (other, r) in &mut self.registrations {
                 if *other != id && r.member && r.address == address && r.left_at.is_none() {
                     r.left_at = Some(at);
+                    r.superseded_by = Some(id.clone());
                     self.next_deadline = None;
                 }
             }
@@ -77,6 +80,7 @@ impl Leases {
                 address,
                 renewed_at: at,
                 left_at: None,
+                superseded_by: None,
                 extended: (Duration::ZERO, Duration::ZERO),
             },
         );
@@ -131,7 +135,7 @@ impl Leases {
         if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, t)) {
             // Nothing published since the last poll: only lateness can have changed.
             if self.next_deadline.is_none_or(|d| now >= d) {
-                self.check_listed(t, now, bounds, rec);
+                self.check_listed(t, now, bounds, judge, rec);
             }
             return;
         }
@@ -204,18 +208,25 @@ impl Leases {
                 );
             }
         }
-        self.check_listed(t, now, bounds, rec);
+        self.check_listed(t, now, bounds, judge, rec);
     }
 
     /// Every member `t` lists must still be entitled to be listed at `now`.
-    fn check_listed(&mut self, t: &ClusterTopology, now: Instant, bounds: &Bounds, rec: &Recorder) {
+    fn check_listed(
+        &mut self,
+        t: &ClusterTopology,
+        now: Instant,
+        bounds: &Bounds,
+        judge: &Judge<'_>,
+        rec: &Recorder,
+    ) {
         let ms = |d: Duration| d.as_millis();
         let late_after = bounds.ttl_max() + bounds.sweep_allowance();
         self.next_deadline = t
             .member_ids()
             .filter_map(|id| self.registrations.get(id))
             .map(|r| match r.left_at {
-                Some(left) => left + POLL * 2,
+                Some(left) => left + POLL * 2 + bounds.leave_allowance(r.superseded_by.is_some()),
                 None => r.renewed_at + late_after + r.extended.1,
             })
             .min();
@@ -223,6 +234,10 @@ impl Leases {
             let Some(reg) = self.registrations.get(id) else {
                 continue;
             };
+            if bounds.cleaned_by_peers {
+                self.check_cleaned(id, reg, now, bounds, judge, rec);
+                continue;
+            }
             match reg.left_at {
                 Some(left) if now.saturating_duration_since(left) > POLL * 2 => {
                     rec.violation_once(
@@ -250,6 +265,72 @@ impl Leases {
                     }
                 }
             }
+        }
+    }
+
+    /// Where members delete each other's Leases (Kubernetes): a member that left on its own is
+    /// gone at once; one superseded by a newer incarnation at its address is gone soon after,
+    /// if that incarnation could reach the API server meanwhile; an expired one is gone within
+    /// the bound after its last renewal, if some other member could reach the API server the
+    /// whole time (a member that cannot renew its own Lease ages nobody: see
+    /// `shoal::kubernetes::members::Liveness`).
+    fn check_cleaned(
+        &self,
+        id: &MemberId,
+        reg: &Registration,
+        now: Instant,
+        bounds: &Bounds,
+        judge: &Judge<'_>,
+        rec: &Recorder,
+    ) {
+        let ms = |d: Duration| d.as_millis();
+        // Since when `peer` has been able to reach the API server, from `from` on.
+        let reachable_from =
+            |peer: &MemberId, from: Instant| (judge.healthy_since)(peer).map(|h| h.max(from));
+        if let (Some(left), None) = (reg.left_at, &reg.superseded_by) {
+            if now.saturating_duration_since(left) > POLL * 2 {
+                rec.violation_once(
+                    format!("listed after leave {id}"),
+                    format!(
+                        "lease: {id} is still listed {} ms after the API server accepted the deletion of its Lease by its own node",
+                        ms(now.saturating_duration_since(left))
+                    ),
+                );
+            }
+            return;
+        }
+        if let (Some(left), Some(by)) = (reg.left_at, &reg.superseded_by)
+            && let Some(since) = reachable_from(by, left)
+            && now.saturating_duration_since(since) > POLL * 2 + bounds.leave_allowance(true)
+        {
+            rec.violation_once(
+                format!("listed after leave {id}"),
+                format!(
+                    "lease: {id} is still listed {} ms after {by} started at its address and could reach the API server (allowed {} ms)",
+                    ms(now.saturating_duration_since(since)),
+                    ms(POLL * 2 + bounds.leave_allowance(true))
+                ),
+            );
+            return;
+        }
+        let window = bounds.ttl_max() + bounds.sweep_allowance() + reg.extended.1;
+        let cleaner = self
+            .registrations
+            .iter()
+            .filter(|(other, r)| *other != id && r.member && r.left_at.is_none())
+            .filter_map(|(other, _)| Some((other, reachable_from(other, reg.renewed_at)?)))
+            .find(|(_, since)| now.saturating_duration_since(*since) > window);
+        if let Some((cleaner, since)) = cleaner {
+            rec.violation_once(
+                format!("overdue {id}"),
+                format!(
+                    "lease: {id} is still listed {} ms after the API server last accepted a renewal of it, though {cleaner} could reach the API server for the last {} ms (TTL {} ms, allowed up to {} ms past it)",
+                    ms(now.saturating_duration_since(reg.renewed_at)),
+                    ms(now.saturating_duration_since(since)),
+                    ms(bounds.ttl),
+                    ms(window.saturating_sub(bounds.ttl))
+                ),
+            );
         }
     }
 }

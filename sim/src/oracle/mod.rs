@@ -25,6 +25,7 @@ use std::time::Duration;
 
 // Simulated time: the oracles run only inside the simulator.
 use madsim::time::Instant;
+use shoal::kubernetes::KubernetesProviderConfig;
 use shoal::registry::{RegistryConfig, pb};
 use shoal::{ClusterTopology, MemberId};
 
@@ -46,6 +47,14 @@ pub struct Bounds {
     /// Whether a registry issues the topologies (the history oracle has nothing to compare
     /// with otherwise).
     pub registry: bool,
+    /// How long after a newer incarnation joined at its address an old registration may still
+    /// be listed (the registry replaces it at once; a Kubernetes member deletes its ghost's
+    /// Lease once its own watch shows both).
+    pub supersede: Duration,
+    /// Whether members remove each other (Kubernetes: a member deletes the Lease it finds
+    /// expired) rather than a registry on its own clock: a removal is then due only while
+    /// some other member can reach the API server.
+    pub cleaned_by_peers: bool,
 }
 
 impl Bounds {
@@ -57,6 +66,34 @@ impl Bounds {
             sweep: config.sweep_interval,
             heartbeat: config.heartbeat(),
             degraded,
+            supersede: Duration::ZERO,
+            cleaned_by_peers: false,
+        }
+    }
+
+    /// Bounds for the Kubernetes provider with `config`: a Lease's duration is the TTL, its
+    /// renew interval the heartbeat; the "sweep" is how late after its expiry an expired Lease
+    /// may still be deleted: it is judged at the cleaner's next own renewal (one interval),
+    /// the cleaners after the first wait up to half a duration, plus one delete call. Expiry is judged on the cleaning member's clock, whose drift the providers
+    /// assume is within the same bound as the registry's.
+    pub fn kubernetes(config: &KubernetesProviderConfig, degraded: bool) -> Self {
+        Self {
+            registry: false,
+            ttl: config.lease_duration,
+            sweep: config.lease_duration / 2 + config.renew_interval() + config.request_timeout,
+            heartbeat: config.renew_interval(),
+            degraded,
+            supersede: config.request_timeout * 2 + DELIVERY,
+            cleaned_by_peers: true,
+        }
+    }
+
+    /// How much later than at once a registration that left may still be listed.
+    pub fn leave_allowance(&self, superseded: bool) -> Duration {
+        match (superseded, self.degraded) {
+            (false, _) => Duration::ZERO,
+            (true, false) => self.supersede,
+            (true, true) => self.supersede * 4,
         }
     }
 
@@ -172,6 +209,16 @@ impl Oracles {
         } else {
             Duration::ZERO
         };
+        self.lock().lease.stalled(at_least, d.mul_f64(1.0 + drift));
+    }
+
+    /// The Kubernetes API server was unreachable for everyone for `d` (down or frozen): no
+    /// node's Leases aged meanwhile, beyond one renew interval of proven time (see
+    /// `shoal::kubernetes::members::Liveness`), so every expiry moves out by at least `d` less
+    /// that, and at most `d`.
+    pub fn apiserver_silent(&self, d: Duration) {
+        let drift = REGISTRY_MAX_DRIFT_PPM as f64 / 1e6;
+        let at_least = d.saturating_sub(self.bounds.heartbeat).mul_f64(1.0 - drift);
         self.lock().lease.stalled(at_least, d.mul_f64(1.0 + drift));
     }
 

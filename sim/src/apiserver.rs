@@ -1,0 +1,507 @@
+//! The simulated Kubernetes API server: the library's [`MemoryApiServer`] (resource versions,
+//! 409, bookmarks, 410 after compaction) on its own simulated node, reached over madsim's
+//! reliable connections, so partitions, crashes and pauses apply to it as to the registry.
+//!
+//! One connection per call (a watch keeps its connection and streams events on it), like HTTP/1
+//! requests to a real API server. Its store survives a restart of the node (the API server's
+//! state is in etcd); watches end when the node dies, and each watch ends on its own after
+//! [`WATCH_TIMEOUT`], as the real server's `timeoutSeconds` does.
+//!
+//! The door in front of the store ([`KubeDoor`]) is the harness's observation point: it tells
+//! the lease oracle which Lease writes the API server *accepted* (a create is a join, a
+//! renewal by its holder a heartbeat, a delete by the holder's own node a leave), and applies
+//! the door faults (renewals of one member lost, watch streams reset).
+
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use madsim::net::Endpoint;
+use madsim::time::sleep;
+use shoal::kubernetes::api::{
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList, WatchEvent, WatchStream,
+};
+use shoal::kubernetes::members::ADDRESS_ANNOTATION;
+use shoal::kubernetes::memory::MemoryApiServer;
+use shoal::{ClusterTopology, Member, MemberId};
+
+use crate::oracle::Oracles;
+use crate::record::Recorder;
+
+/// The API server's port.
+pub const APISERVER_PORT: u16 = 6443;
+
+/// A watch ends after this long (the client resumes from the version it holds).
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One call.
+#[derive(Debug)]
+enum Request {
+    GetLease(String, String),
+    CreateLease(Lease),
+    ReplaceLease(Lease),
+    DeleteLease(String, String, Option<String>),
+    ListLeases(String, LabelSelector),
+    WatchLeases(String, LabelSelector, String),
+    ListSlices(String, String),
+    WatchSlices(String, String, String),
+}
+
+/// The answer to a call (a watch: `WatchOpened`, then [`Item`]s on the same connection).
+#[derive(Debug)]
+enum Reply {
+    Lease(Option<Lease>),
+    Written(Lease),
+    Deleted,
+    Leases(ObjectList<Lease>),
+    Slices(ObjectList<EndpointSlice>),
+    WatchOpened,
+}
+
+#[derive(Debug)]
+enum Item {
+    Lease(Result<WatchEvent<Lease>, ApiError>),
+    Slice(Result<WatchEvent<EndpointSlice>, ApiError>),
+}
+
+type Payload = Box<dyn Any + Send + Sync>;
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(format!("API server: {e}"))
+}
+
+/// An open connection to the API server.
+struct Connection {
+    _ep: Endpoint,
+    tx: madsim::net::Sender,
+    rx: madsim::net::Receiver,
+}
+
+/// The [`KubeApi`] a simulated node uses: calls over the simulated network. Connections are
+/// kept open and reused for the next call (HTTP keep-alive, as kube-rs's client pools them);
+/// a call abandoned midway (its deadline passed) drops its connection. A watch has its own.
+#[derive(Clone)]
+pub struct SimKubeApi {
+    server: SocketAddr,
+    idle: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for SimKubeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimKubeApi")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Idle connections kept per node.
+const MAX_IDLE: usize = 4;
+
+impl SimKubeApi {
+    /// Talks to the API server at `server`.
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            server,
+            idle: Arc::default(),
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, ApiError> {
+        let ep = Endpoint::bind("0.0.0.0:0").await.map_err(unavailable)?;
+        let (tx, rx) = ep.connect1(self.server).await.map_err(unavailable)?;
+        Ok(Connection { _ep: ep, tx, rx })
+    }
+
+    /// Sends `request` on `conn` and reads its answer.
+    async fn exchange(conn: &mut Connection, request: Request) -> Result<Reply, ApiError> {
+        conn.tx.send(Box::new(request)).await.map_err(unavailable)?;
+        let payload = conn.rx.recv().await.map_err(unavailable)?;
+        let reply = payload
+            .downcast::<Result<Reply, ApiError>>()
+            .map_err(|_| unavailable("malformed reply"))?;
+        *reply
+    }
+
+    /// One call on an idle connection (or a new one), kept for the next call if it finished.
+    async fn unary(&self, request: Request) -> Result<Reply, ApiError> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match idle {
+            Some(c) if !c.tx.is_closed() => c,
+            _ => self.connect().await?,
+        };
+        let reply = Self::exchange(&mut conn, request).await;
+        // An answered call leaves the connection ready for the next one (an error answer
+        // too: the server sent it and reads on).
+        if !matches!(&reply, Err(ApiError::Unavailable(_))) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        reply
+    }
+
+    async fn watch<T: Send + 'static>(
+        &self,
+        request: Request,
+        unpack: fn(Item) -> Option<Result<WatchEvent<T>, ApiError>>,
+    ) -> Result<WatchStream<T>, ApiError> {
+        // A watch gets a connection of its own: it streams until it ends, and dropping the
+        // stream drops the connection, which ends the server's side.
+        let mut conn = self.connect().await?;
+        Self::exchange(&mut conn, request).await?;
+        Ok(Box::pin(futures::stream::unfold(
+            conn,
+            move |mut conn| async move {
+                let payload = conn.rx.recv().await.ok()?;
+                let item = payload.downcast::<Item>().ok()?;
+                unpack(*item).map(|event| (event, conn))
+            },
+        )))
+    }
+}
+
+fn unexpected<T>(reply: Reply) -> Result<T, ApiError> {
+    Err(unavailable(format!("unexpected reply {reply:?}")))
+}
+
+#[async_trait]
+impl KubeApi for SimKubeApi {
+    async fn get_lease(&self, ns: &str, name: &str) -> Result<Option<Lease>, ApiError> {
+        match self
+            .unary(Request::GetLease(ns.into(), name.into()))
+            .await?
+        {
+            Reply::Lease(l) => Ok(l),
+            r => unexpected(r),
+        }
+    }
+
+    async fn create_lease(&self, lease: Lease) -> Result<Lease, ApiError> {
+        match self.unary(Request::CreateLease(lease)).await? {
+            Reply::Written(l) => Ok(l),
+            r => unexpected(r),
+        }
+    }
+
+    async fn replace_lease(&self, lease: Lease) -> Result<Lease, ApiError> {
+        match self.unary(Request::ReplaceLease(lease)).await? {
+            Reply::Written(l) => Ok(l),
+            r => unexpected(r),
+        }
+    }
+
+    async fn delete_lease(&self, ns: &str, name: &str, pre: Option<&str>) -> Result<(), ApiError> {
+        let request = Request::DeleteLease(ns.into(), name.into(), pre.map(String::from));
+        match self.unary(request).await? {
+            Reply::Deleted => Ok(()),
+            r => unexpected(r),
+        }
+    }
+
+    async fn list_leases(
+        &self,
+        ns: &str,
+        selector: &LabelSelector,
+    ) -> Result<ObjectList<Lease>, ApiError> {
+        match self
+            .unary(Request::ListLeases(ns.into(), selector.clone()))
+            .await?
+        {
+            Reply::Leases(l) => Ok(l),
+            r => unexpected(r),
+        }
+    }
+
+    async fn watch_leases(
+        &self,
+        ns: &str,
+        selector: &LabelSelector,
+        rv: &str,
+    ) -> Result<WatchStream<Lease>, ApiError> {
+        let request = Request::WatchLeases(ns.into(), selector.clone(), rv.into());
+        self.watch(request, |item| match item {
+            Item::Lease(e) => Some(e),
+            Item::Slice(_) => None,
+        })
+        .await
+    }
+
+    async fn list_endpoint_slices(
+        &self,
+        ns: &str,
+        service: &str,
+    ) -> Result<ObjectList<EndpointSlice>, ApiError> {
+        match self
+            .unary(Request::ListSlices(ns.into(), service.into()))
+            .await?
+        {
+            Reply::Slices(l) => Ok(l),
+            r => unexpected(r),
+        }
+    }
+
+    async fn watch_endpoint_slices(
+        &self,
+        ns: &str,
+        service: &str,
+        rv: &str,
+    ) -> Result<WatchStream<EndpointSlice>, ApiError> {
+        let request = Request::WatchSlices(ns.into(), service.into(), rv.into());
+        self.watch(request, |item| match item {
+            Item::Slice(e) => Some(e),
+            Item::Lease(_) => None,
+        })
+        .await
+    }
+}
+
+/// The observation point and fault switch in front of the store.
+#[derive(Debug)]
+pub struct KubeDoor {
+    store: MemoryApiServer,
+    oracles: Arc<Oracles>,
+    rec: Recorder,
+    /// Renewals from these node addresses are lost (a `HeartbeatLoss` fault).
+    lose_renewals: Mutex<BTreeSet<IpAddr>>,
+    /// Bumped to end every open watch (a `StreamReset` fault).
+    resets: AtomicU64,
+    reset: tokio::sync::Notify,
+    /// The topology the store held at the last poll, and its resource version.
+    published: Mutex<Option<(String, Arc<ClusterTopology>)>>,
+}
+
+/// The member a Lease names: its holder at its address (what the oracles need; the provider's
+/// own parsing is not used).
+fn holder(lease: &Lease) -> Option<(MemberId, String)> {
+    let id = MemberId::parse(lease.holder_identity.as_deref()?).ok()?;
+    let address = lease.meta.annotations.get(ADDRESS_ANNOTATION)?.clone();
+    Some((id, address))
+}
+
+fn host(address: &str) -> Option<IpAddr> {
+    address.rsplit_once(':')?.0.parse().ok()
+}
+
+impl KubeDoor {
+    /// A door in front of `store`, reporting to `oracles`.
+    pub fn new(store: MemoryApiServer, oracles: Arc<Oracles>, rec: Recorder) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            oracles,
+            rec,
+            lose_renewals: Mutex::default(),
+            resets: AtomicU64::new(0),
+            reset: tokio::sync::Notify::new(),
+            published: Mutex::default(),
+        })
+    }
+
+    /// The store (the harness compacts it and reads it).
+    pub fn store(&self) -> &MemoryApiServer {
+        &self.store
+    }
+
+    /// Renewals from the node at `ip` are lost (`true`) or delivered again.
+    pub fn set_renewal_loss(&self, ip: IpAddr, lost: bool) {
+        let mut set = self.lose_renewals.lock().unwrap_or_else(|e| e.into_inner());
+        if lost {
+            set.insert(ip);
+        } else {
+            set.remove(&ip);
+        }
+    }
+
+    /// Delivers every renewal again.
+    pub fn clear_renewal_loss(&self) {
+        self.lose_renewals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Ends every open watch (clients resume from the version they hold).
+    pub fn reset_streams(&self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        self.reset.notify_waiters();
+    }
+
+    /// The members the store lists now (one per Lease of the cluster, by holder), as a
+    /// topology versioned by the store's resource version; the same `Arc` while nothing was
+    /// written.
+    pub fn topology(&self, cluster: &str) -> Arc<ClusterTopology> {
+        let rv = self.store.resource_version();
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, t)) = published.as_ref()
+            && *seen == rv
+        {
+            return t.clone();
+        }
+        let members: Vec<Member> = self
+            .store
+            .leases()
+            .values()
+            .filter(|l| {
+                l.meta.labels.get(shoal::kubernetes::members::CLUSTER_LABEL)
+                    == Some(&cluster.to_string())
+            })
+            .filter_map(holder)
+            .map(|(id, address)| Member::new(id, address, Vec::<String>::new()))
+            .collect();
+        let version = rv.parse().unwrap_or(0);
+        let t = Arc::new(
+            ClusterTopology::new(cluster, version, members)
+                .unwrap_or_else(|_| ClusterTopology::empty(cluster)),
+        );
+        *published = Some((rv, t.clone()));
+        t
+    }
+
+    /// Serves calls on this node until it dies.
+    pub async fn serve(self: Arc<Self>) {
+        let ep = match Endpoint::bind(("0.0.0.0", APISERVER_PORT)).await {
+            Ok(ep) => ep,
+            Err(e) => {
+                self.rec.trace("apiserver", format!("cannot bind: {e}"));
+                return;
+            }
+        };
+        while let Ok((tx, rx, from)) = ep.accept1().await {
+            let door = self.clone();
+            madsim::task::spawn(async move { door.handle(tx, rx, from).await });
+        }
+    }
+
+    /// Serves the calls of one connection, one after the other, until it closes (or carries
+    /// a watch, which streams until it ends).
+    async fn handle(
+        &self,
+        tx: madsim::net::Sender,
+        mut rx: madsim::net::Receiver,
+        from: SocketAddr,
+    ) {
+        while let Ok(payload) = rx.recv().await {
+            let Ok(request) = payload.downcast::<Request>() else {
+                return;
+            };
+            if !self.answer(&tx, *request, from).await {
+                return;
+            }
+        }
+    }
+
+    /// Answers one call; whether the connection may carry another.
+    async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {
+        let s = &self.store;
+        let answer: Result<Reply, ApiError> = match request {
+            Request::GetLease(ns, name) => s.get_lease(&ns, &name).await.map(Reply::Lease),
+            Request::CreateLease(lease) => {
+                let r = s.create_lease(lease).await;
+                if let Ok(l) = &r
+                    && let Some((id, address)) = holder(l)
+                {
+                    self.oracles.joined(id, true, address);
+                }
+                r.map(Reply::Written)
+            }
+            Request::ReplaceLease(lease) => {
+                if self
+                    .lose_renewals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&from.ip())
+                {
+                    return false; // Lost: no answer, the connection just closes.
+                }
+                let r = s.replace_lease(lease).await;
+                if let Ok(l) = &r
+                    && let Some((id, _)) = holder(l)
+                {
+                    self.oracles.renewed(&id);
+                }
+                r.map(Reply::Written)
+            }
+            Request::DeleteLease(ns, name, pre) => {
+                let before = s.get_lease(&ns, &name).await.ok().flatten();
+                let r = s.delete_lease(&ns, &name, pre.as_deref()).await;
+                if r.is_ok()
+                    && let Some((id, address)) = before.as_ref().and_then(holder)
+                {
+                    if host(&address) == Some(from.ip()) {
+                        self.oracles.left(&id);
+                    } else {
+                        self.rec.trace(
+                            "apiserver",
+                            format!("{} deleted the Lease of {id}", from.ip()),
+                        );
+                    }
+                }
+                r.map(|()| Reply::Deleted)
+            }
+            Request::ListLeases(ns, sel) => s.list_leases(&ns, &sel).await.map(Reply::Leases),
+            Request::ListSlices(ns, service) => s
+                .list_endpoint_slices(&ns, &service)
+                .await
+                .map(Reply::Slices),
+            Request::WatchLeases(ns, sel, rv) => {
+                let stream = s.watch_leases(&ns, &sel, &rv).await;
+                self.stream(tx, stream, Item::Lease).await;
+                return false;
+            }
+            Request::WatchSlices(ns, service, rv) => {
+                let stream = s.watch_endpoint_slices(&ns, &service, &rv).await;
+                self.stream(tx, stream, Item::Slice).await;
+                return false;
+            }
+        };
+        tx.send(Box::new(answer) as Payload).await.is_ok()
+    }
+
+    /// Answers a watch call and forwards its events until it fails, times out, is reset, or
+    /// the client goes away.
+    async fn stream<T: Send + 'static>(
+        &self,
+        tx: &madsim::net::Sender,
+        stream: Result<WatchStream<T>, ApiError>,
+        wrap: fn(Result<WatchEvent<T>, ApiError>) -> Item,
+    ) {
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Box::new(Err::<Reply, _>(e)) as Payload).await;
+                return;
+            }
+        };
+        if tx
+            .send(Box::new(Ok::<_, ApiError>(Reply::WatchOpened)) as Payload)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let reset = self.reset.notified();
+        tokio::pin!(reset);
+        let timeout = sleep(WATCH_TIMEOUT);
+        tokio::pin!(timeout);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut reset => return,
+                _ = &mut timeout => return,
+                _ = tx.closed() => return,
+                item = stream.next() => {
+                    let Some(item) = item else { return };
+                    let failed = item.is_err();
+                    if tx.send(Box::new(wrap(item)) as Payload).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
