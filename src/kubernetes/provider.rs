@@ -92,6 +92,63 @@ impl KubernetesProviderConfig {
         }
     }
 
+    /// Settings for a member running in a Pod, from the environment the example Deployment
+    /// (`deploy/kubernetes/member-deployment.yaml`) sets through the downward API:
+    /// `POD_NAMESPACE` (required), `POD_NAME` and `POD_UID` (the Lease's owner, so Kubernetes
+    /// deletes it with the Pod), `SHOAL_SERVICE` (the headless Service gating membership) and
+    /// `SHOAL_LEASE_DURATION` (like `15s`). The error names the variable.
+    pub fn from_env() -> Result<Self, ProviderError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`Self::from_env`] over any source of variables.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ProviderError> {
+        let bad = |what: String| ProviderError::Rejected(what);
+        let namespace = var("POD_NAMESPACE")
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                bad("POD_NAMESPACE is not set (the downward API's metadata.namespace)".into())
+            })?;
+        let mut config = Self::new(namespace.clone());
+        config.service = var("SHOAL_SERVICE").filter(|v| !v.is_empty());
+        if let Some(d) = var("SHOAL_LEASE_DURATION") {
+            config.lease_duration = humantime::parse_duration(&d)
+                .map_err(|e| bad(format!("SHOAL_LEASE_DURATION={d:?}: {e}")))?;
+        }
+        config.pod = match (var("POD_NAME"), var("POD_UID")) {
+            (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
+                Some(ObjectReference {
+                    kind: "Pod".into(),
+                    namespace,
+                    name,
+                    uid,
+                })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "POD_NAME and POD_UID go together (the downward API's metadata.name and metadata.uid)"
+                        .into(),
+                ));
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// This Pod's member address: `POD_IP` (the downward API's `status.podIP`) and `port`.
+    pub fn pod_address(port: u16) -> Result<String, ProviderError> {
+        let ip: std::net::IpAddr = std::env::var("POD_IP")
+            .map_err(|_| {
+                ProviderError::Rejected(
+                    "POD_IP is not set (the downward API's status.podIP)".into(),
+                )
+            })?
+            .parse()
+            .map_err(|e| ProviderError::Rejected(format!("POD_IP is not an IP address: {e}")))?;
+        Ok(std::net::SocketAddr::new(ip, port).to_string())
+    }
+
     /// The renew interval in force.
     pub fn renew_interval(&self) -> Duration {
         self.renew_interval.unwrap_or(self.lease_duration / 3)
@@ -1066,5 +1123,54 @@ impl ClusterProvider for KubernetesProvider {
             session.config.partition_rpc_timeout,
             session.ctx.clock.clone(),
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn settings_come_from_the_downward_api_and_errors_name_the_variable() {
+        let c = KubernetesProviderConfig::from_vars(vars(&[
+            ("POD_NAMESPACE", "shop"),
+            ("POD_NAME", "shop-7d9f-abcde"),
+            ("POD_UID", "1234"),
+            ("SHOAL_SERVICE", "shop-members"),
+            ("SHOAL_LEASE_DURATION", "9s"),
+        ]))
+        .unwrap();
+        assert_eq!(c.namespace, "shop");
+        assert_eq!(c.service.as_deref(), Some("shop-members"));
+        assert_eq!(c.lease_duration, Duration::from_secs(9));
+        assert_eq!(c.renew_interval(), Duration::from_secs(3));
+        let pod = c.pod.unwrap();
+        assert_eq!(
+            (pod.kind.as_str(), pod.name.as_str()),
+            ("Pod", "shop-7d9f-abcde")
+        );
+        let err = |pairs: &[(&str, &str)]| {
+            KubernetesProviderConfig::from_vars(vars(pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[]).contains("POD_NAMESPACE"));
+        assert!(err(&[("POD_NAMESPACE", "s"), ("POD_NAME", "p")]).contains("POD_UID"));
+        assert!(
+            err(&[("POD_NAMESPACE", "s"), ("SHOAL_LEASE_DURATION", "soon")])
+                .contains("SHOAL_LEASE_DURATION")
+        );
+        assert!(
+            err(&[("POD_NAMESPACE", "s"), ("SHOAL_LEASE_DURATION", "1500ms")])
+                .contains("lease_duration")
+        );
     }
 }
