@@ -285,44 +285,160 @@ pub fn members<'a>(
     leases: impl IntoIterator<Item = &'a Lease>,
     serving: Option<&BTreeMap<String, Option<String>>>,
 ) -> Listed {
-    let mut listed = Listed::default();
-    let mut by_id: BTreeMap<MemberId, Member> = BTreeMap::new();
-    for lease in leases {
-        let name = &lease.meta.name;
+    let mut index = MemberIndex::new(cluster);
+    index.replace_all(leases);
+    index.listed(serving)
+}
+
+/// What one Lease says: its member and its Pod, or why it is skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Entry {
+    Member(Member, Option<String>),
+    Skipped(String),
+}
+
+/// The members the cluster's Leases describe, kept up to date one Lease at a time: a renewal
+/// (only `renewTime` changed) leaves the index as it was, so a node of a large cluster rebuilds
+/// its member list only when a member joins, leaves or changes its description, not on each of
+/// the renewals that arrive every second. [`members`] is the same, built from scratch.
+#[derive(Clone, Debug)]
+pub struct MemberIndex {
+    cluster: String,
+    by_lease: BTreeMap<String, Entry>,
+}
+
+impl MemberIndex {
+    /// No Leases yet, for `cluster`.
+    pub fn new(cluster: &str) -> Self {
+        Self {
+            cluster: cluster.to_string(),
+            by_lease: BTreeMap::new(),
+        }
+    }
+
+    fn entry(&self, lease: &Lease) -> Entry {
         let member = match lease_member(lease) {
             Ok(m) => m,
-            Err(e) => {
-                listed.skipped.push((name.clone(), e.to_string()));
-                continue;
-            }
+            Err(e) => return Entry::Skipped(e.to_string()),
         };
-        if *name != lease_name(cluster, &member.id) {
-            listed.skipped.push((
-                name.clone(),
-                format!("holder {} does not match the Lease name", member.id),
+        if lease.meta.name != lease_name(&self.cluster, &member.id) {
+            return Entry::Skipped(format!(
+                "holder {} does not match the Lease name",
+                member.id
             ));
-            continue;
         }
-        let member = match serving {
-            None => member,
-            Some(serving) => {
-                let pod = lease.meta.owner.as_ref().filter(|o| o.kind == "Pod");
-                match pod.and_then(|p| serving.get(&p.name)) {
+        let pod = lease
+            .meta
+            .owner
+            .as_ref()
+            .filter(|o| o.kind == "Pod")
+            .map(|o| o.name.clone());
+        Entry::Member(member, pod)
+    }
+
+    /// The Lease was added or changed; whether what it describes changed.
+    pub fn upsert(&mut self, lease: &Lease) -> bool {
+        if self
+            .by_lease
+            .get(&lease.meta.name)
+            .is_some_and(|old| Self::same_description(old, lease))
+        {
+            return false; // A renewal.
+        }
+        let entry = self.entry(lease);
+        match self.by_lease.get(&lease.meta.name) {
+            Some(old) if *old == entry => false,
+            _ => {
+                self.by_lease.insert(lease.meta.name.clone(), entry);
+                true
+            }
+        }
+    }
+
+    /// The Lease named `name` was deleted; whether it was known.
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.by_lease.remove(name).is_some()
+    }
+
+    /// A relist: exactly `leases` exist; whether anything they describe changed.
+    pub fn replace_all<'a>(&mut self, leases: impl IntoIterator<Item = &'a Lease>) -> bool {
+        let before = std::mem::take(&mut self.by_lease);
+        for lease in leases {
+            let entry = match before.get(&lease.meta.name) {
+                // Unchanged annotations and holder: the same entry, without parsing again.
+                Some(old) if Self::same_description(old, lease) => old.clone(),
+                _ => self.entry(lease),
+            };
+            self.by_lease.insert(lease.meta.name.clone(), entry);
+        }
+        before != self.by_lease
+    }
+
+    /// Whether `lease` still describes what `old` holds (checked cheaply: the holder, the
+    /// annotations and the owner, which are all a member's description comes from).
+    fn same_description(old: &Entry, lease: &Lease) -> bool {
+        let Entry::Member(m, pod) = old else {
+            return false;
+        };
+        lease.holder_identity.as_deref() == Some(m.id.as_str())
+            && lease.meta.annotations.get(ADDRESS_ANNOTATION) == Some(&m.address)
+            && lease.meta.annotations.get(ZONE_ANNOTATION) == m.zone.as_ref()
+            && lease
+                .meta
+                .owner
+                .as_ref()
+                .filter(|o| o.kind == "Pod")
+                .map(|o| &o.name)
+                == pod.as_ref()
+            && lease
+                .meta
+                .annotations
+                .get(KINDS_ANNOTATION)
+                .is_some_and(|k| {
+                    k.split(',')
+                        .filter(|s| !s.is_empty())
+                        .eq(m.kinds.iter().map(String::as_str))
+                })
+            && lease
+                .meta
+                .annotations
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(METADATA_PREFIX)?, v)))
+                .eq(m.metadata.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+
+    /// The members, and when a Service is watched (`serving` is `Some`), only those whose Pod
+    /// is serving (the zone comes from the Lease, else from the Pod's endpoint); with the
+    /// Leases skipped and why.
+    pub fn listed(&self, serving: Option<&BTreeMap<String, Option<String>>>) -> Listed {
+        let mut listed = Listed::default();
+        let mut by_id: BTreeMap<MemberId, Member> = BTreeMap::new();
+        for (name, entry) in &self.by_lease {
+            let (member, pod) = match entry {
+                Entry::Member(m, pod) => (m, pod),
+                Entry::Skipped(why) => {
+                    listed.skipped.push((name.clone(), why.clone()));
+                    continue;
+                }
+            };
+            let member = match serving {
+                None => member.clone(),
+                Some(serving) => match pod.as_ref().and_then(|p| serving.get(p)) {
                     None => continue,
                     Some(zone) => {
-                        let mut member = member;
+                        let mut member = member.clone();
                         if member.zone.is_none() {
                             member.zone.clone_from(zone);
                         }
                         member
                     }
-                }
-            }
-        };
-        by_id.insert(member.id.clone(), member);
+                },
+            };
+            by_id.insert(member.id.clone(), member);
+        }
+        listed.members = by_id.into_values().collect();
+        listed
     }
-    listed.members = by_id.into_values().collect();
-    listed
 }
 
 #[cfg(test)]
@@ -478,6 +594,35 @@ mod tests {
     }
 
     #[test]
+    fn the_index_changes_on_descriptions_not_on_renewals() {
+        let d = Duration::from_secs(10);
+        let mut a = member_lease("c", "ns", &member("m-a"), d, 0, Some(pod("a")));
+        let b = member_lease("c", "ns", &member("m-b"), d, 0, Some(pod("b")));
+        let mut index = MemberIndex::new("c");
+        assert!(index.replace_all([&a, &b]));
+        assert!(!index.replace_all([&a, &b]), "the same list again");
+        // A renewal changes nothing the members are made of.
+        a.renew_time_micros = Some(99);
+        a.meta.resource_version = "7".into();
+        assert!(!index.upsert(&a));
+        // A new description does.
+        a.meta
+            .annotations
+            .insert(format!("{METADATA_PREFIX}rack"), "r9".into());
+        assert!(index.upsert(&a));
+        let listed = index.listed(None);
+        assert_eq!(listed.members[0].metadata["rack"], "r9");
+        assert_eq!(
+            listed,
+            members("c", [&a, &b], None),
+            "the same as from scratch"
+        );
+        assert!(index.remove(&b.meta.name));
+        assert!(!index.remove(&b.meta.name));
+        assert_eq!(index.listed(None).members.len(), 1);
+    }
+
+    #[test]
     fn members_are_valid_leases_whose_pods_serve_merged_across_slices() {
         let d = Duration::from_secs(10);
         let mut leases: Vec<Lease> = ["a", "b", "c"]
@@ -531,7 +676,7 @@ mod tests {
                 .iter()
                 .map(|(n, _)| n.as_str())
                 .collect::<Vec<_>>(),
-            ["c-m-x", "c-broken"]
+            ["c-broken", "c-m-x"]
         );
         // With one: only those whose Pod serves; the zone the Lease lacks comes from the
         // endpoint.

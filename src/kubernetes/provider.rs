@@ -23,7 +23,8 @@ use super::api::{
     WatchEvent, WatchStream,
 };
 use super::members::{
-    ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, lease_name, member_lease, members, serving_pods,
+    ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, MemberIndex, lease_name, member_lease,
+    serving_pods,
 };
 use super::metrics::KubernetesProviderMetrics;
 use super::watch::{Next, Outcome, Reflector};
@@ -223,6 +224,10 @@ struct View {
     /// `None` without a Service.
     slices: Option<Reflector<EndpointSlice>>,
     liveness: Liveness,
+    /// The members the Leases describe, kept up to date one Lease at a time.
+    index: MemberIndex,
+    /// Whether the index or the EndpointSlices changed since the last topology.
+    dirty: bool,
     /// The newest topology version this node issued.
     version: u64,
     /// The members of that topology (`None` before the first).
@@ -314,6 +319,8 @@ impl KubernetesProvider {
                 leases: Reflector::new(),
                 slices: config.service.as_ref().map(|_| Reflector::new()),
                 liveness: Liveness::new(config.continuity()),
+                index: MemberIndex::new(&ctx.cluster_name),
+                dirty: true,
                 version: 0,
                 applied: None,
                 cleaning: BTreeMap::new(),
@@ -785,15 +792,26 @@ impl Session {
         if !view.leases.is_synced() || view.slices.as_ref().is_some_and(|s| !s.is_synced()) {
             return None;
         }
+        self.synced.store(true, std::sync::atomic::Ordering::SeqCst);
+        if view.dirty {
+            view.dirty = false;
+            self.publish_members(view);
+        }
+        if self.member_mode {
+            let live = view.applied.clone().unwrap_or_default();
+            self.schedule_cleaning(view, &live, now)
+        } else {
+            None
+        }
+    }
+
+    /// Issues a topology if the members the Leases (and EndpointSlices) describe changed.
+    fn publish_members(&self, view: &mut View) {
         let serving = view
             .slices
             .as_ref()
             .map(|s| serving_pods(s.objects().values()));
-        let listed = members(
-            &self.ctx.cluster_name,
-            view.leases.objects().values(),
-            serving.as_ref(),
-        );
+        let listed = view.index.listed(serving.as_ref());
         for (name, why) in &listed.skipped {
             if view.warned.insert(name.clone()) {
                 self.metrics.leases_skipped.inc();
@@ -817,13 +835,7 @@ impl Session {
             }
             self.metrics.topologies.inc();
             self.metrics.members.set(listed.members.len() as i64);
-            view.applied = Some(listed.members.clone());
-        }
-        self.synced.store(true, std::sync::atomic::Ordering::SeqCst);
-        if self.member_mode {
-            self.schedule_cleaning(view, &listed.members, now)
-        } else {
-            None
+            view.applied = Some(listed.members);
         }
     }
 
@@ -1006,6 +1018,7 @@ impl Watched for Lease {
 
     fn listed(view: &mut View, list: &ObjectList<Self>, now: crate::runtime::Instant) {
         view.liveness.replace_all(&list.items, now);
+        view.dirty |= view.index.replace_all(&list.items) || !view.leases.is_synced();
     }
 
     fn observed(view: &mut View, event: &WatchEvent<Self>, now: crate::runtime::Instant) {
@@ -1013,8 +1026,14 @@ impl Watched for Lease {
             return;
         }
         match event {
-            WatchEvent::Added(l) | WatchEvent::Modified(l) => view.liveness.observe(l, now),
-            WatchEvent::Deleted(l) => view.liveness.forget(&l.meta.name),
+            WatchEvent::Added(l) | WatchEvent::Modified(l) => {
+                view.liveness.observe(l, now);
+                view.dirty |= view.index.upsert(l);
+            }
+            WatchEvent::Deleted(l) => {
+                view.liveness.forget(&l.meta.name);
+                view.dirty |= view.index.remove(&l.meta.name);
+            }
             WatchEvent::Bookmark(_) => {}
         }
     }
@@ -1051,6 +1070,14 @@ impl Watched for EndpointSlice {
             s.api.watch_endpoint_slices(s.namespace(), &service, from),
         )
         .await
+    }
+
+    fn listed(view: &mut View, _list: &ObjectList<Self>, _now: crate::runtime::Instant) {
+        view.dirty = true;
+    }
+
+    fn observed(view: &mut View, event: &WatchEvent<Self>, _now: crate::runtime::Instant) {
+        view.dirty |= !matches!(event, WatchEvent::Bookmark(_));
     }
 }
 
