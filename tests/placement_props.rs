@@ -163,3 +163,101 @@ fn ties_and_duplicate_addresses_resolve_to_the_smallest_id_on_every_node() {
         }
     }
 }
+
+// Zone affinity (`PlacementRule::ZoneAffinity`).
+
+const ZONES: [&str; 4] = ["z1", "z2", "z3", ""];
+
+/// Members spread over up to four zones (one of them "no zone").
+fn zoned_members(max: usize) -> impl Strategy<Value = Vec<Member>> {
+    (members(max), prop::collection::vec(0..ZONES.len(), 40)).prop_map(|(ms, zones)| {
+        ms.into_iter()
+            .enumerate()
+            .map(|(i, mut m)| {
+                let z = ZONES[zones[i % zones.len()]];
+                m.zone = (!z.is_empty()).then(|| z.to_string());
+                m
+            })
+            .collect()
+    })
+}
+
+fn zoned() -> PartitionConfig {
+    PartitionConfig {
+        rule: shoal::placement::PlacementRule::ZoneAffinity,
+        ..PartitionConfig::default()
+    }
+}
+
+fn zone_owner_id(t: &ClusterTopology, kind: &str, id: &str) -> Option<MemberId> {
+    shoal::placement::naive_zone_owner(t, kind, id).map(|m| m.id.clone())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Every node computes the same owner (the manager, with its cache, through any sequence
+    /// of topologies, equals the plain scan over the current one), and the owner is in the
+    /// key's home zone: one of the zones that host the kind.
+    #[test]
+    fn zone_affinity_agrees_with_the_plain_scan_through_changes(
+        first in zoned_members(30),
+        second in zoned_members(30),
+        ids in identities(),
+    ) {
+        let pm = PartitionManager::new("c", zoned());
+        for (v, ms) in [(1, first.clone()), (2, second.clone()), (3, first)] {
+            let t = topo(v, ms);
+            let report = pm.update_topology(t.clone()).unwrap();
+            for (k, id) in &ids {
+                let kind = KINDS[*k];
+                let want = zone_owner_id(&t, kind, id);
+                prop_assert_eq!(owner_id(&pm, kind, id), want.clone());
+                // Reported moves are exactly the remembered identities whose owner changed.
+                if let Some(m) = report.moved.iter().find(|m| m.kind == kind && m.identity == *id) {
+                    prop_assert_eq!(&m.to, &want);
+                }
+            }
+            let table = PlacementTable::with_rule(&t, shoal::placement::PlacementRule::ZoneAffinity);
+            for (k, id) in &ids {
+                let kind = KINDS[*k];
+                prop_assert_eq!(table.owner(kind, id).map(|m| m.id.clone()), zone_owner_id(&t, kind, id));
+            }
+        }
+    }
+
+    /// A zone outage moves only the identities homed in that zone; a member leaving a zone
+    /// that keeps others moves only its own identities, and they stay in its zone.
+    #[test]
+    fn zone_affinity_moves_the_minimum(ms in zoned_members(40), ids in identities(), pick in any::<prop::sample::Index>()) {
+        let before = topo(1, ms.clone());
+        let zone_of = |t: &ClusterTopology, m: &MemberId| t.member(m).and_then(|m| m.zone.clone());
+        // Zone outage.
+        let lost = ms[pick.index(ms.len())].zone.clone();
+        let after = topo(2, ms.iter().filter(|m| m.zone != lost).cloned());
+        for (k, id) in &ids {
+            let kind = KINDS[*k];
+            let (b, a) = (zone_owner_id(&before, kind, id), zone_owner_id(&after, kind, id));
+            if let Some(b) = &b && zone_of(&before, b) != lost {
+                prop_assert_eq!(Some(b.clone()), a, "{}/{} moved though its zone stayed", kind, id);
+            }
+        }
+        // One member leaves.
+        let gone = ms[pick.index(ms.len())].id.clone();
+        let after = topo(2, ms.iter().filter(|m| m.id != gone).cloned());
+        for (k, id) in &ids {
+            let kind = KINDS[*k];
+            let (b, a) = (zone_owner_id(&before, kind, id), zone_owner_id(&after, kind, id));
+            match &b {
+                Some(b) if *b == gone => {
+                    let zone = zone_of(&before, b);
+                    let zone_left = after.members().iter().any(|m| m.zone == zone && m.hosts(kind));
+                    if zone_left {
+                        prop_assert_eq!(zone_of(&after, a.as_ref().unwrap()), zone, "{}/{} left its zone", kind, id);
+                    }
+                }
+                _ => prop_assert_eq!(b, a, "{}/{} moved though its owner stayed", kind, id),
+            }
+        }
+    }
+}

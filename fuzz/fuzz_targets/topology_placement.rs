@@ -55,7 +55,7 @@ fuzz_target!(|input: Input| {
     assert!(diff.apply(old.members()).iter().eq(new.members().iter().map(|m| &**m)));
     assert!(new.diff(&new).is_empty());
 
-    let pm = PartitionManager::new("fuzz", PartitionConfig { max_cached_identities: input.cache as usize });
+    let pm = PartitionManager::new("fuzz", PartitionConfig { max_cached_identities: input.cache as usize, ..PartitionConfig::default() });
     pm.update_topology(Arc::new(old.clone())).expect("newer");
     let ids: Vec<(&str, String)> =
         input.identities.iter().map(|(k, i)| (KINDS[*k as usize % 4], i.to_string())).collect();

@@ -1449,6 +1449,7 @@ impl NodeSpec {
                 .with_events(EventStream::new(self.knobs.event_capacity))
                 .with_partition_config(PartitionConfig {
                     max_cached_identities: self.knobs.cache_capacity,
+                    ..PartitionConfig::default()
                 });
         let id = ctx.member.id.clone();
         self.recorder

@@ -8,6 +8,8 @@
 //!   each field preceded by its length as a little-endian `u64` (so `("ab","c")` and `("a","bc")`
 //!   differ), a domain byte first (`b'K'` for keys, `b'M'` for members), then the MurmurHash3
 //!   `fmix64` finalizer.
+//! * `zone_hash(zone)`: the same over the zone name, with domain byte `b'Z'` (zone-affinity
+//!   placement elects a key's home zone by rendezvous over the zones, then its owner in it).
 //! * `weight(key, member) = fmix64(key + member * 0x9E3779B97F4A7C15)` (wrapping arithmetic).
 //!   The multiply-add keeps weights of different (key, member) pairs uncorrelated, which an XOR
 //!   would not.
@@ -65,6 +67,11 @@ pub fn member_hash(address: &str) -> u64 {
     Fnv::new(b'M').field(address).finish()
 }
 
+/// Hash of a zone name, for electing a key's home zone (zone-affinity placement).
+pub fn zone_hash(zone: &str) -> u64 {
+    Fnv::new(b'Z').field(zone).finish()
+}
+
 /// Rendezvous weight of `member` for `key`; the highest weight owns the key.
 #[inline]
 pub fn weight(key: u64, member: u64) -> u64 {
@@ -86,6 +93,8 @@ mod tests {
         assert_eq!(m, 0x1b05_a012_4759_bc72);
         assert_eq!(weight(1, 2), 0xe850_28e6_b31f_8e7a);
         assert_eq!(weight(k, m), 0x1868_c1b5_c64c_2a7d);
+        assert_eq!(zone_hash("eu-west-1a"), 0x4ced_6bb2_3b74_b185);
+        assert_eq!(zone_hash(""), 0xe88c_ff1f_ca4e_af9e);
         assert_eq!(fmix64(0), 0);
         assert_eq!(fmix64(1), 0xb456_bcfc_34c2_cb2c);
     }

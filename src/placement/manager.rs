@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::hash::{key_hash, weight};
-use super::table::{Candidate, Choice, PlacementTable, choose_among};
+use super::table::{Candidate, Choice, PlacementRule, PlacementTable, choose_among};
 use crate::cluster::{ClusterTopology, Member, MemberId, TopologyDiff};
 use crate::metrics::PlacementMetrics;
 use crate::runtime::sim;
@@ -19,12 +19,15 @@ pub struct PartitionConfig {
     /// Most identities whose owner is remembered. Past it the oldest entry is forgotten (its
     /// owner is recomputed on the next lookup, and it is no longer reported when it moves).
     pub max_cached_identities: usize,
+    /// How owners are elected (every node of the cluster must use the same rule).
+    pub rule: PlacementRule,
 }
 
 impl Default for PartitionConfig {
     fn default() -> Self {
         Self {
             max_cached_identities: 1_000_000,
+            rule: PlacementRule::Rendezvous,
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct RebalanceReport {
 #[derive(Debug)]
 pub struct PartitionManager {
     cluster_name: String,
+    rule: PlacementRule,
     state: RwLock<State>,
     metrics: PlacementMetrics,
 }
@@ -112,6 +116,7 @@ impl PartitionManager {
                 cache: OwnerCache::new(config.max_cached_identities),
             }),
             cluster_name,
+            rule: config.rule,
             metrics: PlacementMetrics::default(),
         }
     }
@@ -209,7 +214,7 @@ impl PartitionManager {
             members = topology.len(),
         );
         let _enter = span.enter();
-        let table = PlacementTable::new(&topology);
+        let table = PlacementTable::with_rule(&topology, self.rule);
         let diff = state.topology.diff(&topology);
         let delta = KindDelta::from_diff(&diff, &table);
         let mut moved = state.cache.rebalance(&table, &delta);
@@ -425,6 +430,8 @@ impl OwnerCache {
                 let kind = &*entry.kind;
                 let candidates = table.candidates_of(kind);
                 let next = match &entry.owner {
+                    // Zone affinity: a join or leave can move a key's home zone; elect again.
+                    _ if table.rule() == PlacementRule::ZoneAffinity => table.choose(kind, key),
                     None => choose_among(candidates, key),
                     Some(cur)
                         if delta
@@ -596,6 +603,7 @@ mod tests {
             "c",
             PartitionConfig {
                 max_cached_identities: 100,
+                ..PartitionConfig::default()
             },
         );
         let t = topo(1, (0..20).map(|i| member(i, &["a"])));

@@ -5,4 +5,4 @@ mod manager;
 mod table;
 
 pub use manager::{Moved, PartitionConfig, PartitionManager, PlacementError, RebalanceReport};
-pub use table::{PlacementTable, naive_owner};
+pub use table::{PlacementRule, PlacementTable, naive_owner, naive_zone_owner};

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::hash::{key_hash, member_hash, weight};
+use super::hash::{key_hash, member_hash, weight, zone_hash};
 use crate::cluster::{ClusterTopology, Member, MemberId};
 
 /// One member able to host a kind, with its placement hash precomputed.
@@ -34,16 +34,47 @@ impl Choice {
     }
 }
 
+/// How an identity's owner is elected among the members hosting its kind. Every node of a
+/// cluster must use the same rule (it is part of the placement contract, like the hash).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlacementRule {
+    /// Rendezvous hashing over every member hosting the kind.
+    #[default]
+    Rendezvous,
+    /// Zone affinity: each `(kind, identity)` has a home zone, elected by rendezvous hashing
+    /// over the zones of the members hosting the kind (`zone_hash`), and its owner is elected
+    /// among that zone's members. Members without a zone form one zone of their own. The
+    /// answer depends only on the topology, never on the asking node's zone; when a zone
+    /// loses its last member, only the identities homed there move (to their next zone), and
+    /// a member joining or leaving a zone moves only identities of that zone.
+    ZoneAffinity,
+}
+
+/// The members of one zone hosting a kind.
+#[derive(Clone, Debug)]
+struct Zone {
+    seed: u64,
+    candidates: Vec<Candidate>,
+}
+
 /// Placement of every kind over one topology: the members hosting each kind, in id order, with
 /// their hashes precomputed so a lookup is one multiply-and-mix per candidate.
 #[derive(Clone, Debug, Default)]
 pub struct PlacementTable {
     kinds: BTreeMap<String, Vec<Candidate>>,
+    rule: PlacementRule,
+    /// Per kind, its zones by name (zone affinity only).
+    zones: BTreeMap<String, BTreeMap<String, Zone>>,
 }
 
 impl PlacementTable {
-    /// Builds the table for `topology`.
+    /// Builds the table for `topology` (plain rendezvous).
     pub fn new(topology: &ClusterTopology) -> Self {
+        Self::with_rule(topology, PlacementRule::Rendezvous)
+    }
+
+    /// Builds the table for `topology` under `rule`.
+    pub fn with_rule(topology: &ClusterTopology, rule: PlacementRule) -> Self {
         let mut kinds: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
         for member in topology.members() {
             for kind in &member.kinds {
@@ -53,7 +84,29 @@ impl PlacementTable {
                     .push(Candidate::new(member.clone()));
             }
         }
-        Self { kinds }
+        let mut zones: BTreeMap<String, BTreeMap<String, Zone>> = BTreeMap::new();
+        if rule == PlacementRule::ZoneAffinity {
+            for (kind, candidates) in &kinds {
+                let by_zone = zones.entry(kind.clone()).or_default();
+                for c in candidates {
+                    let zone = c.member.zone.clone().unwrap_or_default();
+                    by_zone
+                        .entry(zone.clone())
+                        .or_insert_with(|| Zone {
+                            seed: zone_hash(&zone),
+                            candidates: Vec::new(),
+                        })
+                        .candidates
+                        .push(c.clone());
+                }
+            }
+        }
+        Self { kinds, rule, zones }
+    }
+
+    /// The rule this table elects owners by.
+    pub fn rule(&self) -> PlacementRule {
+        self.rule
     }
 
     /// The owner of `identity` of `kind`, or `None` when no member hosts the kind.
@@ -76,7 +129,22 @@ impl PlacementTable {
     }
 
     pub(crate) fn choose(&self, kind: &str, key: u64) -> Option<Choice> {
-        choose_among(self.candidates_of(kind), key)
+        match self.rule {
+            PlacementRule::Rendezvous => choose_among(self.candidates_of(kind), key),
+            PlacementRule::ZoneAffinity => {
+                let zones = self.zones.get(kind)?;
+                // Zones in name order: on equal weights the first (smallest name) is kept.
+                let mut home: Option<(&Zone, u64)> = None;
+                for zone in zones.values() {
+                    let w = weight(key, zone.seed);
+                    match home {
+                        Some((_, hw)) if w <= hw => {}
+                        _ => home = Some((zone, w)),
+                    }
+                }
+                choose_among(&home?.0.candidates, key)
+            }
+        }
     }
 }
 
@@ -108,6 +176,48 @@ pub fn naive_owner<'a>(
     let key = key_hash(kind, identity);
     let mut best: Option<(&Member, u64)> = None;
     for m in topology.members().iter().filter(|m| m.hosts(kind)) {
+        let w = weight(key, member_hash(&m.address));
+        let better = match best {
+            None => true,
+            Some((bm, bw)) => w > bw || (w == bw && m.id < bm.id),
+        };
+        if better {
+            best = Some((m, w));
+        }
+    }
+    best.map(|(m, _)| m)
+}
+
+/// [`naive_owner`] under [`PlacementRule::ZoneAffinity`], with nothing precomputed: the home
+/// zone by a rendezvous scan over the zone names of the members hosting `kind`, then the owner
+/// by a rendezvous scan over that zone's members. The reference for the property tests.
+pub fn naive_zone_owner<'a>(
+    topology: &'a ClusterTopology,
+    kind: &str,
+    identity: &str,
+) -> Option<&'a Member> {
+    let key = key_hash(kind, identity);
+    let hosts: Vec<&Member> = topology
+        .members()
+        .iter()
+        .map(|m| &**m)
+        .filter(|m| m.hosts(kind))
+        .collect();
+    let zone_of = |m: &Member| m.zone.clone().unwrap_or_default();
+    let mut home: Option<(String, u64)> = None;
+    for zone in hosts.iter().map(|m| zone_of(m)) {
+        let w = weight(key, zone_hash(&zone));
+        let better = match &home {
+            None => true,
+            Some((hz, hw)) => w > *hw || (w == *hw && zone < *hz),
+        };
+        if better {
+            home = Some((zone, w));
+        }
+    }
+    let (home, _) = home?;
+    let mut best: Option<(&Member, u64)> = None;
+    for m in hosts.into_iter().filter(|m| zone_of(m) == home) {
         let w = weight(key, member_hash(&m.address));
         let better = match best {
             None => true,
