@@ -24,7 +24,8 @@ use futures::StreamExt;
 use madsim::net::Endpoint;
 use madsim::time::sleep;
 use shoal::kubernetes::api::{
-    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList, WatchEvent, WatchStream,
+    ApiError, Endpoint as SliceEndpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList,
+    ObjectMeta, ObjectReference, SERVICE_NAME_LABEL, WatchEvent, WatchStream,
 };
 use shoal::kubernetes::members::ADDRESS_ANNOTATION;
 use shoal::kubernetes::memory::MemoryApiServer;
@@ -503,5 +504,117 @@ impl KubeDoor {
                 }
             }
         }
+    }
+}
+
+/// The headless Service the simulated members are gated by.
+pub const SERVICE: &str = "sim-members";
+
+/// What the endpoints controller says of one Pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    /// Running and passing its readiness probe.
+    Serving,
+    /// Being deleted (a graceful shutdown): still serving, but terminating.
+    Terminating,
+    /// Running but failing its readiness probe (crashed, frozen).
+    NotReady,
+}
+
+/// The endpoints controller of the simulated cluster: keeps the EndpointSlices of [`SERVICE`]
+/// (two slices, a Pod in one of them) in step with the Pods' states, as the harness reports
+/// them. A Pod's state changes only with a newer generation (a restart bumps it), so a late
+/// "not ready" for a crashed Pod cannot overwrite its restarted successor.
+#[derive(Debug)]
+pub struct EndpointController {
+    store: MemoryApiServer,
+    pods: Mutex<std::collections::BTreeMap<String, (u64, IpAddr, PodState)>>,
+    rec: Recorder,
+}
+
+impl EndpointController {
+    /// A controller writing into `store`.
+    pub fn new(store: MemoryApiServer, rec: Recorder) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            pods: Mutex::default(),
+            rec,
+        })
+    }
+
+    /// The Pod's current generation (0 if unknown).
+    pub fn generation(&self, pod: &str) -> u64 {
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pod)
+            .map_or(0, |(g, _, _)| *g)
+    }
+
+    /// A (re)started Pod at `ip`: a new generation, serving.
+    pub fn started(&self, pod: &str, ip: IpAddr) {
+        let g = self.generation(pod) + 1;
+        self.set(pod, ip, g, PodState::Serving);
+    }
+
+    /// The Pod's state, if it is still at generation `generation`.
+    pub fn update(&self, pod: &str, generation: u64, state: PodState) {
+        let Some(ip) = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pod)
+            .filter(|(g, _, _)| *g == generation)
+            .map(|(_, ip, _)| *ip)
+        else {
+            return;
+        };
+        self.set(pod, ip, generation, state);
+    }
+
+    fn set(&self, pod: &str, ip: IpAddr, generation: u64, state: PodState) {
+        let slice = {
+            let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+            if pods
+                .get(pod)
+                .is_some_and(|(g, _, s)| *g == generation && *s == state)
+            {
+                return;
+            }
+            pods.insert(pod.to_string(), (generation, ip, state));
+            // The Pod's slice, rebuilt from every Pod in it.
+            let index = pod.bytes().map(u64::from).sum::<u64>() % 2;
+            EndpointSlice {
+                meta: ObjectMeta {
+                    name: format!("{SERVICE}-{index}"),
+                    namespace: "default".into(),
+                    labels: [(SERVICE_NAME_LABEL.to_string(), SERVICE.to_string())].into(),
+                    ..ObjectMeta::default()
+                },
+                endpoints: pods
+                    .iter()
+                    .filter(|(p, _)| p.bytes().map(u64::from).sum::<u64>() % 2 == index)
+                    .map(|(p, (_, ip, state))| SliceEndpoint {
+                        addresses: vec![ip.to_string()],
+                        ready: Some(*state == PodState::Serving),
+                        serving: Some(*state != PodState::NotReady),
+                        terminating: Some(*state == PodState::Terminating),
+                        zone: None,
+                        target_ref: Some(ObjectReference {
+                            kind: "Pod".into(),
+                            namespace: "default".into(),
+                            name: p.clone(),
+                            uid: format!("uid-{p}"),
+                        }),
+                    })
+                    .collect(),
+            }
+        };
+        self.rec.count(match state {
+            PodState::Serving => "endpoints: serving",
+            PodState::Terminating => "endpoints: terminating",
+            PodState::NotReady => "endpoints: not ready",
+        });
+        self.store.put_endpoint_slice(slice);
     }
 }

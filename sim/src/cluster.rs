@@ -30,7 +30,9 @@ use shoal::{
     PartitionConfig, PartitionManager,
 };
 
-use crate::apiserver::{APISERVER_PORT, KubeDoor, SimKubeApi};
+use crate::apiserver::{
+    APISERVER_PORT, EndpointController, KubeDoor, PodState, SERVICE, SimKubeApi,
+};
 use crate::faults::Fault;
 use crate::flaw::{Flaw, FlawedProvider};
 use crate::health::Health;
@@ -304,6 +306,8 @@ struct RegistryControl {
     /// For the Kubernetes provider, this node is the API server and this its door (its store
     /// survives restarts, as etcd does).
     kube: Option<Arc<KubeDoor>>,
+    /// The endpoints controller, when the members are gated by a Service.
+    endpoints: Option<Arc<EndpointController>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -389,11 +393,13 @@ impl SimCluster {
                 paused_since: Mutex::new(None),
                 down_since: Mutex::new(None),
                 kube: None,
+                endpoints: None,
             }
         });
         let registry = registry.or_else(|| {
-            (b.provider == ProviderKind::Kubernetes)
-                .then(|| start_apiserver(&handle, &oracles, &recorder, kube_door))
+            (b.provider == ProviderKind::Kubernetes).then(|| {
+                start_apiserver(&handle, &oracles, &recorder, kube_door, b.knobs.k8s_service)
+            })
         });
         let memory = InMemoryRegistry::new();
         let fresh = Arc::new(FreshOwners::default());
@@ -415,6 +421,11 @@ impl SimCluster {
             let stop = Arc::new(StopSignal::default());
             let describe = Arc::new(DescribeSignal::default());
             let spec = NodeSpec {
+                endpoints: if is_client {
+                    None
+                } else {
+                    registry.as_ref().and_then(|r| r.endpoints.clone())
+                },
                 describe: describe.clone(),
                 name: name.clone(),
                 ip,
@@ -671,6 +682,7 @@ impl SimCluster {
         };
         self.handle.kill(self.node_id(i));
         self.refresh_health();
+        self.pod_not_ready_later(&name);
         self.recorder.node_down(&name);
         self.recorder.trace(
             &name,
@@ -716,6 +728,11 @@ impl SimCluster {
             s.stop.clone()
         };
         let healthy_at_start = self.health.healthy_since(i).is_some();
+        if let Some(e) = self.endpoints() {
+            // The Pod is being deleted: its endpoint goes terminating at once.
+            let pod = pod_name(&lock(&self.slots)[i].name);
+            e.update(&pod, e.generation(&pod), PodState::Terminating);
+        }
         stop.requested.store(true, Ordering::SeqCst);
         stop.notify.notify_one();
         self.refresh_health();
@@ -1040,6 +1057,8 @@ impl SimCluster {
                 lock(&self.slots)[member].paused = true;
                 self.handle.pause(self.node_id(member));
                 self.refresh_health();
+                let name = lock(&self.slots)[member].name.clone();
+                self.pod_not_ready_later(&name);
                 self.later(duration, move |c| {
                     c.resume(member);
                     c.recorder.fault_healed(idx);
@@ -1267,10 +1286,36 @@ impl SimCluster {
             slots[i].paused = false;
             slots[i].unpaused_at = Some(Instant::now());
             let id = slots[i].node.id();
+            let pod = pod_name(&slots[i].name);
             drop(slots);
             self.handle.resume(id);
+            if let Some(e) = self.endpoints() {
+                // Its readiness probe passes again.
+                e.update(&pod, e.generation(&pod), PodState::Serving);
+            }
             self.refresh_health();
         }
+    }
+
+    /// The endpoints controller, when members are gated by a Service.
+    fn endpoints(&self) -> Option<Arc<EndpointController>> {
+        self.registry.as_ref().and_then(|r| r.endpoints.clone())
+    }
+
+    /// A Pod that crashed or froze fails its readiness probe: its endpoint is not ready 3 s
+    /// later (three probes), unless it was restarted meanwhile.
+    fn pod_not_ready_later(self: &Arc<Self>, node: &str) {
+        let Some(e) = self.endpoints() else { return };
+        let pod = pod_name(node);
+        let generation = e.generation(&pod);
+        self.later(Duration::from_secs(3), move |c| {
+            let still_down = lock(&c.slots)
+                .iter()
+                .any(|s| pod_name(&s.name) == pod && (!s.alive || s.paused));
+            if still_down {
+                e.update(&pod, generation, PodState::NotReady);
+            }
+        });
     }
 
     /// Heals what must heal before liveness is judged: links, pauses, heartbeat loss, buggify;
@@ -1393,6 +1438,8 @@ impl FailoverProbe {
 struct NodeSpec {
     name: String,
     ip: IpAddr,
+    /// The endpoints controller, for a Kubernetes member gated by a Service.
+    endpoints: Option<Arc<EndpointController>>,
     is_client: bool,
     provider: ProviderKind,
     memory: InMemoryRegistry,
@@ -1522,8 +1569,15 @@ impl NodeSpec {
             }
             ProviderKind::Kubernetes => {
                 let api = SimKubeApi::new(SocketAddr::from(([10, 0, 0, 1], APISERVER_PORT)));
-                let pod = format!("pod-{}", self.name);
-                let p = KubernetesProvider::new(kubernetes_config(Some(&pod)), Arc::new(api));
+                let pod = pod_name(&self.name);
+                let mut config = kubernetes_config(Some(&pod));
+                if let Some(e) = &self.endpoints {
+                    // The Pod's readiness probe passes as soon as its process runs (it does
+                    // not wait for the provider to start).
+                    config.service = Some(SERVICE.to_string());
+                    e.started(&pod, self.ip);
+                }
+                let p = KubernetesProvider::new(config, Arc::new(api));
                 lock(&self.metrics).push(MetricSource::Kubernetes(p.metrics().clone()));
                 Box::new(p)
             }
@@ -1643,6 +1697,7 @@ fn start_apiserver(
     oracles: &Arc<Oracles>,
     recorder: &Recorder,
     door: Arc<Door>,
+    service: bool,
 ) -> RegistryControl {
     // A short event history (about 10 s of renewals): a watcher cut off for longer gets
     // 410 Gone when it resumes and must relist.
@@ -1679,6 +1734,12 @@ fn start_apiserver(
         down: AtomicBool::new(false),
         paused_since: Mutex::new(None),
         down_since: Mutex::new(None),
+        endpoints: service.then(|| EndpointController::new(kube.store().clone(), recorder.clone())),
         kube: Some(kube),
     }
+}
+
+/// The Pod name of the simulated node `node`.
+fn pod_name(node: &str) -> String {
+    format!("pod-{node}")
 }

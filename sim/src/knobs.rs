@@ -30,6 +30,9 @@ pub struct Knobs {
     pub lose_first_leave: bool,
     /// The registry's publish interval (long: changes are coalesced into fewer updates).
     pub publish_interval: Duration,
+    /// Kubernetes: members are gated by a headless Service's EndpointSlices, kept by the
+    /// simulated endpoints controller.
+    pub k8s_service: bool,
 }
 
 impl Default for Knobs {
@@ -44,6 +47,7 @@ impl Default for Knobs {
             duplicate_leaves: false,
             lose_first_leave: false,
             publish_interval: shoal::registry::RegistryConfig::default().publish_interval,
+            k8s_service: false,
         }
     }
 }
@@ -76,6 +80,7 @@ impl Knobs {
         if r.chance(0.25) {
             k.publish_interval = r.ms(100, 500);
         }
+        k.k8s_service = r.chance(0.5);
         k
     }
 

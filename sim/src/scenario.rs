@@ -554,6 +554,7 @@ pub fn all() -> Vec<Scenario> {
             &[
                 "kubernetes: expired leases deleted",
                 "workload: reports with moves",
+                "endpoints: not ready",
             ],
         ),
         k8s(
@@ -603,7 +604,7 @@ pub fn all() -> Vec<Scenario> {
             "Kubernetes: members shut down gracefully (their Leases deleted), one for good",
             75,
             graceful_leave,
-            &["fault: leave"],
+            &["fault: leave", "endpoints: terminating"],
         ),
         k8s(
             "k8s-clock-skew",

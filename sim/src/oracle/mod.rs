@@ -212,13 +212,18 @@ impl Oracles {
         self.lock().lease.stalled(at_least, d.mul_f64(1.0 + drift));
     }
 
-    /// The Kubernetes API server was unreachable for everyone for `d` (down or frozen): no
-    /// node's Leases aged meanwhile, beyond one renew interval of proven time (see
-    /// `shoal::kubernetes::members::Liveness`), so every expiry moves out by at least `d` less
-    /// that, and at most `d`.
+    /// The Kubernetes API server was unreachable for everyone for `d` (down or frozen). A
+    /// member counts the time between two of its accepted renewals only if they are at most two
+    /// renew intervals apart (see `shoal::kubernetes::members::Liveness`): an outage longer than
+    /// that ages no Lease (every expiry moves out by at least `d`, less a renew interval of
+    /// margin); a shorter one may count in full.
     pub fn apiserver_silent(&self, d: Duration) {
         let drift = REGISTRY_MAX_DRIFT_PPM as f64 / 1e6;
-        let at_least = d.saturating_sub(self.bounds.heartbeat).mul_f64(1.0 - drift);
+        let at_least = if d > self.bounds.heartbeat * 2 {
+            d.saturating_sub(self.bounds.heartbeat).mul_f64(1.0 - drift)
+        } else {
+            Duration::ZERO
+        };
         self.lock().lease.stalled(at_least, d.mul_f64(1.0 + drift));
     }
 
