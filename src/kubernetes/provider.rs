@@ -27,7 +27,7 @@ use super::members::{
     serving_pods,
 };
 use super::metrics::KubernetesProviderMetrics;
-use super::watch::{Next, Outcome, Reflector};
+use super::watch::{Next, Reflector};
 use crate::cluster::{ClusterTopology, Description, Member, MemberId};
 use crate::placement::PlacementError;
 use crate::provider::describe::Descriptions;
@@ -752,12 +752,17 @@ impl Session {
             };
             *attempt = 0;
             let now = self.clock().now();
-            let outcome = {
+            // Only a change of what the members are wakes the reconciler: a renewal of another
+            // member's Lease changes nothing to publish (expiry is judged at this member's own
+            // renewals, which wake it themselves), so a large cluster's stream of renewals
+            // costs one index probe each.
+            let changed = {
                 let mut view = lock(&self.view);
                 T::observed(&mut view, &event, now);
-                T::reflector(&mut view).event(event)
+                T::reflector(&mut view).event(event);
+                view.dirty
             };
-            if T::WAKES_ALWAYS || outcome != Outcome::Unchanged {
+            if changed {
                 self.view_changed.notify_one();
             }
         }
@@ -798,8 +803,7 @@ impl Session {
             self.publish_members(view);
         }
         if self.member_mode {
-            let live = view.applied.clone().unwrap_or_default();
-            self.schedule_cleaning(view, &live, now)
+            self.schedule_cleaning(view, now)
         } else {
             None
         }
@@ -846,7 +850,6 @@ impl Session {
     fn schedule_cleaning(
         &self,
         view: &mut View,
-        live: &[Member],
         now: crate::runtime::Instant,
     ) -> Option<crate::runtime::Instant> {
         let me = lock(&self.member).clone();
@@ -876,7 +879,7 @@ impl Session {
         let wanted = |name: &String| expired.get(name).or_else(|| ghosts.get(name));
         view.cleaning.retain(|name, _| wanted(name).is_some());
         view.tried.retain(|name, rv| wanted(name) == Some(rv));
-        let first = live.iter().map(|m| &m.id).find(|id| {
+        let first = view.applied.iter().flatten().map(|m| &m.id).find(|id| {
             expired
                 .keys()
                 .all(|name| *name != lease_name(&self.ctx.cluster_name, id))
@@ -971,9 +974,6 @@ const DELETE_ATTEMPTS: u32 = 5;
 trait Watched: Object + PartialEq + Sized {
     /// For logs.
     const KIND: &'static str;
-    /// Whether every event (also an unchanged object, a bookmark) may change the view: Lease
-    /// events move proven time.
-    const WAKES_ALWAYS: bool;
     fn reflector(view: &mut View) -> &mut Reflector<Self>;
     async fn list(session: &Session) -> Result<ObjectList<Self>, CallError>;
     async fn watch(session: &Session, from: &str) -> Result<WatchStream<Self>, CallError>;
@@ -986,7 +986,6 @@ trait Watched: Object + PartialEq + Sized {
 #[async_trait]
 impl Watched for Lease {
     const KIND: &'static str = "Leases";
-    const WAKES_ALWAYS: bool = true;
 
     fn reflector(view: &mut View) -> &mut Reflector<Self> {
         &mut view.leases
@@ -1042,7 +1041,6 @@ impl Watched for Lease {
 #[async_trait]
 impl Watched for EndpointSlice {
     const KIND: &'static str = "EndpointSlices";
-    const WAKES_ALWAYS: bool = false;
 
     fn reflector(view: &mut View) -> &mut Reflector<Self> {
         view.slices

@@ -173,9 +173,20 @@ pub fn naive_owner<'a>(
     kind: &str,
     identity: &str,
 ) -> Option<&'a Member> {
-    let key = key_hash(kind, identity);
+    naive_scan(
+        topology
+            .members()
+            .iter()
+            .map(|m| &**m)
+            .filter(|m| m.hosts(kind)),
+        key_hash(kind, identity),
+    )
+}
+
+/// The rendezvous winner of `key` among `members`, hashing each address on the spot.
+fn naive_scan<'a>(members: impl Iterator<Item = &'a Member>, key: u64) -> Option<&'a Member> {
     let mut best: Option<(&Member, u64)> = None;
-    for m in topology.members().iter().filter(|m| m.hosts(kind)) {
+    for m in members {
         let w = weight(key, member_hash(&m.address));
         let better = match best {
             None => true,
@@ -216,18 +227,7 @@ pub fn naive_zone_owner<'a>(
         }
     }
     let (home, _) = home?;
-    let mut best: Option<(&Member, u64)> = None;
-    for m in hosts.into_iter().filter(|m| zone_of(m) == home) {
-        let w = weight(key, member_hash(&m.address));
-        let better = match best {
-            None => true,
-            Some((bm, bw)) => w > bw || (w == bw && m.id < bm.id),
-        };
-        if better {
-            best = Some((m, w));
-        }
-    }
-    best.map(|(m, _)| m)
+    naive_scan(hosts.into_iter().filter(|m| zone_of(m) == home), key)
 }
 
 #[cfg(test)]
