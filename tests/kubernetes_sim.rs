@@ -632,3 +632,102 @@ async fn members_that_may_not_delete_keep_listing_an_expired_member_and_retry_sl
     }
     c.wait_sizes(&[1, 2], 2, DURATION).await;
 }
+
+/// The API server, except that the first Lease create answers only after 2 s (a connection
+/// attempt held up), so the first start fails after the lists succeeded.
+#[derive(Clone)]
+struct SlowFirstCreate {
+    server: MemoryApiServer,
+    slowed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl KubeApi for SlowFirstCreate {
+    async fn get_lease(&self, ns: &str, name: &str) -> Result<Option<Lease>, ApiError> {
+        self.server.get_lease(ns, name).await
+    }
+    async fn create_lease(&self, lease: Lease) -> Result<Lease, ApiError> {
+        if !self.slowed.swap(true, Ordering::SeqCst) {
+            madsim::time::sleep(Duration::from_secs(2)).await;
+        }
+        self.server.create_lease(lease).await
+    }
+    async fn replace_lease(&self, lease: Lease) -> Result<Lease, ApiError> {
+        self.server.replace_lease(lease).await
+    }
+    async fn delete_lease(&self, ns: &str, name: &str, pre: Option<&str>) -> Result<(), ApiError> {
+        self.server.delete_lease(ns, name, pre).await
+    }
+    async fn list_leases(
+        &self,
+        ns: &str,
+        sel: &LabelSelector,
+    ) -> Result<ObjectList<Lease>, ApiError> {
+        self.server.list_leases(ns, sel).await
+    }
+    async fn watch_leases(
+        &self,
+        ns: &str,
+        sel: &LabelSelector,
+        rv: &str,
+    ) -> Result<WatchStream<Lease>, ApiError> {
+        self.server.watch_leases(ns, sel, rv).await
+    }
+    async fn list_endpoint_slices(
+        &self,
+        ns: &str,
+        service: &str,
+    ) -> Result<ObjectList<EndpointSlice>, ApiError> {
+        self.server.list_endpoint_slices(ns, service).await
+    }
+    async fn watch_endpoint_slices(
+        &self,
+        ns: &str,
+        service: &str,
+        rv: &str,
+    ) -> Result<WatchStream<EndpointSlice>, ApiError> {
+        self.server.watch_endpoint_slices(ns, service, rv).await
+    }
+}
+
+/// A node whose first start failed after its lists succeeded starts again on the same
+/// partition manager: the new attempt's topologies must be newer than the ones the node
+/// holds, or the manager refuses them as stale and the node never sees itself (found by
+/// `k8s-zone-outage` seed 60: a restarted member's first create timed out, and every later
+/// start issued versions 1 and 2 again).
+#[madsim::test]
+async fn a_start_after_a_failed_one_issues_newer_versions_and_sees_itself() {
+    let server = MemoryApiServer::default();
+    let node = Handle::current()
+        .create_node()
+        .name("m1")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)))
+        .build();
+    let held = node
+        .spawn(async move {
+            let ctx =
+                ClusterProviderContext::new("c", "10.0.1.1:4000", ["user"], TokioClock::shared())
+                    .unwrap();
+            let mut config = config();
+            config.pod = Some(pod(1));
+            let api = Arc::new(SlowFirstCreate {
+                server: server.clone(),
+                slowed: Arc::default(),
+            });
+            let first = KubernetesProvider::new(config.clone(), api.clone());
+            let failed = first.start_member(ctx.clone()).await;
+            assert!(
+                matches!(failed, Err(ProviderError::Unavailable(_))),
+                "{failed:?}"
+            );
+            let before = ctx.partition_manager.topology().version();
+            let second = KubernetesProvider::new(config, api);
+            second.start_member(ctx.clone()).await.unwrap();
+            let t = ctx.partition_manager.topology();
+            assert!(t.contains(&ctx.member.id), "{t:?}");
+            (before, t.version())
+        })
+        .await
+        .unwrap();
+    assert!(held.1 > held.0, "versions {held:?}");
+}

@@ -528,18 +528,44 @@ pub enum PodState {
 #[derive(Debug)]
 pub struct EndpointController {
     store: MemoryApiServer,
-    pods: Mutex<std::collections::BTreeMap<String, (u64, IpAddr, PodState)>>,
+    /// By Pod: generation, address, state, and the controller's change counter at its last
+    /// change.
+    pods: Mutex<std::collections::BTreeMap<String, (u64, IpAddr, PodState, u64)>>,
+    changes: std::sync::atomic::AtomicU64,
+    zones: bool,
     rec: Recorder,
 }
 
+/// The zone the simulated cluster puts Pod `pod` in (`m0` in `zone-a`, `m1` in `zone-b`,
+/// `m2` in `zone-c`, `m3` in `zone-a`, ...), reported on its endpoint.
+pub fn pod_zone(pod: &str) -> String {
+    let n: usize = pod
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or(0);
+    format!("zone-{}", ["a", "b", "c"][n % 3])
+}
+
 impl EndpointController {
-    /// A controller writing into `store`.
-    pub fn new(store: MemoryApiServer, rec: Recorder) -> Arc<Self> {
+    /// A controller writing into `store`; with `zones`, each endpoint carries its Pod's zone
+    /// ([`pod_zone`]).
+    pub fn new(store: MemoryApiServer, rec: Recorder, zones: bool) -> Arc<Self> {
         Arc::new(Self {
             store,
             pods: Mutex::default(),
+            changes: std::sync::atomic::AtomicU64::new(0),
+            zones,
             rec,
         })
+    }
+
+    /// The Pod's generation, address, state and change counter, if it ever started.
+    pub fn state(&self, pod: &str) -> Option<(u64, IpAddr, PodState, u64)> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pod)
+            .copied()
     }
 
     /// The Pod's current generation (0 if unknown).
@@ -548,7 +574,7 @@ impl EndpointController {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(pod)
-            .map_or(0, |(g, _, _)| *g)
+            .map_or(0, |(g, ..)| *g)
     }
 
     /// A (re)started Pod at `ip`: a new generation, serving.
@@ -557,31 +583,34 @@ impl EndpointController {
         self.set(pod, ip, g, PodState::Serving);
     }
 
-    /// The Pod's state, if it is still at generation `generation`.
-    pub fn update(&self, pod: &str, generation: u64, state: PodState) {
+    /// The Pod's state, if it is still at generation `generation`; whether it changed.
+    pub fn update(&self, pod: &str, generation: u64, state: PodState) -> bool {
         let Some(ip) = self
             .pods
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(pod)
-            .filter(|(g, _, _)| *g == generation)
-            .map(|(_, ip, _)| *ip)
+            .filter(|(g, ..)| *g == generation)
+            .map(|(_, ip, ..)| *ip)
         else {
-            return;
+            return false;
         };
-        self.set(pod, ip, generation, state);
+        self.set(pod, ip, generation, state)
     }
 
-    fn set(&self, pod: &str, ip: IpAddr, generation: u64, state: PodState) {
+    fn set(&self, pod: &str, ip: IpAddr, generation: u64, state: PodState) -> bool {
         let slice = {
             let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
             if pods
                 .get(pod)
-                .is_some_and(|(g, _, s)| *g == generation && *s == state)
+                .is_some_and(|(g, _, s, _)| *g == generation && *s == state)
             {
-                return;
+                return false;
             }
-            pods.insert(pod.to_string(), (generation, ip, state));
+            let change = self
+                .changes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            pods.insert(pod.to_string(), (generation, ip, state, change));
             // The Pod's slice, rebuilt from every Pod in it.
             let index = pod.bytes().map(u64::from).sum::<u64>() % 2;
             EndpointSlice {
@@ -594,12 +623,12 @@ impl EndpointController {
                 endpoints: pods
                     .iter()
                     .filter(|(p, _)| p.bytes().map(u64::from).sum::<u64>() % 2 == index)
-                    .map(|(p, (_, ip, state))| SliceEndpoint {
+                    .map(|(p, (_, ip, state, _))| SliceEndpoint {
                         addresses: vec![ip.to_string()],
                         ready: Some(*state == PodState::Serving),
                         serving: Some(*state != PodState::NotReady),
                         terminating: Some(*state == PodState::Terminating),
-                        zone: None,
+                        zone: self.zones.then(|| pod_zone(p)),
                         target_ref: Some(ObjectReference {
                             kind: "Pod".into(),
                             namespace: "default".into(),
@@ -616,5 +645,6 @@ impl EndpointController {
             PodState::NotReady => "endpoints: not ready",
         });
         self.store.put_endpoint_slice(slice);
+        true
     }
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use madsim::time::{Instant, sleep};
-use shoal::placement::naive_owner;
 use shoal::{ClusterTopology, MemberId};
 
 use crate::cluster::{KIND, ProviderKind, SimCluster};
+use crate::workload::naive_owner_by;
 
 /// Identities whose owners are compared across nodes.
 pub fn sample_identities() -> &'static [String] {
@@ -152,10 +152,11 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
         }
         for id in sample_identities() {
             let got = inc.manager.peek_owner(KIND, id).map(|m| m.id.clone());
-            let want = naive_owner(&t, KIND, id).map(|m| m.id.clone());
+            let want = naive_owner_by(cluster.placement_rule(), &t, KIND, id);
             if got != want {
                 return Err(format!(
-                    "{name}: owner of {KIND}/{id} is {got:?}, rendezvous over its topology says {want:?}"
+                    "{name}: owner of {KIND}/{id} is {got:?}, {:?} over its topology says {want:?}",
+                    cluster.placement_rule()
                 ));
             }
         }

@@ -31,7 +31,7 @@ use shoal::{
 };
 
 use crate::apiserver::{
-    APISERVER_PORT, EndpointController, KubeDoor, PodState, SERVICE, SimKubeApi,
+    APISERVER_PORT, EndpointController, KubeDoor, PodState, SERVICE, SimKubeApi, pod_zone,
 };
 use crate::faults::Fault;
 use crate::flaw::{Flaw, FlawedProvider};
@@ -81,6 +81,16 @@ const REGISTRY_PORT: u16 = 7600;
 /// judge it: a dead watch stream is noticed after the idle timeout (15 s), reopened within the
 /// backoff cap (5 s), and a new registry holds snapshots for its startup grace (3 s).
 const CONNECTED_FOR: Duration = Duration::from_secs(25);
+
+/// How long after the endpoints controller withdrew a Pod (not ready, terminating) a node that
+/// was connected throughout may still list its member: one watch delivery, plus a watch
+/// reopened after a stream reset.
+const WITHDRAWAL: Duration =
+    Duration::from_millis(DELIVERY.as_millis() as u64 + POLL.as_millis() as u64 + 1_000);
+
+/// The preStop hook's wait before a Pod's process is told to stop
+/// (deploy/kubernetes/member-deployment.yaml): its endpoint is terminating meanwhile.
+const PRE_STOP: Duration = Duration::from_secs(5);
 
 /// Which membership provider the members run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -187,7 +197,12 @@ impl SimClusterBuilder {
     }
 
     /// Creates the nodes (inside a madsim runtime) and starts them.
-    pub fn build(self, recorder: Recorder) -> Arc<SimCluster> {
+    pub fn build(mut self, recorder: Recorder) -> Arc<SimCluster> {
+        if self.provider != ProviderKind::Kubernetes {
+            // Services and zones are Kubernetes knobs.
+            self.knobs.k8s_service = false;
+            self.knobs.k8s_zones = false;
+        }
         SimCluster::start(self, recorder)
     }
 }
@@ -275,6 +290,8 @@ struct StopSignal {
 pub struct SimCluster {
     handle: Handle,
     provider: ProviderKind,
+    /// The placement rule the members use.
+    rule: shoal::placement::PlacementRule,
     registry_config: RegistryConfig,
     recorder: Recorder,
     oracles: Arc<Oracles>,
@@ -397,12 +414,11 @@ impl SimCluster {
             }
         });
         let registry = registry.or_else(|| {
-            (b.provider == ProviderKind::Kubernetes).then(|| {
-                start_apiserver(&handle, &oracles, &recorder, kube_door, b.knobs.k8s_service)
-            })
+            (b.provider == ProviderKind::Kubernetes)
+                .then(|| start_apiserver(&handle, &oracles, &recorder, kube_door, &b.knobs))
         });
         let memory = InMemoryRegistry::new();
-        let fresh = Arc::new(FreshOwners::default());
+        let fresh = Arc::new(FreshOwners::new(b.knobs.placement_rule()));
         let mut slots = Vec::new();
         for i in 0..b.members + b.clients {
             let is_client = i >= b.members;
@@ -421,11 +437,8 @@ impl SimCluster {
             let stop = Arc::new(StopSignal::default());
             let describe = Arc::new(DescribeSignal::default());
             let spec = NodeSpec {
-                endpoints: if is_client {
-                    None
-                } else {
-                    registry.as_ref().and_then(|r| r.endpoints.clone())
-                },
+                // Clients are gated too: they route to serving members only.
+                endpoints: registry.as_ref().and_then(|r| r.endpoints.clone()),
                 describe: describe.clone(),
                 name: name.clone(),
                 ip,
@@ -469,6 +482,7 @@ impl SimCluster {
         let cluster = Arc::new(SimCluster {
             handle,
             provider: b.provider,
+            rule: b.knobs.placement_rule(),
             registry_config,
             recorder,
             oracles,
@@ -516,6 +530,11 @@ impl SimCluster {
         lock(&self.slots).iter().filter(|s| !s.is_client).count()
     }
 
+    /// The placement rule the members use (zone affinity when the seed's endpoints carry zones).
+    pub fn placement_rule(&self) -> shoal::placement::PlacementRule {
+        self.rule
+    }
+
     /// Views of running, unpaused nodes: (name, is_client, incarnation).
     pub fn live_views(&self) -> Vec<(String, bool, Incarnation)> {
         lock(&self.slots)
@@ -544,9 +563,16 @@ impl SimCluster {
             .iter()
             .filter(|s| s.alive && !s.is_client)
             .filter_map(|s| {
-                lock(&s.current)
-                    .as_ref()
-                    .map(|i| (i.id.clone(), i.description.clone()))
+                lock(&s.current).as_ref().map(|i| {
+                    let mut d = i.description.clone();
+                    // A member that names no zone of its own takes its endpoint's.
+                    if self.rule == shoal::placement::PlacementRule::ZoneAffinity
+                        && d.zone.is_none()
+                    {
+                        d.zone = Some(pod_zone(&pod_name(&s.name)));
+                    }
+                    (i.id.clone(), d)
+                })
             })
             .collect()
     }
@@ -727,17 +753,29 @@ impl SimCluster {
             s.leaving = true;
             s.stop.clone()
         };
-        let healthy_at_start = self.health.healthy_since(i).is_some();
-        if let Some(e) = self.endpoints() {
-            // The Pod is being deleted: its endpoint goes terminating at once.
-            let pod = pod_name(&lock(&self.slots)[i].name);
-            e.update(&pod, e.generation(&pod), PodState::Terminating);
-        }
-        stop.requested.store(true, Ordering::SeqCst);
-        stop.notify.notify_one();
-        self.refresh_health();
         let c = self.clone();
         self.background(async move {
+            if let Some(e) = c.endpoints() {
+                // The Pod is being deleted: its endpoint goes terminating at once, and the
+                // preStop hook waits before the process is told to stop.
+                let (pod, incarnation) = {
+                    let slots = lock(&c.slots);
+                    let id = lock(&slots[i].current).as_ref().map(|inc| inc.id.clone());
+                    (pod_name(&slots[i].name), id)
+                };
+                c.withdraw(&pod, e.generation(&pod), PodState::Terminating);
+                sleep(PRE_STOP).await;
+                let slots = lock(&c.slots);
+                let s = &slots[i];
+                let same = lock(&s.current).as_ref().map(|inc| inc.id.clone()) == incarnation;
+                if !s.leaving || !s.alive || s.paused || !same {
+                    return; // Crashed, frozen or replaced meanwhile.
+                }
+            }
+            let healthy_at_start = c.health.healthy_since(i).is_some();
+            stop.requested.store(true, Ordering::SeqCst);
+            stop.notify.notify_one();
+            c.refresh_health();
             for _ in 0..3_000 {
                 if lock(&stop.done).is_some() {
                     break;
@@ -829,13 +867,8 @@ impl SimCluster {
                     return;
                 }
             }
-            for (j, name, inc) in views {
-                let Some(ready) = inc.ready_at else { continue };
-                let Some(healthy) = c.health.healthy_since(j) else {
-                    continue;
-                };
-                let connected = ready <= at && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at);
-                if connected && inc.manager.topology().contains(&id) {
+            for (_, name, inc) in c.connected_views(at, Some(departed)) {
+                if inc.manager.topology().contains(&id) {
                     c.recorder.violation_once(
                         format!("failover {id} {name}"),
                         format!(
@@ -1302,6 +1335,78 @@ impl SimCluster {
         self.registry.as_ref().and_then(|r| r.endpoints.clone())
     }
 
+    /// The endpoints controller withdraws Pod `pod` (generation `generation`): its endpoint
+    /// goes `state`; the gating oracle then judges that connected nodes stop listing it.
+    fn withdraw(self: &Arc<Self>, pod: &str, generation: u64, state: PodState) {
+        let Some(e) = self.endpoints() else { return };
+        if !e.update(pod, generation, state) {
+            return;
+        }
+        let Some((_, ip, _, change)) = e.state(pod) else {
+            return;
+        };
+        let at = Instant::now();
+        let pod = pod.to_string();
+        let c = self.clone();
+        self.background(async move {
+            sleep(WITHDRAWAL).await;
+            // Judged only if the endpoint stayed withdrawn (not restarted, not resumed).
+            if e.state(&pod).is_none_or(|(.., now)| now != change) || c.is_healed() {
+                return;
+            }
+            let host = ip.to_string();
+            for (_, name, inc) in c.connected_views(at, None) {
+                let t = inc.manager.topology();
+                let Some(m) = t
+                    .members()
+                    .iter()
+                    .find(|m| m.address.rsplit_once(':').is_some_and(|(h, _)| h == host))
+                else {
+                    continue;
+                };
+                c.recorder.violation_once(
+                    format!("withdrawn {pod} {change} {name}"),
+                    format!(
+                        "endpoints: {name} still lists {} ({}) {} ms after the endpoint of its Pod {pod} went {state:?} (bound {} ms: one delivery and a watch reopen), though {name} was connected throughout",
+                        m.id,
+                        m.address,
+                        WITHDRAWAL.as_millis(),
+                        WITHDRAWAL.as_millis()
+                    ),
+                );
+            }
+        });
+    }
+
+    /// Nodes other than `except` that are running, started before `at`, and whose path to the
+    /// registry (API server) was healthy from before `at` on (long enough for a watch to have
+    /// recovered from any earlier fault): they must have seen whatever was published at `at`.
+    fn connected_views(
+        &self,
+        at: Instant,
+        except: Option<usize>,
+    ) -> Vec<(usize, String, Incarnation)> {
+        let views: Vec<(usize, String, Incarnation)> = {
+            let slots = lock(&self.slots);
+            slots
+                .iter()
+                .enumerate()
+                .filter(|(j, s)| Some(*j) != except && s.alive && !s.paused)
+                .filter_map(|(j, s)| lock(&s.current).clone().map(|inc| (j, s.name.clone(), inc)))
+                .collect()
+        };
+        views
+            .into_iter()
+            .filter(|(j, _, inc)| {
+                let (Some(ready), Some(healthy)) = (inc.ready_at, self.health.healthy_since(*j))
+                else {
+                    return false;
+                };
+                ready <= at && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at)
+            })
+            .collect()
+    }
+
     /// A Pod that crashed or froze fails its readiness probe: its endpoint is not ready 3 s
     /// later (three probes), unless it was restarted meanwhile.
     fn pod_not_ready_later(self: &Arc<Self>, node: &str) {
@@ -1313,7 +1418,7 @@ impl SimCluster {
                 .iter()
                 .any(|s| pod_name(&s.name) == pod && (!s.alive || s.paused));
             if still_down {
-                e.update(&pod, generation, PodState::NotReady);
+                c.withdraw(&pod, generation, PodState::NotReady);
             }
         });
     }
@@ -1496,6 +1601,7 @@ impl NodeSpec {
                 .with_events(EventStream::new(self.knobs.event_capacity))
                 .with_partition_config(PartitionConfig {
                     max_cached_identities: self.knobs.cache_capacity,
+                    rule: self.knobs.placement_rule(),
                     ..PartitionConfig::default()
                 });
         let id = ctx.member.id.clone();
@@ -1575,7 +1681,10 @@ impl NodeSpec {
                     // The Pod's readiness probe passes as soon as its process runs (it does
                     // not wait for the provider to start).
                     config.service = Some(SERVICE.to_string());
-                    e.started(&pod, self.ip);
+                    if !self.is_client {
+                        // A client's Pod is not selected by the members' Service.
+                        e.started(&pod, self.ip);
+                    }
                 }
                 let p = KubernetesProvider::new(config, Arc::new(api));
                 lock(&self.metrics).push(MetricSource::Kubernetes(p.metrics().clone()));
@@ -1697,7 +1806,7 @@ fn start_apiserver(
     oracles: &Arc<Oracles>,
     recorder: &Recorder,
     door: Arc<Door>,
-    service: bool,
+    knobs: &Knobs,
 ) -> RegistryControl {
     // A short event history (about 10 s of renewals): a watcher cut off for longer gets
     // 410 Gone when it resumes and must relist.
@@ -1734,7 +1843,9 @@ fn start_apiserver(
         down: AtomicBool::new(false),
         paused_since: Mutex::new(None),
         down_since: Mutex::new(None),
-        endpoints: service.then(|| EndpointController::new(kube.store().clone(), recorder.clone())),
+        endpoints: knobs.k8s_service.then(|| {
+            EndpointController::new(kube.store().clone(), recorder.clone(), knobs.k8s_zones)
+        }),
         kube: Some(kube),
     }
 }

@@ -95,6 +95,13 @@ pub enum Flaw {
     /// Planted in the Kubernetes provider's cleaner: a restarted process does not delete the
     /// Lease of its previous incarnation at the same address.
     K8sGhostKept,
+    /// Planted in the Kubernetes provider's EndpointSlice watch: a slice change does not wake
+    /// the reconciler (as another member's renewal does not), so a Pod that stopped serving
+    /// stays listed until some Lease changes.
+    K8sSliceChangeIgnored,
+    /// Planted in the EndpointSlice merge: an endpoint that is terminating but still serving
+    /// (a Pod in its preStop hook) counts as serving.
+    K8sTerminatingServed,
 }
 
 impl Flaw {
@@ -125,6 +132,8 @@ impl Flaw {
             Flaw::K8sRecreateSameId => "k8s-recreate-same-id",
             Flaw::K8s410NotRelisted => "k8s-410-not-relisted",
             Flaw::K8sGhostKept => "k8s-ghost-kept",
+            Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
+            Flaw::K8sTerminatingServed => "k8s-terminating-served",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

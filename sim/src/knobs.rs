@@ -33,6 +33,10 @@ pub struct Knobs {
     /// Kubernetes: members are gated by a headless Service's EndpointSlices, kept by the
     /// simulated endpoints controller.
     pub k8s_service: bool,
+    /// Kubernetes with a Service: each endpoint carries its Pod's zone
+    /// ([`crate::apiserver::pod_zone`]) and members place identities under
+    /// [`shoal::placement::PlacementRule::ZoneAffinity`].
+    pub k8s_zones: bool,
 }
 
 impl Default for Knobs {
@@ -48,6 +52,7 @@ impl Default for Knobs {
             lose_first_leave: false,
             publish_interval: shoal::registry::RegistryConfig::default().publish_interval,
             k8s_service: false,
+            k8s_zones: false,
         }
     }
 }
@@ -81,7 +86,17 @@ impl Knobs {
             k.publish_interval = r.ms(100, 500);
         }
         k.k8s_service = r.chance(0.5);
+        k.k8s_zones = k.k8s_service && r.chance(0.5);
         k
+    }
+
+    /// The placement rule the members use.
+    pub fn placement_rule(&self) -> shoal::placement::PlacementRule {
+        if self.k8s_zones {
+            shoal::placement::PlacementRule::ZoneAffinity
+        } else {
+            shoal::placement::PlacementRule::Rendezvous
+        }
     }
 
     /// madsim's configuration for these knobs.

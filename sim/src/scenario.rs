@@ -44,6 +44,20 @@ pub struct Scenario {
     /// Why the scenario fails today, for a scenario kept out of the default campaign until the
     /// product handles it (`None`: it must pass).
     pub known_failure: Option<&'static str>,
+    /// Adjusts the knobs every seed draws (a scenario about a feature a knob turns on in only
+    /// some seeds turns it on in all of them).
+    pub knobs: Option<fn(&mut Knobs)>,
+}
+
+impl Scenario {
+    /// The knobs of `seed` for this scenario.
+    pub fn knobs_for(&self, seed: u64) -> Knobs {
+        let mut k = Knobs::for_seed(seed);
+        if let Some(adjust) = self.knobs {
+            adjust(&mut k);
+        }
+        k
+    }
 }
 
 fn at(secs: f64, fault: Fault) -> Scheduled {
@@ -405,6 +419,7 @@ pub fn all() -> Vec<Scenario> {
         app: None,
         covers,
         known_failure: None,
+        knobs: None,
     };
     vec![
         reg(
@@ -545,6 +560,7 @@ pub fn all() -> Vec<Scenario> {
             app: None,
             covers: &["workload: reports with moves"],
             known_failure: None,
+            knobs: None,
         },
         k8s(
             "k8s-member-crash",
@@ -620,6 +636,24 @@ pub fn all() -> Vec<Scenario> {
             network,
             &["kubernetes: watches reopened", "kubernetes: renew failures"],
         ),
+        Scenario {
+            members: 6,
+            knobs: Some(|k| {
+                k.k8s_service = true;
+                k.k8s_zones = true;
+            }),
+            ..k8s(
+                "k8s-zone-outage",
+                "Kubernetes, 6 members in 3 zones, zone-affine placement: one zone cut off from the API server and the other zones past its Leases, later another zone loses power (every Pod crashes) and comes back",
+                75,
+                k8s_zone_outage,
+                &[
+                    "kubernetes: expired leases deleted",
+                    "endpoints: not ready",
+                    "kubernetes: membership lost",
+                ],
+            )
+        },
     ]
 }
 
@@ -642,6 +676,7 @@ fn k8s(
         app: None,
         covers,
         known_failure: None,
+        knobs: None,
     }
 }
 
@@ -661,6 +696,36 @@ fn k8s_apiserver_down(r: &mut SimRng, n: usize) -> FaultSchedule {
         },
     ));
     FaultSchedule::new(schedule.faults)
+}
+
+/// Zones of the 6-member cluster ([`crate::apiserver::pod_zone`]): `zone-a` = m0, m3;
+/// `zone-b` = m1, m4; `zone-c` = m2, m5. At 5 s one zone is cut off from everyone (the API
+/// server runs elsewhere) for 1.5-4 Lease durations: its members lose their Leases, peers
+/// delete them and re-home the zone's identities; at 45 s another zone's Pods all crash and
+/// restart 5-15 s later as new incarnations.
+fn k8s_zone_outage(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let zone_members = |z: usize| (0..n).filter(|m| m % 3 == z).collect::<Vec<_>>();
+    let cut = r.pick(3);
+    let down = (cut + 1 + r.pick(2)) % 3;
+    let mut faults = vec![at(
+        5.0,
+        Fault::Partition {
+            members: zone_members(cut),
+            with_registry: false,
+            duration: r.ms(9_000, 24_000),
+        },
+    )];
+    let restart = r.ms(5_000, 15_000);
+    for m in zone_members(down) {
+        faults.push(at(
+            45.0,
+            Fault::Crash {
+                member: m,
+                restart_after: Some(restart),
+            },
+        ));
+    }
+    FaultSchedule::new(faults)
 }
 
 /// Every node's clock offset (wall time: only written into Leases, never compared) and
@@ -744,7 +809,10 @@ pub fn run_seed(scenario: &Scenario, seed: u64, opts: &RunOptions) -> SeedReport
         .schedule
         .clone()
         .unwrap_or_else(|| schedule_for(scenario, seed));
-    let knobs = opts.knobs.clone().unwrap_or_else(|| Knobs::for_seed(seed));
+    let knobs = opts
+        .knobs
+        .clone()
+        .unwrap_or_else(|| scenario.knobs_for(seed));
     shoal::runtime::sim::plant_flaws(opts.flaw.planted().as_slice());
     let mut rt = Runtime::with_seed_and_config(seed, knobs.madsim_config());
     rt.set_time_limit(Duration::from_secs(3_600));
@@ -804,14 +872,10 @@ pub fn run_seed_isolated(scenario: &Scenario, seed: u64, opts: &RunOptions) -> S
 /// determinism check, which builds the runtime itself); returns what was recorded.
 pub async fn simulate(scenario: Scenario, seed: u64) -> Recording {
     let schedule = schedule_for(&scenario, seed);
-    run(
-        scenario,
-        schedule,
-        RunOptions::default(),
-        Knobs::for_seed(seed),
-    )
-    .await
-    .recording
+    let knobs = scenario.knobs_for(seed);
+    run(scenario, schedule, RunOptions::default(), knobs)
+        .await
+        .recording
 }
 
 /// What one run inside the simulator produced.

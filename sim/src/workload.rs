@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal::placement::hash::key_hash;
-use shoal::placement::{Moved, naive_owner};
+use shoal::placement::{Moved, PlacementRule, naive_owner, naive_zone_owner};
 use shoal::{
     ClusterEvent, ClusterProviderContext, ClusterTopology, MemberId, RebalanceReport, Subscription,
     SubscriptionError,
@@ -61,15 +61,40 @@ pub type Owners = Arc<Vec<Option<MemberId>>>;
 /// holding a corrupted topology under a known version gets its own entry).
 #[derive(Debug, Default)]
 pub struct FreshOwners {
+    /// The rule the members place by.
+    rule: PlacementRule,
     /// By (version, fingerprint of the members).
     memo: Mutex<BTreeMap<(u64, u64), Owners>>,
 }
 
+/// The owner of `kind/id` in `t` under `rule`, computed from scratch (no cache, no table).
+pub fn naive_owner_by(
+    rule: PlacementRule,
+    t: &ClusterTopology,
+    kind: &str,
+    id: &str,
+) -> Option<MemberId> {
+    match rule {
+        PlacementRule::Rendezvous => naive_owner(t, kind, id),
+        PlacementRule::ZoneAffinity => naive_zone_owner(t, kind, id),
+    }
+    .map(|m| m.id.clone())
+}
+
 impl FreshOwners {
+    /// Owners under `rule`.
+    pub fn new(rule: PlacementRule) -> Self {
+        Self {
+            rule,
+            memo: Mutex::default(),
+        }
+    }
+
     /// The owners of identity 0..[`IDENTITIES`] over `t`.
     pub fn of(&self, t: &ClusterTopology) -> Owners {
         let fingerprint = t.members().iter().fold(t.epoch(), |acc, m| {
-            acc.rotate_left(5) ^ key_hash(m.id.as_str(), &m.address)
+            let zone = m.zone.as_deref().unwrap_or_default();
+            acc.rotate_left(5) ^ key_hash(m.id.as_str(), &m.address) ^ key_hash(zone, "")
         });
         let key = (t.version(), fingerprint);
         let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
@@ -78,7 +103,7 @@ impl FreshOwners {
                 Arc::new(
                     identities()
                         .iter()
-                        .map(|id| naive_owner(t, KIND, id).map(|m| m.id.clone()))
+                        .map(|id| naive_owner_by(self.rule, t, KIND, id))
                         .collect(),
                 )
             })

@@ -73,6 +73,7 @@ fn an_application_runs_on_every_node_under_faults() {
         app: Some(activator),
         covers: &[],
         known_failure: None,
+        knobs: None,
     };
     let opts = RunOptions {
         keep_trace: true,

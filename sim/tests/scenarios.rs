@@ -458,3 +458,27 @@ fn lease_oracle_fires_on_a_restarted_kubernetes_member_that_keeps_its_ghost() {
     );
     assert!(v.contains("still listed"), "{v}");
 }
+
+/// A slice change that does not wake the reconciler leaves a crashed Pod's member listed after
+/// its endpoint went not ready, until its Lease expires.
+#[test]
+fn gating_oracle_fires_on_a_kubernetes_provider_that_ignores_slice_changes() {
+    let v = first_failure(
+        "k8s-member-crash",
+        Flaw::K8sSliceChangeIgnored,
+        "endpoints:",
+    );
+    assert!(v.contains("went NotReady"), "{v}");
+}
+
+/// An endpoint that is terminating but still serving (the Pod's preStop hook) must not be
+/// listed: peers are to stop routing to it before its process stops.
+#[test]
+fn gating_oracle_fires_on_a_kubernetes_provider_that_lists_terminating_endpoints() {
+    let v = first_failure(
+        "k8s-graceful-leave",
+        Flaw::K8sTerminatingServed,
+        "endpoints:",
+    );
+    assert!(v.contains("went Terminating"), "{v}");
+}

@@ -246,7 +246,9 @@ pub fn serving_pods<'a>(
             };
             // `serving` defaults to `ready` when absent (older controllers).
             let is_serving = e.serving.or(e.ready).unwrap_or(false);
-            if e.terminating.unwrap_or(false) {
+            if e.terminating.unwrap_or(false)
+                && !crate::runtime::sim::flaw("k8s-terminating-served")
+            {
                 terminating.insert(pod.name.clone());
             } else if is_serving {
                 let zone = serving.entry(pod.name.clone()).or_default();

@@ -321,7 +321,10 @@ impl KubernetesProvider {
                 liveness: Liveness::new(config.continuity()),
                 index: MemberIndex::new(&ctx.cluster_name),
                 dirty: true,
-                version: 0,
+                // Versions go on from the node's partition manager: a start after a failed one
+                // (or after a shutdown) must not issue versions it already holds, which it
+                // would refuse as stale.
+                version: ctx.partition_manager.topology().version(),
                 applied: None,
                 cleaning: BTreeMap::new(),
                 tried: BTreeMap::new(),
@@ -1075,7 +1078,8 @@ impl Watched for EndpointSlice {
     }
 
     fn observed(view: &mut View, event: &WatchEvent<Self>, _now: crate::runtime::Instant) {
-        view.dirty |= !matches!(event, WatchEvent::Bookmark(_));
+        view.dirty |=
+            !matches!(event, WatchEvent::Bookmark(_)) && !sim::flaw("k8s-slice-change-ignored");
     }
 }
 
