@@ -507,3 +507,106 @@ async fn refusals_name_the_resource_and_the_verb() {
     // The refused start left nothing behind.
     assert!(double.server.leases().is_empty());
 }
+
+/// A kubeconfig pointing at the double (plain HTTP, no credentials), written to a fresh file.
+fn kubeconfig(url: &str, name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("shoal-kube-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    common::process::write(
+        &dir,
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n\
+             current-context: double\nusers:\n- name: nobody\n  user: {{}}\n"
+        ),
+    )
+}
+
+/// `shoal member --kubernetes` and `shoal topology --kubernetes` as real processes, kube-rs
+/// reading a kubeconfig, against the double: two members see each other, `topology` lists
+/// them, a `kill -9`ed member's Lease is deleted by its peer, SIGTERM deletes the survivor's
+/// Lease, and a bad namespace or a missing one is an error naming it.
+#[test]
+fn the_cli_joins_lists_and_leaves_through_the_kubernetes_api() {
+    use common::process::{Proc, free_port, shoal_bin};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let double = Double::default();
+    let url = rt.block_on(double.serve());
+    let config = kubeconfig(&url, "cli");
+    let env = [("KUBECONFIG", config.as_str())];
+    let member = |name: &str| {
+        let advertise = format!("127.0.0.1:{}", free_port());
+        Proc::spawn_with(
+            name,
+            shoal_bin(),
+            &[
+                "member",
+                "--kubernetes",
+                "--namespace",
+                "ns",
+                "--cluster",
+                "c",
+                "--advertise",
+                &advertise,
+                "--kinds",
+                "user",
+                "--lease-duration",
+                "2s",
+            ],
+            &env,
+        )
+    };
+    let count = |v: &serde_json::Value| v["members"].as_array().map_or(0, Vec::len);
+    let a = member("a");
+    let mut b = member("b");
+    a.wait_snapshot("2 members", 20, |v| count(v) == 2);
+    b.wait_snapshot("2 members", 20, |v| count(v) == 2);
+    assert_eq!(double.server.leases().len(), 2);
+
+    let topology = |extra: &[&str]| {
+        std::process::Command::new(shoal_bin())
+            .args(["topology", "--kubernetes", "--cluster", "c"])
+            .args(extra)
+            .env("KUBECONFIG", &config)
+            .env_remove("POD_NAMESPACE")
+            .output()
+            .unwrap()
+    };
+    let out = topology(&["--namespace", "ns", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(count(&listed), 2, "{listed}");
+    assert_eq!(listed["members"][0]["kinds"], json!(["user"]), "{listed}");
+
+    // b dies without deleting its Lease: a deletes it once expired (2 s Lease).
+    b.kill9();
+    a.wait_snapshot("b removed", 20, |v| count(v) == 1);
+    assert_eq!(double.server.leases().len(), 1);
+
+    // A graceful stop deletes the Lease.
+    let mut a = a;
+    assert!(a.sigterm().success());
+    assert!(double.server.leases().is_empty());
+
+    // Errors name what is wrong.
+    let no_ns = topology(&[]);
+    assert!(!no_ns.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_ns.stderr).contains("--namespace"),
+        "{}",
+        String::from_utf8_lossy(&no_ns.stderr)
+    );
+    double.forbid("list leases");
+    let forbidden = topology(&["--namespace", "ns", "--wait", "3s"]);
+    let err = String::from_utf8_lossy(&forbidden.stderr);
+    assert!(!forbidden.status.success());
+    assert!(
+        err.contains("list Leases in ns") && err.contains("forbidden"),
+        "{err}"
+    );
+}

@@ -72,6 +72,11 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
     }
     for ((_, version, _), nodes) in &by_version {
         let (first_name, first_t, first_owners) = &nodes[0];
+        let held = if per_node_versions {
+            "the same members".to_string()
+        } else {
+            format!("version {version}")
+        };
         for (name, t, owners) in &nodes[1..] {
             if !t.member_ids().eq(first_t.member_ids()) {
                 rec.violation_once(format!("members {version} {first_name} {name}"), format!(
@@ -82,7 +87,7 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
             }
             if let Some(i) = (0..ids.len()).find(|&i| owners[i] != first_owners[i]) {
                 rec.violation_once(format!("owners {version} {first_name} {name}"), format!(
-                    "safety: {first_name} and {name} hold version {version} but disagree on the owner of {KIND}/{}: {first_name} says {:?}, {name} says {:?}",
+                    "safety: {first_name} and {name} hold {held} but disagree on the owner of {KIND}/{}: {first_name} says {:?}, {name} says {:?}",
                     ids[i], first_owners[i], owners[i]
                 ));
             }

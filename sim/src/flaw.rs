@@ -102,6 +102,10 @@ pub enum Flaw {
     /// Planted in the EndpointSlice merge: an endpoint that is terminating but still serving
     /// (a Pod in its preStop hook) counts as serving.
     K8sTerminatingServed,
+    /// Planted in the Kubernetes provider's renewal: a failed renewal counts as one (the
+    /// registry's `lease-renewed-on-attempt`), so a member cut off from the API server never
+    /// announces that it lost its membership.
+    K8sRenewedOnAttempt,
 }
 
 impl Flaw {
@@ -134,6 +138,7 @@ impl Flaw {
             Flaw::K8sGhostKept => "k8s-ghost-kept",
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",
+            Flaw::K8sRenewedOnAttempt => "k8s-renewed-on-attempt",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

@@ -406,7 +406,7 @@ fn lease_oracle_fires_on_kubernetes_leases_aging_while_nobody_could_renew() {
     let v = first_failure(
         "k8s-apiserver-down",
         Flaw::K8sAgesWhileSilent,
-        "registry stalls since",
+        "stalls since",
     );
     assert!(v.contains("was expired"), "{v}");
 }
@@ -481,4 +481,16 @@ fn gating_oracle_fires_on_a_kubernetes_provider_that_lists_terminating_endpoints
         "endpoints:",
     );
     assert!(v.contains("went Terminating"), "{v}");
+}
+
+/// A Kubernetes member that counts a failed renewal as one never learns that it lost its
+/// Lease while cut off: peers delete it while it still serves as a member.
+#[test]
+fn self_awareness_fires_on_a_kubernetes_member_that_counts_failed_renewals() {
+    let v = first_failure(
+        "k8s-lease-expiry",
+        Flaw::K8sRenewedOnAttempt,
+        "had not announced MembershipLost",
+    );
+    assert!(v.contains("the API server expired"), "{v}");
 }

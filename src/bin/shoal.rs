@@ -1,4 +1,5 @@
-//! `shoal`: join a registry as a member, or print a cluster's topology.
+//! `shoal`: join a cluster as a member, or print its topology, through the bundled registry
+//! (`--registry URL`) or the Kubernetes API (`--kubernetes`).
 
 #[cfg(not(madsim))]
 mod real {
@@ -6,9 +7,11 @@ mod real {
     use std::path::PathBuf;
     use std::time::Duration;
 
-    use anyhow::{Context, Result, bail};
+    use anyhow::{Context, Result, anyhow, bail};
     use clap::{Args, Parser, Subcommand};
     use serde_json::json;
+    use shoal::kubernetes::kube_rs::KubeRsApi;
+    use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
     use shoal::provider::PartitionService;
     use shoal::registry::{RegistryProvider, RegistryProviderConfig, pb, wire};
     use shoal::runtime::TokioClock;
@@ -24,7 +27,7 @@ mod real {
 
     #[derive(Subcommand, Debug)]
     enum Command {
-        /// Join a cluster through a registry and print every topology change as a JSON line.
+        /// Join a cluster and print every topology change as a JSON line.
         Member(MemberArgs),
         /// Print a cluster's current members.
         Topology(TopologyArgs),
@@ -34,7 +37,21 @@ mod real {
     struct Connection {
         /// Registry URL, like http://127.0.0.1:7600 (https:// with --ca).
         #[arg(long, env = "SHOAL_REGISTRY")]
-        registry: String,
+        registry: Option<String>,
+        /// Use the Kubernetes API instead of a registry: one coordination.k8s.io Lease per
+        /// member in --namespace (in a Pod: its service account; outside: the kubeconfig).
+        #[arg(long, conflicts_with_all = ["cluster_token", "cluster_token_file", "ca", "cert", "key", "tls_domain"])]
+        kubernetes: bool,
+        /// Kubernetes: the namespace of the Leases (in a Pod, the downward API's POD_NAMESPACE).
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: Option<String>,
+        /// Kubernetes: a headless Service whose serving endpoints gate membership.
+        #[arg(long, env = "SHOAL_SERVICE")]
+        service: Option<String>,
+        /// Kubernetes: the Lease duration (renewed every third of it; a crashed member is gone
+        /// after about this long).
+        #[arg(long, env = "SHOAL_LEASE_DURATION", value_parser = humantime::parse_duration)]
+        lease_duration: Option<Duration>,
         /// Cluster name.
         #[arg(long, env = "SHOAL_CLUSTER")]
         cluster: String,
@@ -61,12 +78,64 @@ mod real {
         /// TLS server name to verify (defaults to the URL's host).
         #[arg(long)]
         tls_domain: Option<String>,
-        /// Deadline of each call to the registry.
+        /// Deadline of each call to the registry or the Kubernetes API.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     }
 
+    /// Where membership is kept.
+    enum Backend<'a> {
+        Registry(&'a str),
+        Kubernetes,
+    }
+
     impl Connection {
+        fn backend(&self) -> Result<Backend<'_>> {
+            match (&self.registry, self.kubernetes) {
+                (_, true) => Ok(Backend::Kubernetes),
+                (Some(url), false) => Ok(Backend::Registry(url)),
+                (None, false) => bail!("give --registry URL or --kubernetes"),
+            }
+        }
+
+        /// The registry URL (for messages).
+        fn registry_url(&self) -> &str {
+            self.registry.as_deref().unwrap_or_default()
+        }
+
+        /// The Kubernetes provider's settings: the flags, else the downward API's variables
+        /// (POD_NAME and POD_UID name the Pod that owns the Lease).
+        fn kubernetes_config(&self) -> Result<KubernetesProviderConfig> {
+            let namespace = self
+                .namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .context("--namespace: not given, and POD_NAMESPACE is not set")?;
+            let service = self.service.clone().filter(|s| !s.is_empty());
+            let mut c = KubernetesProviderConfig::from_vars(|name| match name {
+                "POD_NAMESPACE" => Some(namespace.clone()),
+                "SHOAL_SERVICE" => service.clone(),
+                "SHOAL_LEASE_DURATION" => None,
+                other => std::env::var(other).ok(),
+            })
+            .map_err(|e| anyhow!("--kubernetes settings: {e}"))?;
+            if let Some(d) = self.lease_duration {
+                c.lease_duration = d;
+            }
+            c.request_timeout = self.timeout;
+            c.validate()
+                .map_err(|e| anyhow!("--lease-duration or --timeout: {e}"))?;
+            Ok(c)
+        }
+
+        async fn kubernetes_provider(&self) -> Result<KubernetesProvider> {
+            let config = self.kubernetes_config()?;
+            let api = KubeRsApi::from_environment()
+                .await
+                .map_err(|e| anyhow!("--kubernetes: {e}"))?;
+            Ok(KubernetesProvider::new(config, std::sync::Arc::new(api)))
+        }
+
         fn token(&self) -> Result<Option<String>> {
             let Some(path) = &self.cluster_token_file else {
                 return Ok(self.cluster_token.clone());
@@ -99,7 +168,7 @@ mod real {
         }
 
         fn provider_config(&self) -> Result<RegistryProviderConfig> {
-            let mut c = RegistryProviderConfig::new(self.registry.clone());
+            let mut c = RegistryProviderConfig::new(self.registry_url().to_string());
             c.rpc_timeout = self.timeout;
             c.connect_timeout = self.timeout;
             c.cluster_token = self.token()?;
@@ -113,8 +182,12 @@ mod real {
         #[command(flatten)]
         conn: Connection,
         /// host:port other members use to reach this node.
-        #[arg(long)]
-        advertise: String,
+        #[arg(long, required_unless_present = "port")]
+        advertise: Option<String>,
+        /// With --kubernetes in a Pod: advertise POD_IP (the downward API's status.podIP) and
+        /// this port.
+        #[arg(long, conflicts_with = "advertise", requires = "kubernetes")]
+        port: Option<u16>,
         /// Address to serve the partition service on (defaults to --advertise).
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -150,10 +223,18 @@ mod real {
     }
 
     async fn member(args: MemberArgs) -> Result<()> {
+        let backend = args.conn.backend()?;
+        let advertise = match (&args.advertise, args.port) {
+            (Some(a), _) => a.clone(),
+            (None, Some(port)) => {
+                KubernetesProviderConfig::pod_address(port).map_err(|e| anyhow!("--port: {e}"))?
+            }
+            (None, None) => bail!("give --advertise host:port (or --port with POD_IP set)"),
+        };
         let kinds: Vec<String> = args.kinds.into_iter().filter(|k| !k.is_empty()).collect();
         let mut ctx = ClusterProviderContext::new(
             &args.conn.cluster,
-            &args.advertise,
+            &advertise,
             kinds,
             TokioClock::shared(),
         )
@@ -163,8 +244,7 @@ mod real {
         }
         let listen: SocketAddr = match args.listen {
             Some(l) => l,
-            None => args
-                .advertise
+            None => advertise
                 .parse()
                 .context("--advertise is not an ip:port to listen on; give --listen")?,
         };
@@ -227,13 +307,20 @@ mod real {
             }
         });
 
-        let provider = RegistryProvider::new(args.conn.provider_config()?);
-        provider.start_member(ctx.clone()).await.with_context(|| {
-            format!(
-                "cannot join cluster {:?} at registry {}",
-                args.conn.cluster, args.conn.registry
-            )
-        })?;
+        let (provider, at): (Box<dyn ClusterProvider>, String) = match backend {
+            Backend::Registry(url) => (
+                Box::new(RegistryProvider::new(args.conn.provider_config()?)),
+                format!("registry {url}"),
+            ),
+            Backend::Kubernetes => (
+                Box::new(args.conn.kubernetes_provider().await?),
+                "the Kubernetes API".to_string(),
+            ),
+        };
+        provider
+            .start_member(ctx.clone())
+            .await
+            .with_context(|| format!("cannot join cluster {:?} at {at}", args.conn.cluster))?;
         tracing::info!(member = %ctx.member.id, "joined; press Ctrl-C or send SIGTERM to leave");
         shoal::runtime::shutdown_signal().await;
         provider.shutdown(true).await.context("leaving")?;
@@ -242,9 +329,51 @@ mod real {
     }
 
     async fn topology(args: TopologyArgs) -> Result<()> {
+        let topology = match args.conn.backend()? {
+            Backend::Registry(url) => registry_topology(&args, url).await?,
+            Backend::Kubernetes => kubernetes_topology(&args).await?,
+        };
+        print_topology(&topology, args.json);
+        Ok(())
+    }
+
+    /// The cluster's members as the Leases (and the Service's endpoints) list them now: a
+    /// client-mode provider's first view, written nowhere.
+    async fn kubernetes_topology(args: &TopologyArgs) -> Result<std::sync::Arc<ClusterTopology>> {
+        let mut config = args.conn.kubernetes_config()?;
+        config.startup_timeout = args.wait;
+        let api = KubeRsApi::from_environment()
+            .await
+            .map_err(|e| anyhow!("--kubernetes: {e}"))?;
+        let provider = KubernetesProvider::new(config, std::sync::Arc::new(api));
+        let ctx = ClusterProviderContext::new(
+            &args.conn.cluster,
+            "0.0.0.0:1", // a client: never published
+            Vec::<String>::new(),
+            TokioClock::shared(),
+        )
+        .context("invalid --cluster")?;
+        provider.start_client(ctx.clone()).await.with_context(|| {
+            format!(
+                "cannot list cluster {:?} through the Kubernetes API",
+                args.conn.cluster
+            )
+        })?;
+        let topology = ctx.partition_manager.topology();
+        provider
+            .shutdown(true)
+            .await
+            .context("closing the watches")?;
+        Ok(topology)
+    }
+
+    async fn registry_topology(
+        args: &TopologyArgs,
+        url: &str,
+    ) -> Result<std::sync::Arc<ClusterTopology>> {
         let conn = &args.conn;
-        let mut endpoint = Endpoint::from_shared(conn.registry.clone())
-            .with_context(|| format!("--registry: {:?} is not a URL", conn.registry))?
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("--registry: {url:?} is not a URL"))?
             .connect_timeout(conn.timeout);
         if let Some(tls) = conn.tls()? {
             endpoint = endpoint.tls_config(tls).context("invalid TLS settings")?;
@@ -252,7 +381,7 @@ mod real {
         let channel = endpoint
             .connect()
             .await
-            .with_context(|| format!("cannot reach the registry at {}", conn.registry))?;
+            .with_context(|| format!("cannot reach the registry at {url}"))?;
         let mut client = pb::registry_client::RegistryClient::new(channel)
             .max_decoding_message_size(shoal::registry::MAX_DECODE_BYTES);
         let req = pb::WatchRequest {
@@ -277,10 +406,14 @@ mod real {
             }
         })
         .await
-        .with_context(|| format!("no topology from {} within {:?}", conn.registry, args.wait))?
+        .with_context(|| format!("no topology from {url} within {:?}", args.wait))?
         .map_err(|s| anyhow::anyhow!("registry refused: {:?}: {}", s.code(), s.message()))?;
-        if args.json {
-            println!("{}", snapshot_json(&topology));
+        Ok(topology)
+    }
+
+    fn print_topology(topology: &ClusterTopology, json: bool) {
+        if json {
+            println!("{}", snapshot_json(topology));
         } else {
             println!(
                 "cluster {} version {} ({} members)",
@@ -300,7 +433,6 @@ mod real {
                 );
             }
         }
-        Ok(())
     }
 
     pub async fn main() -> Result<()> {

@@ -573,6 +573,9 @@ impl Session {
                     if matches!(e.error, ApiError::Rejected(_)) && self.descriptions.pending() {
                         self.descriptions.refuse(&self.member, e.to_string());
                     }
+                    if sim::flaw("k8s-renewed-on-attempt") {
+                        self.renewed(sent_at);
+                    }
                     return Err(e);
                 }
             }

@@ -139,6 +139,7 @@ impl Leases {
             }
             return;
         }
+        let backend = bounds.backend;
         let before: BTreeSet<&MemberId> = previous.iter().flat_map(|p| p.member_ids()).collect();
         let after: BTreeSet<&MemberId> = t.member_ids().collect();
         for id in before.difference(&after) {
@@ -155,7 +156,7 @@ impl Leases {
                 rec.violation_once(
                     format!("unaware {id}"),
                     format!(
-                        "lease: the registry expired {id} ({} ms after accepting its last heartbeat) but that member had not announced MembershipLost: it may still be serving identities its peers now take over",
+                        "lease: the {backend} expired {id} ({} ms after accepting its last heartbeat) but that member had not announced MembershipLost: it may still be serving identities its peers now take over",
                         ms(now.saturating_duration_since(reg.renewed_at))
                     ),
                 );
@@ -166,7 +167,7 @@ impl Leases {
                 rec.violation_once(
                     format!("early expiry {id} {}", t.version()),
                     format!(
-                        "lease: {id} was expired {} ms after the registry accepted its last heartbeat (TTL {} ms, at least {} ms on a fast registry clock, plus at least {} ms of registry stalls since)",
+                        "lease: {id} was expired {} ms after the {backend} accepted its last heartbeat (TTL {} ms, at least {} ms on a fast clock, plus at least {} ms of {backend} stalls since)",
                         ms(since_renewal),
                         ms(bounds.ttl),
                         ms(bounds.ttl_min()),
@@ -180,7 +181,7 @@ impl Leases {
                     rec.violation_once(
                         format!("false expiry {id} {}", t.version()),
                         format!(
-                            "lease: {id} was expired although its path to the registry had been healthy for {} ms (a live, connected member must never expire; window {} ms)",
+                            "lease: {id} was expired although its path to the {backend} had been healthy for {} ms (a live, connected member must never expire; window {} ms)",
                             ms(healthy),
                             ms(bounds.healthy_window())
                         ),
@@ -193,7 +194,7 @@ impl Leases {
                 rec.violation_once(
                     format!("resurrected {id}"),
                     format!(
-                        "lease: {id} is listed again in v{} after the registry removed it: a member that was removed must come back as a new incarnation",
+                        "lease: {id} is listed again in v{} after the {backend} removed it: a member that was removed must come back as a new incarnation",
                         t.version()
                     ),
                 );
@@ -202,7 +203,7 @@ impl Leases {
                 rec.violation_once(
                     format!("invented member {id}"),
                     format!(
-                        "lease: the registry lists {id} in v{} but never accepted a join of it as a member in this run",
+                        "lease: the {backend} lists {id} in v{} but never accepted a join of it as a member in this run",
                         t.version()
                     ),
                 );
@@ -221,6 +222,7 @@ impl Leases {
         rec: &Recorder,
     ) {
         let ms = |d: Duration| d.as_millis();
+        let backend = bounds.backend;
         let late_after = bounds.ttl_max() + bounds.sweep_allowance();
         self.next_deadline = t
             .member_ids()
@@ -243,7 +245,7 @@ impl Leases {
                     rec.violation_once(
                         format!("listed after leave {id}"),
                         format!(
-                            "lease: the registry still lists {id} in v{} {} ms after it accepted its leave",
+                            "lease: the {backend} still lists {id} in v{} {} ms after it accepted its leave",
                             t.version(),
                             ms(now.saturating_duration_since(left))
                         ),
@@ -256,7 +258,7 @@ impl Leases {
                         rec.violation_once(
                             format!("overdue {id}"),
                             format!(
-                                "lease: the registry still lists {id} {} ms after it last accepted a heartbeat of it (TTL {} ms, allowed up to {} ms past it)",
+                                "lease: the {backend} still lists {id} {} ms after it last accepted a heartbeat of it (TTL {} ms, allowed up to {} ms past it)",
                                 ms(late),
                                 ms(bounds.ttl),
                                 ms(bounds.sweep_allowance())

@@ -55,6 +55,8 @@ pub struct Bounds {
     /// expired) rather than a registry on its own clock: a removal is then due only while
     /// some other member can reach the API server.
     pub cleaned_by_peers: bool,
+    /// What removes members, for messages: "registry" or "API server".
+    pub backend: &'static str,
 }
 
 impl Bounds {
@@ -68,6 +70,7 @@ impl Bounds {
             degraded,
             supersede: Duration::ZERO,
             cleaned_by_peers: false,
+            backend: "registry",
         }
     }
 
@@ -85,6 +88,7 @@ impl Bounds {
             degraded,
             supersede: config.request_timeout * 2 + DELIVERY,
             cleaned_by_peers: true,
+            backend: "API server",
         }
     }
 
