@@ -1602,7 +1602,6 @@ impl NodeSpec {
                 .with_partition_config(PartitionConfig {
                     max_cached_identities: self.knobs.cache_capacity,
                     rule: self.knobs.placement_rule(),
-                    ..PartitionConfig::default()
                 });
         let id = ctx.member.id.clone();
         self.recorder
