@@ -46,6 +46,7 @@
 //! [madsim]: https://docs.rs/madsim
 
 pub mod cluster;
+pub mod etcd;
 pub mod events;
 pub mod kubernetes;
 pub mod metrics;

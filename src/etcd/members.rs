@@ -1,0 +1,299 @@
+//! The etcd provider's decisions, pure: the key schema of a member, and a node's view of the
+//! members as of one etcd revision.
+//!
+//! A member is the key `<prefix>/<cluster>/members/<member id>`, bound to the member's lease,
+//! holding its description as JSON (`address`, `kinds`, `zone`, `metadata`). Etcd removes the
+//! key when the lease expires, on etcd's own clock: no member judges another's liveness.
+//!
+//! [`EtcdView`] holds the members as of a revision and issues topologies whose version *is*
+//! that revision (and whose epoch is the etcd cluster id): every node that has seen revision
+//! `r` holds the same members under version `r`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{Change, KeyValue, Range, Revision, WatchBatch};
+use crate::cluster::{ClusterTopology, Description, Member, MemberId, MemberLimits};
+
+/// The key prefix of a cluster's members.
+pub fn members_prefix(prefix: &str, cluster: &str) -> String {
+    format!("{}/{cluster}/members/", prefix.trim_end_matches('/'))
+}
+
+/// What a member's key holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// `host:port` of the member.
+    pub address: String,
+    /// The kinds it hosts.
+    #[serde(default)]
+    pub kinds: BTreeSet<String>,
+    /// Its zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Its labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The value a member writes under its key.
+pub fn encode_member(member: &Member) -> Vec<u8> {
+    serde_json::to_vec(&MemberRecord {
+        address: member.address.clone(),
+        kinds: member.kinds.clone(),
+        zone: member.zone.clone(),
+        metadata: member.metadata.clone(),
+    })
+    .unwrap_or_default()
+}
+
+/// The member a key under `prefix` describes, or why it describes none.
+pub fn decode_member(prefix: &str, kv: &KeyValue) -> Result<Member, String> {
+    let id = kv
+        .key
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("key {:?} is not under {prefix:?}", kv.key))?;
+    let id = MemberId::parse(id).map_err(|e| format!("key {:?}: {e}", kv.key))?;
+    if kv.lease == 0 {
+        return Err(format!(
+            "key {:?} is bound to no lease: it would never expire",
+            kv.key
+        ));
+    }
+    let record: MemberRecord =
+        serde_json::from_slice(&kv.value).map_err(|e| format!("key {:?}: {e}", kv.key))?;
+    let member = Member::new(id, record.address, Vec::<String>::new()).described(Description {
+        kinds: record.kinds,
+        zone: record.zone,
+        metadata: record.metadata,
+    });
+    member
+        .validate(&MemberLimits::default())
+        .map_err(|e| format!("key {:?}: {e}", kv.key))?;
+    Ok(member)
+}
+
+/// A node's view of the members, as of one etcd revision.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdView {
+    prefix: String,
+    /// By key: the member, or why the key describes none.
+    keys: BTreeMap<String, Result<Member, String>>,
+    /// The revision the view reflects.
+    revision: Revision,
+    cluster_id: u64,
+    synced: bool,
+}
+
+impl EtcdView {
+    /// An empty, unsynced view of the keys under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether a list has been applied.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The revision the view reflects.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// Whether `batch` comes from another store than the one listed (another cluster id, or
+    /// a store whose revision went back: it lost its data): the view must be listed again.
+    pub fn is_foreign(&self, batch: &WatchBatch) -> bool {
+        self.synced
+            && (batch.cluster_id != self.cluster_id || batch.header_revision < self.revision)
+    }
+
+    /// Replaces the view with a fresh read (after a start, a compaction, or an etcd that lost
+    /// its data); whether the members changed.
+    pub fn relist(&mut self, range: &Range) -> bool {
+        let before = self.members();
+        self.keys = range
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), decode_member(&self.prefix, kv)))
+            .collect();
+        let moved = !self.synced || range.cluster_id != self.cluster_id;
+        self.revision = range.revision;
+        self.cluster_id = range.cluster_id;
+        self.synced = true;
+        moved || before != self.members()
+    }
+
+    /// Applies one watch batch; whether the members changed. Changes at or below the view's
+    /// revision are ones it already holds (a watch resumed from an earlier revision) and are
+    /// skipped.
+    pub fn apply(&mut self, batch: &WatchBatch) -> bool {
+        let mut changed = false;
+        for c in &batch.changes {
+            if c.revision() <= self.revision {
+                continue;
+            }
+            self.revision = c.revision();
+            match c {
+                Change::Put(kv) => {
+                    let decoded = decode_member(&self.prefix, kv);
+                    changed |= self.keys.get(&kv.key) != Some(&decoded);
+                    self.keys.insert(kv.key.clone(), decoded);
+                }
+                Change::Delete { key, .. } => {
+                    changed |= self.keys.remove(key).is_some();
+                }
+            }
+        }
+        changed
+    }
+
+    /// The valid members, by id.
+    pub fn members(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .keys
+            .values()
+            .filter_map(|m| m.as_ref().ok().cloned())
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        members
+    }
+
+    /// Keys that describe no valid member, with why.
+    pub fn skipped(&self) -> Vec<(String, String)> {
+        self.keys
+            .iter()
+            .filter_map(|(k, m)| m.as_ref().err().map(|e| (k.clone(), e.clone())))
+            .collect()
+    }
+
+    /// The topology of `cluster` this view stands for: version = its revision, epoch = the
+    /// etcd cluster id.
+    pub fn topology(&self, cluster: &str) -> Result<ClusterTopology, crate::cluster::ModelError> {
+        Ok(ClusterTopology::new(
+            cluster.to_string(),
+            u64::try_from(self.revision).unwrap_or(0),
+            self.members(),
+        )?
+        .with_epoch(self.cluster_id))
+    }
+
+    /// Whether the view holds `key`.
+    pub fn holds(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/shoal/c/members/";
+
+    fn kv(id: &str, rev: Revision, address: &str) -> KeyValue {
+        let m = Member::new(MemberId::parse(id).unwrap(), address, ["user"]);
+        KeyValue {
+            key: format!("{P}{id}"),
+            value: encode_member(&m),
+            create_revision: rev,
+            mod_revision: rev,
+            lease: 7,
+        }
+    }
+
+    #[test]
+    fn nodes_that_saw_the_same_revision_hold_the_same_topology() {
+        // Node a lists at revision 5; node b listed at 3 and watched the rest.
+        let a_kvs = vec![kv("m1", 2, "h:1"), kv("m2", 5, "h:2")];
+        let mut a = EtcdView::new(P);
+        a.relist(&Range {
+            kvs: a_kvs,
+            revision: 5,
+            cluster_id: 9,
+        });
+        let mut b = EtcdView::new(P);
+        b.relist(&Range {
+            kvs: vec![kv("m1", 2, "h:1"), kv("m3", 3, "h:3")],
+            revision: 3,
+            cluster_id: 9,
+        });
+        assert!(b.apply(&WatchBatch {
+            changes: vec![
+                Change::Delete {
+                    key: format!("{P}m3"),
+                    revision: 4
+                },
+                Change::Put(kv("m2", 5, "h:2")),
+            ],
+            header_revision: 5,
+            cluster_id: 9,
+        }));
+        assert_eq!(a.topology("c").unwrap(), b.topology("c").unwrap());
+        assert_eq!(a.topology("c").unwrap().version(), 5);
+        assert_eq!(a.topology("c").unwrap().epoch(), 9);
+    }
+
+    #[test]
+    fn a_resumed_watch_does_not_apply_what_the_view_already_holds() {
+        let mut v = EtcdView::new(P);
+        v.relist(&Range {
+            kvs: vec![kv("m1", 4, "h:1")],
+            revision: 6,
+            cluster_id: 1,
+        });
+        // A delete at 5 the list already reflects (m2 is not listed) and a put at 4.
+        assert!(!v.apply(&WatchBatch {
+            changes: vec![
+                Change::Put(kv("m1", 4, "h:old")),
+                Change::Delete {
+                    key: format!("{P}m2"),
+                    revision: 5
+                }
+            ],
+            header_revision: 6,
+            cluster_id: 1,
+        }));
+        assert_eq!(v.members()[0].address, "h:1");
+        assert_eq!(v.revision(), 6);
+    }
+
+    #[test]
+    fn keys_that_describe_no_member_are_skipped_and_never_hide_valid_ones() {
+        let mut bad_json = kv("m2", 3, "h:2");
+        bad_json.value = b"{not json".to_vec();
+        let mut no_lease = kv("m3", 3, "h:3");
+        no_lease.lease = 0;
+        let mut bad_address = kv("m4", 3, "h:4");
+        bad_address.value = br#"{"address":"no-port"}"#.to_vec();
+        let mut v = EtcdView::new(P);
+        v.relist(&Range {
+            kvs: vec![kv("m1", 2, "h:1"), bad_json, no_lease, bad_address],
+            revision: 3,
+            cluster_id: 1,
+        });
+        let ids: Vec<String> = v.members().iter().map(|m| m.id.to_string()).collect();
+        assert_eq!(ids, vec!["m1"]);
+        assert_eq!(v.skipped().len(), 3, "{:?}", v.skipped());
+    }
+
+    #[test]
+    fn an_etcd_that_lost_its_data_is_a_new_epoch_even_at_a_lower_revision() {
+        let mut v = EtcdView::new(P);
+        v.relist(&Range {
+            kvs: vec![kv("m1", 2, "h:1")],
+            revision: 90,
+            cluster_id: 1,
+        });
+        let old = v.topology("c").unwrap();
+        assert!(v.relist(&Range {
+            kvs: vec![kv("m1", 2, "h:1")],
+            revision: 3,
+            cluster_id: 2,
+        }));
+        assert!(old.is_superseded_by(&v.topology("c").unwrap()));
+    }
+}

@@ -1,0 +1,738 @@
+//! [`EtcdProvider`]: membership in etcd, the async shell over [`super::members`].
+//!
+//! A member grants a lease of `ttl`, writes its key bound to it, and keeps the lease alive
+//! every `ttl / 3`. Etcd deletes the key when the lease expires, on etcd's clock: nobody else
+//! judges a member's liveness. Every node lists the members prefix and watches it from the
+//! list's revision + 1; a compacted revision relists and swaps the view at once. Topology
+//! versions are etcd revisions and epochs the etcd cluster id, so nodes agree on versions.
+//!
+//! A member that cannot keep its lease alive for longer than the lease's TTL (less the drift
+//! and margin of [`LeaseTiming`]) announces [`crate::ClusterEvent::MembershipLost`]; when etcd
+//! says the lease is gone (or its key was deleted) it registers again as a **new
+//! incarnation** (new id, new lease, new key), so peers never see a removed id come back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::api::{EtcdApi, EtcdError, LeaseId, Revision};
+use super::members::{EtcdView, encode_member, members_prefix};
+use super::metrics::EtcdProviderMetrics;
+use crate::cluster::{Description, Member, MemberId};
+use crate::placement::PlacementError;
+use crate::provider::describe::Descriptions;
+use crate::provider::lease::MemberStanding;
+use crate::provider::{
+    Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
+    ProviderError, remote::GrpcPartitionManager,
+};
+use crate::runtime::{SharedClock, TaskSet, timeout};
+
+/// Settings of the etcd provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdProviderConfig {
+    /// The key prefix (members live under `<prefix>/<cluster>/members/`).
+    pub prefix: String,
+    /// The lease TTL: a crashed member's key is gone this long after its last keep-alive.
+    /// Whole seconds, at least 2 s (etcd's minimum TTL with default timings).
+    pub ttl: Duration,
+    /// Time between keep-alives (default a third of the TTL).
+    pub keep_alive_interval: Option<Duration>,
+    /// Deadline of each call.
+    pub request_timeout: Duration,
+    /// Pacing of retries (watch reopen, re-join).
+    pub backoff: Backoff,
+    /// A watch that carries nothing (not even a progress notification) for this long is
+    /// reopened.
+    pub watch_idle_timeout: Duration,
+    /// How long `start_member` waits to see this node in its own topology.
+    pub startup_timeout: Duration,
+    /// Time left for the application to stop serving before etcd can expire the lease
+    /// (default a tenth of the TTL).
+    pub lease_margin: Option<Duration>,
+    /// The largest clock rate error assumed, in parts per million.
+    pub max_clock_drift_ppm: u32,
+    /// Deadline of calls to another member's partition service.
+    pub partition_rpc_timeout: Duration,
+}
+
+impl Default for EtcdProviderConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "/shoal".into(),
+            ttl: Duration::from_secs(10),
+            keep_alive_interval: None,
+            request_timeout: Duration::from_secs(2),
+            backoff: Backoff::default(),
+            watch_idle_timeout: Duration::from_secs(30),
+            startup_timeout: Duration::from_secs(10),
+            lease_margin: None,
+            max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
+            partition_rpc_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl EtcdProviderConfig {
+    /// The keep-alive interval in force.
+    pub fn keep_alive_interval(&self) -> Duration {
+        self.keep_alive_interval.unwrap_or(self.ttl / 3)
+    }
+
+    /// Checks the settings; the error names the setting.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        let bad = |what: String| Err(ProviderError::Rejected(what));
+        if !self.prefix.starts_with('/') || self.prefix.len() < 2 {
+            return bad(format!(
+                "prefix must start with '/' and name something (got {:?})",
+                self.prefix
+            ));
+        }
+        if self.ttl < Duration::from_secs(2) || self.ttl.subsec_nanos() != 0 {
+            return bad(format!(
+                "ttl must be a whole number of seconds, at least 2 s (got {:?})",
+                self.ttl
+            ));
+        }
+        let every = self.keep_alive_interval();
+        if every.is_zero() || every >= self.ttl {
+            return bad(format!(
+                "keep_alive_interval must be above zero and below ttl (got {every:?} for {:?})",
+                self.ttl
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout must be above zero".into());
+        }
+        Ok(())
+    }
+
+    fn lease_timing(&self, ttl: Duration) -> LeaseTiming {
+        LeaseTiming {
+            ttl,
+            max_clock_drift_ppm: self.max_clock_drift_ppm,
+            margin: self.lease_margin.unwrap_or(ttl / 10),
+        }
+    }
+}
+
+/// A [`ClusterProvider`] backed by etcd: see the module docs.
+pub struct EtcdProvider {
+    config: EtcdProviderConfig,
+    api: Arc<dyn EtcdApi>,
+    running: tokio::sync::Mutex<Option<Running>>,
+    metrics: EtcdProviderMetrics,
+}
+
+impl std::fmt::Debug for EtcdProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdProvider")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Running {
+    session: Arc<Session>,
+    tasks: TaskSet,
+}
+
+/// One start of the provider: what its tasks share.
+struct Session {
+    api: Arc<dyn EtcdApi>,
+    config: EtcdProviderConfig,
+    ctx: ClusterProviderContext,
+    member_mode: bool,
+    prefix: String,
+    /// This node as registered (its id changes with each new incarnation).
+    member: Mutex<Member>,
+    /// The lease this incarnation's key is bound to.
+    lease: Mutex<Option<LeaseId>>,
+    /// The revision of this incarnation's last write of its key.
+    written_at: Mutex<Revision>,
+    /// Set when the view, past `written_at`, no longer holds this member's key.
+    key_deleted: std::sync::atomic::AtomicBool,
+    standing: MemberStanding,
+    descriptions: Descriptions,
+    view: Mutex<EtcdView>,
+    metrics: EtcdProviderMetrics,
+    /// Wakes the keep-alive loop (a new description to write, this member's key deleted).
+    poke: tokio::sync::Notify,
+    /// Serializes writes of this member's key and lease.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// How a watch stream ended.
+enum WatchEnd {
+    /// The view must be listed again.
+    Relist(&'static str),
+    /// The stream failed or ended: reopen it where it left off.
+    Reopen(EtcdError),
+}
+
+impl From<EtcdError> for WatchEnd {
+    fn from(e: EtcdError) -> Self {
+        match e {
+            EtcdError::Compacted { .. } => WatchEnd::Relist("the watch's revision is compacted"),
+            other => WatchEnd::Reopen(other),
+        }
+    }
+}
+
+/// Why a call failed, with what was being done.
+#[derive(Debug)]
+struct CallError {
+    what: String,
+    error: EtcdError,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.error)
+    }
+}
+
+impl CallError {
+    fn into_provider_error(self) -> ProviderError {
+        match self.error {
+            EtcdError::Rejected(_) => ProviderError::Rejected(self.to_string()),
+            _ => ProviderError::Unavailable(self.to_string()),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl EtcdProvider {
+    /// A provider talking to etcd through `api`.
+    pub fn new(config: EtcdProviderConfig, api: Arc<dyn EtcdApi>) -> Self {
+        Self {
+            config,
+            api,
+            running: tokio::sync::Mutex::new(None),
+            metrics: EtcdProviderMetrics::default(),
+        }
+    }
+
+    /// This provider's metrics.
+    pub fn metrics(&self) -> &EtcdProviderMetrics {
+        &self.metrics
+    }
+
+    async fn session(&self) -> Result<Arc<Session>, ProviderError> {
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .map(|r| r.session.clone())
+            .ok_or(ProviderError::NotStarted)
+    }
+
+    async fn start(
+        &self,
+        ctx: ClusterProviderContext,
+        member_mode: bool,
+    ) -> Result<(), ProviderError> {
+        self.config.validate()?;
+        let mut running = self.running.lock().await;
+        if running.is_some() {
+            return Err(ProviderError::AlreadyStarted);
+        }
+        let prefix = members_prefix(&self.config.prefix, &ctx.cluster_name);
+        let session = Arc::new(Session {
+            api: self.api.clone(),
+            config: self.config.clone(),
+            member_mode,
+            prefix: prefix.clone(),
+            member: Mutex::new(ctx.member.clone()),
+            lease: Mutex::new(None),
+            written_at: Mutex::new(0),
+            key_deleted: std::sync::atomic::AtomicBool::new(false),
+            standing: MemberStanding::new(
+                self.config.lease_timing(self.config.ttl),
+                self.metrics.membership_lost.clone(),
+                self.metrics.membership_restored.clone(),
+            ),
+            descriptions: Descriptions::new(ctx.member.description()),
+            view: Mutex::new(EtcdView::new(prefix)),
+            metrics: self.metrics.clone(),
+            poke: tokio::sync::Notify::new(),
+            writing: tokio::sync::Mutex::new(()),
+            ctx: ctx.clone(),
+        });
+        let clock = ctx.clock.clone();
+        if member_mode {
+            let writing = session.writing.lock().await;
+            let joined = session.join().await;
+            drop(writing);
+            joined.map_err(CallError::into_provider_error)?;
+        }
+        let mut tasks = vec![clock.spawn("etcd-watch", Box::pin(session.clone().reflect()))];
+        if member_mode {
+            tasks.push(clock.spawn(
+                "etcd-keep-alive",
+                Box::pin(session.clone().keep_alive_loop()),
+            ));
+            tasks.push(clock.spawn("etcd-lease", Box::pin(session.clone().lease_watchdog())));
+        }
+        let started = Running {
+            session: session.clone(),
+            tasks: tasks.into(),
+        };
+        let pm = ctx.partition_manager.clone();
+        let ready = ctx
+            .wait_until(self.config.startup_timeout, || {
+                if member_mode {
+                    pm.topology().contains(&session.member_id())
+                } else {
+                    lock(&session.view).is_synced()
+                }
+            })
+            .await;
+        if !ready {
+            drop(started);
+            if member_mode {
+                session.revoke_own().await;
+            }
+            return Err(ProviderError::Unavailable(format!(
+                "this node did not see {} under {} within {:?}",
+                if member_mode {
+                    "itself"
+                } else {
+                    "a first list"
+                },
+                session.prefix,
+                self.config.startup_timeout
+            )));
+        }
+        tracing::info!(cluster = %ctx.cluster_name, member = %session.member_id(), member_mode, prefix = %session.prefix, "etcd provider started");
+        *running = Some(started);
+        Ok(())
+    }
+}
+
+impl Session {
+    fn clock(&self) -> &SharedClock {
+        &self.ctx.clock
+    }
+
+    fn member_id(&self) -> MemberId {
+        lock(&self.member).id.clone()
+    }
+
+    fn key(&self, id: &MemberId) -> String {
+        format!("{}{id}", self.prefix)
+    }
+
+    /// Runs one etcd call under the request deadline.
+    async fn call<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        fut: impl std::future::Future<Output = Result<T, EtcdError>>,
+    ) -> Result<T, CallError> {
+        let error = match timeout(self.clock().as_ref(), self.config.request_timeout, fut).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+            Err(_) => EtcdError::Unavailable(format!(
+                "no answer within {:?}",
+                self.config.request_timeout
+            )),
+        };
+        Err(CallError {
+            what: what(),
+            error,
+        })
+    }
+
+    /// Registers this incarnation: a new lease, then its key bound to it. The caller holds
+    /// `writing`.
+    async fn join(&self) -> Result<(), CallError> {
+        let sent_at = self.clock().now();
+        let (lease, ttl) = self
+            .call(
+                || "grant a lease".to_string(),
+                self.api.lease_grant(self.config.ttl),
+            )
+            .await?;
+        self.standing.set_timing(self.config.lease_timing(ttl));
+        let (member, generation) = self.descriptions.current(&self.member);
+        let key = self.key(&member.id);
+        let written = self
+            .call(
+                || format!("put {key}"),
+                self.api.put(&key, encode_member(&member), lease),
+            )
+            .await;
+        let revision = match written {
+            Ok(r) => r,
+            Err(e) => {
+                // Do not leave a lease behind (best effort: it expires anyway).
+                let _ = self
+                    .call(|| "revoke".into(), self.api.lease_revoke(lease))
+                    .await;
+                return Err(e);
+            }
+        };
+        *lock(&self.written_at) = revision;
+        self.key_deleted
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.descriptions.accepted(&member, generation);
+        *lock(&self.lease) = Some(lease);
+        self.standing.renewed(&self.ctx, &member, sent_at);
+        tracing::info!(member = %member.id, lease = format!("{lease:x}"), ttl = ?ttl, key = %key, "registered in etcd");
+        Ok(())
+    }
+
+    /// The lease is gone (expired, revoked, or the key deleted): announce it and take a new
+    /// incarnation, registered at the next keep-alive round.
+    fn lost(&self, why: &str) {
+        let member = lock(&self.member).clone();
+        self.standing.revoked(&self.ctx, &member);
+        *lock(&self.lease) = None;
+        let mut m = lock(&self.member);
+        let old = m.id.clone();
+        m.id = old.successor(self.clock().as_ref());
+        tracing::info!(old = %old, new = %m.id, why, "taking a new incarnation");
+    }
+
+    /// One round: keep the lease alive (or register again), and write a new description.
+    async fn keep_alive_once(&self) -> Result<(), CallError> {
+        let _writing = self.writing.lock().await;
+        if self
+            .key_deleted
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            // Someone deleted this member's key: peers saw this incarnation go.
+            let old = lock(&self.lease).take();
+            self.lost("its key was deleted");
+            if let Some(old) = old {
+                let _ = self
+                    .call(|| "revoke".into(), self.api.lease_revoke(old))
+                    .await;
+            }
+        }
+        let lease = *lock(&self.lease);
+        let Some(lease) = lease else {
+            self.metrics.rejoins.inc();
+            return self.join().await;
+        };
+        let sent_at = self.clock().now();
+        match self
+            .call(
+                || format!("keep lease {lease:x} alive"),
+                self.api.lease_keep_alive(lease),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.metrics.keep_alives.inc();
+                let member = lock(&self.member).clone();
+                self.standing.renewed(&self.ctx, &member, sent_at);
+            }
+            Err(CallError {
+                error: EtcdError::LeaseNotFound(_),
+                ..
+            }) => {
+                self.lost("its lease expired or was revoked");
+                self.metrics.rejoins.inc();
+                return self.join().await;
+            }
+            Err(e) => return Err(e),
+        }
+        if self.descriptions.pending() {
+            let (member, generation) = self.descriptions.current(&self.member);
+            let key = self.key(&member.id);
+            match self
+                .call(
+                    || format!("put {key}"),
+                    self.api.put(&key, encode_member(&member), lease),
+                )
+                .await
+            {
+                Ok(revision) => {
+                    *lock(&self.written_at) = revision;
+                    self.descriptions.accepted(&member, generation);
+                }
+                Err(CallError {
+                    error: EtcdError::LeaseNotFound(_),
+                    ..
+                }) => {
+                    self.lost("its lease expired while writing its description");
+                }
+                Err(e) => {
+                    if matches!(e.error, EtcdError::Rejected(_)) {
+                        self.descriptions.refuse(&self.member, e.to_string());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn keep_alive_loop(self: Arc<Self>) {
+        let interval = self.config.keep_alive_interval();
+        let mut failures = 0u32;
+        loop {
+            let pause = if failures == 0 {
+                interval
+            } else {
+                self.config
+                    .backoff
+                    .delay(failures - 1, self.clock().as_ref())
+                    .min(interval)
+            };
+            tokio::select! {
+                biased;
+                _ = self.poke.notified() => {}
+                _ = self.clock().sleep(pause) => {}
+            }
+            match self.keep_alive_once().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    self.metrics.keep_alive_failures.inc();
+                    if failures >= 2 {
+                        tracing::warn!(member = %self.member_id(), error = %e, failures, "etcd keep-alives failing");
+                    } else {
+                        tracing::debug!(member = %self.member_id(), error = %e, "etcd keep-alive failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn lease_watchdog(self: Arc<Self>) {
+        self.standing
+            .watchdog(&self.ctx, || lock(&self.member).clone())
+            .await
+    }
+
+    /// Revokes this incarnation's lease (its key goes with it).
+    async fn revoke_own(&self) {
+        let lease = lock(&self.lease).take();
+        if let Some(lease) = lease
+            && let Err(e) = self
+                .call(
+                    || format!("revoke lease {lease:x}"),
+                    self.api.lease_revoke(lease),
+                )
+                .await
+        {
+            tracing::warn!(error = %e, "could not revoke this member's lease: its key stays until the lease expires");
+        }
+    }
+
+    /// Issues the view's topology to the partition manager.
+    fn publish(&self, view: &EtcdView) {
+        for (key, why) in view.skipped() {
+            self.metrics.keys_skipped.inc();
+            tracing::warn!(key = %key, reason = %why, "skipping a key that describes no valid member");
+        }
+        match view.topology(&self.ctx.cluster_name) {
+            Ok(t) => {
+                self.metrics.members.set(t.len() as i64);
+                self.metrics.topologies.inc();
+                match self.ctx.apply_topology(Arc::new(t)) {
+                    Ok(_) | Err(PlacementError::StaleTopology { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "topology not applied"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "topology not built"),
+        }
+    }
+
+    /// Lists, then watches from the list's revision + 1, forever; a compacted revision lists
+    /// again, any other failure reopens the watch where it left off.
+    async fn reflect(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        loop {
+            let listed = self
+                .call(
+                    || format!("list {}", self.prefix),
+                    self.api.range_prefix(&self.prefix),
+                )
+                .await;
+            let range = match listed {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "etcd list failed");
+                    self.pause(&mut attempt).await;
+                    continue;
+                }
+            };
+            attempt = 0;
+            {
+                let mut view = lock(&self.view);
+                if view.relist(&range) {
+                    self.publish(&view);
+                }
+            }
+            self.check_own_key();
+            // Watch until the revision is compacted or the store is another one.
+            loop {
+                let from = lock(&self.view).revision() + 1;
+                match self.watch(from).await {
+                    WatchEnd::Relist(why) => {
+                        self.metrics.relists.inc();
+                        tracing::info!(prefix = %self.prefix, from, why, "listing again");
+                        break;
+                    }
+                    WatchEnd::Reopen(e) => {
+                        self.metrics.watch_reopens.inc();
+                        tracing::debug!(error = %e, from, "etcd watch ended; reopening");
+                        self.pause(&mut attempt).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, attempt: &mut u32) {
+        let d = self.config.backoff.delay(*attempt, self.clock().as_ref());
+        *attempt = attempt.saturating_add(1);
+        self.clock().sleep(d).await;
+    }
+
+    /// One watch stream from `from`, applied until it fails or ends.
+    async fn watch(&self, from: Revision) -> WatchEnd {
+        let mut stream = match self
+            .call(
+                || format!("watch {} from {from}", self.prefix),
+                self.api.watch_prefix(&self.prefix, from),
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::from(e.error),
+        };
+        loop {
+            let next = timeout(
+                self.clock().as_ref(),
+                self.config.watch_idle_timeout,
+                stream.next(),
+            )
+            .await;
+            let batch = match next {
+                Err(_) => {
+                    return WatchEnd::Reopen(EtcdError::Unavailable(format!(
+                        "quiet for {:?}",
+                        self.config.watch_idle_timeout
+                    )));
+                }
+                Ok(None) => {
+                    return WatchEnd::Reopen(EtcdError::Unavailable("the watch ended".into()));
+                }
+                Ok(Some(Err(e))) => return WatchEnd::from(e),
+                Ok(Some(Ok(batch))) => batch,
+            };
+            let changed = {
+                let mut view = lock(&self.view);
+                if view.is_foreign(&batch) {
+                    return WatchEnd::Relist(
+                        "etcd lost its data (another cluster id, or its revision went back)",
+                    );
+                }
+                let changed = view.apply(&batch);
+                if changed {
+                    self.publish(&view);
+                }
+                changed
+            };
+            if changed {
+                self.check_own_key();
+            }
+        }
+    }
+
+    /// A member whose key disappeared while it believes its lease alive (someone deleted it)
+    /// registers again as a new incarnation, at once.
+    fn check_own_key(&self) {
+        if !self.member_mode || lock(&self.lease).is_none() {
+            return;
+        }
+        let key = self.key(&self.member_id());
+        let written_at = *lock(&self.written_at);
+        let gone = {
+            let view = lock(&self.view);
+            view.is_synced() && view.revision() >= written_at && !view.holds(&key)
+        };
+        if gone {
+            self.key_deleted
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.poke.notify_one();
+        }
+    }
+}
+
+#[async_trait]
+impl ClusterProvider for EtcdProvider {
+    async fn start_member(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
+        self.start(ctx, true).await
+    }
+
+    async fn start_client(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
+        self.start(ctx, false).await
+    }
+
+    async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError> {
+        let Some(mut running) = self.running.lock().await.take() else {
+            return Err(ProviderError::NotStarted);
+        };
+        let session = running.session.clone();
+        let writing = session.writing.lock().await;
+        running.tasks.stop().await;
+        drop(writing);
+        if graceful && session.member_mode {
+            session.revoke_own().await;
+        }
+        tracing::info!(member = %session.member_id(), graceful, "etcd provider stopped");
+        Ok(())
+    }
+
+    async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
+        let session = self.session().await?;
+        if !session.member_mode {
+            return Err(ProviderError::NotAMember);
+        }
+        let generation = session
+            .descriptions
+            .set(&session.member, description.clone())?;
+        session.poke.notify_one();
+        session
+            .descriptions
+            .wait_shown(
+                &session.ctx,
+                &session.member,
+                generation,
+                &description,
+                self.config.startup_timeout,
+                "etcd",
+            )
+            .await
+    }
+
+    async fn resolve_partition_manager(
+        &self,
+        member: &MemberId,
+    ) -> Result<PartitionManagerHandle, ProviderError> {
+        let session = self.session().await?;
+        let found = session
+            .ctx
+            .partition_manager
+            .topology()
+            .member(member)
+            .cloned()
+            .ok_or_else(|| ProviderError::UnknownMember(member.clone()))?;
+        Ok(Arc::new(GrpcPartitionManager::new(
+            session.ctx.cluster_name.clone(),
+            found,
+            session.config.partition_rpc_timeout,
+            session.ctx.clock.clone(),
+        )?))
+    }
+}

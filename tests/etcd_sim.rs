@@ -1,0 +1,618 @@
+//! The etcd provider against the in-memory etcd, in simulated time (madsim): the store's
+//! semantics (leases, revisions, compaction, restarts), and the provider on top of them.
+#![cfg(madsim)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use madsim::runtime::{Handle, NodeHandle};
+use madsim::time::{Instant, sleep};
+use shoal::etcd::api::{Change, EtcdApi, EtcdError, LeaseId, Range, Revision, WatchStream};
+use shoal::etcd::memory::{MemoryEtcd, WATCH_BUFFER};
+use shoal::etcd::{EtcdProvider, EtcdProviderConfig};
+use shoal::{
+    ClusterEvent, ClusterProvider, ClusterProviderContext, MemberId, PartitionManager,
+    ProviderError, TokioClock,
+};
+
+const TTL: Duration = Duration::from_secs(3);
+
+fn store(history: usize) -> MemoryEtcd {
+    MemoryEtcd::new(TokioClock::shared(), history)
+}
+
+// ---- the store ----
+
+#[madsim::test]
+async fn a_lease_that_is_not_kept_alive_deletes_its_keys_at_one_revision() {
+    let s = store(100);
+    let (lease, ttl) = s.lease_grant(Duration::from_millis(1500)).await.unwrap();
+    assert_eq!(ttl, Duration::from_secs(2), "whole seconds, rounded up");
+    s.put("/m/a", b"1".to_vec(), lease).await.unwrap();
+    s.put("/m/b", b"2".to_vec(), lease).await.unwrap();
+    let mut w = s.watch_prefix("/m/", 0).await.unwrap();
+    sleep(Duration::from_millis(1900)).await;
+    assert_eq!(s.lease_keep_alive(lease).await, Ok(ttl));
+    sleep(Duration::from_millis(2100)).await;
+    s.expire();
+    assert!(s.keys().is_empty());
+    let batch = w.next().await.unwrap().unwrap();
+    let revisions: BTreeSet<Revision> = batch.changes.iter().map(Change::revision).collect();
+    assert_eq!(batch.changes.len(), 2);
+    assert_eq!(revisions.len(), 1, "{batch:?}");
+    assert_eq!(
+        s.lease_keep_alive(lease).await,
+        Err(EtcdError::LeaseNotFound(lease))
+    );
+}
+
+#[madsim::test]
+async fn a_watch_resumes_from_a_kept_revision_and_fails_on_a_compacted_one() {
+    let s = store(4);
+    let first = s.put("/m/a", b"1".to_vec(), 0).await.unwrap();
+    for i in 0..3 {
+        s.put("/m/b", vec![i], 0).await.unwrap();
+    }
+    s.put("/other", b"x".to_vec(), 0).await.unwrap();
+    let mut w = s.watch_prefix("/m/", first + 1).await.unwrap();
+    let batch = w.next().await.unwrap().unwrap();
+    assert_eq!(batch.changes.len(), 3, "{batch:?}");
+    for _ in 0..4 {
+        s.put("/m/c", b"y".to_vec(), 0).await.unwrap();
+    }
+    assert!(matches!(
+        s.watch_prefix("/m/", first + 1).await,
+        Err(EtcdError::Compacted { .. })
+    ));
+    s.compact(s.revision());
+    assert!(matches!(
+        s.watch_prefix("/m/", s.revision()).await,
+        Err(EtcdError::Compacted { .. })
+    ));
+    assert!(s.watch_prefix("/m/", s.revision() + 1).await.is_ok());
+}
+
+#[madsim::test]
+async fn a_restart_keeps_or_loses_the_data_and_ends_every_watch() {
+    let s = store(100);
+    let (lease, _) = s.lease_grant(Duration::from_secs(2)).await.unwrap();
+    s.put("/m/a", b"1".to_vec(), lease).await.unwrap();
+    let before = s.range_prefix("/m/").await.unwrap();
+    let mut w = s.watch_prefix("/m/", 0).await.unwrap();
+    sleep(Duration::from_millis(1500)).await;
+    s.restart(true);
+    assert!(w.next().await.is_none());
+    // The TTL starts over at the restart.
+    sleep(Duration::from_millis(1500)).await;
+    s.expire();
+    assert_eq!(s.keys(), vec!["/m/a".to_string()]);
+    let kept = s.range_prefix("/m/").await.unwrap();
+    assert_eq!(kept.cluster_id, before.cluster_id);
+    s.restart(false);
+    let lost = s.range_prefix("/m/").await.unwrap();
+    assert!(lost.kvs.is_empty());
+    assert_ne!(lost.cluster_id, before.cluster_id);
+    assert!(lost.revision < kept.revision);
+    assert_eq!(
+        s.lease_keep_alive(lease).await,
+        Err(EtcdError::LeaseNotFound(lease))
+    );
+}
+
+#[madsim::test]
+async fn a_watcher_that_falls_behind_is_cancelled_not_buffered_without_end() {
+    let s = store(10_000);
+    let w = s.watch_prefix("/m/", 0).await.unwrap();
+    for i in 0..=WATCH_BUFFER {
+        s.put("/m/a", vec![i as u8], 0).await.unwrap();
+    }
+    let got: Vec<_> = w.collect().await;
+    assert_eq!(got.len(), WATCH_BUFFER, "ended after the buffer filled");
+}
+
+#[madsim::test]
+async fn a_stopped_etcd_expires_nobody_and_restarts_every_ttl() {
+    let s = store(100);
+    let (lease, _) = s.lease_grant(Duration::from_secs(2)).await.unwrap();
+    s.put("/m/a", b"1".to_vec(), lease).await.unwrap();
+    s.set_down(true);
+    assert!(matches!(
+        s.lease_keep_alive(lease).await,
+        Err(EtcdError::Unavailable(_))
+    ));
+    sleep(Duration::from_secs(10)).await;
+    s.expire();
+    s.set_down(false);
+    assert_eq!(s.keys(), vec!["/m/a".to_string()]);
+    assert!(s.lease_keep_alive(lease).await.is_ok());
+}
+
+// ---- the provider ----
+
+/// The store as one node reaches it: cut off, every call fails and open watches end.
+#[derive(Clone)]
+struct Link {
+    store: MemoryEtcd,
+    cut: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn check(&self) -> Result<(), EtcdError> {
+        if self.cut.load(Ordering::SeqCst) {
+            Err(EtcdError::Unavailable("cut off".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl EtcdApi for Link {
+    async fn lease_grant(&self, ttl: Duration) -> Result<(LeaseId, Duration), EtcdError> {
+        self.check()?;
+        self.store.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
+        self.check()?;
+        self.store.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
+        self.check()?;
+        self.store.lease_revoke(lease).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, EtcdError> {
+        self.check()?;
+        self.store.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<Revision, EtcdError> {
+        self.check()?;
+        self.store.delete(key).await
+    }
+    async fn range_prefix(&self, prefix: &str) -> Result<Range, EtcdError> {
+        self.check()?;
+        self.store.range_prefix(prefix).await
+    }
+    async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
+        self.check()?;
+        let cut = self.cut.clone();
+        let inner = self.store.watch_prefix(prefix, from).await?;
+        Ok(Box::pin(inner.take_while(move |_| {
+            futures::future::ready(!cut.load(Ordering::SeqCst))
+        })))
+    }
+}
+
+fn config() -> EtcdProviderConfig {
+    EtcdProviderConfig {
+        ttl: TTL,
+        request_timeout: Duration::from_millis(500),
+        watch_idle_timeout: Duration::from_secs(5),
+        ..EtcdProviderConfig::default()
+    }
+}
+
+type Views = Arc<Mutex<BTreeMap<usize, (MemberId, Arc<PartitionManager>)>>>;
+type Standing = Arc<Mutex<Vec<(usize, Instant, ClusterEvent)>>>;
+
+struct Cluster {
+    h: Handle,
+    store: MemoryEtcd,
+    views: Views,
+    standing: Standing,
+    cuts: BTreeMap<usize, Arc<AtomicBool>>,
+    nodes: BTreeMap<usize, NodeHandle>,
+    providers: Arc<Mutex<BTreeMap<usize, Arc<EtcdProvider>>>>,
+}
+
+impl Cluster {
+    fn new(history: usize) -> Self {
+        let h = Handle::current();
+        let store = store(history);
+        let s = store.clone();
+        let etcd = h.create_node().name("etcd").build();
+        etcd.spawn(async move { s.run(Duration::from_millis(100)).await });
+        let p = store.clone();
+        etcd.spawn(async move {
+            loop {
+                sleep(Duration::from_secs(1)).await;
+                p.progress();
+            }
+        });
+        Self {
+            h,
+            store,
+            views: Views::default(),
+            standing: Standing::default(),
+            cuts: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            providers: Arc::default(),
+        }
+    }
+
+    fn start(&mut self, i: usize) {
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 1, i as u8));
+        let cut = Arc::new(AtomicBool::new(false));
+        self.cuts.insert(i, cut.clone());
+        let link = Link {
+            store: self.store.clone(),
+            cut,
+        };
+        let (views, standing, providers) = (
+            self.views.clone(),
+            self.standing.clone(),
+            self.providers.clone(),
+        );
+        let node = self
+            .h
+            .create_node()
+            .name(format!("m{i}"))
+            .ip(ip)
+            .init(move || {
+                let (views, standing, providers, link) = (
+                    views.clone(),
+                    standing.clone(),
+                    providers.clone(),
+                    link.clone(),
+                );
+                async move {
+                    let ctx = ClusterProviderContext::new(
+                        "c",
+                        format!("{ip}:4000"),
+                        ["user"],
+                        TokioClock::shared(),
+                    )
+                    .unwrap();
+                    views
+                        .lock()
+                        .unwrap()
+                        .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
+                    common::record_standing(i, &ctx.events, standing.clone());
+                    let provider = Arc::new(EtcdProvider::new(config(), Arc::new(link)));
+                    providers.lock().unwrap().insert(i, provider.clone());
+                    provider.start_member(ctx.clone()).await.unwrap();
+                    std::future::pending::<()>().await;
+                }
+            })
+            .build();
+        self.nodes.insert(i, node);
+    }
+
+    fn cut(&self, i: usize, cut: bool) {
+        self.cuts[&i].store(cut, Ordering::SeqCst);
+    }
+
+    fn provider(&self, i: usize) -> Arc<EtcdProvider> {
+        self.providers.lock().unwrap()[&i].clone()
+    }
+
+    fn pm(&self, i: usize) -> Arc<PartitionManager> {
+        self.views.lock().unwrap()[&i].1.clone()
+    }
+
+    fn view(&self, i: usize) -> Vec<String> {
+        let views = self.views.lock().unwrap();
+        let Some((_, pm)) = views.get(&i) else {
+            return Vec::new();
+        };
+        pm.topology().member_ids().map(|m| m.to_string()).collect()
+    }
+
+    /// Waits until every node in `which` lists exactly `n` members.
+    async fn wait_sizes(&self, which: &[usize], n: usize, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let sizes: Vec<usize> = which.iter().map(|i| self.view(*i).len()).collect();
+            if sizes.iter().all(|s| *s == n) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "after {limit:?}: nodes {which:?} list {sizes:?} members, not {n}"
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn standing_of(&self, i: usize) -> Vec<(Instant, ClusterEvent)> {
+        self.standing
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _, _)| *n == i)
+            .map(|(_, t, e)| (*t, e.clone()))
+            .collect()
+    }
+}
+
+#[madsim::test]
+async fn members_agree_on_versions_and_a_crashed_member_is_gone_within_the_ttl() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    sleep(Duration::from_millis(200)).await;
+    // Same revision, same topology, on every node.
+    let t1 = c.pm(1).topology();
+    for i in [2, 3] {
+        let t = c.pm(i).topology();
+        assert_eq!((t.version(), t.epoch()), (t1.version(), t1.epoch()));
+        assert_eq!(*t, *t1);
+    }
+    c.h.kill(c.nodes[&3].id());
+    let took = c.wait_sizes(&[1, 2], 2, Duration::from_secs(20)).await;
+    // Its last keep-alive was at most a keep-alive interval before the crash; etcd's expiry
+    // runs every 100 ms; then one watch delivery.
+    assert!(took >= TTL - TTL / 3, "removed too early: {took:?}");
+    assert!(
+        took <= TTL + Duration::from_millis(300),
+        "removed late: {took:?}"
+    );
+    assert_eq!(c.pm(1).topology().version(), c.pm(2).topology().version());
+}
+
+#[madsim::test]
+async fn a_graceful_shutdown_revokes_the_lease_and_peers_drop_it_at_once() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let p = c.provider(3);
+    let h = c.nodes[&3].clone();
+    h.spawn(async move { p.shutdown(true).await.unwrap() })
+        .await
+        .unwrap();
+    let took = c.wait_sizes(&[1, 2], 2, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+    assert_eq!(c.store.keys().len(), 2);
+    assert_eq!(c.store.leases().len(), 2);
+}
+
+#[madsim::test]
+async fn a_member_cut_off_past_its_ttl_knows_it_and_comes_back_as_a_new_incarnation() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let old = c
+        .view(1)
+        .into_iter()
+        .find(|id| id.starts_with("10-0-1-3"))
+        .unwrap();
+    let cut_at = Instant::now();
+    c.cut(3, true);
+    c.wait_sizes(&[1, 2], 2, Duration::from_secs(10)).await;
+    let expired_at = Instant::now();
+    // It said so itself, before etcd expired its key.
+    let lost = c.standing_of(3);
+    let (lost_at, event) = lost.first().expect("MembershipLost announced");
+    assert!(
+        matches!(event, ClusterEvent::MembershipLost { member, .. } if member.to_string() == old)
+    );
+    assert!(
+        *lost_at < expired_at,
+        "announced at {lost_at:?}, expired at {expired_at:?}"
+    );
+    assert!(*lost_at > cut_at);
+    c.cut(3, false);
+    let start = Instant::now();
+    while !(c.view(3) == c.view(1) && c.view(1) == c.view(2) && c.view(1).len() == 3) {
+        assert!(start.elapsed() < Duration::from_secs(10), "not converged");
+        sleep(Duration::from_millis(20)).await;
+    }
+    for i in 1..=3 {
+        assert!(!c.view(i).contains(&old), "the removed id came back on {i}");
+    }
+    let standing = c.standing_of(3);
+    assert!(
+        standing
+            .iter()
+            .any(|(_, e)| matches!(e, ClusterEvent::MembershipRestored { previous, .. } if previous.to_string() == old)),
+        "{standing:?}"
+    );
+    assert_eq!(c.provider(3).metrics().rejoins.get(), 1);
+}
+
+#[madsim::test]
+async fn nobody_is_removed_while_etcd_is_down_and_members_say_they_cannot_vouch() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let before: Vec<String> = c.view(1);
+    c.store.set_down(true);
+    sleep(TTL * 3).await;
+    // Every member announced the loss (it cannot prove it holds its lease) ...
+    for i in 1..=3 {
+        assert!(
+            c.standing_of(i)
+                .iter()
+                .any(|(_, e)| matches!(e, ClusterEvent::MembershipLost { .. })),
+            "{i} did not announce"
+        );
+    }
+    c.store.set_down(false);
+    sleep(TTL).await;
+    // ... and nobody was removed: the same incarnations, restored.
+    for i in 1..=3 {
+        assert_eq!(c.view(i), before, "node {i}");
+        assert!(
+            c.standing_of(i)
+                .iter()
+                .any(|(_, e)| matches!(e, ClusterEvent::MembershipRestored { .. })),
+            "{i} did not announce the restore"
+        );
+    }
+}
+
+#[madsim::test]
+async fn a_watcher_behind_a_compaction_relists_without_members_vanishing() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    c.cut(1, true);
+    // Changes while 1 is cut off, then compacted away.
+    let p = c.provider(3);
+    let h = c.nodes[&3].clone();
+    h.spawn(async move { p.shutdown(true).await.unwrap() })
+        .await
+        .unwrap();
+    c.start(4);
+    let start = Instant::now();
+    while !(c.view(2).len() == 3
+        && c.view(2).iter().any(|id| id.starts_with("10-0-1-4"))
+        && !c.view(2).iter().any(|id| id.starts_with("10-0-1-3")))
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", c.view(2));
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(c.view(1), c.view(2), "node 1 is cut off");
+    c.store.compact(c.store.revision());
+    // Back before its own lease runs out.
+    c.cut(1, false);
+    let relists_before = c.provider(1).metrics().relists.get();
+    let start = Instant::now();
+    loop {
+        let v = c.view(1);
+        assert!(v.len() >= 2, "members vanished during the relist: {v:?}");
+        if v == c.view(2) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never caught up");
+        sleep(Duration::from_millis(10)).await;
+    }
+    let m = c.provider(1).metrics().clone();
+    assert!(
+        m.relists.get() > relists_before,
+        "relists {} reopens {} rejoins {} took {:?}",
+        m.relists.get(),
+        m.watch_reopens.get(),
+        m.rejoins.get(),
+        start.elapsed()
+    );
+}
+
+#[madsim::test]
+async fn an_etcd_that_lost_its_data_gets_every_member_back_under_a_new_epoch() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let epoch = c.pm(1).topology().epoch();
+    let old: BTreeSet<String> = c.view(1).into_iter().collect();
+    c.store.restart(false);
+    let start = Instant::now();
+    loop {
+        let fresh = (1..=3).all(|i| {
+            let t = c.pm(i).topology();
+            t.epoch() != epoch
+                && t.len() == 3
+                && t.member_ids().all(|id| !old.contains(&id.to_string()))
+        });
+        if fresh {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not re-registered"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[madsim::test]
+async fn a_key_someone_else_wrote_is_skipped_and_a_deleted_own_key_is_rewritten_as_new() {
+    let mut c = Cluster::new(1000);
+    for i in 1..=2 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2], 2, Duration::from_secs(10)).await;
+    c.store
+        .put("/shoal/c/members/garbage", b"{not json".to_vec(), 0)
+        .await
+        .unwrap();
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.view(1).len(), 2);
+    assert!(c.provider(1).metrics().keys_skipped.get() >= 1);
+    // A person deletes member 2's key: it registers again as a new incarnation.
+    let gone = c.views.lock().unwrap()[&2].0.clone();
+    let key = format!(
+        "/shoal/c/members/{}",
+        c.view(2)
+            .into_iter()
+            .find(|id| id.starts_with("10-0-1-2"))
+            .unwrap()
+    );
+    let _ = gone;
+    c.store.delete(&key).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let v = c.view(1);
+        if v.len() == 2 && !v.iter().any(|id| key.ends_with(id.as_str())) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{v:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[madsim::test]
+async fn bad_settings_are_refused_naming_the_setting() {
+    let h = Handle::current();
+    let node = h
+        .create_node()
+        .name("m")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 9)))
+        .build();
+    let err = node
+        .spawn(async move {
+            let ctx =
+                ClusterProviderContext::new("c", "10.0.1.9:4000", ["user"], TokioClock::shared())
+                    .unwrap();
+            let bad = |c: EtcdProviderConfig| {
+                let ctx = ctx.clone();
+                async move {
+                    EtcdProvider::new(c, Arc::new(store(10)))
+                        .start_member(ctx)
+                        .await
+                        .unwrap_err()
+                }
+            };
+            let ttl = bad(EtcdProviderConfig {
+                ttl: Duration::from_millis(1500),
+                ..config()
+            })
+            .await;
+            let prefix = bad(EtcdProviderConfig {
+                prefix: "shoal".into(),
+                ..config()
+            })
+            .await;
+            (ttl, prefix)
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(&err.0, ProviderError::Rejected(m) if m.contains("ttl")),
+        "{:?}",
+        err.0
+    );
+    assert!(
+        matches!(&err.1, ProviderError::Rejected(m) if m.contains("prefix")),
+        "{:?}",
+        err.1
+    );
+}
