@@ -1,5 +1,5 @@
 //! `shoal`: join a cluster as a member, or print its topology, through the bundled registry
-//! (`--registry URL`) or the Kubernetes API (`--kubernetes`).
+//! (`--registry URL`), the Kubernetes API (`--kubernetes`) or etcd (`--etcd URL`).
 
 #[cfg(not(madsim))]
 mod real {
@@ -10,6 +10,8 @@ mod real {
     use anyhow::{Context, Result, anyhow, bail};
     use clap::{Args, Parser, Subcommand};
     use serde_json::json;
+    use shoal::etcd::client::{EtcdClient, EtcdConnection, EtcdTls};
+    use shoal::etcd::{EtcdProvider, EtcdProviderConfig};
     use shoal::kubernetes::kube_rs::KubeRsApi;
     use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
     use shoal::provider::PartitionService;
@@ -40,16 +42,34 @@ mod real {
         registry: Option<String>,
         /// Use the Kubernetes API instead of a registry: one coordination.k8s.io Lease per
         /// member in --namespace (in a Pod: its service account; outside: the kubeconfig).
-        #[arg(long, conflicts_with_all = ["cluster_token", "cluster_token_file", "ca", "cert", "key", "tls_domain"])]
+        #[arg(long, conflicts_with_all = ["cluster_token", "cluster_token_file", "ca", "cert", "key", "tls_domain", "etcd"])]
         kubernetes: bool,
+        /// Use etcd instead of a registry: its client URLs, comma-separated (like
+        /// http://127.0.0.1:2379; https:// with --ca, and --cert/--key for mTLS).
+        #[arg(long, env = "SHOAL_ETCD", value_delimiter = ',', conflicts_with_all = ["cluster_token", "cluster_token_file"])]
+        etcd: Vec<String>,
+        /// etcd: the key prefix (members live under <prefix>/<cluster>/members/).
+        #[arg(long, default_value = "/shoal")]
+        etcd_prefix: String,
+        /// etcd: user name, when etcd has authentication on.
+        #[arg(long, env = "SHOAL_ETCD_USER", requires = "etcd_password")]
+        etcd_user: Option<String>,
+        /// etcd: password (visible in `ps`: prefer the SHOAL_ETCD_PASSWORD environment variable).
+        #[arg(
+            long,
+            env = "SHOAL_ETCD_PASSWORD",
+            hide_env_values = true,
+            requires = "etcd_user"
+        )]
+        etcd_password: Option<String>,
         /// Kubernetes: the namespace of the Leases (in a Pod, the downward API's POD_NAMESPACE).
         #[arg(long, env = "POD_NAMESPACE")]
         namespace: Option<String>,
         /// Kubernetes: a headless Service whose serving endpoints gate membership.
         #[arg(long, env = "SHOAL_SERVICE")]
         service: Option<String>,
-        /// Kubernetes: the Lease duration (renewed every third of it; a crashed member is gone
-        /// after about this long).
+        /// Kubernetes: the Lease duration; etcd: the lease TTL (renewed every third of it; a
+        /// crashed member is gone after about this long).
         #[arg(long, env = "SHOAL_LEASE_DURATION", value_parser = humantime::parse_duration)]
         lease_duration: Option<Duration>,
         /// Cluster name.
@@ -87,14 +107,18 @@ mod real {
     enum Backend<'a> {
         Registry(&'a str),
         Kubernetes,
+        Etcd(&'a [String]),
     }
 
     impl Connection {
         fn backend(&self) -> Result<Backend<'_>> {
-            match (&self.registry, self.kubernetes) {
-                (_, true) => Ok(Backend::Kubernetes),
-                (Some(url), false) => Ok(Backend::Registry(url)),
-                (None, false) => bail!("give --registry URL or --kubernetes"),
+            let etcd = !self.etcd.is_empty();
+            match (&self.registry, self.kubernetes, etcd) {
+                (_, true, _) => Ok(Backend::Kubernetes),
+                (Some(_), false, true) => bail!("give one of --registry and --etcd, not both"),
+                (None, false, true) => Ok(Backend::Etcd(&self.etcd)),
+                (Some(url), false, false) => Ok(Backend::Registry(url)),
+                (None, false, false) => bail!("give --registry URL, --etcd URL or --kubernetes"),
             }
         }
 
@@ -134,6 +158,58 @@ mod real {
                 .await
                 .map_err(|e| anyhow!("--kubernetes: {e}"))?;
             Ok(KubernetesProvider::new(config, std::sync::Arc::new(api)))
+        }
+
+        /// The etcd provider's settings.
+        fn etcd_config(&self) -> Result<EtcdProviderConfig> {
+            let mut c = EtcdProviderConfig {
+                prefix: self.etcd_prefix.clone(),
+                request_timeout: self.timeout,
+                ..EtcdProviderConfig::default()
+            };
+            if let Some(d) = self.lease_duration {
+                c.ttl = d;
+            }
+            c.validate()
+                .map_err(|e| anyhow!("--etcd-prefix, --lease-duration or --timeout: {e}"))?;
+            Ok(c)
+        }
+
+        async fn etcd_provider(&self, endpoints: &[String]) -> Result<EtcdProvider> {
+            let config = self.etcd_config()?;
+            for e in endpoints {
+                let ok = e.starts_with("http://") || e.starts_with("https://");
+                if !ok || e.parse::<http::Uri>().is_err() {
+                    bail!("--etcd: {e:?} is not an http:// or https:// URL");
+                }
+            }
+            let tls = match &self.ca {
+                None => None,
+                Some(ca) => Some(EtcdTls {
+                    ca: std::fs::read(ca)
+                        .with_context(|| format!("--ca: cannot read {}", ca.display()))?,
+                    identity: match (&self.cert, &self.key) {
+                        (Some(c), Some(k)) => Some((
+                            std::fs::read(c)
+                                .with_context(|| format!("--cert: cannot read {}", c.display()))?,
+                            std::fs::read(k)
+                                .with_context(|| format!("--key: cannot read {}", k.display()))?,
+                        )),
+                        _ => None,
+                    },
+                    domain: self.tls_domain.clone(),
+                }),
+            };
+            let connection = EtcdConnection {
+                endpoints: endpoints.to_vec(),
+                user: self.etcd_user.clone().zip(self.etcd_password.clone()),
+                tls,
+                connect_timeout: self.timeout,
+            };
+            let client = EtcdClient::connect(&connection)
+                .await
+                .map_err(|e| anyhow!("--etcd: {e}"))?;
+            Ok(EtcdProvider::new(config, std::sync::Arc::new(client)))
         }
 
         fn token(&self) -> Result<Option<String>> {
@@ -316,6 +392,10 @@ mod real {
                 Box::new(args.conn.kubernetes_provider().await?),
                 "the Kubernetes API".to_string(),
             ),
+            Backend::Etcd(endpoints) => (
+                Box::new(args.conn.etcd_provider(endpoints).await?),
+                format!("etcd {}", endpoints.join(",")),
+            ),
         };
         provider
             .start_member(ctx.clone())
@@ -331,21 +411,32 @@ mod real {
     async fn topology(args: TopologyArgs) -> Result<()> {
         let topology = match args.conn.backend()? {
             Backend::Registry(url) => registry_topology(&args, url).await?,
-            Backend::Kubernetes => kubernetes_topology(&args).await?,
+            Backend::Kubernetes => {
+                let mut config = args.conn.kubernetes_config()?;
+                config.startup_timeout = args.wait;
+                let api = KubeRsApi::from_environment()
+                    .await
+                    .map_err(|e| anyhow!("--kubernetes: {e}"))?;
+                let provider = KubernetesProvider::new(config, std::sync::Arc::new(api));
+                watched_topology(&args, &provider, "the Kubernetes API").await?
+            }
+            Backend::Etcd(endpoints) => {
+                let mut provider = args.conn.etcd_provider(endpoints).await?;
+                provider.set_startup_timeout(args.wait);
+                watched_topology(&args, &provider, "etcd").await?
+            }
         };
         print_topology(&topology, args.json);
         Ok(())
     }
 
-    /// The cluster's members as the Leases (and the Service's endpoints) list them now: a
-    /// client-mode provider's first view, written nowhere.
-    async fn kubernetes_topology(args: &TopologyArgs) -> Result<std::sync::Arc<ClusterTopology>> {
-        let mut config = args.conn.kubernetes_config()?;
-        config.startup_timeout = args.wait;
-        let api = KubeRsApi::from_environment()
-            .await
-            .map_err(|e| anyhow!("--kubernetes: {e}"))?;
-        let provider = KubernetesProvider::new(config, std::sync::Arc::new(api));
+    /// The cluster's members as `provider` lists them now: a client-mode provider's first
+    /// view, written nowhere.
+    async fn watched_topology(
+        args: &TopologyArgs,
+        provider: &dyn ClusterProvider,
+        through: &str,
+    ) -> Result<std::sync::Arc<ClusterTopology>> {
         let ctx = ClusterProviderContext::new(
             &args.conn.cluster,
             "0.0.0.0:1", // a client: never published
@@ -353,12 +444,15 @@ mod real {
             TokioClock::shared(),
         )
         .context("invalid --cluster")?;
-        provider.start_client(ctx.clone()).await.with_context(|| {
-            format!(
-                "cannot list cluster {:?} through the Kubernetes API",
-                args.conn.cluster
-            )
-        })?;
+        tokio::time::timeout(args.wait, provider.start_client(ctx.clone()))
+            .await
+            .map_err(|_| anyhow!("no topology through {through} within {:?}", args.wait))?
+            .with_context(|| {
+                format!(
+                    "cannot list cluster {:?} through {through}",
+                    args.conn.cluster
+                )
+            })?;
         let topology = ctx.partition_manager.topology();
         provider
             .shutdown(true)

@@ -84,6 +84,15 @@ pub fn etcd_error(e: etcd_client::Error) -> EtcdError {
     }
 }
 
+/// `e`, saying which endpoint it concerns.
+fn named(endpoint: &str, e: EtcdError) -> EtcdError {
+    match e {
+        EtcdError::Rejected(m) => EtcdError::Rejected(format!("etcd at {endpoint}: {m}")),
+        EtcdError::Unavailable(m) => EtcdError::Unavailable(format!("etcd at {endpoint}: {m}")),
+        other => EtcdError::Unavailable(format!("etcd at {endpoint}: {other}")),
+    }
+}
+
 fn kv(k: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(k.key()).into_owned(),
@@ -117,10 +126,23 @@ impl EtcdClient {
         }
         let client = Client::connect(&connection.endpoints, Some(options))
             .await
-            .map_err(|e| match etcd_error(e) {
-                EtcdError::Rejected(m) => EtcdError::Rejected(format!("etcd at {first}: {m}")),
-                other => EtcdError::Unavailable(format!("etcd at {first}: {other}")),
-            })?;
+            .map_err(|e| named(&first, etcd_error(e)))?;
+        // The connection is lazy: ask for the status so a wrong endpoint fails here, named.
+        let probe = tokio::time::timeout(
+            connection.connect_timeout.max(Duration::from_millis(100)),
+            client.clone().status(),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(named(&first, etcd_error(e))),
+            Err(_) => {
+                return Err(EtcdError::Unavailable(format!(
+                    "etcd at {first}: no answer within {:?}",
+                    connection.connect_timeout
+                )));
+            }
+        }
         Ok(Self {
             client,
             keepers: Mutex::default(),

@@ -218,6 +218,11 @@ impl EtcdProvider {
         }
     }
 
+    /// Replaces the startup timeout (before the start).
+    pub fn set_startup_timeout(&mut self, within: Duration) {
+        self.config.startup_timeout = within;
+    }
+
     /// This provider's metrics.
     pub fn metrics(&self) -> &EtcdProviderMetrics {
         &self.metrics

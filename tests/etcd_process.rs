@@ -1,0 +1,270 @@
+//! The etcd provider against a real etcd (Debian's `etcd-server`, installed by
+//! scripts/setup.sh), with `shoal member --etcd` and `shoal topology --etcd` as real
+//! processes over loopback. Each test starts its own etcd on free ports with a fresh data dir.
+#![cfg(not(madsim))]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::process::{Proc, free_port, member_count, shoal_bin};
+
+/// A running etcd: its process, client URL, ports and data dir.
+struct Etcd {
+    proc: Proc,
+    url: String,
+    client: u16,
+    peer: u16,
+    dir: PathBuf,
+}
+
+fn etcd_at(dir: &Path, client: u16, peer: u16) -> Proc {
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let p = Proc::spawn(
+        "etcd",
+        "etcd",
+        &[
+            "--name",
+            "t",
+            "--data-dir",
+            &dir.to_string_lossy(),
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !healthy(client) {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not become healthy; log: {:?}",
+            p.err_lines.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+fn healthy(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+fn start_etcd(name: &str) -> Etcd {
+    let dir = std::env::temp_dir().join(format!("shoal-etcd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let proc = etcd_at(&dir.join("data"), client, peer);
+    Etcd {
+        proc,
+        url: format!("http://127.0.0.1:{client}"),
+        client,
+        peer,
+        dir,
+    }
+}
+
+fn member(name: &str, etcd: &str, ttl: &str) -> Proc {
+    let advertise = format!("127.0.0.1:{}", free_port());
+    Proc::spawn(
+        name,
+        shoal_bin(),
+        &[
+            "member",
+            "--etcd",
+            etcd,
+            "--cluster",
+            "c",
+            "--advertise",
+            &advertise,
+            "--kinds",
+            "user",
+            "--lease-duration",
+            ttl,
+        ],
+    )
+}
+
+/// `shoal topology --etcd URL --cluster c --json`: (success, parsed stdout or null, stderr).
+fn topology(etcd: &str) -> (bool, serde_json::Value, String) {
+    let out = Command::new(shoal_bin())
+        .args([
+            "topology",
+            "--etcd",
+            etcd,
+            "--cluster",
+            "c",
+            "--json",
+            "--wait",
+            "5s",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ids(v: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = v["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| m["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn members_join_agree_on_versions_and_leave_through_a_real_etcd() {
+    let etcd = start_etcd("join");
+    let a = member("a", &etcd.url, "2s");
+    let mut b = member("b", &etcd.url, "2s");
+    let sa = a.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    let sb = b.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    // The same revision, the same epoch, the same members, on both.
+    assert_eq!(
+        (&sa["version"], &sa["epoch"], ids(&sa)),
+        (&sb["version"], &sb["epoch"], ids(&sb))
+    );
+    let (ok, listed, err) = topology(&etcd.url);
+    assert!(ok, "{err}");
+    assert_eq!(ids(&listed), ids(&sa));
+    // kill -9: etcd expires the lease (2 s) and a hears of it.
+    b.kill9();
+    a.wait_snapshot("b gone", 15, |v| member_count(v) == 1);
+    // SIGTERM revokes the lease: the key goes at once.
+    let mut a = a;
+    assert!(a.sigterm().success());
+    let (ok, listed, err) = topology(&etcd.url);
+    assert!(ok, "{err}");
+    assert_eq!(member_count(&listed), 0, "{listed}");
+    drop(etcd.proc);
+    let _ = std::fs::remove_dir_all(&etcd.dir);
+}
+
+#[test]
+fn members_are_listed_again_after_etcd_restarts_with_its_data() {
+    let mut etcd = start_etcd("restart");
+    let a = member("a", &etcd.url, "4s");
+    let b = member("b", &etcd.url, "4s");
+    a.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    b.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    etcd.proc.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.proc = etcd_at(&etcd.dir.join("data"), etcd.client, etcd.peer);
+    // Both members are listed again, and both members' own views agree with etcd's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, listed, _) = topology(&etcd.url);
+        let (va, vb) = (a.last_json(), b.last_json());
+        if ok
+            && member_count(&listed) == 2
+            && va.as_ref().map(ids) == Some(ids(&listed))
+            && vb.as_ref().map(ids) == Some(ids(&listed))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not listed again: etcd {listed}, a {va:?}, b {vb:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_dir_all(&etcd.dir);
+}
+
+#[test]
+fn a_member_whose_watch_revision_was_compacted_lists_again() {
+    let mut etcd = start_etcd("compact");
+    let a = member("a", &etcd.url, "8s");
+    a.wait_snapshot("itself", 20, |v| member_count(v) == 1);
+    // a stops; its watch stream breaks (etcd restarts with its data) before the cluster
+    // changes, so nothing of the changes is buffered for it; then the history is compacted:
+    // a's next watch starts from a compacted revision.
+    a.signal("-STOP");
+    etcd.proc.kill9();
+    etcd.proc = etcd_at(&etcd.dir.join("data"), etcd.client, etcd.peer);
+    let mut b = member("b", &etcd.url, "8s");
+    b.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    assert!(b.sigterm().success());
+    let c = member("c", &etcd.url, "8s");
+    c.wait_snapshot("2 members", 20, |v| member_count(v) == 2);
+    let status = Command::new("etcdctl")
+        .args(["--endpoints", &etcd.url, "endpoint", "status", "-w", "json"])
+        .output()
+        .expect("etcdctl (Debian's etcd-client, installed by scripts/setup.sh)");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let revision = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    let compacted = Command::new("etcdctl")
+        .args(["--endpoints", &etcd.url, "compact", &revision.to_string()])
+        .status()
+        .unwrap();
+    assert!(compacted.success());
+    a.signal("-CONT");
+    // a's watch resumes from a compacted revision: it must list again and see b gone, c in.
+    let c_view = c.last_json().unwrap();
+    a.wait_snapshot("the compacted changes", 20, |v| ids(v) == ids(&c_view));
+    let relisted = a
+        .err_lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("listing again") && l.contains("compacted"));
+    assert!(relisted, "a did not list again after the compaction");
+    let _ = std::fs::remove_dir_all(&etcd.dir);
+}
+
+#[test]
+fn a_wrong_endpoint_is_an_error_naming_it() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let (ok, _, err) = topology(&url);
+    assert!(!ok);
+    assert!(err.contains(&url), "{err}");
+    let out = Command::new(shoal_bin())
+        .args([
+            "member",
+            "--etcd",
+            "127.0.0.1:2379",
+            "--cluster",
+            "c",
+            "--advertise",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--etcd") && err.contains("127.0.0.1:2379"),
+        "{err}"
+    );
+}
