@@ -12,7 +12,6 @@
 //! renewal by its holder a heartbeat, a delete by the holder's own node a leave), and applies
 //! the door faults (renewals of one member lost, watch streams reset).
 
-use std::any::Any;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +20,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use madsim::net::Endpoint;
-use madsim::time::sleep;
 use shoal::kubernetes::api::{
     ApiError, Endpoint as SliceEndpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList,
     ObjectMeta, ObjectReference, SERVICE_NAME_LABEL, WatchEvent, WatchStream,
@@ -33,6 +30,7 @@ use shoal::{ClusterTopology, Member, MemberId};
 
 use crate::oracle::Oracles;
 use crate::record::Recorder;
+use crate::wire::{Payload, Pool};
 
 /// The API server's port.
 pub const APISERVER_PORT: u16 = 6443;
@@ -41,8 +39,10 @@ pub const APISERVER_PORT: u16 = 6443;
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One call.
+/// A call on the wire (the door's own protocol).
+#[doc(hidden)]
 #[derive(Debug)]
-enum Request {
+pub enum Request {
     GetLease(String, String),
     CreateLease(Lease),
     ReplaceLease(Lease),
@@ -70,81 +70,38 @@ enum Item {
     Slice(Result<WatchEvent<EndpointSlice>, ApiError>),
 }
 
-type Payload = Box<dyn Any + Send + Sync>;
-
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(format!("API server: {e}"))
 }
 
-/// An open connection to the API server.
-struct Connection {
-    _ep: Endpoint,
-    tx: madsim::net::Sender,
-    rx: madsim::net::Receiver,
-}
-
-/// The [`KubeApi`] a simulated node uses: calls over the simulated network. Connections are
-/// kept open and reused for the next call (HTTP keep-alive, as kube-rs's client pools them);
-/// a call abandoned midway (its deadline passed) drops its connection. A watch has its own.
-#[derive(Clone)]
+/// The [`KubeApi`] a simulated node uses: calls over the simulated network
+/// ([`crate::wire`]: kept-alive connections, a watch on a connection of its own).
+#[derive(Clone, Debug)]
 pub struct SimKubeApi {
-    server: SocketAddr,
-    idle: Arc<Mutex<Vec<Connection>>>,
+    pool: Pool,
 }
-
-impl std::fmt::Debug for SimKubeApi {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimKubeApi")
-            .field("server", &self.server)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Idle connections kept per node.
-const MAX_IDLE: usize = 4;
 
 impl SimKubeApi {
     /// Talks to the API server at `server`.
     pub fn new(server: SocketAddr) -> Self {
         Self {
-            server,
-            idle: Arc::default(),
+            pool: Pool::new(server),
         }
     }
 
-    async fn connect(&self) -> Result<Connection, ApiError> {
-        let ep = Endpoint::bind("0.0.0.0:0").await.map_err(unavailable)?;
-        let (tx, rx) = ep.connect1(self.server).await.map_err(unavailable)?;
-        Ok(Connection { _ep: ep, tx, rx })
-    }
-
-    /// Sends `request` on `conn` and reads its answer.
-    async fn exchange(conn: &mut Connection, request: Request) -> Result<Reply, ApiError> {
-        conn.tx.send(Box::new(request)).await.map_err(unavailable)?;
-        let payload = conn.rx.recv().await.map_err(unavailable)?;
-        let reply = payload
+    fn answer(payload: Payload) -> Result<Reply, ApiError> {
+        *payload
             .downcast::<Result<Reply, ApiError>>()
-            .map_err(|_| unavailable("malformed reply"))?;
-        *reply
+            .map_err(|_| unavailable("malformed reply"))?
     }
 
-    /// One call on an idle connection (or a new one), kept for the next call if it finished.
     async fn unary(&self, request: Request) -> Result<Reply, ApiError> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match idle {
-            Some(c) if !c.tx.is_closed() => c,
-            _ => self.connect().await?,
-        };
-        let reply = Self::exchange(&mut conn, request).await;
-        // An answered call leaves the connection ready for the next one (an error answer
-        // too: the server sent it and reads on).
-        if !matches!(&reply, Err(ApiError::Unavailable(_))) {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
-        }
-        reply
+        Self::answer(
+            self.pool
+                .call(Box::new(request))
+                .await
+                .map_err(unavailable)?,
+        )
     }
 
     async fn watch<T: Send + 'static>(
@@ -152,14 +109,16 @@ impl SimKubeApi {
         request: Request,
         unpack: fn(Item) -> Option<Result<WatchEvent<T>, ApiError>>,
     ) -> Result<WatchStream<T>, ApiError> {
-        // A watch gets a connection of its own: it streams until it ends, and dropping the
-        // stream drops the connection, which ends the server's side.
-        let mut conn = self.connect().await?;
-        Self::exchange(&mut conn, request).await?;
+        let (first, conn) = self
+            .pool
+            .open(Box::new(request))
+            .await
+            .map_err(unavailable)?;
+        Self::answer(first)?;
         Ok(Box::pin(futures::stream::unfold(
             conn,
             move |mut conn| async move {
-                let payload = conn.rx.recv().await.ok()?;
+                let payload = conn.next().await?;
                 let item = payload.downcast::<Item>().ok()?;
                 unpack(*item).map(|event| (event, conn))
             },
@@ -365,39 +324,18 @@ impl KubeDoor {
 
     /// Serves calls on this node until it dies.
     pub async fn serve(self: Arc<Self>) {
-        let ep = match Endpoint::bind(("0.0.0.0", APISERVER_PORT)).await {
-            Ok(ep) => ep,
-            Err(e) => {
-                self.rec.trace("apiserver", format!("cannot bind: {e}"));
-                return;
-            }
-        };
-        while let Ok((tx, rx, from)) = ep.accept1().await {
-            let door = self.clone();
-            madsim::task::spawn(async move { door.handle(tx, rx, from).await });
-        }
-    }
-
-    /// Serves the calls of one connection, one after the other, until it closes (or carries
-    /// a watch, which streams until it ends).
-    async fn handle(
-        &self,
-        tx: madsim::net::Sender,
-        mut rx: madsim::net::Receiver,
-        from: SocketAddr,
-    ) {
-        while let Ok(payload) = rx.recv().await {
-            let Ok(request) = payload.downcast::<Request>() else {
-                return;
-            };
-            if !self.answer(&tx, *request, from).await {
-                return;
-            }
+        if let Err(e) = crate::wire::serve(self.clone(), APISERVER_PORT).await {
+            self.rec.trace("apiserver", format!("cannot bind: {e}"));
         }
     }
 
     /// Answers one call; whether the connection may carry another.
-    async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {
+    async fn answer_call(
+        &self,
+        tx: &madsim::net::Sender,
+        request: Request,
+        from: SocketAddr,
+    ) -> bool {
         let s = &self.store;
         let answer: Result<Reply, ApiError> = match request {
             Request::GetLease(ns, name) => s.get_lease(&ns, &name).await.map(Reply::Lease),
@@ -471,7 +409,7 @@ impl KubeDoor {
         stream: Result<WatchStream<T>, ApiError>,
         wrap: fn(Result<WatchEvent<T>, ApiError>) -> Item,
     ) {
-        let mut stream = match stream {
+        let stream = match stream {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Box::new(Err::<Reply, _>(e)) as Payload).await;
@@ -485,24 +423,25 @@ impl KubeDoor {
         {
             return;
         }
-        let reset = self.reset.notified();
-        tokio::pin!(reset);
-        let timeout = sleep(WATCH_TIMEOUT);
-        tokio::pin!(timeout);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut reset => return,
-                _ = &mut timeout => return,
-                _ = tx.closed() => return,
-                item = stream.next() => {
-                    let Some(item) = item else { return };
-                    let failed = item.is_err();
-                    if tx.send(Box::new(wrap(item)) as Payload).await.is_err() || failed {
-                        return;
-                    }
-                }
-            }
+        let items = Box::pin(stream.map(wrap));
+        crate::wire::forward(tx, items, Item::failed, &self.reset, WATCH_TIMEOUT).await;
+    }
+}
+
+#[async_trait]
+impl crate::wire::Server for KubeDoor {
+    type Request = Request;
+
+    async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {
+        self.answer_call(tx, request, from).await
+    }
+}
+
+impl Item {
+    fn failed(&self) -> bool {
+        match self {
+            Item::Lease(r) => r.is_err(),
+            Item::Slice(r) => r.is_err(),
         }
     }
 }

@@ -191,6 +191,14 @@ pub fn liveness_bound(cluster: &SimCluster) -> Duration {
             (c.lease_duration * 2 + c.renew_interval() + c.watch_idle_timeout) * 4 / 3
                 + Duration::from_secs(5 + 10 + 4)
         }
+        // A dead member's key goes a TTL after its last keep-alive; a member that lost its
+        // lease registers again at its next keep-alive round; watches reopen within the idle
+        // timeout; slow clocks (25%) stretch all of it.
+        ProviderKind::Etcd => {
+            let c = crate::cluster::etcd_config();
+            (c.ttl * 2 + c.keep_alive_interval() + c.watch_idle_timeout) * 4 / 3
+                + Duration::from_secs(5 + 10 + 4)
+        }
     }
 }
 

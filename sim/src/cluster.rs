@@ -15,6 +15,8 @@ use std::time::Duration;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use madsim::time::{Instant, sleep};
+use shoal::etcd::memory::MemoryEtcd;
+use shoal::etcd::{EtcdProvider, EtcdProviderConfig, EtcdProviderMetrics};
 use shoal::kubernetes::api::ObjectReference;
 use shoal::kubernetes::memory::MemoryApiServer;
 use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics};
@@ -33,6 +35,7 @@ use shoal::{
 use crate::apiserver::{
     APISERVER_PORT, EndpointController, KubeDoor, PodState, SERVICE, SimKubeApi, pod_zone,
 };
+use crate::etcd::{ETCD_PORT, EXPIRY_TICK, EtcdDoor, HISTORY as ETCD_HISTORY, SimEtcdApi};
 use crate::faults::Fault;
 use crate::flaw::{Flaw, FlawedProvider};
 use crate::health::Health;
@@ -103,6 +106,20 @@ pub enum ProviderKind {
     /// [`KubernetesProvider`] against a simulated API server on its own node
     /// ([`crate::apiserver`]).
     Kubernetes,
+    /// [`EtcdProvider`] against a simulated etcd on its own node ([`crate::etcd`]).
+    Etcd,
+}
+
+/// The etcd provider settings simulations use: a 6 s lease (the registry's TTL) kept alive
+/// every 2 s.
+pub fn etcd_config() -> EtcdProviderConfig {
+    EtcdProviderConfig {
+        ttl: Duration::from_secs(6),
+        request_timeout: Duration::from_secs(1),
+        watch_idle_timeout: Duration::from_secs(10),
+        startup_timeout: Duration::from_secs(10),
+        ..EtcdProviderConfig::default()
+    }
 }
 
 /// The Kubernetes provider settings simulations use: a 6 s Lease (the registry's TTL) renewed
@@ -247,6 +264,7 @@ enum MetricSource {
     Placement(PlacementMetrics),
     Registry(RegistryMetrics),
     Kubernetes(KubernetesProviderMetrics),
+    Etcd(EtcdProviderMetrics),
 }
 
 struct Slot {
@@ -323,8 +341,30 @@ struct RegistryControl {
     /// For the Kubernetes provider, this node is the API server and this its door (its store
     /// survives restarts, as etcd does).
     kube: Option<Arc<KubeDoor>>,
+    /// For the etcd provider, this node is etcd and this its door (its store survives
+    /// restarts, as etcd's data dir does).
+    etcd: Option<Arc<EtcdDoor>>,
     /// The endpoints controller, when the members are gated by a Service.
     endpoints: Option<Arc<EndpointController>>,
+}
+
+impl RegistryControl {
+    /// The control of a control-plane node other than the registry (no registry server).
+    fn control_plane(node: NodeHandle, door: Arc<Door>) -> Self {
+        Self {
+            node,
+            server: Arc::default(),
+            clock: SkewedClock::new(TokioClock::shared()),
+            door,
+            crashes: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            paused_since: Mutex::new(None),
+            down_since: Mutex::new(None),
+            kube: None,
+            etcd: None,
+            endpoints: None,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -342,6 +382,7 @@ impl SimCluster {
             ProviderKind::Kubernetes => {
                 Bounds::kubernetes(&kubernetes_config(None), b.knobs.buggify)
             }
+            ProviderKind::Etcd => Bounds::etcd(&etcd_config(), b.knobs.buggify),
             _ => Bounds::new(
                 &registry_config,
                 b.knobs.buggify,
@@ -410,12 +451,20 @@ impl SimCluster {
                 paused_since: Mutex::new(None),
                 down_since: Mutex::new(None),
                 kube: None,
+                etcd: None,
                 endpoints: None,
             }
         });
-        let registry = registry.or_else(|| {
-            (b.provider == ProviderKind::Kubernetes)
-                .then(|| start_apiserver(&handle, &oracles, &recorder, kube_door, &b.knobs))
+        let registry = registry.or_else(|| match b.provider {
+            ProviderKind::Kubernetes => Some(start_apiserver(
+                &handle,
+                &oracles,
+                &recorder,
+                kube_door.clone(),
+                &b.knobs,
+            )),
+            ProviderKind::Etcd => Some(start_etcd(&handle, &oracles, &recorder, kube_door.clone())),
+            _ => None,
         });
         let memory = InMemoryRegistry::new();
         let fresh = Arc::new(FreshOwners::new(b.knobs.placement_rule()));
@@ -640,10 +689,15 @@ impl SimCluster {
         if lock(&r.paused_since).is_some() {
             return; // A frozen process publishes nothing (and expires nobody).
         }
-        let (run, topology) = match &r.kube {
+        if r.etcd.is_some() && r.down.load(Ordering::SeqCst) {
+            return; // A stopped etcd expires nobody; its leases start over when it restarts.
+        }
+        let (run, topology) = match (&r.kube, &r.etcd) {
             // The API server's store: Leases survive its restarts (one run).
-            Some(door) => (1, door.topology(CLUSTER)),
-            None => {
+            (Some(door), _) => (1, door.topology(CLUSTER)),
+            // etcd's store: keys survive its restarts.
+            (None, Some(door)) => (1, door.topology()),
+            (None, None) => {
                 let Some((run, server)) = lock(&r.server).clone() else {
                     return;
                 };
@@ -1036,6 +1090,9 @@ impl SimCluster {
                 if let Some(k) = &r.kube {
                     k.set_renewal_loss(member_ip(member), true);
                 }
+                if let Some(e) = &r.etcd {
+                    e.set_keep_alive_loss(member_ip(member), true);
+                }
                 lock(&self.slots)[member].lost_heartbeats = true;
                 self.refresh_health();
                 self.later(duration, move |c| {
@@ -1043,6 +1100,9 @@ impl SimCluster {
                         r.door.set_heartbeat_loss(&id, false);
                         if let Some(k) = &r.kube {
                             k.set_renewal_loss(member_ip(member), false);
+                        }
+                        if let Some(e) = &r.etcd {
+                            e.set_keep_alive_loss(member_ip(member), false);
                         }
                     }
                     lock(&c.slots)[member].lost_heartbeats = false;
@@ -1263,6 +1323,9 @@ impl SimCluster {
             self.handle.resume(r.node.id());
         }
         self.handle.kill(r.node.id());
+        if let Some(e) = &r.etcd {
+            e.store().set_down(true);
+        }
         if !r.down.swap(true, Ordering::SeqCst) {
             *lock(&r.down_since) = Some(Instant::now());
         }
@@ -1291,7 +1354,8 @@ impl SimCluster {
         self.handle.resume(r.node.id());
         if r.kube.is_some() {
             self.oracles.apiserver_silent(since.elapsed());
-        } else {
+        } else if r.etcd.is_none() {
+            // (A frozen etcd extends nothing: it expires overdue leases when it wakes.)
             self.oracles.registry_stalled(since.elapsed());
         }
         self.refresh_health();
@@ -1304,6 +1368,12 @@ impl SimCluster {
         {
             self.handle.kill(r.node.id());
             self.handle.restart(r.node.id());
+            if let Some(e) = &r.etcd {
+                // etcd restarts with its data; every lease's TTL starts over.
+                e.store().set_down(false);
+                self.oracles.leases_refreshed();
+                lock(&r.down_since).take();
+            }
             if r.kube.is_some()
                 && let Some(since) = lock(&r.down_since).take()
             {
@@ -1487,6 +1557,14 @@ impl SimCluster {
                         "kubernetes: description updates",
                         m.description_updates.get(),
                     );
+                }
+                MetricSource::Etcd(m) => {
+                    rec.count_n("etcd: keep-alive failures", m.keep_alive_failures.get());
+                    rec.count_n("etcd: rejoins", m.rejoins.get());
+                    rec.count_n("etcd: relists", m.relists.get());
+                    rec.count_n("etcd: watches reopened", m.watch_reopens.get());
+                    rec.count_n("etcd: membership lost", m.membership_lost.get());
+                    rec.count_n("etcd: membership restored", m.membership_restored.get());
                 }
                 MetricSource::Registry(m) => {
                     rec.count_n(
@@ -1689,6 +1767,12 @@ impl NodeSpec {
                 lock(&self.metrics).push(MetricSource::Kubernetes(p.metrics().clone()));
                 Box::new(p)
             }
+            ProviderKind::Etcd => {
+                let api = SimEtcdApi::new(SocketAddr::from(([10, 0, 0, 1], ETCD_PORT)));
+                let p = EtcdProvider::new(etcd_config(), Arc::new(api));
+                lock(&self.metrics).push(MetricSource::Etcd(p.metrics().clone()));
+                Box::new(p)
+            }
         };
         let provider: Arc<dyn ClusterProvider> = if self.flaw.wraps_provider() {
             Arc::new(FlawedProvider::new(provider, self.flaw))
@@ -1834,18 +1918,63 @@ fn start_apiserver(
         })
         .build();
     RegistryControl {
-        node,
-        server: Arc::default(),
-        clock: SkewedClock::new(TokioClock::shared()),
-        door,
-        crashes: AtomicU64::new(0),
-        down: AtomicBool::new(false),
-        paused_since: Mutex::new(None),
-        down_since: Mutex::new(None),
         endpoints: knobs.k8s_service.then(|| {
             EndpointController::new(kube.store().clone(), recorder.clone(), knobs.k8s_zones)
         }),
         kube: Some(kube),
+        ..RegistryControl::control_plane(node, door)
+    }
+}
+
+/// How often the simulated etcd compacts its history to the current revision.
+const ETCD_COMPACTION: Duration = Duration::from_secs(5);
+
+/// The simulated etcd's node (at the registry's address), with its door; its store lives
+/// outside the node, so it survives restarts (as etcd's data dir does). It expires leases
+/// every [`EXPIRY_TICK`] and sends progress notifications every 2 s.
+fn start_etcd(
+    handle: &Handle,
+    oracles: &Arc<Oracles>,
+    recorder: &Recorder,
+    door: Arc<Door>,
+) -> RegistryControl {
+    let store = MemoryEtcd::new(TokioClock::shared(), ETCD_HISTORY);
+    let etcd = EtcdDoor::new(store, oracles.clone(), recorder.clone());
+    oracles.registry_started(1);
+    let (e, rec) = (etcd.clone(), recorder.clone());
+    let node = handle
+        .create_node()
+        .name("etcd")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
+        .init(move || {
+            let (door, rec) = (e.clone(), rec.clone());
+            async move {
+                rec.trace("etcd", "started");
+                let store = door.store().clone();
+                let progress = store.clone();
+                let compactor = store.clone();
+                madsim::task::spawn(async move { store.run(EXPIRY_TICK).await });
+                // Periodic auto-compaction (etcd's --auto-compaction-mode=periodic): a
+                // watcher that misses more than this must list again.
+                madsim::task::spawn(async move {
+                    loop {
+                        sleep(ETCD_COMPACTION).await;
+                        compactor.compact(compactor.revision());
+                    }
+                });
+                madsim::task::spawn(async move {
+                    loop {
+                        sleep(Duration::from_secs(2)).await;
+                        progress.progress();
+                    }
+                });
+                door.serve().await;
+            }
+        })
+        .build();
+    RegistryControl {
+        etcd: Some(etcd),
+        ..RegistryControl::control_plane(node, door)
     }
 }
 

@@ -106,6 +106,19 @@ pub enum Flaw {
     /// registry's `lease-renewed-on-attempt`), so a member cut off from the API server never
     /// announces that it lost its membership.
     K8sRenewedOnAttempt,
+    /// Planted in the etcd provider: a restarted process does not delete the key of its
+    /// previous incarnation at the same address.
+    EtcdGhostKept,
+    /// Planted in the etcd provider: after losing its lease a member writes its key again
+    /// under the same id (the "renewed lease, key re-put" bug of other etcd providers, inverted).
+    EtcdRejoinSameId,
+    /// Planted in the etcd provider's watch: a compacted revision is retried instead of
+    /// listing again.
+    EtcdCompactedNotRelisted,
+    /// Planted in the etcd provider's keep-alive: a failed keep-alive counts as one.
+    EtcdRenewedOnAttempt,
+    /// Planted in the etcd view: a watch's delete events are not applied.
+    EtcdDeleteIgnored,
 }
 
 impl Flaw {
@@ -139,6 +152,11 @@ impl Flaw {
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",
             Flaw::K8sRenewedOnAttempt => "k8s-renewed-on-attempt",
+            Flaw::EtcdGhostKept => "etcd-ghost-kept",
+            Flaw::EtcdRejoinSameId => "etcd-rejoin-same-id",
+            Flaw::EtcdCompactedNotRelisted => "etcd-compacted-not-relisted",
+            Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",
+            Flaw::EtcdDeleteIgnored => "etcd-delete-ignored",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

@@ -33,6 +33,8 @@ pub mod check;
 #[cfg(madsim)]
 pub mod cluster;
 #[cfg(madsim)]
+pub mod etcd;
+#[cfg(madsim)]
 pub mod faults;
 #[cfg(madsim)]
 pub mod flaw;
@@ -58,5 +60,7 @@ pub mod scenario;
 pub mod timeline;
 #[cfg(madsim)]
 pub mod wallclock;
+#[cfg(madsim)]
+pub mod wire;
 #[cfg(madsim)]
 pub mod workload;

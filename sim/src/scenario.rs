@@ -636,6 +636,58 @@ pub fn all() -> Vec<Scenario> {
             network,
             &["kubernetes: watches reopened", "kubernetes: renew failures"],
         ),
+        etcd(
+            "etcd-member-crash",
+            "etcd: one member crashes for good (etcd expires its lease), another crashes and restarts (it deletes its ghost's key)",
+            member_crash,
+            &["workload: reports with moves"],
+        ),
+        etcd(
+            "etcd-partition",
+            "etcd: one or two members cut off from etcd past their lease, twice (lost, expired, back as new incarnations; watchers behind a compaction list again)",
+            partition_heal,
+            &[
+                "etcd: membership lost",
+                "etcd: membership restored",
+                "etcd: relists",
+            ],
+        ),
+        etcd(
+            "etcd-keepalive-loss",
+            "etcd: a member's keep-alives are lost at etcd while its watch flows, twice",
+            heartbeat_loss,
+            &["etcd: keep-alive failures"],
+        ),
+        etcd(
+            "etcd-down",
+            "etcd is down for 1.3-3.3 lease TTLs (nobody can be expired: nobody is; members say they cannot vouch for their lease, then restore it under the same id); later a member crashes",
+            etcd_down,
+            &["etcd: membership lost", "etcd: membership restored"],
+        ),
+        etcd(
+            "etcd-restart",
+            "etcd restarts twice with its data (every watch ends; every lease's TTL starts over)",
+            registry_restart,
+            &["etcd: watches reopened"],
+        ),
+        etcd(
+            "etcd-rolling-restart",
+            "etcd: every member restarts in place in turn (the new incarnation deletes its ghost's key)",
+            rolling_restart,
+            &[],
+        ),
+        etcd(
+            "etcd-clock-skew",
+            "etcd: every node's clock offset by up to 2 min and drifting within the 2% bound, then a crash",
+            k8s_clock_skew,
+            &[],
+        ),
+        etcd(
+            "etcd-network",
+            "etcd: lost replies, swizzle-clogging, watch streams reset, a one-way cut, a crash",
+            network,
+            &["etcd: watches reopened", "etcd: keep-alive failures"],
+        ),
         Scenario {
             members: 6,
             knobs: Some(|k| {
@@ -678,6 +730,39 @@ fn k8s(
         known_failure: None,
         knobs: None,
     }
+}
+
+/// An etcd scenario: 5 members and a client against the simulated etcd.
+fn etcd(
+    name: &'static str,
+    about: &'static str,
+    generate: fn(&mut SimRng, usize) -> FaultSchedule,
+    covers: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        provider: ProviderKind::Etcd,
+        ..k8s(name, about, 75, generate, covers)
+    }
+}
+
+/// etcd is down for 8-20 s (more than the 6 s TTL), then restarts with its data; later a
+/// member crashes.
+fn etcd_down(r: &mut SimRng, n: usize) -> FaultSchedule {
+    FaultSchedule::new(vec![
+        at(
+            10.0,
+            Fault::RegistryRestart {
+                down_for: r.ms(8_000, 20_000),
+            },
+        ),
+        at(
+            45.0,
+            Fault::Crash {
+                member: r.pick(n),
+                restart_after: None,
+            },
+        ),
+    ])
 }
 
 /// The API server freezes for 8-20 s while one member is cut off from it for 1-3 s longer:

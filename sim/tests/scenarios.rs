@@ -494,3 +494,50 @@ fn self_awareness_fires_on_a_kubernetes_member_that_counts_failed_renewals() {
     );
     assert!(v.contains("the API server expired"), "{v}");
 }
+
+#[test]
+fn lease_oracle_fires_on_a_restarted_etcd_member_that_keeps_its_ghost() {
+    let v = first_failure(
+        "etcd-rolling-restart",
+        Flaw::EtcdGhostKept,
+        "after it accepted its leave",
+    );
+    assert!(v.contains("the etcd still lists"), "{v}");
+}
+
+#[test]
+fn removed_is_final_fires_on_an_etcd_member_that_rejoins_under_its_old_id() {
+    let v = first_failure("etcd-partition", Flaw::EtcdRejoinSameId, "listed again");
+    assert!(v.contains("new incarnation"), "{v}");
+}
+
+#[test]
+fn liveness_fires_on_an_etcd_watch_that_retries_a_compacted_revision() {
+    let v = first_failure(
+        "etcd-partition",
+        Flaw::EtcdCompactedNotRelisted,
+        "liveness:",
+    );
+    assert!(v.contains("not converged"), "{v}");
+}
+
+#[test]
+fn self_awareness_fires_on_an_etcd_member_that_counts_failed_keep_alives() {
+    let v = first_failure(
+        "etcd-partition",
+        Flaw::EtcdRenewedOnAttempt,
+        "had not announced MembershipLost",
+    );
+    assert!(v.contains("the etcd expired"), "{v}");
+}
+
+#[test]
+fn failover_and_history_fire_on_an_etcd_view_that_ignores_deletes() {
+    let v = first_failure("etcd-member-crash", Flaw::EtcdDeleteIgnored, "failover:");
+    assert!(v.contains("still lists"), "{v}");
+    let h = first_failure_within("etcd-partition", Flaw::EtcdDeleteIgnored, "history:", 12);
+    assert!(
+        h.contains("never issued") || h.contains("but the registry issued"),
+        "{h}"
+    );
+}

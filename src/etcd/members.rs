@@ -145,7 +145,9 @@ impl EtcdView {
                     self.keys.insert(kv.key.clone(), decoded);
                 }
                 Change::Delete { key, .. } => {
-                    changed |= self.keys.remove(key).is_some();
+                    if !crate::runtime::sim::flaw("etcd-delete-ignored") {
+                        changed |= self.keys.remove(key).is_some();
+                    }
                 }
             }
         }

@@ -55,7 +55,12 @@ struct State {
     watchers: Vec<Watcher>,
     /// Down: every call fails and nothing expires (the etcd process is not running).
     down: bool,
+    observer: Option<Observer>,
 }
+
+/// Told the store's whole content after every change (and after a restart that lost it): a
+/// test harness's independent record of what the store held at each revision.
+pub type Observer = Arc<dyn Fn(&Range) + Send + Sync>;
 
 /// An etcd store in memory (cheap to clone: clones share the store).
 #[derive(Clone)]
@@ -91,6 +96,7 @@ impl MemoryEtcd {
                 history_limit: history_limit.max(1),
                 watchers: Vec::new(),
                 down: false,
+                observer: None,
             })),
             clock,
         }
@@ -113,6 +119,13 @@ impl MemoryEtcd {
     /// The live leases.
     pub fn leases(&self) -> Vec<LeaseId> {
         self.lock().leases.keys().copied().collect()
+    }
+
+    /// Installs `observer` and tells it the current content.
+    pub fn set_observer(&self, observer: Observer) {
+        let mut s = self.lock();
+        s.observer = Some(observer);
+        s.notify_observer();
     }
 
     /// Expires the leases whose TTL ran out; runs forever, every `every` of the store's clock.
@@ -204,13 +217,25 @@ impl MemoryEtcd {
             s.kvs.clear();
             s.leases.clear();
             s.history.clear();
+            s.notify_observer();
         }
     }
 }
 
 impl State {
+    fn notify_observer(&self) {
+        if let Some(o) = &self.observer {
+            o(&Range {
+                kvs: self.kvs.values().cloned().collect(),
+                revision: self.revision,
+                cluster_id: self.cluster_id,
+            });
+        }
+    }
+
     /// Applies `changes` at the next revision and tells the watchers.
     fn commit(&mut self, changes: Vec<Change>) {
+        self.notify_observer();
         for c in &changes {
             self.history.push_back(c.clone());
         }

@@ -1,4 +1,5 @@
-//! The etcd provider (issue 9): members as keys bound to etcd leases, watched from a revision.
+//! The etcd provider: members as keys bound to etcd leases, watched from a revision
+//! (docs/providers/etcd.md).
 //!
 //! * [`api`]: the [`api::EtcdApi`] boundary (the only thing that differs between production,
 //!   where the `etcd-client` crate talks to a real etcd, and simulation).

@@ -28,7 +28,7 @@ use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, remote::GrpcPartitionManager,
 };
-use crate::runtime::{SharedClock, TaskSet, timeout};
+use crate::runtime::{SharedClock, TaskSet, sim, timeout};
 
 /// Settings of the etcd provider.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +154,10 @@ struct Session {
     written_at: Mutex<Revision>,
     /// Set when the view, past `written_at`, no longer holds this member's key.
     key_deleted: std::sync::atomic::AtomicBool,
+    /// Keys of earlier incarnations at this member's address (a process restarted in place),
+    /// to delete: their leases would keep them listed for up to a TTL, owning what this
+    /// incarnation should.
+    ghosts: Mutex<std::collections::BTreeSet<String>>,
     standing: MemberStanding,
     descriptions: Descriptions,
     view: Mutex<EtcdView>,
@@ -175,7 +179,9 @@ enum WatchEnd {
 impl From<EtcdError> for WatchEnd {
     fn from(e: EtcdError) -> Self {
         match e {
-            EtcdError::Compacted { .. } => WatchEnd::Relist("the watch's revision is compacted"),
+            EtcdError::Compacted { .. } if !sim::flaw("etcd-compacted-not-relisted") => {
+                WatchEnd::Relist("the watch's revision is compacted")
+            }
             other => WatchEnd::Reopen(other),
         }
     }
@@ -257,6 +263,7 @@ impl EtcdProvider {
             lease: Mutex::new(None),
             written_at: Mutex::new(0),
             key_deleted: std::sync::atomic::AtomicBool::new(false),
+            ghosts: Mutex::default(),
             standing: MemberStanding::new(
                 self.config.lease_timing(self.config.ttl),
                 self.metrics.membership_lost.clone(),
@@ -400,7 +407,9 @@ impl Session {
         *lock(&self.lease) = None;
         let mut m = lock(&self.member);
         let old = m.id.clone();
-        m.id = old.successor(self.clock().as_ref());
+        if !sim::flaw("etcd-rejoin-same-id") {
+            m.id = old.successor(self.clock().as_ref());
+        }
         tracing::info!(old = %old, new = %m.id, why, "taking a new incarnation");
     }
 
@@ -418,6 +427,21 @@ impl Session {
                 let _ = self
                     .call(|| "revoke".into(), self.api.lease_revoke(old))
                     .await;
+            }
+        }
+        let ghosts = std::mem::take(&mut *lock(&self.ghosts));
+        for key in ghosts {
+            match self
+                .call(|| format!("delete {key}"), self.api.delete(&key))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(key = %key, "deleted the key of an earlier incarnation at this member's address");
+                }
+                Err(e) => {
+                    lock(&self.ghosts).insert(key);
+                    return Err(e);
+                }
             }
         }
         let lease = *lock(&self.lease);
@@ -446,7 +470,13 @@ impl Session {
                 self.metrics.rejoins.inc();
                 return self.join().await;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                if sim::flaw("etcd-renewed-on-attempt") {
+                    let member = lock(&self.member).clone();
+                    self.standing.renewed(&self.ctx, &member, sent_at);
+                }
+                return Err(e);
+            }
         }
         if self.descriptions.pending() {
             let (member, generation) = self.descriptions.current(&self.member);
@@ -660,12 +690,27 @@ impl Session {
         if !self.member_mode || lock(&self.lease).is_none() {
             return;
         }
-        let key = self.key(&self.member_id());
+        let me = lock(&self.member).clone();
+        let key = self.key(&me.id);
         let written_at = *lock(&self.written_at);
-        let gone = {
+        let (gone, ghosts) = {
             let view = lock(&self.view);
-            view.is_synced() && view.revision() >= written_at && !view.holds(&key)
+            let ghosts: Vec<String> = view
+                .members()
+                .into_iter()
+                .filter(|m| m.address == me.address && m.id < me.id)
+                .filter(|_| !sim::flaw("etcd-ghost-kept"))
+                .map(|m| self.key(&m.id))
+                .collect();
+            (
+                view.is_synced() && view.revision() >= written_at && !view.holds(&key),
+                ghosts,
+            )
         };
+        if !ghosts.is_empty() {
+            lock(&self.ghosts).extend(ghosts);
+            self.poke.notify_one();
+        }
         if gone {
             self.key_deleted
                 .store(true, std::sync::atomic::Ordering::SeqCst);

@@ -1,7 +1,5 @@
-//! The Kubernetes provider, in progress (issue 8): members as `coordination.k8s.io/v1` Leases
-//! plus the `discovery.k8s.io/v1` EndpointSlices of a Service.
-//!
-//! What exists so far is the part every world shares:
+//! The Kubernetes provider: members as `coordination.k8s.io/v1` Leases plus the
+//! `discovery.k8s.io/v1` EndpointSlices of a Service (docs/providers/kubernetes.md).
 //!
 //! * [`api`]: the [`api::KubeApi`] boundary (the only thing that differs between production,
 //!   where kube-rs talks to a real API server, and simulation), with the object types the
@@ -15,13 +13,10 @@
 //! * [`memory`]: an in-memory API server implementing [`api::KubeApi`] with the API's semantics
 //!   (resourceVersion, 409 Conflict, bookmarks, 410 Gone after compaction), for tests and the
 //!   simulator's stand-in.
-//!
 //! * [`provider`]: [`KubernetesProvider`], the async shell over those: it renews this member's
 //!   Lease, watches, deletes expired Leases and announces this member's own standing.
 //!
 //! * [`kube_rs`] (normal build): the production [`api::KubeApi`] over kube-rs.
-//!
-//! Not yet: the simulated API-server node and its scenarios.
 
 pub mod api;
 #[cfg(not(madsim))]

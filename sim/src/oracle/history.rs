@@ -75,6 +75,12 @@ impl History {
             );
             return;
         };
+        self.issued(t, rec);
+    }
+
+    /// The backend issued `t` (for etcd: the store held these members at revision
+    /// `t.version()`, as the harness read it from the store itself).
+    pub fn issued(&mut self, t: ClusterTopology, rec: &Recorder) {
         if let Some((m, (at, d))) = t.members().iter().find_map(|m| {
             self.described
                 .get(&m.id)

@@ -104,6 +104,18 @@ impl Leases {
         self.next_deadline = None;
     }
 
+    /// The backend restarted with its data and started every lease's TTL over (etcd): every
+    /// registration counts as renewed now.
+    pub fn refreshed(&mut self, at: Instant) {
+        for r in self.registrations.values_mut() {
+            if r.left_at.is_none() {
+                r.renewed_at = at;
+                r.extended = (Duration::ZERO, Duration::ZERO);
+            }
+        }
+        self.next_deadline = None;
+    }
+
     /// A leave was accepted.
     pub fn left(&mut self, id: &MemberId, at: Instant) {
         if let Some(r) = self.registrations.get_mut(id) {
@@ -240,8 +252,9 @@ impl Leases {
                 self.check_cleaned(id, reg, now, bounds, judge, rec);
                 continue;
             }
+            let allowance = bounds.leave_allowance(reg.superseded_by.is_some());
             match reg.left_at {
-                Some(left) if now.saturating_duration_since(left) > POLL * 2 => {
+                Some(left) if now.saturating_duration_since(left) > POLL * 2 + allowance => {
                     rec.violation_once(
                         format!("listed after leave {id}"),
                         format!(

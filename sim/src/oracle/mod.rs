@@ -74,6 +74,24 @@ impl Bounds {
         }
     }
 
+    /// Bounds for the etcd provider with `config`: etcd expires a lease on its own clock a TTL
+    /// after its last keep-alive (checked every [`crate::etcd::EXPIRY_TICK`]); the topologies
+    /// are the store's content at each revision, so the history oracle judges every view; a
+    /// newer incarnation at a member's address deletes the old key at its next keep-alive
+    /// round.
+    pub fn etcd(config: &shoal::etcd::EtcdProviderConfig, degraded: bool) -> Self {
+        Self {
+            registry: true,
+            ttl: config.ttl,
+            sweep: crate::etcd::EXPIRY_TICK * 2,
+            heartbeat: config.keep_alive_interval(),
+            degraded,
+            supersede: config.request_timeout * 2 + DELIVERY,
+            cleaned_by_peers: false,
+            backend: "etcd",
+        }
+    }
+
     /// Bounds for the Kubernetes provider with `config`: a Lease's duration is the TTL, its
     /// renew interval the heartbeat; the "sweep" is how late after its expiry an expired Lease
     /// may still be deleted: it is judged at the cleaner's next own renewal (one interval),
@@ -192,6 +210,17 @@ impl Oracles {
             .joined(id, member, address, Instant::now());
     }
 
+    /// The backend accepted a join of `id` at `address` whose lease started at `at` (etcd: the
+    /// lease was granted before the key was written).
+    pub fn joined_at(&self, id: MemberId, address: String, at: Instant) {
+        self.lock().lease.joined(id, true, address, at);
+    }
+
+    /// The backend restarted with its data, starting every lease's TTL over (etcd).
+    pub fn leases_refreshed(&self) {
+        self.lock().lease.refreshed(Instant::now());
+    }
+
     /// The registry accepted a heartbeat of `id`.
     pub fn renewed(&self, id: &MemberId) {
         self.lock().lease.renewed(id, Instant::now());
@@ -239,6 +268,11 @@ impl Oracles {
     /// The registry sent `msg` to a watcher.
     pub fn sent(&self, msg: &pb::WatchResponse) {
         self.lock().history.sent(msg, &self.rec);
+    }
+
+    /// The backend's store held `topology` (etcd: at revision `topology.version()`).
+    pub fn issued(&self, topology: ClusterTopology) {
+        self.lock().history.issued(topology, &self.rec);
     }
 
     /// A node applied `topology` (judged only where a registry issues the history).
