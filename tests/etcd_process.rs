@@ -22,30 +22,54 @@ struct Etcd {
 }
 
 fn etcd_at(dir: &Path, client: u16, peer: u16) -> Proc {
-    let client_url = format!("http://127.0.0.1:{client}");
+    etcd_with(dir, client, peer, None)
+}
+
+/// TLS material of an etcd that requires client certificates: (ca, server cert, server key,
+/// client cert, client key), PEM files.
+type Tls = (String, String, String, String, String);
+
+fn etcd_with(dir: &Path, client: u16, peer: u16, tls: Option<&Tls>) -> Proc {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let p = Proc::spawn(
-        "etcd",
-        "etcd",
-        &[
-            "--name",
-            "t",
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--listen-client-urls",
-            &client_url,
-            "--advertise-client-urls",
-            &client_url,
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
-            &format!("t={peer_url}"),
-        ],
-    );
+    let mut args: Vec<String> = [
+        "--name",
+        "t",
+        "--data-dir",
+        &dir.to_string_lossy(),
+        "--listen-client-urls",
+        &client_url,
+        "--advertise-client-urls",
+        &client_url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("t={peer_url}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    if let Some((ca, cert, key, _, _)) = tls {
+        for (flag, v) in [
+            ("--cert-file", cert),
+            ("--key-file", key),
+            ("--trusted-ca-file", ca),
+        ] {
+            args.push(flag.into());
+            args.push(v.clone());
+        }
+        args.push("--client-cert-auth".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = Proc::spawn("etcd", "etcd", &args);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !healthy(client) {
+    while !match tls {
+        None => healthy(client),
+        Some(t) => healthy_tls(&client_url, t),
+    } {
         assert!(
             Instant::now() < deadline,
             "etcd did not become healthy; log: {:?}",
@@ -54,6 +78,24 @@ fn etcd_at(dir: &Path, client: u16, peer: u16) -> Proc {
         std::thread::sleep(Duration::from_millis(50));
     }
     p
+}
+
+fn healthy_tls(url: &str, (ca, _, _, cert, key): &Tls) -> bool {
+    Command::new("etcdctl")
+        .args([
+            "--endpoints",
+            url,
+            "--cacert",
+            ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "endpoint",
+            "health",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn healthy(port: u16) -> bool {
@@ -267,4 +309,138 @@ fn a_wrong_endpoint_is_an_error_naming_it() {
         err.contains("--etcd") && err.contains("127.0.0.1:2379"),
         "{err}"
     );
+}
+
+#[test]
+fn members_join_over_tls_with_client_certificates_and_errors_name_the_endpoint() {
+    let dir = std::env::temp_dir().join(format!("shoal-etcd-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tls = common::process::pki(&dir);
+    let (client, peer) = (free_port(), free_port());
+    let _etcd = etcd_with(&dir.join("data"), client, peer, Some(&tls));
+    let url = format!("https://127.0.0.1:{client}");
+    let (ca, _, _, cert, key) = &tls;
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let member = Proc::spawn(
+        "a",
+        shoal_bin(),
+        &[
+            "member",
+            "--etcd",
+            &url,
+            "--cluster",
+            "c",
+            "--advertise",
+            &advertise,
+            "--ca",
+            ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+        ],
+    );
+    member.wait_snapshot("itself", 20, |v| member_count(v) == 1);
+    // Without a client certificate the TLS handshake is refused: an error naming etcd's URL.
+    let out = Command::new(shoal_bin())
+        .args([
+            "topology",
+            "--etcd",
+            &url,
+            "--cluster",
+            "c",
+            "--ca",
+            ca,
+            "--wait",
+            "3s",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&url), "{err}");
+    // With one, the member is listed.
+    let out = Command::new(shoal_bin())
+        .args([
+            "topology",
+            "--etcd",
+            &url,
+            "--cluster",
+            "c",
+            "--ca",
+            ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(member_count(&listed), 1, "{listed}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_user_and_password_are_passed_to_etcd_and_a_wrong_one_is_refused() {
+    let etcd = start_etcd("auth");
+    let ctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", &etcd.url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl(&["user", "add", "root:s3cret"]);
+    ctl(&["auth", "enable"]);
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let member = Proc::spawn_with(
+        "a",
+        shoal_bin(),
+        &[
+            "member",
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            "c",
+            "--advertise",
+            &advertise,
+            "--etcd-user",
+            "root",
+        ],
+        &[("SHOAL_ETCD_PASSWORD", "s3cret")],
+    );
+    member.wait_snapshot("itself", 20, |v| member_count(v) == 1);
+    let out = Command::new(shoal_bin())
+        .args([
+            "topology",
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            "c",
+            "--etcd-user",
+            "root",
+            "--etcd-password",
+            "wrong",
+            "--wait",
+            "3s",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--etcd") && err.contains(&etcd.url), "{err}");
+    let _ = std::fs::remove_dir_all(&etcd.dir);
 }

@@ -983,30 +983,6 @@ fn operator_settings_derive_the_heartbeat_read_tokens_from_files_and_log_plainly
 }
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.
-fn pki(dir: &std::path::Path) -> (String, String, String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &ca)
-        .unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let client = CertificateParams::new(vec!["member".to_string()])
-        .unwrap()
-        .signed_by(&client_key, &ca)
-        .unwrap();
-    (
-        write(dir, "ca.pem", &ca.pem()),
-        write(dir, "server.pem", &server.pem()),
-        write(dir, "server.key", &server_key.serialize_pem()),
-        write(dir, "client.pem", &client.pem()),
-        write(dir, "client.key", &client_key.serialize_pem()),
-    )
-}
-
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("shoal-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();

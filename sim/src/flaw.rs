@@ -119,6 +119,9 @@ pub enum Flaw {
     EtcdRenewedOnAttempt,
     /// Planted in the etcd view: a watch's delete events are not applied.
     EtcdDeleteIgnored,
+    /// Planted in the etcd provider's keep-alive loop: the lease is kept alive every TTL
+    /// instead of every third of it, so healthy members expire.
+    EtcdKeepAliveEveryTtl,
 }
 
 impl Flaw {
@@ -157,6 +160,7 @@ impl Flaw {
             Flaw::EtcdCompactedNotRelisted => "etcd-compacted-not-relisted",
             Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",
             Flaw::EtcdDeleteIgnored => "etcd-delete-ignored",
+            Flaw::EtcdKeepAliveEveryTtl => "etcd-keep-alive-every-ttl",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

@@ -541,3 +541,14 @@ fn failover_and_history_fire_on_an_etcd_view_that_ignores_deletes() {
         "{h}"
     );
 }
+
+/// Keep-alives every TTL instead of every third of it: healthy, connected members expire.
+#[test]
+fn no_false_expiry_fires_on_an_etcd_member_that_keeps_alive_too_seldom() {
+    let v = first_failure(
+        "etcd-member-crash",
+        Flaw::EtcdKeepAliveEveryTtl,
+        "although its path",
+    );
+    assert!(v.contains("must never expire"), "{v}");
+}

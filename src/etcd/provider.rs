@@ -510,7 +510,11 @@ impl Session {
     }
 
     async fn keep_alive_loop(self: Arc<Self>) {
-        let interval = self.config.keep_alive_interval();
+        let interval = if sim::flaw("etcd-keep-alive-every-ttl") {
+            self.config.ttl
+        } else {
+            self.config.keep_alive_interval()
+        };
         let mut failures = 0u32;
         loop {
             let pause = if failures == 0 {

@@ -260,3 +260,29 @@ pub fn write(dir: &Path, name: &str, text: &str) -> String {
     std::fs::write(&p, text).unwrap();
     p.to_string_lossy().into_owned()
 }
+
+/// A CA, a server certificate for `localhost` and `127.0.0.1`, and a client certificate, as PEM
+/// files in `dir`: (ca, server cert, server key, client cert, client key).
+pub fn pki(dir: &std::path::Path) -> (String, String, String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["member".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &ca)
+        .unwrap();
+    (
+        write(dir, "ca.pem", &ca.pem()),
+        write(dir, "server.pem", &server.pem()),
+        write(dir, "server.key", &server_key.serialize_pem()),
+        write(dir, "client.pem", &client.pem()),
+        write(dir, "client.key", &client_key.serialize_pem()),
+    )
+}
