@@ -45,6 +45,7 @@
 //!
 //! [madsim]: https://docs.rs/madsim
 
+pub mod activation;
 pub mod cluster;
 pub mod etcd;
 pub mod events;

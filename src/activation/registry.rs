@@ -1,0 +1,396 @@
+//! [`Activations`]: the per-node activation state machine (pure: time is an argument).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::cluster::MemberId;
+use crate::placement::Moved;
+use crate::runtime::Instant;
+
+/// What a request carries, and what an activation is held under: the topology the owner was
+/// resolved from (its epoch and version) and the owner incarnation it named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The topology's epoch (versions are ordered within one epoch only).
+    pub epoch: u64,
+    /// The topology's version.
+    pub version: u64,
+    /// The owner incarnation the topology named.
+    pub owner: MemberId,
+}
+
+impl Fence {
+    /// Whether `self` comes from an older topology than `other` (same epoch, lower version).
+    /// Fences of different epochs are not ordered: the newer epoch is judged by ownership.
+    pub fn is_older_than(&self, other: &Fence) -> bool {
+        self.epoch == other.epoch && self.version < other.version
+    }
+}
+
+/// Where an active identity stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving.
+    Active,
+    /// Moved away: no new work; deactivated once its in-flight work is done or at `until`.
+    Draining {
+        /// The drain deadline.
+        until: Instant,
+    },
+}
+
+/// One active identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Activation {
+    /// The fence it was activated under.
+    pub fence: Fence,
+    /// Serving or draining.
+    pub phase: Phase,
+    /// Requests being served.
+    pub in_flight: u32,
+}
+
+/// Why a request was not served here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This node does not hold its membership (it announced `MembershipLost`).
+    NotAMember,
+    /// The request names another owner, or this node's topology does: try `owner`.
+    NotOwner {
+        /// The owner this node's topology names, if any.
+        owner: Option<MemberId>,
+    },
+    /// The request's fence is older than the one the identity is active under: the caller
+    /// routes with a stale topology.
+    StaleFence {
+        /// The fence held.
+        held: Fence,
+    },
+    /// The identity is moving away.
+    Draining,
+    /// The node holds as many activations as it may.
+    Full,
+}
+
+/// What to do with a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve it: the identity is active here under this fence.
+    Serve(Fence),
+    /// Serve it: the identity was just activated here under this fence.
+    Activated(Fence),
+    /// Do not.
+    Refused(Refusal),
+}
+
+/// The identities one node has active: see the module docs.
+#[derive(Debug)]
+pub struct Activations {
+    me: MemberId,
+    member: bool,
+    limit: usize,
+    active: BTreeMap<(String, String), Activation>,
+}
+
+impl Activations {
+    /// Nothing active yet, on member incarnation `me`, at most `limit` activations.
+    pub fn new(me: MemberId, limit: usize) -> Self {
+        Self {
+            me,
+            member: true,
+            limit,
+            active: BTreeMap::new(),
+        }
+    }
+
+    /// A request for `kind/identity` carrying `fence`; `owner` is the owner this node's own
+    /// topology (`epoch`, `version`) names. On `Serve`/`Activated` the request counts as in
+    /// flight until [`Self::finished`].
+    pub fn request(
+        &mut self,
+        kind: &str,
+        identity: &str,
+        fence: &Fence,
+        owner: Option<&MemberId>,
+        epoch: u64,
+        version: u64,
+    ) -> Decision {
+        if !self.member {
+            return Decision::Refused(Refusal::NotAMember);
+        }
+        let key = (kind.to_string(), identity.to_string());
+        if let Some(a) = self.active.get_mut(&key) {
+            if fence.is_older_than(&a.fence) {
+                return Decision::Refused(Refusal::StaleFence {
+                    held: a.fence.clone(),
+                });
+            }
+            if matches!(a.phase, Phase::Draining { .. }) {
+                return Decision::Refused(Refusal::Draining);
+            }
+            a.in_flight += 1;
+            return Decision::Serve(a.fence.clone());
+        }
+        if fence.owner != self.me || owner != Some(&self.me) {
+            return Decision::Refused(Refusal::NotOwner {
+                owner: owner.cloned(),
+            });
+        }
+        if self.active.len() >= self.limit {
+            return Decision::Refused(Refusal::Full);
+        }
+        let held = Fence {
+            epoch,
+            version,
+            owner: self.me.clone(),
+        };
+        self.active.insert(
+            key,
+            Activation {
+                fence: held.clone(),
+                phase: Phase::Active,
+                in_flight: 1,
+            },
+        );
+        Decision::Activated(held)
+    }
+
+    /// A request served (or failed) is done.
+    pub fn finished(&mut self, kind: &str, identity: &str) {
+        if let Some(a) = self
+            .active
+            .get_mut(&(kind.to_string(), identity.to_string()))
+        {
+            a.in_flight = a.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// A rebalance moved `moved`: those this node had active and no longer owns drain until
+    /// `now + drain`. Returns them.
+    pub fn rebalanced(
+        &mut self,
+        moved: &[Moved],
+        now: Instant,
+        drain: Duration,
+    ) -> Vec<(String, String)> {
+        let mut draining = Vec::new();
+        for m in moved {
+            if m.to.as_ref() == Some(&self.me) {
+                continue;
+            }
+            let key = (m.kind.clone(), m.identity.clone());
+            if let Some(a) = self.active.get_mut(&key)
+                && a.phase == Phase::Active
+            {
+                a.phase = Phase::Draining { until: now + drain };
+                draining.push(key);
+            }
+        }
+        draining
+    }
+
+    /// Checks every active identity against the owner this node's topology now names
+    /// (`owner_of`): those it no longer owns drain until `now + drain`. Unlike
+    /// [`Self::rebalanced`] this needs no report, so it also covers identities the owner cache
+    /// never remembered, and a subscriber that lagged. Returns the identities that began to
+    /// drain.
+    pub fn reconcile(
+        &mut self,
+        owner_of: impl Fn(&str, &str) -> Option<MemberId>,
+        now: Instant,
+        drain: Duration,
+    ) -> Vec<(String, String)> {
+        let mut draining = Vec::new();
+        for ((kind, identity), a) in &mut self.active {
+            if a.phase == Phase::Active && owner_of(kind, identity).as_ref() != Some(&self.me) {
+                a.phase = Phase::Draining { until: now + drain };
+                draining.push((kind.clone(), identity.clone()));
+            }
+        }
+        draining
+    }
+
+    /// The earliest drain deadline, if anything drains.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.active
+            .values()
+            .filter_map(|a| match a.phase {
+                Phase::Draining { until } => Some(until),
+                Phase::Active => None,
+            })
+            .min()
+    }
+
+    /// Deactivates the draining identities whose work is done or whose deadline passed.
+    /// Returns them.
+    pub fn tick(&mut self, now: Instant) -> Vec<(String, String)> {
+        let done: Vec<(String, String)> = self
+            .active
+            .iter()
+            .filter(|(_, a)| match a.phase {
+                Phase::Draining { until } => a.in_flight == 0 || until <= now,
+                Phase::Active => false,
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &done {
+            self.active.remove(k);
+        }
+        done
+    }
+
+    /// This node lost its membership: everything is deactivated at once (peers may take the
+    /// identities over as soon as the backend removes this member). Returns what was active.
+    pub fn lost(&mut self) -> Vec<(String, String)> {
+        self.member = false;
+        std::mem::take(&mut self.active).into_keys().collect()
+    }
+
+    /// This node is a member again, as incarnation `me`.
+    pub fn restored(&mut self, me: MemberId) {
+        self.me = me;
+        self.member = true;
+    }
+
+    /// The identities active or draining here, in (kind, identity) order.
+    pub fn active(&self) -> impl Iterator<Item = (&(String, String), &Activation)> {
+        self.active.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> MemberId {
+        MemberId::parse(s).unwrap()
+    }
+
+    fn fence(version: u64, owner: &str) -> Fence {
+        Fence {
+            epoch: 1,
+            version,
+            owner: id(owner),
+        }
+    }
+
+    fn now() -> Instant {
+        // Test-only: the state machine takes time as an argument; any starting point will do.
+        Instant::now()
+    }
+
+    #[test]
+    fn only_the_owner_activates_and_a_stale_fence_is_refused() {
+        let mut a = Activations::new(id("a"), 10);
+        // Another owner named by the caller or by this node's topology: not here.
+        assert_eq!(
+            a.request("k", "x", &fence(3, "b"), Some(&id("b")), 1, 3),
+            Decision::Refused(Refusal::NotOwner {
+                owner: Some(id("b"))
+            })
+        );
+        assert_eq!(
+            a.request("k", "x", &fence(3, "a"), Some(&id("b")), 1, 4),
+            Decision::Refused(Refusal::NotOwner {
+                owner: Some(id("b"))
+            })
+        );
+        assert_eq!(
+            a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Activated(fence(5, "a"))
+        );
+        assert_eq!(
+            a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Serve(fence(5, "a"))
+        );
+        assert_eq!(
+            a.request("k", "x", &fence(4, "a"), Some(&id("a")), 1, 5),
+            Decision::Refused(Refusal::StaleFence {
+                held: fence(5, "a")
+            })
+        );
+    }
+
+    #[test]
+    fn a_moved_identity_drains_then_deactivates() {
+        let mut a = Activations::new(id("a"), 10);
+        let t0 = now();
+        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
+        let moved = [Moved {
+            kind: "k".into(),
+            identity: "x".into(),
+            from: Some(id("a")),
+            to: Some(id("b")),
+        }];
+        assert_eq!(
+            a.rebalanced(&moved, t0, Duration::from_secs(2)),
+            vec![("k".to_string(), "x".to_string())]
+        );
+        assert_eq!(
+            a.request("k", "x", &fence(6, "a"), Some(&id("b")), 1, 6),
+            Decision::Refused(Refusal::Draining)
+        );
+        // One request still in flight: it stays until the deadline.
+        assert!(a.tick(t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(a.tick(t0 + Duration::from_secs(2)).len(), 1);
+        assert_eq!(a.active().count(), 0);
+        // Finished work lets it go at once.
+        a.request("k", "y", &fence(6, "a"), Some(&id("a")), 1, 6);
+        a.finished("k", "y");
+        let moved = [Moved {
+            kind: "k".into(),
+            identity: "y".into(),
+            from: Some(id("a")),
+            to: None,
+        }];
+        a.rebalanced(&moved, t0, Duration::from_secs(60));
+        assert_eq!(a.tick(t0).len(), 1);
+    }
+
+    #[test]
+    fn a_lost_membership_deactivates_everything_and_refuses_until_restored() {
+        let mut a = Activations::new(id("a"), 10);
+        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
+        a.request("k", "y", &fence(5, "a"), Some(&id("a")), 1, 5);
+        assert_eq!(a.lost().len(), 2);
+        assert_eq!(
+            a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Refused(Refusal::NotAMember)
+        );
+        a.restored(id("a2"));
+        // The old incarnation's fences name it, not the new one.
+        assert!(matches!(
+            a.request("k", "x", &fence(6, "a"), Some(&id("a2")), 1, 6),
+            Decision::Refused(Refusal::NotOwner { .. })
+        ));
+        assert!(matches!(
+            a.request("k", "x", &fence(6, "a2"), Some(&id("a2")), 1, 6),
+            Decision::Activated(_)
+        ));
+    }
+
+    #[test]
+    fn reconcile_drains_what_the_topology_gives_to_another_member() {
+        let mut a = Activations::new(id("a"), 10);
+        let t0 = now();
+        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
+        a.request("k", "y", &fence(5, "a"), Some(&id("a")), 1, 5);
+        let drained = a.reconcile(
+            |_, identity| Some(id(if identity == "x" { "b" } else { "a" })),
+            t0,
+            Duration::from_secs(1),
+        );
+        assert_eq!(drained, vec![("k".to_string(), "x".to_string())]);
+        assert_eq!(a.next_deadline(), Some(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn activations_are_bounded() {
+        let mut a = Activations::new(id("a"), 1);
+        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
+        assert_eq!(
+            a.request("k", "y", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Refused(Refusal::Full)
+        );
+    }
+}
