@@ -21,8 +21,10 @@ pub fn sample_identities() -> &'static [String] {
     &IDS
 }
 
-/// Owners of the sampled identities per (node, incarnation, version), kept between samples.
-pub type OwnerMemo = BTreeMap<(String, MemberId, u64), Arc<Vec<Option<MemberId>>>>;
+/// Owners of the sampled identities per (node, incarnation, epoch, version), kept between
+/// samples. (The epoch matters: a backend that lost its data issues the same version numbers
+/// again, found by `etcd-data-loss`.)
+pub type OwnerMemo = BTreeMap<(String, MemberId, u64, u64), Arc<Vec<Option<MemberId>>>>;
 
 /// One node's view at a sample: its name, topology and owners of the sampled identities.
 type NodeSample = (String, Arc<ClusterTopology>, Arc<Vec<Option<MemberId>>>);
@@ -35,10 +37,11 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
     let views = cluster.live_views();
     let ids = sample_identities();
     // Owners are a function of (node incarnation, version): compute them once per version.
-    owners_seen.retain(|(name, id, v), _| {
-        views
-            .iter()
-            .any(|(n, _, inc)| n == name && &inc.id == id && inc.manager.version() == *v)
+    owners_seen.retain(|(name, id, e, v), _| {
+        views.iter().any(|(n, _, inc)| {
+            let t = inc.manager.topology();
+            n == name && &inc.id == id && t.epoch() == *e && t.version() == *v
+        })
     });
     // By (registry epoch, version): version numbers of two registry runs may coincide. Where
     // each node numbers its own topologies (Kubernetes), by member set instead: nodes that
@@ -51,7 +54,7 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
             continue;
         }
         let owners = owners_seen
-            .entry((name.clone(), inc.id.clone(), t.version()))
+            .entry((name.clone(), inc.id.clone(), t.epoch(), t.version()))
             .or_insert_with(|| {
                 Arc::new(
                     ids.iter()

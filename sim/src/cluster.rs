@@ -346,6 +346,11 @@ struct RegistryControl {
     etcd: Option<Arc<EtcdDoor>>,
     /// The endpoints controller, when the members are gated by a Service.
     endpoints: Option<Arc<EndpointController>>,
+    /// The next restart loses the backend's data ([`Fault::BackendDataLoss`]).
+    lose_data: AtomicBool,
+    /// Runs of a backend whose store outlives the node (etcd): a run ends when it loses its
+    /// data.
+    store_runs: AtomicU64,
 }
 
 impl RegistryControl {
@@ -363,6 +368,8 @@ impl RegistryControl {
             kube: None,
             etcd: None,
             endpoints: None,
+            lose_data: AtomicBool::new(false),
+            store_runs: AtomicU64::new(1),
         }
     }
 }
@@ -453,6 +460,8 @@ impl SimCluster {
                 kube: None,
                 etcd: None,
                 endpoints: None,
+                lose_data: AtomicBool::new(false),
+                store_runs: AtomicU64::new(1),
             }
         });
         let registry = registry.or_else(|| match b.provider {
@@ -696,7 +705,7 @@ impl SimCluster {
             // The API server's store: Leases survive its restarts (one run).
             (Some(door), _) => (1, door.topology(CLUSTER)),
             // etcd's store: keys survive its restarts.
-            (None, Some(door)) => (1, door.topology()),
+            (None, Some(door)) => (r.store_runs.load(Ordering::SeqCst), door.topology()),
             (None, None) => {
                 let Some((run, server)) = lock(&r.server).clone() else {
                     return;
@@ -1196,6 +1205,12 @@ impl SimCluster {
                 self.crash_registry(fault, down_for);
             }
             Fault::RegistryRestart { down_for } => self.crash_registry(fault, down_for),
+            Fault::BackendDataLoss { down_for } => {
+                if let Some(r) = &self.registry {
+                    r.lose_data.store(true, Ordering::SeqCst);
+                }
+                self.crash_registry(fault, down_for);
+            }
             Fault::RegistryPause { duration } => {
                 let Some(r) = &self.registry else { return };
                 if r.down.load(Ordering::SeqCst) || lock(&r.paused_since).is_some() {
@@ -1369,10 +1384,18 @@ impl SimCluster {
             self.handle.kill(r.node.id());
             self.handle.restart(r.node.id());
             if let Some(e) = &r.etcd {
-                // etcd restarts with its data; every lease's TTL starts over.
-                e.store().set_down(false);
-                self.oracles.leases_refreshed();
                 lock(&r.down_since).take();
+                if r.lose_data.swap(false, Ordering::SeqCst) {
+                    // A new etcd cluster: no keys, no leases, another cluster id.
+                    let run = r.store_runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    e.store().set_down(false);
+                    e.store().restart(false);
+                    self.oracles.registry_started(run);
+                } else {
+                    // etcd restarts with its data; every lease's TTL starts over.
+                    e.store().set_down(false);
+                    self.oracles.leases_refreshed();
+                }
             }
             if r.kube.is_some()
                 && let Some(since) = lock(&r.down_since).take()

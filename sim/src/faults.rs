@@ -127,6 +127,13 @@ pub enum Fault {
         #[serde(with = "ms")]
         down_for: Duration,
     },
+    /// The backend restarts having lost its data: for etcd a new cluster (another cluster id,
+    /// revisions from 1, no keys, no leases); for the registry this is a restart.
+    BackendDataLoss {
+        /// Downtime.
+        #[serde(with = "ms")]
+        down_for: Duration,
+    },
     /// The registry process freezes (a VM pause, a long GC) and resumes with its state.
     RegistryPause {
         /// How long.
@@ -186,6 +193,7 @@ impl Fault {
             Fault::RegistryClock { .. } => "registry-clock",
             Fault::RegistryClockStep { .. } => "registry-clock-step",
             Fault::RegistryRestart { .. } => "registry-restart",
+            Fault::BackendDataLoss { .. } => "backend-data-loss",
             Fault::RegistryPause { .. } => "registry-pause",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
@@ -207,6 +215,7 @@ impl Fault {
                 | Fault::RegistryClock { .. }
                 | Fault::RegistryClockStep { .. }
                 | Fault::RegistryRestart { .. }
+                | Fault::BackendDataLoss { .. }
                 | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
                 | Fault::StreamReset { .. }
@@ -303,6 +312,13 @@ impl fmt::Display for Fault {
             ),
             Fault::RegistryRestart { down_for } => {
                 write!(f, "registry restart, down {}", s(down_for))
+            }
+            Fault::BackendDataLoss { down_for } => {
+                write!(
+                    f,
+                    "backend restart with its data lost, down {}",
+                    s(down_for)
+                )
             }
             Fault::RegistryPause { duration } => {
                 write!(f, "registry frozen for {}", s(duration))

@@ -671,6 +671,12 @@ pub fn all() -> Vec<Scenario> {
             &["etcd: watches reopened"],
         ),
         etcd(
+            "etcd-data-loss",
+            "etcd restarts having lost its data (a new cluster: no keys, revisions from 1): every member registers again as a new incarnation under a new epoch; later a crash and restart",
+            etcd_data_loss,
+            &["etcd: rejoins", "etcd: relists"],
+        ),
+        etcd(
             "etcd-rolling-restart",
             "etcd: every member restarts in place in turn (the new incarnation deletes its ghost's key)",
             rolling_restart,
@@ -743,6 +749,25 @@ fn etcd(
         provider: ProviderKind::Etcd,
         ..k8s(name, about, 75, generate, covers)
     }
+}
+
+/// etcd restarts having lost its data; later a member crashes and restarts.
+fn etcd_data_loss(r: &mut SimRng, n: usize) -> FaultSchedule {
+    FaultSchedule::new(vec![
+        at(
+            10.0,
+            Fault::BackendDataLoss {
+                down_for: r.ms(500, 4_000),
+            },
+        ),
+        at(
+            40.0,
+            Fault::Crash {
+                member: r.pick(n),
+                restart_after: Some(r.ms(2_000, 8_000)),
+            },
+        ),
+    ])
 }
 
 /// etcd is down for 8-20 s (more than the 6 s TTL), then restarts with its data; later a
