@@ -775,18 +775,6 @@ impl ClusterProvider for EtcdProvider {
         member: &MemberId,
     ) -> Result<PartitionManagerHandle, ProviderError> {
         let session = self.session().await?;
-        let found = session
-            .ctx
-            .partition_manager
-            .topology()
-            .member(member)
-            .cloned()
-            .ok_or_else(|| ProviderError::UnknownMember(member.clone()))?;
-        Ok(Arc::new(GrpcPartitionManager::new(
-            session.ctx.cluster_name.clone(),
-            found,
-            session.config.partition_rpc_timeout,
-            session.ctx.clock.clone(),
-        )?))
+        GrpcPartitionManager::of_listed(&session.ctx, member, session.config.partition_rpc_timeout)
     }
 }

@@ -134,6 +134,27 @@ pub struct GrpcPartitionManager {
 }
 
 impl GrpcPartitionManager {
+    /// A client for the partition service of `member` as `ctx`'s own topology lists it (the
+    /// providers whose nodes hold every member's address: Kubernetes, etcd).
+    pub fn of_listed(
+        ctx: &super::ClusterProviderContext,
+        member: &MemberId,
+        rpc_timeout: std::time::Duration,
+    ) -> Result<PartitionManagerHandle, ProviderError> {
+        let found = ctx
+            .partition_manager
+            .topology()
+            .member(member)
+            .cloned()
+            .ok_or_else(|| ProviderError::UnknownMember(member.clone()))?;
+        Ok(Arc::new(Self::new(
+            ctx.cluster_name.clone(),
+            found,
+            rpc_timeout,
+            ctx.clock.clone(),
+        )?))
+    }
+
     /// A client for `member`'s partition service (connected lazily, at its address over
     /// plaintext HTTP/2).
     pub fn new(
