@@ -1,23 +1,42 @@
-//! Activation: which virtual-actor identities this node has active, and under which fence.
+//! Activation: each virtual-actor identity active on exactly one member, and calls that find it.
 //!
-//! Membership exists so that each identity is active on exactly one member. [`Activations`] is
-//! the per-node bookkeeping of that, as a state machine with no I/O: a request activates an
-//! identity only on the member its topology names as owner; a request carrying a fence older
-//! than the one the identity was activated under is refused (a caller routing with a topology
-//! from before the identity moved); a rebalance that moves identities away drains them (no new
-//! work, in-flight work finishes within a bounded time) before they are deactivated; a member
-//! told it lost its membership deactivates everything at once, before peers can take over.
+//! Membership exists so that each identity is active on exactly one member. The pieces:
 //!
-//! [`IdentityLookup`] finds an identity's owner and the fence to call it with
-//! ([`PlacementLookup`]: every node computes it from its own topology); [`drive`] keeps a node's
-//! [`Activations`] in step with its membership events.
+//! * [`Activations`], the per-node bookkeeping as a state machine with no I/O: a request
+//!   activates an identity only on the member its topology names as owner, and only after
+//!   every other member confirmed it let go of it (a *claim*); a request carrying a fence older
+//!   than the one the identity is active under is refused; a rebalance that moves identities
+//!   away drains them (no new work, in-flight work finishes within a bounded time); a member
+//!   told it lost its membership deactivates everything at once.
+//! * [`ActivationHost`], its async shell on a node that hosts actors: serves calls, asks the
+//!   other members to let go before activating ([`Transport::release`]), answers their
+//!   requests, hands actor state over, and follows the node's membership events.
+//! * [`IdentityLookup`] finds an identity's owner and the fence to call it with
+//!   ([`PlacementLookup`]: every node computes it from its own topology, through the partition
+//!   manager's owner cache, which each topology change rebalances).
+//! * [`ActivationClient`] calls an identity from any node, retrying what a fresher view or a
+//!   moment fixes; [`GrpcTransport`] carries calls and releases over `shoal.partition.v1`.
 //!
-//! Not yet (issue 10): the remote call path between members, state hand-off to the new owner,
-//! and the simulator's activation workload with its checkers (single activation, no stale
-//! routing, minimal movement, availability).
+//! The guarantees and their timing assumptions are in `docs/activation.md`.
 
+mod client;
+pub(crate) mod grpc;
+mod host;
 mod lookup;
+mod metrics;
 mod registry;
 
-pub use lookup::{IdentityLookup, Located, PlacementLookup, drive};
-pub use registry::{Activation, Activations, Decision, Fence, Phase, Refusal};
+pub use client::{ActivationClient, Attempt, Called, ClientConfig};
+pub use grpc::{GrpcTransport, REFUSAL_HEADER};
+pub use host::{
+    ActivationConfig, ActivationHost, Actors, CallError, CallReply, Deactivation, RefusalCode,
+    Released, Transport,
+};
+pub use lookup::{IdentityLookup, Located, PlacementLookup};
+pub use metrics::{ActivationMetrics, ReasonLabel};
+pub use registry::{Activation, Activations, Decision, Fence, Phase, Refusal, Release};
+
+/// Largest call payload, in bytes.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Longest kind or identity, in bytes.
+pub const MAX_NAME: usize = 256;

@@ -70,6 +70,28 @@ pub enum Refusal {
     Draining,
     /// The node holds as many activations as it may.
     Full,
+    /// Another request is activating the identity here (asking the other members to let go
+    /// of it): try again shortly.
+    Activating,
+    /// The other members could not all confirm that they let go of the identity.
+    NotReleased,
+}
+
+/// The answer to another member asking this one to let go of an identity it is about to
+/// activate ([`Activations::release`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Nothing of it is active here (any claim of it was dropped): go ahead.
+    Released,
+    /// It was active here and now drains: answer once [`Activations::is_active`] turns false
+    /// (at the latest at `until`).
+    Draining {
+        /// The drain deadline.
+        until: Instant,
+    },
+    /// This node's own topology names it as the owner: the asker's view and this one
+    /// disagree, and neither may activate until they agree.
+    Refused,
 }
 
 /// What to do with a request.
@@ -79,6 +101,9 @@ pub enum Decision {
     Serve(Fence),
     /// Serve it: the identity was just activated here under this fence.
     Activated(Fence),
+    /// This node owns the identity but has not activated it: ask every other member to let go
+    /// of it first ([`Activations::release`] on each), then report with [`Activations::claimed`].
+    Claim(Fence),
     /// Do not.
     Refused(Refusal),
 }
@@ -90,6 +115,8 @@ pub struct Activations {
     member: bool,
     limit: usize,
     active: BTreeMap<(String, String), Activation>,
+    /// Identities being activated here: the fence each will be held under.
+    claims: BTreeMap<(String, String), Fence>,
 }
 
 impl Activations {
@@ -100,6 +127,7 @@ impl Activations {
             member: true,
             limit,
             active: BTreeMap::new(),
+            claims: BTreeMap::new(),
         }
     }
 
@@ -136,7 +164,10 @@ impl Activations {
                 owner: owner.cloned(),
             });
         }
-        if self.active.len() >= self.limit {
+        if self.claims.contains_key(&key) {
+            return Decision::Refused(Refusal::Activating);
+        }
+        if self.active.len() + self.claims.len() >= self.limit {
             return Decision::Refused(Refusal::Full);
         }
         let held = Fence {
@@ -144,15 +175,80 @@ impl Activations {
             version,
             owner: self.me.clone(),
         };
+        self.claims.insert(key, held.clone());
+        Decision::Claim(held)
+    }
+
+    /// The other members answered the claim [`Decision::Claim`] returned: `released` when every
+    /// one let go. The identity is activated (with the request in flight) if the claim still
+    /// stands (no member asked for it meanwhile, this node is still a member) and this node's
+    /// topology still names it as `owner`.
+    pub fn claimed(
+        &mut self,
+        kind: &str,
+        identity: &str,
+        fence: &Fence,
+        released: bool,
+        owner: Option<&MemberId>,
+    ) -> Decision {
+        let key = (kind.to_string(), identity.to_string());
+        let claim = self.claims.remove(&key);
+        if claim.as_ref() != Some(fence) || !self.member {
+            return Decision::Refused(Refusal::Activating);
+        }
+        if !released {
+            return Decision::Refused(Refusal::NotReleased);
+        }
+        if owner != Some(&self.me) {
+            return Decision::Refused(Refusal::NotOwner {
+                owner: owner.cloned(),
+            });
+        }
         self.active.insert(
             key,
             Activation {
-                fence: held.clone(),
+                fence: fence.clone(),
                 phase: Phase::Active,
                 in_flight: 1,
             },
         );
-        Decision::Activated(held)
+        Decision::Activated(fence.clone())
+    }
+
+    /// Another member is about to activate `kind/identity` and asks this one to let go of it;
+    /// `owner` is the owner this node's own topology names. Refused while that is this node
+    /// (the two views disagree: one of them is behind). Otherwise any claim of it here is
+    /// dropped and an active one drains until `now + drain`.
+    pub fn release(
+        &mut self,
+        kind: &str,
+        identity: &str,
+        owner: Option<&MemberId>,
+        now: Instant,
+        drain: Duration,
+    ) -> Release {
+        if self.member && owner == Some(&self.me) {
+            return Release::Refused;
+        }
+        let key = (kind.to_string(), identity.to_string());
+        self.claims.remove(&key);
+        match self.active.get_mut(&key) {
+            None => Release::Released,
+            Some(a) => {
+                let until = match a.phase {
+                    Phase::Draining { until } => until.min(now + drain),
+                    Phase::Active => now + drain,
+                };
+                a.phase = Phase::Draining { until };
+                Release::Draining { until }
+            }
+        }
+    }
+
+    /// Whether `kind/identity` is active (or draining) here.
+    pub fn is_active(&self, kind: &str, identity: &str) -> bool {
+        self.active
+            .contains_key(&(kind.to_string(), identity.to_string()))
     }
 
     /// A request served (or failed) is done.
@@ -239,11 +335,33 @@ impl Activations {
         done
     }
 
+    /// This node's member incarnation.
+    pub fn me(&self) -> &MemberId {
+        &self.me
+    }
+
+    /// How many identities are active, draining or being activated here.
+    pub fn len(&self) -> usize {
+        self.active.len() + self.claims.len()
+    }
+
+    /// Whether nothing is active, draining or being activated here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything is deactivated at once and claims are dropped, the membership flag kept
+    /// (the node could not prove it holds its membership just now). Returns what was active.
+    pub fn deactivate_all(&mut self) -> Vec<(String, String)> {
+        self.claims.clear();
+        std::mem::take(&mut self.active).into_keys().collect()
+    }
+
     /// This node lost its membership: everything is deactivated at once (peers may take the
     /// identities over as soon as the backend removes this member). Returns what was active.
     pub fn lost(&mut self) -> Vec<(String, String)> {
         self.member = false;
-        std::mem::take(&mut self.active).into_keys().collect()
+        self.deactivate_all()
     }
 
     /// This node is a member again, as incarnation `me`.
@@ -274,6 +392,14 @@ mod tests {
         }
     }
 
+    /// A request that activates (claim, then every other member released).
+    fn act(a: &mut Activations, identity: &str, f: &Fence, owner: &str) -> Decision {
+        match a.request("k", identity, f, Some(&id(owner)), f.epoch, f.version) {
+            Decision::Claim(held) => a.claimed("k", identity, &held, true, Some(&id(owner))),
+            other => other,
+        }
+    }
+
     fn now() -> Instant {
         // Test-only: the state machine takes time as an argument; any starting point will do.
         Instant::now()
@@ -297,6 +423,15 @@ mod tests {
         );
         assert_eq!(
             a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Claim(fence(5, "a"))
+        );
+        // A second request while the other members are asked: not twice.
+        assert_eq!(
+            a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Refused(Refusal::Activating)
+        );
+        assert_eq!(
+            a.claimed("k", "x", &fence(5, "a"), true, Some(&id("a"))),
             Decision::Activated(fence(5, "a"))
         );
         assert_eq!(
@@ -315,7 +450,7 @@ mod tests {
     fn a_moved_identity_drains_then_deactivates() {
         let mut a = Activations::new(id("a"), 10);
         let t0 = now();
-        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
+        act(&mut a, "x", &fence(5, "a"), "a");
         let moved = [Moved {
             kind: "k".into(),
             identity: "x".into(),
@@ -335,7 +470,7 @@ mod tests {
         assert_eq!(a.tick(t0 + Duration::from_secs(2)).len(), 1);
         assert_eq!(a.active().count(), 0);
         // Finished work lets it go at once.
-        a.request("k", "y", &fence(6, "a"), Some(&id("a")), 1, 6);
+        act(&mut a, "y", &fence(6, "a"), "a");
         a.finished("k", "y");
         let moved = [Moved {
             kind: "k".into(),
@@ -350,8 +485,8 @@ mod tests {
     #[test]
     fn a_lost_membership_deactivates_everything_and_refuses_until_restored() {
         let mut a = Activations::new(id("a"), 10);
-        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
-        a.request("k", "y", &fence(5, "a"), Some(&id("a")), 1, 5);
+        act(&mut a, "x", &fence(5, "a"), "a");
+        act(&mut a, "y", &fence(5, "a"), "a");
         assert_eq!(a.lost().len(), 2);
         assert_eq!(
             a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
@@ -364,7 +499,7 @@ mod tests {
             Decision::Refused(Refusal::NotOwner { .. })
         ));
         assert!(matches!(
-            a.request("k", "x", &fence(6, "a2"), Some(&id("a2")), 1, 6),
+            act(&mut a, "x", &fence(6, "a2"), "a2"),
             Decision::Activated(_)
         ));
     }
@@ -373,8 +508,8 @@ mod tests {
     fn reconcile_drains_what_the_topology_gives_to_another_member() {
         let mut a = Activations::new(id("a"), 10);
         let t0 = now();
-        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
-        a.request("k", "y", &fence(5, "a"), Some(&id("a")), 1, 5);
+        act(&mut a, "x", &fence(5, "a"), "a");
+        act(&mut a, "y", &fence(5, "a"), "a");
         let drained = a.reconcile(
             |_, identity| Some(id(if identity == "x" { "b" } else { "a" })),
             t0,
@@ -387,10 +522,61 @@ mod tests {
     #[test]
     fn activations_are_bounded() {
         let mut a = Activations::new(id("a"), 1);
-        a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5);
+        act(&mut a, "x", &fence(5, "a"), "a");
         assert_eq!(
             a.request("k", "y", &fence(5, "a"), Some(&id("a")), 1, 5),
             Decision::Refused(Refusal::Full)
         );
+    }
+
+    #[test]
+    fn a_member_lets_go_only_of_what_its_own_view_gives_to_another() {
+        let mut a = Activations::new(id("a"), 10);
+        let t0 = now();
+        let drain = Duration::from_secs(2);
+        act(&mut a, "x", &fence(5, "a"), "a");
+        // Its own view still names it: the asker is ahead or behind; nobody activates.
+        assert_eq!(a.release("k", "x", Some(&id("a")), t0, drain), Release::Refused);
+        // Its view moved x to b: it drains, and answers once it is gone.
+        assert_eq!(
+            a.release("k", "x", Some(&id("b")), t0, drain),
+            Release::Draining { until: t0 + drain }
+        );
+        assert!(a.is_active("k", "x"));
+        a.finished("k", "x");
+        assert_eq!(a.tick(t0).len(), 1);
+        assert!(!a.is_active("k", "x"));
+        assert_eq!(a.release("k", "x", Some(&id("b")), t0, drain), Release::Released);
+    }
+
+    #[test]
+    fn a_claim_lost_to_another_member_or_not_confirmed_does_not_activate() {
+        let mut a = Activations::new(id("a"), 10);
+        let t0 = now();
+        let f = fence(5, "a");
+        // b asked a to let go while a was asking the others: b's claim wins the race here
+        // (a's view named b), a's claim is dropped.
+        assert_eq!(a.request("k", "x", &f, Some(&id("a")), 1, 5), Decision::Claim(f.clone()));
+        assert_eq!(
+            a.release("k", "x", Some(&id("b")), t0, Duration::from_secs(1)),
+            Release::Released
+        );
+        assert_eq!(
+            a.claimed("k", "x", &f, true, Some(&id("a"))),
+            Decision::Refused(Refusal::Activating)
+        );
+        // A member did not answer: not activated, and the next request claims again.
+        assert_eq!(a.request("k", "x", &f, Some(&id("a")), 1, 5), Decision::Claim(f.clone()));
+        assert_eq!(
+            a.claimed("k", "x", &f, false, Some(&id("a"))),
+            Decision::Refused(Refusal::NotReleased)
+        );
+        assert_eq!(a.request("k", "x", &f, Some(&id("a")), 1, 5), Decision::Claim(f.clone()));
+        // The view moved while asking: not activated.
+        assert!(matches!(
+            a.claimed("k", "x", &f, true, Some(&id("b"))),
+            Decision::Refused(Refusal::NotOwner { .. })
+        ));
+        assert!(!a.is_active("k", "x"));
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use crate::runtime::{SharedClock, timeout};
 
+use super::lease::MembershipWindow;
+
 /// Longest cluster name, in bytes.
 pub const MAX_CLUSTER_NAME_LEN: usize = 128;
 
@@ -27,6 +29,9 @@ pub struct ClusterProviderContext {
     pub clock: SharedClock,
     /// Where topology events are published.
     pub events: EventStream,
+    /// Until when this node holds its membership, as its provider reckons it (see
+    /// [`MembershipWindow`]).
+    pub standing: MembershipWindow,
 }
 
 impl ClusterProviderContext {
@@ -57,6 +62,7 @@ impl ClusterProviderContext {
             member,
             clock,
             events: EventStream::default(),
+            standing: MembershipWindow::default(),
         })
     }
 

@@ -179,6 +179,46 @@ impl LeaseTracker {
     }
 }
 
+/// Until when this node may act as a member, as it reckons from its own accepted renewals: what
+/// an activation host checks before it serves, so that a process waking from a pause never
+/// serves on a registration it can no longer prove (its loss announcement may not have run
+/// yet). Shared through [`crate::provider::ClusterProviderContext::standing`]; providers without
+/// leases (in memory) leave it unbounded.
+#[derive(Clone, Debug, Default)]
+pub struct MembershipWindow(std::sync::Arc<std::sync::Mutex<Window>>);
+
+/// What a [`MembershipWindow`] holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Window {
+    /// No lease bounds the membership (a provider without leases, or not started by one).
+    #[default]
+    Unbounded,
+    /// Held until this instant on the node's own clock, unless renewed.
+    Until(Instant),
+    /// Not held: never registered yet, or lost.
+    Closed,
+}
+
+impl MembershipWindow {
+    /// The window now.
+    pub fn get(&self) -> Window {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the node holds its membership at `now`.
+    pub fn held_at(&self, now: Instant) -> bool {
+        match self.get() {
+            Window::Unbounded => true,
+            Window::Until(until) => now < until,
+            Window::Closed => false,
+        }
+    }
+
+    pub(crate) fn set(&self, w: Window) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = w;
+    }
+}
+
 /// A member's standing as a provider keeps it: the [`LeaseTracker`], and the announcement of
 /// each change as [`crate::ClusterEvent::MembershipLost`] or
 /// [`crate::ClusterEvent::MembershipRestored`], the same for every provider.
@@ -231,7 +271,12 @@ impl MemberStanding {
         member: &crate::cluster::Member,
         sent_at: Instant,
     ) {
-        let transition = self.tracker().renewed(sent_at);
+        let (transition, deadline) = {
+            let mut t = self.tracker();
+            (t.renewed(sent_at), t.deadline())
+        };
+        ctx.standing
+            .set(deadline.map(Window::Until).unwrap_or(Window::Closed));
         self.changed.notify_one();
         if let Some(t) = transition {
             self.announce(ctx, t, member);
@@ -245,6 +290,7 @@ impl MemberStanding {
         member: &crate::cluster::Member,
     ) {
         let transition = self.tracker().revoked();
+        ctx.standing.set(Window::Closed);
         if let Some(t) = transition {
             self.announce(ctx, t, member);
         }
@@ -307,6 +353,7 @@ impl MemberStanding {
                         _ = clock.sleep(wait) => {
                             let transition = self.tracker().check(clock.now());
                             if let Some(t) = transition {
+                                ctx.standing.set(Window::Closed);
                                 self.announce(ctx, t, &member());
                             }
                         }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 pub use backoff::Backoff;
 pub use context::ClusterProviderContext;
-pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason};
+pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason, MembershipWindow, Window};
 pub mod remote;
 pub use remote::{
     GrpcPartitionManager, LocalPartitionManager, PartitionManagerClient, PartitionManagerHandle,

@@ -68,18 +68,57 @@ pub mod pb {
 #[derive(Debug, Clone)]
 pub struct PartitionService {
     manager: Arc<PartitionManager>,
+    host: Option<Arc<crate::activation::ActivationHost>>,
 }
 
 impl PartitionService {
-    /// Serves `manager`.
+    /// Serves `manager` (no actors: `Call` and `Release` answer `UNIMPLEMENTED`).
     pub fn new(manager: Arc<PartitionManager>) -> Self {
-        Self { manager }
+        Self {
+            manager,
+            host: None,
+        }
+    }
+
+    /// Serves calls to this node's actors through `host` too.
+    pub fn with_host(mut self, host: Arc<crate::activation::ActivationHost>) -> Self {
+        self.host = Some(host);
+        self
     }
 
     /// The gRPC service to add to a server.
     pub fn server(self) -> PartitionGrpcService {
         pb::partition_service_server::PartitionServiceServer::new(self)
-            .max_decoding_message_size(16 * 1024)
+            .max_decoding_message_size(crate::activation::MAX_PAYLOAD + 16 * 1024)
+    }
+
+    fn check(&self, cluster: &str, kind: &str, identity: &str) -> Result<(), tonic::Status> {
+        if cluster != self.manager.cluster_name() {
+            return Err(tonic::Status::not_found(format!(
+                "this member serves cluster {:?}, not {:?}",
+                self.manager.cluster_name(),
+                cluster
+            )));
+        }
+        if kind.is_empty() || identity.is_empty() {
+            return Err(tonic::Status::invalid_argument(
+                "kind and identity are required",
+            ));
+        }
+        if kind.len() > crate::activation::MAX_NAME || identity.len() > crate::activation::MAX_NAME
+        {
+            return Err(tonic::Status::invalid_argument(format!(
+                "kind and identity are at most {} bytes",
+                crate::activation::MAX_NAME
+            )));
+        }
+        Ok(())
+    }
+
+    fn host(&self) -> Result<&Arc<crate::activation::ActivationHost>, tonic::Status> {
+        self.host
+            .as_ref()
+            .ok_or_else(|| tonic::Status::unimplemented("this member hosts no actors"))
     }
 }
 
@@ -101,24 +140,59 @@ impl pb::partition_service_server::PartitionService for PartitionService {
         request: tonic::Request<pb::OwnerRequest>,
     ) -> Result<tonic::Response<pb::OwnerResponse>, tonic::Status> {
         let req = request.into_inner();
-        if req.cluster != self.manager.cluster_name() {
-            return Err(tonic::Status::not_found(format!(
-                "this member serves cluster {:?}, not {:?}",
-                self.manager.cluster_name(),
-                req.cluster
-            )));
-        }
-        if req.kind.is_empty() || req.identity.is_empty() {
-            return Err(tonic::Status::invalid_argument(
-                "kind and identity are required",
-            ));
-        }
+        self.check(&req.cluster, &req.kind, &req.identity)?;
         let version = self.manager.version();
         let owner = self.manager.peek_owner(&req.kind, &req.identity);
         Ok(tonic::Response::new(pb::OwnerResponse {
             owner_id: owner.as_ref().map(|m| m.id.to_string()).unwrap_or_default(),
             owner_address: owner.map(|m| m.address.clone()).unwrap_or_default(),
             topology_version: version,
+        }))
+    }
+
+    async fn call(
+        &self,
+        request: tonic::Request<pb::CallRequest>,
+    ) -> Result<tonic::Response<pb::CallResponse>, tonic::Status> {
+        let req = request.into_inner();
+        self.check(&req.cluster, &req.kind, &req.identity)?;
+        let host = self.host()?;
+        if req.payload.len() > crate::activation::MAX_PAYLOAD {
+            return Err(tonic::Status::invalid_argument(format!(
+                "payload is {} bytes, at most {} are allowed",
+                req.payload.len(),
+                crate::activation::MAX_PAYLOAD
+            )));
+        }
+        let fence = crate::activation::grpc::fence_from(req.fence.as_ref(), "fence")?;
+        let reply = host
+            .call(&req.kind, &req.identity, &fence, req.payload)
+            .await
+            .map_err(crate::activation::grpc::status_of)?;
+        Ok(tonic::Response::new(pb::CallResponse {
+            served_by: reply.served_by.to_string(),
+            held: Some(crate::activation::grpc::fence_to(&reply.held)),
+            activated: reply.activated,
+            payload: reply.payload,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: tonic::Request<pb::ReleaseRequest>,
+    ) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
+        let req = request.into_inner();
+        self.check(&req.cluster, &req.kind, &req.identity)?;
+        let host = self.host()?;
+        let claim = crate::activation::grpc::fence_from(req.claim.as_ref(), "claim")?;
+        let released = host
+            .release(&req.kind, &req.identity, &claim)
+            .await
+            .map_err(crate::activation::grpc::status_of)?;
+        Ok(tonic::Response::new(pb::ReleaseResponse {
+            was_active: released.was_active,
+            has_handed_state: released.handed.is_some(),
+            handed_state: released.handed.unwrap_or_default(),
         }))
     }
 }
