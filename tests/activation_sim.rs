@@ -1,25 +1,183 @@
-//! The activation state driven by a node's membership, in simulated time: an identity active
-//! on its owner drains and is let go when a joining member takes it over, and a caller's old
-//! fence is refused afterwards.
+//! Activation over the simulated network (the real gRPC partition service and transport): an
+//! identity activates on its owner, moves with its state when a joining member takes it over
+//! (the old owner lets go before the new one activates), and a caller's old fence is refused.
 #![cfg(madsim)]
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use madsim::runtime::Handle;
 use madsim::time::sleep;
-use shoal::activation::{Activations, Decision, IdentityLookup, PlacementLookup, Refusal, drive};
+use shoal::activation::{
+    ActivationClient, ActivationConfig, ActivationHost, Actors, CallError, Deactivation,
+    GrpcTransport, PlacementLookup, RefusalCode, Transport,
+};
 use shoal::placement::naive_owner;
+use shoal::provider::PartitionService;
 use shoal::provider::memory::{InMemoryProvider, InMemoryRegistry};
 use shoal::{ClusterProvider, ClusterProviderContext, ClusterTopology, TokioClock};
 
-fn ctx(address: &str) -> ClusterProviderContext {
-    ClusterProviderContext::new("c", address, ["k"], TokioClock::shared()).unwrap()
+/// What every node's actors did: (node, event, identity).
+type Log = Arc<Mutex<Vec<(usize, &'static str, String)>>>;
+
+struct Counter {
+    node: usize,
+    log: Log,
+    counts: Mutex<BTreeMap<String, u64>>,
+}
+
+#[async_trait]
+impl Actors for Counter {
+    fn activate(&self, _: &str, identity: &str, handed: Option<Vec<u8>>) {
+        let n = handed.map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
+        self.counts.lock().unwrap().insert(identity.into(), n);
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.node, "activate", identity.into()));
+    }
+
+    async fn call(&self, _: &str, identity: &str, _: Vec<u8>) -> Vec<u8> {
+        let mut c = self.counts.lock().unwrap();
+        let n = c.get_mut(identity).unwrap();
+        *n += 1;
+        n.to_le_bytes().to_vec()
+    }
+
+    fn deactivate(&self, _: &str, identity: &str, _: Deactivation) -> Option<Vec<u8>> {
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.node, "deactivate", identity.into()));
+        self.counts
+            .lock()
+            .unwrap()
+            .remove(identity)
+            .map(|n| n.to_le_bytes().to_vec())
+    }
+}
+
+fn ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8))
+}
+
+fn ctx(i: usize) -> ClusterProviderContext {
+    ClusterProviderContext::new("c", format!("{}:4000", ip(i)), ["k"], TokioClock::shared())
+        .unwrap()
+}
+
+/// Runs `f` on a node of its own at 10.0.9.9 (the test's own task has no address).
+async fn from_outside<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    static N: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let node = Handle::current()
+        .create_node()
+        .name(format!("caller{n}"))
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 9, n)))
+        .build();
+    node.spawn(f).await.unwrap()
+}
+
+/// Runs `f` on member node `node` (its network and clock).
+async fn on<T: Send + 'static>(
+    node: madsim::task::NodeId,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    Handle::current()
+        .get_node(node)
+        .unwrap()
+        .spawn(f)
+        .await
+        .unwrap()
+}
+
+/// Starts member `i` on its own node: provider, host, partition service.
+fn start_member(
+    i: usize,
+    ctx: ClusterProviderContext,
+    registry: InMemoryRegistry,
+    log: Log,
+) -> (
+    madsim::task::NodeId,
+    Arc<Mutex<Option<Arc<ActivationClient>>>>,
+) {
+    let client: Arc<Mutex<Option<Arc<ActivationClient>>>> = Arc::default();
+    let out = client.clone();
+    let node = Handle::current()
+        .create_node()
+        .name(format!("m{i}"))
+        .ip(ip(i))
+        .init(move || {
+            let (ctx, registry, log, client) =
+                (ctx.clone(), registry.clone(), log.clone(), client.clone());
+            async move {
+                let actors = Arc::new(Counter {
+                    node: i,
+                    log,
+                    counts: Mutex::default(),
+                });
+                let transport = Arc::new(GrpcTransport::new(
+                    "c",
+                    ctx.clock.clone(),
+                    Duration::from_secs(1),
+                ));
+                let host = ActivationHost::new(
+                    ctx.clone(),
+                    actors,
+                    transport.clone(),
+                    ActivationConfig::default(),
+                );
+                let _driver = host.start();
+                let service = PartitionService::new(ctx.partition_manager.clone())
+                    .with_host(host.clone())
+                    .server();
+                madsim::task::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve(SocketAddr::new(ip(i), 4000)),
+                );
+                let provider = InMemoryProvider::new(registry);
+                provider.start_member(ctx.clone()).await.unwrap();
+                *client.lock().unwrap() = Some(Arc::new(ActivationClient::new(
+                    ctx.clone(),
+                    Arc::new(PlacementLookup::new(ctx.partition_manager.clone())),
+                    Some(host),
+                    transport,
+                    Default::default(),
+                )));
+                std::future::pending::<()>().await;
+            }
+        })
+        .build();
+    (node.id(), out)
+}
+
+type Slot = (
+    madsim::task::NodeId,
+    Arc<Mutex<Option<Arc<ActivationClient>>>>,
+);
+
+/// A call to `k/x` from the member of `slot`, run on its node.
+async fn call(slot: &Slot, x: &str) -> shoal::activation::Called {
+    let client = slot.1.lock().unwrap().clone().expect("started");
+    let x = x.to_string();
+    on(
+        slot.0,
+        async move { client.call("k", &x, Vec::new()).await },
+    )
+    .await
 }
 
 #[madsim::test]
-async fn an_identity_taken_over_by_a_joining_member_drains_and_is_let_go() {
+async fn an_identity_moves_to_a_joining_member_with_its_state_and_is_active_once() {
     let registry = InMemoryRegistry::new();
-    let (a, b, c) = (ctx("10.0.0.1:1"), ctx("10.0.0.2:1"), ctx("10.0.0.3:1"));
+    let log: Log = Arc::default();
+    let (a, b, c) = (ctx(0), ctx(1), ctx(2));
     // An identity a owns among {a, b} that c takes over once it joins.
     let two = ClusterTopology::new("c", 1, [a.member.clone(), b.member.clone()]).unwrap();
     let three = ClusterTopology::new(
@@ -35,51 +193,124 @@ async fn an_identity_taken_over_by_a_joining_member_drains_and_is_let_go() {
                 && naive_owner(&three, "k", x).map(|m| &m.id) == Some(&c.member.id)
         })
         .expect("an identity that moves from a to c");
-    let mut running = Vec::new();
-    for ctx in [&a, &b] {
-        let p = InMemoryProvider::new(registry.clone());
-        p.start_member(ctx.clone()).await.unwrap();
-        running.push(p);
+    let _a = start_member(0, a.clone(), registry.clone(), log.clone());
+    let from_b = start_member(1, b.clone(), registry.clone(), log.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    // b calls x: a activates it and serves three calls.
+    for want in 1..=3u64 {
+        let called = call(&from_b, &x).await;
+        let reply = called.result.unwrap();
+        assert_eq!(reply.served_by, a.member.id);
+        assert_eq!(reply.activated, want == 1);
+        assert_eq!(reply.payload, want.to_le_bytes().to_vec());
     }
-    let acts = Arc::new(Mutex::new(Activations::new(a.member.id.clone(), 100)));
-    let gone: Arc<Mutex<Vec<String>>> = Arc::default();
-    let g = gone.clone();
-    let _driver = drive(&a, acts.clone(), Duration::from_secs(2), move |_, i| {
-        g.lock().unwrap().push(i.to_string())
-    });
-    // b routes to a, with the fence of its topology; a activates it.
-    let at = PlacementLookup::new(b.partition_manager.clone())
-        .get("k", &x)
+    let old_fence = call(&from_b, &x).await.attempts[0].to.fence.clone();
+
+    // c joins: x is c's now. The next call activates it on c, after a let go of it, and the
+    // count goes on from a's (the state was handed over).
+    let _c = start_member(2, c.clone(), registry.clone(), log.clone());
+    sleep(Duration::from_secs(1)).await;
+    let called = call(&from_b, &x).await;
+    let reply = called.result.unwrap();
+    assert_eq!(reply.served_by, c.member.id);
+    assert!(reply.activated);
+    assert_eq!(reply.payload, 5u64.to_le_bytes().to_vec());
+    let events: Vec<(usize, &str)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, i)| i == &x)
+        .map(|(n, e, _)| (*n, *e))
+        .collect();
+    assert_eq!(
+        events,
+        vec![(0, "activate"), (0, "deactivate"), (2, "activate")],
+        "a let go before c activated"
+    );
+
+    // A caller still routing with the old fence to a is refused: a does not own x any more.
+    // And c refuses a fence older than the one it holds x under.
+    let (aa, ca, cid, xx) = (
+        a.member.address.clone(),
+        c.member.address.clone(),
+        c.member.id.clone(),
+        x.clone(),
+    );
+    let (to_a, to_c) = from_outside(async move {
+        let transport = GrpcTransport::new("c", TokioClock::shared(), Duration::from_secs(1));
+        let to_a = transport.call(&aa, "k", &xx, &old_fence, Vec::new()).await;
+        let older = shoal::activation::Fence {
+            owner: cid,
+            ..old_fence
+        };
+        let to_c = transport.call(&ca, "k", &xx, &older, Vec::new()).await;
+        (to_a, to_c)
+    })
+    .await;
+    assert!(
+        matches!(
+            to_a,
+            Err(CallError::Refused {
+                code: RefusalCode::NotOwner,
+                ..
+            })
+        ),
+        "{to_a:?}"
+    );
+    assert!(
+        matches!(
+            to_c,
+            Err(CallError::Refused {
+                code: RefusalCode::StaleFence,
+                ..
+            })
+        ),
+        "{to_c:?}"
+    );
+}
+
+#[madsim::test]
+async fn malformed_calls_get_a_clear_status_and_the_member_keeps_serving() {
+    let registry = InMemoryRegistry::new();
+    let a = ctx(0);
+    let _a = start_member(0, a.clone(), registry.clone(), Log::default());
+    sleep(Duration::from_secs(1)).await;
+    let (address, id) = (a.member.address.clone(), a.member.id.to_string());
+    from_outside(async move {
+        use shoal::provider::remote::pb;
+        let mut client = pb::partition_service_client::PartitionServiceClient::connect(format!(
+            "http://{address}"
+        ))
         .await
         .unwrap();
-    assert_eq!(at.fence.owner, a.member.id);
-    let t = a.partition_manager.topology();
-    let owner = a.partition_manager.owner("k", &x).map(|m| m.id.clone());
-    let decision =
-        acts.lock()
-            .unwrap()
-            .request("k", &x, &at.fence, owner.as_ref(), t.epoch(), t.version());
-    assert!(matches!(decision, Decision::Activated(_)), "{decision:?}");
-    // c joins: x is c's now. a drains it (a request is still in flight) and lets it go at the
-    // drain deadline.
-    let pc = InMemoryProvider::new(registry.clone());
-    pc.start_member(c.clone()).await.unwrap();
-    sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        acts.lock().unwrap().request("k", &x, &at.fence, None, 0, 0),
-        Decision::Refused(Refusal::Draining)
-    );
-    assert!(gone.lock().unwrap().is_empty());
-    sleep(Duration::from_secs(2)).await;
-    assert_eq!(*gone.lock().unwrap(), vec![x.clone()]);
-    // A caller still routing with the old fence is sent to the new owner.
-    let t = a.partition_manager.topology();
-    let owner = a.partition_manager.owner("k", &x).map(|m| m.id.clone());
-    assert_eq!(owner.as_ref(), Some(&c.member.id));
-    assert_eq!(
-        acts.lock()
-            .unwrap()
-            .request("k", &x, &at.fence, owner.as_ref(), t.epoch(), t.version()),
-        Decision::Refused(Refusal::NotOwner { owner })
-    );
+        let req = |kind: &str, fence: Option<pb::Fence>, payload: Vec<u8>| pb::CallRequest {
+            cluster: "c".into(),
+            kind: kind.into(),
+            identity: "x".into(),
+            fence,
+            payload,
+        };
+        let fence = pb::Fence {
+            epoch: 0,
+            version: 1,
+            owner_id: id,
+        };
+        let s = client
+            .call(req("", Some(fence.clone()), vec![]))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        let s = client.call(req("k", None, vec![])).await.unwrap_err();
+        assert!(s.message().contains("fence is required"), "{s:?}");
+        let s = client
+            .call(req("k", Some(fence.clone()), vec![0; 70 * 1024]))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        // Still serving.
+        let ok = client.call(req("k", Some(fence), b"hi".to_vec())).await;
+        assert!(ok.is_ok(), "{ok:?}");
+    })
+    .await;
 }

@@ -15,12 +15,14 @@ use std::time::Duration;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use madsim::time::{Instant, sleep};
+use shoal::activation::{ActivationClient, ActivationHost};
 use shoal::etcd::memory::MemoryEtcd;
 use shoal::etcd::{EtcdProvider, EtcdProviderConfig, EtcdProviderMetrics};
 use shoal::kubernetes::api::ObjectReference;
 use shoal::kubernetes::memory::MemoryApiServer;
 use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics};
 use shoal::metrics::{EventMetrics, PlacementMetrics};
+use shoal::provider::PartitionService;
 use shoal::provider::memory::{InMemoryProvider, InMemoryRegistry};
 use shoal::registry::{
     RegistryConfig, RegistryMetrics, RegistryProvider, RegistryProviderConfig,
@@ -32,6 +34,7 @@ use shoal::{
     PartitionConfig, PartitionManager,
 };
 
+use crate::activation::{ActivationOracle, SimActors};
 use crate::apiserver::{
     APISERVER_PORT, EndpointController, KubeDoor, PodState, SERVICE, SimKubeApi, pod_zone,
 };
@@ -247,6 +250,8 @@ pub struct Incarnation {
     pub ready_at: Option<Instant>,
     /// The description the harness last asked this process to have (members).
     pub description: Description,
+    /// The node's activation client, once its provider started.
+    pub activation: Option<Arc<ActivationClient>>,
 }
 
 impl Incarnation {
@@ -320,6 +325,8 @@ pub struct SimCluster {
     healed: AtomicBool,
     metrics: Arc<Mutex<Vec<MetricSource>>>,
     registry: Option<RegistryControl>,
+    /// What the nodes' actors did (the activation checkers).
+    activation: Arc<ActivationOracle>,
 }
 
 /// The registry node and what the harness keeps of it across restarts.
@@ -397,6 +404,7 @@ impl SimCluster {
             ),
         };
         let oracles = Oracles::new(recorder.clone(), bounds);
+        let activation = ActivationOracle::new(recorder.clone());
         let door = Arc::new(Door::default());
         door.set_duplicate_leaves(b.knobs.duplicate_leaves);
         door.set_lose_first_leave(b.knobs.lose_first_leave);
@@ -513,6 +521,7 @@ impl SimCluster {
                 stop: stop.clone(),
                 metrics: metrics.clone(),
                 fresh: fresh.clone(),
+                activation: activation.clone(),
             };
             let node = handle
                 .create_node()
@@ -550,6 +559,7 @@ impl SimCluster {
             healed: AtomicBool::new(false),
             metrics,
             registry,
+            activation,
         });
         if cluster.registry.is_some() {
             let c = cluster.clone();
@@ -604,6 +614,21 @@ impl SimCluster {
                     .map(|inc| (s.name.clone(), s.is_client, inc))
             })
             .collect()
+    }
+
+    /// Runs `fut` on node `name` (its network, its clock) and waits for it; `None` if there is
+    /// no such node or it died meanwhile.
+    pub async fn on_node<T: Send + 'static>(
+        &self,
+        name: &str,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let id = lock(&self.slots)
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.node.id())?;
+        // A fresh handle: the slot's own one spawns into the node's first run only.
+        self.handle.get_node(id)?.spawn(fut).await.ok()
     }
 
     /// Running nodes whose new incarnation has not published itself yet (just restarted).
@@ -770,6 +795,7 @@ impl SimCluster {
             (lock(&s.current).take().map(|c| c.id), s.name.clone())
         };
         self.handle.kill(self.node_id(i));
+        self.activation.crashed(&name);
         self.refresh_health();
         self.pod_not_ready_later(&name);
         self.recorder.node_down(&name);
@@ -861,6 +887,7 @@ impl SimCluster {
             c.handle.kill(c.node_id(i));
             c.refresh_health();
             let name = format!("m{i}");
+            c.activation.crashed(&name);
             c.recorder.node_down(&name);
             c.recorder.trace(&name, "left gracefully; process ended");
             if let Some(id) = id {
@@ -1160,6 +1187,7 @@ impl SimCluster {
                 self.handle.pause(self.node_id(member));
                 self.refresh_health();
                 let name = lock(&self.slots)[member].name.clone();
+                self.activation.set_paused(&name, true);
                 self.pod_not_ready_later(&name);
                 self.later(duration, move |c| {
                     c.resume(member);
@@ -1180,6 +1208,9 @@ impl SimCluster {
                     let mut slots = lock(&self.slots);
                     let bound = i64::from(shoal::provider::LeaseTiming::DEFAULT_MAX_DRIFT_PPM);
                     slots[member].wild_clock |= drift_ppm.abs() > bound;
+                    if slots[member].wild_clock {
+                        self.activation.set_wild(&slots[member].name);
+                    }
                     slots[member].clock.clone()
                 };
                 clock.set_wall_offset_ms(offset_ms);
@@ -1411,6 +1442,7 @@ impl SimCluster {
         if slots[i].paused {
             slots[i].paused = false;
             slots[i].unpaused_at = Some(Instant::now());
+            self.activation.set_paused(&slots[i].name, false);
             let id = slots[i].node.id();
             let pod = pod_name(&slots[i].name);
             drop(slots);
@@ -1660,6 +1692,7 @@ struct NodeSpec {
     metrics: Arc<Mutex<Vec<MetricSource>>>,
     fresh: Arc<FreshOwners>,
     app: Option<AppFn>,
+    activation: Arc<ActivationOracle>,
 }
 
 impl NodeSpec {
@@ -1814,6 +1847,7 @@ impl NodeSpec {
             } else {
                 base_description()
             },
+            activation: None,
         });
         let mut attempt = 0u32;
         loop {
@@ -1841,9 +1875,50 @@ impl NodeSpec {
                 }
             }
         }
+        // Actors: members host them (served by the real partition service over the simulated
+        // network); every node calls them.
+        let host = (!self.is_client).then(|| {
+            let actors = SimActors::new(
+                self.name.clone(),
+                ctx.clone(),
+                self.knobs.placement_rule(),
+                self.activation.clone(),
+                self.recorder.clone(),
+            );
+            let host = ActivationHost::new(
+                ctx.clone(),
+                actors.clone(),
+                crate::activation::transport(&ctx),
+                crate::activation::config(),
+            );
+            actors.attach(&host);
+            host
+        });
+        if let Some(host) = &host {
+            // Detached: it dies with the node.
+            drop(host.start());
+            let service = PartitionService::new(ctx.partition_manager.clone())
+                .with_host(host.clone())
+                .server();
+            let addr = SocketAddr::new(self.ip, crate::activation::PORT);
+            let rec = self.recorder.clone();
+            let name = self.name.clone();
+            madsim::task::spawn(async move {
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve(addr)
+                    .await
+                {
+                    rec.trace(&name, format!("partition service ended: {e}"));
+                }
+            });
+        }
+        let client = crate::activation::client(&ctx, host.clone());
         if let Some(inc) = lock(&self.current).as_mut() {
             inc.ready_at = Some(Instant::now());
+            inc.activation = Some(client.clone());
         }
+        madsim::task::spawn(crate::activation::workload(client, self.recorder.clone()));
         self.recorder.trace(&self.name, "provider started");
         if !self.is_client {
             madsim::task::spawn(self.clone().describer(provider.clone()));
@@ -1883,6 +1958,9 @@ impl NodeSpec {
             biased;
             _ = stop => {}
             _ = app => {}
+        }
+        if let Some(host) = &host {
+            host.shutdown();
         }
         match provider.shutdown(true).await {
             Ok(()) => self

@@ -27,6 +27,18 @@ pub enum Flaw {
     /// No defect.
     #[default]
     None,
+    /// Planted in the activation host: a lost membership does not deactivate the actors (a
+    /// cut-off member keeps serving what peers take over).
+    ActorsKeptOnLost,
+    /// Planted in the activation host: every topology change drains every active identity,
+    /// not only the ones whose owner changed.
+    DrainOnAnyChange,
+    /// Planted in the activation host: a claim whose release round failed returns early and
+    /// is never dropped, so the identity stays "being activated" for good.
+    ClaimNotDropped,
+    /// Planted in the activation host: a release request is answered as soon as the identity
+    /// starts draining, not once it is deactivated.
+    ReleaseBeforeDrained,
     /// `m0` re-publishes the previous topology after each new one (applies stale versions).
     StaleReplay,
     /// `m0` corrupts the address of one member in every topology it applies (same version,
@@ -128,6 +140,10 @@ impl Flaw {
     /// The name of the one-line defect this flaw plants in the real code, if it is one.
     pub fn planted(self) -> Option<&'static str> {
         Some(match self {
+            Flaw::ActorsKeptOnLost => "actors-kept-on-lost",
+            Flaw::DrainOnAnyChange => "drain-on-any-change",
+            Flaw::ClaimNotDropped => "claim-not-dropped",
+            Flaw::ReleaseBeforeDrained => "release-before-drained",
             Flaw::NeverExpire => "never-expire",
             Flaw::HeartbeatNoRenew => "heartbeat-no-renew",
             Flaw::ShortLease => "short-lease",

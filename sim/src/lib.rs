@@ -23,6 +23,8 @@
 //! [madsim]: https://docs.rs/madsim
 
 #[cfg(madsim)]
+pub mod activation;
+#[cfg(madsim)]
 pub mod apiserver;
 #[cfg(madsim)]
 pub mod bench;

@@ -101,6 +101,11 @@ impl Recorder {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Simulated ms since the run started at `at`.
+    pub fn ms_of(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_millis() as u64
+    }
+
     /// Appends a trace line.
     pub fn trace(&self, node: &str, event: impl Into<String>) {
         let at_ms = self.now_ms();

@@ -437,14 +437,22 @@ pub fn all() -> Vec<Scenario> {
             "TTL failover: one member crashes for good, another crashes and restarts",
             75,
             member_crash,
-            &["registry: expiries", "workload: reports with moves"],
+            &[
+                "registry: expiries",
+                "workload: reports with moves",
+                "activation: state handed over",
+            ],
         ),
         reg(
             "partition-heal",
             "one or two members (sometimes with the registry) partitioned, then healed, twice",
             75,
             partition_heal,
-            &["provider: heartbeat failures", "provider: re-joins"],
+            &[
+                "provider: heartbeat failures",
+                "provider: re-joins",
+                "activation: deactivated (membership lost)",
+            ],
         ),
         reg(
             "heartbeat-loss",
@@ -498,6 +506,7 @@ pub fn all() -> Vec<Scenario> {
                 "registry: leaves",
                 "fault: leave",
                 "registry: first leave lost on the way",
+                "activation: deactivated (shutdown)",
             ],
         ),
         reg(
@@ -1067,6 +1076,9 @@ async fn run_inner(
     cluster.heal_all();
     let converged = check_liveness(&cluster).await;
     check_safety(&cluster, &mut Default::default());
+    if converged.is_some() {
+        crate::activation::check_final(&cluster).await;
+    }
     cluster.record_path_counts();
     (recorder.snapshot(), converged)
 }

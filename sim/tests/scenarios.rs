@@ -552,3 +552,57 @@ fn no_false_expiry_fires_on_an_etcd_member_that_keeps_alive_too_seldom() {
     );
     assert!(v.contains("must never expire"), "{v}");
 }
+
+/// A member that keeps its actors after losing its lease: peers take its identities over while
+/// it still holds them.
+#[test]
+fn single_activation_checker_fires_on_actors_kept_after_a_lost_membership() {
+    let v = first_failure(
+        "partition-heal",
+        Flaw::ActorsKeptOnLost,
+        "single activation:",
+    );
+    assert!(
+        v.contains("while") && v.contains("has held it active"),
+        "{v}"
+    );
+}
+
+/// The same broken hand-off seen from a caller: after a registry restart the node re-joined
+/// as a new incarnation but still serves the identity as the one from before it left.
+#[test]
+fn stale_routing_checker_fires_on_actors_kept_after_a_lost_membership() {
+    let v = first_failure(
+        "registry-restart",
+        Flaw::ActorsKeptOnLost,
+        "no stale routing:",
+    );
+    assert!(v.contains("rendezvous"), "{v}");
+}
+
+/// A release answered when the identity starts draining instead of once it is gone: the new
+/// owner activates while a call is still in flight on the old one.
+#[test]
+fn single_activation_checker_fires_on_a_release_answered_before_the_drain() {
+    let r = run("graceful-leave", 5, Flaw::ReleaseBeforeDrained);
+    assert!(
+        r.recording
+            .violations
+            .iter()
+            .any(|v| v.contains("single activation:")),
+        "{:#?}",
+        r.recording.violations
+    );
+}
+
+#[test]
+fn minimal_movement_checker_fires_on_draining_everything_on_every_change() {
+    let v = first_failure("member-crash", Flaw::DrainOnAnyChange, "minimal movement:");
+    assert!(v.contains("still names it as the owner"), "{v}");
+}
+
+#[test]
+fn availability_checker_fires_on_a_claim_never_dropped_after_a_failed_release_round() {
+    let v = first_failure("member-crash", Flaw::ClaimNotDropped, "availability:");
+    assert!(v.contains("after convergence"), "{v}");
+}

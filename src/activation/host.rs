@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::metrics::{ActivationMetrics, ReasonLabel};
-use super::registry::{Activations, Decision, Fence, Release, Refusal};
+use super::registry::{Activations, Decision, Fence, Phase, Refusal, Release};
 use crate::ClusterEvent;
 use crate::cluster::{ClusterTopology, Member, MemberId};
 use crate::provider::ClusterProviderContext;
@@ -36,6 +36,8 @@ pub enum Deactivation {
     /// This node lost its membership, or could not prove it held it when asked to serve: peers
     /// may take every identity over.
     MembershipLost,
+    /// The node is shutting down ([`ActivationHost::shutdown`]).
+    Shutdown,
 }
 
 impl Deactivation {
@@ -43,6 +45,7 @@ impl Deactivation {
         match self {
             Deactivation::Moved => "moved",
             Deactivation::MembershipLost => "membership_lost",
+            Deactivation::Shutdown => "shutdown",
         }
     }
 }
@@ -219,6 +222,11 @@ pub struct ActivationConfig {
     pub max_activations: usize,
     /// Most handed-over states kept for members that have not asked for them yet.
     pub max_handed_states: usize,
+    /// How long after its topology's epoch changed (the backend restarted without its state)
+    /// this node activates nothing, when its provider does not announce a lease TTL (the TTL
+    /// is used when it does): members missing from the new epoch's first views may still hold
+    /// activations until their own lease runs out.
+    pub epoch_quarantine: Duration,
 }
 
 impl Default for ActivationConfig {
@@ -228,6 +236,7 @@ impl Default for ActivationConfig {
             release_timeout: Duration::from_secs(1),
             max_activations: 100_000,
             max_handed_states: 1_024,
+            epoch_quarantine: Duration::from_secs(10),
         }
     }
 }
@@ -268,6 +277,8 @@ pub struct ActivationHost {
     transport: Arc<dyn Transport>,
     config: ActivationConfig,
     handed: Mutex<HandedStates>,
+    /// The topology epoch last seen, and until when claims wait after it changed.
+    epoch: Mutex<(u64, Option<crate::runtime::Instant>)>,
     /// Woken whenever identities are deactivated (release answers wait for it).
     deactivated: tokio::sync::Notify,
     metrics: ActivationMetrics,
@@ -305,6 +316,7 @@ impl ActivationHost {
             transport,
             config,
             handed: Mutex::default(),
+            epoch: Mutex::new((0, None)),
             deactivated: tokio::sync::Notify::new(),
             metrics: ActivationMetrics::default(),
         })
@@ -327,7 +339,8 @@ impl ActivationHost {
 
     /// Keeps the activations in step with the node's membership events: identities this node
     /// no longer owns drain for the configured time; a lost membership deactivates everything;
-    /// a restored one takes the new incarnation. Stops when the returned handle is dropped.
+    /// a restored one takes the new incarnation. Runs until the node's event stream closes or
+    /// the returned handle is aborted.
     pub fn start(self: &Arc<Self>) -> TaskHandle {
         let mut events = self.ctx.events.subscribe();
         let host = self.clone();
@@ -346,20 +359,24 @@ impl ActivationHost {
                     let now = clock.now();
                     match event {
                         Some(Ok(ClusterEvent::MembershipLost { .. })) => {
-                            let gone = lock(&host.state).lost();
-                            host.finish(gone, Deactivation::MembershipLost);
+                            host.let_go_of_everything(Deactivation::MembershipLost, true);
                         }
                         Some(Ok(ClusterEvent::MembershipRestored { member, .. })) => {
                             lock(&host.state).restored(member.id);
                         }
                         Some(Ok(ClusterEvent::TopologyChanged { .. }))
                         | Some(Err(crate::SubscriptionError::Lagged { .. })) => {
+                            host.standing();
+                            host.quarantined(host.ctx.partition_manager.topology().epoch());
                             let gone = {
                                 let pm = &host.ctx.partition_manager;
                                 let mut a = lock(&host.state);
+                                let every = crate::runtime::sim::flaw("drain-on-any-change");
                                 a.reconcile(
                                     |kind, identity| {
-                                        pm.peek_owner(kind, identity).map(|m| m.id.clone())
+                                        pm.peek_owner(kind, identity)
+                                            .filter(|_| !every)
+                                            .map(|m| m.id.clone())
                                     },
                                     now,
                                     host.config.drain,
@@ -386,10 +403,15 @@ impl ActivationHost {
             return;
         }
         for (kind, identity) in gone {
-            self.metrics.deactivations.get_or_create(&ReasonLabel { reason: why.label() }).inc();
+            self.metrics
+                .deactivations
+                .get_or_create(&ReasonLabel {
+                    reason: why.label(),
+                })
+                .inc();
             tracing::debug!(member = %self.ctx.member.id, kind = %kind, identity = %identity, reason = why.label(), "deactivated");
             let state = self.actors.deactivate(&kind, &identity, why);
-            if let (Some(state), Deactivation::Moved) = (state, why) {
+            if let (Some(state), Deactivation::Moved | Deactivation::Shutdown) = (state, why) {
                 lock(&self.handed).put((kind, identity), state, self.config.max_handed_states);
             }
         }
@@ -397,15 +419,64 @@ impl ActivationHost {
         self.deactivated.notify_waiters();
     }
 
+    /// Deactivates everything at once; with `member_no_more`, refuses every call until the
+    /// membership is restored.
+    fn let_go_of_everything(&self, why: Deactivation, member_no_more: bool) {
+        if crate::runtime::sim::flaw("actors-kept-on-lost") && why == Deactivation::MembershipLost {
+            return;
+        }
+        let gone = {
+            let mut a = lock(&self.state);
+            if member_no_more {
+                a.lost()
+            } else {
+                a.deactivate_all()
+            }
+        };
+        self.finish(gone, why);
+    }
+
+    /// Stops serving: everything is deactivated (actor state is kept for the members that
+    /// take the identities over and ask for it) and every later call is refused. Call it
+    /// before the provider's graceful shutdown, so nothing is active once peers see this member
+    /// leave.
+    pub fn shutdown(&self) {
+        self.let_go_of_everything(Deactivation::Shutdown, true);
+    }
+
     /// Whether this node can prove it holds its membership now. If not, everything active is
     /// deactivated at once (a process waking from a pause, before its loss is announced).
     fn standing(&self) -> bool {
         if self.ctx.standing.held_at(self.ctx.clock.now()) {
+            // The incarnation the provider renews now (a re-join's event may have been lost
+            // to a lagging subscription).
+            if let Some(id) = self.ctx.standing.member() {
+                let mut a = lock(&self.state);
+                if a.me() != &id || !a.is_member() {
+                    a.restored(id);
+                }
+            }
             return true;
         }
-        let gone = lock(&self.state).deactivate_all();
-        self.finish(gone, Deactivation::MembershipLost);
+        self.let_go_of_everything(Deactivation::MembershipLost, false);
         false
+    }
+
+    /// Whether claims must wait: the topology's epoch changed from a known one less than a
+    /// TTL ago (the backend lost its state: a member missing from the new views may still
+    /// hold activations until its own lease runs out, and it is not asked).
+    fn quarantined(&self, epoch: u64) -> bool {
+        let now = self.ctx.clock.now();
+        let mut e = lock(&self.epoch);
+        if e.0 != epoch {
+            let wait = self
+                .ctx
+                .standing
+                .ttl()
+                .unwrap_or(self.config.epoch_quarantine);
+            *e = (epoch, (e.0 != 0).then(|| now + wait));
+        }
+        e.1.is_some_and(|until| now < until)
     }
 
     fn owner(&self, kind: &str, identity: &str) -> (Arc<ClusterTopology>, Option<MemberId>) {
@@ -450,7 +521,14 @@ impl ActivationHost {
             Decision::Activated(held) => (held, true),
             Decision::Refused(r) => return Err(self.refuse(&r)),
             Decision::Claim(claim) => {
+                if self.quarantined(t.epoch()) {
+                    lock(&self.state).claimed(kind, identity, &claim, false, None);
+                    return Err(self.refuse(&Refusal::Activating));
+                }
                 let round = self.ask_to_let_go(&t, kind, identity, &claim).await;
+                if crate::runtime::sim::flaw("claim-not-dropped") {
+                    round.clone()?;
+                }
                 if !self.standing() {
                     return Err(self.refuse(&Refusal::NotAMember));
                 }
@@ -467,8 +545,7 @@ impl ActivationHost {
                         self.metrics.activations.inc();
                         self.metrics.active.set(lock(&self.state).len() as i64);
                         tracing::debug!(member = %held.owner, kind, identity, version = held.version, "activated");
-                        self.actors
-                            .activate(kind, identity, round.ok().flatten());
+                        self.actors.activate(kind, identity, round.ok().flatten());
                         (held, true)
                     }
                     Decision::Refused(r) => {
@@ -563,7 +640,8 @@ impl ActivationHost {
         }
         let (_, owner) = self.owner(kind, identity);
         let now = self.ctx.clock.now();
-        let answer = lock(&self.state).release(kind, identity, owner.as_ref(), now, self.config.drain);
+        let answer =
+            lock(&self.state).release(kind, identity, owner.as_ref(), now, self.config.drain);
         match answer {
             Release::Refused => {
                 self.metrics
@@ -584,14 +662,26 @@ impl ActivationHost {
                 was_active: false,
                 handed: lock(&self.handed).take(&key),
             }),
-            Release::Draining { until } => {
-                loop {
+            Release::Draining { .. } => {
+                while !crate::runtime::sim::flaw("release-before-drained") {
                     let woken = self.deactivated.notified();
                     let gone = lock(&self.state).tick(self.ctx.clock.now());
                     self.finish(gone, Deactivation::Moved);
-                    if !lock(&self.state).is_active(kind, identity) {
-                        break;
-                    }
+                    let phase = lock(&self.state).phase_of(kind, identity);
+                    let until = match phase {
+                        None => break,
+                        Some(Phase::Draining { until }) => until,
+                        // It came back to this member before it was let go.
+                        Some(Phase::Active) => {
+                            return Err(CallError::Refused {
+                                code: RefusalCode::OwnedHere,
+                                detail: format!(
+                                    "{} claims it, but it moved back to this member",
+                                    claim.owner
+                                ),
+                            });
+                        }
+                    };
                     let wait = until.saturating_duration_since(self.ctx.clock.now());
                     tokio::select! {
                         _ = woken => {}

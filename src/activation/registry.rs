@@ -245,6 +245,13 @@ impl Activations {
         }
     }
 
+    /// Where `kind/identity` stands here, if it is active or draining.
+    pub fn phase_of(&self, kind: &str, identity: &str) -> Option<Phase> {
+        self.active
+            .get(&(kind.to_string(), identity.to_string()))
+            .map(|a| a.phase)
+    }
+
     /// Whether `kind/identity` is active (or draining) here.
     pub fn is_active(&self, kind: &str, identity: &str) -> bool {
         self.active
@@ -298,9 +305,16 @@ impl Activations {
     ) -> Vec<(String, String)> {
         let mut draining = Vec::new();
         for ((kind, identity), a) in &mut self.active {
-            if a.phase == Phase::Active && owner_of(kind, identity).as_ref() != Some(&self.me) {
-                a.phase = Phase::Draining { until: now + drain };
-                draining.push((kind.clone(), identity.clone()));
+            let mine = owner_of(kind, identity).as_ref() == Some(&self.me);
+            match a.phase {
+                Phase::Active if !mine => {
+                    a.phase = Phase::Draining { until: now + drain };
+                    draining.push((kind.clone(), identity.clone()));
+                }
+                // Back before it was let go: nobody else can hold it (a member asking for it
+                // is answered only once it is gone here), so it serves again.
+                Phase::Draining { .. } if mine => a.phase = Phase::Active,
+                _ => {}
             }
         }
         draining
@@ -338,6 +352,11 @@ impl Activations {
     /// This node's member incarnation.
     pub fn me(&self) -> &MemberId {
         &self.me
+    }
+
+    /// Whether this node counts itself a member (no loss announced since the last restore).
+    pub fn is_member(&self) -> bool {
+        self.member
     }
 
     /// How many identities are active, draining or being activated here.
@@ -536,7 +555,10 @@ mod tests {
         let drain = Duration::from_secs(2);
         act(&mut a, "x", &fence(5, "a"), "a");
         // Its own view still names it: the asker is ahead or behind; nobody activates.
-        assert_eq!(a.release("k", "x", Some(&id("a")), t0, drain), Release::Refused);
+        assert_eq!(
+            a.release("k", "x", Some(&id("a")), t0, drain),
+            Release::Refused
+        );
         // Its view moved x to b: it drains, and answers once it is gone.
         assert_eq!(
             a.release("k", "x", Some(&id("b")), t0, drain),
@@ -546,7 +568,10 @@ mod tests {
         a.finished("k", "x");
         assert_eq!(a.tick(t0).len(), 1);
         assert!(!a.is_active("k", "x"));
-        assert_eq!(a.release("k", "x", Some(&id("b")), t0, drain), Release::Released);
+        assert_eq!(
+            a.release("k", "x", Some(&id("b")), t0, drain),
+            Release::Released
+        );
     }
 
     #[test]
@@ -556,7 +581,10 @@ mod tests {
         let f = fence(5, "a");
         // b asked a to let go while a was asking the others: b's claim wins the race here
         // (a's view named b), a's claim is dropped.
-        assert_eq!(a.request("k", "x", &f, Some(&id("a")), 1, 5), Decision::Claim(f.clone()));
+        assert_eq!(
+            a.request("k", "x", &f, Some(&id("a")), 1, 5),
+            Decision::Claim(f.clone())
+        );
         assert_eq!(
             a.release("k", "x", Some(&id("b")), t0, Duration::from_secs(1)),
             Release::Released
@@ -566,12 +594,18 @@ mod tests {
             Decision::Refused(Refusal::Activating)
         );
         // A member did not answer: not activated, and the next request claims again.
-        assert_eq!(a.request("k", "x", &f, Some(&id("a")), 1, 5), Decision::Claim(f.clone()));
+        assert_eq!(
+            a.request("k", "x", &f, Some(&id("a")), 1, 5),
+            Decision::Claim(f.clone())
+        );
         assert_eq!(
             a.claimed("k", "x", &f, false, Some(&id("a"))),
             Decision::Refused(Refusal::NotReleased)
         );
-        assert_eq!(a.request("k", "x", &f, Some(&id("a")), 1, 5), Decision::Claim(f.clone()));
+        assert_eq!(
+            a.request("k", "x", &f, Some(&id("a")), 1, 5),
+            Decision::Claim(f.clone())
+        );
         // The view moved while asking: not activated.
         assert!(matches!(
             a.claimed("k", "x", &f, true, Some(&id("b"))),

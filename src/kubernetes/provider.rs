@@ -837,7 +837,12 @@ impl Session {
                 view.version,
                 listed.members.iter().cloned(),
             ) {
-                Ok(topology) => match self.ctx.apply_topology(Arc::new(topology)) {
+                // Each node numbers its own topologies: the epoch names the numbering (this
+                // node's), so versions are never compared across nodes (activation fences).
+                Ok(topology) => match self
+                    .ctx
+                    .apply_topology(Arc::new(topology.with_epoch(node_epoch(&self.ctx))))
+                {
                     Ok(_) | Err(PlacementError::StaleTopology { .. }) => {}
                     Err(e) => tracing::warn!(error = %e, "topology not applied"),
                 },
@@ -1144,6 +1149,12 @@ impl ClusterProvider for KubernetesProvider {
         let session = self.session().await?;
         GrpcPartitionManager::of_listed(&session.ctx, member, session.config.partition_rpc_timeout)
     }
+}
+
+/// The epoch of the topologies this node numbers: a fixed hash of the cluster name and the
+/// node's address (never 0, the empty topology's), stable for the process.
+fn node_epoch(ctx: &ClusterProviderContext) -> u64 {
+    crate::placement::hash::key_hash(&ctx.cluster_name, &ctx.member.address) | 1
 }
 
 #[cfg(test)]

@@ -185,7 +185,14 @@ impl LeaseTracker {
 /// yet). Shared through [`crate::provider::ClusterProviderContext::standing`]; providers without
 /// leases (in memory) leave it unbounded.
 #[derive(Clone, Debug, Default)]
-pub struct MembershipWindow(std::sync::Arc<std::sync::Mutex<Window>>);
+pub struct MembershipWindow(std::sync::Arc<std::sync::Mutex<WindowState>>);
+
+#[derive(Debug, Default)]
+struct WindowState {
+    window: Window,
+    member: Option<crate::cluster::MemberId>,
+    ttl: Option<Duration>,
+}
 
 /// What a [`MembershipWindow`] holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -200,9 +207,25 @@ pub enum Window {
 }
 
 impl MembershipWindow {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The window now.
     pub fn get(&self) -> Window {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().window
+    }
+
+    /// The backend's TTL as the provider last knew it (`None` for providers without leases).
+    pub fn ttl(&self) -> Option<Duration> {
+        self.lock().ttl
+    }
+
+    /// The incarnation whose registration the last accepted renewal held (`None` before the
+    /// first, and for providers without leases). Unlike the membership events, it cannot be
+    /// missed by a subscriber that lagged.
+    pub fn member(&self) -> Option<crate::cluster::MemberId> {
+        self.lock().member.clone()
     }
 
     /// Whether the node holds its membership at `now`.
@@ -215,7 +238,15 @@ impl MembershipWindow {
     }
 
     pub(crate) fn set(&self, w: Window) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = w;
+        self.lock().window = w;
+    }
+
+    pub(crate) fn renewed(&self, until: Instant, member: &crate::cluster::MemberId, ttl: Duration) {
+        *self.lock() = WindowState {
+            window: Window::Until(until),
+            member: Some(member.clone()),
+            ttl: Some(ttl),
+        };
     }
 }
 
@@ -271,12 +302,14 @@ impl MemberStanding {
         member: &crate::cluster::Member,
         sent_at: Instant,
     ) {
-        let (transition, deadline) = {
+        let (transition, deadline, ttl) = {
             let mut t = self.tracker();
-            (t.renewed(sent_at), t.deadline())
+            (t.renewed(sent_at), t.deadline(), t.timing().ttl)
         };
-        ctx.standing
-            .set(deadline.map(Window::Until).unwrap_or(Window::Closed));
+        match deadline {
+            Some(until) => ctx.standing.renewed(until, &member.id, ttl),
+            None => ctx.standing.set(Window::Closed),
+        }
         self.changed.notify_one();
         if let Some(t) = transition {
             self.announce(ctx, t, member);

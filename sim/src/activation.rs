@@ -1,0 +1,418 @@
+//! The activation workload and its checkers: every node keeps calling a rotating set of
+//! virtual-actor identities through [`ActivationClient`]; members host them
+//! ([`ActivationHost`], served over the simulated network by the real gRPC service). The
+//! harness's own actors tell the [`ActivationOracle`] each activation, call and deactivation as
+//! it happens, and it judges:
+//!
+//! * **single activation**, continuously: when a node activates an identity or serves a call to
+//!   it, no other live node holds it active (a paused node is judged from the moment it acts
+//!   again; nodes whose clock drifts beyond the bound providers assume are not judged);
+//! * **minimal movement**, continuously: an identity is deactivated because it moved only if
+//!   the node's own topology gives it to another member at that moment;
+//! * **availability** and **no stale routing**, after the final heal ([`check_final`]): every
+//!   node calls every identity; each call succeeds, and its first attempt goes to the owner
+//!   rendezvous names over the node's converged topology.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use madsim::time::{Instant, sleep};
+use shoal::activation::{
+    ActivationClient, ActivationConfig, ActivationHost, Actors, Deactivation, GrpcTransport,
+    PlacementLookup,
+};
+use shoal::placement::PlacementRule;
+use shoal::{ClusterProviderContext, MemberId};
+
+use crate::cluster::{KIND, SimCluster};
+use crate::record::Recorder;
+use crate::workload::naive_owner_by;
+
+/// Identities the activation workload calls.
+pub const IDENTITIES: usize = 24;
+/// Their names' prefix.
+pub const PREFIX: &str = "act-";
+/// Calls per round.
+const PER_ROUND: usize = 3;
+/// Time between rounds (node clock).
+const PERIOD: Duration = Duration::from_secs(1);
+/// The port every member serves its partition service (and actors) on.
+pub const PORT: u16 = 4000;
+
+/// The identities, named once (immutable, so sharing them across simulated nodes is safe).
+pub fn identities() -> &'static [String] {
+    static IDS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..IDENTITIES).map(|i| format!("{PREFIX}{i}")).collect());
+    &IDS
+}
+
+/// The activation settings simulations use (the library's defaults).
+pub fn config() -> ActivationConfig {
+    ActivationConfig::default()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct Held {
+    incarnation: MemberId,
+    since: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Identity -> node -> its activation there.
+    holders: BTreeMap<String, BTreeMap<String, Held>>,
+    paused: BTreeSet<String>,
+    wild: BTreeSet<String>,
+}
+
+/// What the harness's actors saw, judged as it happens (see the module docs).
+#[derive(Debug)]
+pub struct ActivationOracle {
+    rec: Recorder,
+    state: Mutex<State>,
+}
+
+impl ActivationOracle {
+    /// An oracle writing to `rec`.
+    pub fn new(rec: Recorder) -> Arc<Self> {
+        Arc::new(Self {
+            rec,
+            state: Mutex::default(),
+        })
+    }
+
+    /// `node` is paused (its process holds what it held, and does nothing) or resumed.
+    pub fn set_paused(&self, node: &str, paused: bool) {
+        let mut s = lock(&self.state);
+        if paused {
+            s.paused.insert(node.to_string());
+        } else {
+            s.paused.remove(node);
+        }
+    }
+
+    /// `node`'s clock drifts beyond the bound providers assume: its activations are not judged.
+    pub fn set_wild(&self, node: &str) {
+        lock(&self.state).wild.insert(node.to_string());
+    }
+
+    /// `node`'s process died: its actors died with it.
+    pub fn crashed(&self, node: &str) {
+        let mut s = lock(&self.state);
+        s.paused.remove(node);
+        for holders in s.holders.values_mut() {
+            holders.remove(node);
+        }
+    }
+
+    /// Judges single activation for `node` acting on `identity` now.
+    fn judge(&self, s: &State, node: &str, identity: &str, what: &str) {
+        let Some(holders) = s.holders.get(identity) else {
+            return;
+        };
+        for (other, held) in holders {
+            if other == node || s.paused.contains(other.as_str()) {
+                continue;
+            }
+            if s.wild.contains(node) || s.wild.contains(other.as_str()) {
+                self.rec
+                    .count("activation: overlap not judged (clock beyond the drift bound)");
+                continue;
+            }
+            self.rec.violation_once(
+                format!("single {identity} {node} {other}"),
+                format!(
+                    "single activation: {node} {what} {KIND}/{identity} while {other} (as {}) has held it active since {} ms",
+                    held.incarnation,
+                    self.rec.ms_of(held.since)
+                ),
+            );
+        }
+    }
+
+    fn activated(&self, node: &str, incarnation: MemberId, identity: &str) {
+        let mut s = lock(&self.state);
+        self.judge(&s, node, identity, "activated");
+        s.holders.entry(identity.to_string()).or_default().insert(
+            node.to_string(),
+            Held {
+                incarnation,
+                since: Instant::now(),
+            },
+        );
+        self.rec.count("activation: activations");
+    }
+
+    fn served(&self, node: &str, identity: &str) {
+        let s = lock(&self.state);
+        if !s
+            .holders
+            .get(identity)
+            .is_some_and(|h| h.contains_key(node))
+        {
+            self.rec.violation_once(
+                format!("unheld {identity} {node}"),
+                format!(
+                    "single activation: {node} served {KIND}/{identity} without holding it active"
+                ),
+            );
+        }
+        self.judge(&s, node, identity, "served a call to");
+    }
+
+    fn deactivated(&self, node: &str, identity: &str, why: Deactivation, still_owner: bool) {
+        let mut s = lock(&self.state);
+        if let Some(h) = s.holders.get_mut(identity) {
+            h.remove(node);
+        }
+        match why {
+            Deactivation::Moved => {
+                self.rec.count("activation: deactivated (moved)");
+                if still_owner {
+                    self.rec.violation_once(
+                        format!("movement {identity} {node}"),
+                        format!(
+                            "minimal movement: {node} deactivated {KIND}/{identity} as moved while its own topology still names it as the owner"
+                        ),
+                    );
+                }
+            }
+            Deactivation::MembershipLost => {
+                self.rec.count("activation: deactivated (membership lost)")
+            }
+            Deactivation::Shutdown => self.rec.count("activation: deactivated (shutdown)"),
+        }
+    }
+}
+
+/// The harness's actor: a counter per identity, handed over when it moves.
+pub struct SimActors {
+    node: String,
+    ctx: ClusterProviderContext,
+    rule: PlacementRule,
+    oracle: Arc<ActivationOracle>,
+    rec: Recorder,
+    host: Mutex<Option<std::sync::Weak<ActivationHost>>>,
+    counters: Mutex<BTreeMap<String, u64>>,
+}
+
+impl SimActors {
+    /// Actors of `node`.
+    pub fn new(
+        node: String,
+        ctx: ClusterProviderContext,
+        rule: PlacementRule,
+        oracle: Arc<ActivationOracle>,
+        rec: Recorder,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            ctx,
+            rule,
+            oracle,
+            rec,
+            host: Mutex::default(),
+            counters: Mutex::default(),
+        })
+    }
+
+    /// The host driving these actors (for its current incarnation id).
+    pub fn attach(&self, host: &Arc<ActivationHost>) {
+        *lock(&self.host) = Some(Arc::downgrade(host));
+    }
+
+    fn me(&self) -> MemberId {
+        lock(&self.host)
+            .as_ref()
+            .and_then(|h| h.upgrade())
+            .map(|h| h.member_id())
+            .unwrap_or_else(|| self.ctx.member.id.clone())
+    }
+}
+
+#[async_trait]
+impl Actors for SimActors {
+    fn activate(&self, _kind: &str, identity: &str, handed: Option<Vec<u8>>) {
+        let start = match handed {
+            Some(b) if b.len() == 8 => {
+                self.rec.count("activation: state handed over");
+                u64::from_le_bytes(b.try_into().expect("8 bytes"))
+            }
+            _ => 0,
+        };
+        lock(&self.counters).insert(identity.to_string(), start);
+        self.oracle.activated(&self.node, self.me(), identity);
+    }
+
+    async fn call(&self, _kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
+        self.oracle.served(&self.node, identity);
+        // Work takes a while, so moves meet calls in flight.
+        sleep(Duration::from_millis(madsim::rand::random::<u64>() % 150)).await;
+        let mut c = lock(&self.counters);
+        let n = c.entry(identity.to_string()).or_default();
+        *n += 1;
+        let mut out = n.to_le_bytes().to_vec();
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    fn deactivate(&self, _kind: &str, identity: &str, why: Deactivation) -> Option<Vec<u8>> {
+        let me = self.me();
+        let t = self.ctx.partition_manager.topology();
+        let still_owner = naive_owner_by(self.rule, &t, KIND, identity).as_ref() == Some(&me);
+        self.oracle
+            .deactivated(&self.node, identity, why, still_owner);
+        lock(&self.counters)
+            .remove(identity)
+            .map(|n| n.to_le_bytes().to_vec())
+    }
+}
+
+/// A node's activation client over the simulated network.
+pub fn client(
+    ctx: &ClusterProviderContext,
+    host: Option<Arc<ActivationHost>>,
+) -> Arc<ActivationClient> {
+    Arc::new(ActivationClient::new(
+        ctx.clone(),
+        Arc::new(PlacementLookup::new(ctx.partition_manager.clone())),
+        host,
+        transport(ctx),
+        Default::default(),
+    ))
+}
+
+/// The gRPC transport nodes reach each other's actors with.
+pub fn transport(ctx: &ClusterProviderContext) -> Arc<GrpcTransport> {
+    Arc::new(GrpcTransport::new(
+        ctx.cluster_name.clone(),
+        ctx.clock.clone(),
+        Duration::from_secs(1),
+    ))
+}
+
+/// One node's workload: calls [`PER_ROUND`] identities every [`PERIOD`], forever.
+pub async fn workload(client: Arc<ActivationClient>, rec: Recorder) {
+    let mut cursor = madsim::rand::random::<u64>() as usize % IDENTITIES;
+    loop {
+        sleep(PERIOD).await;
+        for _ in 0..PER_ROUND {
+            let id = &identities()[cursor];
+            cursor = (cursor + 1) % IDENTITIES;
+            let called = client.call(KIND, id, Vec::new()).await;
+            match &called.result {
+                Ok(r) if r.activated => rec.count("activation: calls that activated"),
+                Ok(_) => rec.count("activation: calls served"),
+                Err(e) => rec.count(&format!("activation: calls failed ({})", kind_of(e))),
+            }
+            if called.attempts.len() > 1 {
+                rec.count("activation: calls retried");
+            }
+        }
+    }
+}
+
+fn kind_of(e: &shoal::activation::CallError) -> &'static str {
+    use shoal::activation::CallError;
+    match e {
+        CallError::Refused { code, .. } => code.as_str(),
+        CallError::NoOwner { .. } => "no owner",
+        CallError::Unreachable { .. } => "unreachable",
+        CallError::Invalid(_) => "invalid",
+    }
+}
+
+/// How long after convergence every identity must be callable: a drain, a release round, the
+/// quarantine after an epoch change (at least every simulated provider's TTL), and the
+/// client's retries.
+pub fn availability_bound() -> Duration {
+    let c = config();
+    c.drain + c.release_timeout * 2 + c.epoch_quarantine + Duration::from_secs(5)
+}
+
+/// After convergence: every live node calls every identity; each call must succeed within
+/// [`availability_bound`] (availability), and its first attempt must go to the owner
+/// rendezvous names over the node's topology (no stale routing). The calls run on the nodes.
+pub async fn check_final(cluster: &SimCluster) {
+    let rule = cluster.placement_rule();
+    let deadline = Instant::now() + availability_bound();
+    for (name, _, inc) in cluster.live_views() {
+        let Some(client) = inc.activation.clone() else {
+            continue;
+        };
+        let rec = cluster.recorder().clone();
+        let node = name.clone();
+        let probe = async move {
+            for id in identities() {
+                probe(&node, &client, &inc, rule, id, deadline, &rec).await;
+            }
+        };
+        if cluster.on_node(&name, probe).await.is_none() {
+            cluster
+                .recorder()
+                .count("activation: final calls not run (node gone)");
+        }
+    }
+}
+
+async fn probe(
+    name: &str,
+    client: &ActivationClient,
+    inc: &crate::cluster::Incarnation,
+    rule: PlacementRule,
+    id: &str,
+    deadline: Instant,
+    rec: &Recorder,
+) {
+    let t = inc.manager.topology();
+    let want = naive_owner_by(rule, &t, KIND, id);
+    let mut first = true;
+    loop {
+        let called = client.call(KIND, id, Vec::new()).await;
+        if first {
+            first = false;
+            let routed = called.attempts.first().map(|a| a.to.fence.owner.clone());
+            if routed != want {
+                rec.violation_once(
+                    format!("stale route {name} {id}"),
+                    format!(
+                        "no stale routing: after convergence {name} (v{}) routed {KIND}/{id} to {routed:?}, rendezvous over its topology says {want:?}",
+                        t.version()
+                    ),
+                );
+            }
+        }
+        match called.result {
+            Ok(r) => {
+                if Some(&r.served_by) != want.as_ref() {
+                    rec.violation_once(
+                        format!("stale served {name} {id}"),
+                        format!(
+                            "no stale routing: after convergence {KIND}/{id} called from {name} was served by {}, rendezvous over {name}'s topology (v{}) says {want:?}",
+                            r.served_by,
+                            t.version()
+                        ),
+                    );
+                }
+                return;
+            }
+            Err(e) if Instant::now() >= deadline => {
+                rec.violation_once(
+                    format!("unavailable {name} {id}"),
+                    format!(
+                        "availability: {KIND}/{id} called from {name} still fails {} s after convergence: {e}",
+                        availability_bound().as_secs()
+                    ),
+                );
+                return;
+            }
+            Err(_) => sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
