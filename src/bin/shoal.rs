@@ -14,6 +14,12 @@ mod real {
     use shoal::etcd::{EtcdProvider, EtcdProviderConfig};
     use shoal::kubernetes::kube_rs::KubeRsApi;
     use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
+    use std::sync::Arc;
+
+    use shoal::activation::{
+        ActivationClient, ActivationConfig, ActivationHost, Actors, ClientConfig, Deactivation,
+        GrpcTransport, PlacementLookup,
+    };
     use shoal::provider::PartitionService;
     use shoal::registry::{RegistryProvider, RegistryProviderConfig, pb, wire};
     use shoal::runtime::TokioClock;
@@ -33,6 +39,9 @@ mod real {
         Member(MemberArgs),
         /// Print a cluster's current members.
         Topology(TopologyArgs),
+        /// Call a virtual-actor identity on the member that owns it (members started with
+        /// `--actors`) and print the answer as JSON.
+        Call(CallArgs),
     }
 
     #[derive(Args, Debug)]
@@ -273,6 +282,29 @@ mod real {
         /// Failure domain.
         #[arg(long)]
         zone: Option<String>,
+        /// Host the built-in counter actor for --kinds: each identity counts its calls (the
+        /// count moves with it to its next owner), activations and deactivations are printed.
+        #[arg(long)]
+        actors: bool,
+        /// With --actors: how long a moved identity may finish its calls before it is let go.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        drain: Duration,
+    }
+
+    #[derive(Args, Debug)]
+    struct CallArgs {
+        #[command(flatten)]
+        conn: Connection,
+        /// The identity's kind.
+        kind: String,
+        /// The identity.
+        identity: String,
+        /// Bytes handed to the actor (UTF-8).
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// How long to wait for the cluster's topology.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        wait: Duration,
     }
 
     #[derive(Args, Debug)]
@@ -327,7 +359,27 @@ mod real {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("--listen: cannot bind {listen}"))?;
-        let partition = PartitionService::new(ctx.partition_manager.clone()).server();
+        let host = args.actors.then(|| {
+            ActivationHost::new(
+                ctx.clone(),
+                Arc::new(CounterActors::default()),
+                Arc::new(GrpcTransport::new(
+                    args.conn.cluster.clone(),
+                    ctx.clock.clone(),
+                    args.conn.timeout,
+                )),
+                ActivationConfig {
+                    drain: args.drain,
+                    ..ActivationConfig::default()
+                },
+            )
+        });
+        let _driver = host.as_ref().map(|h| h.start());
+        let mut partition = PartitionService::new(ctx.partition_manager.clone());
+        if let Some(h) = &host {
+            partition = partition.with_host(h.clone());
+        }
+        let partition = partition.server();
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(partition)
@@ -403,40 +455,50 @@ mod real {
             .with_context(|| format!("cannot join cluster {:?} at {at}", args.conn.cluster))?;
         tracing::info!(member = %ctx.member.id, "joined; press Ctrl-C or send SIGTERM to leave");
         shoal::runtime::shutdown_signal().await;
+        if let Some(h) = &host {
+            // Nothing active once peers see this member leave.
+            h.shutdown();
+        }
         provider.shutdown(true).await.context("leaving")?;
         printer.abort();
         Ok(())
     }
 
     async fn topology(args: TopologyArgs) -> Result<()> {
-        let topology = match args.conn.backend()? {
-            Backend::Registry(url) => registry_topology(&args, url).await?,
-            Backend::Kubernetes => {
-                let mut config = args.conn.kubernetes_config()?;
-                config.startup_timeout = args.wait;
-                let api = KubeRsApi::from_environment()
-                    .await
-                    .map_err(|e| anyhow!("--kubernetes: {e}"))?;
-                let provider = KubernetesProvider::new(config, std::sync::Arc::new(api));
-                watched_topology(&args, &provider, "the Kubernetes API").await?
-            }
-            Backend::Etcd(endpoints) => {
-                let mut provider = args.conn.etcd_provider(endpoints).await?;
-                provider.set_startup_timeout(args.wait);
-                watched_topology(&args, &provider, "etcd").await?
-            }
-        };
+        let topology = fetch_topology(&args.conn, args.wait).await?;
         print_topology(&topology, args.json);
         Ok(())
     }
 
-    /// The cluster's members as `provider` lists them now: a client-mode provider's first
-    /// view, written nowhere.
-    async fn watched_topology(
-        args: &TopologyArgs,
-        provider: &dyn ClusterProvider,
-        through: &str,
+    /// The cluster's topology now, through whichever backend `conn` names.
+    async fn fetch_topology(
+        conn: &Connection,
+        wait: Duration,
     ) -> Result<std::sync::Arc<ClusterTopology>> {
+        Ok(match conn.backend()? {
+            Backend::Registry(url) => registry_topology(conn, wait, url).await?,
+            Backend::Kubernetes => {
+                let mut config = conn.kubernetes_config()?;
+                config.startup_timeout = wait;
+                let api = KubeRsApi::from_environment()
+                    .await
+                    .map_err(|e| anyhow!("--kubernetes: {e}"))?;
+                let provider = KubernetesProvider::new(config, std::sync::Arc::new(api));
+                watched_topology(conn, wait, &provider, "the Kubernetes API").await?
+            }
+            Backend::Etcd(endpoints) => {
+                let mut provider = conn.etcd_provider(endpoints).await?;
+                provider.set_startup_timeout(wait);
+                watched_topology(conn, wait, &provider, "etcd").await?
+            }
+        })
+    }
+
+    async fn call(args: CallArgs) -> Result<()> {
+        if args.kind.is_empty() || args.identity.is_empty() {
+            bail!("KIND and IDENTITY must not be empty");
+        }
+        let topology = fetch_topology(&args.conn, args.wait).await?;
         let ctx = ClusterProviderContext::new(
             &args.conn.cluster,
             "0.0.0.0:1", // a client: never published
@@ -444,15 +506,114 @@ mod real {
             TokioClock::shared(),
         )
         .context("invalid --cluster")?;
-        tokio::time::timeout(args.wait, provider.start_client(ctx.clone()))
+        ctx.apply_topology(topology)
+            .map_err(|e| anyhow!("the topology does not apply: {e}"))?;
+        let client = ActivationClient::new(
+            ctx.clone(),
+            Arc::new(PlacementLookup::new(ctx.partition_manager.clone())),
+            None,
+            Arc::new(GrpcTransport::new(
+                args.conn.cluster.clone(),
+                ctx.clock.clone(),
+                args.conn.timeout,
+            )),
+            ClientConfig::default(),
+        );
+        let called = client
+            .call(&args.kind, &args.identity, args.payload.into_bytes())
+            .await;
+        let reply = called.result.map_err(|e| {
+            let to = called
+                .attempts
+                .last()
+                .map(|a| a.to.address.clone())
+                .unwrap_or_default();
+            anyhow!("{}/{} at {to}: {e}", args.kind, args.identity)
+        })?;
+        let address = called.attempts.last().map(|a| a.to.address.clone());
+        println!(
+            "{}",
+            json!({"served_by": reply.served_by, "address": address,
+                   "activated": reply.activated, "attempts": called.attempts.len(),
+                   "version": reply.held.version,
+                   "payload": String::from_utf8_lossy(&reply.payload)})
+        );
+        Ok(())
+    }
+
+    /// The built-in actor of `shoal member --actors`: each identity counts its calls; the
+    /// count is handed to the next owner. Activations and deactivations are printed as JSON.
+    #[derive(Default)]
+    struct CounterActors {
+        counts: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    }
+
+    impl CounterActors {
+        fn counts(
+            &self,
+        ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, String), u64>> {
+            self.counts.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Actors for CounterActors {
+        fn activate(&self, kind: &str, identity: &str, handed: Option<Vec<u8>>) {
+            let start = handed
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes);
+            self.counts()
+                .insert((kind.to_string(), identity.to_string()), start);
+            println!(
+                "{}",
+                json!({"event": "activated", "kind": kind, "identity": identity, "calls": start})
+            );
+        }
+
+        async fn call(&self, kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
+            let mut counts = self.counts();
+            let n = counts
+                .entry((kind.to_string(), identity.to_string()))
+                .or_default();
+            *n += 1;
+            json!({"identity": identity, "calls": *n,
+                   "payload": String::from_utf8_lossy(&payload)})
+            .to_string()
+            .into_bytes()
+        }
+
+        fn deactivate(&self, kind: &str, identity: &str, why: Deactivation) -> Option<Vec<u8>> {
+            let n = self
+                .counts()
+                .remove(&(kind.to_string(), identity.to_string()));
+            println!(
+                "{}",
+                json!({"event": "deactivated", "kind": kind, "identity": identity,
+                       "reason": format!("{why:?}")})
+            );
+            n.map(|n| n.to_le_bytes().to_vec())
+        }
+    }
+
+    /// The cluster's members as `provider` lists them now: a client-mode provider's first
+    /// view, written nowhere.
+    async fn watched_topology(
+        conn: &Connection,
+        wait: Duration,
+        provider: &dyn ClusterProvider,
+        through: &str,
+    ) -> Result<std::sync::Arc<ClusterTopology>> {
+        let ctx = ClusterProviderContext::new(
+            &conn.cluster,
+            "0.0.0.0:1", // a client: never published
+            Vec::<String>::new(),
+            TokioClock::shared(),
+        )
+        .context("invalid --cluster")?;
+        tokio::time::timeout(wait, provider.start_client(ctx.clone()))
             .await
-            .map_err(|_| anyhow!("no topology through {through} within {:?}", args.wait))?
-            .with_context(|| {
-                format!(
-                    "cannot list cluster {:?} through {through}",
-                    args.conn.cluster
-                )
-            })?;
+            .map_err(|_| anyhow!("no topology through {through} within {wait:?}"))?
+            .with_context(|| format!("cannot list cluster {:?} through {through}", conn.cluster))?;
         let topology = ctx.partition_manager.topology();
         provider
             .shutdown(true)
@@ -462,10 +623,10 @@ mod real {
     }
 
     async fn registry_topology(
-        args: &TopologyArgs,
+        conn: &Connection,
+        wait: Duration,
         url: &str,
     ) -> Result<std::sync::Arc<ClusterTopology>> {
-        let conn = &args.conn;
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("--registry: {url:?} is not a URL"))?
             .connect_timeout(conn.timeout);
@@ -484,7 +645,7 @@ mod real {
             cluster_token: conn.token()?.unwrap_or_default(),
             epoch: 0,
         };
-        let topology = tokio::time::timeout(args.wait, async {
+        let topology = tokio::time::timeout(wait, async {
             let mut stream = client.watch(req).await?.into_inner();
             loop {
                 match stream.message().await? {
@@ -500,7 +661,7 @@ mod real {
             }
         })
         .await
-        .with_context(|| format!("no topology from {url} within {:?}", args.wait))?
+        .with_context(|| format!("no topology from {url} within {wait:?}"))?
         .map_err(|s| anyhow::anyhow!("registry refused: {:?}: {}", s.code(), s.message()))?;
         Ok(topology)
     }
@@ -540,6 +701,12 @@ mod real {
             .init();
         match Cli::parse().command {
             Command::Member(a) => member(a).await,
+            Command::Call(a) => {
+                if a.conn.cluster.is_empty() {
+                    bail!("--cluster must not be empty");
+                }
+                call(a).await
+            }
             Command::Topology(a) => {
                 if a.conn.cluster.is_empty() {
                     bail!("--cluster must not be empty");
