@@ -135,7 +135,11 @@ fn an_identity_is_served_by_exactly_one_member_before_and_after_its_owner_is_kil
         .filter(|(p, _)| active_on(p, "alice"))
         .map(|(_, a)| a.as_str())
         .collect();
-    assert_eq!(holders, vec![owner_addr.as_str()], "exactly the owner holds it");
+    assert_eq!(
+        holders,
+        vec![owner_addr.as_str()],
+        "exactly the owner holds it"
+    );
 
     // The owner is killed: within the TTL another member takes it over (its state died with
     // the process, so counting starts again) and is the only live holder.
@@ -158,7 +162,11 @@ fn an_identity_is_served_by_exactly_one_member_before_and_after_its_owner_is_kil
         .filter(|(p, _)| active_on(p, "alice"))
         .map(|(_, a)| a.as_str())
         .collect();
-    assert_eq!(holders, vec![new_addr.as_str()], "exactly the new owner holds it");
+    assert_eq!(
+        holders,
+        vec![new_addr.as_str()],
+        "exactly the new owner holds it"
+    );
 
     // A graceful leave deactivates before the member is gone; the last member takes over.
     let j = members.iter().position(|(_, a)| *a == new_addr).unwrap();
@@ -177,7 +185,15 @@ fn call_names_the_problem_when_nobody_hosts_the_kind_or_the_cluster_is_missing()
     let (_m, _) = member("m0", &url);
     std::thread::sleep(Duration::from_millis(500));
     let out = Command::new(shoal_bin())
-        .args(["call", "--registry", &url, "--cluster", CLUSTER, "order", "x"])
+        .args([
+            "call",
+            "--registry",
+            &url,
+            "--cluster",
+            CLUSTER,
+            "order",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

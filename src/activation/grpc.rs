@@ -208,6 +208,7 @@ impl Transport for GrpcTransport {
         kind: &str,
         identity: &str,
         claim: &Fence,
+        address: &str,
     ) -> Result<Released, CallError> {
         let mut client = self.client(&member.address)?;
         let req = pb::ReleaseRequest {
@@ -215,6 +216,7 @@ impl Transport for GrpcTransport {
             kind: kind.to_string(),
             identity: identity.to_string(),
             claim: Some(fence_to(claim)),
+            claimant_address: address.to_string(),
         };
         let r = self.bounded(&member.address, client.release(req)).await?;
         Ok(Released {

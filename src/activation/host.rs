@@ -201,13 +201,15 @@ pub trait Transport: Send + Sync + 'static {
         fence: &Fence,
         payload: Vec<u8>,
     ) -> Result<CallReply, CallError>;
-    /// Asks `member` to let go of `kind/identity`, which this node claims under `claim`.
+    /// Asks `member` to let go of `kind/identity`, which this node (reached at `address`)
+    /// claims under `claim`.
     async fn release(
         &self,
         member: &Member,
         kind: &str,
         identity: &str,
         claim: &Fence,
+        address: &str,
     ) -> Result<Released, CallError>;
 }
 
@@ -587,23 +589,41 @@ impl ActivationHost {
     ) -> Result<Option<Vec<u8>>, CallError> {
         let clock = self.ctx.clock.clone();
         let me = &self.ctx.member.address;
+        // Members this node let go of it for that its topology does not list yet.
+        let keep = self
+            .ctx
+            .standing
+            .ttl()
+            .unwrap_or(self.config.epoch_quarantine);
+        let extra: Vec<Member> = lock(&self.state)
+            .also_ask(kind, identity, |m| t.member(m).is_some(), clock.now(), keep)
+            .into_iter()
+            .filter(|g| &g.address != me)
+            .map(|g| Member::new(g.member, g.address, [kind]))
+            .collect();
         let asks = t
             .members()
             .iter()
             // A listed incarnation at this node's own address is this process's past: what
             // it held is in this host already.
             .filter(|m| m.id != claim.owner && &m.address != me)
+            .map(|m| (**m).clone())
+            .chain(extra)
             .map(|m| {
-                let (clock, m) = (clock.clone(), m.clone());
+                let clock = clock.clone();
                 async move {
                     match crate::runtime::timeout(
                         clock.as_ref(),
                         self.config.release_timeout,
-                        self.transport.release(&m, kind, identity, claim),
+                        self.transport.release(&m, kind, identity, claim, me),
                     )
                     .await
                     {
-                        Ok(r) => r,
+                        Ok(Ok(r)) => {
+                            lock(&self.state).released_by(kind, identity, &m.id);
+                            Ok(r)
+                        }
+                        Ok(Err(e)) => Err(e),
                         Err(_) => Err(CallError::Unreachable {
                             address: m.address.clone(),
                             message: format!(
@@ -632,16 +652,26 @@ impl ActivationHost {
         kind: &str,
         identity: &str,
         claim: &Fence,
+        claimant_address: &str,
     ) -> Result<Released, CallError> {
         let key = (kind.to_string(), identity.to_string());
-        if !self.standing() {
-            // Nothing here counts: it was all deactivated.
-            return Ok(Released::default());
-        }
-        let (_, owner) = self.owner(kind, identity);
         let now = self.ctx.clock.now();
-        let answer =
-            lock(&self.state).release(kind, identity, owner.as_ref(), now, self.config.drain);
+        // Without a provable membership nothing here counts (it was all deactivated): let go
+        // whatever this node's view says, but remember the claimant all the same.
+        let owner = if self.standing() {
+            self.owner(kind, identity).1
+        } else {
+            None
+        };
+        let answer = lock(&self.state).release(
+            kind,
+            identity,
+            owner.as_ref(),
+            now,
+            self.config.drain,
+            &claim.owner,
+            claimant_address,
+        );
         match answer {
             Release::Refused => {
                 self.metrics

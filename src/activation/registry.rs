@@ -117,6 +117,20 @@ pub struct Activations {
     active: BTreeMap<(String, String), Activation>,
     /// Identities being activated here: the fence each will be held under.
     claims: BTreeMap<(String, String), Fence>,
+    /// Members this node let go of an identity for, by identity: asked too before this node
+    /// activates it, until its own topology lists them (see [`Self::also_ask`]).
+    granted: BTreeMap<(String, String), Vec<Grant>>,
+}
+
+/// A release this node granted: to whom, where it is reached, and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The member that claimed the identity.
+    pub member: MemberId,
+    /// Its address.
+    pub address: String,
+    /// When the release was granted.
+    pub at: Instant,
 }
 
 impl Activations {
@@ -128,6 +142,7 @@ impl Activations {
             limit,
             active: BTreeMap::new(),
             claims: BTreeMap::new(),
+            granted: BTreeMap::new(),
         }
     }
 
@@ -219,6 +234,11 @@ impl Activations {
     /// `owner` is the owner this node's own topology names. Refused while that is this node
     /// (the two views disagree: one of them is behind). Otherwise any claim of it here is
     /// dropped and an active one drains until `now + drain`.
+    ///
+    /// The claimant (`to`, at `address`) is remembered: this node's topology may not list it
+    /// yet (it lags behind), and if that topology later names this node as the owner, the
+    /// claimant is asked too before this node activates it ([`Self::also_ask`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn release(
         &mut self,
         kind: &str,
@@ -226,12 +246,23 @@ impl Activations {
         owner: Option<&MemberId>,
         now: Instant,
         drain: Duration,
+        to: &MemberId,
+        address: &str,
     ) -> Release {
         if self.member && owner == Some(&self.me) {
             return Release::Refused;
         }
         let key = (kind.to_string(), identity.to_string());
         self.claims.remove(&key);
+        if self.granted.len() < self.limit || self.granted.contains_key(&key) {
+            let grants = self.granted.entry(key.clone()).or_default();
+            grants.retain(|g| &g.member != to);
+            grants.push(Grant {
+                member: to.clone(),
+                address: address.to_string(),
+                at: now,
+            });
+        }
         match self.active.get_mut(&key) {
             None => Release::Released,
             Some(a) => {
@@ -241,6 +272,42 @@ impl Activations {
                 };
                 a.phase = Phase::Draining { until };
                 Release::Draining { until }
+            }
+        }
+    }
+
+    /// The members to ask, besides those of this node's topology, before activating
+    /// `kind/identity`: those it let go of it for that its topology does not list (`listed`),
+    /// granted less than `keep` ago. Older grants and listed members are forgotten (a listed
+    /// member is asked anyway; after `keep`, a member that claimed the identity and is still
+    /// not listed has been removed, or this node's view is that far behind).
+    pub fn also_ask(
+        &mut self,
+        kind: &str,
+        identity: &str,
+        listed: impl Fn(&MemberId) -> bool,
+        now: Instant,
+        keep: Duration,
+    ) -> Vec<Grant> {
+        let key = (kind.to_string(), identity.to_string());
+        let Some(grants) = self.granted.get_mut(&key) else {
+            return Vec::new();
+        };
+        grants.retain(|g| !listed(&g.member) && now.saturating_duration_since(g.at) < keep);
+        let out = grants.clone();
+        if grants.is_empty() {
+            self.granted.remove(&key);
+        }
+        out
+    }
+
+    /// `member` answered that it let go of `kind/identity`: it need not be asked again.
+    pub fn released_by(&mut self, kind: &str, identity: &str, member: &MemberId) {
+        let key = (kind.to_string(), identity.to_string());
+        if let Some(grants) = self.granted.get_mut(&key) {
+            grants.retain(|g| &g.member != member);
+            if grants.is_empty() {
+                self.granted.remove(&key);
             }
         }
     }
@@ -556,12 +623,12 @@ mod tests {
         act(&mut a, "x", &fence(5, "a"), "a");
         // Its own view still names it: the asker is ahead or behind; nobody activates.
         assert_eq!(
-            a.release("k", "x", Some(&id("a")), t0, drain),
+            a.release("k", "x", Some(&id("a")), t0, drain, &id("b"), "b:1"),
             Release::Refused
         );
         // Its view moved x to b: it drains, and answers once it is gone.
         assert_eq!(
-            a.release("k", "x", Some(&id("b")), t0, drain),
+            a.release("k", "x", Some(&id("b")), t0, drain, &id("b"), "b:1"),
             Release::Draining { until: t0 + drain }
         );
         assert!(a.is_active("k", "x"));
@@ -569,7 +636,7 @@ mod tests {
         assert_eq!(a.tick(t0).len(), 1);
         assert!(!a.is_active("k", "x"));
         assert_eq!(
-            a.release("k", "x", Some(&id("b")), t0, drain),
+            a.release("k", "x", Some(&id("b")), t0, drain, &id("b"), "b:1"),
             Release::Released
         );
     }
@@ -586,7 +653,15 @@ mod tests {
             Decision::Claim(f.clone())
         );
         assert_eq!(
-            a.release("k", "x", Some(&id("b")), t0, Duration::from_secs(1)),
+            a.release(
+                "k",
+                "x",
+                Some(&id("b")),
+                t0,
+                Duration::from_secs(1),
+                &id("b"),
+                "b:1"
+            ),
             Release::Released
         );
         assert_eq!(
@@ -612,5 +687,35 @@ mod tests {
             Decision::Refused(Refusal::NotOwner { .. })
         ));
         assert!(!a.is_active("k", "x"));
+    }
+
+    #[test]
+    fn a_member_that_let_go_asks_the_claimant_before_taking_the_identity_back() {
+        let mut a = Activations::new(id("a"), 10);
+        let t0 = now();
+        let keep = Duration::from_secs(10);
+        // a (lagging: its view lists neither b nor c) let go of x for b.
+        assert_eq!(
+            a.release("k", "x", Some(&id("r")), t0, keep, &id("b"), "b:1"),
+            Release::Released
+        );
+        let listed_none = |_: &MemberId| false;
+        let asks = a.also_ask("k", "x", listed_none, t0, keep);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(
+            (asks[0].member.clone(), asks[0].address.as_str()),
+            (id("b"), "b:1")
+        );
+        // Once a's view lists b, b is asked as a member; the grant is forgotten.
+        assert!(a.also_ask("k", "x", |m| m == &id("b"), t0, keep).is_empty());
+        // A grant answered with a release, or older than `keep`, is forgotten too.
+        a.release("k", "y", None, t0, keep, &id("b"), "b:1");
+        a.released_by("k", "y", &id("b"));
+        assert!(a.also_ask("k", "y", listed_none, t0, keep).is_empty());
+        a.release("k", "z", None, t0, keep, &id("b"), "b:1");
+        assert!(
+            a.also_ask("k", "z", listed_none, t0 + keep, keep)
+                .is_empty()
+        );
     }
 }

@@ -185,8 +185,14 @@ impl pb::partition_service_server::PartitionService for PartitionService {
         self.check(&req.cluster, &req.kind, &req.identity)?;
         let host = self.host()?;
         let claim = crate::activation::grpc::fence_from(req.claim.as_ref(), "claim")?;
+        if req.claimant_address.len() > crate::activation::MAX_NAME {
+            return Err(tonic::Status::invalid_argument(format!(
+                "claimant_address is at most {} bytes",
+                crate::activation::MAX_NAME
+            )));
+        }
         let released = host
-            .release(&req.kind, &req.identity, &claim)
+            .release(&req.kind, &req.identity, &claim, &req.claimant_address)
             .await
             .map_err(crate::activation::grpc::status_of)?;
         Ok(tonic::Response::new(pb::ReleaseResponse {
