@@ -97,6 +97,15 @@ fn active_on(p: &Proc, identity: &str) -> bool {
     active
 }
 
+/// The addresses of the members holding `identity` active.
+fn holders<'a>(members: &'a [(Proc, String)], identity: &str) -> Vec<&'a str> {
+    members
+        .iter()
+        .filter(|(p, _)| active_on(p, identity))
+        .map(|(_, a)| a.as_str())
+        .collect()
+}
+
 fn calls_of(v: &serde_json::Value) -> u64 {
     let payload: serde_json::Value = serde_json::from_str(v["payload"].as_str().unwrap()).unwrap();
     payload["calls"].as_u64().unwrap()
@@ -130,13 +139,8 @@ fn an_identity_is_served_by_exactly_one_member_before_and_after_its_owner_is_kil
         assert_eq!(v["served_by"], owner.as_str(), "{v}");
         assert_eq!(calls_of(&v), n, "{v}");
     }
-    let holders: Vec<&str> = members
-        .iter()
-        .filter(|(p, _)| active_on(p, "alice"))
-        .map(|(_, a)| a.as_str())
-        .collect();
     assert_eq!(
-        holders,
+        holders(&members, "alice"),
         vec![owner_addr.as_str()],
         "exactly the owner holds it"
     );
@@ -157,13 +161,8 @@ fn an_identity_is_served_by_exactly_one_member_before_and_after_its_owner_is_kil
         assert_eq!(v["served_by"], new_owner.as_str(), "{v}");
         assert_eq!(calls_of(&v), n, "{v}");
     }
-    let holders: Vec<&str> = members
-        .iter()
-        .filter(|(p, _)| active_on(p, "alice"))
-        .map(|(_, a)| a.as_str())
-        .collect();
     assert_eq!(
-        holders,
+        holders(&members, "alice"),
         vec![new_addr.as_str()],
         "exactly the new owner holds it"
     );

@@ -714,6 +714,7 @@ impl ActivationHost {
                     };
                     let wait = until.saturating_duration_since(self.ctx.clock.now());
                     tokio::select! {
+                        biased;
                         _ = woken => {}
                         _ = self.ctx.clock.sleep(wait) => {}
                     }
