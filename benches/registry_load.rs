@@ -21,6 +21,7 @@
 //! `SHOAL_BENCH_SYSTEMS` [registry,etcd], `SHOAL_BENCH_CHANNELS` [8], `SHOAL_BENCH_WORKERS` [64],
 //! `SHOAL_BENCH_REGISTER_CONCURRENCY` [64], `SHOAL_BENCH_STEADY_SECS` [10],
 //! `SHOAL_BENCH_SATURATION_SECS` [5], `SHOAL_BENCH_MAX_WATCHERS` [1000],
+//! `SHOAL_BENCH_FRAGMENTS` [1: registry watchers accept fragmented snapshots, as the provider],
 //! `SHOAL_BENCH_REGISTRATION_WATCHERS` [0] (registry only: watch streams open, and drained,
 //! while the members register), `SHOAL_BENCH_REGISTRY_ARGS` [""] (extra `shoal-registry` flags,
 //! space-separated, e.g. `--publish-interval 0s`).
@@ -976,7 +977,10 @@ mod real {
             from_version: 0,
             cluster_token: String::new(),
             epoch: 0,
+            // As Shoal's provider asks (SHOAL_BENCH_FRAGMENTS=0: whole snapshots).
+            fragments: std::env::var("SHOAL_BENCH_FRAGMENTS").map_or(true, |v| v != "0"),
         };
+        let mut assembler = shoal::registry::wire::SnapshotAssembler::new(64 << 20);
         // Opening may wait for the server to catch up (a burst of snapshots), so it gets the
         // watch phase's deadline rather than a single request's.
         let mut stream = match tokio::time::timeout_at(deadline, client.watch(request)).await {
@@ -984,24 +988,31 @@ mod real {
             Ok(Err(e)) => return Err(format!("Watch (open): {e}")),
             Err(_) => return Err("Watch (open): deadline passed".into()),
         };
+        /// The next whole message (a fragmented snapshot counts once all of it arrived).
         async fn next(
             stream: &mut tonic::Streaming<pb::WatchResponse>,
+            assembler: &mut shoal::registry::wire::SnapshotAssembler,
             deadline: tokio::time::Instant,
         ) -> Result<pb::WatchResponse, String> {
-            match tokio::time::timeout_at(deadline, stream.message()).await {
-                Ok(Ok(Some(m))) => Ok(m),
-                Ok(Ok(None)) => Err("Watch: stream ended".to_string()),
-                Ok(Err(e)) => Err(format!("Watch: {e}")),
-                Err(_) => Err("Watch: deadline passed".to_string()),
+            loop {
+                let m = match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => return Err("Watch: stream ended".to_string()),
+                    Ok(Err(e)) => return Err(format!("Watch: {e}")),
+                    Err(_) => return Err("Watch: deadline passed".to_string()),
+                };
+                if let Some(whole) = assembler.feed(m).map_err(|e| format!("Watch: {e}"))? {
+                    return Ok(whole);
+                }
             }
         }
-        match next(&mut stream, deadline).await?.event {
+        match next(&mut stream, &mut assembler, deadline).await?.event {
             Some(pb::watch_response::Event::Snapshot(_)) => {}
             _ => return Err("Watch: the first message is not a snapshot".into()),
         }
         ready.fetch_add(1, Ordering::SeqCst);
         loop {
-            let msg = next(&mut stream, deadline).await?;
+            let msg = next(&mut stream, &mut assembler, deadline).await?;
             let at = Instant::now();
             let seen = match &msg.event {
                 Some(pb::watch_response::Event::Update(u)) => {

@@ -670,6 +670,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             from_version: 0,
             cluster_token: String::new(),
             epoch: 0,
+            fragments: false,
         })
         .await
         .unwrap()
@@ -802,6 +803,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             from_version: 0,
             cluster_token: "guess".into(),
             epoch: 0,
+            fragments: false,
         })
         .await
         .unwrap_err();
@@ -847,6 +849,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         from_version: ok.topology_version,
         cluster_token: String::new(),
         epoch,
+        fragments: false,
     };
     let mut resumed = client
         .watch(resume(update.epoch))
@@ -1176,4 +1179,59 @@ async fn idle_connections_are_closed_and_busy_ones_kept() {
         metric(&metrics, "shoal_registry_idle_connections_closed_total"),
         Some(1.0)
     );
+}
+
+/// A large snapshot goes in fragments to a watcher that asks for them (each fragment is one
+/// slice of the snapshot encoded once, concatenated by the watcher), whole to one that does not;
+/// Shoal's own provider asks for them and converges through them.
+#[tokio::test]
+async fn large_snapshots_go_in_fragments_only_to_watchers_that_accept_them() {
+    let mut args = FAST.to_vec();
+    args.extend_from_slice(&["--snapshot-fragment-bytes", "100"]);
+    let (_registry, addr) = start_registry("127.0.0.1:0", &args);
+    let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
+    for i in 0..8 {
+        client
+            .join(member_join(&format!("m{i}"), &format!("127.0.0.1:{}", 7000 + i), "s"))
+            .await
+            .unwrap();
+    }
+    let watch = |fragments| pb::WatchRequest {
+        cluster: "c".into(),
+        fragments,
+        ..Default::default()
+    };
+    // Whole: one snapshot with every member.
+    let mut whole = client.watch(watch(false)).await.unwrap().into_inner();
+    let Some(pb::watch_response::Event::Snapshot(s)) = whole.message().await.unwrap().unwrap().event
+    else {
+        panic!("a snapshot first");
+    };
+    assert!(!s.fragment);
+    let packed = s.packed_members.clone();
+    assert!(packed.len() > 100, "{} bytes", packed.len());
+    let members = shoal::registry::wire::snapshot_members(s).unwrap();
+    assert_eq!(members.len(), 8);
+    // Fragments: slices of at most 100 bytes, all but the last marked, same version and epoch.
+    let mut stream = client.watch(watch(true)).await.unwrap().into_inner();
+    let mut joined = Vec::new();
+    let mut n = 0;
+    loop {
+        let Some(pb::watch_response::Event::Snapshot(s)) =
+            stream.message().await.unwrap().unwrap().event
+        else {
+            panic!("nothing but fragments until the snapshot is complete");
+        };
+        assert!(s.packed_members.len() <= 100 && s.members.is_empty());
+        joined.extend_from_slice(&s.packed_members);
+        n += 1;
+        if !s.fragment {
+            break;
+        }
+    }
+    assert_eq!(n, packed.len().div_ceil(100));
+    assert_eq!(joined, packed.to_vec(), "the fragments are the snapshot, in order");
+    // Shoal's provider (which asks for fragments) sees every member through them.
+    let m = start_member("m", &url(&addr), "c", &[]);
+    m.wait_snapshot("the 8 members and itself", 15, |v| member_count(v) == 9);
 }

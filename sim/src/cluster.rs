@@ -390,6 +390,7 @@ impl SimCluster {
         let handle = Handle::current();
         let mut registry_config = b.registry.clone();
         registry_config.limits.watch_buffer = b.knobs.watch_buffer;
+        registry_config.limits.snapshot_fragment_bytes = b.knobs.snapshot_fragment_bytes;
         registry_config.publish_interval =
             b.knobs.publish_interval.min(registry_config.sweep_interval);
         let bounds = match b.provider {
@@ -1585,6 +1586,10 @@ impl SimCluster {
                     rec.count_n("provider: watch failed, reopened", m.watch_reopens.get());
                     rec.count_n("provider: watch resumed by progress", m.watch_resumed.get());
                     rec.count_n("provider: snapshots applied", m.snapshots_applied.get());
+                    rec.count_n(
+                        "provider: snapshot fragments received",
+                        m.snapshot_fragments.get(),
+                    );
                     rec.count_n("provider: backoff at its cap", m.backoff_capped.get());
                     rec.count_n("provider: epoch changes", m.epoch_changes.get());
                     rec.count_n("provider: membership lost", m.membership_lost.get());

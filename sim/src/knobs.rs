@@ -37,6 +37,8 @@ pub struct Knobs {
     /// ([`crate::apiserver::pod_zone`]) and members place identities under
     /// [`shoal::placement::PlacementRule::ZoneAffinity`].
     pub k8s_zones: bool,
+    /// The registry sends snapshots larger than this in fragments (small: every snapshot).
+    pub snapshot_fragment_bytes: usize,
 }
 
 impl Default for Knobs {
@@ -53,6 +55,8 @@ impl Default for Knobs {
             publish_interval: shoal::registry::RegistryConfig::default().publish_interval,
             k8s_service: false,
             k8s_zones: false,
+            snapshot_fragment_bytes: shoal::registry::RegistryLimits::default()
+                .snapshot_fragment_bytes,
         }
     }
 }
@@ -87,6 +91,9 @@ impl Knobs {
         }
         k.k8s_service = r.chance(0.5);
         k.k8s_zones = k.k8s_service && r.chance(0.5);
+        if r.chance(0.3) {
+            k.snapshot_fragment_bytes = r.range(16, 400) as usize;
+        }
         k
     }
 

@@ -214,11 +214,15 @@ impl Registry for Observed {
         }
         let stream = self.inner.watch(request).await?.into_inner();
         let opened = self.door.resets();
-        let state = Some((stream, self.door.clone(), self.oracles.clone()));
-        // Each message the registry sends is recorded for the oracles; a reset ends the stream
-        // with an error (once), then nothing.
-        let observed = futures::stream::unfold(state, move |state| async move {
-            let (mut stream, door, oracles) = state?;
+        let state = Some((stream, self.door.clone(), self.oracles.clone(), Vec::new()));
+        let rec = self.rec.clone();
+        // Each message the registry sends is recorded for the oracles (a snapshot sent in
+        // fragments once all of it is seen, reassembled here by the harness's own code); a
+        // reset ends the stream with an error (once), then nothing.
+        let observed = futures::stream::unfold(state, move |state| {
+            let rec = rec.clone();
+            async move {
+            let (mut stream, door, oracles, mut pieces) = state?;
             let item = {
                 let reset = door.reset.notified();
                 tokio::pin!(reset);
@@ -240,10 +244,32 @@ impl Registry for Observed {
                 )),
                 Some(item) => {
                     if let Ok(msg) = &item {
-                        oracles.sent(msg);
+                        match &msg.event {
+                            Some(pb::watch_response::Event::Snapshot(s)) if s.fragment => {
+                                rec.count("registry: snapshot fragments sent");
+                                pieces.extend_from_slice(&s.packed_members);
+                            }
+                            Some(pb::watch_response::Event::Snapshot(s)) if !pieces.is_empty() => {
+                                pieces.extend_from_slice(&s.packed_members);
+                                let mut whole = s.clone();
+                                whole.packed_members = std::mem::take(&mut pieces).into();
+                                oracles.sent(&pb::WatchResponse {
+                                    event: Some(pb::watch_response::Event::Snapshot(whole)),
+                                });
+                            }
+                            _ if !pieces.is_empty() => {
+                                rec.violation_once(
+                                    "fragments interrupted".into(),
+                                    "history: the registry interrupted a fragmented snapshot with another message".into(),
+                                );
+                                pieces.clear();
+                            }
+                            _ => oracles.sent(msg),
+                        }
                     }
-                    Some((item, Some((stream, door, oracles))))
+                    Some((item, Some((stream, door, oracles, pieces))))
                 }
+            }
             }
         });
         Ok(Response::new(Box::pin(observed)))

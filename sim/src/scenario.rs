@@ -470,6 +470,7 @@ pub fn all() -> Vec<Scenario> {
                 "provider: re-joins",
                 "provider: snapshots applied",
                 "registry: watch resumed from a version",
+                "provider: snapshot fragments received",
             ],
         ),
         reg(

@@ -90,6 +90,11 @@ mod real {
         /// [default: 33554432].
         #[arg(long, env = "SHOAL_REGISTRY_MAX_SNAPSHOT_BYTES")]
         max_snapshot_bytes: Option<usize>,
+        /// Send snapshots larger than this in fragments of this size to watchers that accept
+        /// them (Shoal's provider does), so a burst of new watchers costs one copy of the
+        /// snapshot, not one each; 0 sends them whole [default: 65536].
+        #[arg(long, env = "SHOAL_REGISTRY_SNAPSHOT_FRAGMENT_BYTES")]
+        snapshot_fragment_bytes: Option<usize>,
         /// Most concurrent HTTP/2 streams per connection (watches and calls) [default: 1024].
         #[arg(
             long,
@@ -245,6 +250,10 @@ mod real {
             (cli.max_watchers, &mut r.limits.max_watchers),
             (cli.max_member_bytes, &mut r.limits.max_member_bytes),
             (cli.max_snapshot_bytes, &mut r.limits.max_snapshot_bytes),
+            (
+                cli.snapshot_fragment_bytes,
+                &mut r.limits.snapshot_fragment_bytes,
+            ),
         ];
         for (flag, setting) in limits {
             if let Some(v) = flag {

@@ -644,6 +644,7 @@ mod real {
             from_version: 0,
             cluster_token: conn.token()?.unwrap_or_default(),
             epoch: 0,
+            fragments: false,
         };
         let topology = tokio::time::timeout(wait, async {
             let mut stream = client.watch(req).await?.into_inner();

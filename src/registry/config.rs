@@ -229,6 +229,10 @@ pub struct RegistryLimits {
     pub max_message_bytes: usize,
     /// Updates buffered per cluster for watchers; a watcher further behind gets a snapshot.
     pub watch_buffer: usize,
+    /// Snapshots larger than this go in fragments of this size to watchers that accept them
+    /// (`WatchRequest.fragments`), so the transport holds a fragment per watcher, not a copy
+    /// of the snapshot; 0 sends them whole.
+    pub snapshot_fragment_bytes: usize,
     /// Most removed member ids remembered (across clusters) so that they cannot re-join; the
     /// oldest are forgotten first, and each after ten TTLs anyway.
     pub max_tombstones: usize,
@@ -250,6 +254,7 @@ impl Default for RegistryLimits {
             max_cluster_name_len: 128,
             max_message_bytes: 64 * 1024,
             watch_buffer: 128,
+            snapshot_fragment_bytes: 64 * 1024,
             max_tombstones: 100_000,
             member: MemberLimits::default(),
         }

@@ -57,6 +57,8 @@ pub struct RegistryMetrics {
     pub watchers: Gauge,
     /// Snapshots sent to watchers.
     pub snapshots: Counter,
+    /// Snapshot fragments sent to watchers that accept them.
+    pub snapshot_fragments: Counter,
     /// Times a watcher fell behind its buffer and was sent a snapshot instead.
     pub watch_lagged: Counter,
     /// Rejected requests by RPC and status code.
@@ -137,6 +139,11 @@ impl RegistryMetrics {
             "registry_watch_snapshots",
             "Snapshots sent to watchers",
             self.snapshots.clone(),
+        );
+        registry.register(
+            "registry_watch_snapshot_fragments",
+            "Snapshot fragments sent to watchers that accept them",
+            self.snapshot_fragments.clone(),
         );
         registry.register(
             "registry_watch_lagged",
@@ -224,6 +231,8 @@ pub struct RegistryProviderMetrics {
     pub watch_resumed: Counter,
     /// Snapshots applied (first sync, after a lag, a gap or a registry restart).
     pub snapshots_applied: Counter,
+    /// Snapshot fragments received (large snapshots arrive in fragments).
+    pub snapshot_fragments: Counter,
     /// Retries whose backoff reached its cap.
     pub backoff_capped: Counter,
     /// Snapshots of a new registry epoch taken as a reset (the registry restarted).
@@ -240,7 +249,12 @@ pub struct RegistryProviderMetrics {
 impl RegistryProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 12] = [
+        let all: [(&str, &str, &Counter); 13] = [
+            (
+                "registry_client_snapshot_fragments",
+                "Snapshot fragments received",
+                &self.snapshot_fragments,
+            ),
             (
                 "registry_client_description_updates",
                 "Description changes (kinds, zone, metadata) the registry accepted",

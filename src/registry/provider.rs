@@ -556,7 +556,9 @@ impl Session {
             from_version: held.as_ref().map_or(0, |t| t.version()),
             cluster_token: self.cluster_token(),
             epoch: held.as_ref().map_or(0, |t| t.epoch()),
+            fragments: true,
         };
+        let mut assembler = wire::SnapshotAssembler::new(super::MAX_DECODE_BYTES);
         let mut client = self.client.clone();
         let mut stream = match self.call(client.watch(req)).await {
             Ok(s) => s,
@@ -587,6 +589,14 @@ impl Session {
                 }
                 Ok(Ok(None)) => return WatchEnd::Failed("watch ended by the server".into()),
                 Ok(Ok(Some(msg))) => msg,
+            };
+            let msg = match assembler.feed(msg) {
+                Ok(Some(whole)) => whole,
+                Ok(None) => {
+                    self.metrics.snapshot_fragments.inc();
+                    continue;
+                }
+                Err(e) => return WatchEnd::Failed(e.to_string()),
             };
             match &msg.event {
                 Some(pb::watch_response::Event::Progress(p))

@@ -508,12 +508,19 @@ impl pb::registry_server::Registry for RegistryService {
             }
         };
         tracing::debug!(cluster = %req.cluster, from_version = req.from_version, "watch opened");
+        let fragment_bytes = if req.fragments {
+            s.config.limits.snapshot_fragment_bytes
+        } else {
+            0
+        };
         let cursor = Cursor {
             shared: s.clone(),
             rx: None,
             version: 0,
             resume_from: (req.epoch, req.from_version),
             epoch: 0,
+            fragment_bytes,
+            pending: None,
             _guard: guard,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(
@@ -578,6 +585,13 @@ struct Cursor {
     epoch: u64,
     /// The (epoch, version) the watcher said it holds; if it is current, no snapshot is needed.
     resume_from: (u64, u64),
+    /// Snapshots larger than this go in fragments of this size (0: whole; the watcher did not
+    /// ask for fragments).
+    fragment_bytes: usize,
+    /// The rest of a snapshot being sent in fragments: (epoch, version, the shared encoded
+    /// members, the offset of the next fragment). One fragment is cut per message the
+    /// transport asks for, so a watcher that reads slowly holds no copy of the rest.
+    pending: Option<(u64, u64, prost::bytes::Bytes, usize)>,
     _guard: WatcherGuard,
 }
 
@@ -586,6 +600,35 @@ impl Cursor {
     /// bytes shared by every watcher; building holds one of the server's snapshot slots (not
     /// while the transport sends: a watcher that stops reading must not block the others).
     async fn snapshot(&mut self, topology: &crate::cluster::ClusterTopology) -> pb::WatchResponse {
+        let whole = self.whole_snapshot(topology).await;
+        let Some(pb::watch_response::Event::Snapshot(snap)) = &whole.event else {
+            return whole;
+        };
+        if self.fragment_bytes == 0 || snap.packed_members.len() <= self.fragment_bytes {
+            return whole;
+        }
+        self.pending = Some((snap.epoch, snap.version, snap.packed_members.clone(), 0));
+        self.next_fragment().expect("a pending snapshot")
+    }
+
+    /// The next fragment of the pending snapshot, if one is being sent.
+    fn next_fragment(&mut self) -> Option<pb::WatchResponse> {
+        let (epoch, version, bytes, offset) = self.pending.take()?;
+        let end = (offset + self.fragment_bytes).min(bytes.len());
+        let more = end < bytes.len();
+        let piece = bytes.slice(offset..end);
+        if more {
+            self.pending = Some((epoch, version, bytes, end));
+        }
+        self.shared.metrics.snapshot_fragments.inc();
+        Some(wire::snapshot_fragment(epoch, version, piece, more))
+    }
+
+    /// A whole snapshot message of `topology` (see [`Self::snapshot`]).
+    async fn whole_snapshot(
+        &mut self,
+        topology: &crate::cluster::ClusterTopology,
+    ) -> pb::WatchResponse {
         let s = &self.shared;
         let cluster = topology.cluster_name();
         let (epoch, version) = (topology.epoch(), topology.version());
@@ -619,6 +662,9 @@ impl Cursor {
     }
 
     async fn next(mut self) -> Option<(Result<pb::WatchResponse, Status>, Self)> {
+        if let Some(fragment) = self.next_fragment() {
+            return Some((Ok(fragment), self));
+        }
         let s = self.shared.clone();
         let cluster = self._guard.cluster.clone();
         if self.rx.is_none() {

@@ -55,6 +55,83 @@ pub fn snapshot_packed(epoch: u64, version: u64, packed: prost::bytes::Bytes) ->
     }
 }
 
+/// One fragment of a snapshot's packed members; `more` when others follow.
+pub fn snapshot_fragment(
+    epoch: u64,
+    version: u64,
+    packed: prost::bytes::Bytes,
+    more: bool,
+) -> pb::WatchResponse {
+    let mut msg = snapshot_packed(epoch, version, packed);
+    if let Some(pb::watch_response::Event::Snapshot(s)) = &mut msg.event {
+        s.fragment = more;
+    }
+    msg
+}
+
+/// Reassembles snapshots that arrive in fragments (`Snapshot.fragment`): every other message
+/// passes through unchanged; the fragments of one snapshot are held (at most `limit` bytes) and
+/// come out as one whole snapshot when the last arrives.
+#[derive(Debug)]
+pub struct SnapshotAssembler {
+    limit: usize,
+    held: Option<(u64, u64, Vec<u8>)>,
+}
+
+impl SnapshotAssembler {
+    /// Holds at most `limit` bytes of one snapshot.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, held: None }
+    }
+
+    /// Whether fragments of a snapshot are held, waiting for the rest.
+    pub fn is_partial(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The next whole message, if `msg` completes one.
+    pub fn feed(
+        &mut self,
+        msg: pb::WatchResponse,
+    ) -> Result<Option<pb::WatchResponse>, WatchApplyError> {
+        let Some(pb::watch_response::Event::Snapshot(s)) = &msg.event else {
+            if self.held.is_some() {
+                return Err(WatchApplyError::Malformed(
+                    "a snapshot's fragments were interrupted by another message".into(),
+                ));
+            }
+            return Ok(Some(msg));
+        };
+        if !s.fragment && self.held.is_none() {
+            return Ok(Some(msg));
+        }
+        if !s.members.is_empty() {
+            return Err(WatchApplyError::Malformed(
+                "a snapshot fragment carries inline members".into(),
+            ));
+        }
+        let (epoch, version) = (s.epoch, s.version);
+        let (e, v, buf) = self.held.get_or_insert_with(|| (epoch, version, Vec::new()));
+        if (*e, *v) != (epoch, version) {
+            return Err(WatchApplyError::Malformed(format!(
+                "a fragment of version {version} (epoch {epoch:x}) inside the snapshot of version {v} (epoch {e:x})"
+            )));
+        }
+        if buf.len() + s.packed_members.len() > self.limit {
+            return Err(WatchApplyError::Malformed(format!(
+                "a fragmented snapshot exceeds {} bytes",
+                self.limit
+            )));
+        }
+        buf.extend_from_slice(&s.packed_members);
+        if s.fragment {
+            return Ok(None);
+        }
+        let (epoch, version, buf) = self.held.take().expect("held above");
+        Ok(Some(snapshot_packed(epoch, version, buf.into())))
+    }
+}
+
 /// A full-topology watch message.
 pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
     snapshot_packed(t.epoch(), t.version(), pack_members(t))
@@ -239,6 +316,40 @@ mod tests {
         let mut bad = member_to_pb(&member);
         bad.id = "NOT VALID".into();
         assert!(member_from_pb(bad).is_err());
+    }
+
+    #[test]
+    fn fragments_reassemble_into_the_snapshot_and_interruptions_are_refused() {
+        let t = Arc::new(ClusterTopology::new("c", 5, [m("a"), m("b"), m("c")]).unwrap());
+        let packed = pack_members(&t);
+        let pieces: Vec<_> = packed.chunks(7).collect();
+        let mut asm = SnapshotAssembler::new(1 << 20);
+        for (i, p) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            let out = asm
+                .feed(snapshot_fragment(0, 5, prost::bytes::Bytes::copy_from_slice(p), !last))
+                .unwrap();
+            if last {
+                let whole = out.expect("the last fragment completes it");
+                assert_eq!(next_topology("c", None, whole).unwrap().unwrap(), t);
+            } else {
+                assert!(out.is_none() && asm.is_partial());
+            }
+        }
+        // Whole snapshots and other messages pass through.
+        assert!(asm.feed(progress(0, 5)).unwrap().is_some());
+        assert!(asm.feed(snapshot(&t)).unwrap().is_some());
+        // A fragment sequence interrupted, mixed or too large is malformed.
+        let piece = |v, more| snapshot_fragment(0, v, packed.slice(0..3), more);
+        let mut asm = SnapshotAssembler::new(1 << 20);
+        asm.feed(piece(5, true)).unwrap();
+        assert!(asm.feed(progress(0, 5)).is_err());
+        let mut asm = SnapshotAssembler::new(1 << 20);
+        asm.feed(piece(5, true)).unwrap();
+        assert!(asm.feed(piece(6, false)).is_err());
+        let mut asm = SnapshotAssembler::new(4);
+        asm.feed(piece(5, true)).unwrap();
+        assert!(asm.feed(piece(5, false)).is_err());
     }
 
     #[test]
