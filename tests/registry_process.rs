@@ -1192,7 +1192,11 @@ async fn large_snapshots_go_in_fragments_only_to_watchers_that_accept_them() {
     let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
     for i in 0..8 {
         client
-            .join(member_join(&format!("m{i}"), &format!("127.0.0.1:{}", 7000 + i), "s"))
+            .join(member_join(
+                &format!("m{i}"),
+                &format!("127.0.0.1:{}", 7000 + i),
+                "s",
+            ))
             .await
             .unwrap();
     }
@@ -1203,7 +1207,8 @@ async fn large_snapshots_go_in_fragments_only_to_watchers_that_accept_them() {
     };
     // Whole: one snapshot with every member.
     let mut whole = client.watch(watch(false)).await.unwrap().into_inner();
-    let Some(pb::watch_response::Event::Snapshot(s)) = whole.message().await.unwrap().unwrap().event
+    let Some(pb::watch_response::Event::Snapshot(s)) =
+        whole.message().await.unwrap().unwrap().event
     else {
         panic!("a snapshot first");
     };
@@ -1230,7 +1235,11 @@ async fn large_snapshots_go_in_fragments_only_to_watchers_that_accept_them() {
         }
     }
     assert_eq!(n, packed.len().div_ceil(100));
-    assert_eq!(joined, packed.to_vec(), "the fragments are the snapshot, in order");
+    assert_eq!(
+        joined,
+        packed.to_vec(),
+        "the fragments are the snapshot, in order"
+    );
     // Shoal's provider (which asks for fragments) sees every member through them.
     let m = start_member("m", &url(&addr), "c", &[]);
     m.wait_snapshot("the 8 members and itself", 15, |v| member_count(v) == 9);

@@ -109,6 +109,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
                         members: Vec::new(),
                         packed_members: prost::Message::encode_to_vec(&pb::MemberList { members: list })
                             .into(),
+                        fragment: false,
                     }
                 } else {
                     pb::Snapshot {
@@ -116,6 +117,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
                         epoch,
                         members: list,
                         packed_members: Default::default(),
+                        fragment: false,
                     }
                 };
                 (
@@ -195,6 +197,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
                             epoch: 1,
                             members: Vec::new(),
                             packed_members: bytes.clone().into(),
+                            fragment: false,
                         })),
                     },
                     // Arbitrary bytes may happen to decode; only check it does not panic.

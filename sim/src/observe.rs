@@ -222,54 +222,56 @@ impl Registry for Observed {
         let observed = futures::stream::unfold(state, move |state| {
             let rec = rec.clone();
             async move {
-            let (mut stream, door, oracles, mut pieces) = state?;
-            let item = {
-                let reset = door.reset.notified();
-                tokio::pin!(reset);
-                reset.as_mut().enable();
-                if door.resets() != opened {
-                    None
-                } else {
-                    tokio::select! {
-                        biased;
-                        _ = &mut reset => None,
-                        item = stream.next() => Some(item?),
+                let (mut stream, door, oracles, mut pieces) = state?;
+                let item = {
+                    let reset = door.reset.notified();
+                    tokio::pin!(reset);
+                    reset.as_mut().enable();
+                    if door.resets() != opened {
+                        None
+                    } else {
+                        tokio::select! {
+                            biased;
+                            _ = &mut reset => None,
+                            item = stream.next() => Some(item?),
+                        }
                     }
-                }
-            };
-            match item {
-                None => Some((
-                    Err(Status::unavailable("connection reset (simulated)")),
-                    None,
-                )),
-                Some(item) => {
-                    if let Ok(msg) = &item {
-                        match &msg.event {
-                            Some(pb::watch_response::Event::Snapshot(s)) if s.fragment => {
-                                rec.count("registry: snapshot fragments sent");
-                                pieces.extend_from_slice(&s.packed_members);
-                            }
-                            Some(pb::watch_response::Event::Snapshot(s)) if !pieces.is_empty() => {
-                                pieces.extend_from_slice(&s.packed_members);
-                                let mut whole = s.clone();
-                                whole.packed_members = std::mem::take(&mut pieces).into();
-                                oracles.sent(&pb::WatchResponse {
-                                    event: Some(pb::watch_response::Event::Snapshot(whole)),
-                                });
-                            }
-                            _ if !pieces.is_empty() => {
-                                rec.violation_once(
+                };
+                match item {
+                    None => Some((
+                        Err(Status::unavailable("connection reset (simulated)")),
+                        None,
+                    )),
+                    Some(item) => {
+                        if let Ok(msg) = &item {
+                            match &msg.event {
+                                Some(pb::watch_response::Event::Snapshot(s)) if s.fragment => {
+                                    rec.count("registry: snapshot fragments sent");
+                                    pieces.extend_from_slice(&s.packed_members);
+                                }
+                                Some(pb::watch_response::Event::Snapshot(s))
+                                    if !pieces.is_empty() =>
+                                {
+                                    pieces.extend_from_slice(&s.packed_members);
+                                    let mut whole = s.clone();
+                                    whole.packed_members = std::mem::take(&mut pieces).into();
+                                    oracles.sent(&pb::WatchResponse {
+                                        event: Some(pb::watch_response::Event::Snapshot(whole)),
+                                    });
+                                }
+                                _ if !pieces.is_empty() => {
+                                    rec.violation_once(
                                     "fragments interrupted".into(),
                                     "history: the registry interrupted a fragmented snapshot with another message".into(),
                                 );
-                                pieces.clear();
+                                    pieces.clear();
+                                }
+                                _ => oracles.sent(msg),
                             }
-                            _ => oracles.sent(msg),
                         }
+                        Some((item, Some((stream, door, oracles, pieces))))
                     }
-                    Some((item, Some((stream, door, oracles, pieces))))
                 }
-            }
             }
         });
         Ok(Response::new(Box::pin(observed)))

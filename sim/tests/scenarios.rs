@@ -359,7 +359,8 @@ fn invariants_fire_on_a_registry_that_does_not_store_a_new_description() {
 /// member that the snapshots of the same version no longer have.
 #[test]
 fn history_oracle_fires_on_coalesced_updates_that_drop_departures() {
-    let v = first_failure("member-crash", Flaw::CoalescedDropsLeft, "history:");
+    // It takes a departure coalesced with another change: about one member-crash seed in 20.
+    let v = first_failure_within("member-crash", Flaw::CoalescedDropsLeft, "history:", 25);
     assert!(v.contains("two different topologies"), "{v}");
 }
 

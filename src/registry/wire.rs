@@ -51,6 +51,7 @@ pub fn snapshot_packed(epoch: u64, version: u64, packed: prost::bytes::Bytes) ->
             epoch,
             members: Vec::new(),
             packed_members: packed,
+            fragment: false,
         })),
     }
 }
@@ -111,7 +112,9 @@ impl SnapshotAssembler {
             ));
         }
         let (epoch, version) = (s.epoch, s.version);
-        let (e, v, buf) = self.held.get_or_insert_with(|| (epoch, version, Vec::new()));
+        let (e, v, buf) = self
+            .held
+            .get_or_insert_with(|| (epoch, version, Vec::new()));
         if (*e, *v) != (epoch, version) {
             return Err(WatchApplyError::Malformed(format!(
                 "a fragment of version {version} (epoch {epoch:x}) inside the snapshot of version {v} (epoch {e:x})"
@@ -239,6 +242,12 @@ pub fn next_topology(
         None => Err(WatchApplyError::Malformed("empty watch message".into())),
         Some(pb::watch_response::Event::Progress(p)) => same_epoch(p.epoch).map(|()| None),
         Some(pb::watch_response::Event::Snapshot(s)) => {
+            if s.fragment {
+                return Err(WatchApplyError::Malformed(
+                    "a snapshot fragment (reassemble fragments with SnapshotAssembler first)"
+                        .into(),
+                ));
+            }
             let same_run = |h: &Arc<ClusterTopology>| {
                 h.epoch() == s.epoch || sim::flaw("snapshot-ignores-epoch")
             };
@@ -327,7 +336,12 @@ mod tests {
         for (i, p) in pieces.iter().enumerate() {
             let last = i + 1 == pieces.len();
             let out = asm
-                .feed(snapshot_fragment(0, 5, prost::bytes::Bytes::copy_from_slice(p), !last))
+                .feed(snapshot_fragment(
+                    0,
+                    5,
+                    prost::bytes::Bytes::copy_from_slice(p),
+                    !last,
+                ))
                 .unwrap();
             if last {
                 let whole = out.expect("the last fragment completes it");
@@ -450,6 +464,7 @@ mod tests {
                 epoch: 0,
                 members: t.members().iter().map(|m| member_to_pb(m)).collect(),
                 packed_members: Default::default(),
+                fragment: false,
             })),
         };
         for msg in [packed, inline] {
