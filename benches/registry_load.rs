@@ -22,6 +22,7 @@
 //! `SHOAL_BENCH_REGISTER_CONCURRENCY` [64], `SHOAL_BENCH_STEADY_SECS` [10],
 //! `SHOAL_BENCH_SATURATION_SECS` [5], `SHOAL_BENCH_MAX_WATCHERS` [1000],
 //! `SHOAL_BENCH_FRAGMENTS` [1: registry watchers accept fragmented snapshots, as the provider],
+//! `SHOAL_BENCH_ETCD_LIST` [0; 1: each etcd watcher lists the prefix first, as a real client],
 //! `SHOAL_BENCH_REGISTRATION_WATCHERS` [0] (registry only: watch streams open, and drained,
 //! while the members register), `SHOAL_BENCH_REGISTRY_ARGS` [""] (extra `shoal-registry` flags,
 //! space-separated, e.g. `--publish-interval 0s`).
@@ -1036,8 +1037,23 @@ mod real {
         ready: Arc<AtomicUsize>,
         deadline: tokio::time::Instant,
     ) -> Result<Instant, String> {
+        // SHOAL_BENCH_ETCD_LIST=1: as a real client (Shoal's etcd provider), list the members
+        // first and watch from the next revision, so that "ready" means holding the member
+        // list, as it does for a registry watcher.
+        let mut options = WatchOptions::new().with_prefix();
+        if std::env::var("SHOAL_BENCH_ETCD_LIST").is_ok_and(|v| v == "1") {
+            let mut kv = client.kv_client();
+            let listed = tokio::time::timeout_at(
+                deadline,
+                kv.get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix())),
+            )
+            .await
+            .map_err(|_| "List: deadline passed".to_string())?
+            .map_err(|e| format!("List: {e}"))?;
+            let revision = listed.header().map_or(0, |h| h.revision());
+            options = options.with_start_revision(revision + 1);
+        }
         let mut wc = client.watch_client();
-        let options = WatchOptions::new().with_prefix();
         let mut stream =
             match tokio::time::timeout_at(deadline, wc.watch(PREFIX, Some(options))).await {
                 Ok(Ok(s)) => s,

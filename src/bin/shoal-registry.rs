@@ -92,7 +92,7 @@ mod real {
         max_snapshot_bytes: Option<usize>,
         /// Send snapshots larger than this in fragments of this size to watchers that accept
         /// them (Shoal's provider does), so a burst of new watchers costs one copy of the
-        /// snapshot, not one each; 0 sends them whole [default: 65536].
+        /// snapshot, not one each; 0 sends them whole [default: 16384].
         #[arg(long, env = "SHOAL_REGISTRY_SNAPSHOT_FRAGMENT_BYTES")]
         snapshot_fragment_bytes: Option<usize>,
         /// Most concurrent HTTP/2 streams per connection (watches and calls) [default: 1024].

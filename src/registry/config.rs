@@ -254,7 +254,7 @@ impl Default for RegistryLimits {
             max_cluster_name_len: 128,
             max_message_bytes: 64 * 1024,
             watch_buffer: 128,
-            snapshot_fragment_bytes: 64 * 1024,
+            snapshot_fragment_bytes: 16 * 1024,
             max_tombstones: 100_000,
             member: MemberLimits::default(),
         }
