@@ -343,14 +343,11 @@ pub fn availability_bound() -> Duration {
 pub async fn check_final(cluster: &Arc<SimCluster>) {
     let rule = cluster.placement_rule();
     let deadline = Instant::now() + availability_bound();
-    for (name, _, inc) in cluster.live_views() {
-        let Some(client) = inc.activation.clone() else {
-            continue;
-        };
+    for (name, _, _) in cluster.live_views() {
         let (c, node) = (cluster.clone(), name.clone());
         let probe = async move {
             for id in identities() {
-                probe(&c, &node, &client, &inc, rule, id, deadline).await;
+                probe(&c, &node, rule, id, deadline).await;
             }
         };
         if cluster.on_node(&name, probe).await.is_none() {
@@ -358,6 +355,29 @@ pub async fn check_final(cluster: &Arc<SimCluster>) {
                 .recorder()
                 .count("activation: final calls not run (node gone)");
         }
+    }
+}
+
+/// The node's current incarnation with its activation client, waiting (until `deadline`) for
+/// a process that is (re)starting; `None` if the node is down.
+async fn current_client(
+    cluster: &SimCluster,
+    name: &str,
+    deadline: Instant,
+) -> Option<(crate::cluster::Incarnation, Arc<ActivationClient>)> {
+    loop {
+        let inc = cluster
+            .live_views()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, inc)| inc)?;
+        if let Some(client) = inc.activation.clone() {
+            return Some((inc, client));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -370,17 +390,15 @@ fn current_of(cluster: &SimCluster, owner: &MemberId) -> Option<MemberId> {
         .map(|(_, _, inc)| inc.id)
 }
 
-async fn probe(
-    cluster: &SimCluster,
-    name: &str,
-    client: &ActivationClient,
-    inc: &crate::cluster::Incarnation,
-    rule: PlacementRule,
-    id: &str,
-    deadline: Instant,
-) {
+async fn probe(cluster: &SimCluster, name: &str, rule: PlacementRule, id: &str, deadline: Instant) {
     let rec = cluster.recorder();
     loop {
+        // The process running now (a leave that began before the heal may end after it, and
+        // the node restarts as a new process).
+        let Some((inc, client)) = current_client(cluster, name, deadline).await else {
+            rec.count("activation: final calls not run (node gone)");
+            return;
+        };
         let t = inc.manager.topology();
         let want = naive_owner_by(rule, &t, KIND, id);
         let called = client.call(KIND, id, Vec::new()).await;
