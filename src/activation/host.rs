@@ -601,6 +601,16 @@ impl ActivationHost {
             .filter(|g| &g.address != me)
             .map(|g| Member::new(g.member, g.address, [kind]))
             .collect();
+        // Registered members the provider leaves out of the topology (not serving).
+        let withheld: Vec<Member> = self
+            .ctx
+            .withheld
+            .get()
+            .iter()
+            .filter(|m| t.member(&m.id).is_none() && !extra.iter().any(|x| x.id == m.id))
+            .filter(|m| m.id != claim.owner && &m.address != me)
+            .cloned()
+            .collect();
         let asks = t
             .members()
             .iter()
@@ -609,6 +619,7 @@ impl ActivationHost {
             .filter(|m| m.id != claim.owner && &m.address != me)
             .map(|m| (**m).clone())
             .chain(extra)
+            .chain(withheld)
             .map(|m| {
                 let clock = clock.clone();
                 async move {

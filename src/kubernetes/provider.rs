@@ -822,6 +822,23 @@ impl Session {
             .as_ref()
             .map(|s| serving_pods(s.objects().values()));
         let listed = view.index.listed(serving.as_ref());
+        if serving.is_some() {
+            // Registered but not serving (terminating, not ready): out of the topology, but
+            // possibly still holding activations.
+            let withheld = view
+                .index
+                .listed(None)
+                .members
+                .into_iter()
+                .filter(|m| {
+                    listed
+                        .members
+                        .binary_search_by(|x| x.id.cmp(&m.id))
+                        .is_err()
+                })
+                .collect();
+            self.ctx.withheld.set(withheld);
+        }
         for (name, why) in &listed.skipped {
             if view.warned.insert(name.clone()) {
                 self.metrics.leases_skipped.inc();

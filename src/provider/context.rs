@@ -32,6 +32,27 @@ pub struct ClusterProviderContext {
     /// Until when this node holds its membership, as its provider reckons it (see
     /// [`MembershipWindow`]).
     pub standing: MembershipWindow,
+    /// Members registered but left out of the topology (see [`WithheldMembers`]).
+    pub withheld: WithheldMembers,
+}
+
+/// Members the provider knows still hold a registration but leaves out of the topology
+/// (Kubernetes: Pods whose endpoints are not serving, while their Lease is alive). They take no
+/// new identities, but their processes may still hold activations: an activation host asks them
+/// too before activating. Empty for providers that list every registered member.
+#[derive(Clone, Debug, Default)]
+pub struct WithheldMembers(Arc<std::sync::Mutex<Arc<Vec<Member>>>>);
+
+impl WithheldMembers {
+    /// The members now.
+    pub fn get(&self) -> Arc<Vec<Member>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces them.
+    pub fn set(&self, members: Vec<Member>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(members);
+    }
 }
 
 impl ClusterProviderContext {
@@ -63,6 +84,7 @@ impl ClusterProviderContext {
             clock,
             events: EventStream::default(),
             standing: MembershipWindow::default(),
+            withheld: WithheldMembers::default(),
         })
     }
 

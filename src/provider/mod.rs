@@ -9,7 +9,7 @@ pub mod memory;
 use async_trait::async_trait;
 
 pub use backoff::Backoff;
-pub use context::ClusterProviderContext;
+pub use context::{ClusterProviderContext, WithheldMembers};
 pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason, MembershipWindow, Window};
 pub mod remote;
 pub use remote::{
