@@ -279,6 +279,8 @@ pub struct ActivationHost {
     transport: Arc<dyn Transport>,
     config: ActivationConfig,
     handed: Mutex<HandedStates>,
+    /// Set by [`Self::shutdown`]: nothing is served again, whatever the membership says.
+    stopped: std::sync::atomic::AtomicBool,
     /// The topology epoch last seen, and until when claims wait after it changed.
     epoch: Mutex<(u64, Option<crate::runtime::Instant>)>,
     /// Woken whenever identities are deactivated (release answers wait for it).
@@ -318,6 +320,7 @@ impl ActivationHost {
             transport,
             config,
             handed: Mutex::default(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             epoch: Mutex::new((0, None)),
             deactivated: tokio::sync::Notify::new(),
             metrics: ActivationMetrics::default(),
@@ -363,7 +366,9 @@ impl ActivationHost {
                         Some(Ok(ClusterEvent::MembershipLost { .. })) => {
                             host.let_go_of_everything(Deactivation::MembershipLost, true);
                         }
-                        Some(Ok(ClusterEvent::MembershipRestored { member, .. })) => {
+                        Some(Ok(ClusterEvent::MembershipRestored { member, .. }))
+                            if !host.is_stopped() =>
+                        {
                             lock(&host.state).restored(member.id);
                         }
                         Some(Ok(ClusterEvent::TopologyChanged { .. }))
@@ -443,12 +448,21 @@ impl ActivationHost {
     /// before the provider's graceful shutdown, so nothing is active once peers see this member
     /// leave.
     pub fn shutdown(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.let_go_of_everything(Deactivation::Shutdown, true);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether this node can prove it holds its membership now. If not, everything active is
     /// deactivated at once (a process waking from a pause, before its loss is announced).
     fn standing(&self) -> bool {
+        if self.is_stopped() {
+            return false;
+        }
         if self.ctx.standing.held_at(self.ctx.clock.now()) {
             // The incarnation the provider renews now (a re-join's event may have been lost
             // to a lagging subscription).
@@ -589,14 +603,22 @@ impl ActivationHost {
     ) -> Result<Option<Vec<u8>>, CallError> {
         let clock = self.ctx.clock.clone();
         let me = &self.ctx.member.address;
-        // Members this node let go of it for that its topology does not list yet.
-        let keep = self
+        // Members this node let go of it for that its topology does not list yet (grants of
+        // another epoch, with no version to compare, are kept three TTLs).
+        let keep = 3 * self
             .ctx
             .standing
             .ttl()
             .unwrap_or(self.config.epoch_quarantine);
         let extra: Vec<Member> = lock(&self.state)
-            .also_ask(kind, identity, |m| t.member(m).is_some(), clock.now(), keep)
+            .also_ask(
+                kind,
+                identity,
+                |m| t.member(m).is_some(),
+                (t.epoch(), t.version()),
+                clock.now(),
+                keep,
+            )
             .into_iter()
             .filter(|g| &g.address != me)
             .map(|g| Member::new(g.member, g.address, [kind]))
@@ -680,7 +702,7 @@ impl ActivationHost {
             owner.as_ref(),
             now,
             self.config.drain,
-            &claim.owner,
+            claim,
             claimant_address,
         );
         match answer {

@@ -127,6 +127,8 @@ pub struct Activations {
 pub struct Grant {
     /// The member that claimed the identity.
     pub member: MemberId,
+    /// The topology (epoch, version) its claim came from.
+    pub claimed_at: (u64, u64),
     /// Its address.
     pub address: String,
     /// When the release was granted.
@@ -246,7 +248,7 @@ impl Activations {
         owner: Option<&MemberId>,
         now: Instant,
         drain: Duration,
-        to: &MemberId,
+        claim: &Fence,
         address: &str,
     ) -> Release {
         if self.member && owner == Some(&self.me) {
@@ -256,9 +258,10 @@ impl Activations {
         self.claims.remove(&key);
         if self.granted.len() < self.limit || self.granted.contains_key(&key) {
             let grants = self.granted.entry(key.clone()).or_default();
-            grants.retain(|g| &g.member != to);
+            grants.retain(|g| g.member != claim.owner);
             grants.push(Grant {
-                member: to.clone(),
+                member: claim.owner.clone(),
+                claimed_at: (claim.epoch, claim.version),
                 address: address.to_string(),
                 at: now,
             });
@@ -276,16 +279,20 @@ impl Activations {
         }
     }
 
-    /// The members to ask, besides those of this node's topology, before activating
-    /// `kind/identity`: those it let go of it for that its topology does not list (`listed`),
-    /// granted less than `keep` ago. Older grants and listed members are forgotten (a listed
-    /// member is asked anyway; after `keep`, a member that claimed the identity and is still
-    /// not listed has been removed, or this node's view is that far behind).
+    /// The members to ask, besides those of this node's topology (`listed`; at `epoch`,
+    /// `version`), before activating `kind/identity`: those it let go of it for that its
+    /// topology does not list. A grant is forgotten once the topology lists the claimant (it is
+    /// asked anyway), or once the topology of the same epoch reached the claim's version without
+    /// listing it (it was removed since: it let go of everything). A grant of another epoch
+    /// (a backend restart; Kubernetes nodes number their own topologies) is forgotten after
+    /// `keep`.
+    #[allow(clippy::too_many_arguments)]
     pub fn also_ask(
         &mut self,
         kind: &str,
         identity: &str,
         listed: impl Fn(&MemberId) -> bool,
+        (epoch, version): (u64, u64),
         now: Instant,
         keep: Duration,
     ) -> Vec<Grant> {
@@ -293,7 +300,15 @@ impl Activations {
         let Some(grants) = self.granted.get_mut(&key) else {
             return Vec::new();
         };
-        grants.retain(|g| !listed(&g.member) && now.saturating_duration_since(g.at) < keep);
+        grants.retain(|g| {
+            let (e, v) = g.claimed_at;
+            !listed(&g.member)
+                && if e == epoch {
+                    version < v
+                } else {
+                    now.saturating_duration_since(g.at) < keep
+                }
+        });
         let out = grants.clone();
         if grants.is_empty() {
             self.granted.remove(&key);
@@ -623,12 +638,12 @@ mod tests {
         act(&mut a, "x", &fence(5, "a"), "a");
         // Its own view still names it: the asker is ahead or behind; nobody activates.
         assert_eq!(
-            a.release("k", "x", Some(&id("a")), t0, drain, &id("b"), "b:1"),
+            a.release("k", "x", Some(&id("a")), t0, drain, &fence(6, "b"), "b:1"),
             Release::Refused
         );
         // Its view moved x to b: it drains, and answers once it is gone.
         assert_eq!(
-            a.release("k", "x", Some(&id("b")), t0, drain, &id("b"), "b:1"),
+            a.release("k", "x", Some(&id("b")), t0, drain, &fence(6, "b"), "b:1"),
             Release::Draining { until: t0 + drain }
         );
         assert!(a.is_active("k", "x"));
@@ -636,7 +651,7 @@ mod tests {
         assert_eq!(a.tick(t0).len(), 1);
         assert!(!a.is_active("k", "x"));
         assert_eq!(
-            a.release("k", "x", Some(&id("b")), t0, drain, &id("b"), "b:1"),
+            a.release("k", "x", Some(&id("b")), t0, drain, &fence(6, "b"), "b:1"),
             Release::Released
         );
     }
@@ -659,7 +674,7 @@ mod tests {
                 Some(&id("b")),
                 t0,
                 Duration::from_secs(1),
-                &id("b"),
+                &fence(6, "b"),
                 "b:1"
             ),
             Release::Released
@@ -694,27 +709,46 @@ mod tests {
         let mut a = Activations::new(id("a"), 10);
         let t0 = now();
         let keep = Duration::from_secs(10);
-        // a (lagging: its view lists neither b nor c) let go of x for b.
+        // a (lagging at v5: its view lists neither b nor c) let go of x for b, claiming at v7.
         assert_eq!(
-            a.release("k", "x", Some(&id("r")), t0, keep, &id("b"), "b:1"),
+            a.release("k", "x", Some(&id("r")), t0, keep, &fence(7, "b"), "b:1"),
             Release::Released
         );
         let listed_none = |_: &MemberId| false;
-        let asks = a.also_ask("k", "x", listed_none, t0, keep);
+        // However long a's view lags, b is asked.
+        let asks = a.also_ask("k", "x", listed_none, (1, 5), t0 + keep * 100, keep);
         assert_eq!(asks.len(), 1);
         assert_eq!(
             (asks[0].member.clone(), asks[0].address.as_str()),
             (id("b"), "b:1")
         );
         // Once a's view lists b, b is asked as a member; the grant is forgotten.
-        assert!(a.also_ask("k", "x", |m| m == &id("b"), t0, keep).is_empty());
-        // A grant answered with a release, or older than `keep`, is forgotten too.
-        a.release("k", "y", None, t0, keep, &id("b"), "b:1");
-        a.released_by("k", "y", &id("b"));
-        assert!(a.also_ask("k", "y", listed_none, t0, keep).is_empty());
-        a.release("k", "z", None, t0, keep, &id("b"), "b:1");
         assert!(
-            a.also_ask("k", "z", listed_none, t0 + keep, keep)
+            a.also_ask("k", "x", |m| m == &id("b"), (1, 8), t0, keep)
+                .is_empty()
+        );
+        assert!(
+            a.also_ask("k", "x", listed_none, (1, 5), t0, keep)
+                .is_empty()
+        );
+        // A view of the claim's version that does not list b: b was removed since.
+        a.release("k", "w", None, t0, keep, &fence(7, "b"), "b:1");
+        assert!(
+            a.also_ask("k", "w", listed_none, (1, 7), t0, keep)
+                .is_empty()
+        );
+        // A grant answered with a release is forgotten.
+        a.release("k", "y", None, t0, keep, &fence(7, "b"), "b:1");
+        a.released_by("k", "y", &id("b"));
+        assert!(
+            a.also_ask("k", "y", listed_none, (1, 5), t0, keep)
+                .is_empty()
+        );
+        // A grant of another epoch is forgotten after `keep`.
+        a.release("k", "z", None, t0, keep, &fence(7, "b"), "b:1");
+        assert_eq!(a.also_ask("k", "z", listed_none, (2, 1), t0, keep).len(), 1);
+        assert!(
+            a.also_ask("k", "z", listed_none, (2, 1), t0 + keep, keep)
                 .is_empty()
         );
     }
