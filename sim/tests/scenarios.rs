@@ -585,15 +585,22 @@ fn stale_routing_checker_fires_on_actors_kept_after_a_lost_membership() {
 /// owner activates while a call is still in flight on the old one.
 #[test]
 fn single_activation_checker_fires_on_a_release_answered_before_the_drain() {
-    let r = run("graceful-leave", 5, Flaw::ReleaseBeforeDrained);
-    assert!(
-        r.recording
+    // It needs a call in flight when the release arrives: about one seed in 60 of several
+    // scenarios. These seeds caught it (2026-11-28); any of them firing is enough.
+    let seeds = [
+        ("etcd-keepalive-loss", 3),
+        ("graceful-leave", 56),
+        ("rolling-restart", 34),
+        ("k8s-zone-outage", 16),
+    ];
+    let fired = seeds.iter().any(|(name, seed)| {
+        run(name, *seed, Flaw::ReleaseBeforeDrained)
+            .recording
             .violations
             .iter()
-            .any(|v| v.contains("single activation:")),
-        "{:#?}",
-        r.recording.violations
-    );
+            .any(|v| v.contains("single activation:"))
+    });
+    assert!(fired, "no seed of {seeds:?} caught release-before-drained");
 }
 
 #[test]
