@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::cluster::MemberId;
-use crate::placement::Moved;
 use crate::runtime::Instant;
 
 /// What a request carries, and what an activation is held under: the topology the owner was
@@ -350,35 +349,11 @@ impl Activations {
         }
     }
 
-    /// A rebalance moved `moved`: those this node had active and no longer owns drain until
-    /// `now + drain`. Returns them.
-    pub fn rebalanced(
-        &mut self,
-        moved: &[Moved],
-        now: Instant,
-        drain: Duration,
-    ) -> Vec<(String, String)> {
-        let mut draining = Vec::new();
-        for m in moved {
-            if m.to.as_ref() == Some(&self.me) {
-                continue;
-            }
-            let key = (m.kind.clone(), m.identity.clone());
-            if let Some(a) = self.active.get_mut(&key)
-                && a.phase == Phase::Active
-            {
-                a.phase = Phase::Draining { until: now + drain };
-                draining.push(key);
-            }
-        }
-        draining
-    }
-
     /// Checks every active identity against the owner this node's topology now names
-    /// (`owner_of`): those it no longer owns drain until `now + drain`. Unlike
-    /// [`Self::rebalanced`] this needs no report, so it also covers identities the owner cache
-    /// never remembered, and a subscriber that lagged. Returns the identities that began to
-    /// drain.
+    /// (`owner_of`): those it no longer owns drain until `now + drain`; a draining one it owns
+    /// again serves again. It needs no `RebalanceReport`, so it also covers identities the
+    /// owner cache never remembered, and a subscriber that lagged. Returns the identities that
+    /// began to drain.
     pub fn reconcile(
         &mut self,
         owner_of: impl Fn(&str, &str) -> Option<MemberId>,
@@ -552,14 +527,8 @@ mod tests {
         let mut a = Activations::new(id("a"), 10);
         let t0 = now();
         act(&mut a, "x", &fence(5, "a"), "a");
-        let moved = [Moved {
-            kind: "k".into(),
-            identity: "x".into(),
-            from: Some(id("a")),
-            to: Some(id("b")),
-        }];
         assert_eq!(
-            a.rebalanced(&moved, t0, Duration::from_secs(2)),
+            a.reconcile(|_, _| Some(id("b")), t0, Duration::from_secs(2)),
             vec![("k".to_string(), "x".to_string())]
         );
         assert_eq!(
@@ -573,13 +542,7 @@ mod tests {
         // Finished work lets it go at once.
         act(&mut a, "y", &fence(6, "a"), "a");
         a.finished("k", "y");
-        let moved = [Moved {
-            kind: "k".into(),
-            identity: "y".into(),
-            from: Some(id("a")),
-            to: None,
-        }];
-        a.rebalanced(&moved, t0, Duration::from_secs(60));
+        a.reconcile(|_, _| None, t0, Duration::from_secs(60));
         assert_eq!(a.tick(t0).len(), 1);
     }
 
