@@ -223,18 +223,22 @@ async fn partitioned_member_expires_knows_it_and_rejoins_as_a_new_incarnation_af
         lost_at - cut,
         cut.elapsed()
     );
-    // A new incarnation: peers never see the expired id come back.
-    let new_id = standing
-        .lock()
-        .unwrap()
-        .iter()
-        .find_map(|(i, _, e)| match e {
-            ClusterEvent::MembershipRestored {
-                member, previous, ..
-            } if *i == 3 && *previous == old_id => Some(member.id.clone()),
-            _ => None,
-        })
-        .expect("the member announced MembershipRestored");
+    // A new incarnation: peers never see the expired id come back. The survivors can see the
+    // re-join before the member's own join call returns, so its announcement may come a moment
+    // after the views settled.
+    let new_id = eventually(Duration::from_secs(5), || {
+        let standing = standing.lock().unwrap();
+        standing
+            .iter()
+            .find_map(|(i, _, e)| match e {
+                ClusterEvent::MembershipRestored {
+                    member, previous, ..
+                } if *i == 3 && *previous == old_id => Some(member.id.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| format!("the member did not announce MembershipRestored: {standing:?}"))
+    })
+    .await;
     assert_ne!(new_id, old_id);
     let start = Instant::now();
     for i in 1..=3 {
