@@ -22,6 +22,7 @@
 //! `SHOAL_BENCH_REGISTER_CONCURRENCY` [64], `SHOAL_BENCH_STEADY_SECS` [10],
 //! `SHOAL_BENCH_SATURATION_SECS` [5], `SHOAL_BENCH_MAX_WATCHERS` [1000],
 //! `SHOAL_BENCH_FRAGMENTS` [1: registry watchers accept fragmented snapshots, as the provider],
+//! `SHOAL_BENCH_COMPRESS` [1: registry watchers accept compressed snapshots, as the provider],
 //! `SHOAL_BENCH_ETCD_LIST` [0; 1: each etcd watcher lists the prefix first, as a real client],
 //! `SHOAL_BENCH_REGISTRATION_WATCHERS` [0] (registry only: watch streams open, and drained,
 //! while the members register), `SHOAL_BENCH_REGISTRY_ARGS` [""] (extra `shoal-registry` flags,
@@ -633,8 +634,17 @@ mod real {
         },
     }
 
+    /// Member `i`'s id, shaped as `MemberId::generate` makes them (`{name}-{wall ms hex}-{random
+    /// hex}`), with the same amount of randomness, so that snapshots compress as a real
+    /// cluster's would (a sequential `bench-000123` compresses far better).
     fn member_id(i: usize) -> String {
-        format!("bench-{i:06}")
+        let mut z = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // Members started over about a day: the wall-clock part varies in its low 27 bits.
+        let wall = 0x19a_c000_0000u64 + (z >> 37);
+        format!("bench-{i:06}-{wall:x}-{:08x}", z as u32)
     }
 
     fn member_address(i: usize) -> String {
@@ -978,8 +988,14 @@ mod real {
             from_version: 0,
             cluster_token: String::new(),
             epoch: 0,
-            // As Shoal's provider asks (SHOAL_BENCH_FRAGMENTS=0: whole snapshots).
+            // As Shoal's provider asks (SHOAL_BENCH_FRAGMENTS=0: whole snapshots;
+            // SHOAL_BENCH_COMPRESS=0: plain members).
             fragments: std::env::var("SHOAL_BENCH_FRAGMENTS").map_or(true, |v| v != "0"),
+            accept_encodings: if std::env::var("SHOAL_BENCH_COMPRESS").map_or(true, |v| v != "0") {
+                vec![pb::MembersEncoding::Zlib as i32]
+            } else {
+                Vec::new()
+            },
         };
         let mut assembler = shoal::registry::wire::SnapshotAssembler::new(64 << 20);
         // Opening may wait for the server to catch up (a burst of snapshots), so it gets the

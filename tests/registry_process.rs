@@ -671,6 +671,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             cluster_token: String::new(),
             epoch: 0,
             fragments: false,
+            accept_encodings: Vec::new(),
         })
         .await
         .unwrap()
@@ -804,6 +805,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
             cluster_token: "guess".into(),
             epoch: 0,
             fragments: false,
+            accept_encodings: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -850,6 +852,7 @@ async fn bad_requests_are_rejected_while_a_watcher_keeps_receiving_updates() {
         cluster_token: String::new(),
         epoch,
         fragments: false,
+        accept_encodings: Vec::new(),
     };
     let mut resumed = client
         .watch(resume(update.epoch))
@@ -1243,4 +1246,118 @@ async fn large_snapshots_go_in_fragments_only_to_watchers_that_accept_them() {
     // Shoal's provider (which asks for fragments) sees every member through them.
     let m = start_member("m", &url(&addr), "c", &[]);
     m.wait_snapshot("the 8 members and itself", 15, |v| member_count(v) == 9);
+}
+
+/// A large snapshot goes compressed (zlib, compressed once per version) to a watcher that
+/// accepts it, also in fragments, and plain to one that does not (an independent client that
+/// never heard of the encoding); both hold the same members, and Shoal's provider, which
+/// accepts it, converges through compressed snapshots.
+#[tokio::test]
+async fn large_snapshots_go_compressed_only_to_watchers_that_accept_it() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    // A TTL long enough that the members joined below (which never heartbeat) stay: one
+    // version throughout.
+    let args = [
+        "--ttl",
+        "60s",
+        "--startup-grace",
+        "0s",
+        "--snapshot-compress-bytes",
+        "300",
+        "--snapshot-fragment-bytes",
+        "64",
+        "--metrics-listen",
+        &metrics,
+    ];
+    let (_registry, addr) = start_registry("127.0.0.1:0", &args);
+    let mut client = RegistryClient::connect(url(&addr)).await.unwrap();
+    for i in 0..20u32 {
+        client
+            .join(member_join(
+                &format!(
+                    "shop-cart-{i:02}-19ac3f2{i:04x}-{:08x}",
+                    i.wrapping_mul(2_654_435_761u32)
+                ),
+                &format!("127.0.0.1:{}", 7000 + i),
+                "s",
+            ))
+            .await
+            .unwrap();
+    }
+    let watch = |fragments, zlib: bool| pb::WatchRequest {
+        cluster: "c".into(),
+        fragments,
+        accept_encodings: if zlib {
+            vec![pb::MembersEncoding::Zlib as i32]
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    /// The first snapshot of `req`, its fragments concatenated: (encoding, bytes, fragments).
+    async fn first_snapshot(
+        client: &mut RegistryClient<tonic::transport::Channel>,
+        req: pb::WatchRequest,
+    ) -> (i32, Vec<u8>, usize) {
+        let mut stream = client.watch(req).await.unwrap().into_inner();
+        let (mut bytes, mut n, mut encoding) = (Vec::new(), 0, None);
+        loop {
+            let Some(pb::watch_response::Event::Snapshot(s)) =
+                stream.message().await.unwrap().unwrap().event
+            else {
+                panic!("nothing but fragments until the snapshot is complete");
+            };
+            assert!(encoding.is_none_or(|e| e == s.encoding), "one encoding");
+            encoding = Some(s.encoding);
+            bytes.extend_from_slice(&s.packed_members);
+            n += 1;
+            if !s.fragment {
+                return (s.encoding, bytes, n);
+            }
+        }
+    }
+    // One watcher stays, so the server keeps the cluster's encodings between the ones below.
+    let _held = client
+        .watch(watch(false, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let (plain_encoding, plain, _) = first_snapshot(&mut client, watch(false, false)).await;
+    assert_eq!(plain_encoding, pb::MembersEncoding::Plain as i32);
+    let (encoding, zlib, _) = first_snapshot(&mut client, watch(false, true)).await;
+    assert_eq!(encoding, pb::MembersEncoding::Zlib as i32);
+    assert!(
+        zlib.len() < plain.len(),
+        "{} -> {}",
+        plain.len(),
+        zlib.len()
+    );
+    // Expanded with the compression library itself: the same members, byte for byte.
+    let mut expanded = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::ZlibDecoder::new(&zlib[..]),
+        &mut expanded,
+    )
+    .unwrap();
+    assert_eq!(expanded, plain);
+    let members = shoal::registry::wire::snapshot_members(pb::Snapshot {
+        packed_members: zlib.clone().into(),
+        encoding,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(members.len(), 20);
+    // In fragments: slices of the same compressed bytes.
+    let (encoding, pieces, n) = first_snapshot(&mut client, watch(true, true)).await;
+    assert_eq!(encoding, pb::MembersEncoding::Zlib as i32);
+    assert_eq!(pieces, zlib);
+    assert_eq!(n, zlib.len().div_ceil(64));
+    // Compressed once for this version, however many watchers took it.
+    assert_eq!(
+        metric(&metrics, "shoal_registry_watch_snapshot_compressions_total"),
+        Some(1.0)
+    );
+    // Shoal's provider asks for compressed snapshots and sees every member through them.
+    let m = start_member("m", &url(&addr), "c", &[]);
+    m.wait_snapshot("the 20 members and itself", 15, |v| member_count(v) == 21);
 }

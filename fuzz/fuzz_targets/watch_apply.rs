@@ -103,13 +103,21 @@ fuzz_target!(|msgs: Vec<Msg>| {
                     ))
                 };
                 let snapshot = if *packed {
+                    // Odd versions go compressed when that makes them smaller.
+                    let plain = shoal::registry::wire::PackedMembers::plain(
+                        prost::Message::encode_to_vec(&pb::MemberList { members: list }).into(),
+                    );
+                    let packed = match plain.compressed() {
+                        Some(c) if version % 2 == 1 => c,
+                        _ => plain,
+                    };
                     pb::Snapshot {
                         version,
                         epoch,
                         members: Vec::new(),
-                        packed_members: prost::Message::encode_to_vec(&pb::MemberList { members: list })
-                            .into(),
+                        packed_members: packed.bytes,
                         fragment: false,
+                        encoding: packed.encoding as i32,
                     }
                 } else {
                     pb::Snapshot {
@@ -118,6 +126,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
                         members: list,
                         packed_members: Default::default(),
                         fragment: false,
+                        encoding: 0,
                     }
                 };
                 (
@@ -198,6 +207,8 @@ fuzz_target!(|msgs: Vec<Msg>| {
                             members: Vec::new(),
                             packed_members: bytes.clone().into(),
                             fragment: false,
+                            // Half of them claim to be compressed (the decompressor's input).
+                            encoding: (bytes.len() % 2) as i32,
                         })),
                     },
                     // Arbitrary bytes may happen to decode; only check it does not panic.

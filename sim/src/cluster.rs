@@ -391,6 +391,7 @@ impl SimCluster {
         let mut registry_config = b.registry.clone();
         registry_config.limits.watch_buffer = b.knobs.watch_buffer;
         registry_config.limits.snapshot_fragment_bytes = b.knobs.snapshot_fragment_bytes;
+        registry_config.limits.snapshot_compress_bytes = b.knobs.snapshot_compress_bytes;
         registry_config.publish_interval =
             b.knobs.publish_interval.min(registry_config.sweep_interval);
         let bounds = match b.provider {
@@ -1589,6 +1590,10 @@ impl SimCluster {
                     rec.count_n(
                         "provider: snapshot fragments received",
                         m.snapshot_fragments.get(),
+                    );
+                    rec.count_n(
+                        "provider: compressed snapshots received",
+                        m.compressed_snapshots.get(),
                     );
                     rec.count_n("provider: backoff at its cap", m.backoff_capped.get());
                     rec.count_n("provider: epoch changes", m.epoch_changes.get());

@@ -39,6 +39,9 @@ pub struct Knobs {
     pub k8s_zones: bool,
     /// The registry sends snapshots larger than this in fragments (small: every snapshot).
     pub snapshot_fragment_bytes: usize,
+    /// The registry compresses snapshots larger than this for watchers that accept it (small:
+    /// most snapshots of a simulated cluster).
+    pub snapshot_compress_bytes: usize,
 }
 
 impl Default for Knobs {
@@ -57,6 +60,8 @@ impl Default for Knobs {
             k8s_zones: false,
             snapshot_fragment_bytes: shoal::registry::RegistryLimits::default()
                 .snapshot_fragment_bytes,
+            snapshot_compress_bytes: shoal::registry::RegistryLimits::default()
+                .snapshot_compress_bytes,
         }
     }
 }
@@ -93,6 +98,9 @@ impl Knobs {
         k.k8s_zones = k.k8s_service && r.chance(0.5);
         if r.chance(0.3) {
             k.snapshot_fragment_bytes = r.range(16, 400) as usize;
+        }
+        if r.chance(0.4) {
+            k.snapshot_compress_bytes = r.range(32, 600) as usize;
         }
         k
     }

@@ -471,6 +471,7 @@ pub fn all() -> Vec<Scenario> {
                 "provider: snapshots applied",
                 "registry: watch resumed from a version",
                 "provider: snapshot fragments received",
+                "provider: compressed snapshots received",
             ],
         ),
         reg(

@@ -95,6 +95,11 @@ mod real {
         /// snapshot, not one each; 0 sends them whole [default: 16384].
         #[arg(long, env = "SHOAL_REGISTRY_SNAPSHOT_FRAGMENT_BYTES")]
         snapshot_fragment_bytes: Option<usize>,
+        /// Compress snapshots whose members encode to more than this (zlib, once per version)
+        /// for watchers that accept it (Shoal's provider does): a burst of new watchers moves
+        /// about a third of the bytes; 0 never compresses [default: 4096].
+        #[arg(long, env = "SHOAL_REGISTRY_SNAPSHOT_COMPRESS_BYTES")]
+        snapshot_compress_bytes: Option<usize>,
         /// Most concurrent HTTP/2 streams per connection (watches and calls) [default: 1024].
         #[arg(
             long,
@@ -253,6 +258,10 @@ mod real {
             (
                 cli.snapshot_fragment_bytes,
                 &mut r.limits.snapshot_fragment_bytes,
+            ),
+            (
+                cli.snapshot_compress_bytes,
+                &mut r.limits.snapshot_compress_bytes,
             ),
         ];
         for (flag, setting) in limits {

@@ -645,6 +645,7 @@ mod real {
             cluster_token: conn.token()?.unwrap_or_default(),
             epoch: 0,
             fragments: false,
+            accept_encodings: Vec::new(),
         };
         let topology = tokio::time::timeout(wait, async {
             let mut stream = client.watch(req).await?.into_inner();

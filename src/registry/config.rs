@@ -233,6 +233,10 @@ pub struct RegistryLimits {
     /// (`WatchRequest.fragments`), so the transport holds a fragment per watcher, not a copy
     /// of the snapshot; 0 sends them whole.
     pub snapshot_fragment_bytes: usize,
+    /// Snapshots whose encoded members are larger than this are compressed (zlib, once per
+    /// version) for watchers that accept it (`WatchRequest.accept_encodings`), so a burst of new
+    /// watchers moves about a third of the bytes; 0 never compresses.
+    pub snapshot_compress_bytes: usize,
     /// Most removed member ids remembered (across clusters) so that they cannot re-join; the
     /// oldest are forgotten first, and each after ten TTLs anyway.
     pub max_tombstones: usize,
@@ -255,6 +259,7 @@ impl Default for RegistryLimits {
             max_message_bytes: 64 * 1024,
             watch_buffer: 128,
             snapshot_fragment_bytes: 16 * 1024,
+            snapshot_compress_bytes: 4 * 1024,
             max_tombstones: 100_000,
             member: MemberLimits::default(),
         }

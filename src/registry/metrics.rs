@@ -59,6 +59,8 @@ pub struct RegistryMetrics {
     pub snapshots: Counter,
     /// Snapshot fragments sent to watchers that accept them.
     pub snapshot_fragments: Counter,
+    /// Snapshot versions compressed (once each, for the watchers that accept it).
+    pub snapshot_compressions: Counter,
     /// Times a watcher fell behind its buffer and was sent a snapshot instead.
     pub watch_lagged: Counter,
     /// Rejected requests by RPC and status code.
@@ -144,6 +146,11 @@ impl RegistryMetrics {
             "registry_watch_snapshot_fragments",
             "Snapshot fragments sent to watchers that accept them",
             self.snapshot_fragments.clone(),
+        );
+        registry.register(
+            "registry_watch_snapshot_compressions",
+            "Snapshot versions compressed for watchers that accept compressed members",
+            self.snapshot_compressions.clone(),
         );
         registry.register(
             "registry_watch_lagged",
@@ -233,6 +240,8 @@ pub struct RegistryProviderMetrics {
     pub snapshots_applied: Counter,
     /// Snapshot fragments received (large snapshots arrive in fragments).
     pub snapshot_fragments: Counter,
+    /// Snapshots received compressed (large ones, when `compressed_snapshots` is on).
+    pub compressed_snapshots: Counter,
     /// Retries whose backoff reached its cap.
     pub backoff_capped: Counter,
     /// Snapshots of a new registry epoch taken as a reset (the registry restarted).
@@ -249,11 +258,16 @@ pub struct RegistryProviderMetrics {
 impl RegistryProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 13] = [
+        let all: [(&str, &str, &Counter); 14] = [
             (
                 "registry_client_snapshot_fragments",
                 "Snapshot fragments received",
                 &self.snapshot_fragments,
+            ),
+            (
+                "registry_client_compressed_snapshots",
+                "Snapshots received compressed",
+                &self.compressed_snapshots,
             ),
             (
                 "registry_client_description_updates",

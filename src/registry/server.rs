@@ -48,7 +48,31 @@ struct Core {
     feeds: BTreeMap<String, Feed>,
     /// Per watched cluster, the newest snapshot's members encoded once and shared by every
     /// watcher (dropped with the cluster's last watcher).
-    packed: BTreeMap<String, (u64, prost::bytes::Bytes)>,
+    packed: BTreeMap<String, PackedSnapshot>,
+}
+
+/// One version's members, encoded once and shared by every watcher of that version.
+#[derive(Debug)]
+struct PackedSnapshot {
+    version: u64,
+    plain: wire::PackedMembers,
+    /// The compressed encoding: `None` until a watcher that accepts it needed it; `Some(None)`
+    /// when compression does not pay (small or incompressible members: send them plain).
+    zlib: Option<Option<wire::PackedMembers>>,
+}
+
+impl PackedSnapshot {
+    /// What a watcher gets (`zlib`: it accepts compressed members), if already known.
+    fn pick(&self, zlib: bool) -> Option<wire::PackedMembers> {
+        if !zlib {
+            return Some(self.plain.clone());
+        }
+        match &self.zlib {
+            None => None,
+            Some(Some(c)) => Some(c.clone()),
+            Some(None) => Some(self.plain.clone()),
+        }
+    }
 }
 
 /// The broadcast of one cluster's changes to its watchers.
@@ -513,6 +537,10 @@ impl pb::registry_server::Registry for RegistryService {
         } else {
             0
         };
+        let zlib = s.config.limits.snapshot_compress_bytes > 0
+            && req
+                .accept_encodings
+                .contains(&(pb::MembersEncoding::Zlib as i32));
         let cursor = Cursor {
             shared: s.clone(),
             rx: None,
@@ -520,6 +548,7 @@ impl pb::registry_server::Registry for RegistryService {
             resume_from: (req.epoch, req.from_version),
             epoch: 0,
             fragment_bytes,
+            zlib,
             pending: None,
             _guard: guard,
         };
@@ -588,10 +617,12 @@ struct Cursor {
     /// Snapshots larger than this go in fragments of this size (0: whole; the watcher did not
     /// ask for fragments).
     fragment_bytes: usize,
+    /// The watcher accepts compressed members (and the server compresses).
+    zlib: bool,
     /// The rest of a snapshot being sent in fragments: (epoch, version, the shared encoded
     /// members, the offset of the next fragment). One fragment is cut per message the
     /// transport asks for, so a watcher that reads slowly holds no copy of the rest.
-    pending: Option<(u64, u64, prost::bytes::Bytes, usize)>,
+    pending: Option<(u64, u64, wire::PackedMembers, usize)>,
     _guard: WatcherGuard,
 }
 
@@ -600,65 +631,96 @@ impl Cursor {
     /// bytes shared by every watcher; building holds one of the server's snapshot slots (not
     /// while the transport sends: a watcher that stops reading must not block the others).
     async fn snapshot(&mut self, topology: &crate::cluster::ClusterTopology) -> pb::WatchResponse {
-        let whole = self.whole_snapshot(topology).await;
-        let Some(pb::watch_response::Event::Snapshot(snap)) = &whole.event else {
-            return whole;
-        };
-        if self.fragment_bytes == 0 || snap.packed_members.len() <= self.fragment_bytes {
-            return whole;
+        let (epoch, version) = (topology.epoch(), topology.version());
+        let packed = self.packed(topology).await;
+        if self.fragment_bytes == 0 || packed.bytes.len() <= self.fragment_bytes {
+            return wire::snapshot_encoded(epoch, version, packed);
         }
-        self.pending = Some((snap.epoch, snap.version, snap.packed_members.clone(), 0));
+        self.pending = Some((epoch, version, packed, 0));
         self.next_fragment().expect("a pending snapshot")
     }
 
     /// The next fragment of the pending snapshot, if one is being sent.
     fn next_fragment(&mut self) -> Option<pb::WatchResponse> {
-        let (epoch, version, bytes, offset) = self.pending.take()?;
-        let end = (offset + self.fragment_bytes).min(bytes.len());
-        let more = end < bytes.len();
-        let piece = bytes.slice(offset..end);
+        let (epoch, version, packed, offset) = self.pending.take()?;
+        let end = (offset + self.fragment_bytes).min(packed.bytes.len());
+        let more = end < packed.bytes.len();
+        let piece = packed.bytes.slice(offset..end);
+        let encoding = packed.encoding;
         if more {
-            self.pending = Some((epoch, version, bytes, end));
+            self.pending = Some((epoch, version, packed, end));
         }
         self.shared.metrics.snapshot_fragments.inc();
-        Some(wire::snapshot_fragment(epoch, version, piece, more))
+        Some(wire::snapshot_fragment(
+            epoch, version, encoding, piece, more,
+        ))
     }
 
-    /// A whole snapshot message of `topology` (see [`Self::snapshot`]).
-    async fn whole_snapshot(
-        &mut self,
-        topology: &crate::cluster::ClusterTopology,
-    ) -> pb::WatchResponse {
+    /// The members of `topology` as this watcher gets them (compressed if it accepts that and
+    /// it pays), encoded (and compressed) once per version and shared (see [`Self::snapshot`]).
+    async fn packed(&mut self, topology: &crate::cluster::ClusterTopology) -> wire::PackedMembers {
         let s = &self.shared;
         let cluster = topology.cluster_name();
-        let (epoch, version) = (topology.epoch(), topology.version());
+        let version = topology.version();
+        let zlib = self.zlib;
         let cached = |core: &Core| {
             core.packed
                 .get(cluster)
-                .filter(|(v, _)| *v == version)
-                .map(|(_, b)| b.clone())
+                .filter(|p| p.version == version)
+                .and_then(|p| p.pick(zlib))
         };
         s.metrics.snapshots.inc();
-        if let Some(bytes) = cached(&s.lock()) {
-            return wire::snapshot_packed(epoch, version, bytes);
+        if let Some(packed) = cached(&s.lock()) {
+            return packed;
         }
         let _slot = s.snapshot_slots.acquire().await;
         if sim::buggify(0.1) {
             // Fault point: slow snapshot encoding (a large cluster on a busy registry).
             s.clock.sleep(Duration::from_millis(300)).await;
         }
-        if let Some(bytes) = cached(&s.lock()) {
-            return wire::snapshot_packed(epoch, version, bytes);
+        if let Some(packed) = cached(&s.lock()) {
+            return packed;
         }
-        let bytes = wire::pack_members(topology);
+        // Another watcher may have encoded this version already, only not compressed it.
+        let plain = s
+            .lock()
+            .packed
+            .get(cluster)
+            .filter(|p| p.version == version)
+            .map(|p| p.plain.clone())
+            .unwrap_or_else(|| wire::PackedMembers::plain(wire::pack_members(topology)));
+        let compressed = zlib.then(|| {
+            let limit = s.config.limits.snapshot_compress_bytes;
+            let c = (plain.bytes.len() > limit)
+                .then(|| plain.compressed())
+                .flatten();
+            if c.is_some() {
+                s.metrics.snapshot_compressions.inc();
+            }
+            c
+        });
         let mut core = s.lock();
-        if core.feeds.contains_key(cluster)
-            && core.packed.get(cluster).is_none_or(|(v, _)| *v < version)
-        {
-            core.packed
-                .insert(cluster.to_string(), (version, bytes.clone()));
+        if core.feeds.contains_key(cluster) {
+            match core.packed.get_mut(cluster) {
+                Some(p) if p.version == version => {
+                    if compressed.is_some() {
+                        p.zlib = compressed.clone();
+                    }
+                }
+                Some(p) if p.version > version => {}
+                _ => {
+                    core.packed.insert(
+                        cluster.to_string(),
+                        PackedSnapshot {
+                            version,
+                            plain: plain.clone(),
+                            zlib: compressed.clone(),
+                        },
+                    );
+                }
+            }
         }
-        wire::snapshot_packed(epoch, version, bytes)
+        compressed.flatten().unwrap_or(plain)
     }
 
     async fn next(mut self) -> Option<(Result<pb::WatchResponse, Status>, Self)> {

@@ -43,27 +43,79 @@ pub fn pack_members(t: &ClusterTopology) -> prost::bytes::Bytes {
     prost::Message::encode_to_vec(&pb_list(t)).into()
 }
 
-/// A full-topology watch message carrying already packed members (cheap to clone).
+/// A snapshot's members encoded once and shared by every watcher of that version: the bytes of
+/// `Snapshot.packed_members` and their encoding (cheap to clone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedMembers {
+    /// How `bytes` is encoded.
+    pub encoding: pb::MembersEncoding,
+    /// An encoded `MemberList`, compressed when `encoding` says so.
+    pub bytes: prost::bytes::Bytes,
+}
+
+impl PackedMembers {
+    /// Plain (uncompressed) packed members.
+    pub fn plain(bytes: prost::bytes::Bytes) -> Self {
+        Self {
+            encoding: pb::MembersEncoding::Plain,
+            bytes,
+        }
+    }
+
+    /// These members compressed (`MEMBERS_ENCODING_ZLIB`, fast level), or `None` when that
+    /// does not make them smaller. `self` must be plain.
+    pub fn compressed(&self) -> Option<Self> {
+        use std::io::Write;
+        debug_assert_eq!(self.encoding, pb::MembersEncoding::Plain);
+        let mut z = flate2::write::ZlibEncoder::new(
+            Vec::with_capacity(self.bytes.len() / 2),
+            flate2::Compression::fast(),
+        );
+        z.write_all(&self.bytes).ok()?;
+        let zlib = z.finish().ok()?;
+        (zlib.len() < self.bytes.len()).then(|| Self {
+            encoding: pb::MembersEncoding::Zlib,
+            bytes: zlib.into(),
+        })
+    }
+}
+
+/// A full-topology watch message carrying already packed plain members (cheap to clone).
 pub fn snapshot_packed(epoch: u64, version: u64, packed: prost::bytes::Bytes) -> pb::WatchResponse {
+    snapshot_encoded(epoch, version, PackedMembers::plain(packed))
+}
+
+/// A full-topology watch message carrying already packed members in any encoding.
+pub fn snapshot_encoded(epoch: u64, version: u64, packed: PackedMembers) -> pb::WatchResponse {
     pb::WatchResponse {
         event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
             version,
             epoch,
             members: Vec::new(),
-            packed_members: packed,
+            packed_members: packed.bytes,
             fragment: false,
+            encoding: packed.encoding as i32,
         })),
     }
 }
 
-/// One fragment of a snapshot's packed members; `more` when others follow.
+/// One fragment of a snapshot's packed members (`piece` of members encoded as `encoding`);
+/// `more` when others follow.
 pub fn snapshot_fragment(
     epoch: u64,
     version: u64,
-    packed: prost::bytes::Bytes,
+    encoding: pb::MembersEncoding,
+    piece: prost::bytes::Bytes,
     more: bool,
 ) -> pb::WatchResponse {
-    let mut msg = snapshot_packed(epoch, version, packed);
+    let mut msg = snapshot_encoded(
+        epoch,
+        version,
+        PackedMembers {
+            encoding,
+            bytes: piece,
+        },
+    );
     if let Some(pb::watch_response::Event::Snapshot(s)) = &mut msg.event {
         s.fragment = more;
     }
@@ -76,7 +128,8 @@ pub fn snapshot_fragment(
 #[derive(Debug)]
 pub struct SnapshotAssembler {
     limit: usize,
-    held: Option<(u64, u64, Vec<u8>)>,
+    /// (epoch, version, encoding, the packed members so far) of the snapshot being reassembled.
+    held: Option<(u64, u64, i32, Vec<u8>)>,
 }
 
 impl SnapshotAssembler {
@@ -111,13 +164,18 @@ impl SnapshotAssembler {
                 "a snapshot fragment carries inline members".into(),
             ));
         }
-        let (epoch, version) = (s.epoch, s.version);
-        let (e, v, buf) = self
+        let (epoch, version, encoding) = (s.epoch, s.version, s.encoding);
+        let (e, v, enc, buf) = self
             .held
-            .get_or_insert_with(|| (epoch, version, Vec::new()));
+            .get_or_insert_with(|| (epoch, version, encoding, Vec::new()));
         if (*e, *v) != (epoch, version) {
             return Err(WatchApplyError::Malformed(format!(
                 "a fragment of version {version} (epoch {epoch:x}) inside the snapshot of version {v} (epoch {e:x})"
+            )));
+        }
+        if *enc != encoding {
+            return Err(WatchApplyError::Malformed(format!(
+                "a fragment in encoding {encoding} inside a snapshot in encoding {enc}"
             )));
         }
         if buf.len() + s.packed_members.len() > self.limit {
@@ -130,8 +188,12 @@ impl SnapshotAssembler {
         if s.fragment {
             return Ok(None);
         }
-        let (epoch, version, buf) = self.held.take().expect("held above");
-        Ok(Some(snapshot_packed(epoch, version, buf.into())))
+        let (epoch, version, encoding, buf) = self.held.take().expect("held above");
+        let mut whole = snapshot_packed(epoch, version, buf.into());
+        if let Some(pb::watch_response::Event::Snapshot(s)) = &mut whole.event {
+            s.encoding = encoding;
+        }
+        Ok(Some(whole))
     }
 }
 
@@ -140,16 +202,72 @@ pub fn snapshot(t: &ClusterTopology) -> pb::WatchResponse {
     snapshot_packed(t.epoch(), t.version(), pack_members(t))
 }
 
-/// The members of a snapshot message, whether inline or packed.
+/// The members of a snapshot message, whether inline or packed (in any encoding; a compressed
+/// list may expand to at most [`super::MAX_DECODE_BYTES`]).
 pub fn snapshot_members(s: pb::Snapshot) -> Result<Vec<pb::Member>, WatchApplyError> {
     if s.packed_members.is_empty() {
         return Ok(s.members);
     }
-    let list: pb::MemberList = prost::Message::decode(s.packed_members)
+    let packed = match pb::MembersEncoding::try_from(s.encoding) {
+        Ok(pb::MembersEncoding::Plain) => s.packed_members,
+        Ok(pb::MembersEncoding::Zlib) => {
+            decompress_members(&s.packed_members, super::MAX_DECODE_BYTES)?.into()
+        }
+        Err(_) => {
+            return Err(WatchApplyError::Malformed(format!(
+                "packed members in unknown encoding {}",
+                s.encoding
+            )));
+        }
+    };
+    let list: pb::MemberList = prost::Message::decode(packed)
         .map_err(|e| WatchApplyError::Malformed(format!("packed members: {e}")))?;
     let mut members = s.members;
     members.extend(list.members);
     Ok(members)
+}
+
+/// Compressed packed members (`MEMBERS_ENCODING_ZLIB`) expanded: refused when they would
+/// expand beyond `limit` bytes (found out before more is allocated), are cut short (no
+/// checksummed end), or have bytes after their end.
+fn decompress_members(data: &[u8], limit: usize) -> Result<Vec<u8>, WatchApplyError> {
+    let bad = |why: String| WatchApplyError::Malformed(format!("compressed packed members: {why}"));
+    let mut z = flate2::Decompress::new(true);
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() >= limit {
+                return Err(bad(format!("they expand beyond {limit} bytes")));
+            }
+            let more = out
+                .len()
+                .max(data.len() * 2)
+                .max(4096)
+                .min(limit - out.len());
+            out.reserve_exact(more);
+        }
+        let (read, wrote) = (z.total_in(), out.len());
+        let input = data.get(read as usize..).unwrap_or_default();
+        let status = z
+            .decompress_vec(input, &mut out, flate2::FlushDecompress::None)
+            .map_err(|e| bad(e.to_string()))?;
+        if status == flate2::Status::StreamEnd {
+            break;
+        }
+        if z.total_in() == read && out.len() == wrote && out.len() < out.capacity() {
+            return Err(bad("they are cut short".into()));
+        }
+    }
+    if out.len() > limit {
+        return Err(bad(format!("they expand beyond {limit} bytes")));
+    }
+    if z.total_in() as usize != data.len() {
+        return Err(bad(format!(
+            "{} bytes follow their end",
+            data.len() - z.total_in() as usize
+        )));
+    }
+    Ok(out)
 }
 
 /// An incremental watch message.
@@ -339,6 +457,7 @@ mod tests {
                 .feed(snapshot_fragment(
                     0,
                     5,
+                    pb::MembersEncoding::Plain,
                     prost::bytes::Bytes::copy_from_slice(p),
                     !last,
                 ))
@@ -354,7 +473,8 @@ mod tests {
         assert!(asm.feed(progress(0, 5)).unwrap().is_some());
         assert!(asm.feed(snapshot(&t)).unwrap().is_some());
         // A fragment sequence interrupted, mixed or too large is malformed.
-        let piece = |v, more| snapshot_fragment(0, v, packed.slice(0..3), more);
+        let piece =
+            |v, more| snapshot_fragment(0, v, pb::MembersEncoding::Plain, packed.slice(0..3), more);
         let mut asm = SnapshotAssembler::new(1 << 20);
         asm.feed(piece(5, true)).unwrap();
         assert!(asm.feed(progress(0, 5)).is_err());
@@ -364,6 +484,86 @@ mod tests {
         let mut asm = SnapshotAssembler::new(4);
         asm.feed(piece(5, true)).unwrap();
         assert!(asm.feed(piece(5, false)).is_err());
+        // So is a fragment whose encoding differs from the first's.
+        let mut asm = SnapshotAssembler::new(1 << 20);
+        asm.feed(piece(5, true)).unwrap();
+        let zlib = snapshot_fragment(0, 5, pb::MembersEncoding::Zlib, packed.slice(3..), false);
+        assert!(asm.feed(zlib).is_err());
+    }
+
+    /// A large member list (as the benchmark's and a real cluster's: ids with random parts)
+    /// compresses, applies like the plain one, also in fragments, and a compressed list that
+    /// is too large once expanded, cut short, followed by garbage or in an unknown encoding is
+    /// refused.
+    #[test]
+    fn compressed_members_apply_like_plain_ones_and_bad_ones_are_refused() {
+        let members = (0..500u32).map(|i| {
+            let r = i.wrapping_mul(2_654_435_761);
+            let mut m = m(&format!("shop-{i:03}-18c3f0a{i:04x}-{r:08x}"));
+            m.address = format!("10.{}.{}.{}:4000", r >> 24, (r >> 16) & 255, r & 255);
+            m
+        });
+        let t = Arc::new(ClusterTopology::new("c", 7, members).unwrap());
+        let plain = PackedMembers::plain(pack_members(&t));
+        let zlib = plain.compressed().expect("a large list compresses");
+        assert!(
+            zlib.bytes.len() * 2 < plain.bytes.len(),
+            "{} -> {}",
+            plain.bytes.len(),
+            zlib.bytes.len()
+        );
+        let whole = snapshot_encoded(0, 7, zlib.clone());
+        assert_eq!(next_topology("c", None, whole).unwrap().unwrap(), t);
+        let mut asm = SnapshotAssembler::new(1 << 20);
+        let pieces: Vec<_> = zlib.bytes.chunks(100).collect();
+        let mut out = None;
+        for (i, p) in pieces.iter().enumerate() {
+            let piece = prost::bytes::Bytes::copy_from_slice(p);
+            let more = i + 1 < pieces.len();
+            out = asm
+                .feed(snapshot_fragment(0, 7, zlib.encoding, piece, more))
+                .unwrap();
+        }
+        assert_eq!(next_topology("c", None, out.unwrap()).unwrap().unwrap(), t);
+        // A tiny list does not get smaller.
+        let tiny = ClusterTopology::new("c", 1, [m("a")]).unwrap();
+        assert!(
+            PackedMembers::plain(pack_members(&tiny))
+                .compressed()
+                .is_none()
+        );
+
+        let refused = |bytes: &[u8], encoding: i32| {
+            let mut msg = snapshot_packed(0, 7, prost::bytes::Bytes::copy_from_slice(bytes));
+            if let Some(pb::watch_response::Event::Snapshot(s)) = &mut msg.event {
+                s.encoding = encoding;
+            }
+            matches!(
+                next_topology("c", None, msg),
+                Err(WatchApplyError::Malformed(_))
+            )
+        };
+        let zlib_code = pb::MembersEncoding::Zlib as i32;
+        // Expands beyond the limit: refused without expanding it all.
+        assert!(decompress_members(&zlib.bytes, 1000).is_err());
+        assert_eq!(
+            decompress_members(&zlib.bytes, plain.bytes.len()).unwrap(),
+            plain.bytes
+        );
+        // Cut short (no checksum), followed by garbage, or not compressed at all.
+        assert!(refused(&zlib.bytes[..zlib.bytes.len() / 2], zlib_code));
+        assert!(refused(&zlib.bytes[..zlib.bytes.len() - 1], zlib_code));
+        let mut longer = zlib.bytes.to_vec();
+        longer.extend_from_slice(b"more");
+        assert!(refused(&longer, zlib_code));
+        assert!(refused(&plain.bytes, zlib_code));
+        // A flipped bit fails the checksum (or the deflate stream).
+        let mut flipped = zlib.bytes.to_vec();
+        flipped[zlib.bytes.len() / 2] ^= 0x10;
+        assert!(refused(&flipped, zlib_code));
+        // Compressed, but announced as plain; an encoding nobody defined.
+        assert!(refused(&zlib.bytes, 0));
+        assert!(refused(&plain.bytes, 9));
     }
 
     #[test]
@@ -465,6 +665,7 @@ mod tests {
                 members: t.members().iter().map(|m| member_to_pb(m)).collect(),
                 packed_members: Default::default(),
                 fragment: false,
+                encoding: 0,
             })),
         };
         for msg in [packed, inline] {

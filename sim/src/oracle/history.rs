@@ -184,7 +184,21 @@ fn member(m: &pb::Member) -> Option<Member> {
 fn snapshot(s: &pb::Snapshot) -> Option<ClusterTopology> {
     let mut members: Vec<Member> = s.members.iter().map(member).collect::<Option<_>>()?;
     if !s.packed_members.is_empty() {
-        let list: pb::MemberList = prost::Message::decode(s.packed_members.clone()).ok()?;
+        // Expanded here with the compression library itself, not with the registry's code.
+        let packed: prost::bytes::Bytes = match s.encoding {
+            0 => s.packed_members.clone(),
+            1 => {
+                use std::io::Read;
+                let mut out = Vec::new();
+                flate2::read::ZlibDecoder::new(&s.packed_members[..])
+                    .take(64 << 20)
+                    .read_to_end(&mut out)
+                    .ok()?;
+                out.into()
+            }
+            _ => return None,
+        };
+        let list: pb::MemberList = prost::Message::decode(packed).ok()?;
         members.extend(
             list.members
                 .iter()
