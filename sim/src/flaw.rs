@@ -134,6 +134,10 @@ pub enum Flaw {
     /// Planted in the etcd provider's keep-alive loop: the lease is kept alive every TTL
     /// instead of every third of it, so healthy members expire.
     EtcdKeepAliveEveryTtl,
+    /// Planted in the registry's snapshot cache: compressed members are looked up by cluster
+    /// alone, not by version, so a watcher that accepts compression gets an older version's
+    /// members under the new version.
+    CompressedCacheAnyVersion,
 }
 
 impl Flaw {
@@ -177,6 +181,7 @@ impl Flaw {
             Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",
             Flaw::EtcdDeleteIgnored => "etcd-delete-ignored",
             Flaw::EtcdKeepAliveEveryTtl => "etcd-keep-alive-every-ttl",
+            Flaw::CompressedCacheAnyVersion => "compressed-cache-any-version",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }

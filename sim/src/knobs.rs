@@ -100,7 +100,7 @@ impl Knobs {
             k.snapshot_fragment_bytes = r.range(16, 400) as usize;
         }
         if r.chance(0.4) {
-            k.snapshot_compress_bytes = r.range(32, 600) as usize;
+            k.snapshot_compress_bytes = r.range(32, 300) as usize;
         }
         k
     }

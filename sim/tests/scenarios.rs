@@ -364,6 +364,14 @@ fn history_oracle_fires_on_coalesced_updates_that_drop_departures() {
     assert!(v.contains("two different topologies"), "{v}");
 }
 
+/// A compressed-snapshot cache looked up without the version: members that accept compression
+/// get an older version's members under the new version's number.
+#[test]
+fn history_oracle_fires_on_a_compressed_snapshot_cache_that_ignores_versions() {
+    let v = first_failure("member-crash", Flaw::CompressedCacheAnyVersion, "history:");
+    assert!(v.contains("two different topologies"), "{v}");
+}
+
 #[test]
 fn madsim_sees_the_same_random_draws_twice() {
     let seed = 11;

@@ -666,7 +666,9 @@ impl Cursor {
         let cached = |core: &Core| {
             core.packed
                 .get(cluster)
-                .filter(|p| p.version == version)
+                .filter(|p| {
+                    p.version == version || (zlib && sim::flaw("compressed-cache-any-version"))
+                })
                 .and_then(|p| p.pick(zlib))
         };
         s.metrics.snapshots.inc();
