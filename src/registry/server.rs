@@ -696,8 +696,15 @@ impl Cursor {
             let c = (plain.bytes.len() > limit)
                 .then(|| plain.compressed())
                 .flatten();
-            if c.is_some() {
+            if let Some(c) = &c {
                 s.metrics.snapshot_compressions.inc();
+                tracing::debug!(
+                    cluster,
+                    version,
+                    plain_bytes = plain.bytes.len(),
+                    compressed_bytes = c.bytes.len(),
+                    "snapshot compressed"
+                );
             }
             c
         });
