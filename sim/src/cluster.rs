@@ -327,6 +327,8 @@ pub struct SimCluster {
     registry: Option<RegistryControl>,
     /// What the nodes' actors did (the activation checkers).
     activation: Arc<ActivationOracle>,
+    /// The harness's own tasks on the scenario's node, aborted by [`SimCluster::teardown`].
+    background: Mutex<Vec<madsim::task::AbortHandle>>,
 }
 
 /// The registry node and what the harness keeps of it across restarts.
@@ -562,6 +564,7 @@ impl SimCluster {
             metrics,
             registry,
             activation,
+            background: Mutex::new(Vec::new()),
         });
         if cluster.registry.is_some() {
             let c = cluster.clone();
@@ -1573,6 +1576,29 @@ impl SimCluster {
         self.recorder.trace("harness", "HEAL ALL");
     }
 
+    /// Ends the run: kills every node so that madsim drops their tasks. madsim does not cancel
+    /// tasks when its runtime is dropped (madsim-rs/madsim#242), and a task that holds a handle
+    /// to its own node or cluster is a reference cycle, so without this every seed of a
+    /// campaign leaked its whole cluster (about 1.3 MB a seed: 6,800 runs held 9 GB).
+    pub async fn teardown(&self) {
+        for id in self.all_node_ids() {
+            self.handle.kill(id);
+        }
+        for task in lock(&self.background).drain(..) {
+            task.abort();
+        }
+        // The killed nodes' tasks are dropped when the executor next polls them.
+        madsim::time::sleep(Duration::from_millis(10)).await;
+        // What the nodes' init closures (kept by madsim's node table) share with the cluster.
+        for slot in lock(&self.slots).iter() {
+            lock(&slot.current).take();
+        }
+        if let Some(r) = &self.registry {
+            lock(&r.server).take();
+        }
+        lock(&self.metrics).clear();
+    }
+
     /// Adds the products' own counters of rare paths (re-joins, gaps, lag, snapshots) to the
     /// recorder's counts; call once, at the end of a run.
     pub fn record_path_counts(&self) {
@@ -1663,7 +1689,10 @@ impl SimCluster {
 
     fn background(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
         // Tasks of the node that runs the scenario survive every fault.
-        madsim::task::spawn(fut);
+        let task = madsim::task::spawn(fut);
+        let mut tasks = lock(&self.background);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
     }
 }
 

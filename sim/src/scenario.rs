@@ -1054,7 +1054,9 @@ async fn run_inner(
     sleep(Duration::from_secs(2)).await;
     if check_liveness(&cluster).await.is_none() {
         cluster.record_path_counts();
-        return (recorder.snapshot(), None);
+        let recording = recorder.snapshot();
+        cluster.teardown().await;
+        return (recording, None);
     }
     if knobs_buggify {
         // Fault points and network delays during the fault phase only; heal_all ends them.
@@ -1082,5 +1084,7 @@ async fn run_inner(
         crate::activation::check_final(&cluster).await;
     }
     cluster.record_path_counts();
-    (recorder.snapshot(), converged)
+    let recording = recorder.snapshot();
+    cluster.teardown().await;
+    (recording, converged)
 }
