@@ -13,7 +13,7 @@ use madsim::time::{Instant, sleep, sleep_until};
 use serde::Serialize;
 
 use crate::check::{check_liveness, check_safety, safety_loop};
-use crate::cluster::{ProviderKind, SimClusterBuilder};
+use crate::cluster::{ProviderKind, SimCluster, SimClusterBuilder};
 use crate::faults::{Fault, FaultKind, FaultSchedule, Scheduled, SimRng};
 use crate::flaw::Flaw;
 use crate::knobs::Knobs;
@@ -1016,21 +1016,6 @@ async fn run(
     knobs: Knobs,
 ) -> RunOutcome {
     let start = Instant::now();
-    let (recording, converged_after) = run_inner(scenario, schedule, opts, knobs).await;
-    RunOutcome {
-        recording,
-        sim_seconds: start.elapsed().as_secs_f64(),
-        converged_after,
-        messages: madsim::net::NetSim::current().stat().msg_count,
-    }
-}
-
-async fn run_inner(
-    scenario: Scenario,
-    schedule: FaultSchedule,
-    opts: RunOptions,
-    knobs: Knobs,
-) -> (Recording, Option<Duration>) {
     let recorder = Recorder::new(opts.keep_trace);
     recorder.trace(
         "harness",
@@ -1041,7 +1026,7 @@ async fn run_inner(
         ),
     );
     recorder.trace("harness", format!("knobs: {knobs:?}"));
-    let knobs_buggify = knobs.buggify;
+    let buggify = knobs.buggify;
     let mut builder = SimClusterBuilder::new(scenario.provider, scenario.members)
         .clients(scenario.clients)
         .flaw(opts.flaw)
@@ -1050,20 +1035,36 @@ async fn run_inner(
         builder = builder.app(app);
     }
     let cluster = builder.build(recorder.clone());
+    let converged_after = drive(&cluster, &scenario, &schedule, buggify).await;
+    cluster.record_path_counts();
+    let outcome = RunOutcome {
+        recording: recorder.snapshot(),
+        sim_seconds: start.elapsed().as_secs_f64(),
+        converged_after,
+        messages: madsim::net::NetSim::current().stat().msg_count,
+    };
+    // Not part of the run (nothing it does is recorded or measured).
+    cluster.teardown().await;
+    outcome
+}
+
+/// Start-up, the fault phase and the final checks of one run; the time from the final heal to
+/// convergence (`None`: the cluster did not converge, at start-up or after the heal).
+async fn drive(
+    cluster: &std::sync::Arc<SimCluster>,
+    scenario: &Scenario,
+    schedule: &FaultSchedule,
+    buggify: bool,
+) -> Option<Duration> {
     // Start-up: the cluster must converge before faults begin.
     sleep(Duration::from_secs(2)).await;
-    if check_liveness(&cluster).await.is_none() {
-        cluster.record_path_counts();
-        let recording = recorder.snapshot();
-        cluster.teardown().await;
-        return (recording, None);
-    }
-    if knobs_buggify {
+    check_liveness(cluster).await?;
+    if buggify {
         // Fault points and network delays during the fault phase only; heal_all ends them.
         madsim::buggify::enable();
     }
     let phase = Instant::now();
-    let checks_until = phase + scenario.fault_phase + crate::check::liveness_bound(&cluster);
+    let checks_until = phase + scenario.fault_phase + crate::check::liveness_bound(cluster);
     madsim::task::spawn(safety_loop(
         cluster.clone(),
         Duration::from_millis(500),
@@ -1078,13 +1079,10 @@ async fn run_inner(
     }
     sleep_until(phase + scenario.fault_phase).await;
     cluster.heal_all();
-    let converged = check_liveness(&cluster).await;
-    check_safety(&cluster, &mut Default::default());
+    let converged = check_liveness(cluster).await;
+    check_safety(cluster, &mut Default::default());
     if converged.is_some() {
-        crate::activation::check_final(&cluster).await;
+        crate::activation::check_final(cluster).await;
     }
-    cluster.record_path_counts();
-    let recording = recorder.snapshot();
-    cluster.teardown().await;
-    (recording, converged)
+    converged
 }

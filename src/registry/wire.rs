@@ -189,11 +189,16 @@ impl SnapshotAssembler {
             return Ok(None);
         }
         let (epoch, version, encoding, buf) = self.held.take().expect("held above");
-        let mut whole = snapshot_packed(epoch, version, buf.into());
-        if let Some(pb::watch_response::Event::Snapshot(s)) = &mut whole.event {
-            s.encoding = encoding;
-        }
-        Ok(Some(whole))
+        Ok(Some(pb::WatchResponse {
+            event: Some(pb::watch_response::Event::Snapshot(pb::Snapshot {
+                version,
+                epoch,
+                packed_members: buf.into(),
+                // As received: an unknown encoding is refused when the members are read.
+                encoding,
+                ..Default::default()
+            })),
+        }))
     }
 }
 
