@@ -180,7 +180,12 @@ pub struct Subscription {
 impl Subscription {
     /// Waits for the next event.
     pub async fn recv(&mut self) -> Result<ClusterEvent, SubscriptionError> {
-        let r = self.rx.recv().await;
+        let mut r = self.rx.recv().await;
+        while matches!(r, Err(broadcast::error::RecvError::Lagged(_)))
+            && crate::runtime::sim::flaw("lag-unreported")
+        {
+            r = self.rx.recv().await;
+        }
         self.map(r.map_err(|e| match e {
             broadcast::error::RecvError::Lagged(n) => SubscriptionError::Lagged { missed: n },
             broadcast::error::RecvError::Closed => SubscriptionError::Closed,
@@ -192,6 +197,11 @@ impl Subscription {
         match self.rx.try_recv() {
             Ok(e) => Ok(Some(e)),
             Err(broadcast::error::TryRecvError::Empty) => Ok(None),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+                if crate::runtime::sim::flaw("lag-unreported") =>
+            {
+                self.try_recv()
+            }
             Err(broadcast::error::TryRecvError::Lagged(n)) => {
                 self.map(Err(SubscriptionError::Lagged { missed: n }))
             }

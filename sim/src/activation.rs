@@ -343,14 +343,20 @@ pub fn availability_bound() -> Duration {
 pub async fn check_final(cluster: &Arc<SimCluster>) {
     let rule = cluster.placement_rule();
     let deadline = Instant::now() + availability_bound();
-    for (name, _, _) in cluster.live_views() {
+    // Every node probes at once (each its identities one after the other), so the check takes
+    // the same simulated time at any size.
+    let probes = cluster.live_views().into_iter().map(|(name, _, _)| {
         let (c, node) = (cluster.clone(), name.clone());
         let probe = async move {
-            for id in identities() {
-                probe(&c, &node, rule, id, deadline).await;
+            let mut owners = Owners::default();
+            for i in 0..identities().len() {
+                probe(&c, &node, rule, i, &mut owners, deadline).await;
             }
         };
-        if cluster.on_node(&name, probe).await.is_none() {
+        async move { cluster.on_node(&name, probe).await }
+    });
+    for done in futures::future::join_all(probes).await {
+        if done.is_none() {
             cluster
                 .recorder()
                 .count("activation: final calls not run (node gone)");
@@ -366,11 +372,7 @@ async fn current_client(
     deadline: Instant,
 ) -> Option<(crate::cluster::Incarnation, Arc<ActivationClient>)> {
     loop {
-        let inc = cluster
-            .live_views()
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, _, inc)| inc)?;
+        let inc = cluster.live_incarnation(name)?;
         if let Some(client) = inc.activation.clone() {
             return Some((inc, client));
         }
@@ -381,16 +383,41 @@ async fn current_client(
     }
 }
 
-/// The incarnation the process that registered as `owner` runs as now, per the harness.
-fn current_of(cluster: &SimCluster, owner: &MemberId) -> Option<MemberId> {
-    cluster
-        .live_views()
-        .into_iter()
-        .find(|(_, _, inc)| inc.holds(owner))
-        .map(|(_, _, inc)| inc.id)
+/// Rendezvous owners of the activation identities over one topology, remembered for the last
+/// topology a node probed with (computed once per view, not once per call).
+#[derive(Default)]
+struct Owners {
+    held: Option<(Arc<shoal::ClusterTopology>, Arc<Vec<Option<MemberId>>>)>,
 }
 
-async fn probe(cluster: &SimCluster, name: &str, rule: PlacementRule, id: &str, deadline: Instant) {
+impl Owners {
+    fn of(&mut self, rule: PlacementRule, t: &Arc<shoal::ClusterTopology>, i: usize) -> Option<MemberId> {
+        match &self.held {
+            Some((held, owners)) if Arc::ptr_eq(held, t) => owners[i].clone(),
+            _ => {
+                let owners: Arc<Vec<Option<MemberId>>> = Arc::new(
+                    identities()
+                        .iter()
+                        .map(|id| naive_owner_by(rule, t, KIND, id))
+                        .collect(),
+                );
+                let owner = owners[i].clone();
+                self.held = Some((t.clone(), owners));
+                owner
+            }
+        }
+    }
+}
+
+async fn probe(
+    cluster: &SimCluster,
+    name: &str,
+    rule: PlacementRule,
+    i: usize,
+    owners: &mut Owners,
+    deadline: Instant,
+) {
+    let id = &identities()[i];
     let rec = cluster.recorder();
     loop {
         // The process running now (a leave that began before the heal may end after it, and
@@ -400,7 +427,7 @@ async fn probe(cluster: &SimCluster, name: &str, rule: PlacementRule, id: &str, 
             return;
         };
         let t = inc.manager.topology();
-        let want = naive_owner_by(rule, &t, KIND, id);
+        let want = owners.of(rule, &t, i);
         let called = client.call(KIND, id, Vec::new()).await;
         let after = inc.manager.topology();
         if let Some(first) = called.attempts.first() {
@@ -419,11 +446,14 @@ async fn probe(cluster: &SimCluster, name: &str, rule: PlacementRule, id: &str, 
         }
         match called.result {
             Ok(r) => {
-                let want_after = naive_owner_by(rule, &after, KIND, id);
                 let fine = Some(&r.served_by) == want.as_ref()
-                    || Some(&r.served_by) == want_after.as_ref()
+                    || Some(&r.served_by) == owners.of(rule, &after, i).as_ref()
                     // The caller's view lags the owner's re-join as a new incarnation.
-                    || want.as_ref().and_then(|w| current_of(cluster, w)).as_ref()
+                    || want
+                        .as_ref()
+                        .and_then(|w| cluster.process_of(w))
+                        .map(|inc| inc.id)
+                        .as_ref()
                         == Some(&r.served_by);
                 if !fine {
                     rec.violation_once(

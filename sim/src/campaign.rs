@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::flaw::Flaw;
+use crate::load::Load;
 use crate::scenario::{RunOptions, Scenario, SeedReport, run_seed_isolated};
 use crate::wallclock::Stopwatch;
 
@@ -67,6 +68,13 @@ pub struct Summary {
     pub uncovered: Vec<String>,
     /// Seeds re-run to check determinism.
     pub rechecked: usize,
+    /// Members in the cluster.
+    #[serde(default)]
+    pub members: usize,
+    /// What the control plane served during the fault phase, per simulated second, averaged
+    /// over seeds (`requests_per_s`, `events_per_s`, `events_per_member_per_s`, ...).
+    #[serde(default)]
+    pub load: Option<Load>,
 }
 
 fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
@@ -87,10 +95,10 @@ pub fn shard_seeds(seed_start: u64, seeds: u64, (k, n): (u64, u64)) -> Vec<u64> 
 
 /// Runs every scenario's seeds; `on_seed` sees each report as it finishes.
 pub fn run(c: &Campaign, mut on_seed: impl FnMut(&SeedReport) + Send) -> Vec<Summary> {
-    let seeds = shard_seeds(c.seed_start, c.seeds, c.shard);
     let mut summaries = Vec::new();
     let tty = c.progress && std::io::stderr().is_terminal();
     for scenario in &c.scenarios {
+        let seeds = shard_seeds(c.seed_start, scenario.seeds_in(c.seeds), c.shard);
         let wall = Stopwatch::start();
         let next = AtomicUsize::new(0);
         let reports: Mutex<Vec<SeedReport>> = Mutex::new(Vec::new());
@@ -200,15 +208,23 @@ pub fn summarize(name: &str, reports: &[SeedReport], wall_seconds: f64) -> Summa
         paths,
         uncovered: Vec::new(),
         rechecked: 0,
+        members: reports.first().map_or(0, |r| r.members),
+        load: Load::mean(&reports.iter().filter_map(|r| r.load.clone()).collect::<Vec<_>>()),
     }
 }
 
 /// The summary table.
 pub fn table(summaries: &[Summary]) -> String {
     let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let rate = |v: Option<f64>| match v {
+        None => "-".to_string(),
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.2}"),
+    };
     let mut out = format!(
-        "{:<17} {:>6} {:>8} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9}\n",
+        "{:<22} {:>5} {:>6} {:>8} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}\n",
         "scenario",
+        "nodes",
         "seeds",
         "failures",
         "sim_s",
@@ -218,12 +234,17 @@ pub fn table(summaries: &[Summary]) -> String {
         "fo_p50",
         "fo_p99",
         "fo_max",
-        "conv_p99"
+        "conv_p99",
+        "req/s",
+        "ev/s",
+        "ev/m/s"
     );
     for s in summaries {
+        let load = s.load.as_ref();
         out.push_str(&format!(
-            "{:<17} {:>6} {:>8} {:>9.0} {:>8.2} {:>8.0} {:>7.1} {:>8} {:>8} {:>8} {:>9}\n",
+            "{:<22} {:>5} {:>6} {:>8} {:>9.0} {:>8.2} {:>8.0} {:>7.1} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}\n",
             s.scenario,
+            s.members,
             s.seeds,
             s.failures,
             s.sim_seconds,
@@ -233,10 +254,13 @@ pub fn table(summaries: &[Summary]) -> String {
             ms(s.failover_p50_ms),
             ms(s.failover_p99_ms),
             ms(s.failover_max_ms),
-            ms(s.converge_p99_ms)
+            ms(s.converge_p99_ms),
+            rate(load.map(|l| l.requests_per_s)),
+            rate(load.map(|l| l.events_per_s)),
+            rate(load.map(|l| l.events_per_member_per_s)),
         ));
     }
-    out.push_str("(fo = failover, crash to removal on every survivor, ms; conv = final heal to convergence, ms)\n");
+    out.push_str("(nodes = members; fo = failover, crash to removal on every survivor, ms; conv = final heal to convergence, ms;\n req/s, ev/s = requests and watch messages the control plane served per simulated second of the fault phase, ev/m/s per member)\n");
     out
 }
 

@@ -3,14 +3,15 @@
 //! Every violation names the simulated time, the nodes, and what was expected against what was
 //! seen. Per-node version monotonicity is checked by the recorder as each topology is applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use madsim::time::{Instant, sleep};
-use shoal::{ClusterTopology, MemberId};
+use shoal::{ClusterTopology, Description, MemberId};
 
 use crate::cluster::{KIND, ProviderKind, SimCluster};
+use crate::fingerprint::{self, Fingerprint};
 use crate::workload::naive_owner_by;
 
 /// Identities whose owners are compared across nodes.
@@ -21,67 +22,76 @@ pub fn sample_identities() -> &'static [String] {
     &IDS
 }
 
-/// Owners of the sampled identities per (node, incarnation, epoch, version), kept between
-/// samples. (The epoch matters: a backend that lost its data issues the same version numbers
-/// again, found by `etcd-data-loss`.)
-pub type OwnerMemo = BTreeMap<(String, MemberId, u64, u64), Arc<Vec<Option<MemberId>>>>;
+/// Owners of the sampled identities.
+type Owners = Arc<Vec<Option<MemberId>>>;
 
-/// One node's view at a sample: its name, topology and owners of the sampled identities.
-type NodeSample = (String, Arc<ClusterTopology>, Arc<Vec<Option<MemberId>>>);
+/// What the safety checker remembers between samples, per node incarnation: the topology it
+/// held at the last sample (by `Arc` identity, so a node that applied nothing new costs O(1)),
+/// its fingerprint, and the owners of the sampled identities over it.
+#[derive(Default)]
+pub struct OwnerMemo {
+    held: BTreeMap<(String, MemberId), (Arc<ClusterTopology>, Fingerprint, Owners)>,
+}
+
+/// One node's view at a sample: its name, topology, fingerprint and owners.
+type NodeSample = (String, Arc<ClusterTopology>, Fingerprint, Owners);
 
 /// Agreement, sampled: nodes holding the same topology version hold the same members and agree
 /// on the owner of every sampled identity. (Lease timing and history are judged continuously by
-/// the [`crate::oracle`]s.)
-pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
+/// the [`crate::oracle`]s.) O(nodes) per sample once every node's view was seen: members are
+/// compared by fingerprint, owners computed once per view.
+pub fn check_safety(cluster: &SimCluster, memo: &mut OwnerMemo) {
     let rec = cluster.recorder();
     let views = cluster.live_views();
     let ids = sample_identities();
-    // Owners are a function of (node incarnation, version): compute them once per version.
-    owners_seen.retain(|(name, id, e, v), _| {
-        views.iter().any(|(n, _, inc)| {
-            let t = inc.manager.topology();
-            n == name && &inc.id == id && t.epoch() == *e && t.version() == *v
-        })
-    });
+    let live: BTreeSet<(String, MemberId)> = views
+        .iter()
+        .map(|(n, _, inc)| (n.clone(), inc.id.clone()))
+        .collect();
+    memo.held.retain(|k, _| live.contains(k));
     // By (registry epoch, version): version numbers of two registry runs may coincide. Where
     // each node numbers its own topologies (Kubernetes), by member set instead: nodes that
     // list the same members must place the same way.
     let per_node_versions = cluster.provider() == ProviderKind::Kubernetes;
-    let mut by_version: BTreeMap<(u64, u64, Vec<MemberId>), Vec<NodeSample>> = BTreeMap::new();
+    let mut by_version: BTreeMap<(u64, u64, u64), Vec<NodeSample>> = BTreeMap::new();
     for (name, _, inc) in &views {
         let t = inc.manager.topology();
         if t.version() == 0 {
             continue;
         }
-        let owners = owners_seen
-            .entry((name.clone(), inc.id.clone(), t.epoch(), t.version()))
-            .or_insert_with(|| {
-                Arc::new(
+        let key = (name.clone(), inc.id.clone());
+        let (fp, owners) = match memo.held.get(&key) {
+            Some((held, fp, owners)) if Arc::ptr_eq(held, &t) => (*fp, owners.clone()),
+            _ => {
+                let fp = fingerprint::of(&t);
+                let owners: Owners = Arc::new(
                     ids.iter()
                         .map(|id| inc.manager.peek_owner(KIND, id).map(|m| m.id.clone()))
                         .collect(),
-                )
-            })
-            .clone();
-        let key = if per_node_versions {
-            (0, 0, t.member_ids().cloned().collect())
+                );
+                memo.held.insert(key, (t.clone(), fp, owners.clone()));
+                (fp, owners)
+            }
+        };
+        let group = if per_node_versions {
+            (0, 0, fp.ids)
         } else {
-            (t.epoch(), t.version(), Vec::new())
+            (t.epoch(), t.version(), 0)
         };
         by_version
-            .entry(key)
+            .entry(group)
             .or_default()
-            .push((name.clone(), t, owners));
+            .push((name.clone(), t, fp, owners));
     }
     for ((_, version, _), nodes) in &by_version {
-        let (first_name, first_t, first_owners) = &nodes[0];
+        let (first_name, first_t, first_fp, first_owners) = &nodes[0];
         let held = if per_node_versions {
             "the same members".to_string()
         } else {
             format!("version {version}")
         };
-        for (name, t, owners) in &nodes[1..] {
-            if !t.member_ids().eq(first_t.member_ids()) {
+        for (name, t, fp, owners) in &nodes[1..] {
+            if fp.ids != first_fp.ids {
                 rec.violation_once(format!("members {version} {first_name} {name}"), format!(
                     "safety: {first_name} and {name} both hold version {version} with different members: {:?} vs {:?}",
                     first_t.member_ids().collect::<Vec<_>>(),
@@ -100,47 +110,81 @@ pub fn check_safety(cluster: &SimCluster, owners_seen: &mut OwnerMemo) {
 
 /// Runs [`check_safety`] every `every` until `until`.
 pub async fn safety_loop(cluster: Arc<SimCluster>, every: Duration, until: Instant) {
-    let mut memo = OwnerMemo::new();
+    let mut memo = OwnerMemo::default();
     while Instant::now() < until {
         check_safety(&cluster, &mut memo);
         sleep(every).await;
     }
 }
 
-/// What a converged cluster looks like, or why it is not converged yet.
-fn converged(cluster: &SimCluster) -> Result<u64, String> {
+/// What the liveness checker remembers between its polls: per node incarnation, the view it
+/// held (by `Arc` identity) with its fingerprint of (id, description) pairs and whether its
+/// placement of the sampled identities is rendezvous over it; fresh owners per distinct view.
+pub struct ConvergeMemo {
+    held: BTreeMap<(String, MemberId), (Arc<ClusterTopology>, u64, Result<(), String>)>,
+    fresh: fingerprint::Memo<Owners>,
+}
+
+impl Default for ConvergeMemo {
+    fn default() -> Self {
+        Self {
+            held: BTreeMap::new(),
+            fresh: fingerprint::Memo::new(1_024),
+        }
+    }
+}
+
+/// What a converged cluster looks like, or why it is not converged yet. O(nodes + members)
+/// per call once each view was seen.
+fn converged(cluster: &SimCluster, memo: &mut ConvergeMemo) -> Result<u64, String> {
     let starting = cluster.starting_nodes();
     if !starting.is_empty() {
         return Err(format!("{starting:?} restarted but not started yet"));
     }
     let described = cluster.live_member_descriptions();
-    let expected: std::collections::BTreeSet<MemberId> = described.keys().cloned().collect();
+    let expected = fingerprint::described(described.iter());
     let views = cluster.live_views();
+    let rule = cluster.placement_rule();
+    let live: BTreeSet<(String, MemberId)> = views
+        .iter()
+        .map(|(n, _, inc)| (n.clone(), inc.id.clone()))
+        .collect();
+    memo.held.retain(|k, _| live.contains(k));
     let mut version = None;
     for (name, _, inc) in &views {
         let t = inc.manager.topology();
-        let members: std::collections::BTreeSet<MemberId> = t.member_ids().cloned().collect();
-        if members != expected {
-            return Err(format!(
-                "{name} (v{}) sees {:?}, live members are {:?}",
-                t.version(),
-                members,
-                expected
-            ));
-        }
-        // Every member as its process last described itself (a Describe fault).
-        if let Some(m) = t
-            .members()
-            .iter()
-            .find(|m| described.get(&m.id).is_some_and(|d| *d != m.description()))
-        {
-            return Err(format!(
-                "{name} (v{}) sees {} as {:?}, its process describes itself as {:?}",
-                t.version(),
-                m.id,
-                m.description(),
-                described[&m.id]
-            ));
+        let key = (name.clone(), inc.id.clone());
+        let (seen, placement) = match memo.held.get(&key) {
+            Some((held, seen, placement)) if Arc::ptr_eq(held, &t) => (*seen, placement.clone()),
+            _ => {
+                let seen = fingerprint::described_of(&t);
+                let full = fingerprint::of(&t).full;
+                let fresh = memo.fresh.get_or(full, || {
+                    Arc::new(
+                        sample_identities()
+                            .iter()
+                            .map(|id| naive_owner_by(rule, &t, KIND, id))
+                            .collect(),
+                    )
+                });
+                let placement = sample_identities()
+                    .iter()
+                    .zip(fresh.iter())
+                    .find_map(|(id, want)| {
+                        let got = inc.manager.peek_owner(KIND, id).map(|m| m.id.clone());
+                        (got != *want).then(|| {
+                            format!(
+                                "{name}: owner of {KIND}/{id} is {got:?}, {rule:?} over its topology says {want:?}"
+                            )
+                        })
+                    })
+                    .map_or(Ok(()), Err);
+                memo.held.insert(key, (t.clone(), seen, placement.clone()));
+                (seen, placement)
+            }
+        };
+        if seen != expected {
+            return Err(difference(name, &t, &described));
         }
         match version {
             // Each node numbers its own topologies (no central issuer): equal member sets and
@@ -158,51 +202,46 @@ fn converged(cluster: &SimCluster) -> Result<u64, String> {
             }
             _ => {}
         }
-        for id in sample_identities() {
-            let got = inc.manager.peek_owner(KIND, id).map(|m| m.id.clone());
-            let want = naive_owner_by(cluster.placement_rule(), &t, KIND, id);
-            if got != want {
-                return Err(format!(
-                    "{name}: owner of {KIND}/{id} is {got:?}, {:?} over its topology says {want:?}",
-                    cluster.placement_rule()
-                ));
-            }
-        }
+        placement?;
     }
     Ok(version.map_or(0, |(_, v)| v))
 }
 
-/// The liveness bound: how long after the last heal every live node must have converged.
-pub fn liveness_bound(cluster: &SimCluster) -> Duration {
-    match cluster.provider() {
-        ProviderKind::InMemory => Duration::from_secs(5),
-        // Restarted members re-join (start retries every 1 s), a restarted registry holds
-        // snapshots for its startup grace, an expired member re-joins at its next heartbeat,
-        // watches reconnect within the backoff cap, and madsim may deliver messages held by a
-        // healed partition up to ~10 s late.
-        // Node-side timers run on clocks that may still drift 25% slow, hence the 4/3.
-        ProviderKind::Registry => {
-            let c = cluster.registry_config();
-            (c.grace() + c.ttl + c.heartbeat()) * 4 / 3 + Duration::from_secs(5 + 10 + 4)
-        }
-        // A dead member's Lease is deleted a duration (plus up to half of one, if the first
-        // cleaner is gone too) after its last renewal; a member that lost its Lease creates a
-        // new one at its next renewal; a restarted process starts within a few seconds; watches
-        // reopen within a renew interval; slow clocks (25%) stretch all of it.
-        ProviderKind::Kubernetes => {
-            let c = crate::cluster::kubernetes_config(None);
-            (c.lease_duration * 2 + c.renew_interval() + c.watch_idle_timeout) * 4 / 3
-                + Duration::from_secs(5 + 10 + 4)
-        }
-        // A dead member's key goes a TTL after its last keep-alive; a member that lost its
-        // lease registers again at its next keep-alive round; watches reopen within the idle
-        // timeout; slow clocks (25%) stretch all of it.
-        ProviderKind::Etcd => {
-            let c = crate::cluster::etcd_config();
-            (c.ttl * 2 + c.keep_alive_interval() + c.watch_idle_timeout) * 4 / 3
-                + Duration::from_secs(5 + 10 + 4)
-        }
+/// How node `name`'s view `t` differs from the live members as they describe themselves.
+fn difference(name: &str, t: &ClusterTopology, described: &BTreeMap<MemberId, Description>) -> String {
+    let members: BTreeSet<&MemberId> = t.member_ids().collect();
+    let expected: BTreeSet<&MemberId> = described.keys().collect();
+    if members != expected {
+        let extra: Vec<_> = members.difference(&expected).take(8).collect();
+        let missing: Vec<_> = expected.difference(&members).take(8).collect();
+        return format!(
+            "{name} (v{}) sees {} members, {} are live: it lists {extra:?} that are not live, misses {missing:?} (at most 8 of each)",
+            t.version(),
+            members.len(),
+            expected.len()
+        );
     }
+    match t
+        .members()
+        .iter()
+        .find(|m| described.get(&m.id).is_some_and(|d| *d != m.description()))
+    {
+        // Every member as its process last described itself (a Describe fault).
+        Some(m) => format!(
+            "{name} (v{}) sees {} as {:?}, its process describes itself as {:?}",
+            t.version(),
+            m.id,
+            m.description(),
+            described[&m.id]
+        ),
+        None => format!("{name} (v{}): fingerprints differ, members do not", t.version()),
+    }
+}
+
+/// The liveness bound: how long after the last heal every live node must have converged (the
+/// control plane's: [`crate::control::ControlPlane::liveness_bound`]).
+pub fn liveness_bound(cluster: &SimCluster) -> Duration {
+    cluster.control().liveness_bound()
 }
 
 /// Liveness: waits until all live nodes hold one topology containing exactly the live members,
@@ -210,8 +249,9 @@ pub fn liveness_bound(cluster: &SimCluster) -> Duration {
 pub async fn check_liveness(cluster: &SimCluster) -> Option<Duration> {
     let bound = liveness_bound(cluster);
     let start = Instant::now();
+    let mut memo = ConvergeMemo::default();
     loop {
-        match converged(cluster) {
+        match converged(cluster, &mut memo) {
             Ok(v) => {
                 let took = start.elapsed();
                 cluster.recorder().trace(

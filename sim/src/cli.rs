@@ -31,6 +31,9 @@ enum Command {
         /// Seeds per scenario.
         #[arg(long, default_value_t = 200)]
         seeds: u64,
+        /// Run every chosen scenario with this many members instead of its own count.
+        #[arg(long)]
+        members: Option<usize>,
         /// First seed.
         #[arg(long, default_value_t = 1)]
         seed_start: u64,
@@ -56,6 +59,9 @@ enum Command {
         /// The seed.
         #[arg(long)]
         seed: u64,
+        /// Run the scenario with this many members instead of its own count.
+        #[arg(long)]
+        members: Option<usize>,
         /// Write an SVG timeline of every node's view with the faults marked.
         #[arg(long)]
         timeline: Option<PathBuf>,
@@ -82,6 +88,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs one scenario at several cluster sizes: one row per size with the host's cost (wall
+    /// time, per simulated message) and the control plane's load (per simulated second, per
+    /// member), and optionally an SVG plot of both against the size.
+    Scale {
+        /// Scenario name.
+        #[arg(long, default_value = "member-crash")]
+        scenario: String,
+        /// Cluster sizes (members), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,300,1000")]
+        sizes: Vec<usize>,
+        /// Seeds per size.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 1)]
+        seed_start: u64,
+        /// Seeds run at once (each large seed uses one core and its memory).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Write an SVG plot of load and wall time against the size.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// One JSON object per size on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Run with a deliberate defect.
+        #[arg(long, value_enum, default_value = "none")]
+        flaw: Flaw,
+    },
     /// Measures simulated-time speed-up of a scenario against a bare madsim baseline.
     Bench {
         /// Scenario name.
@@ -107,12 +142,18 @@ fn parse_shard(s: &str) -> Result<(u64, u64), String> {
     Ok((k, n))
 }
 
-fn scenarios(name: &str) -> Result<Vec<Scenario>> {
+fn scenarios(name: &str, members: Option<usize>) -> Result<Vec<Scenario>> {
+    let resize = |list: Vec<Scenario>| -> Result<Vec<Scenario>> {
+        let Some(n) = members else { return Ok(list) };
+        list.into_iter()
+            .map(|s| s.with_members(n).map_err(|e| anyhow::anyhow!("--members: {e}")))
+            .collect()
+    };
     if name == "all" {
-        return Ok(scenario::all());
+        return resize(scenario::all());
     }
     match scenario::by_name(name) {
-        Some(s) => Ok(vec![s]),
+        Some(s) => resize(vec![s]),
         None => {
             let names: Vec<&str> = scenario::all()
                 .iter()
@@ -127,9 +168,11 @@ fn scenarios(name: &str) -> Result<Vec<Scenario>> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     scenario: String,
     seeds: u64,
+    members: Option<usize>,
     seed_start: u64,
     jobs: Option<usize>,
     shard: (u64, u64),
@@ -141,7 +184,7 @@ fn run(
         bail!("--jobs must be at least 1");
     }
     let c = Campaign {
-        scenarios: scenarios(&scenario)?,
+        scenarios: scenarios(&scenario, members)?,
         seeds,
         seed_start,
         jobs,
@@ -213,6 +256,7 @@ fn merge(files: Vec<PathBuf>, json: bool) -> Result<bool> {
 fn replay(
     scenario: String,
     seed: u64,
+    members: Option<usize>,
     timeline_path: Option<PathBuf>,
     quiet: bool,
     schedule: Option<PathBuf>,
@@ -221,7 +265,7 @@ fn replay(
     if scenario == "all" {
         bail!("--scenario: replay takes one scenario name");
     }
-    let s = scenarios(&scenario)?
+    let s = scenarios(&scenario, members)?
         .into_iter()
         .next()
         .context("one scenario")?;
@@ -304,6 +348,65 @@ fn replay(
     Ok(first.passed() && deterministic)
 }
 
+#[allow(clippy::too_many_arguments)]
+fn scale(
+    scenario: String,
+    sizes: Vec<usize>,
+    seeds: u64,
+    seed_start: u64,
+    jobs: usize,
+    svg: Option<PathBuf>,
+    json: bool,
+    flaw: Flaw,
+) -> Result<bool> {
+    if scenario == "all" {
+        bail!("--scenario: scale takes one scenario name");
+    }
+    if sizes.is_empty() {
+        bail!("--sizes: name at least one size");
+    }
+    if seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let s = scenarios(&scenario, None)?
+        .into_iter()
+        .next()
+        .context("one scenario")?;
+    // Every size is checked before anything runs.
+    for &n in &sizes {
+        s.clone()
+            .with_members(n)
+            .map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
+    }
+    if !json {
+        println!("{}", shoal_sim::scale::header());
+    }
+    let rows = shoal_sim::scale::run(&s, &sizes, seeds, seed_start, jobs, flaw, |row| {
+        if json {
+            println!("{}", serde_json::to_string(row).unwrap_or_default());
+        } else {
+            println!("{}", shoal_sim::scale::line(row));
+        }
+        for v in &row.first_violations {
+            eprintln!("FAILED at {} members: {v}", row.members);
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("--sizes: {e}"))?;
+    if !json {
+        println!("{}", shoal_sim::scale::LEGEND);
+    }
+    if let Some(path) = svg {
+        let title = format!("shoal-sim scale {} (seeds {seed_start}..)", s.name);
+        std::fs::write(&path, shoal_sim::scale::svg(&title, &rows))
+            .with_context(|| format!("--svg: cannot write {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(rows.iter().all(|r| r.failures == 0))
+}
+
 pub fn main() -> ExitCode {
     if std::env::var_os("RUST_LOG").is_some() {
         // Product logs (RUST_LOG=shoal=debug), on stderr; the trace keeps simulated times.
@@ -317,21 +420,33 @@ pub fn main() -> ExitCode {
         Command::Run {
             scenario,
             seeds,
+            members,
             seed_start,
             jobs,
             shard,
             json,
             flaw,
-        } => run(scenario, seeds, seed_start, jobs, shard, json, flaw),
+        } => run(scenario, seeds, members, seed_start, jobs, shard, json, flaw),
         Command::Replay {
             scenario,
             seed,
+            members,
             timeline,
             quiet,
             schedule,
             flaw,
-        } => replay(scenario, seed, timeline, quiet, schedule, flaw),
+        } => replay(scenario, seed, members, timeline, quiet, schedule, flaw),
         Command::Merge { files, json } => merge(files, json),
+        Command::Scale {
+            scenario,
+            sizes,
+            seeds,
+            seed_start,
+            jobs,
+            svg,
+            json,
+            flaw,
+        } => scale(scenario, sizes, seeds, seed_start, jobs, svg, json, flaw),
         Command::List => {
             for s in scenario::all() {
                 println!("{:<19} {}", s.name, s.about);
@@ -348,7 +463,7 @@ pub fn main() -> ExitCode {
             }
             Ok(true)
         }
-        Command::Bench { scenario, seeds } => scenarios(&scenario).map(|s| {
+        Command::Bench { scenario, seeds } => scenarios(&scenario, None).map(|s| {
             let (full, base) = bench::compare(&s[0], seeds);
             println!(
                 "{:<34} {:>6} {:>9} {:>10} {:>8} {:>9} {:>8}",

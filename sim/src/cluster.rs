@@ -1,10 +1,12 @@
-//! `SimCluster`: a cluster of simulated nodes running the real providers, and the fault
-//! injectors that act on it.
+//! `SimCluster`: a cluster of simulated nodes running the real providers against one simulated
+//! control plane ([`crate::control`]), and the fault injectors that act on it.
 //!
-//! Its parts each own their faults and their healing: [`Links`] (clogs), the member and client
-//! nodes (crash, restart, graceful leave, pause, clock skew), and the registry (restart, clock,
-//! the [`Door`] in front of it that loses heartbeats). [`Health`] follows every fault so the
-//! oracles know which paths were healthy.
+//! It composes parts that each own their faults and their healing: [`Links`] (clogs), the
+//! member and client nodes (crash, restart, graceful leave, pause, clock skew) and the control
+//! plane (restart, data loss, freeze, clock, the door in front of it that loses renewals or
+//! resets watches). [`Health`] follows every fault so the oracles know which paths were healthy.
+//! Nothing here branches on the provider: what differs between them lives in their control
+//! plane's module.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,18 +18,8 @@ use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use madsim::time::{Instant, sleep};
 use shoal::activation::{ActivationClient, ActivationHost};
-use shoal::etcd::memory::MemoryEtcd;
-use shoal::etcd::{EtcdProvider, EtcdProviderConfig, EtcdProviderMetrics};
-use shoal::kubernetes::api::ObjectReference;
-use shoal::kubernetes::memory::MemoryApiServer;
-use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics};
 use shoal::metrics::{EventMetrics, PlacementMetrics};
 use shoal::provider::PartitionService;
-use shoal::provider::memory::{InMemoryProvider, InMemoryRegistry};
-use shoal::registry::{
-    RegistryConfig, RegistryMetrics, RegistryProvider, RegistryProviderConfig,
-    RegistryProviderMetrics, RegistryServer,
-};
 use shoal::runtime::{SharedClock, SkewedClock, TokioClock};
 use shoal::{
     ClusterEvent, ClusterProvider, ClusterProviderContext, Description, EventStream, MemberId,
@@ -35,17 +27,17 @@ use shoal::{
 };
 
 use crate::activation::{ActivationOracle, SimActors};
-use crate::apiserver::{
-    APISERVER_PORT, EndpointController, KubeDoor, PodState, SERVICE, SimKubeApi, pod_zone,
-};
-use crate::etcd::{ETCD_PORT, EXPIRY_TICK, EtcdDoor, HISTORY as ETCD_HISTORY, SimEtcdApi};
+use crate::control::apiserver::{EndpointController, PodState, pod_name, pod_zone};
+use crate::control::{self, ControlPlane, MemberRef, NodeInfo};
+use crate::failover::FailoverMeter;
 use crate::faults::Fault;
 use crate::flaw::{Flaw, FlawedProvider};
 use crate::health::Health;
 use crate::knobs::Knobs;
+use crate::load::LoadCounts;
 use crate::links::{Links, cut};
-use crate::observe::{Door, Observed};
-use crate::oracle::{Bounds, DELIVERY, Oracles, POLL};
+use crate::oracle::events::EventChain;
+use crate::oracle::{DELIVERY, Oracles, POLL};
 use crate::record::Recorder;
 use crate::workload::{FreshOwners, Workload};
 
@@ -81,8 +73,6 @@ pub fn description_of(generation: u32) -> Description {
         metadata: [("generation".to_string(), generation.to_string())].into(),
     }
 }
-const REGISTRY_PORT: u16 = 7600;
-
 /// How long a survivor must have been connected before a departure for the failover oracle to
 /// judge it: a dead watch stream is noticed after the idle timeout (15 s), reopened within the
 /// backoff cap (5 s), and a new registry holds snapshots for its startup grace (3 s).
@@ -107,39 +97,20 @@ pub enum ProviderKind {
     /// [`RegistryProvider`] against a [`RegistryServer`] on its own node.
     Registry,
     /// [`KubernetesProvider`] against a simulated API server on its own node
-    /// ([`crate::apiserver`]).
+    /// ([`crate::control::apiserver`]).
     Kubernetes,
-    /// [`EtcdProvider`] against a simulated etcd on its own node ([`crate::etcd`]).
+    /// [`EtcdProvider`] against a simulated etcd on its own node ([`crate::control::etcd`]).
     Etcd,
 }
 
-/// The etcd provider settings simulations use: a 6 s lease (the registry's TTL) kept alive
-/// every 2 s.
-pub fn etcd_config() -> EtcdProviderConfig {
-    EtcdProviderConfig {
-        ttl: Duration::from_secs(6),
-        request_timeout: Duration::from_secs(1),
-        watch_idle_timeout: Duration::from_secs(10),
-        startup_timeout: Duration::from_secs(10),
-        ..EtcdProviderConfig::default()
-    }
+/// The etcd provider settings simulations use ([`control::etcd::config`]).
+pub fn etcd_config() -> shoal::etcd::EtcdProviderConfig {
+    control::etcd::config()
 }
 
-/// The Kubernetes provider settings simulations use: a 6 s Lease (the registry's TTL) renewed
-/// every 2 s; each member's Lease owned by its Pod.
-pub fn kubernetes_config(pod: Option<&str>) -> KubernetesProviderConfig {
-    let mut c = KubernetesProviderConfig::new("default");
-    c.lease_duration = Duration::from_secs(6);
-    c.request_timeout = Duration::from_secs(1);
-    c.watch_idle_timeout = Duration::from_secs(10);
-    c.startup_timeout = Duration::from_secs(10);
-    c.pod = pod.map(|name| ObjectReference {
-        kind: "Pod".into(),
-        namespace: "default".into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-    });
-    c
+/// The Kubernetes provider settings simulations use ([`control::apiserver::config`]).
+pub fn kubernetes_config(pod: Option<&str>) -> shoal::kubernetes::KubernetesProviderConfig {
+    control::apiserver::config(pod)
 }
 
 /// How to build a [`SimCluster`].
@@ -148,7 +119,6 @@ pub struct SimClusterBuilder {
     provider: ProviderKind,
     members: usize,
     clients: usize,
-    registry: RegistryConfig,
     flaw: Flaw,
     app: Option<AppFn>,
     knobs: Knobs,
@@ -178,7 +148,6 @@ impl SimClusterBuilder {
             provider,
             members,
             clients: 0,
-            registry: default_registry_config(),
             flaw: Flaw::None,
             app: None,
             knobs: Knobs::default(),
@@ -188,12 +157,6 @@ impl SimClusterBuilder {
     /// Adds client-mode nodes.
     pub fn clients(mut self, n: usize) -> Self {
         self.clients = n;
-        self
-    }
-
-    /// Registry settings.
-    pub fn registry_config(mut self, c: RegistryConfig) -> Self {
-        self.registry = c;
         self
     }
 
@@ -227,11 +190,6 @@ impl SimClusterBuilder {
     }
 }
 
-/// The registry settings simulations use: production defaults.
-pub fn default_registry_config() -> RegistryConfig {
-    RegistryConfig::default()
-}
-
 /// A running node's current incarnation, as its init task published it.
 #[derive(Clone, Debug)]
 pub struct Incarnation {
@@ -252,6 +210,8 @@ pub struct Incarnation {
     pub description: Description,
     /// The node's activation client, once its provider started.
     pub activation: Option<Arc<ActivationClient>>,
+    /// Where the harness's subscriber to its events is ([`crate::oracle::events`]).
+    pub events: Arc<Mutex<EventChain>>,
 }
 
 impl Incarnation {
@@ -261,15 +221,12 @@ impl Incarnation {
     }
 }
 
-/// Counters of the products' own metrics, summed into the run's rare-path counts at the end.
+/// Counters of the products' own node-side metrics, summed into the run's rare-path counts at
+/// the end (the providers' and servers' own are the control plane's).
 #[derive(Clone, Debug)]
 enum MetricSource {
-    Provider(RegistryProviderMetrics),
     Events(EventMetrics),
     Placement(PlacementMetrics),
-    Registry(RegistryMetrics),
-    Kubernetes(KubernetesProviderMetrics),
-    Etcd(EtcdProviderMetrics),
 }
 
 struct Slot {
@@ -313,74 +270,29 @@ struct StopSignal {
 pub struct SimCluster {
     handle: Handle,
     provider: ProviderKind,
+    /// The control plane the members' provider talks to.
+    control: Arc<dyn ControlPlane>,
     /// The placement rule the members use.
     rule: shoal::placement::PlacementRule,
-    registry_config: RegistryConfig,
     recorder: Recorder,
     oracles: Arc<Oracles>,
     health: Health,
     links: Links,
     slots: Mutex<Vec<Slot>>,
+    /// Slot index by node name.
+    names: BTreeMap<String, usize>,
     /// Set by [`SimCluster::heal_all`]: pending fault actions are dropped from then on.
     healed: AtomicBool,
     metrics: Arc<Mutex<Vec<MetricSource>>>,
-    registry: Option<RegistryControl>,
+    /// Nodes the faults forced to reconnect to the control plane (the load budget's
+    /// allowance).
+    reconnects: AtomicU64,
     /// What the nodes' actors did (the activation checkers).
     activation: Arc<ActivationOracle>,
+    /// Crash-to-removal times.
+    failover: Arc<FailoverMeter>,
     /// The harness's own tasks on the scenario's node, aborted by [`SimCluster::teardown`].
     background: Mutex<Vec<madsim::task::AbortHandle>>,
-}
-
-/// The registry node and what the harness keeps of it across restarts.
-struct RegistryControl {
-    node: NodeHandle,
-    /// The running server and its run number (`None` while it is down).
-    server: Arc<Mutex<Option<(u64, RegistryServer)>>>,
-    /// Its clock: survives restarts, so a step taken while it is down is seen by the next run.
-    clock: Arc<SkewedClock>,
-    door: Arc<Door>,
-    /// Registry crashes so far; a restart belongs to the latest crash only (overlapping
-    /// registry-restart faults must not restart a running registry).
-    crashes: AtomicU64,
-    down: AtomicBool,
-    /// Frozen by a [`Fault::RegistryPause`], since this instant.
-    paused_since: Mutex<Option<Instant>>,
-    /// Down (crashed, not restarted yet) since this instant.
-    down_since: Mutex<Option<Instant>>,
-    /// For the Kubernetes provider, this node is the API server and this its door (its store
-    /// survives restarts, as etcd does).
-    kube: Option<Arc<KubeDoor>>,
-    /// For the etcd provider, this node is etcd and this its door (its store survives
-    /// restarts, as etcd's data dir does).
-    etcd: Option<Arc<EtcdDoor>>,
-    /// The endpoints controller, when the members are gated by a Service.
-    endpoints: Option<Arc<EndpointController>>,
-    /// The next restart loses the backend's data ([`Fault::BackendDataLoss`]).
-    lose_data: AtomicBool,
-    /// Runs of a backend whose store outlives the node (etcd): a run ends when it loses its
-    /// data.
-    store_runs: AtomicU64,
-}
-
-impl RegistryControl {
-    /// The control of a control-plane node other than the registry (no registry server).
-    fn control_plane(node: NodeHandle, door: Arc<Door>) -> Self {
-        Self {
-            node,
-            server: Arc::default(),
-            clock: SkewedClock::new(TokioClock::shared()),
-            door,
-            crashes: AtomicU64::new(0),
-            down: AtomicBool::new(false),
-            paused_since: Mutex::new(None),
-            down_since: Mutex::new(None),
-            kube: None,
-            etcd: None,
-            endpoints: None,
-            lose_data: AtomicBool::new(false),
-            store_runs: AtomicU64::new(1),
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -390,105 +302,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SimCluster {
     fn start(b: SimClusterBuilder, recorder: Recorder) -> Arc<Self> {
         let handle = Handle::current();
-        let mut registry_config = b.registry.clone();
-        registry_config.limits.watch_buffer = b.knobs.watch_buffer;
-        registry_config.limits.snapshot_fragment_bytes = b.knobs.snapshot_fragment_bytes;
-        registry_config.limits.snapshot_compress_bytes = b.knobs.snapshot_compress_bytes;
-        registry_config.publish_interval =
-            b.knobs.publish_interval.min(registry_config.sweep_interval);
-        let bounds = match b.provider {
-            ProviderKind::Kubernetes => {
-                Bounds::kubernetes(&kubernetes_config(None), b.knobs.buggify)
-            }
-            ProviderKind::Etcd => Bounds::etcd(&etcd_config(), b.knobs.buggify),
-            _ => Bounds::new(
-                &registry_config,
-                b.knobs.buggify,
-                b.provider == ProviderKind::Registry,
-            ),
-        };
-        let oracles = Oracles::new(recorder.clone(), bounds);
+        let oracles = Oracles::new(recorder.clone(), control::bounds(b.provider, &b.knobs));
         let activation = ActivationOracle::new(recorder.clone());
-        let door = Arc::new(Door::default());
-        door.set_duplicate_leaves(b.knobs.duplicate_leaves);
-        door.set_lose_first_leave(b.knobs.lose_first_leave);
         let metrics: Arc<Mutex<Vec<MetricSource>>> = Arc::default();
-        let kube_door = door.clone();
-        let registry = (b.provider == ProviderKind::Registry).then(|| {
-            let server: Arc<Mutex<Option<(u64, RegistryServer)>>> = Arc::default();
-            let clock = SkewedClock::new(TokioClock::shared());
-            let runs = Arc::new(AtomicU64::new(0));
-            let (config, server_slot, door_, oracles_, rec, clock_, metrics_) = (
-                registry_config.clone(),
-                server.clone(),
-                door.clone(),
-                oracles.clone(),
-                recorder.clone(),
-                clock.clone(),
-                metrics.clone(),
-            );
-            let node = handle
-                .create_node()
-                .name("registry")
-                .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
-                .init(move || {
-                    let (config, server_slot, door, oracles, rec, clock, metrics, runs) = (
-                        config.clone(),
-                        server_slot.clone(),
-                        door_.clone(),
-                        oracles_.clone(),
-                        rec.clone(),
-                        clock_.clone(),
-                        metrics_.clone(),
-                        runs.clone(),
-                    );
-                    async move {
-                        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                        oracles.registry_started(run);
-                        let shared: SharedClock = clock;
-                        let server =
-                            RegistryServer::new(config, shared).expect("valid registry settings");
-                        lock(&metrics).push(MetricSource::Registry(server.metrics().clone()));
-                        *lock(&server_slot) = Some((run, server.clone()));
-                        rec.trace("registry", format!("started (run {run})"));
-                        let addr: SocketAddr = ([0, 0, 0, 0], REGISTRY_PORT).into();
-                        let wrap = |svc| Observed::new(svc, door, oracles, rec.clone());
-                        if let Err(e) = server.serve_with(addr, std::future::pending(), wrap).await
-                        {
-                            rec.trace("registry", format!("server ended: {e}"));
-                        }
-                    }
-                })
-                .build();
-            RegistryControl {
-                node,
-                server,
-                clock,
-                door,
-                crashes: AtomicU64::new(0),
-                down: AtomicBool::new(false),
-                paused_since: Mutex::new(None),
-                down_since: Mutex::new(None),
-                kube: None,
-                etcd: None,
-                endpoints: None,
-                lose_data: AtomicBool::new(false),
-                store_runs: AtomicU64::new(1),
-            }
-        });
-        let registry = registry.or_else(|| match b.provider {
-            ProviderKind::Kubernetes => Some(start_apiserver(
-                &handle,
-                &oracles,
-                &recorder,
-                kube_door.clone(),
-                &b.knobs,
-            )),
-            ProviderKind::Etcd => Some(start_etcd(&handle, &oracles, &recorder, kube_door.clone())),
-            _ => None,
-        });
-        let memory = InMemoryRegistry::new();
+        let control = control::start(
+            b.provider,
+            control::Env {
+                handle: handle.clone(),
+                oracles: oracles.clone(),
+                rec: recorder.clone(),
+                knobs: b.knobs.clone(),
+            },
+        );
         let fresh = Arc::new(FreshOwners::new(b.knobs.placement_rule()));
+        let failover = Arc::new(FailoverMeter::new(recorder.clone()));
         let mut slots = Vec::new();
         for i in 0..b.members + b.clients {
             let is_client = i >= b.members;
@@ -498,7 +325,7 @@ impl SimCluster {
                 format!("m{i}")
             };
             let ip = if is_client {
-                IpAddr::V4(Ipv4Addr::new(10, 0, 2, (i - b.members + 1) as u8))
+                node_ip(2, i - b.members)
             } else {
                 member_ip(i)
             };
@@ -507,14 +334,11 @@ impl SimCluster {
             let stop = Arc::new(StopSignal::default());
             let describe = Arc::new(DescribeSignal::default());
             let spec = NodeSpec {
-                // Clients are gated too: they route to serving members only.
-                endpoints: registry.as_ref().and_then(|r| r.endpoints.clone()),
+                control: control.clone(),
                 describe: describe.clone(),
                 name: name.clone(),
                 ip,
                 is_client,
-                provider: b.provider,
-                memory: memory.clone(),
                 flaw: if i == 0 { b.flaw } else { Flaw::None },
                 app: b.app,
                 clock: clock.clone(),
@@ -526,6 +350,8 @@ impl SimCluster {
                 metrics: metrics.clone(),
                 fresh: fresh.clone(),
                 activation: activation.clone(),
+                failover: failover.clone(),
+                index: i,
             };
             let node = handle
                 .create_node()
@@ -550,23 +376,30 @@ impl SimCluster {
             });
         }
         let n = slots.len();
+        let names = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
         let cluster = Arc::new(SimCluster {
             handle,
             provider: b.provider,
+            control,
             rule: b.knobs.placement_rule(),
-            registry_config,
             recorder,
             oracles,
             health: Health::new(n, b.knobs.buggify),
             links: Links::default(),
             slots: Mutex::new(slots),
+            names,
             healed: AtomicBool::new(false),
             metrics,
-            registry,
+            reconnects: AtomicU64::new(0),
             activation,
+            failover,
             background: Mutex::new(Vec::new()),
         });
-        if cluster.registry.is_some() {
+        if cluster.control.node().is_some() {
             let c = cluster.clone();
             cluster.background(async move {
                 loop {
@@ -583,9 +416,24 @@ impl SimCluster {
         self.provider
     }
 
-    /// The registry settings in force.
-    pub fn registry_config(&self) -> &RegistryConfig {
-        &self.registry_config
+    /// The control plane.
+    pub fn control(&self) -> &Arc<dyn ControlPlane> {
+        &self.control
+    }
+
+    /// What the control plane served so far.
+    pub fn load(&self) -> LoadCounts {
+        self.control.load()
+    }
+
+    /// Nodes the faults forced to reconnect to the control plane so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::SeqCst)
+    }
+
+    /// Running nodes (members and clients).
+    pub fn node_count(&self) -> usize {
+        lock(&self.slots).iter().filter(|s| s.alive).count()
     }
 
     /// The recorder.
@@ -628,12 +476,31 @@ impl SimCluster {
         name: &str,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> Option<T> {
-        let id = lock(&self.slots)
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.node.id())?;
+        let i = *self.names.get(name)?;
+        let id = lock(&self.slots)[i].node.id();
         // A fresh handle: the slot's own one spawns into the node's first run only.
         self.handle.get_node(id)?.spawn(fut).await.ok()
+    }
+
+    /// The current incarnation of the running, unpaused node `name` (`None`: down, paused,
+    /// or not started yet).
+    pub fn live_incarnation(&self, name: &str) -> Option<Incarnation> {
+        let i = *self.names.get(name)?;
+        let slots = lock(&self.slots);
+        let s = &slots[i];
+        if !s.alive || s.paused {
+            return None;
+        }
+        lock(&s.current).clone()
+    }
+
+    /// The current incarnation of the running process that registered as `id` (now or
+    /// before), if there is one.
+    pub fn process_of(&self, id: &MemberId) -> Option<Incarnation> {
+        lock(&self.slots)
+            .iter()
+            .filter(|s| s.alive && !s.paused)
+            .find_map(|s| lock(&s.current).as_ref().filter(|c| c.holds(id)).cloned())
     }
 
     /// Running nodes whose new incarnation has not published itself yet (just restarted).
@@ -672,31 +539,18 @@ impl SimCluster {
             .and_then(|s| lock(&s.current).as_ref().map(|c| c.id.clone()))
     }
 
-    /// The running registry server, if any.
-    pub fn registry(&self) -> Option<RegistryServer> {
-        let r = self.registry.as_ref()?;
-        lock(&r.server).as_ref().map(|(_, s)| s.clone())
-    }
-
     fn node_id(&self, i: usize) -> NodeId {
         lock(&self.slots)[i].node.id()
     }
 
     fn registry_node_id(&self) -> Option<NodeId> {
-        self.registry.as_ref().map(|r| r.node.id())
+        self.control.node()
     }
 
     fn all_node_ids(&self) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = lock(&self.slots).iter().map(|s| s.node.id()).collect();
         ids.extend(self.registry_node_id());
         ids
-    }
-
-    /// The slot whose current incarnation is `id`.
-    fn slot_of(&self, id: &MemberId) -> Option<usize> {
-        lock(&self.slots)
-            .iter()
-            .position(|s| lock(&s.current).as_ref().is_some_and(|c| c.holds(id)))
     }
 
     /// Whether a fault disturbs member `i`'s path to the registry now (a graceful shutdown
@@ -716,36 +570,21 @@ impl SimCluster {
             let leaving = lock(&self.slots)[i].leaving;
             self.health.set_node(i, leaving || self.path_disturbed(i));
         }
-        if let Some(r) = &self.registry {
-            self.health
-                .set_registry(r.down.load(Ordering::SeqCst) || lock(&r.paused_since).is_some());
-        }
+        self.health.set_registry(self.control.disturbed());
     }
 
-    /// Feeds the lease oracle the registry's published topology.
+    /// Feeds the lease oracle what the control plane lists now.
     fn poll_registry(&self) {
-        let Some(r) = &self.registry else { return };
-        if lock(&r.paused_since).is_some() {
-            return; // A frozen process publishes nothing (and expires nobody).
-        }
-        if r.etcd.is_some() && r.down.load(Ordering::SeqCst) {
-            return; // A stopped etcd expires nobody; its leases start over when it restarts.
-        }
-        let (run, topology) = match (&r.kube, &r.etcd) {
-            // The API server's store: Leases survive its restarts (one run).
-            (Some(door), _) => (1, door.topology(CLUSTER)),
-            // etcd's store: keys survive its restarts.
-            (None, Some(door)) => (r.store_runs.load(Ordering::SeqCst), door.topology()),
-            (None, None) => {
-                let Some((run, server)) = lock(&r.server).clone() else {
-                    return;
-                };
-                (run, server.topology(CLUSTER))
-            }
+        let Some((run, topology)) = self.control.listed() else {
+            return;
         };
-        let healthy = |id: &MemberId| self.slot_of(id).and_then(|i| self.health.healthy_since(i));
-        let excused =
-            |id: &MemberId, renewed_at: Instant| self.lease_judgement_excused(id, renewed_at);
+        // Which slot registered an id, built once per poll and only if an oracle asks.
+        let index = std::cell::OnceCell::new();
+        let slot = |id: &MemberId| index.get_or_init(|| self.id_index()).get(id).copied();
+        let healthy = |id: &MemberId| slot(id).and_then(|i| self.health.healthy_since(i));
+        let excused = |id: &MemberId, renewed_at: Instant| {
+            self.lease_judgement_excused(slot(id), id, renewed_at)
+        };
         self.oracles.published(run, &topology, &healthy, &excused);
     }
 
@@ -753,19 +592,21 @@ impl SimCluster {
     /// (last accepted renewal at `renewed_at`): its process is gone or shutting down, it was
     /// paused since (its timers fired late), or its clock drifts beyond the bound providers
     /// assume.
-    fn lease_judgement_excused(&self, id: &MemberId, renewed_at: Instant) -> bool {
+    fn lease_judgement_excused(
+        &self,
+        slot: Option<usize>,
+        id: &MemberId,
+        renewed_at: Instant,
+    ) -> bool {
         let slots = lock(&self.slots);
-        let Some(s) = slots
-            .iter()
-            .find(|s| lock(&s.current).as_ref().is_some_and(|c| c.holds(id)))
-        else {
+        let Some(s) = slot.and_then(|i| slots.get(i)) else {
             return true; // That process crashed or left.
         };
         // A start that failed, or one still under way (the application was never told it is
         // a member, so it serves nothing).
         let abandoned = lock(&s.current)
             .as_ref()
-            .is_some_and(|c| c.abandoned_ids.contains(id) || c.ready_at.is_none());
+            .is_none_or(|c| !c.holds(id) || c.abandoned_ids.contains(id) || c.ready_at.is_none());
         abandoned
             || !s.alive
             || s.leaving
@@ -775,11 +616,37 @@ impl SimCluster {
                 .is_some_and(|t| t + Duration::from_secs(1) >= renewed_at)
     }
 
-    /// Clogs `links` now and unclogs them (healing fault `idx`) after `duration`.
-    fn clog_for(self: &Arc<Self>, links: Vec<(NodeId, NodeId)>, duration: Duration, idx: usize) {
+    /// Every id a running process registered under (now, before, or in a failed start), with
+    /// its slot (the first slot holding it).
+    fn id_index(&self) -> BTreeMap<MemberId, usize> {
+        let mut index = BTreeMap::new();
+        for (i, s) in lock(&self.slots).iter().enumerate() {
+            if let Some(c) = lock(&s.current).as_ref() {
+                for id in std::iter::once(&c.id)
+                    .chain(&c.earlier_ids)
+                    .chain(&c.abandoned_ids)
+                {
+                    index.entry(id.clone()).or_insert(i);
+                }
+            }
+        }
+        index
+    }
+
+    /// Clogs `links` now and unclogs them (healing fault `idx`) after `duration`; `cut` nodes
+    /// lose their control plane, and reconnect when it heals.
+    fn clog_for(
+        self: &Arc<Self>,
+        links: Vec<(NodeId, NodeId)>,
+        duration: Duration,
+        idx: usize,
+        cut: usize,
+    ) {
+        self.reconnected(cut);
         self.links.clog(&links);
         self.refresh_health();
         self.later(duration, move |c| {
+            c.reconnected(cut);
             c.links.unclog(&links);
             c.refresh_health();
             c.recorder.fault_healed(idx);
@@ -801,6 +668,7 @@ impl SimCluster {
         };
         self.handle.kill(self.node_id(i));
         self.activation.crashed(&name);
+        self.failover.node_down(i);
         self.refresh_health();
         self.pod_not_ready_later(&name);
         self.recorder.node_down(&name);
@@ -812,7 +680,18 @@ impl SimCluster {
             ),
         );
         if let Some(id) = id {
-            self.spawn_failover_watch(id.clone());
+            let listing = lock(&self.slots)
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.alive)
+                .filter(|(_, s)| {
+                    lock(&s.current)
+                        .as_ref()
+                        .is_some_and(|c| c.manager.topology().contains(&id))
+                })
+                .map(|(j, _)| j)
+                .collect();
+            self.failover.departed(id.clone(), listing);
             self.judge_departure(i, id, self.oracles.bounds().failover(), "crashed");
         }
     }
@@ -830,6 +709,7 @@ impl SimCluster {
         let id = s.node.id();
         let name = s.name.clone();
         drop(slots);
+        self.reconnected(1);
         self.handle.restart(id);
         self.refresh_health();
         self.recorder.trace(&name, "restarted");
@@ -890,6 +770,7 @@ impl SimCluster {
                 lock(&s.current).take().map(|inc| inc.id)
             };
             c.handle.kill(c.node_id(i));
+            c.failover.node_down(i);
             c.refresh_health();
             let name = format!("m{i}");
             c.activation.crashed(&name);
@@ -899,7 +780,7 @@ impl SimCluster {
                 // A leave that reached a healthy registry is seen at once; otherwise the
                 // registration expires like a crashed one.
                 let bound = if was_healthy {
-                    DELIVERY + POLL
+                    c.oracles.bounds().delivery() + POLL
                 } else {
                     c.oracles.bounds().failover()
                 };
@@ -928,8 +809,8 @@ impl SimCluster {
         bound: Duration,
         how: &'static str,
     ) {
-        if self.registry.is_none() {
-            return;
+        if self.control.node().is_none() {
+            return; // In memory: a departure is seen at once, there is nothing to judge.
         }
         let at = Instant::now();
         let c = self.clone();
@@ -948,8 +829,8 @@ impl SimCluster {
             };
             // Kubernetes: a member removes the departed one (deletes its Lease); that needs
             // some other member that could reach the API server the whole time.
-            let expiry = bound > DELIVERY + POLL;
-            if expiry && c.provider == ProviderKind::Kubernetes {
+            let expiry = bound > c.oracles.bounds().delivery() + POLL;
+            if expiry && c.oracles.bounds().cleaned_by_peers {
                 let members = c.member_count();
                 let cleaner = views.iter().any(|(k, _, inc)| {
                     *k < members
@@ -970,7 +851,7 @@ impl SimCluster {
                             "failover: {name} still lists {id} {} ms after it {how} (bound {} ms: {}), though {name} was connected throughout",
                             bound.as_millis(),
                             bound.as_millis(),
-                            if bound > DELIVERY + POLL {
+                            if expiry {
                                 "TTL, sweep and delivery"
                             } else {
                                 "one delivery after an accepted leave"
@@ -980,34 +861,6 @@ impl SimCluster {
                 }
             }
         });
-    }
-
-    /// Measures how long until no surviving node lists the crashed incarnation.
-    fn spawn_failover_watch(&self, id: MemberId) {
-        let start = Instant::now();
-        let probe = self.failover_probe();
-        let rec = self.recorder.clone();
-        self.background(async move {
-            for _ in 0..(120_000 / 20) {
-                if !probe.any_lists(&id) {
-                    let d = start.elapsed();
-                    rec.failover(d);
-                    rec.trace(
-                        "harness",
-                        format!("failover of {id} complete after {} ms", d.as_millis()),
-                    );
-                    return;
-                }
-                sleep(Duration::from_millis(20)).await;
-            }
-        });
-    }
-
-    fn failover_probe(&self) -> FailoverProbe {
-        let slots = lock(&self.slots);
-        FailoverProbe {
-            currents: slots.iter().map(|s| s.current.clone()).collect(),
-        }
     }
 
     /// Applies `fault` now; faults with a duration heal themselves in background tasks.
@@ -1024,14 +877,17 @@ impl SimCluster {
             } => {
                 let group: Vec<usize> = group.into_iter().filter(|&i| i < members).collect();
                 let mut ids: BTreeSet<NodeId> = group.iter().map(|&i| self.node_id(i)).collect();
-                if with_registry {
+                let lost = if with_registry {
                     ids.extend(registry);
-                }
+                    self.node_count().saturating_sub(group.len())
+                } else {
+                    group.len()
+                };
                 let links = cut(&ids, &self.all_node_ids());
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&group));
-                self.clog_for(links, duration, idx);
+                self.clog_for(links, duration, idx, lost);
             }
             Fault::Split { groups, duration } => {
                 let mut group_of: BTreeMap<NodeId, usize> = BTreeMap::new();
@@ -1058,7 +914,7 @@ impl SimCluster {
                     .filter(|&i| i < members)
                     .collect();
                 let idx = self.recorder.fault_started(fault.to_string(), names(&hit));
-                self.clog_for(links, duration, idx);
+                self.clog_for(links, duration, idx, hit.len());
             }
             Fault::OneWay {
                 from: member,
@@ -1078,7 +934,7 @@ impl SimCluster {
                 } else {
                     (r, m)
                 };
-                self.clog_for(vec![link], duration, idx);
+                self.clog_for(vec![link], duration, idx, 1);
             }
             Fault::Swizzle {
                 members: order,
@@ -1087,6 +943,7 @@ impl SimCluster {
             } => {
                 let Some(r) = registry else { return };
                 let order: Vec<usize> = order.into_iter().filter(|&i| i < members).collect();
+                self.reconnected(order.len());
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&order));
@@ -1113,6 +970,7 @@ impl SimCluster {
                             return;
                         }
                         c.links.unclog(&link(i));
+                        c.reconnected(1);
                         c.refresh_health();
                         sleep(step).await;
                     }
@@ -1120,33 +978,27 @@ impl SimCluster {
                 });
             }
             Fault::HeartbeatLoss { member, duration } => {
-                let Some(r) = &self.registry else { return };
-                let Some(id) = (member < members).then(|| self.member_id(member)).flatten() else {
+                if member >= members {
                     return;
+                }
+                let m = MemberRef {
+                    index: member,
+                    ip: member_ip(member),
+                    id: self.member_id(member),
                 };
+                if !self.control.lose_renewals(&m, true) {
+                    return;
+                }
+                self.reconnected(1);
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
-                r.door.set_heartbeat_loss(&id, true);
-                if let Some(k) = &r.kube {
-                    k.set_renewal_loss(member_ip(member), true);
-                }
-                if let Some(e) = &r.etcd {
-                    e.set_keep_alive_loss(member_ip(member), true);
-                }
                 lock(&self.slots)[member].lost_heartbeats = true;
                 self.refresh_health();
                 self.later(duration, move |c| {
-                    if let Some(r) = &c.registry {
-                        r.door.set_heartbeat_loss(&id, false);
-                        if let Some(k) = &r.kube {
-                            k.set_renewal_loss(member_ip(member), false);
-                        }
-                        if let Some(e) = &r.etcd {
-                            e.set_keep_alive_loss(member_ip(member), false);
-                        }
-                    }
+                    c.control.lose_renewals(&m, false);
                     lock(&c.slots)[member].lost_heartbeats = false;
+                    c.reconnected(1);
                     c.refresh_health();
                     c.recorder.fault_healed(idx);
                 });
@@ -1189,6 +1041,7 @@ impl SimCluster {
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
                 lock(&self.slots)[member].paused = true;
+                self.reconnected(1);
                 self.handle.pause(self.node_id(member));
                 self.refresh_health();
                 let name = lock(&self.slots)[member].name.clone();
@@ -1225,41 +1078,40 @@ impl SimCluster {
                 offset_ms,
                 drift_ppm,
             } => {
-                let Some(r) = &self.registry else { return };
+                let Some(clock) = self.control.clock() else {
+                    return;
+                };
                 self.recorder
-                    .fault_started(fault.to_string(), vec!["registry".into()]);
-                r.clock.set_wall_offset_ms(offset_ms);
-                r.clock.set_drift_ppm(drift_ppm.clamp(
+                    .fault_started(fault.to_string(), vec![self.control.name().into()]);
+                clock.set_wall_offset_ms(offset_ms);
+                clock.set_drift_ppm(drift_ppm.clamp(
                     -crate::faults::REGISTRY_MAX_DRIFT_PPM,
                     crate::faults::REGISTRY_MAX_DRIFT_PPM,
                 ));
             }
             Fault::RegistryClockStep { back_ms, down_for } => {
-                let Some(r) = &self.registry else { return };
-                let (offset, _) = r.clock.skew();
-                r.clock.set_wall_offset_ms(offset - back_ms as i64);
-                self.crash_registry(fault, down_for);
+                let Some(clock) = self.control.clock() else {
+                    return;
+                };
+                let (offset, _) = clock.skew();
+                clock.set_wall_offset_ms(offset - back_ms as i64);
+                self.crash_registry(fault, down_for, false);
             }
-            Fault::RegistryRestart { down_for } => self.crash_registry(fault, down_for),
-            Fault::BackendDataLoss { down_for } => {
-                if let Some(r) = &self.registry {
-                    r.lose_data.store(true, Ordering::SeqCst);
-                }
-                self.crash_registry(fault, down_for);
-            }
+            Fault::RegistryRestart { down_for } => self.crash_registry(fault, down_for, false),
+            Fault::BackendDataLoss { down_for } => self.crash_registry(fault, down_for, true),
             Fault::RegistryPause { duration } => {
-                let Some(r) = &self.registry else { return };
-                if r.down.load(Ordering::SeqCst) || lock(&r.paused_since).is_some() {
+                if !self.control.pause() {
                     return;
                 }
+                self.reconnected(self.node_count());
                 let idx = self
                     .recorder
-                    .fault_started(fault.to_string(), vec!["registry".into()]);
-                *lock(&r.paused_since) = Some(Instant::now());
-                self.handle.pause(r.node.id());
+                    .fault_started(fault.to_string(), vec![self.control.name().into()]);
                 self.refresh_health();
                 self.later(duration, move |c| {
-                    c.resume_registry();
+                    c.reconnected(c.node_count());
+                    c.control.resume();
+                    c.refresh_health();
                     c.recorder.fault_healed(idx);
                 });
             }
@@ -1303,9 +1155,11 @@ impl SimCluster {
                             return;
                         }
                         c.links.clog(&links);
+                        c.reconnected(1);
                         c.refresh_health();
                         sleep(period).await;
                         c.links.unclog(&links);
+                        c.reconnected(1);
                         c.refresh_health();
                         sleep(period).await;
                     }
@@ -1313,12 +1167,12 @@ impl SimCluster {
                 });
             }
             Fault::StreamReset { times, period } => {
-                let Some(r) = &self.registry else { return };
+                if self.control.node().is_none() {
+                    return;
+                }
                 let idx = self
                     .recorder
-                    .fault_started(fault.to_string(), vec!["registry".into()]);
-                let door = r.door.clone();
-                let kube = r.kube.clone();
+                    .fault_started(fault.to_string(), vec![self.control.name().into()]);
                 let c = self.clone();
                 self.background(async move {
                     for k in 0..times {
@@ -1328,10 +1182,8 @@ impl SimCluster {
                         if k > 0 {
                             sleep(period).await;
                         }
-                        door.reset_streams();
-                        if let Some(kube) = &kube {
-                            kube.reset_streams();
-                        }
+                        c.reconnected(c.node_count());
+                        c.control.reset_streams();
                     }
                     c.recorder.fault_healed(idx);
                 });
@@ -1363,83 +1215,30 @@ impl SimCluster {
         }
     }
 
-    /// Kills the registry (its state is lost) and restarts it after `down_for`.
-    fn crash_registry(self: &Arc<Self>, fault: &Fault, down_for: Duration) {
-        let Some(r) = &self.registry else { return };
+    /// Crashes the control plane (`lose_data`: with its store) and restarts it after
+    /// `down_for`.
+    fn crash_registry(self: &Arc<Self>, fault: &Fault, down_for: Duration, lose_data: bool) {
+        let Some(crash) = self.control.crash(lose_data) else {
+            return;
+        };
         let idx = self
             .recorder
-            .fault_started(fault.to_string(), vec!["registry".into()]);
-        lock(&r.server).take();
-        if lock(&r.paused_since).take().is_some() {
-            self.handle.resume(r.node.id());
-        }
-        self.handle.kill(r.node.id());
-        if let Some(e) = &r.etcd {
-            e.store().set_down(true);
-        }
-        if !r.down.swap(true, Ordering::SeqCst) {
-            *lock(&r.down_since) = Some(Instant::now());
-        }
+            .fault_started(fault.to_string(), vec![self.control.name().into()]);
+        self.reconnected(self.node_count());
         self.refresh_health();
-        let crash = r.crashes.fetch_add(1, Ordering::SeqCst) + 1;
-        self.recorder.trace("registry", "crashed");
+        self.recorder.trace(self.control.name(), "crashed");
         self.later(down_for, move |c| {
-            // Only the latest crash's restart brings the registry back.
-            if c.registry
-                .as_ref()
-                .map(|r| r.crashes.load(Ordering::SeqCst))
-                == Some(crash)
-            {
-                c.restart_registry();
-            }
+            // Only the latest crash's restart brings it back.
+            c.reconnected(c.node_count());
+            c.control.restart_after(crash);
+            c.refresh_health();
             c.recorder.fault_healed(idx);
         });
     }
 
-    /// Resumes the registry if it is frozen; the lease oracle learns for how long.
-    fn resume_registry(&self) {
-        let Some(r) = &self.registry else { return };
-        let Some(since) = lock(&r.paused_since).take() else {
-            return;
-        };
-        self.handle.resume(r.node.id());
-        if r.kube.is_some() {
-            self.oracles.apiserver_silent(since.elapsed());
-        } else if r.etcd.is_none() {
-            // (A frozen etcd extends nothing: it expires overdue leases when it wakes.)
-            self.oracles.registry_stalled(since.elapsed());
-        }
-        self.refresh_health();
-    }
-
-    /// Restarts the registry if it is down.
-    fn restart_registry(&self) {
-        if let Some(r) = &self.registry
-            && r.down.swap(false, Ordering::SeqCst)
-        {
-            self.handle.kill(r.node.id());
-            self.handle.restart(r.node.id());
-            if let Some(e) = &r.etcd {
-                lock(&r.down_since).take();
-                if r.lose_data.swap(false, Ordering::SeqCst) {
-                    // A new etcd cluster: no keys, no leases, another cluster id.
-                    let run = r.store_runs.fetch_add(1, Ordering::SeqCst) + 1;
-                    e.store().set_down(false);
-                    e.store().restart(false);
-                    self.oracles.registry_started(run);
-                } else {
-                    // etcd restarts with its data; every lease's TTL starts over.
-                    e.store().set_down(false);
-                    self.oracles.leases_refreshed();
-                }
-            }
-            if r.kube.is_some()
-                && let Some(since) = lock(&r.down_since).take()
-            {
-                self.oracles.apiserver_silent(since.elapsed());
-            }
-            self.refresh_health();
-        }
+    /// `n` nodes had to reconnect to the control plane (the load budget's allowance).
+    fn reconnected(&self, n: usize) {
+        self.reconnects.fetch_add(n as u64, Ordering::SeqCst);
     }
 
     fn resume(&self, i: usize) {
@@ -1451,6 +1250,7 @@ impl SimCluster {
             let id = slots[i].node.id();
             let pod = pod_name(&slots[i].name);
             drop(slots);
+            self.reconnected(1);
             self.handle.resume(id);
             if let Some(e) = self.endpoints() {
                 // Its readiness probe passes again.
@@ -1462,7 +1262,7 @@ impl SimCluster {
 
     /// The endpoints controller, when members are gated by a Service.
     fn endpoints(&self) -> Option<Arc<EndpointController>> {
-        self.registry.as_ref().and_then(|r| r.endpoints.clone())
+        self.control.endpoints()
     }
 
     /// The endpoints controller withdraws Pod `pod` (generation `generation`): its endpoint
@@ -1561,17 +1361,13 @@ impl SimCluster {
         // The network heals too: no more buggify delays (packet loss and latency stay).
         madsim::buggify::disable();
         self.links.heal();
-        if let Some(r) = &self.registry {
-            r.door.clear_heartbeat_loss();
-        }
         let n = lock(&self.slots).len();
         for i in 0..n {
             lock(&self.slots)[i].lost_heartbeats = false;
             self.resume(i);
             self.restart(i);
         }
-        self.resume_registry();
-        self.restart_registry();
+        self.control.heal();
         self.refresh_health();
         self.recorder.trace("harness", "HEAL ALL");
     }
@@ -1593,9 +1389,7 @@ impl SimCluster {
         for slot in lock(&self.slots).iter() {
             lock(&slot.current).take();
         }
-        if let Some(r) = &self.registry {
-            lock(&r.server).take();
-        }
+        self.control.teardown();
         lock(&self.metrics).clear();
     }
 
@@ -1605,28 +1399,6 @@ impl SimCluster {
         let rec = &self.recorder;
         for source in lock(&self.metrics).iter() {
             match source {
-                MetricSource::Provider(m) => {
-                    rec.count_n("provider: heartbeat failures", m.heartbeat_failures.get());
-                    rec.count_n("provider: re-joins", m.rejoins.get());
-                    rec.count_n("provider: watch gap, reopened", m.watch_gaps.get());
-                    rec.count_n("provider: watch idle, reopened", m.watch_idle_reopens.get());
-                    rec.count_n("provider: watch failed, reopened", m.watch_reopens.get());
-                    rec.count_n("provider: watch resumed by progress", m.watch_resumed.get());
-                    rec.count_n("provider: snapshots applied", m.snapshots_applied.get());
-                    rec.count_n(
-                        "provider: snapshot fragments received",
-                        m.snapshot_fragments.get(),
-                    );
-                    rec.count_n(
-                        "provider: compressed snapshots received",
-                        m.compressed_snapshots.get(),
-                    );
-                    rec.count_n("provider: backoff at its cap", m.backoff_capped.get());
-                    rec.count_n("provider: epoch changes", m.epoch_changes.get());
-                    rec.count_n("provider: membership lost", m.membership_lost.get());
-                    rec.count_n("provider: membership restored", m.membership_restored.get());
-                    rec.count_n("provider: description updates", m.description_updates.get());
-                }
                 MetricSource::Events(m) => {
                     rec.count_n("events: missed by lagging subscribers", m.lagged.get());
                 }
@@ -1634,42 +1406,9 @@ impl SimCluster {
                     rec.count_n("placement: owner cache evictions", m.evictions.get());
                     rec.count_n("placement: stale topologies refused", m.stale_updates.get());
                 }
-                MetricSource::Kubernetes(m) => {
-                    rec.count_n("kubernetes: renew failures", m.renew_failures.get());
-                    rec.count_n("kubernetes: relists after 410", m.relists.get());
-                    rec.count_n("kubernetes: watches reopened", m.watch_reopens.get());
-                    rec.count_n("kubernetes: expired leases deleted", m.leases_cleaned.get());
-                    rec.count_n("kubernetes: membership lost", m.membership_lost.get());
-                    rec.count_n(
-                        "kubernetes: membership restored",
-                        m.membership_restored.get(),
-                    );
-                    rec.count_n(
-                        "kubernetes: description updates",
-                        m.description_updates.get(),
-                    );
-                }
-                MetricSource::Etcd(m) => {
-                    rec.count_n("etcd: keep-alive failures", m.keep_alive_failures.get());
-                    rec.count_n("etcd: rejoins", m.rejoins.get());
-                    rec.count_n("etcd: relists", m.relists.get());
-                    rec.count_n("etcd: watches reopened", m.watch_reopens.get());
-                    rec.count_n("etcd: membership lost", m.membership_lost.get());
-                    rec.count_n("etcd: membership restored", m.membership_restored.get());
-                }
-                MetricSource::Registry(m) => {
-                    rec.count_n(
-                        "registry: watcher lagged, sent a snapshot",
-                        m.watch_lagged.get(),
-                    );
-                    rec.count_n("registry: expiries", m.expiries.get());
-                    rec.count_n("registry: leaves", m.leaves.get());
-                    rec.count_n("registry: stalls", m.stalls.get());
-                    rec.count_n("registry: superseded", m.superseded.get());
-                    rec.count_n("registry: changes coalesced", m.coalesced.get());
-                }
             }
         }
+        self.control.record_path_counts(rec);
     }
 
     /// Runs `f` after `d` (on a harness node that no fault touches).
@@ -1696,30 +1435,14 @@ impl SimCluster {
     }
 }
 
-/// Reads every node's current incarnation without locking the cluster.
-struct FailoverProbe {
-    currents: Vec<Arc<Mutex<Option<Incarnation>>>>,
-}
-
-impl FailoverProbe {
-    fn any_lists(&self, id: &MemberId) -> bool {
-        self.currents
-            .iter()
-            .filter_map(|c| lock(c).clone())
-            .any(|inc| inc.manager.topology().contains(id))
-    }
-}
-
 /// Everything a node's init task needs (cloned on every (re)start).
 #[derive(Clone)]
 struct NodeSpec {
     name: String,
     ip: IpAddr,
-    /// The endpoints controller, for a Kubernetes member gated by a Service.
-    endpoints: Option<Arc<EndpointController>>,
     is_client: bool,
-    provider: ProviderKind,
-    memory: InMemoryRegistry,
+    /// The control plane it reaches through its provider.
+    control: Arc<dyn ControlPlane>,
     flaw: Flaw,
     clock: Arc<SkewedClock>,
     current: Arc<Mutex<Option<Incarnation>>>,
@@ -1732,6 +1455,9 @@ struct NodeSpec {
     fresh: Arc<FreshOwners>,
     app: Option<AppFn>,
     activation: Arc<ActivationOracle>,
+    failover: Arc<FailoverMeter>,
+    /// The node's slot.
+    index: usize,
 }
 
 impl NodeSpec {
@@ -1797,12 +1523,18 @@ impl NodeSpec {
             ctx.partition_manager.clone(),
             self.current.clone(),
         );
+        let (failover, index) = (self.failover.clone(), self.index);
+        let chain = EventChain::shared();
+        let chained = chain.clone();
         madsim::task::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(ClusterEvent::TopologyChanged { topology, .. }) => {
-                        rec.observe(&name, &rid, &topology);
-                        oracles.applied(&name, &topology);
+                    Ok(ClusterEvent::TopologyChanged { topology, report }) => {
+                        lock(&chained).changed(&name, &topology, &report, &rec);
+                        let fp = crate::fingerprint::of(&topology);
+                        rec.observe(&name, &rid, &topology, fp);
+                        oracles.applied(&name, &topology, fp);
+                        failover.applied(index, &topology);
                     }
                     Ok(ClusterEvent::MembershipLost { member, reason, .. }) => {
                         rec.trace(&name, format!("membership lost as {member}: {reason}"));
@@ -1824,55 +1556,28 @@ impl NodeSpec {
                     }
                     Ok(_) => {}
                     Err(shoal::SubscriptionError::Lagged { missed }) => {
+                        lock(&chained).lagged();
                         rec.trace(&name, format!("event stream lagged by {missed}"));
                         // The view itself is still judged: the manager holds it.
                         let t = pm.topology();
                         if t.version() > 0 {
-                            oracles.applied(&name, &t);
+                            oracles.applied(&name, &t, crate::fingerprint::of(&t));
+                            failover.applied(index, &t);
                         }
                     }
                     Err(shoal::SubscriptionError::Closed) => break,
                 }
             }
         });
-        let provider: Box<dyn ClusterProvider> = match self.provider {
-            ProviderKind::InMemory => Box::new(InMemoryProvider::new(self.memory.clone())),
-            ProviderKind::Registry => {
-                let mut config =
-                    RegistryProviderConfig::new(format!("http://10.0.0.1:{REGISTRY_PORT}"));
-                config.rpc_timeout = Duration::from_secs(1);
-                let p = RegistryProvider::new(config);
-                lock(&self.metrics).push(MetricSource::Provider(p.metrics().clone()));
-                Box::new(p)
-            }
-            ProviderKind::Kubernetes => {
-                let api = SimKubeApi::new(SocketAddr::from(([10, 0, 0, 1], APISERVER_PORT)));
-                let pod = pod_name(&self.name);
-                let mut config = kubernetes_config(Some(&pod));
-                if let Some(e) = &self.endpoints {
-                    // The Pod's readiness probe passes as soon as its process runs (it does
-                    // not wait for the provider to start).
-                    config.service = Some(SERVICE.to_string());
-                    if !self.is_client {
-                        // A client's Pod is not selected by the members' Service.
-                        e.started(&pod, self.ip);
-                    }
-                }
-                let p = KubernetesProvider::new(config, Arc::new(api));
-                lock(&self.metrics).push(MetricSource::Kubernetes(p.metrics().clone()));
-                Box::new(p)
-            }
-            ProviderKind::Etcd => {
-                let api = SimEtcdApi::new(SocketAddr::from(([10, 0, 0, 1], ETCD_PORT)));
-                let p = EtcdProvider::new(etcd_config(), Arc::new(api));
-                lock(&self.metrics).push(MetricSource::Etcd(p.metrics().clone()));
-                Box::new(p)
-            }
-        };
+        let provider = self.control.provider(&NodeInfo {
+            name: self.name.clone(),
+            ip: self.ip,
+            is_client: self.is_client,
+        });
         let provider: Arc<dyn ClusterProvider> = if self.flaw.wraps_provider() {
             Arc::new(FlawedProvider::new(provider, self.flaw))
         } else {
-            Arc::from(provider)
+            provider
         };
         *lock(&self.current) = Some(Incarnation {
             id: id.clone(),
@@ -1887,6 +1592,7 @@ impl NodeSpec {
                 base_description()
             },
             activation: None,
+            events: chain,
         });
         let mut attempt = 0u32;
         loop {
@@ -2014,111 +1720,19 @@ impl NodeSpec {
     }
 }
 
-/// Events the simulated API server keeps for watches to resume from.
-const APISERVER_HISTORY: usize = 32;
-
-/// The address of member `i`'s node.
-fn member_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 0, 1, (i + 1) as u8))
+/// The address of member `i`'s node: `10.0.1.{i + 1}` for the first 254 (the addresses small
+/// clusters always had), then `10.1.x.y` (room for 65,534).
+pub fn member_ip(i: usize) -> IpAddr {
+    node_ip(1, i)
 }
 
-/// The simulated API server's node (at the registry's address), with its door; its store
-/// lives outside the node, so it survives restarts. It sends bookmarks every 2 s.
-fn start_apiserver(
-    handle: &Handle,
-    oracles: &Arc<Oracles>,
-    recorder: &Recorder,
-    door: Arc<Door>,
-    knobs: &Knobs,
-) -> RegistryControl {
-    // A short event history (about 10 s of renewals): a watcher cut off for longer gets
-    // 410 Gone when it resumes and must relist.
-    let store = MemoryApiServer::new(APISERVER_HISTORY);
-    let kube = KubeDoor::new(store, oracles.clone(), recorder.clone());
-    // One run: the store's Leases persist across API-server restarts.
-    oracles.registry_started(1);
-    let (k, rec) = (kube.clone(), recorder.clone());
-    let node = handle
-        .create_node()
-        .name("apiserver")
-        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
-        .init(move || {
-            let (door, rec) = (k.clone(), rec.clone());
-            async move {
-                rec.trace("apiserver", "started");
-                let store = door.store().clone();
-                madsim::task::spawn(async move {
-                    loop {
-                        sleep(Duration::from_secs(2)).await;
-                        store.bookmark();
-                    }
-                });
-                door.serve().await;
-            }
-        })
-        .build();
-    RegistryControl {
-        endpoints: knobs.k8s_service.then(|| {
-            EndpointController::new(kube.store().clone(), recorder.clone(), knobs.k8s_zones)
-        }),
-        kube: Some(kube),
-        ..RegistryControl::control_plane(node, door)
+/// The address of the `i`-th node of group `group` (1: members, 2: clients): `10.0.{group}.{i
+/// + 1}` for the first 254, then `10.{group}.x.y` counting on from `10.{group}.0.255`.
+fn node_ip(group: u8, i: usize) -> IpAddr {
+    let k = i + 1;
+    if k < 255 {
+        return IpAddr::V4(Ipv4Addr::new(10, 0, group, k as u8));
     }
-}
-
-/// How often the simulated etcd compacts its history to the current revision.
-const ETCD_COMPACTION: Duration = Duration::from_secs(5);
-
-/// The simulated etcd's node (at the registry's address), with its door; its store lives
-/// outside the node, so it survives restarts (as etcd's data dir does). It expires leases
-/// every [`EXPIRY_TICK`] and sends progress notifications every 2 s.
-fn start_etcd(
-    handle: &Handle,
-    oracles: &Arc<Oracles>,
-    recorder: &Recorder,
-    door: Arc<Door>,
-) -> RegistryControl {
-    let store = MemoryEtcd::new(TokioClock::shared(), ETCD_HISTORY);
-    let etcd = EtcdDoor::new(store, oracles.clone(), recorder.clone());
-    oracles.registry_started(1);
-    let (e, rec) = (etcd.clone(), recorder.clone());
-    let node = handle
-        .create_node()
-        .name("etcd")
-        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
-        .init(move || {
-            let (door, rec) = (e.clone(), rec.clone());
-            async move {
-                rec.trace("etcd", "started");
-                let store = door.store().clone();
-                let progress = store.clone();
-                let compactor = store.clone();
-                madsim::task::spawn(async move { store.run(EXPIRY_TICK).await });
-                // Periodic auto-compaction (etcd's --auto-compaction-mode=periodic): a
-                // watcher that misses more than this must list again.
-                madsim::task::spawn(async move {
-                    loop {
-                        sleep(ETCD_COMPACTION).await;
-                        compactor.compact(compactor.revision());
-                    }
-                });
-                madsim::task::spawn(async move {
-                    loop {
-                        sleep(Duration::from_secs(2)).await;
-                        progress.progress();
-                    }
-                });
-                door.serve().await;
-            }
-        })
-        .build();
-    RegistryControl {
-        etcd: Some(etcd),
-        ..RegistryControl::control_plane(node, door)
-    }
-}
-
-/// The Pod name of the simulated node `node`.
-fn pod_name(node: &str) -> String {
-    format!("pod-{node}")
+    assert!(k < 1 << 16, "at most 65,534 nodes of a kind");
+    IpAddr::V4(Ipv4Addr::new(10, group, (k >> 8) as u8, k as u8))
 }

@@ -118,6 +118,19 @@ pub enum Flaw {
     /// registry's `lease-renewed-on-attempt`), so a member cut off from the API server never
     /// announces that it lost its membership.
     K8sRenewedOnAttempt,
+    /// Planted in the registry server's heartbeat: an accepted heartbeat is published as a
+    /// change of the member, so every renewal reaches every watcher (quadratic fan-out).
+    HeartbeatPublishes,
+    /// Planted in the etcd view: a watch response at the revision the view holds counts as
+    /// one from a store that went back, so every progress notification relists (a relist
+    /// storm).
+    EtcdProgressRelists,
+    /// Planted in the event stream: a subscriber that fell behind skips what it missed
+    /// without being told it lagged.
+    LagUnreported,
+    /// Planted in the registry client's watch decoding: an update is applied on top of
+    /// whatever version is held, not only the one it names (a gap goes unnoticed).
+    UpdateGapIgnored,
     /// Planted in the etcd provider: a restarted process does not delete the key of its
     /// previous incarnation at the same address.
     EtcdGhostKept,
@@ -182,6 +195,10 @@ impl Flaw {
             Flaw::EtcdDeleteIgnored => "etcd-delete-ignored",
             Flaw::EtcdKeepAliveEveryTtl => "etcd-keep-alive-every-ttl",
             Flaw::CompressedCacheAnyVersion => "compressed-cache-any-version",
+            Flaw::HeartbeatPublishes => "heartbeat-publishes",
+            Flaw::EtcdProgressRelists => "etcd-progress-relists",
+            Flaw::LagUnreported => "lag-unreported",
+            Flaw::UpdateGapIgnored => "update-gap-ignored",
             Flaw::None | Flaw::StaleReplay | Flaw::CorruptPlacement | Flaw::FreezeWatch => {
                 return None;
             }
@@ -199,14 +216,14 @@ impl Flaw {
 
 /// A provider with a [`Flaw`].
 pub struct FlawedProvider {
-    inner: Box<dyn ClusterProvider>,
+    inner: Arc<dyn ClusterProvider>,
     flaw: Flaw,
     relay: Mutex<Option<TaskHandle>>,
 }
 
 impl FlawedProvider {
     /// Wraps `inner`.
-    pub fn new(inner: Box<dyn ClusterProvider>, flaw: Flaw) -> Self {
+    pub fn new(inner: Arc<dyn ClusterProvider>, flaw: Flaw) -> Self {
         Self {
             inner,
             flaw,

@@ -34,7 +34,7 @@ pub struct Knobs {
     /// simulated endpoints controller.
     pub k8s_service: bool,
     /// Kubernetes with a Service: each endpoint carries its Pod's zone
-    /// ([`crate::apiserver::pod_zone`]) and members place identities under
+    /// ([`crate::control::apiserver::pod_zone`]) and members place identities under
     /// [`shoal::placement::PlacementRule::ZoneAffinity`].
     pub k8s_zones: bool,
     /// The registry sends snapshots larger than this in fragments (small: every snapshot).
@@ -42,6 +42,9 @@ pub struct Knobs {
     /// The registry compresses snapshots larger than this for watchers that accept it (small:
     /// most snapshots of a simulated cluster).
     pub snapshot_compress_bytes: usize,
+    /// The control plane's door sends out-of-contract watch messages (as a buggy or older
+    /// server could): updates dropped (a gap), sent twice, older snapshots, events repeated.
+    pub out_of_contract: bool,
 }
 
 impl Default for Knobs {
@@ -62,6 +65,7 @@ impl Default for Knobs {
                 .snapshot_fragment_bytes,
             snapshot_compress_bytes: shoal::registry::RegistryLimits::default()
                 .snapshot_compress_bytes,
+            out_of_contract: false,
         }
     }
 }
@@ -102,6 +106,7 @@ impl Knobs {
         if r.chance(0.4) {
             k.snapshot_compress_bytes = r.range(32, 300) as usize;
         }
+        k.out_of_contract = r.chance(0.25);
         k
     }
 

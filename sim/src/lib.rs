@@ -4,8 +4,10 @@
 //! its own IP running the real provider, partition manager and (skewable) clock; faults are
 //! injected from a seed; checkers verify that membership and placement stay correct.
 //!
-//! * [`cluster::SimCluster`]: build a cluster (provider, members, clients, registry) and apply
+//! * [`cluster::SimCluster`]: build a cluster (provider, members, clients) and apply
 //!   [`faults::Fault`]s to it.
+//! * [`control`]: the simulated control planes (registry, Kubernetes API server, etcd, in
+//!   memory), one module each behind one trait; [`load`]: what each serves, and its budget.
 //! * [`faults::FaultSchedule`]: faults as data; [`scenario`] draws one per seed.
 //! * [`oracle`]: judges fed with what the harness observed (accepted requests, sent watch
 //!   messages, applied views, faults in force), checked on every observation.
@@ -25,8 +27,6 @@
 #[cfg(madsim)]
 pub mod activation;
 #[cfg(madsim)]
-pub mod apiserver;
-#[cfg(madsim)]
 pub mod bench;
 #[cfg(madsim)]
 pub mod campaign;
@@ -35,9 +35,13 @@ pub mod check;
 #[cfg(madsim)]
 pub mod cluster;
 #[cfg(madsim)]
-pub mod etcd;
+pub mod control;
+#[cfg(madsim)]
+pub mod failover;
 #[cfg(madsim)]
 pub mod faults;
+#[cfg(madsim)]
+pub mod fingerprint;
 #[cfg(madsim)]
 pub mod flaw;
 #[cfg(madsim)]
@@ -47,9 +51,9 @@ pub mod knobs;
 #[cfg(madsim)]
 pub mod links;
 #[cfg(madsim)]
-pub mod merge;
+pub mod load;
 #[cfg(madsim)]
-pub mod observe;
+pub mod merge;
 #[cfg(madsim)]
 pub mod oracle;
 #[cfg(madsim)]
@@ -57,12 +61,12 @@ pub mod prop;
 #[cfg(madsim)]
 pub mod record;
 #[cfg(madsim)]
+pub mod scale;
+#[cfg(madsim)]
 pub mod scenario;
 #[cfg(madsim)]
 pub mod timeline;
 #[cfg(madsim)]
 pub mod wallclock;
-#[cfg(madsim)]
-pub mod wire;
 #[cfg(madsim)]
 pub mod workload;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::campaign::Summary;
+use crate::load::Load;
 use crate::scenario;
 
 /// Reads every summary line of `text`; lines that are not a summary (log lines mixed into the
@@ -48,6 +49,13 @@ pub fn merge(shards: &[Summary]) -> Vec<Summary> {
         for (p, n) in &s.paths {
             *m.paths.entry(p.clone()).or_insert(0) += n;
         }
+        m.load = match (&m.load, &s.load) {
+            (Some(a), Some(b)) => {
+                let before = (m.seeds - s.seeds) as f64;
+                Load::weighted_mean(&[(a, before), (b, s.seeds as f64)])
+            }
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
         m.rechecked += s.rechecked;
     }
     order

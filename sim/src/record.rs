@@ -77,6 +77,9 @@ struct Inner {
     paths: BTreeMap<String, u64>,
 }
 
+/// Views with more members than this are traced as their size and fingerprint.
+const TRACE_MEMBERS: usize = 16;
+
 /// Most trace lines kept in memory (campaign runs keep only the digest).
 const MAX_TRACE: usize = 200_000;
 
@@ -141,10 +144,17 @@ impl Recorder {
         }
     }
 
-    /// A node (incarnation `id`) applied `topology`: records the view and checks that versions
+    /// A node (incarnation `id`) applied `topology` (fingerprint `fp`): records the view and
+    /// checks that versions
     /// never go backwards for this incarnation within one registry epoch, and that it never
     /// returns to an epoch it left (a stale topology of a registry run that is over).
-    pub fn observe(&self, node: &str, id: &MemberId, topology: &ClusterTopology) {
+    pub fn observe(
+        &self,
+        node: &str,
+        id: &MemberId,
+        topology: &ClusterTopology,
+        fp: crate::fingerprint::Fingerprint,
+    ) {
         let (epoch, version) = (topology.epoch(), topology.version());
         let key = (node.to_string(), id.clone());
         let problem = {
@@ -175,8 +185,17 @@ impl Recorder {
             ));
         }
         let at_ms = self.now_ms();
-        let members: Vec<&str> = topology.member_ids().map(MemberId::as_str).collect();
-        self.trace(node, format!("view v{version} [{}]", members.join(",")));
+        // Small views spelled out; a large one as its size and fingerprint (listing a thousand
+        // ids on every node's every view would cost more than the run).
+        if topology.len() <= TRACE_MEMBERS {
+            let members: Vec<&str> = topology.member_ids().map(MemberId::as_str).collect();
+            self.trace(node, format!("view v{version} [{}]", members.join(",")));
+        } else {
+            self.trace(
+                node,
+                format!("view v{version} ({} members, {:016x})", topology.len(), fp.full),
+            );
+        }
         self.lock().views.push(ViewPoint {
             at_ms,
             node: node.to_string(),

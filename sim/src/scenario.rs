@@ -17,6 +17,7 @@ use crate::cluster::{ProviderKind, SimCluster, SimClusterBuilder};
 use crate::faults::{Fault, FaultKind, FaultSchedule, Scheduled, SimRng};
 use crate::flaw::Flaw;
 use crate::knobs::Knobs;
+use crate::load::Load;
 use crate::record::{Recorder, Recording};
 
 /// A named scenario.
@@ -47,9 +48,38 @@ pub struct Scenario {
     /// Adjusts the knobs every seed draws (a scenario about a feature a knob turns on in only
     /// some seeds turns it on in all of them).
     pub knobs: Option<fn(&mut Knobs)>,
+    /// A campaign of N seeds runs N / this of this scenario (at least one): a scenario of
+    /// hundreds of members costs what dozens of small ones do. 1 for the small scenarios.
+    pub seeds_divisor: u64,
 }
 
+/// The fewest members a scenario runs with (its schedules pick two distinct members).
+pub const MIN_MEMBERS: usize = 3;
+
+/// The most members a scenario runs with (addresses, and the harness's own bounds).
+pub const MAX_MEMBERS: usize = 20_000;
+
 impl Scenario {
+    /// How many of a campaign's `seeds` this scenario runs.
+    pub fn seeds_in(&self, seeds: u64) -> u64 {
+        if seeds == 0 {
+            return 0;
+        }
+        (seeds / self.seeds_divisor.max(1)).max(1)
+    }
+
+    /// The same scenario with `members` members (its schedule generator scales with the count);
+    /// an error names the allowed range.
+    pub fn with_members(mut self, members: usize) -> Result<Self, String> {
+        if !(MIN_MEMBERS..=MAX_MEMBERS).contains(&members) {
+            return Err(format!(
+                "{members} members: a scenario runs with {MIN_MEMBERS} to {MAX_MEMBERS}"
+            ));
+        }
+        self.members = members;
+        Ok(self)
+    }
+
     /// The knobs of `seed` for this scenario.
     pub fn knobs_for(&self, seed: u64) -> Knobs {
         let mut k = Knobs::for_seed(seed);
@@ -420,6 +450,7 @@ pub fn all() -> Vec<Scenario> {
         covers,
         known_failure: None,
         knobs: None,
+        seeds_divisor: 1,
     };
     vec![
         reg(
@@ -572,6 +603,7 @@ pub fn all() -> Vec<Scenario> {
             covers: &["workload: reports with moves"],
             known_failure: None,
             knobs: None,
+            seeds_divisor: 1,
         },
         k8s(
             "k8s-member-crash",
@@ -723,7 +755,148 @@ pub fn all() -> Vec<Scenario> {
                 ],
             )
         },
+        scale(
+            "scale-crash-storm",
+            "registry, 200 members: 10% crash at once, half of them restart 10-20 s later (every survivor applies the expiries; the load budget holds)",
+            ProviderKind::Registry,
+            200,
+            crash_storm,
+            &["registry: expiries", "workload: reports with moves"],
+        ),
+        scale(
+            "scale-mass-restart",
+            "registry, 200 members: every member restarts within 5 s (a whole deployment replaced), each a new incarnation",
+            ProviderKind::Registry,
+            200,
+            mass_restart,
+            &["registry: superseded", "registry: changes coalesced"],
+        ),
+        scale(
+            "scale-registry-restart",
+            "registry, 200 members: the registry restarts twice, losing its state: every member re-joins and every watcher takes a snapshot at once",
+            ProviderKind::Registry,
+            200,
+            registry_restart,
+            &["provider: re-joins", "provider: snapshots applied"],
+        ),
+        scale(
+            "scale-zone-outage",
+            "registry, 150 members in 3 zones: one zone is cut off from everyone for 1.5-4 TTLs (its members expire, announce the loss, re-join), then heals",
+            ProviderKind::Registry,
+            150,
+            zone_outage,
+            &["registry: expiries", "provider: membership lost"],
+        ),
+        scale(
+            "scale-etcd-restart",
+            "etcd, 200 members: etcd restarts twice with its data (every watch ends, every member relists at once)",
+            ProviderKind::Etcd,
+            200,
+            registry_restart,
+            &["etcd: watches reopened"],
+        ),
+        scale(
+            "scale-etcd-crash-storm",
+            "etcd, 200 members: 10% crash at once, half of them restart 10-20 s later",
+            ProviderKind::Etcd,
+            200,
+            crash_storm,
+            &["workload: reports with moves"],
+        ),
+        scale(
+            "scale-k8s-apiserver-restart",
+            "Kubernetes, 100 members: the API server restarts twice (its store kept, every watch ends, every member resumes or relists at once)",
+            ProviderKind::Kubernetes,
+            100,
+            registry_restart,
+            &["kubernetes: watches reopened"],
+        ),
     ]
+}
+
+/// A scenario of hundreds of members: one seed in 50 of the campaign's (the default campaign
+/// runs 4 of each), 1 client.
+fn scale(
+    name: &'static str,
+    about: &'static str,
+    provider: ProviderKind,
+    members: usize,
+    generate: fn(&mut SimRng, usize) -> FaultSchedule,
+    covers: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        name,
+        about,
+        provider,
+        members,
+        clients: 1,
+        fault_phase: Duration::from_secs(75),
+        generate,
+        app: None,
+        covers,
+        known_failure: None,
+        knobs: None,
+        seeds_divisor: 50,
+    }
+}
+
+/// `k` distinct members drawn from `n`, in order.
+fn distinct(r: &mut SimRng, n: usize, k: usize) -> Vec<usize> {
+    let mut picked = std::collections::BTreeSet::new();
+    while picked.len() < k.min(n) {
+        picked.insert(r.pick(n));
+    }
+    picked.into_iter().collect()
+}
+
+/// 10% of the members (at least one) crash at 10 s; each restarts 10-20 s later with
+/// probability one half.
+fn crash_storm(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let hit = distinct(r, n, n.div_ceil(10));
+    FaultSchedule::new(
+        hit.into_iter()
+            .map(|m| {
+                at(
+                    10.0,
+                    Fault::Crash {
+                        member: m,
+                        restart_after: r.chance(0.5).then(|| r.ms(10_000, 20_000)),
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Every member crashes within 5 s of 10 s and restarts 1-3 s later.
+fn mass_restart(r: &mut SimRng, n: usize) -> FaultSchedule {
+    FaultSchedule::new(
+        (0..n)
+            .map(|m| {
+                at(
+                    10.0 + r.range(0, 5_000) as f64 / 1000.0,
+                    Fault::Crash {
+                        member: m,
+                        restart_after: Some(r.ms(1_000, 3_000)),
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The members of one of three zones (`m % 3`) are cut off from everyone for 9-24 s (1.5-4
+/// TTLs) at 10 s.
+fn zone_outage(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let zone = r.pick(3);
+    FaultSchedule::new(vec![at(
+        10.0,
+        Fault::Partition {
+            members: (0..n).filter(|m| m % 3 == zone).collect(),
+            with_registry: false,
+            duration: r.ms(9_000, 24_000),
+        },
+    )])
 }
 
 /// A Kubernetes scenario: 5 members and a client against the simulated API server.
@@ -746,6 +919,7 @@ fn k8s(
         covers,
         known_failure: None,
         knobs: None,
+        seeds_divisor: 1,
     }
 }
 
@@ -819,7 +993,7 @@ fn k8s_apiserver_down(r: &mut SimRng, n: usize) -> FaultSchedule {
     FaultSchedule::new(schedule.faults)
 }
 
-/// Zones of the 6-member cluster ([`crate::apiserver::pod_zone`]): `zone-a` = m0, m3;
+/// Zones of the 6-member cluster ([`crate::control::apiserver::pod_zone`]): `zone-a` = m0, m3;
 /// `zone-b` = m1, m4; `zone-c` = m2, m5. At 5 s one zone is cut off from everyone (the API
 /// server runs elsewhere) for 1.5-4 Lease durations: its members lose their Leases, peers
 /// delete them and re-home the zone's identities; at 45 s another zone's Pods all crash and
@@ -902,6 +1076,10 @@ pub struct SeedReport {
     pub converged_after: Option<Duration>,
     /// Messages the simulated network carried.
     pub messages: u64,
+    /// Members in the cluster.
+    pub members: usize,
+    /// What the control plane served during the fault phase, per simulated second.
+    pub load: Option<Load>,
 }
 
 impl SeedReport {
@@ -952,6 +1130,8 @@ pub fn run_seed(scenario: &Scenario, seed: u64, opts: &RunOptions) -> SeedReport
         sim_seconds: out.sim_seconds,
         converged_after: out.converged_after,
         messages: out.messages,
+        members: scenario.members,
+        load: out.load,
     }
 }
 
@@ -985,6 +1165,8 @@ pub fn run_seed_isolated(scenario: &Scenario, seed: u64, opts: &RunOptions) -> S
                 sim_seconds: 0.0,
                 converged_after: None,
                 messages: 0,
+                members: scenario.members,
+                load: None,
             }
         })
 }
@@ -1007,6 +1189,7 @@ struct RunOutcome {
     /// at start-up).
     converged_after: Option<Duration>,
     messages: u64,
+    load: Option<Load>,
 }
 
 async fn run(
@@ -1035,13 +1218,14 @@ async fn run(
         builder = builder.app(app);
     }
     let cluster = builder.build(recorder.clone());
-    let converged_after = drive(&cluster, &scenario, &schedule, buggify).await;
+    let (converged_after, load) = drive(&cluster, &scenario, &schedule, buggify).await;
     cluster.record_path_counts();
     let outcome = RunOutcome {
         recording: recorder.snapshot(),
         sim_seconds: start.elapsed().as_secs_f64(),
         converged_after,
         messages: madsim::net::NetSim::current().stat().msg_count,
+        load,
     };
     // Not part of the run (nothing it does is recorded or measured).
     cluster.teardown().await;
@@ -1049,16 +1233,20 @@ async fn run(
 }
 
 /// Start-up, the fault phase and the final checks of one run; the time from the final heal to
-/// convergence (`None`: the cluster did not converge, at start-up or after the heal).
+/// convergence (`None`: the cluster did not converge, at start-up or after the heal) and the
+/// control plane's load over the fault phase.
 async fn drive(
     cluster: &std::sync::Arc<SimCluster>,
     scenario: &Scenario,
     schedule: &FaultSchedule,
     buggify: bool,
-) -> Option<Duration> {
+) -> (Option<Duration>, Option<Load>) {
     // Start-up: the cluster must converge before faults begin.
     sleep(Duration::from_secs(2)).await;
-    check_liveness(cluster).await?;
+    if check_liveness(cluster).await.is_none() {
+        return (None, None);
+    }
+    let counted = cluster.load();
     if buggify {
         // Fault points and network delays during the fault phase only; heal_all ends them.
         madsim::buggify::enable();
@@ -1070,6 +1258,10 @@ async fn drive(
         Duration::from_millis(500),
         checks_until,
     ));
+    madsim::task::spawn(crate::oracle::budget::judge_windows(
+        cluster.clone(),
+        phase + scenario.fault_phase,
+    ));
     for s in &schedule.faults {
         if s.fault.needs_registry() && scenario.provider == ProviderKind::InMemory {
             continue;
@@ -1078,11 +1270,17 @@ async fn drive(
         cluster.apply(&s.fault);
     }
     sleep_until(phase + scenario.fault_phase).await;
+    let load = Load::of(
+        &cluster.load().since(&counted),
+        scenario.fault_phase,
+        scenario.members,
+    );
     cluster.heal_all();
     let converged = check_liveness(cluster).await;
     check_safety(cluster, &mut Default::default());
     if converged.is_some() {
+        crate::oracle::events::check_caught_up(cluster, Duration::from_secs(1)).await;
         crate::activation::check_final(cluster).await;
     }
-    converged
+    (converged, Some(load))
 }

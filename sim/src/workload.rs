@@ -5,11 +5,10 @@
 //! Without it the owner cache (and its rebalancing) would be dead code in simulation: the
 //! safety checker only peeks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal::placement::hash::key_hash;
 use shoal::placement::{Moved, PlacementRule, naive_owner, naive_zone_owner};
 use shoal::{
     ClusterEvent, ClusterProviderContext, ClusterTopology, MemberId, RebalanceReport, Subscription,
@@ -17,6 +16,7 @@ use shoal::{
 };
 
 use crate::cluster::KIND;
+use crate::oracle::events::EventChain;
 use crate::record::Recorder;
 
 /// Identities the workload rotates through.
@@ -51,20 +51,22 @@ pub struct Workload {
     fresh: Arc<FreshOwners>,
     /// The last topology asked about and its fresh owners.
     fresh_held: Option<(Arc<ClusterTopology>, Owners)>,
+    /// Where this subscriber is in the node's events ([`crate::oracle::events`]).
+    chain: EventChain,
 }
 
 /// The owner of every workload identity (by index), computed from scratch.
 pub type Owners = Arc<Vec<Option<MemberId>>>;
 
 /// Rendezvous owners of every workload identity computed from scratch over a topology, once per
-/// distinct topology of a run (keyed by version and a fingerprint of the members, so a node
-/// holding a corrupted topology under a known version gets its own entry).
-#[derive(Debug, Default)]
+/// distinct member list of a run (keyed by the harness's fingerprint of every member's fields,
+/// not by version: Kubernetes nodes number their own versions, and a node holding a corrupted
+/// topology under a known version gets its own entry). Bounded.
+#[derive(Debug)]
 pub struct FreshOwners {
     /// The rule the members place by.
     rule: PlacementRule,
-    /// By (version, fingerprint of the members).
-    memo: Mutex<BTreeMap<(u64, u64), Owners>>,
+    memo: Mutex<crate::fingerprint::Memo<Owners>>,
 }
 
 /// The owner of `kind/id` in `t` under `rule`, computed from scratch (no cache, no table).
@@ -86,28 +88,22 @@ impl FreshOwners {
     pub fn new(rule: PlacementRule) -> Self {
         Self {
             rule,
-            memo: Mutex::default(),
+            memo: Mutex::new(crate::fingerprint::Memo::new(1_024)),
         }
     }
 
     /// The owners of identity 0..[`IDENTITIES`] over `t`.
     pub fn of(&self, t: &ClusterTopology) -> Owners {
-        let fingerprint = t.members().iter().fold(t.epoch(), |acc, m| {
-            let zone = m.zone.as_deref().unwrap_or_default();
-            acc.rotate_left(5) ^ key_hash(m.id.as_str(), &m.address) ^ key_hash(zone, "")
-        });
-        let key = (t.version(), fingerprint);
+        let key = crate::fingerprint::of(t).full;
         let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
-        memo.entry(key)
-            .or_insert_with(|| {
-                Arc::new(
-                    identities()
-                        .iter()
-                        .map(|id| naive_owner_by(self.rule, t, KIND, id))
-                        .collect(),
-                )
-            })
-            .clone()
+        memo.get_or(key, || {
+            Arc::new(
+                identities()
+                    .iter()
+                    .map(|id| naive_owner_by(self.rule, t, KIND, id))
+                    .collect(),
+            )
+        })
     }
 }
 
@@ -133,6 +129,7 @@ impl Workload {
             cursor: 0,
             fresh,
             fresh_held: None,
+            chain: EventChain::default(),
         }
     }
 
@@ -164,12 +161,14 @@ impl Workload {
         loop {
             match self.events.try_recv() {
                 Ok(Some(ClusterEvent::TopologyChanged { topology, report })) => {
+                    self.chain.changed(&self.name, &topology, &report, &self.rec);
                     self.check_report(&topology, &report);
                     self.last = Some(topology);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return true,
                 Err(SubscriptionError::Lagged { .. }) => {
+                    self.chain.lagged();
                     self.rec.count("events: workload subscriber lagged");
                     self.last = None;
                 }

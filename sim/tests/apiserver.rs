@@ -9,7 +9,7 @@ use madsim::runtime::Handle;
 use madsim::time::{Instant, sleep};
 use shoal::kubernetes::api::{KubeApi, Lease, ObjectMeta, WatchEvent};
 use shoal::kubernetes::memory::MemoryApiServer;
-use shoal_sim::apiserver::{APISERVER_PORT, KubeDoor, SimKubeApi};
+use shoal_sim::control::apiserver::{APISERVER_PORT, KubeDoor, SimKubeApi};
 use shoal_sim::oracle::{Bounds, Oracles};
 use shoal_sim::record::Recorder;
 

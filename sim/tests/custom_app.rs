@@ -74,6 +74,7 @@ fn an_application_runs_on_every_node_under_faults() {
         covers: &[],
         known_failure: None,
         knobs: None,
+        seeds_divisor: 1,
     };
     let opts = RunOptions {
         keep_trace: true,

@@ -10,6 +10,7 @@
 //! `r` holds the same members under version `r`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -78,8 +79,9 @@ pub fn decode_member(prefix: &str, kv: &KeyValue) -> Result<Member, String> {
 #[derive(Clone, Debug, Default)]
 pub struct EtcdView {
     prefix: String,
-    /// By key: the member, or why the key describes none.
-    keys: BTreeMap<String, Result<Member, String>>,
+    /// By key: the member (decoded once, shared by every topology issued while it stays), or
+    /// why the key describes none.
+    keys: BTreeMap<String, Result<Arc<Member>, String>>,
     /// The revision the view reflects.
     revision: Revision,
     cluster_id: u64,
@@ -108,8 +110,12 @@ impl EtcdView {
     /// Whether `batch` comes from another store than the one listed (another cluster id, or
     /// a store whose revision went back: it lost its data): the view must be listed again.
     pub fn is_foreign(&self, batch: &WatchBatch) -> bool {
-        self.synced
-            && (batch.cluster_id != self.cluster_id || batch.header_revision < self.revision)
+        let went_back = if crate::runtime::sim::flaw("etcd-progress-relists") {
+            batch.header_revision <= self.revision
+        } else {
+            batch.header_revision < self.revision
+        };
+        self.synced && (batch.cluster_id != self.cluster_id || went_back)
     }
 
     /// Replaces the view with a fresh read (after a start, a compaction, or an etcd that lost
@@ -119,7 +125,7 @@ impl EtcdView {
         self.keys = range
             .kvs
             .iter()
-            .map(|kv| (kv.key.clone(), decode_member(&self.prefix, kv)))
+            .map(|kv| (kv.key.clone(), decode_member(&self.prefix, kv).map(Arc::new)))
             .collect();
         let moved = !self.synced || range.cluster_id != self.cluster_id;
         self.revision = range.revision;
@@ -140,9 +146,11 @@ impl EtcdView {
             self.revision = c.revision();
             match c {
                 Change::Put(kv) => {
-                    let decoded = decode_member(&self.prefix, kv);
-                    changed |= self.keys.get(&kv.key) != Some(&decoded);
-                    self.keys.insert(kv.key.clone(), decoded);
+                    let decoded = decode_member(&self.prefix, kv).map(Arc::new);
+                    if self.keys.get(&kv.key) != Some(&decoded) {
+                        changed = true;
+                        self.keys.insert(kv.key.clone(), decoded);
+                    }
                 }
                 Change::Delete { key, .. } => {
                     if !crate::runtime::sim::flaw("etcd-delete-ignored") {
@@ -154,9 +162,9 @@ impl EtcdView {
         changed
     }
 
-    /// The valid members, by id.
-    pub fn members(&self) -> Vec<Member> {
-        let mut members: Vec<Member> = self
+    /// The valid members, by id (shared, not copied).
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        let mut members: Vec<Arc<Member>> = self
             .keys
             .values()
             .filter_map(|m| m.as_ref().ok().cloned())

@@ -93,7 +93,6 @@ pub struct RebalanceReport {
 #[derive(Debug)]
 pub struct PartitionManager {
     cluster_name: String,
-    rule: PlacementRule,
     state: RwLock<State>,
     metrics: PlacementMetrics,
 }
@@ -109,14 +108,14 @@ impl PartitionManager {
     /// A manager for `cluster_name` holding the empty topology (version 0).
     pub fn new(cluster_name: impl Into<String>, config: PartitionConfig) -> Self {
         let cluster_name = cluster_name.into();
+        let empty = ClusterTopology::empty(cluster_name.clone());
         Self {
             state: RwLock::new(State {
-                topology: Arc::new(ClusterTopology::empty(cluster_name.clone())),
-                table: PlacementTable::default(),
+                table: PlacementTable::with_rule(&empty, config.rule),
+                topology: Arc::new(empty),
                 cache: OwnerCache::new(config.max_cached_identities),
             }),
             cluster_name,
-            rule: config.rule,
             metrics: PlacementMetrics::default(),
         }
     }
@@ -214,8 +213,10 @@ impl PartitionManager {
             members = topology.len(),
         );
         let _enter = span.enter();
-        let table = PlacementTable::with_rule(&topology, self.rule);
         let diff = state.topology.diff(&topology);
+        // The held table patched with what changed (a large cluster's table is not rebuilt
+        // for every change); the same table a rebuild gives (tests/placement_props.rs).
+        let table = state.table.patched(&topology, &diff);
         let delta = KindDelta::from_diff(&diff, &table);
         let mut moved = state.cache.rebalance(&table, &delta);
         moved.sort_by(|a, b| (&a.kind, &a.identity).cmp(&(&b.kind, &b.identity)));
@@ -269,10 +270,27 @@ impl State {
             "owner cache: order and count differ"
         );
         assert!(cache.len <= cache.capacity, "owner cache over its capacity");
+        // The patched table is the table a rebuild gives (checked at every 16th version: a
+        // rebuild costs what the patch saves).
+        if self.topology.version() % 16 == 0 {
+            assert!(
+                self.table == PlacementTable::with_rule(&self.topology, self.table.rule()),
+                "placement table: patched to v{} differs from one built from it",
+                self.topology.version()
+            );
+        }
         if cache.len > 10_000 {
             return;
         }
-        for (&key, chain) in &cache.map {
+        // Every remembered owner re-elected costs a scan of the candidates: at most about
+        // 100,000 weights a check, on a rotating share of the entries in large clusters.
+        let work = cache.len * self.topology.len().max(1);
+        let stride = work.div_ceil(100_000).max(1);
+        let turn = (self.topology.version() % stride as u64) as usize;
+        for (i, (&key, chain)) in cache.map.iter().enumerate() {
+            if i % stride != turn {
+                continue;
+            }
             for e in chain {
                 let want = self.table.choose(&e.kind, key).map(|c| c.member.id.clone());
                 let have = e.owner.as_ref().map(|c| c.member.id.clone());

@@ -1,13 +1,13 @@
 //! Rendezvous (highest-random-weight) placement over one topology, without caching.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::hash::{key_hash, member_hash, weight, zone_hash};
-use crate::cluster::{ClusterTopology, Member, MemberId};
+use crate::cluster::{ClusterTopology, Member, MemberId, TopologyDiff};
 
 /// One member able to host a kind, with its placement hash precomputed.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Candidate {
     pub(crate) member: Arc<Member>,
     pub(crate) seed: u64,
@@ -51,7 +51,7 @@ pub enum PlacementRule {
 }
 
 /// The members of one zone hosting a kind.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Zone {
     seed: u64,
     candidates: Vec<Candidate>,
@@ -59,7 +59,7 @@ struct Zone {
 
 /// Placement of every kind over one topology: the members hosting each kind, in id order, with
 /// their hashes precomputed so a lookup is one multiply-and-mix per candidate.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PlacementTable {
     kinds: BTreeMap<String, Vec<Candidate>>,
     rule: PlacementRule,
@@ -78,30 +78,84 @@ impl PlacementTable {
         let mut kinds: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
         for member in topology.members() {
             for kind in &member.kinds {
-                kinds
-                    .entry(kind.clone())
-                    .or_default()
-                    .push(Candidate::new(member.clone()));
+                let c = Candidate::new(member.clone());
+                match kinds.get_mut(kind) {
+                    Some(list) => list.push(c),
+                    None => {
+                        kinds.insert(kind.clone(), vec![c]);
+                    }
+                }
             }
         }
         let mut zones: BTreeMap<String, BTreeMap<String, Zone>> = BTreeMap::new();
         if rule == PlacementRule::ZoneAffinity {
             for (kind, candidates) in &kinds {
-                let by_zone = zones.entry(kind.clone()).or_default();
-                for c in candidates {
-                    let zone = c.member.zone.clone().unwrap_or_default();
-                    by_zone
-                        .entry(zone.clone())
-                        .or_insert_with(|| Zone {
-                            seed: zone_hash(&zone),
-                            candidates: Vec::new(),
-                        })
-                        .candidates
-                        .push(c.clone());
-                }
+                zones.insert(kind.clone(), zones_of(candidates));
             }
         }
         Self { kinds, rule, zones }
+    }
+
+    /// The table for `topology`, given that this table is for a topology `diff` turns into
+    /// it: equal to [`Self::with_rule`] over `topology` with this table's rule, at the cost of
+    /// copying the candidate lists and placing the changed members, instead of rebuilding
+    /// (and re-hashing) every member. `topology`'s members are shared, not copied.
+    pub fn patched(&self, topology: &ClusterTopology, diff: &TopologyDiff) -> Self {
+        let mut kinds = self.kinds.clone();
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        let mut remove = |kinds: &mut BTreeMap<String, Vec<Candidate>>, m: &Member| {
+            for kind in &m.kinds {
+                if let Some(list) = kinds.get_mut(kind)
+                    && let Ok(i) = list.binary_search_by(|c| c.member.id.cmp(&m.id))
+                {
+                    list.remove(i);
+                    touched.insert(kind.clone());
+                }
+            }
+        };
+        for m in &diff.left {
+            remove(&mut kinds, m);
+        }
+        for c in &diff.changed {
+            remove(&mut kinds, &c.before);
+        }
+        let added = diff.joined.iter().chain(diff.changed.iter().map(|c| &c.after));
+        for m in added {
+            let Some(shared) = topology
+                .members()
+                .binary_search_by(|x| x.id.cmp(&m.id))
+                .ok()
+                .map(|i| topology.members()[i].clone())
+            else {
+                continue; // Not in the topology: the diff is not from this table's topology.
+            };
+            for kind in &shared.kinds {
+                let list = match kinds.get_mut(kind) {
+                    Some(list) => list,
+                    None => kinds.entry(kind.clone()).or_default(),
+                };
+                if let Err(i) = list.binary_search_by(|c| c.member.id.cmp(&shared.id)) {
+                    list.insert(i, Candidate::new(shared.clone()));
+                }
+                touched.insert(kind.clone());
+            }
+        }
+        kinds.retain(|_, list| !list.is_empty());
+        let mut zones = BTreeMap::new();
+        if self.rule == PlacementRule::ZoneAffinity {
+            for (kind, candidates) in &kinds {
+                let z = match self.zones.get(kind) {
+                    Some(z) if !touched.contains(kind) => z.clone(),
+                    _ => zones_of(candidates),
+                };
+                zones.insert(kind.clone(), z);
+            }
+        }
+        Self {
+            kinds,
+            rule: self.rule,
+            zones,
+        }
     }
 
     /// The rule this table elects owners by.
@@ -146,6 +200,27 @@ impl PlacementTable {
             }
         }
     }
+}
+
+/// The zones of one kind's candidates (which are in id order, as each zone's stay).
+fn zones_of(candidates: &[Candidate]) -> BTreeMap<String, Zone> {
+    let mut by_zone: BTreeMap<String, Zone> = BTreeMap::new();
+    for c in candidates {
+        let zone = c.member.zone.as_deref().unwrap_or_default();
+        match by_zone.get_mut(zone) {
+            Some(z) => z.candidates.push(c.clone()),
+            None => {
+                by_zone.insert(
+                    zone.to_string(),
+                    Zone {
+                        seed: zone_hash(zone),
+                        candidates: vec![c.clone()],
+                    },
+                );
+            }
+        }
+    }
+    by_zone
 }
 
 /// Rendezvous election of `key` among `candidates` (which are in id order, so on equal weights

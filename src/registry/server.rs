@@ -471,11 +471,17 @@ impl pb::registry_server::Registry for RegistryService {
         let s = &self.shared;
         let req = request.into_inner();
         let now = s.clock.now();
-        let version = s
-            .lock()
+        let mut core = s.lock();
+        let version = core
             .state
             .heartbeat(&req.cluster, &req.member_token, now)
             .map_err(|e| s.fail("heartbeat", e))?;
+        if sim::flaw("heartbeat-publishes")
+            && let Some(change) = core.state.republish(&req.cluster, &req.member_token)
+        {
+            s.broadcast(&mut core, change);
+        }
+        drop(core);
         s.metrics.heartbeats.inc();
         Ok(Response::new(pb::HeartbeatResponse {
             topology_version: version,

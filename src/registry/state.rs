@@ -603,6 +603,24 @@ impl RegistryState {
         Ok(c.topology.version())
     }
 
+    /// Publishes the member holding `token` as changed, unchanged: a new version that every
+    /// watcher is sent. Nothing in the registry calls this but the simulator's planted
+    /// `heartbeat-publishes` flaw (a renewal published as a change), which the load budget
+    /// must catch.
+    #[doc(hidden)]
+    pub fn republish(&mut self, cluster: &str, token: &str) -> Option<Change> {
+        let c = self.registration_cluster(cluster, token).ok()?;
+        let id = c.tokens[token].clone();
+        let reg = c.registrations.get(&id)?;
+        if reg.role != Role::Member {
+            return None;
+        }
+        let member = Member::clone(&reg.member);
+        let change = self.publish(cluster, Vec::new(), vec![member], Vec::new(), false);
+        self.check_invariants();
+        Some(change)
+    }
+
     /// Removes the registration holding `token` at `now`.
     pub fn leave(
         &mut self,

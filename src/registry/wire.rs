@@ -363,7 +363,18 @@ pub fn next_topology(
     };
     match msg.event {
         None => Err(WatchApplyError::Malformed("empty watch message".into())),
-        Some(pb::watch_response::Event::Progress(p)) => same_epoch(p.epoch).map(|()| None),
+        Some(pb::watch_response::Event::Progress(p)) => {
+            same_epoch(p.epoch)?;
+            // The registry says it is at a version this watcher never received: an update
+            // went missing (a server may only send progress at a version the watcher holds).
+            if held.is_some() && p.version > held_version {
+                return Err(WatchApplyError::Gap {
+                    expected: p.version,
+                    held: held_version,
+                });
+            }
+            Ok(None)
+        }
         Some(pb::watch_response::Event::Snapshot(s)) => {
             if s.fragment {
                 return Err(WatchApplyError::Malformed(
@@ -394,24 +405,17 @@ pub fn next_topology(
             if u.version <= held_version {
                 return Ok(None);
             }
-            if u.previous_version != held_version {
+            if u.previous_version != held_version && !sim::flaw("update-gap-ignored") {
                 return Err(WatchApplyError::Gap {
                     expected: u.previous_version,
                     held: held_version,
                 });
             }
-            let mut members: std::collections::BTreeMap<MemberId, Arc<Member>> = held
-                .map(|t| {
-                    t.members()
-                        .iter()
-                        .map(|m| (m.id.clone(), m.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut left = Vec::with_capacity(u.left.len());
             for id in u.left {
                 let id = MemberId::parse(&id).map_err(bad)?;
                 if !sim::flaw("update-ignores-left") {
-                    members.remove(&id);
+                    left.push(id);
                 }
             }
             let changed = if sim::flaw("update-ignores-changed") {
@@ -419,15 +423,20 @@ pub fn next_topology(
             } else {
                 u.changed
             };
+            let mut upserts: Vec<Arc<Member>> = Vec::with_capacity(u.joined.len() + changed.len());
             for m in u.joined.into_iter().chain(changed) {
-                let m = member_from_pb(m).map_err(bad)?;
-                members.insert(m.id.clone(), Arc::new(m));
+                upserts.push(Arc::new(member_from_pb(m).map_err(bad)?));
             }
-            Ok(Some(Arc::new(
-                ClusterTopology::new(cluster, u.version, members.into_values())
-                    .map_err(bad)?
-                    .with_epoch(u.epoch),
-            )))
+            // The held version patched (removals first, then joins and changes, a later entry
+            // for one id replacing an earlier one): unchanged members are shared, nothing is
+            // rebuilt or re-sorted.
+            let mut next = match held {
+                Some(h) => ClusterTopology::clone(h),
+                None => ClusterTopology::empty(cluster),
+            };
+            let gone: Vec<&MemberId> = left.iter().collect();
+            next.patch(u.version, &gone, &upserts);
+            Ok(Some(Arc::new(next.with_epoch(u.epoch))))
         }
     }
 }
@@ -608,6 +617,25 @@ mod tests {
                 .is_none()
         );
         assert!(next_topology("c", None, pb::WatchResponse { event: None }).is_err());
+    }
+
+    #[test]
+    fn progress_beyond_the_version_held_is_a_gap() {
+        let held = Arc::new(ClusterTopology::new("c", 7, [m("a")]).unwrap().with_epoch(3));
+        assert!(matches!(
+            next_topology("c", Some(&held), progress(3, 7)),
+            Ok(None)
+        ));
+        // An update went missing: the registry is at 9, this watcher holds 7.
+        assert!(matches!(
+            next_topology("c", Some(&held), progress(3, 9)),
+            Err(WatchApplyError::Gap {
+                expected: 9,
+                held: 7
+            })
+        ));
+        // Nothing held yet (a resumed stream's first message): nothing to compare with.
+        assert!(matches!(next_topology("c", None, progress(3, 9)), Ok(None)));
     }
 
     #[test]

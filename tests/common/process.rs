@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +23,10 @@ impl Proc {
 
     /// [`Self::spawn`] with extra environment variables.
     pub fn spawn_with(name: &str, bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        // A process group of its own, so that killing it kills what it started too (faketime
+        // runs the registry as its child).
         let mut child = Command::new(bin)
+            .process_group(0)
             .args(args)
             .envs(envs.iter().copied())
             .env(
@@ -120,21 +124,28 @@ impl Proc {
         }
     }
 
-    /// Sends a signal (like `-STOP` or `-CONT`) to the process.
+    /// Sends a signal (like `-STOP` or `-CONT`) to the process and everything it started
+    /// (its process group).
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.id().to_string();
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
-        assert!(ok.success(), "kill {sig} {pid} failed");
+        let group = format!("-{}", self.child.id());
+        let ok = Command::new("kill")
+            .args([sig, "--", &group])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill {sig} -- {group} failed");
     }
 
+    /// Kills the process and everything it started (its process group), and reaps it.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let group = format!("-{}", self.child.id());
+        Command::new("kill")
+            .args(["-TERM", "--", &group])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -152,9 +163,21 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
+}
+
+/// SIGKILL to `child`'s process group (it leads one: see [`Proc::spawn_with`]), then reaps it.
+fn kill_group(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let group = format!("-{}", child.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 pub fn registry_bin() -> &'static str {

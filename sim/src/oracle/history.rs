@@ -20,14 +20,23 @@ use crate::record::Recorder;
 /// Most versions remembered (a run issues a few hundred).
 const MAX_VERSIONS: usize = 100_000;
 
+/// Most distinct watch messages remembered as already judged.
+const MAX_JUDGED: usize = 200_000;
+
 /// What the registry issued.
 #[derive(Debug, Default)]
 pub struct History {
     /// By (registry epoch, version): versions of different registry runs may repeat.
-    by_version: BTreeMap<(u64, u64), Arc<ClusterTopology>>,
+    /// With the fingerprint of its members, so a node's view is compared in O(1).
+    by_version: BTreeMap<(u64, u64), (Arc<ClusterTopology>, u64)>,
     /// Per member id, in the current registry run: the description of its last accepted join,
     /// and the version that join answered with.
     described: BTreeMap<MemberId, (u64, Description)>,
+    /// Digests of the watch messages already judged: the registry sends one message to every
+    /// watcher, and a copy judged once needs no second look (a thousand watchers would
+    /// otherwise cost a thousand rebuilds of one version).
+    /// With the number of members each lists.
+    judged: BTreeMap<u64, usize>,
 }
 
 impl History {
@@ -47,11 +56,18 @@ impl History {
     }
 
     /// The registry sent `msg` to a watcher.
-    pub fn sent(&mut self, msg: &pb::WatchResponse, rec: &Recorder) {
+    pub fn sent(&mut self, msg: &pb::WatchResponse, rec: &Recorder) -> Option<usize> {
+        let digest = digest(msg)?;
+        if let Some(n) = self.judged.get(&digest) {
+            return Some(*n);
+        }
+        if self.judged.len() >= MAX_JUDGED {
+            self.judged.clear();
+        }
         let topology = match &msg.event {
             Some(pb::watch_response::Event::Snapshot(s)) => snapshot(s),
             Some(pb::watch_response::Event::Update(u)) => {
-                let Some(base) = self.by_version.get(&(u.epoch, u.previous_version)) else {
+                let Some((base, _)) = self.by_version.get(&(u.epoch, u.previous_version)) else {
                     // Every watcher got its base from this registry first, so the base is here.
                     if u.previous_version != 0 {
                         rec.violation_once(
@@ -62,20 +78,23 @@ impl History {
                             ),
                         );
                     }
-                    return;
+                    return None;
                 };
                 update(base, u)
             }
-            _ => return,
+            _ => return None,
         };
         let Some(t) = topology else {
             rec.violation_once(
                 "history malformed".into(),
                 "history: the registry sent a watch message with an invalid member".into(),
             );
-            return;
+            return None;
         };
+        let n = t.len();
+        self.judged.insert(digest, n);
         self.issued(t, rec);
+        Some(n)
     }
 
     /// The backend issued `t` (for etcd: the store held these members at revision
@@ -99,7 +118,7 @@ impl History {
         }
         let key = (t.epoch(), t.version());
         match self.by_version.get(&key) {
-            Some(known) if known.members() != t.members() => rec.violation_once(
+            Some((known, _)) if known.members() != t.members() => rec.violation_once(
                 format!("history conflict {}", t.version()),
                 format!(
                     "history: the registry issued two different topologies as v{}: {} and {}",
@@ -110,14 +129,16 @@ impl History {
             ),
             Some(_) => {}
             None if self.by_version.len() < MAX_VERSIONS => {
-                self.by_version.insert(key, Arc::new(t));
+                let fp = crate::fingerprint::of(&t).full;
+                self.by_version.insert(key, (Arc::new(t), fp));
             }
             None => {}
         }
     }
 
-    /// A node applied `t`: it must be exactly what the registry issued under that version.
-    pub fn applied(&self, node: &str, t: &ClusterTopology, rec: &Recorder) {
+    /// A node applied `t` (whose fingerprint is `fp`): it must be exactly what the registry
+    /// issued under that version.
+    pub fn applied(&self, node: &str, t: &ClusterTopology, fp: u64, rec: &Recorder) {
         match self.by_version.get(&(t.epoch(), t.version())) {
             None => rec.violation_once(
                 format!("history invented {node} {}", t.version()),
@@ -127,7 +148,9 @@ impl History {
                     describe(t)
                 ),
             ),
-            Some(issued) if issued.members() != t.members() => rec.violation_once(
+            // Equal fingerprints are equal members (sim/src/fingerprint.rs): O(1) per view.
+            Some((issued, issued_fp)) if *issued_fp != fp => {
+                rec.violation_once(
                 format!("history differs {node} {}", t.version()),
                 format!(
                     "history: {node} holds v{} as {} but the registry issued {}{}",
@@ -136,7 +159,8 @@ impl History {
                     describe(issued),
                     first_difference(t, issued)
                 ),
-            ),
+            )
+            }
             Some(_) => {}
         }
     }
@@ -167,6 +191,37 @@ fn describe(t: &ClusterTopology) -> String {
         .map(|m| format!("{}@{}", m.id, m.address))
         .collect();
     format!("[{}]", members.join(","))
+}
+
+/// A digest of a snapshot or update, over every field (`None` for other messages).
+fn digest(msg: &pb::WatchResponse) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    let member = |h: &mut rustc_hash::FxHasher, m: &pb::Member| {
+        (&m.id, &m.address, &m.kinds, &m.zone, &m.metadata).hash(h);
+    };
+    match &msg.event {
+        Some(pb::watch_response::Event::Snapshot(s)) => {
+            (b'S', s.epoch, s.version, s.encoding, s.fragment, s.members.len()).hash(&mut h);
+            for m in &s.members {
+                member(&mut h, m);
+            }
+            s.packed_members[..].hash(&mut h);
+        }
+        Some(pb::watch_response::Event::Update(u)) => {
+            (b'U', u.epoch, u.version, u.previous_version, &u.left).hash(&mut h);
+            for m in &u.joined {
+                member(&mut h, m);
+            }
+            u.joined.len().hash(&mut h);
+            for m in &u.changed {
+                member(&mut h, m);
+            }
+            u.changed.len().hash(&mut h);
+        }
+        _ => return None,
+    }
+    Some(h.finish())
 }
 
 /// A wire member as a model member (the oracle's own conversion).

@@ -46,7 +46,13 @@ pub struct Leases {
     removed: BTreeSet<MemberId>,
     run: u64,
     registrations: BTreeMap<MemberId, Registration>,
+    /// Member registrations not yet left or superseded, by address (a join at an address
+    /// supersedes the ones there in O(log n)).
+    by_address: BTreeMap<String, BTreeSet<MemberId>>,
     published: Option<Arc<ClusterTopology>>,
+    /// Membership changes the backend accepted or made, all runs (joins and new descriptions of
+    /// members, leaves, removals): the load budget's allowance.
+    pub changes: u64,
     /// No listed member can be late before this (renewals only push deadlines later, so an
     /// old value is early, never late; a leave pulls it in).
     next_deadline: Option<Instant>,
@@ -57,6 +63,7 @@ impl Leases {
     pub fn started(&mut self, run: u64) {
         self.run = run;
         self.registrations.clear();
+        self.by_address.clear();
         self.published = None;
         self.next_deadline = None;
     }
@@ -65,13 +72,24 @@ impl Leases {
     /// it: that one is gone at once, as after a leave.
     pub fn joined(&mut self, id: MemberId, member: bool, address: String, at: Instant) {
         if member {
-            for (other, r) in &mut self.registrations {
-                if *other != id && r.member && r.address == address && r.left_at.is_none() {
+            self.changes += 1;
+            let there = self.by_address.entry(address.clone()).or_default();
+            for other in std::mem::take(there) {
+                if other == id {
+                    continue;
+                }
+                if let Some(r) = self.registrations.get_mut(&other)
+                    && r.left_at.is_none()
+                {
                     r.left_at = Some(at);
                     r.superseded_by = Some(id.clone());
                     self.next_deadline = None;
                 }
             }
+            self.by_address
+                .entry(address.clone())
+                .or_default()
+                .insert(id.clone());
         }
         self.registrations.insert(
             id,
@@ -119,7 +137,13 @@ impl Leases {
     /// A leave was accepted.
     pub fn left(&mut self, id: &MemberId, at: Instant) {
         if let Some(r) = self.registrations.get_mut(id) {
+            if r.left_at.is_none() {
+                self.changes += 1;
+            }
             r.left_at.get_or_insert(at);
+            if let Some(there) = self.by_address.get_mut(&r.address) {
+                there.remove(id);
+            }
         }
         self.next_deadline = None;
     }
@@ -155,6 +179,7 @@ impl Leases {
         let before: BTreeSet<&MemberId> = previous.iter().flat_map(|p| p.member_ids()).collect();
         let after: BTreeSet<&MemberId> = t.member_ids().collect();
         for id in before.difference(&after) {
+            self.changes += 1;
             self.removed.insert((*id).clone());
             let Some(reg) = self.registrations.get(*id) else {
                 continue;
@@ -244,12 +269,19 @@ impl Leases {
                 None => r.renewed_at + late_after + r.extended.1,
             })
             .min();
+        // Where members clean each other: the two members that have been able to reach the
+        // API server the longest (a member is never its own cleaner), found once per check.
+        let cleaners = if bounds.cleaned_by_peers {
+            self.longest_reachable(judge)
+        } else {
+            Vec::new()
+        };
         for id in t.member_ids() {
             let Some(reg) = self.registrations.get(id) else {
                 continue;
             };
             if bounds.cleaned_by_peers {
-                self.check_cleaned(id, reg, now, bounds, judge, rec);
+                self.check_cleaned(id, reg, now, bounds, judge, &cleaners, rec);
                 continue;
             }
             let allowance = bounds.leave_allowance(reg.superseded_by.is_some());
@@ -283,12 +315,31 @@ impl Leases {
         }
     }
 
+    /// The (up to) two live member registrations whose paths to the backend have been healthy
+    /// the longest, earliest first.
+    fn longest_reachable<'a>(&'a self, judge: &Judge<'_>) -> Vec<(Instant, &'a MemberId)> {
+        let mut best: Vec<(Instant, &MemberId)> = Vec::with_capacity(3);
+        for (id, r) in &self.registrations {
+            if !r.member || r.left_at.is_some() {
+                continue;
+            }
+            let Some(h) = (judge.healthy_since)(id) else {
+                continue;
+            };
+            best.push((h, id));
+            best.sort();
+            best.truncate(2);
+        }
+        best
+    }
+
     /// Where members delete each other's Leases (Kubernetes): a member that left on its own is
     /// gone at once; one superseded by a newer incarnation at its address is gone soon after,
     /// if that incarnation could reach the API server meanwhile; an expired one is gone within
     /// the bound after its last renewal, if some other member could reach the API server the
     /// whole time (a member that cannot renew its own Lease ages nobody: see
     /// `shoal::kubernetes::members::Liveness`).
+    #[allow(clippy::too_many_arguments)]
     fn check_cleaned(
         &self,
         id: &MemberId,
@@ -296,6 +347,7 @@ impl Leases {
         now: Instant,
         bounds: &Bounds,
         judge: &Judge<'_>,
+        cleaners: &[(Instant, &MemberId)],
         rec: &Recorder,
     ) {
         let ms = |d: Duration| d.as_millis();
@@ -329,12 +381,13 @@ impl Leases {
             return;
         }
         let window = bounds.ttl_max() + bounds.sweep_allowance() + reg.extended.1;
-        let cleaner = self
-            .registrations
+        // The other member that could reach the API server the longest, counted from the
+        // last renewal at the earliest.
+        let cleaner = cleaners
             .iter()
-            .filter(|(other, r)| *other != id && r.member && r.left_at.is_none())
-            .filter_map(|(other, _)| Some((other, reachable_from(other, reg.renewed_at)?)))
-            .find(|(_, since)| now.saturating_duration_since(*since) > window);
+            .find(|(_, other)| *other != id)
+            .map(|(h, other)| (*other, (*h).max(reg.renewed_at)))
+            .filter(|(_, since)| now.saturating_duration_since(*since) > window);
         if let Some((cleaner, since)) = cleaner {
             rec.violation_once(
                 format!("overdue {id}"),

@@ -1,7 +1,7 @@
 //! Oracles: judges that are independent of the code they judge.
 //!
 //! They are fed what the harness itself observed (the requests the registry accepted and the
-//! watch messages it sent, seen by [`crate::observe`]; the faults the harness applied, kept in
+//! watch messages it sent, seen by the control planes' doors, [`crate::control`]; the faults the harness applied, kept in
 //! [`crate::health`]; every topology a node applied) and check it on every observation, not by
 //! sampling at the end. None of them asks the registry or a provider for its own opinion:
 //!
@@ -14,7 +14,13 @@
 //!   expires has said so itself first (`MembershipLost`); an id once removed never comes back.
 //! * failover (in [`crate::cluster`]): a departed member is gone from every connected survivor
 //!   within a bound derived from the settings.
+//! * [`events`]: every subscriber of a node's events sees each topology change the node
+//!   applied, in order, or is told it lagged.
+//! * [`budget`]: what the control plane served in each window of the fault phase stays within
+//!   the provider's load budget.
 
+pub mod budget;
+pub mod events;
 pub mod history;
 pub mod lease;
 
@@ -57,6 +63,10 @@ pub struct Bounds {
     pub cleaned_by_peers: bool,
     /// What removes members, for messages: "registry" or "API server".
     pub backend: &'static str,
+    /// How much later than one delivery a watcher may learn of a change because the door
+    /// dropped a message on its stream (out-of-contract seeds): until the next progress
+    /// message shows it the gap and it reopens.
+    pub late_delivery: Duration,
 }
 
 impl Bounds {
@@ -71,11 +81,12 @@ impl Bounds {
             supersede: Duration::ZERO,
             cleaned_by_peers: false,
             backend: "registry",
+            late_delivery: Duration::ZERO,
         }
     }
 
     /// Bounds for the etcd provider with `config`: etcd expires a lease on its own clock a TTL
-    /// after its last keep-alive (checked every [`crate::etcd::EXPIRY_TICK`]); the topologies
+    /// after its last keep-alive (checked every [`crate::control::etcd::EXPIRY_TICK`]); the topologies
     /// are the store's content at each revision, so the history oracle judges every view; a
     /// newer incarnation at a member's address deletes the old key at its next keep-alive
     /// round.
@@ -83,12 +94,13 @@ impl Bounds {
         Self {
             registry: true,
             ttl: config.ttl,
-            sweep: crate::etcd::EXPIRY_TICK * 2,
+            sweep: crate::control::etcd::EXPIRY_TICK * 2,
             heartbeat: config.keep_alive_interval(),
             degraded,
             supersede: config.request_timeout * 2 + DELIVERY,
             cleaned_by_peers: false,
             backend: "etcd",
+            late_delivery: Duration::ZERO,
         }
     }
 
@@ -107,6 +119,7 @@ impl Bounds {
             supersede: config.request_timeout * 2 + DELIVERY,
             cleaned_by_peers: true,
             backend: "API server",
+            late_delivery: Duration::ZERO,
         }
     }
 
@@ -148,7 +161,12 @@ impl Bounds {
     /// The failover bound: a crashed member is gone from every connected survivor within a TTL
     /// (on a slow registry clock) after its last heartbeat, plus one sweep and one delivery.
     pub fn failover(&self) -> Duration {
-        self.ttl_max() + self.sweep_allowance() + DELIVERY
+        self.ttl_max() + self.sweep_allowance() + self.delivery()
+    }
+
+    /// One watch delivery to a connected watcher, and how late a dropped message can make it.
+    pub fn delivery(&self) -> Duration {
+        DELIVERY + self.late_delivery
     }
 }
 
@@ -201,6 +219,12 @@ impl Oracles {
     /// The registry accepted a member's join describing it as `member`, answering `version`.
     pub fn described(&self, member: &pb::Member, version: u64) {
         self.lock().history.described(member, version);
+    }
+
+    /// Membership changes the backend accepted or made so far (joins and new descriptions of
+    /// members, leaves, removals), as the harness saw them: what the load budget allows for.
+    pub fn changes(&self) -> u64 {
+        self.lock().lease.changes
     }
 
     /// The registry accepted a join of `id` at `address`.
@@ -265,9 +289,9 @@ impl Oracles {
         self.lock().lease.lost(id, Instant::now());
     }
 
-    /// The registry sent `msg` to a watcher.
-    pub fn sent(&self, msg: &pb::WatchResponse) {
-        self.lock().history.sent(msg, &self.rec);
+    /// The registry sent `msg` to a watcher; for a snapshot, how many members it lists.
+    pub fn sent(&self, msg: &pb::WatchResponse) -> Option<usize> {
+        self.lock().history.sent(msg, &self.rec)
     }
 
     /// The backend's store held `topology` (etcd: at revision `topology.version()`).
@@ -275,10 +299,11 @@ impl Oracles {
         self.lock().history.issued(topology, &self.rec);
     }
 
-    /// A node applied `topology` (judged only where a registry issues the history).
-    pub fn applied(&self, node: &str, topology: &ClusterTopology) {
+    /// A node applied `topology`, whose fingerprint is `fp` (judged only where a registry
+    /// issues the history).
+    pub fn applied(&self, node: &str, topology: &ClusterTopology, fp: crate::fingerprint::Fingerprint) {
         if self.bounds.registry {
-            self.lock().history.applied(node, topology, &self.rec);
+            self.lock().history.applied(node, topology, fp.full, &self.rec);
         }
     }
 

@@ -17,6 +17,7 @@ use shoal::registry::pb::registry_server::Registry;
 use shoal::registry::{RegistryService, pb};
 use tonic::{Request, Response, Status};
 
+use crate::load::LoadMeter;
 use crate::oracle::Oracles;
 use crate::record::Recorder;
 
@@ -24,6 +25,8 @@ use crate::record::Recorder;
 #[derive(Debug, Default)]
 pub struct Door {
     state: Mutex<DoorState>,
+    /// What the registry served (every run).
+    pub meter: LoadMeter,
     /// Woken when every open watch stream is to be reset.
     reset: tokio::sync::Notify,
 }
@@ -44,6 +47,9 @@ struct DoorState {
     lost_leave: BTreeSet<MemberId>,
     /// Stream resets so far; a stream opened before the latest one is reset.
     resets: u64,
+    /// Whether watch streams carry out-of-contract messages (dropped, repeated and older
+    /// ones): the clients' defenses must hold.
+    out_of_contract: bool,
 }
 
 impl Door {
@@ -69,6 +75,15 @@ impl Door {
     /// Whether accepted leaves are replayed a few seconds later.
     pub fn set_duplicate_leaves(&self, on: bool) {
         self.lock().duplicate_leaves = on;
+    }
+
+    /// Whether watch streams carry out-of-contract messages (see [`DoorState`]).
+    pub fn set_out_of_contract(&self, on: bool) {
+        self.lock().out_of_contract = on;
+    }
+
+    fn out_of_contract(&self) -> bool {
+        self.lock().out_of_contract
     }
 
     /// Whether each member's first Leave is lost on the way (a graceful shutdown must retry).
@@ -131,7 +146,9 @@ impl Registry for Observed {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.get_ref().clone();
-        let resp = self.inner.join(request).await?;
+        let resp = self.inner.join(request).await;
+        self.door.meter.request("join", answer_len(&resp));
+        let resp = resp?;
         let address = req.member.as_ref().map(|m| m.address.clone());
         let described = req.member.clone();
         if let Some(id) = req.member.and_then(|m| MemberId::parse(m.id).ok()) {
@@ -162,7 +179,9 @@ impl Registry for Observed {
             // Lost on the way: the caller's deadline passes.
             std::future::pending::<()>().await;
         }
-        let resp = self.inner.heartbeat(request).await?;
+        let resp = self.inner.heartbeat(request).await;
+        self.door.meter.request("heartbeat", answer_len(&resp));
+        let resp = resp?;
         if let Some(id) = holder {
             self.oracles.renewed(&id);
         }
@@ -183,7 +202,9 @@ impl Registry for Observed {
             self.rec.count("registry: first leave lost on the way");
             return Err(Status::unavailable("leave lost on the way (simulated)"));
         }
-        let resp = self.inner.leave(request).await?;
+        let resp = self.inner.leave(request).await;
+        self.door.meter.request("leave", answer_len(&resp));
+        let resp = resp?;
         if let Some(id) = holder {
             self.oracles.left(&id);
         }
@@ -212,67 +233,26 @@ impl Registry for Observed {
         if request.get_ref().from_version != 0 {
             self.rec.count("registry: watch resumed from a version");
         }
-        let stream = self.inner.watch(request).await?.into_inner();
-        let opened = self.door.resets();
-        let state = Some((stream, self.door.clone(), self.oracles.clone(), Vec::new()));
-        let rec = self.rec.clone();
+        let stream = self.inner.watch(request).await;
+        self.door.meter.request("watch", 0);
+        let stream = stream?.into_inner();
+        let watching = Watching {
+            stream,
+            opened: self.door.resets(),
+            door: self.door.clone(),
+            oracles: self.oracles.clone(),
+            rec: self.rec.clone(),
+            pieces: Vec::new(),
+            queue: std::collections::VecDeque::new(),
+            older: None,
+            ended: false,
+        };
         // Each message the registry sends is recorded for the oracles (a snapshot sent in
         // fragments once all of it is seen, reassembled here by the harness's own code); a
         // reset ends the stream with an error (once), then nothing.
-        let observed = futures::stream::unfold(state, move |state| {
-            let rec = rec.clone();
-            async move {
-                let (mut stream, door, oracles, mut pieces) = state?;
-                let item = {
-                    let reset = door.reset.notified();
-                    tokio::pin!(reset);
-                    reset.as_mut().enable();
-                    if door.resets() != opened {
-                        None
-                    } else {
-                        tokio::select! {
-                            biased;
-                            _ = &mut reset => None,
-                            item = stream.next() => Some(item?),
-                        }
-                    }
-                };
-                match item {
-                    None => Some((
-                        Err(Status::unavailable("connection reset (simulated)")),
-                        None,
-                    )),
-                    Some(item) => {
-                        if let Ok(msg) = &item {
-                            match &msg.event {
-                                Some(pb::watch_response::Event::Snapshot(s)) if s.fragment => {
-                                    rec.count("registry: snapshot fragments sent");
-                                    pieces.extend_from_slice(&s.packed_members);
-                                }
-                                Some(pb::watch_response::Event::Snapshot(s))
-                                    if !pieces.is_empty() =>
-                                {
-                                    pieces.extend_from_slice(&s.packed_members);
-                                    let mut whole = s.clone();
-                                    whole.packed_members = std::mem::take(&mut pieces).into();
-                                    oracles.sent(&pb::WatchResponse {
-                                        event: Some(pb::watch_response::Event::Snapshot(whole)),
-                                    });
-                                }
-                                _ if !pieces.is_empty() => {
-                                    rec.violation_once(
-                                    "fragments interrupted".into(),
-                                    "history: the registry interrupted a fragmented snapshot with another message".into(),
-                                );
-                                    pieces.clear();
-                                }
-                                _ => oracles.sent(msg),
-                            }
-                        }
-                        Some((item, Some((stream, door, oracles, pieces))))
-                    }
-                }
-            }
+        let observed = futures::stream::unfold(watching, |mut w| async move {
+            let item = w.next().await?;
+            Some((item, w))
         });
         Ok(Response::new(Box::pin(observed)))
     }
@@ -281,6 +261,145 @@ impl Registry for Observed {
         &self,
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
-        self.inner.resolve(request).await
+        let resp = self.inner.resolve(request).await;
+        self.door.meter.request("resolve", answer_len(&resp));
+        resp
+    }
+}
+
+type Item = Result<pb::WatchResponse, Status>;
+
+/// One watch stream as it passes the door.
+struct Watching {
+    stream: Pin<Box<dyn Stream<Item = Item> + Send + 'static>>,
+    /// The reset count when it opened (a later reset ends it).
+    opened: u64,
+    door: Arc<Door>,
+    oracles: Arc<Oracles>,
+    rec: Recorder,
+    /// The fragments of a snapshot seen so far.
+    pieces: Vec<u8>,
+    /// Messages the door sends out of contract before the next one of the registry's.
+    queue: std::collections::VecDeque<Item>,
+    /// The first whole snapshot of this stream (sent again later: an older snapshot).
+    older: Option<pb::WatchResponse>,
+    ended: bool,
+}
+
+impl Watching {
+    async fn next(&mut self) -> Option<Item> {
+        if let Some(item) = self.queue.pop_front() {
+            return Some(item);
+        }
+        loop {
+            if self.ended {
+                return None;
+            }
+            let item = {
+                let reset = self.door.reset.notified();
+                tokio::pin!(reset);
+                reset.as_mut().enable();
+                if self.door.resets() != self.opened {
+                    None
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = &mut reset => None,
+                        item = self.stream.next() => Some(item?),
+                    }
+                }
+            };
+            let Some(item) = item else {
+                self.ended = true;
+                return Some(Err(Status::unavailable("connection reset (simulated)")));
+            };
+            let Ok(msg) = &item else {
+                return Some(item);
+            };
+            self.observe(msg);
+            if self.door.out_of_contract() && self.pieces.is_empty() && self.misbehave(msg) {
+                continue; // Dropped: the watcher sees a gap.
+            }
+            return Some(item);
+        }
+    }
+
+    /// Records `msg` for the oracles and the load meter.
+    fn observe(&mut self, msg: &pb::WatchResponse) {
+        let (door, oracles, rec) = (&self.door, &self.oracles, &self.rec);
+        let bytes = prost::Message::encoded_len(msg);
+        match &msg.event {
+            Some(pb::watch_response::Event::Snapshot(s)) if s.fragment => {
+                // One logical message: counted once whole, bytes as sent.
+                door.meter.bytes(bytes);
+                rec.count("registry: snapshot fragments sent");
+                self.pieces.extend_from_slice(&s.packed_members);
+            }
+            Some(pb::watch_response::Event::Snapshot(s)) if !self.pieces.is_empty() => {
+                self.pieces.extend_from_slice(&s.packed_members);
+                let mut whole = s.clone();
+                whole.packed_members = std::mem::take(&mut self.pieces).into();
+                let members = oracles.sent(&pb::WatchResponse {
+                    event: Some(pb::watch_response::Event::Snapshot(whole)),
+                });
+                door.meter.snapshot_sent(members.unwrap_or(0), bytes);
+            }
+            _ if !self.pieces.is_empty() => {
+                rec.violation_once(
+                    "fragments interrupted".into(),
+                    "history: the registry interrupted a fragmented snapshot with another message"
+                        .into(),
+                );
+                self.pieces.clear();
+                door.meter.event(bytes);
+            }
+            Some(pb::watch_response::Event::Snapshot(_)) => {
+                let members = oracles.sent(msg);
+                door.meter.snapshot_sent(members.unwrap_or(0), bytes);
+                if self.older.is_none() {
+                    self.older = Some(msg.clone());
+                }
+            }
+            _ => {
+                oracles.sent(msg);
+                door.meter.event(bytes);
+            }
+        }
+    }
+
+    /// In seeds that send out-of-contract messages: after an update, sometimes drop it (the
+    /// watcher sees the next one across a gap), send it twice, or follow it with this stream's
+    /// first snapshot (older than what the watcher holds). Whether `msg` is dropped.
+    fn misbehave(&mut self, msg: &pb::WatchResponse) -> bool {
+        let Some(pb::watch_response::Event::Update(_)) = &msg.event else {
+            return false;
+        };
+        match madsim::rand::random::<u32>() % 100 {
+            0..4 => {
+                self.rec.count("door: update dropped (a gap)");
+                true
+            }
+            4..8 => {
+                self.rec.count("door: update sent twice");
+                self.queue.push_back(Ok(msg.clone()));
+                false
+            }
+            8..12 => {
+                if let Some(older) = &self.older {
+                    self.rec.count("door: older snapshot sent");
+                    self.queue.push_back(Ok(older.clone()));
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Bytes of an answer as the registry encodes it (a refusal: its message).
+fn answer_len<T: prost::Message>(r: &Result<Response<T>, Status>) -> usize {
+    match r {
+        Ok(r) => r.get_ref().encoded_len(),
+        Err(s) => s.message().len() + 16,
     }
 }

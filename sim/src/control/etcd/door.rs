@@ -22,9 +22,10 @@ use shoal::etcd::memory::MemoryEtcd;
 use shoal::{ClusterTopology, Member, MemberId};
 
 use crate::cluster::CLUSTER;
+use crate::control::wire::{Payload, Pool};
+use crate::load::LoadMeter;
 use crate::oracle::Oracles;
 use crate::record::Recorder;
-use crate::wire::{Payload, Pool};
 
 /// The port the simulated etcd listens on.
 pub const ETCD_PORT: u16 = 2379;
@@ -166,6 +167,50 @@ impl EtcdApi for SimEtcdApi {
     }
 }
 
+/// Bytes of a response header (cluster id, member id, revision, raft term), as etcd encodes it.
+const HEADER_BYTES: usize = 30;
+
+fn kv_bytes(kv: &KeyValue) -> usize {
+    kv.key.len() + kv.value.len() + 30
+}
+
+/// Bytes of a range response as etcd encodes it (protobuf).
+fn range_bytes(r: &Range) -> usize {
+    HEADER_BYTES + r.kvs.iter().map(kv_bytes).sum::<usize>()
+}
+
+/// Bytes of one watch response (a batch of events, or a progress notification).
+fn batch_bytes(item: &Item) -> usize {
+    match item {
+        Ok(b) => {
+            HEADER_BYTES
+                + b.changes
+                    .iter()
+                    .map(|c| match c {
+                        shoal::etcd::api::Change::Put(kv) => kv_bytes(kv) + 4,
+                        shoal::etcd::api::Change::Delete { key, .. } => key.len() + 34,
+                    })
+                    .sum::<usize>()
+        }
+        Err(e) => HEADER_BYTES + e.to_string().len(),
+    }
+}
+
+impl Request {
+    /// The verb, as etcd's gRPC methods are named.
+    fn verb(&self) -> &'static str {
+        match self {
+            Request::Grant(_) => "lease grant",
+            Request::KeepAlive(_) => "lease keep-alive",
+            Request::Revoke(_) => "lease revoke",
+            Request::Put(..) => "put",
+            Request::Delete(_) => "delete",
+            Request::Range(_) => "range",
+            Request::Watch(..) => "watch",
+        }
+    }
+}
+
 /// The member a key of the simulated cluster describes, decoded by the harness.
 fn member_of(kv: &KeyValue) -> Option<Member> {
     let id = MemberId::parse(kv.key.strip_prefix(&prefix())?).ok()?;
@@ -209,6 +254,10 @@ fn topology_of(range: &Range) -> ClusterTopology {
 /// The simulated etcd's front door.
 pub struct EtcdDoor {
     store: MemoryEtcd,
+    /// Whether watches carry out-of-contract batches (repeated, older).
+    pub out_of_contract: std::sync::atomic::AtomicBool,
+    /// What etcd served.
+    pub meter: Arc<LoadMeter>,
     oracles: Arc<Oracles>,
     rec: Recorder,
     /// Member ids written under each lease, and when the lease was granted.
@@ -235,6 +284,8 @@ impl EtcdDoor {
     pub fn new(store: MemoryEtcd, oracles: Arc<Oracles>, rec: Recorder) -> Arc<Self> {
         let door = Arc::new(Self {
             store: store.clone(),
+            out_of_contract: Default::default(),
+            meter: Arc::default(),
             oracles: oracles.clone(),
             rec,
             leases: Mutex::default(),
@@ -273,6 +324,11 @@ impl EtcdDoor {
         }
     }
 
+    /// Delivers every keep-alive again.
+    pub fn clear_keep_alive_loss(&self) {
+        lock(&self.lose_keep_alives).clear();
+    }
+
     /// Ends every open watch (a proxy in front of etcd restarting).
     pub fn reset_streams(&self) {
         self.reset.notify_waiters();
@@ -280,7 +336,7 @@ impl EtcdDoor {
 
     /// Serves on this node until it dies.
     pub async fn serve(self: Arc<Self>) {
-        if let Err(e) = crate::wire::serve(self.clone(), ETCD_PORT).await {
+        if let Err(e) = crate::control::wire::serve(self.clone(), ETCD_PORT).await {
             self.rec.trace("etcd", format!("cannot bind: {e}"));
         }
     }
@@ -293,6 +349,7 @@ impl EtcdDoor {
         from: SocketAddr,
     ) -> bool {
         let s = &self.store;
+        let verb = request.verb();
         let answer: Answer = match request {
             Request::Grant(ttl) => {
                 let r = s.lease_grant(ttl).await;
@@ -360,11 +417,20 @@ impl EtcdDoor {
             }
             Request::Range(prefix) => s.range_prefix(&prefix).await.map(Reply::Range),
             Request::Watch(prefix, from_revision) => {
+                self.meter.request(verb, 0);
                 let stream = s.watch_prefix(&prefix, from_revision).await;
                 self.stream(tx, stream).await;
                 return false;
             }
         };
+        match &answer {
+            Ok(Reply::Range(r)) => {
+                self.meter.request(verb, 0);
+                self.meter.listed(r.kvs.len(), range_bytes(r));
+            }
+            Ok(_) => self.meter.request(verb, HEADER_BYTES),
+            Err(e) => self.meter.request(verb, HEADER_BYTES + e.to_string().len()),
+        }
         tx.send(Box::new(answer) as Payload).await.is_ok()
     }
 
@@ -383,8 +449,39 @@ impl EtcdDoor {
         {
             return;
         }
-        // A watch lasts until it fails, is reset, or the client goes away.
-        crate::wire::forward(
+        // A watch lasts until it fails, is reset, or the client goes away. In seeds that send
+        // out-of-contract messages, a batch is sometimes sent twice, or followed by the batch
+        // before it (revisions the watcher already holds).
+        let meter = self.meter.clone();
+        let misbehave = self.out_of_contract.load(std::sync::atomic::Ordering::SeqCst);
+        let rec = self.rec.clone();
+        let mut previous: Option<Item> = None;
+        let stream = Box::pin(futures::StreamExt::flat_map(stream, move |item: Item| {
+            let mut out = vec![item.clone()];
+            if misbehave && item.is_ok() {
+                match madsim::rand::random::<u32>() % 100 {
+                    0..5 => {
+                        rec.count("door: watch batch sent twice");
+                        out.push(item.clone());
+                    }
+                    5..10 => {
+                        if let Some(p) = previous.clone() {
+                            rec.count("door: older watch batch sent again");
+                            out.push(p);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if item.is_ok() {
+                previous = Some(item);
+            }
+            for i in &out {
+                meter.event(batch_bytes(i));
+            }
+            futures::stream::iter(out)
+        }));
+        crate::control::wire::forward(
             tx,
             stream,
             Result::is_err,
@@ -396,7 +493,7 @@ impl EtcdDoor {
 }
 
 #[async_trait]
-impl crate::wire::Server for EtcdDoor {
+impl crate::control::wire::Server for EtcdDoor {
     type Request = Request;
 
     async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {

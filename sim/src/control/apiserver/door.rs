@@ -12,7 +12,7 @@
 //! renewal by its holder a heartbeat, a delete by the holder's own node a leave), and applies
 //! the door faults (renewals of one member lost, watch streams reset).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,16 +21,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use shoal::kubernetes::api::{
-    ApiError, Endpoint as SliceEndpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList,
-    ObjectMeta, ObjectReference, SERVICE_NAME_LABEL, WatchEvent, WatchStream,
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList, ObjectMeta, WatchEvent,
+    WatchStream,
 };
 use shoal::kubernetes::members::ADDRESS_ANNOTATION;
 use shoal::kubernetes::memory::MemoryApiServer;
 use shoal::{ClusterTopology, Member, MemberId};
 
+use crate::control::wire::{Payload, Pool};
+use crate::load::LoadMeter;
 use crate::oracle::Oracles;
 use crate::record::Recorder;
-use crate::wire::{Payload, Pool};
 
 /// The API server's port.
 pub const APISERVER_PORT: u16 = 6443;
@@ -75,7 +76,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// The [`KubeApi`] a simulated node uses: calls over the simulated network
-/// ([`crate::wire`]: kept-alive connections, a watch on a connection of its own).
+/// ([`crate::control::wire`]: kept-alive connections, a watch on a connection of its own).
 #[derive(Clone, Debug)]
 pub struct SimKubeApi {
     pool: Pool,
@@ -225,6 +226,10 @@ impl KubeApi for SimKubeApi {
 #[derive(Debug)]
 pub struct KubeDoor {
     store: MemoryApiServer,
+    /// Whether watches carry out-of-contract events (repeated).
+    pub out_of_contract: std::sync::atomic::AtomicBool,
+    /// What the API server served.
+    pub meter: Arc<LoadMeter>,
     oracles: Arc<Oracles>,
     rec: Recorder,
     /// Renewals from these node addresses are lost (a `HeartbeatLoss` fault).
@@ -232,8 +237,10 @@ pub struct KubeDoor {
     /// Bumped to end every open watch (a `StreamReset` fault).
     resets: AtomicU64,
     reset: tokio::sync::Notify,
-    /// The topology the store held at the last poll, and its resource version.
-    published: Mutex<Option<(String, Arc<ClusterTopology>)>>,
+    /// The members the store's Leases name, by Lease (namespace, name), kept from the writes
+    /// the door accepted, and the topology they make (rebuilt only when a member is added,
+    /// removed or moved: a renewal changes nothing here).
+    members: Mutex<(BTreeMap<(String, String), (MemberId, String)>, Arc<ClusterTopology>)>,
 }
 
 /// The member a Lease names: its holder at its address (what the oracles need; the provider's
@@ -253,12 +260,17 @@ impl KubeDoor {
     pub fn new(store: MemoryApiServer, oracles: Arc<Oracles>, rec: Recorder) -> Arc<Self> {
         Arc::new(Self {
             store,
+            out_of_contract: Default::default(),
+            meter: Arc::default(),
             oracles,
             rec,
             lose_renewals: Mutex::default(),
             resets: AtomicU64::new(0),
             reset: tokio::sync::Notify::new(),
-            published: Mutex::default(),
+            members: Mutex::new((
+                BTreeMap::new(),
+                Arc::new(ClusterTopology::empty(crate::cluster::CLUSTER)),
+            )),
         })
     }
 
@@ -292,39 +304,44 @@ impl KubeDoor {
     }
 
     /// The members the store lists now (one per Lease of the cluster, by holder), as a
-    /// topology versioned by the store's resource version; the same `Arc` while nothing was
-    /// written.
-    pub fn topology(&self, cluster: &str) -> Arc<ClusterTopology> {
-        let rv = self.store.resource_version();
-        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((seen, t)) = published.as_ref()
-            && *seen == rv
-        {
-            return t.clone();
-        }
-        let members: Vec<Member> = self
-            .store
-            .leases()
-            .values()
+    /// topology versioned by the store's resource version at its last change; the same `Arc`
+    /// while no member was added, removed or moved.
+    pub fn topology(&self) -> Arc<ClusterTopology> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// The store accepted a write of Lease `ns/name`: now `lease` (`None`: deleted).
+    fn written(&self, ns: &str, name: &str, lease: Option<&Lease>) {
+        let named = lease
             .filter(|l| {
-                l.meta.labels.get(shoal::kubernetes::members::CLUSTER_LABEL)
-                    == Some(&cluster.to_string())
+                l.meta.labels.get(shoal::kubernetes::members::CLUSTER_LABEL).map(String::as_str)
+                    == Some(crate::cluster::CLUSTER)
             })
-            .filter_map(holder)
-            .map(|(id, address)| Member::new(id, address, Vec::<String>::new()))
+            .and_then(holder);
+        let mut guard = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let (members, topology) = &mut *guard;
+        let key = (ns.to_string(), name.to_string());
+        if members.get(&key) == named.as_ref() {
+            return; // A renewal: the same holder at the same address.
+        }
+        match named {
+            Some(m) => members.insert(key, m),
+            None => members.remove(&key),
+        };
+        let version = self.store.resource_version().parse().unwrap_or(0);
+        let listed: Vec<Member> = members
+            .values()
+            .map(|(id, address)| Member::new(id.clone(), address.clone(), Vec::<String>::new()))
             .collect();
-        let version = rv.parse().unwrap_or(0);
-        let t = Arc::new(
-            ClusterTopology::new(cluster, version, members)
-                .unwrap_or_else(|_| ClusterTopology::empty(cluster)),
+        *topology = Arc::new(
+            ClusterTopology::new(crate::cluster::CLUSTER, version, listed)
+                .unwrap_or_else(|_| ClusterTopology::empty(crate::cluster::CLUSTER)),
         );
-        *published = Some((rv, t.clone()));
-        t
     }
 
     /// Serves calls on this node until it dies.
     pub async fn serve(self: Arc<Self>) {
-        if let Err(e) = crate::wire::serve(self.clone(), APISERVER_PORT).await {
+        if let Err(e) = crate::control::wire::serve(self.clone(), APISERVER_PORT).await {
             self.rec.trace("apiserver", format!("cannot bind: {e}"));
         }
     }
@@ -337,14 +354,16 @@ impl KubeDoor {
         from: SocketAddr,
     ) -> bool {
         let s = &self.store;
+        let verb = request.verb();
         let answer: Result<Reply, ApiError> = match request {
             Request::GetLease(ns, name) => s.get_lease(&ns, &name).await.map(Reply::Lease),
             Request::CreateLease(lease) => {
                 let r = s.create_lease(lease).await;
-                if let Ok(l) = &r
-                    && let Some((id, address)) = holder(l)
-                {
-                    self.oracles.joined(id, true, address);
+                if let Ok(l) = &r {
+                    self.written(&l.meta.namespace, &l.meta.name, Some(l));
+                    if let Some((id, address)) = holder(l) {
+                        self.oracles.joined(id, true, address);
+                    }
                 }
                 r.map(Reply::Written)
             }
@@ -358,16 +377,20 @@ impl KubeDoor {
                     return false; // Lost: no answer, the connection just closes.
                 }
                 let r = s.replace_lease(lease).await;
-                if let Ok(l) = &r
-                    && let Some((id, _)) = holder(l)
-                {
-                    self.oracles.renewed(&id);
+                if let Ok(l) = &r {
+                    self.written(&l.meta.namespace, &l.meta.name, Some(l));
+                    if let Some((id, _)) = holder(l) {
+                        self.oracles.renewed(&id);
+                    }
                 }
                 r.map(Reply::Written)
             }
             Request::DeleteLease(ns, name, pre) => {
                 let before = s.get_lease(&ns, &name).await.ok().flatten();
                 let r = s.delete_lease(&ns, &name, pre.as_deref()).await;
+                if r.is_ok() {
+                    self.written(&ns, &name, None);
+                }
                 if r.is_ok()
                     && let Some((id, address)) = before.as_ref().and_then(holder)
                 {
@@ -388,16 +411,33 @@ impl KubeDoor {
                 .await
                 .map(Reply::Slices),
             Request::WatchLeases(ns, sel, rv) => {
+                self.meter.request(verb, 0);
                 let stream = s.watch_leases(&ns, &sel, &rv).await;
                 self.stream(tx, stream, Item::Lease).await;
                 return false;
             }
             Request::WatchSlices(ns, service, rv) => {
+                self.meter.request(verb, 0);
                 let stream = s.watch_endpoint_slices(&ns, &service, &rv).await;
                 self.stream(tx, stream, Item::Slice).await;
                 return false;
             }
         };
+        match &answer {
+            Ok(Reply::Leases(l)) => {
+                self.meter.request(verb, 0);
+                self.meter
+                    .listed(l.items.len(), l.items.iter().map(lease_bytes).sum::<usize>() + 200);
+            }
+            Ok(Reply::Slices(l)) => {
+                self.meter.request(verb, 0);
+                self.meter
+                    .listed(l.items.len(), l.items.iter().map(slice_bytes).sum::<usize>() + 200);
+            }
+            Ok(Reply::Lease(Some(l)) | Reply::Written(l)) => self.meter.request(verb, lease_bytes(l)),
+            Ok(_) => self.meter.request(verb, STATUS_BYTES),
+            Err(e) => self.meter.request(verb, STATUS_BYTES + e.to_string().len()),
+        }
         tx.send(Box::new(answer) as Payload).await.is_ok()
     }
 
@@ -408,7 +448,9 @@ impl KubeDoor {
         tx: &madsim::net::Sender,
         stream: Result<WatchStream<T>, ApiError>,
         wrap: fn(Result<WatchEvent<T>, ApiError>) -> Item,
-    ) {
+    ) where
+        T: Clone,
+    {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -423,13 +465,31 @@ impl KubeDoor {
         {
             return;
         }
-        let items = Box::pin(stream.map(wrap));
-        crate::wire::forward(tx, items, Item::failed, &self.reset, WATCH_TIMEOUT).await;
+        // In seeds that send out-of-contract messages, an event is sometimes sent twice (the
+        // reflector must take the repeat as nothing new).
+        let meter = self.meter.clone();
+        let misbehave = self.out_of_contract.load(Ordering::SeqCst);
+        let rec = self.rec.clone();
+        let items = Box::pin(stream.flat_map(move |e| {
+            let repeat = misbehave
+                && matches!(&e, Ok(WatchEvent::Modified(_) | WatchEvent::Added(_)))
+                && madsim::rand::random::<u32>() % 100 < 5;
+            let mut out = vec![wrap(e.clone())];
+            if repeat {
+                rec.count("door: watch event sent twice");
+                out.push(wrap(e));
+            }
+            for i in &out {
+                meter.event(i.bytes());
+            }
+            futures::stream::iter(out)
+        }));
+        crate::control::wire::forward(tx, items, Item::failed, &self.reset, WATCH_TIMEOUT).await;
     }
 }
 
 #[async_trait]
-impl crate::wire::Server for KubeDoor {
+impl crate::control::wire::Server for KubeDoor {
     type Request = Request;
 
     async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {
@@ -437,153 +497,87 @@ impl crate::wire::Server for KubeDoor {
     }
 }
 
+impl Request {
+    /// The verb and resource, as the API server's metrics name requests.
+    fn verb(&self) -> &'static str {
+        match self {
+            Request::GetLease(..) => "get leases",
+            Request::CreateLease(_) => "create leases",
+            Request::ReplaceLease(_) => "update leases",
+            Request::DeleteLease(..) => "delete leases",
+            Request::ListLeases(..) => "list leases",
+            Request::WatchLeases(..) => "watch leases",
+            Request::ListSlices(..) => "list endpointslices",
+            Request::WatchSlices(..) => "watch endpointslices",
+        }
+    }
+}
+
+/// Bytes of a `Status` answer (a delete's, or an error's), as JSON.
+const STATUS_BYTES: usize = 180;
+
+/// What the real API server's JSON of an object's metadata costs beyond its strings: the
+/// envelope (`apiVersion`, `kind`, field names), `uid`, `creationTimestamp` and one
+/// `managedFields` entry (server-side apply tracks the writer of every field), about 700
+/// bytes for a Lease on a real cluster.
+const META_BYTES: usize = 650;
+
+fn meta_bytes(m: &ObjectMeta) -> usize {
+    let pairs = |map: &BTreeMap<String, String>| -> usize {
+        map.iter().map(|(k, v)| k.len() + v.len() + 6).sum()
+    };
+    META_BYTES
+        + m.name.len()
+        + m.namespace.len()
+        + m.resource_version.len()
+        + pairs(&m.labels)
+        + pairs(&m.annotations)
+        + m.owner.as_ref().map_or(0, |o| 120 + o.name.len() + o.uid.len())
+}
+
+/// An estimate of a Lease's JSON on the wire (the simulation carries no bytes): its metadata
+/// and its spec's fields.
+pub fn lease_bytes(l: &Lease) -> usize {
+    meta_bytes(&l.meta) + 160 + l.holder_identity.as_ref().map_or(0, String::len)
+}
+
+/// An estimate of an EndpointSlice's JSON on the wire.
+pub fn slice_bytes(s: &EndpointSlice) -> usize {
+    meta_bytes(&s.meta)
+        + 80
+        + s
+            .endpoints
+            .iter()
+            .map(|e| {
+                150 + e.addresses.iter().map(|a| a.len() + 4).sum::<usize>()
+                    + e.zone.as_ref().map_or(0, String::len)
+                    + e.target_ref.as_ref().map_or(0, |r| 80 + r.name.len() + r.uid.len())
+            })
+            .sum::<usize>()
+}
+
 impl Item {
+    /// Bytes of the watch event on the wire (`{"type":..., "object":...}`).
+    fn bytes(&self) -> usize {
+        fn event<T>(e: &Result<WatchEvent<T>, ApiError>, size: fn(&T) -> usize) -> usize {
+            match e {
+                Ok(WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o)) => {
+                    30 + size(o)
+                }
+                Ok(WatchEvent::Bookmark(rv)) => 120 + rv.len(),
+                Err(e) => STATUS_BYTES + e.to_string().len(),
+            }
+        }
+        match self {
+            Item::Lease(e) => event(e, lease_bytes),
+            Item::Slice(e) => event(e, slice_bytes),
+        }
+    }
+
     fn failed(&self) -> bool {
         match self {
             Item::Lease(r) => r.is_err(),
             Item::Slice(r) => r.is_err(),
         }
-    }
-}
-
-/// The headless Service the simulated members are gated by.
-pub const SERVICE: &str = "sim-members";
-
-/// What the endpoints controller says of one Pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PodState {
-    /// Running and passing its readiness probe.
-    Serving,
-    /// Being deleted (a graceful shutdown): still serving, but terminating.
-    Terminating,
-    /// Running but failing its readiness probe (crashed, frozen).
-    NotReady,
-}
-
-/// The endpoints controller of the simulated cluster: keeps the EndpointSlices of [`SERVICE`]
-/// (two slices, a Pod in one of them) in step with the Pods' states, as the harness reports
-/// them. A Pod's state changes only with a newer generation (a restart bumps it), so a late
-/// "not ready" for a crashed Pod cannot overwrite its restarted successor.
-#[derive(Debug)]
-pub struct EndpointController {
-    store: MemoryApiServer,
-    /// By Pod: generation, address, state, and the controller's change counter at its last
-    /// change.
-    pods: Mutex<std::collections::BTreeMap<String, (u64, IpAddr, PodState, u64)>>,
-    changes: std::sync::atomic::AtomicU64,
-    zones: bool,
-    rec: Recorder,
-}
-
-/// The zone the simulated cluster puts Pod `pod` in (`m0` in `zone-a`, `m1` in `zone-b`,
-/// `m2` in `zone-c`, `m3` in `zone-a`, ...), reported on its endpoint.
-pub fn pod_zone(pod: &str) -> String {
-    let n: usize = pod
-        .trim_start_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .unwrap_or(0);
-    format!("zone-{}", ["a", "b", "c"][n % 3])
-}
-
-impl EndpointController {
-    /// A controller writing into `store`; with `zones`, each endpoint carries its Pod's zone
-    /// ([`pod_zone`]).
-    pub fn new(store: MemoryApiServer, rec: Recorder, zones: bool) -> Arc<Self> {
-        Arc::new(Self {
-            store,
-            pods: Mutex::default(),
-            changes: std::sync::atomic::AtomicU64::new(0),
-            zones,
-            rec,
-        })
-    }
-
-    /// The Pod's generation, address, state and change counter, if it ever started.
-    pub fn state(&self, pod: &str) -> Option<(u64, IpAddr, PodState, u64)> {
-        self.pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(pod)
-            .copied()
-    }
-
-    /// The Pod's current generation (0 if unknown).
-    pub fn generation(&self, pod: &str) -> u64 {
-        self.pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(pod)
-            .map_or(0, |(g, ..)| *g)
-    }
-
-    /// A (re)started Pod at `ip`: a new generation, serving.
-    pub fn started(&self, pod: &str, ip: IpAddr) {
-        let g = self.generation(pod) + 1;
-        self.set(pod, ip, g, PodState::Serving);
-    }
-
-    /// The Pod's state, if it is still at generation `generation`; whether it changed.
-    pub fn update(&self, pod: &str, generation: u64, state: PodState) -> bool {
-        let Some(ip) = self
-            .pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(pod)
-            .filter(|(g, ..)| *g == generation)
-            .map(|(_, ip, ..)| *ip)
-        else {
-            return false;
-        };
-        self.set(pod, ip, generation, state)
-    }
-
-    fn set(&self, pod: &str, ip: IpAddr, generation: u64, state: PodState) -> bool {
-        let slice = {
-            let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
-            if pods
-                .get(pod)
-                .is_some_and(|(g, _, s, _)| *g == generation && *s == state)
-            {
-                return false;
-            }
-            let change = self
-                .changes
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            pods.insert(pod.to_string(), (generation, ip, state, change));
-            // The Pod's slice, rebuilt from every Pod in it.
-            let index = pod.bytes().map(u64::from).sum::<u64>() % 2;
-            EndpointSlice {
-                meta: ObjectMeta {
-                    name: format!("{SERVICE}-{index}"),
-                    namespace: "default".into(),
-                    labels: [(SERVICE_NAME_LABEL.to_string(), SERVICE.to_string())].into(),
-                    ..ObjectMeta::default()
-                },
-                endpoints: pods
-                    .iter()
-                    .filter(|(p, _)| p.bytes().map(u64::from).sum::<u64>() % 2 == index)
-                    .map(|(p, (_, ip, state, _))| SliceEndpoint {
-                        addresses: vec![ip.to_string()],
-                        ready: Some(*state == PodState::Serving),
-                        serving: Some(*state != PodState::NotReady),
-                        terminating: Some(*state == PodState::Terminating),
-                        zone: self.zones.then(|| pod_zone(p)),
-                        target_ref: Some(ObjectReference {
-                            kind: "Pod".into(),
-                            namespace: "default".into(),
-                            name: p.clone(),
-                            uid: format!("uid-{p}"),
-                        }),
-                    })
-                    .collect(),
-            }
-        };
-        self.rec.count(match state {
-            PodState::Serving => "endpoints: serving",
-            PodState::Terminating => "endpoints: terminating",
-            PodState::NotReady => "endpoints: not ready",
-        });
-        self.store.put_endpoint_slice(slice);
-        true
     }
 }

@@ -1,0 +1,282 @@
+//! The Kubernetes API server as a simulated control plane: the library's `MemoryApiServer` on a
+//! node of its own behind [`door::KubeDoor`], with the endpoints controller
+//! ([`endpoints::EndpointController`]) that gates members by a headless Service in some seeds.
+//!
+//! Faults: a crash keeps the store (its state is in etcd) and ends every watch; a freeze (no
+//! write is accepted, nobody can renew); renewals of a member lost at the door; every watch
+//! reset. Its load: requests by verb and resource, watch events (bookmarks included), objects
+//! returned by lists, and bytes estimated as the real API server's JSON with one
+//! `managedFields` entry per object ([`door::lease_bytes`]).
+
+pub mod door;
+pub mod endpoints;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use madsim::time::sleep;
+use shoal::kubernetes::api::ObjectReference;
+use shoal::kubernetes::memory::MemoryApiServer;
+use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics};
+use shoal::{ClusterProvider, ClusterTopology};
+
+pub use self::door::{APISERVER_PORT, KubeDoor, SimKubeApi};
+pub use self::endpoints::{EndpointController, PodState, SERVICE, pod_zone};
+use super::{ADDRESS, ControlNode, ControlPlane, Env, MemberRef, NodeInfo};
+use crate::knobs::Knobs;
+use crate::load::{LoadBudget, LoadCounts};
+use crate::oracle::{Bounds, Oracles};
+use crate::record::Recorder;
+
+/// Events the simulated API server keeps for watches to resume from.
+pub const HISTORY: usize = 32;
+
+/// How often the API server sends a bookmark on every watch.
+pub const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
+
+/// The Kubernetes provider settings simulations use: a 6 s Lease (the registry's TTL) renewed
+/// every 2 s; each member's Lease owned by its Pod.
+pub fn config(pod: Option<&str>) -> KubernetesProviderConfig {
+    let mut c = KubernetesProviderConfig::new("default");
+    c.lease_duration = Duration::from_secs(6);
+    c.request_timeout = Duration::from_secs(1);
+    c.watch_idle_timeout = Duration::from_secs(10);
+    c.startup_timeout = Duration::from_secs(10);
+    c.pod = pod.map(|name| ObjectReference {
+        kind: "Pod".into(),
+        namespace: "default".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    });
+    c
+}
+
+/// The Pod name of the simulated node `node`.
+pub fn pod_name(node: &str) -> String {
+    format!("pod-{node}")
+}
+
+/// The bounds of the Kubernetes provider with the simulation's settings.
+pub fn bounds(knobs: &Knobs) -> Bounds {
+    Bounds::kubernetes(&config(None), knobs.buggify)
+}
+
+/// The Kubernetes provider's load budget as designed today: every member renews its Lease
+/// every renew interval, and every renewal is a MODIFIED event to every member's Lease watch
+/// (a per-member term: the design's O(N²) fan-out, stated); a bookmark per watch every 2 s;
+/// each watch ends after 60 s and resumes; a watcher that resumes past the event history
+/// (32 events) lists again, which at hundreds of members is every resume.
+pub fn budget(knobs: &Knobs) -> LoadBudget {
+    let c = config(None);
+    let renew = c.renew_interval().as_secs_f64();
+    // Two watches per node (Leases, EndpointSlices), each with bookmarks and a resume a minute.
+    let watches = 2.0;
+    LoadBudget {
+        requests_per_node_per_s: 1.0 / renew + watches / 60.0 + 1.0 / renew,
+        requests_per_change: 4.0,
+        requests_per_reconnect: 8.0,
+        events_per_watcher_per_s: watches / BOOKMARK_EVERY.as_secs_f64(),
+        events_per_watcher_per_member_per_s: 1.0 / renew,
+        events_per_change_per_watcher: 3.0,
+        events_per_reconnect: 6.0,
+        lists_per_node_per_s: watches / 60.0,
+        lists_per_change: 1.0,
+        lists_per_change_per_watcher: 0.0,
+        lists_per_reconnect: 3.0,
+        slack: if knobs.buggify { 4.0 } else { 2.0 },
+        why: "Kubernetes: a renewal per member per renew interval reaching every member's watch, a bookmark per watch every 2 s, a resume (at scale a relist) per watch a minute",
+    }
+}
+
+/// The API server on its node, its door and its endpoints controller.
+#[derive(Debug)]
+pub struct ApiServerPlane {
+    node: ControlNode,
+    door: Arc<KubeDoor>,
+    endpoints: Option<Arc<EndpointController>>,
+    oracles: Arc<Oracles>,
+    bounds: Bounds,
+    knobs: Knobs,
+    providers: Mutex<Vec<KubernetesProviderMetrics>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ApiServerPlane {
+    /// Starts the API server node; its store lives outside the node, so it survives restarts.
+    pub fn start(env: Env) -> Arc<dyn ControlPlane> {
+        // A short event history (about 10 s of renewals at 5 members): a watcher cut off for
+        // longer gets 410 Gone when it resumes and must relist.
+        let store = MemoryApiServer::new(HISTORY);
+        let door = KubeDoor::new(store, env.oracles.clone(), env.rec.clone());
+        door.out_of_contract
+            .store(env.knobs.out_of_contract, std::sync::atomic::Ordering::SeqCst);
+        // One run: the store's Leases persist across API-server restarts.
+        env.oracles.registry_started(1);
+        let (d, rec) = (door.clone(), env.rec.clone());
+        let node = env
+            .handle
+            .create_node()
+            .name("apiserver")
+            .ip(ADDRESS)
+            .init(move || {
+                let (door, rec) = (d.clone(), rec.clone());
+                async move {
+                    rec.trace("apiserver", "started");
+                    let store = door.store().clone();
+                    madsim::task::spawn(async move {
+                        loop {
+                            sleep(BOOKMARK_EVERY).await;
+                            store.bookmark();
+                        }
+                    });
+                    door.serve().await;
+                }
+            })
+            .build();
+        Arc::new(ApiServerPlane {
+            node: ControlNode::new(env.handle.clone(), node),
+            endpoints: env.knobs.k8s_service.then(|| {
+                EndpointController::new(door.store().clone(), env.rec.clone(), env.knobs.k8s_zones)
+            }),
+            door,
+            oracles: env.oracles,
+            bounds: bounds(&env.knobs),
+            knobs: env.knobs.clone(),
+            providers: Mutex::default(),
+        })
+    }
+}
+
+impl ControlPlane for ApiServerPlane {
+    fn name(&self) -> &'static str {
+        "apiserver"
+    }
+
+    fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    /// A dead member's Lease is deleted a duration (plus up to half of one, if the first
+    /// cleaner is gone too) after its last renewal; a member that lost its Lease creates a new
+    /// one at its next renewal; a restarted process starts within a few seconds; watches
+    /// reopen within a renew interval; slow clocks (25%) stretch all of it.
+    fn liveness_bound(&self) -> Duration {
+        let c = config(None);
+        (c.lease_duration * 2 + c.renew_interval() + c.watch_idle_timeout) * 4 / 3
+            + Duration::from_secs(5 + 10 + 4)
+    }
+
+    fn node(&self) -> Option<madsim::task::NodeId> {
+        Some(self.node.id())
+    }
+
+    fn provider(&self, node: &NodeInfo) -> Arc<dyn ClusterProvider> {
+        let api = SimKubeApi::new(SocketAddr::new(ADDRESS, APISERVER_PORT));
+        let pod = pod_name(&node.name);
+        let mut config = config(Some(&pod));
+        if let Some(e) = &self.endpoints {
+            // The Pod's readiness probe passes as soon as its process runs (it does not wait
+            // for the provider to start).
+            config.service = Some(SERVICE.to_string());
+            if !node.is_client {
+                // A client's Pod is not selected by the members' Service.
+                e.started(&pod, node.ip);
+            }
+        }
+        let p = KubernetesProvider::new(config, Arc::new(api));
+        lock(&self.providers).push(p.metrics().clone());
+        Arc::new(p)
+    }
+
+    fn listed(&self) -> Option<(u64, Arc<ClusterTopology>)> {
+        if self.node.is_paused() {
+            return None;
+        }
+        // The API server's store: Leases survive its restarts (one run).
+        Some((1, self.door.topology()))
+    }
+
+    fn disturbed(&self) -> bool {
+        self.node.is_down() || self.node.is_paused()
+    }
+
+    fn crash(&self, _lose_data: bool) -> Option<u64> {
+        // The store is etcd's: it survives; every watch ends with the process.
+        Some(self.node.kill())
+    }
+
+    fn restart_after(&self, crash: u64) {
+        if self.node.is_latest(crash)
+            && let Some(down) = self.node.revive()
+        {
+            self.oracles.apiserver_silent(down);
+        }
+    }
+
+    fn pause(&self) -> bool {
+        self.node.pause()
+    }
+
+    fn resume(&self) {
+        if let Some(d) = self.node.resume() {
+            self.oracles.apiserver_silent(d);
+        }
+    }
+
+    fn lose_renewals(&self, m: &MemberRef, lost: bool) -> bool {
+        self.door.set_renewal_loss(m.ip, lost);
+        true
+    }
+
+    fn reset_streams(&self) -> bool {
+        self.door.reset_streams();
+        true
+    }
+
+    fn heal(&self) {
+        self.door.clear_renewal_loss();
+        self.resume();
+        if let Some(down) = self.node.revive() {
+            self.oracles.apiserver_silent(down);
+        }
+    }
+
+    fn load(&self) -> LoadCounts {
+        self.door.meter.counts()
+    }
+
+    fn budget(&self) -> LoadBudget {
+        budget(&self.knobs)
+    }
+
+    fn record_path_counts(&self, rec: &Recorder) {
+        for m in lock(&self.providers).iter() {
+            rec.count_n("kubernetes: renew failures", m.renew_failures.get());
+            rec.count_n("kubernetes: relists after 410", m.relists.get());
+            rec.count_n("kubernetes: watches reopened", m.watch_reopens.get());
+            rec.count_n("kubernetes: expired leases deleted", m.leases_cleaned.get());
+            rec.count_n("kubernetes: membership lost", m.membership_lost.get());
+            rec.count_n(
+                "kubernetes: membership restored",
+                m.membership_restored.get(),
+            );
+            rec.count_n(
+                "kubernetes: description updates",
+                m.description_updates.get(),
+            );
+        }
+    }
+
+    fn endpoints(&self) -> Option<Arc<EndpointController>> {
+        self.endpoints.clone()
+    }
+
+    fn teardown(&self) {
+        self.node.teardown();
+        lock(&self.providers).clear();
+    }
+}

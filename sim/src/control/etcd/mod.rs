@@ -1,0 +1,274 @@
+//! etcd as a simulated control plane: the library's `MemoryEtcd` on a node of its own behind
+//! [`door::EtcdDoor`]. It expires leases every [`EXPIRY_TICK`] on its clock, compacts its
+//! history every [`COMPACTION`] (a watcher that misses more must list again) and sends progress
+//! notifications every [`PROGRESS_EVERY`].
+//!
+//! Faults: a restart keeps the data (every lease's TTL starts over, as after a leader change)
+//! or, with data loss, starts a new cluster (another cluster id, revisions from 1); keep-alives
+//! of a member lost at the door; every watch reset; a freeze (not in the etcd scenarios: a
+//! frozen etcd expires overdue leases when it wakes, which no provider can prevent). Its load: requests by gRPC
+//! method, watch responses (progress notifications included), keys returned by ranges, bytes
+//! as protobuf would encode them.
+
+pub mod door;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use madsim::time::sleep;
+use shoal::etcd::memory::MemoryEtcd;
+use shoal::etcd::{EtcdProvider, EtcdProviderConfig, EtcdProviderMetrics};
+use shoal::runtime::TokioClock;
+use shoal::{ClusterProvider, ClusterTopology};
+
+pub use self::door::{ETCD_PORT, EXPIRY_TICK, EtcdDoor, HISTORY, SimEtcdApi};
+use super::{ADDRESS, ControlNode, ControlPlane, Env, MemberRef, NodeInfo};
+use crate::knobs::Knobs;
+use crate::load::{LoadBudget, LoadCounts};
+use crate::oracle::{Bounds, Oracles};
+use crate::record::Recorder;
+
+/// How often the simulated etcd compacts its history to the current revision
+/// (`--auto-compaction-mode=periodic`).
+pub const COMPACTION: Duration = Duration::from_secs(5);
+
+/// How often the simulated etcd sends a progress notification on every watch.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// The etcd provider settings simulations use: a 6 s lease (the registry's TTL) kept alive
+/// every 2 s.
+pub fn config() -> EtcdProviderConfig {
+    EtcdProviderConfig {
+        ttl: Duration::from_secs(6),
+        request_timeout: Duration::from_secs(1),
+        watch_idle_timeout: Duration::from_secs(10),
+        startup_timeout: Duration::from_secs(10),
+        ..EtcdProviderConfig::default()
+    }
+}
+
+/// The bounds of the etcd provider with the simulation's settings.
+pub fn bounds(knobs: &Knobs) -> Bounds {
+    Bounds::etcd(&config(), knobs.buggify)
+}
+
+/// The etcd provider's load budget: a keep-alive per member per keep-alive interval; a
+/// progress notification per watch every 2 s; one watch response per membership change per
+/// watcher; a reconnect (or a member registering again) costs a grant, a put, a range (a list
+/// of every member) and a watch.
+pub fn budget(knobs: &Knobs) -> LoadBudget {
+    let c = config();
+    LoadBudget {
+        requests_per_node_per_s: 1.0 / c.keep_alive_interval().as_secs_f64(),
+        requests_per_change: 4.0,
+        requests_per_reconnect: 8.0,
+        events_per_watcher_per_s: 1.0 / PROGRESS_EVERY.as_secs_f64(),
+        events_per_watcher_per_member_per_s: 0.0,
+        events_per_change_per_watcher: 1.5,
+        events_per_reconnect: 4.0,
+        lists_per_node_per_s: 0.0,
+        lists_per_change: 1.0,
+        lists_per_change_per_watcher: 0.0,
+        lists_per_reconnect: 3.0,
+        slack: if knobs.buggify { 4.0 } else { 2.0 },
+        why: "etcd: a keep-alive per member per keep-alive interval, a progress notification per watch every 2 s, a watch response per change per watcher, a grant, a put, a range and a watch per reconnect",
+    }
+}
+
+/// etcd on its node.
+#[derive(Debug)]
+pub struct EtcdPlane {
+    node: ControlNode,
+    door: Arc<EtcdDoor>,
+    oracles: Arc<Oracles>,
+    bounds: Bounds,
+    knobs: Knobs,
+    /// The next restart loses the data.
+    lose_data: AtomicBool,
+    /// Runs of the store (a run ends when it loses its data).
+    store_runs: AtomicU64,
+    providers: Mutex<Vec<EtcdProviderMetrics>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl EtcdPlane {
+    /// Starts the etcd node; its store lives outside the node, so it survives restarts (as
+    /// etcd's data dir does).
+    pub fn start(env: Env) -> Arc<dyn ControlPlane> {
+        let store = MemoryEtcd::new(TokioClock::shared(), HISTORY);
+        let door = EtcdDoor::new(store, env.oracles.clone(), env.rec.clone());
+        door.out_of_contract
+            .store(env.knobs.out_of_contract, Ordering::SeqCst);
+        env.oracles.registry_started(1);
+        let (d, rec) = (door.clone(), env.rec.clone());
+        let node = env
+            .handle
+            .create_node()
+            .name("etcd")
+            .ip(ADDRESS)
+            .init(move || {
+                let (door, rec) = (d.clone(), rec.clone());
+                async move {
+                    rec.trace("etcd", "started");
+                    let store = door.store().clone();
+                    let progress = store.clone();
+                    let compactor = store.clone();
+                    madsim::task::spawn(async move { store.run(EXPIRY_TICK).await });
+                    madsim::task::spawn(async move {
+                        loop {
+                            sleep(COMPACTION).await;
+                            compactor.compact(compactor.revision());
+                        }
+                    });
+                    madsim::task::spawn(async move {
+                        loop {
+                            sleep(PROGRESS_EVERY).await;
+                            progress.progress();
+                        }
+                    });
+                    door.serve().await;
+                }
+            })
+            .build();
+        Arc::new(EtcdPlane {
+            node: ControlNode::new(env.handle.clone(), node),
+            door,
+            oracles: env.oracles,
+            bounds: bounds(&env.knobs),
+            knobs: env.knobs.clone(),
+            lose_data: AtomicBool::new(false),
+            store_runs: AtomicU64::new(1),
+            providers: Mutex::default(),
+        })
+    }
+
+    /// Restarts etcd if it is down: with its data (every lease's TTL starts over) or, after a
+    /// data-loss crash, as a new cluster.
+    fn revive(&self) {
+        if self.node.revive().is_none() {
+            return;
+        }
+        let store = self.door.store();
+        store.set_down(false);
+        if self.lose_data.swap(false, Ordering::SeqCst) {
+            // A new etcd cluster: no keys, no leases, another cluster id.
+            let run = self.store_runs.fetch_add(1, Ordering::SeqCst) + 1;
+            store.restart(false);
+            self.oracles.registry_started(run);
+        } else {
+            self.oracles.leases_refreshed();
+        }
+    }
+}
+
+impl ControlPlane for EtcdPlane {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    /// A dead member's key goes a TTL after its last keep-alive; a member that lost its lease
+    /// registers again at its next keep-alive round; watches reopen within the idle timeout;
+    /// slow clocks (25%) stretch all of it.
+    fn liveness_bound(&self) -> Duration {
+        let c = config();
+        (c.ttl * 2 + c.keep_alive_interval() + c.watch_idle_timeout) * 4 / 3
+            + Duration::from_secs(5 + 10 + 4)
+    }
+
+    fn node(&self) -> Option<madsim::task::NodeId> {
+        Some(self.node.id())
+    }
+
+    fn provider(&self, _node: &NodeInfo) -> Arc<dyn ClusterProvider> {
+        let api = SimEtcdApi::new(SocketAddr::new(ADDRESS, ETCD_PORT));
+        let p = EtcdProvider::new(config(), Arc::new(api));
+        lock(&self.providers).push(p.metrics().clone());
+        Arc::new(p)
+    }
+
+    fn listed(&self) -> Option<(u64, Arc<ClusterTopology>)> {
+        if self.node.is_down() || self.node.is_paused() {
+            // A stopped etcd expires nobody (its leases start over on restart); a frozen one
+            // is not judged (it expires overdue leases when it wakes).
+            return None;
+        }
+        Some((self.store_runs.load(Ordering::SeqCst), self.door.topology()))
+    }
+
+    fn disturbed(&self) -> bool {
+        self.node.is_down() || self.node.is_paused()
+    }
+
+    fn crash(&self, lose_data: bool) -> Option<u64> {
+        if lose_data {
+            self.lose_data.store(true, Ordering::SeqCst);
+        }
+        let crash = self.node.kill();
+        self.door.store().set_down(true);
+        Some(crash)
+    }
+
+    fn restart_after(&self, crash: u64) {
+        if self.node.is_latest(crash) {
+            self.revive();
+        }
+    }
+
+    fn pause(&self) -> bool {
+        self.node.pause()
+    }
+
+    fn resume(&self) {
+        // A frozen etcd extends nothing: it expires overdue leases when it wakes.
+        self.node.resume();
+    }
+
+    fn lose_renewals(&self, m: &MemberRef, lost: bool) -> bool {
+        self.door.set_keep_alive_loss(m.ip, lost);
+        true
+    }
+
+    fn reset_streams(&self) -> bool {
+        self.door.reset_streams();
+        true
+    }
+
+    fn heal(&self) {
+        self.door.clear_keep_alive_loss();
+        self.node.resume();
+        self.revive();
+    }
+
+    fn load(&self) -> LoadCounts {
+        self.door.meter.counts()
+    }
+
+    fn budget(&self) -> LoadBudget {
+        budget(&self.knobs)
+    }
+
+    fn record_path_counts(&self, rec: &Recorder) {
+        for m in lock(&self.providers).iter() {
+            rec.count_n("etcd: keep-alive failures", m.keep_alive_failures.get());
+            rec.count_n("etcd: rejoins", m.rejoins.get());
+            rec.count_n("etcd: relists", m.relists.get());
+            rec.count_n("etcd: watches reopened", m.watch_reopens.get());
+            rec.count_n("etcd: membership lost", m.membership_lost.get());
+            rec.count_n("etcd: membership restored", m.membership_restored.get());
+        }
+    }
+
+    fn teardown(&self) {
+        self.node.teardown();
+        lock(&self.providers).clear();
+    }
+}
