@@ -391,7 +391,12 @@ struct Owners {
 }
 
 impl Owners {
-    fn of(&mut self, rule: PlacementRule, t: &Arc<shoal::ClusterTopology>, i: usize) -> Option<MemberId> {
+    fn of(
+        &mut self,
+        rule: PlacementRule,
+        t: &Arc<shoal::ClusterTopology>,
+        i: usize,
+    ) -> Option<MemberId> {
         match &self.held {
             Some((held, owners)) if Arc::ptr_eq(held, t) => owners[i].clone(),
             _ => {

@@ -209,7 +209,12 @@ pub fn summarize(name: &str, reports: &[SeedReport], wall_seconds: f64) -> Summa
         uncovered: Vec::new(),
         rechecked: 0,
         members: reports.first().map_or(0, |r| r.members),
-        load: Load::mean(&reports.iter().filter_map(|r| r.load.clone()).collect::<Vec<_>>()),
+        load: Load::mean(
+            &reports
+                .iter()
+                .filter_map(|r| r.load.clone())
+                .collect::<Vec<_>>(),
+        ),
     }
 }
 

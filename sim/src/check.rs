@@ -25,6 +25,12 @@ pub fn sample_identities() -> &'static [String] {
 /// Owners of the sampled identities.
 type Owners = Arc<Vec<Option<MemberId>>>;
 
+fn lock_print(
+    p: &std::sync::Mutex<fingerprint::ViewPrint>,
+) -> std::sync::MutexGuard<'_, fingerprint::ViewPrint> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the safety checker remembers between samples, per node incarnation: the topology it
 /// held at the last sample (by `Arc` identity, so a node that applied nothing new costs O(1)),
 /// its fingerprint, and the owners of the sampled identities over it.
@@ -63,7 +69,7 @@ pub fn check_safety(cluster: &SimCluster, memo: &mut OwnerMemo) {
         let (fp, owners) = match memo.held.get(&key) {
             Some((held, fp, owners)) if Arc::ptr_eq(held, &t) => (*fp, owners.clone()),
             _ => {
-                let fp = fingerprint::of(&t);
+                let fp = lock_print(&inc.print).of(&t);
                 let owners: Owners = Arc::new(
                     ids.iter()
                         .map(|id| inc.manager.peek_owner(KIND, id).map(|m| m.id.clone()))
@@ -158,7 +164,7 @@ fn converged(cluster: &SimCluster, memo: &mut ConvergeMemo) -> Result<u64, Strin
             Some((held, seen, placement)) if Arc::ptr_eq(held, &t) => (*seen, placement.clone()),
             _ => {
                 let seen = fingerprint::described_of(&t);
-                let full = fingerprint::of(&t).full;
+                let full = lock_print(&inc.print).of(&t).full;
                 let fresh = memo.fresh.get_or(full, || {
                     Arc::new(
                         sample_identities()
@@ -208,7 +214,11 @@ fn converged(cluster: &SimCluster, memo: &mut ConvergeMemo) -> Result<u64, Strin
 }
 
 /// How node `name`'s view `t` differs from the live members as they describe themselves.
-fn difference(name: &str, t: &ClusterTopology, described: &BTreeMap<MemberId, Description>) -> String {
+fn difference(
+    name: &str,
+    t: &ClusterTopology,
+    described: &BTreeMap<MemberId, Description>,
+) -> String {
     let members: BTreeSet<&MemberId> = t.member_ids().collect();
     let expected: BTreeSet<&MemberId> = described.keys().collect();
     if members != expected {
@@ -234,7 +244,10 @@ fn difference(name: &str, t: &ClusterTopology, described: &BTreeMap<MemberId, De
             m.description(),
             described[&m.id]
         ),
-        None => format!("{name} (v{}): fingerprints differ, members do not", t.version()),
+        None => format!(
+            "{name} (v{}): fingerprints differ, members do not",
+            t.version()
+        ),
     }
 }
 

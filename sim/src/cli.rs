@@ -62,6 +62,9 @@ enum Command {
         /// Run the scenario with this many members instead of its own count.
         #[arg(long)]
         members: Option<usize>,
+        /// Run once, without the second run that checks determinism (large clusters).
+        #[arg(long)]
+        once: bool,
         /// Write an SVG timeline of every node's view with the faults marked.
         #[arg(long)]
         timeline: Option<PathBuf>,
@@ -146,7 +149,10 @@ fn scenarios(name: &str, members: Option<usize>) -> Result<Vec<Scenario>> {
     let resize = |list: Vec<Scenario>| -> Result<Vec<Scenario>> {
         let Some(n) = members else { return Ok(list) };
         list.into_iter()
-            .map(|s| s.with_members(n).map_err(|e| anyhow::anyhow!("--members: {e}")))
+            .map(|s| {
+                s.with_members(n)
+                    .map_err(|e| anyhow::anyhow!("--members: {e}"))
+            })
             .collect()
     };
     if name == "all" {
@@ -253,10 +259,12 @@ fn merge(files: Vec<PathBuf>, json: bool) -> Result<bool> {
     Ok(merged.iter().all(|s| s.failures == 0))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn replay(
     scenario: String,
     seed: u64,
     members: Option<usize>,
+    once: bool,
     timeline_path: Option<PathBuf>,
     quiet: bool,
     schedule: Option<PathBuf>,
@@ -286,7 +294,11 @@ fn replay(
         knobs: None,
     };
     let first = scenario::run_seed_isolated(&s, seed, &opts);
-    let second = scenario::run_seed_isolated(&s, seed, &opts);
+    let second = if once {
+        first.clone()
+    } else {
+        scenario::run_seed_isolated(&s, seed, &opts)
+    };
     if !quiet {
         for t in &first.recording.trace {
             println!(
@@ -310,7 +322,9 @@ fn replay(
         first.recording.digest
     );
     let deterministic = first.recording.digest == second.recording.digest;
-    if deterministic {
+    if once {
+        println!("run once (--once): determinism not checked");
+    } else if deterministic {
         println!(
             "deterministic: a second run produced the same trace (digest {:016x})",
             second.recording.digest
@@ -426,16 +440,19 @@ pub fn main() -> ExitCode {
             shard,
             json,
             flaw,
-        } => run(scenario, seeds, members, seed_start, jobs, shard, json, flaw),
+        } => run(
+            scenario, seeds, members, seed_start, jobs, shard, json, flaw,
+        ),
         Command::Replay {
             scenario,
             seed,
             members,
+            once,
             timeline,
             quiet,
             schedule,
             flaw,
-        } => replay(scenario, seed, members, timeline, quiet, schedule, flaw),
+        } => replay(scenario, seed, members, once, timeline, quiet, schedule, flaw),
         Command::Merge { files, json } => merge(files, json),
         Command::Scale {
             scenario,

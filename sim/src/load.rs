@@ -184,7 +184,8 @@ impl Load {
         if loads.is_empty() || total <= 0.0 {
             return None;
         }
-        let avg = |f: &dyn Fn(&Load) -> f64| loads.iter().map(|(l, w)| f(l) * w).sum::<f64>() / total;
+        let avg =
+            |f: &dyn Fn(&Load) -> f64| loads.iter().map(|(l, w)| f(l) * w).sum::<f64>() / total;
         let mut verbs: BTreeMap<String, f64> = BTreeMap::new();
         for (l, w) in loads {
             for (v, r) in &l.requests_by_verb_per_s {
@@ -381,7 +382,10 @@ mod tests {
         let mut c = LoadCounts::default();
         c.requests.insert("heartbeat".into(), 50);
         c.watch_events = 20;
-        assert!(judge(&budget(), &w, &c).is_empty(), "75 requests and 45 events allowed");
+        assert!(
+            judge(&budget(), &w, &c).is_empty(),
+            "75 requests and 45 events allowed"
+        );
         c.watch_events = 100;
         let v = judge(&budget(), &w, &c);
         assert_eq!(v.len(), 1);

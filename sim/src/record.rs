@@ -193,7 +193,11 @@ impl Recorder {
         } else {
             self.trace(
                 node,
-                format!("view v{version} ({} members, {:016x})", topology.len(), fp.full),
+                format!(
+                    "view v{version} ({} members, {:016x})",
+                    topology.len(),
+                    fp.full
+                ),
             );
         }
         self.lock().views.push(ViewPoint {

@@ -189,7 +189,11 @@ pub fn svg(title: &str, rows: &[ScaleRow]) -> String {
         40.0,
         "control plane load per member per second",
         &[
-            ("watch messages", "#c0392b", load(|l| l.events_per_member_per_s)),
+            (
+                "watch messages",
+                "#c0392b",
+                load(|l| l.events_per_member_per_s),
+            ),
             (
                 "requests",
                 "#2471a3",
@@ -207,7 +211,9 @@ pub fn svg(title: &str, rows: &[ScaleRow]) -> String {
             (
                 "wall s per seed",
                 "#117a65",
-                rows.iter().map(|r| (r.members as f64, r.wall_seconds)).collect(),
+                rows.iter()
+                    .map(|r| (r.members as f64, r.wall_seconds))
+                    .collect(),
             ),
             (
                 "us per message",
@@ -224,7 +230,13 @@ pub fn svg(title: &str, rows: &[ScaleRow]) -> String {
 }
 
 /// One log-log panel at `left`, `width` wide.
-fn panel(out: &mut String, left: f64, title: &str, series: &[(&str, &str, Vec<(f64, f64)>)], width: f64) {
+fn panel(
+    out: &mut String,
+    left: f64,
+    title: &str,
+    series: &[(&str, &str, Vec<(f64, f64)>)],
+    width: f64,
+) {
     let (top, height) = (60.0, 280.0);
     let points: Vec<(f64, f64)> = series
         .iter()
@@ -246,7 +258,10 @@ fn panel(out: &mut String, left: f64, title: &str, series: &[(&str, &str, Vec<(f
     }
     let decades = |v: &mut dyn Iterator<Item = f64>| -> (f64, f64) {
         let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
-        (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0))
+        (
+            lo.log10().floor(),
+            hi.log10().ceil().max(lo.log10().floor() + 1.0),
+        )
     };
     let (x0, x1) = decades(&mut points.iter().map(|p| p.0));
     let (y0, y1) = decades(&mut points.iter().map(|p| p.1));

@@ -1253,12 +1253,14 @@ async fn drive(
     }
     let phase = Instant::now();
     let checks_until = phase + scenario.fault_phase + crate::check::liveness_bound(cluster);
-    madsim::task::spawn(safety_loop(
+    // The harness's own tasks hold the cluster: they run as its background tasks, so the
+    // teardown aborts them (a task left sleeping would keep the whole run alive).
+    cluster.spawn_background(safety_loop(
         cluster.clone(),
         Duration::from_millis(500),
         checks_until,
     ));
-    madsim::task::spawn(crate::oracle::budget::judge_windows(
+    cluster.spawn_background(crate::oracle::budget::judge_windows(
         cluster.clone(),
         phase + scenario.fault_phase,
     ));

@@ -16,6 +16,7 @@ use shoal::{
 };
 
 use crate::cluster::KIND;
+use crate::fingerprint::ViewPrint;
 use crate::oracle::events::EventChain;
 use crate::record::Recorder;
 
@@ -53,6 +54,8 @@ pub struct Workload {
     fresh_held: Option<(Arc<ClusterTopology>, Owners)>,
     /// Where this subscriber is in the node's events ([`crate::oracle::events`]).
     chain: EventChain,
+    /// The node's view's fingerprint, followed by the harness's subscriber.
+    print: Arc<Mutex<ViewPrint>>,
 }
 
 /// The owner of every workload identity (by index), computed from scratch.
@@ -94,7 +97,11 @@ impl FreshOwners {
 
     /// The owners of identity 0..[`IDENTITIES`] over `t`.
     pub fn of(&self, t: &ClusterTopology) -> Owners {
-        let key = crate::fingerprint::of(t).full;
+        self.of_printed(t, crate::fingerprint::of(t).full)
+    }
+
+    /// [`Self::of`] for a topology whose full fingerprint is `key` (known already).
+    pub fn of_printed(&self, t: &ClusterTopology, key: u64) -> Owners {
         let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
         memo.get_or(key, || {
             Arc::new(
@@ -116,6 +123,7 @@ impl Workload {
         events: Subscription,
         cache_capacity: usize,
         fresh: Arc<FreshOwners>,
+        print: Arc<Mutex<ViewPrint>>,
     ) -> Self {
         let last = Some(ctx.partition_manager.topology());
         Self {
@@ -130,6 +138,7 @@ impl Workload {
             fresh,
             fresh_held: None,
             chain: EventChain::default(),
+            print,
         }
     }
 
@@ -151,7 +160,13 @@ impl Workload {
         {
             return owners.clone();
         }
-        let owners = self.fresh.of(t);
+        let key = self
+            .print
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .of(t)
+            .full;
+        let owners = self.fresh.of_printed(t, key);
         self.fresh_held = Some((t.clone(), owners.clone()));
         owners
     }
@@ -161,7 +176,8 @@ impl Workload {
         loop {
             match self.events.try_recv() {
                 Ok(Some(ClusterEvent::TopologyChanged { topology, report })) => {
-                    self.chain.changed(&self.name, &topology, &report, &self.rec);
+                    self.chain
+                        .changed(&self.name, &topology, &report, &self.rec);
                     self.check_report(&topology, &report);
                     self.last = Some(topology);
                 }
@@ -208,7 +224,7 @@ impl Workload {
 
     /// Compares a report's moves with what a fresh computation says moved among the identities
     /// the cache remembered when the topology was applied.
-    fn check_report(&mut self, topology: &ClusterTopology, report: &RebalanceReport) {
+    fn check_report(&mut self, topology: &Arc<ClusterTopology>, report: &RebalanceReport) {
         let Some(last) = self
             .last
             .as_ref()
@@ -218,7 +234,7 @@ impl Workload {
             return;
         };
         let last = last.clone();
-        let (before, after) = (self.fresh_of(&last), self.fresh.of(topology));
+        let (before, after) = (self.fresh_of(&last), self.fresh_of(topology));
         let expected: Vec<Moved> = self
             .asked
             .iter()

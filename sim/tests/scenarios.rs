@@ -665,7 +665,12 @@ fn load_budget_fires_on_an_etcd_view_that_relists_on_every_progress_notification
     }
 }
 
-fn run_knobs(name: &str, seed: u64, flaw: Flaw, adjust: impl Fn(&mut shoal_sim::knobs::Knobs)) -> SeedReport {
+fn run_knobs(
+    name: &str,
+    seed: u64,
+    flaw: Flaw,
+    adjust: impl Fn(&mut shoal_sim::knobs::Knobs),
+) -> SeedReport {
     let s = scenario::by_name(name).unwrap_or_else(|| panic!("no scenario {name}"));
     let mut knobs = s.knobs_for(seed);
     adjust(&mut knobs);

@@ -173,6 +173,11 @@ impl ClusterTopology {
                 (None, None) => break,
                 (Some(_), None) => diff.left.extend(old.by_ref().map(|m| Member::clone(m))),
                 (None, Some(_)) => diff.joined.extend(new.by_ref().map(|m| Member::clone(m))),
+                // Successive versions share unchanged members: one pointer compare each.
+                (Some(o), Some(n)) if Arc::ptr_eq(o, n) => {
+                    old.next();
+                    new.next();
+                }
                 (Some(o), Some(n)) => match o.id.cmp(&n.id) {
                     Ordering::Less => diff.left.push(Member::clone(old.next().expect("peeked"))),
                     Ordering::Greater => {

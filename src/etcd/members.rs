@@ -125,7 +125,12 @@ impl EtcdView {
         self.keys = range
             .kvs
             .iter()
-            .map(|kv| (kv.key.clone(), decode_member(&self.prefix, kv).map(Arc::new)))
+            .map(|kv| {
+                (
+                    kv.key.clone(),
+                    decode_member(&self.prefix, kv).map(Arc::new),
+                )
+            })
             .collect();
         let moved = !self.synced || range.cluster_id != self.cluster_id;
         self.revision = range.revision;

@@ -361,11 +361,15 @@ impl KindDelta {
             delta.refreshed.insert(after.id.clone());
         }
         for (kind, ids) in added_ids {
-            let cands = table
-                .candidates_of(&kind)
+            // Candidates are in id order: each added one is found by binary search.
+            let all = table.candidates_of(&kind);
+            let cands = ids
                 .iter()
-                .filter(|c| ids.contains(&c.member.id))
-                .cloned()
+                .filter_map(|id| {
+                    all.binary_search_by(|c| c.member.id.cmp(id))
+                        .ok()
+                        .map(|i| all[i].clone())
+                })
                 .collect();
             delta.added.insert(kind, cands);
         }

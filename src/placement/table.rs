@@ -119,7 +119,10 @@ impl PlacementTable {
         for c in &diff.changed {
             remove(&mut kinds, &c.before);
         }
-        let added = diff.joined.iter().chain(diff.changed.iter().map(|c| &c.after));
+        let added = diff
+            .joined
+            .iter()
+            .chain(diff.changed.iter().map(|c| &c.after));
         for m in added {
             let Some(shared) = topology
                 .members()

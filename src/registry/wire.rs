@@ -621,7 +621,11 @@ mod tests {
 
     #[test]
     fn progress_beyond_the_version_held_is_a_gap() {
-        let held = Arc::new(ClusterTopology::new("c", 7, [m("a")]).unwrap().with_epoch(3));
+        let held = Arc::new(
+            ClusterTopology::new("c", 7, [m("a")])
+                .unwrap()
+                .with_epoch(3),
+        );
         assert!(matches!(
             next_topology("c", Some(&held), progress(3, 7)),
             Ok(None)

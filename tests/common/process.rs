@@ -1,8 +1,8 @@
 //! Running the real binaries as processes over loopback (normal build only).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -106,22 +106,37 @@ pub trait Server: Send + Sync + 'static {
     ) -> bool;
 }
 
+/// Tasks accepting connections side by side: madsim's `accept1` sleeps at least 1 ms of
+/// simulated time per connection, which caps one accepting task at 1,000 connections a second
+/// (a thousand members reconnecting at once would wait a second in line).
+const ACCEPTORS: usize = 64;
+
 /// Serves `server` on `port` of this node until the node dies: each connection's calls one
 /// after the other, until it closes (or carries a stream, which runs until it ends).
 pub async fn serve<S: Server>(server: Arc<S>, port: u16) -> std::io::Result<()> {
-    let ep = Endpoint::bind(("0.0.0.0", port)).await?;
-    while let Ok((tx, mut rx, from)) = ep.accept1().await {
-        let server = server.clone();
-        madsim::task::spawn(async move {
-            while let Ok(payload) = rx.recv().await {
-                let Ok(request) = payload.downcast::<S::Request>() else {
-                    return;
-                };
-                if !server.answer(&tx, *request, from).await {
-                    return;
+    let ep = Arc::new(Endpoint::bind(("0.0.0.0", port)).await?);
+    let acceptors: Vec<_> = (0..ACCEPTORS)
+        .map(|_| {
+            let (ep, server) = (ep.clone(), server.clone());
+            madsim::task::spawn(async move {
+                while let Ok((tx, mut rx, from)) = ep.accept1().await {
+                    let server = server.clone();
+                    madsim::task::spawn(async move {
+                        while let Ok(payload) = rx.recv().await {
+                            let Ok(request) = payload.downcast::<S::Request>() else {
+                                return;
+                            };
+                            if !server.answer(&tx, *request, from).await {
+                                return;
+                            }
+                        }
+                    });
                 }
-            }
-        });
+            })
+        })
+        .collect();
+    for a in acceptors {
+        let _ = a.await;
     }
     Ok(())
 }

@@ -31,7 +31,13 @@ impl EventChain {
     }
 
     /// The subscriber received a `TopologyChanged` of `t` with `report`.
-    pub fn changed(&mut self, node: &str, t: &ClusterTopology, report: &RebalanceReport, rec: &Recorder) {
+    pub fn changed(
+        &mut self,
+        node: &str,
+        t: &ClusterTopology,
+        report: &RebalanceReport,
+        rec: &Recorder,
+    ) {
         if !self.lagged && report.from_version != self.last {
             rec.violation_once(
                 format!("event chain {node} {}", t.version()),

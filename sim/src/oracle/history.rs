@@ -149,8 +149,7 @@ impl History {
                 ),
             ),
             // Equal fingerprints are equal members (sim/src/fingerprint.rs): O(1) per view.
-            Some((issued, issued_fp)) if *issued_fp != fp => {
-                rec.violation_once(
+            Some((issued, issued_fp)) if *issued_fp != fp => rec.violation_once(
                 format!("history differs {node} {}", t.version()),
                 format!(
                     "history: {node} holds v{} as {} but the registry issued {}{}",
@@ -159,8 +158,7 @@ impl History {
                     describe(issued),
                     first_difference(t, issued)
                 ),
-            )
-            }
+            ),
             Some(_) => {}
         }
     }
@@ -202,7 +200,15 @@ fn digest(msg: &pb::WatchResponse) -> Option<u64> {
     };
     match &msg.event {
         Some(pb::watch_response::Event::Snapshot(s)) => {
-            (b'S', s.epoch, s.version, s.encoding, s.fragment, s.members.len()).hash(&mut h);
+            (
+                b'S',
+                s.epoch,
+                s.version,
+                s.encoding,
+                s.fragment,
+                s.members.len(),
+            )
+                .hash(&mut h);
             for m in &s.members {
                 member(&mut h, m);
             }

@@ -301,9 +301,16 @@ impl Oracles {
 
     /// A node applied `topology`, whose fingerprint is `fp` (judged only where a registry
     /// issues the history).
-    pub fn applied(&self, node: &str, topology: &ClusterTopology, fp: crate::fingerprint::Fingerprint) {
+    pub fn applied(
+        &self,
+        node: &str,
+        topology: &ClusterTopology,
+        fp: crate::fingerprint::Fingerprint,
+    ) {
         if self.bounds.registry {
-            self.lock().history.applied(node, topology, fp.full, &self.rec);
+            self.lock()
+                .history
+                .applied(node, topology, fp.full, &self.rec);
         }
     }
 

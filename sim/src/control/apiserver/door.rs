@@ -240,7 +240,10 @@ pub struct KubeDoor {
     /// The members the store's Leases name, by Lease (namespace, name), kept from the writes
     /// the door accepted, and the topology they make (rebuilt only when a member is added,
     /// removed or moved: a renewal changes nothing here).
-    members: Mutex<(BTreeMap<(String, String), (MemberId, String)>, Arc<ClusterTopology>)>,
+    members: Mutex<(
+        BTreeMap<(String, String), (MemberId, String)>,
+        Arc<ClusterTopology>,
+    )>,
 }
 
 /// The member a Lease names: its holder at its address (what the oracles need; the provider's
@@ -307,14 +310,21 @@ impl KubeDoor {
     /// topology versioned by the store's resource version at its last change; the same `Arc`
     /// while no member was added, removed or moved.
     pub fn topology(&self) -> Arc<ClusterTopology> {
-        self.members.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// The store accepted a write of Lease `ns/name`: now `lease` (`None`: deleted).
     fn written(&self, ns: &str, name: &str, lease: Option<&Lease>) {
         let named = lease
             .filter(|l| {
-                l.meta.labels.get(shoal::kubernetes::members::CLUSTER_LABEL).map(String::as_str)
+                l.meta
+                    .labels
+                    .get(shoal::kubernetes::members::CLUSTER_LABEL)
+                    .map(String::as_str)
                     == Some(crate::cluster::CLUSTER)
             })
             .and_then(holder);
@@ -426,15 +436,21 @@ impl KubeDoor {
         match &answer {
             Ok(Reply::Leases(l)) => {
                 self.meter.request(verb, 0);
-                self.meter
-                    .listed(l.items.len(), l.items.iter().map(lease_bytes).sum::<usize>() + 200);
+                self.meter.listed(
+                    l.items.len(),
+                    l.items.iter().map(lease_bytes).sum::<usize>() + 200,
+                );
             }
             Ok(Reply::Slices(l)) => {
                 self.meter.request(verb, 0);
-                self.meter
-                    .listed(l.items.len(), l.items.iter().map(slice_bytes).sum::<usize>() + 200);
+                self.meter.listed(
+                    l.items.len(),
+                    l.items.iter().map(slice_bytes).sum::<usize>() + 200,
+                );
             }
-            Ok(Reply::Lease(Some(l)) | Reply::Written(l)) => self.meter.request(verb, lease_bytes(l)),
+            Ok(Reply::Lease(Some(l)) | Reply::Written(l)) => {
+                self.meter.request(verb, lease_bytes(l))
+            }
             Ok(_) => self.meter.request(verb, STATUS_BYTES),
             Err(e) => self.meter.request(verb, STATUS_BYTES + e.to_string().len()),
         }
@@ -532,7 +548,9 @@ fn meta_bytes(m: &ObjectMeta) -> usize {
         + m.resource_version.len()
         + pairs(&m.labels)
         + pairs(&m.annotations)
-        + m.owner.as_ref().map_or(0, |o| 120 + o.name.len() + o.uid.len())
+        + m.owner
+            .as_ref()
+            .map_or(0, |o| 120 + o.name.len() + o.uid.len())
 }
 
 /// An estimate of a Lease's JSON on the wire (the simulation carries no bytes): its metadata
@@ -545,13 +563,14 @@ pub fn lease_bytes(l: &Lease) -> usize {
 pub fn slice_bytes(s: &EndpointSlice) -> usize {
     meta_bytes(&s.meta)
         + 80
-        + s
-            .endpoints
+        + s.endpoints
             .iter()
             .map(|e| {
                 150 + e.addresses.iter().map(|a| a.len() + 4).sum::<usize>()
                     + e.zone.as_ref().map_or(0, String::len)
-                    + e.target_ref.as_ref().map_or(0, |r| 80 + r.name.len() + r.uid.len())
+                    + e.target_ref
+                        .as_ref()
+                        .map_or(0, |r| 80 + r.name.len() + r.uid.len())
             })
             .sum::<usize>()
 }

@@ -112,8 +112,10 @@ impl ApiServerPlane {
         // longer gets 410 Gone when it resumes and must relist.
         let store = MemoryApiServer::new(HISTORY);
         let door = KubeDoor::new(store, env.oracles.clone(), env.rec.clone());
-        door.out_of_contract
-            .store(env.knobs.out_of_contract, std::sync::atomic::Ordering::SeqCst);
+        door.out_of_contract.store(
+            env.knobs.out_of_contract,
+            std::sync::atomic::Ordering::SeqCst,
+        );
         // One run: the store's Leases persist across API-server restarts.
         env.oracles.registry_started(1);
         let (d, rec) = (door.clone(), env.rec.clone());

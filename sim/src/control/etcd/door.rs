@@ -453,7 +453,9 @@ impl EtcdDoor {
         // out-of-contract messages, a batch is sometimes sent twice, or followed by the batch
         // before it (revisions the watcher already holds).
         let meter = self.meter.clone();
-        let misbehave = self.out_of_contract.load(std::sync::atomic::Ordering::SeqCst);
+        let misbehave = self
+            .out_of_contract
+            .load(std::sync::atomic::Ordering::SeqCst);
         let rec = self.rec.clone();
         let mut previous: Option<Item> = None;
         let stream = Box::pin(futures::StreamExt::flat_map(stream, move |item: Item| {

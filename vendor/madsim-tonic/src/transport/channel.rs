@@ -123,8 +123,19 @@ impl Endpoint {
         self.connect_lazy()
     }
 
-    /// Connect to a madsim Endpoint.
+    /// Connect to a madsim Endpoint (with a handshake: fails if nobody listens).
     async fn connect_ep(&self) -> Result<madsim::net::Endpoint, Error> {
+        let ep = self.endpoint_for().await?;
+        // handshake
+        let addr = ep.peer_addr().map_err(Error::from_source)?;
+        ep.connect1(addr).await.map_err(Error::from_source)?;
+        Ok(ep)
+    }
+
+    /// A madsim Endpoint aimed at this endpoint's address, not connected yet. Shoal's patch:
+    /// a call opens its own connection anyway (which fails if nobody listens), so it skips the
+    /// handshake connection, which cost the server a second accept per call.
+    async fn endpoint_for(&self) -> Result<madsim::net::Endpoint, Error> {
         let host_port = (self.uri.authority())
             .ok_or_else(Error::new_invalid_uri)?
             .as_str();
@@ -133,14 +144,9 @@ impl Endpoint {
             .map_err(|e| Error::new_invalid_uri().with(e))?
             .next()
             .ok_or_else(Error::new_invalid_uri)?;
-        let ep = madsim::net::Endpoint::connect(addr)
+        madsim::net::Endpoint::connect(addr)
             .await
-            .map_err(Error::from_source)?;
-
-        // handshake
-        ep.connect1(addr).await.map_err(Error::from_source)?;
-
-        Ok(ep)
+            .map_err(Error::from_source)
     }
 
     /// Set a custom user-agent header.
@@ -399,7 +405,7 @@ impl MultiEndpoint {
             "no endpoints available",
         ))?;
         let madsim_ep = ep
-            .connect_ep()
+            .endpoint_for()
             .await
             .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
         let addr = madsim_ep.peer_addr().unwrap();

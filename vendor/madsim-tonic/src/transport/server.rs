@@ -316,27 +316,48 @@ impl<L> Router<L> {
         let ep = Endpoint::bind(addr).await.map_err(Error::from_source)?;
         let local_addr = ep.local_addr().unwrap();
         let mut signal = Box::pin(signal).fuse();
-        // Shoal's patch: each accepted connection waits for its first message in a task of its
-        // own, so one connection whose request is still in flight does not hold up the accept
-        // loop (upstream awaits it inline, which serialises every new connection behind one
-        // network latency: about 200 requests/s per server at 5 ms latency).
+        // Shoal's patch: connections are accepted by tasks of their own, and each waits for its
+        // first message in a task of its own; the loop here only dispatches requests. One
+        // connection whose request is still in flight holds up nothing (upstream awaits it
+        // inline, which serialises every new connection behind one network latency), and
+        // accepting never competes with dispatching in a select that would restart (and so
+        // starve) one of them. madsim's `accept1` sleeps at least 1 ms of simulated time per
+        // connection (its `rand_delay`), which caps one accepting task at 1,000 connections a
+        // second: ACCEPTORS tasks accept side by side.
+        const ACCEPTORS: usize = 64;
         let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ep = std::sync::Arc::new(ep);
+        let acceptors: Vec<_> = (0..ACCEPTORS)
+            .map(|_| {
+                let (ep, first_tx) = (ep.clone(), first_tx.clone());
+                madsim::task::spawn(async move {
+                    while let Ok((tx, mut rx, addr)) = ep.accept1().await {
+                        let first_tx = first_tx.clone();
+                        madsim::task::spawn(async move {
+                            // An error is a handshake or a connection that closed at once.
+                            if let Ok(msg) = rx.recv().await {
+                                let _ = first_tx.send((tx, rx, addr, msg));
+                            }
+                        });
+                    }
+                })
+            })
+            .collect();
+        drop(first_tx);
         loop {
             // receive a request
             let (tx, mut rx, addr, msg) = select_biased! {
-                ret = ep.accept1().fuse() => {
-                    let (tx, mut rx, addr) = ret.map_err(Error::from_source)?;
-                    let first_tx = first_tx.clone();
-                    madsim::task::spawn(async move {
-                        // An error is a handshake or a connection that closed at once.
-                        if let Ok(msg) = rx.recv().await {
-                            let _ = first_tx.send((tx, rx, addr, msg));
-                        }
-                    });
-                    continue;
+                first = first_rx.recv().fuse() => match first {
+                    Some(first) => first,
+                    // The endpoint stopped accepting.
+                    None => return Ok(()),
+                },
+                _ = &mut signal => {
+                    for a in &acceptors {
+                        a.abort();
+                    }
+                    return Ok(());
                 }
-                first = first_rx.recv().fuse() => first.expect("the server holds a sender"),
-                _ = &mut signal => return Ok(()),
             };
             let (path, server_streaming, mut request) = *msg
                 .downcast::<(PathAndQuery, bool, Request<BoxMessage>)>()
