@@ -82,6 +82,10 @@ pub struct EtcdView {
     /// By key: the member (decoded once, shared by every topology issued while it stays), or
     /// why the key describes none.
     keys: BTreeMap<String, Result<Arc<Member>, String>>,
+    /// Keys of valid members by their address (a new incarnation finds its ghosts in O(log n)).
+    by_address: BTreeMap<String, BTreeSet<String>>,
+    /// How many keys describe no valid member.
+    invalid: usize,
     /// The revision the view reflects.
     revision: Revision,
     cluster_id: u64,
@@ -122,16 +126,13 @@ impl EtcdView {
     /// its data); whether the members changed.
     pub fn relist(&mut self, range: &Range) -> bool {
         let before = self.members();
-        self.keys = range
-            .kvs
-            .iter()
-            .map(|kv| {
-                (
-                    kv.key.clone(),
-                    decode_member(&self.prefix, kv).map(Arc::new),
-                )
-            })
-            .collect();
+        self.keys.clear();
+        self.by_address.clear();
+        self.invalid = 0;
+        for kv in &range.kvs {
+            let decoded = decode_member(&self.prefix, kv).map(Arc::new);
+            self.insert(kv.key.clone(), decoded);
+        }
         let moved = !self.synced || range.cluster_id != self.cluster_id;
         self.revision = range.revision;
         self.cluster_id = range.cluster_id;
@@ -154,17 +155,61 @@ impl EtcdView {
                     let decoded = decode_member(&self.prefix, kv).map(Arc::new);
                     if self.keys.get(&kv.key) != Some(&decoded) {
                         changed = true;
-                        self.keys.insert(kv.key.clone(), decoded);
+                        self.remove(&kv.key);
+                        self.insert(kv.key.clone(), decoded);
                     }
                 }
                 Change::Delete { key, .. } => {
                     if !crate::runtime::sim::flaw("etcd-delete-ignored") {
-                        changed |= self.keys.remove(key).is_some();
+                        changed |= self.remove(key);
                     }
                 }
             }
         }
         changed
+    }
+
+    fn insert(&mut self, key: String, entry: Result<Arc<Member>, String>) {
+        match &entry {
+            Ok(m) => {
+                self.by_address
+                    .entry(m.address.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            Err(_) => self.invalid += 1,
+        }
+        self.keys.insert(key, entry);
+    }
+
+    /// Removes `key`; whether it was there.
+    fn remove(&mut self, key: &str) -> bool {
+        match self.keys.remove(key) {
+            Some(Ok(m)) => {
+                if let Some(keys) = self.by_address.get_mut(&m.address) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.by_address.remove(&m.address);
+                    }
+                }
+                true
+            }
+            Some(Err(_)) => {
+                self.invalid -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The valid members at `address`.
+    pub fn members_at(&self, address: &str) -> Vec<Arc<Member>> {
+        self.by_address
+            .get(address)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.keys.get(k)?.as_ref().ok().cloned())
+            .collect()
     }
 
     /// The valid members, by id (shared, not copied).
@@ -180,6 +225,9 @@ impl EtcdView {
 
     /// Keys that describe no valid member, with why.
     pub fn skipped(&self) -> Vec<(String, String)> {
+        if self.invalid == 0 {
+            return Vec::new();
+        }
         self.keys
             .iter()
             .filter_map(|(k, m)| m.as_ref().err().map(|e| (k.clone(), e.clone())))

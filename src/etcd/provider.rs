@@ -56,6 +56,11 @@ pub struct EtcdProviderConfig {
     pub max_clock_drift_ppm: u32,
     /// Deadline of calls to another member's partition service.
     pub partition_rpc_timeout: Duration,
+    /// The least time between two topologies this node publishes: a change after a quiet spell
+    /// is published at once, and the changes of a burst (a thousand members joining, a relist
+    /// storm) are published together at most this often, so a node applies a few topologies
+    /// a second instead of one per etcd revision.
+    pub publish_interval: Duration,
 }
 
 impl Default for EtcdProviderConfig {
@@ -71,6 +76,7 @@ impl Default for EtcdProviderConfig {
             lease_margin: None,
             max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
             partition_rpc_timeout: Duration::from_secs(2),
+            publish_interval: Duration::from_millis(20),
         }
     }
 }
@@ -105,6 +111,12 @@ impl EtcdProviderConfig {
         }
         if self.request_timeout.is_zero() {
             return bad("request_timeout must be above zero".into());
+        }
+        if self.publish_interval >= self.keep_alive_interval() {
+            return bad(format!(
+                "publish_interval must be below the keep-alive interval (got {:?} for {every:?})",
+                self.publish_interval
+            ));
         }
         Ok(())
     }
@@ -649,14 +661,26 @@ impl Session {
             Ok(s) => s,
             Err(e) => return WatchEnd::from(e.error),
         };
+        // A change after a quiet spell is published at once; during a burst, at most once a
+        // publish interval (the view is `pending` meanwhile).
+        let mut published_at: Option<crate::runtime::Instant> = None;
+        let mut pending = false;
         loop {
-            let next = timeout(
-                self.clock().as_ref(),
-                self.config.watch_idle_timeout,
-                stream.next(),
-            )
-            .await;
+            let now = self.clock().now();
+            let due = published_at
+                .map(|at| at + self.config.publish_interval)
+                .filter(|_| pending);
+            let wait = match due {
+                Some(due) if due <= now => {
+                    self.publish_now(&mut published_at, &mut pending);
+                    continue;
+                }
+                Some(due) => due - now,
+                None => self.config.watch_idle_timeout,
+            };
+            let next = timeout(self.clock().as_ref(), wait, stream.next()).await;
             let batch = match next {
+                Err(_) if due.is_some() => continue, // Time to publish what the burst changed.
                 Err(_) => {
                     return WatchEnd::Reopen(EtcdError::Unavailable(format!(
                         "quiet for {:?}",
@@ -664,9 +688,13 @@ impl Session {
                     )));
                 }
                 Ok(None) => {
+                    self.publish_pending(&mut pending);
                     return WatchEnd::Reopen(EtcdError::Unavailable("the watch ended".into()));
                 }
-                Ok(Some(Err(e))) => return WatchEnd::from(e),
+                Ok(Some(Err(e))) => {
+                    self.publish_pending(&mut pending);
+                    return WatchEnd::from(e);
+                }
                 Ok(Some(Ok(batch))) => batch,
             };
             let changed = {
@@ -676,15 +704,37 @@ impl Session {
                         "etcd lost its data (another cluster id, or its revision went back)",
                     );
                 }
-                let changed = view.apply(&batch);
-                if changed {
-                    self.publish(&view);
-                }
-                changed
+                view.apply(&batch)
             };
             if changed {
+                pending = true;
+                let quiet = published_at.is_none_or(|at| {
+                    self.clock().now().saturating_duration_since(at) >= self.config.publish_interval
+                });
+                if quiet {
+                    self.publish_now(&mut published_at, &mut pending);
+                }
                 self.check_own_key();
             }
+        }
+    }
+
+    /// Publishes the view now.
+    fn publish_now(
+        &self,
+        published_at: &mut Option<crate::runtime::Instant>,
+        pending: &mut bool,
+    ) {
+        self.publish(&lock(&self.view));
+        *published_at = Some(self.clock().now());
+        *pending = false;
+    }
+
+    /// Publishes the view if a change is waiting (the watch is ending: a relist or a reopen
+    /// may take a while).
+    fn publish_pending(&self, pending: &mut bool) {
+        if std::mem::take(pending) {
+            self.publish(&lock(&self.view));
         }
     }
 
@@ -700,9 +750,9 @@ impl Session {
         let (gone, ghosts) = {
             let view = lock(&self.view);
             let ghosts: Vec<String> = view
-                .members()
+                .members_at(&me.address)
                 .into_iter()
-                .filter(|m| m.address == me.address && m.id < me.id)
+                .filter(|m| m.id < me.id)
                 .filter(|_| !sim::flaw("etcd-ghost-kept"))
                 .map(|m| self.key(&m.id))
                 .collect();
