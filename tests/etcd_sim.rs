@@ -141,6 +141,8 @@ async fn a_stopped_etcd_expires_nobody_and_restarts_every_ttl() {
 struct Link {
     store: MemoryEtcd,
     cut: Arc<AtomicBool>,
+    /// Every watch batch is followed by the one before it (out of etcd's contract).
+    echo_older: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -183,6 +185,18 @@ impl EtcdApi for Link {
         self.check()?;
         let cut = self.cut.clone();
         let inner = self.store.watch_prefix(prefix, from).await?;
+        let echo = self.echo_older.clone();
+        let mut previous = None;
+        let inner = inner.flat_map(move |item| {
+            let mut out = vec![item.clone()];
+            if item.is_ok()
+                && let Some(p) = previous.replace(item)
+                && echo.load(Ordering::SeqCst)
+            {
+                out.push(p);
+            }
+            futures::stream::iter(out)
+        });
         Ok(Box::pin(inner.take_while(move |_| {
             futures::future::ready(!cut.load(Ordering::SeqCst))
         })))
@@ -207,6 +221,7 @@ struct Cluster {
     views: Views,
     standing: Standing,
     cuts: BTreeMap<usize, Arc<AtomicBool>>,
+    echo_older: Arc<AtomicBool>,
     nodes: BTreeMap<usize, NodeHandle>,
     providers: Arc<Mutex<BTreeMap<usize, Arc<EtcdProvider>>>>,
 }
@@ -231,6 +246,7 @@ impl Cluster {
             views: Views::default(),
             standing: Standing::default(),
             cuts: BTreeMap::new(),
+            echo_older: Arc::default(),
             nodes: BTreeMap::new(),
             providers: Arc::default(),
         }
@@ -243,6 +259,7 @@ impl Cluster {
         let link = Link {
             store: self.store.clone(),
             cut,
+            echo_older: self.echo_older.clone(),
         };
         let (views, standing, providers) = (
             self.views.clone(),
@@ -502,6 +519,44 @@ async fn a_watcher_behind_a_compaction_relists_without_members_vanishing() {
         m.rejoins.get(),
         start.elapsed()
     );
+}
+
+#[madsim::test]
+async fn an_older_batch_repeated_on_a_stream_is_skipped_without_a_relist() {
+    let mut c = Cluster::new(1000);
+    c.echo_older.store(true, Ordering::SeqCst);
+    for i in 1..=3 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let relists: Vec<u64> = (1..=3)
+        .map(|i| c.provider(i).metrics().relists.get())
+        .collect();
+    c.start(4);
+    c.start(5);
+    c.wait_sizes(&[1, 2, 3, 4, 5], 5, Duration::from_secs(10))
+        .await;
+    let p = c.provider(5);
+    let h = c.nodes[&5].clone();
+    h.spawn(async move { p.shutdown(true).await.unwrap() })
+        .await
+        .unwrap();
+    c.wait_sizes(&[1, 2, 3, 4], 4, Duration::from_secs(10))
+        .await;
+    sleep(Duration::from_secs(3)).await;
+    for i in 1..=3 {
+        let m = c.provider(i).metrics().clone();
+        assert_eq!(
+            m.relists.get(),
+            relists[i - 1],
+            "node {i} listed again on a repeated batch"
+        );
+        assert!(
+            m.batches_out_of_order.get() > 0,
+            "node {i} saw no older batch"
+        );
+        assert_eq!(c.view(i), c.view(4), "node {i}");
+    }
 }
 
 #[madsim::test]

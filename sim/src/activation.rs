@@ -383,11 +383,14 @@ async fn current_client(
     }
 }
 
+/// The owner of each activation identity, by index.
+type OwnerList = Arc<Vec<Option<MemberId>>>;
+
 /// Rendezvous owners of the activation identities over one topology, remembered for the last
 /// topology a node probed with (computed once per view, not once per call).
 #[derive(Default)]
 struct Owners {
-    held: Option<(Arc<shoal::ClusterTopology>, Arc<Vec<Option<MemberId>>>)>,
+    held: Option<(Arc<shoal::ClusterTopology>, OwnerList)>,
 }
 
 impl Owners {
@@ -400,7 +403,7 @@ impl Owners {
         match &self.held {
             Some((held, owners)) if Arc::ptr_eq(held, t) => owners[i].clone(),
             _ => {
-                let owners: Arc<Vec<Option<MemberId>>> = Arc::new(
+                let owners: OwnerList = Arc::new(
                     identities()
                         .iter()
                         .map(|id| naive_owner_by(rule, t, KIND, id))
@@ -459,7 +462,11 @@ async fn probe(
                         .and_then(|w| cluster.process_of(w))
                         .map(|inc| inc.id)
                         .as_ref()
-                        == Some(&r.served_by);
+                        == Some(&r.served_by)
+                    // The membership moved on during the call (a lease that ran out just
+                    // after the heal, a re-join): an intermediate view may have named the
+                    // server. Judged only over a view that held throughout the call.
+                    || (after.version(), after.epoch()) != (t.version(), t.epoch());
                 if !fine {
                     rec.violation_once(
                         format!("stale served {name} {id}"),

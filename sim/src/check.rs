@@ -123,11 +123,15 @@ pub async fn safety_loop(cluster: Arc<SimCluster>, every: Duration, until: Insta
     }
 }
 
+/// One view as the liveness checker saw it: the topology, the fingerprint of its (id,
+/// description) pairs, and whether its placement is rendezvous over it.
+type ConvergeSeen = (Arc<ClusterTopology>, u64, Result<(), String>);
+
 /// What the liveness checker remembers between its polls: per node incarnation, the view it
 /// held (by `Arc` identity) with its fingerprint of (id, description) pairs and whether its
 /// placement of the sampled identities is rendezvous over it; fresh owners per distinct view.
 pub struct ConvergeMemo {
-    held: BTreeMap<(String, MemberId), (Arc<ClusterTopology>, u64, Result<(), String>)>,
+    held: BTreeMap<(String, MemberId), ConvergeSeen>,
     fresh: fingerprint::Memo<Owners>,
 }
 
@@ -225,7 +229,7 @@ fn difference(
         let extra: Vec<_> = members.difference(&expected).take(8).collect();
         let missing: Vec<_> = expected.difference(&members).take(8).collect();
         return format!(
-            "{name} (v{}) sees {} members, {} are live: it lists {extra:?} that are not live, misses {missing:?} (at most 8 of each)",
+            "{name} (v{}) sees {} members, live members are {}: it lists {extra:?} that are not live, misses {missing:?} (at most 8 of each)",
             t.version(),
             members.len(),
             expected.len()

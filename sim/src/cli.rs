@@ -452,7 +452,9 @@ pub fn main() -> ExitCode {
             quiet,
             schedule,
             flaw,
-        } => replay(scenario, seed, members, once, timeline, quiet, schedule, flaw),
+        } => replay(
+            scenario, seed, members, once, timeline, quiet, schedule, flaw,
+        ),
         Command::Merge { files, json } => merge(files, json),
         Command::Scale {
             scenario,

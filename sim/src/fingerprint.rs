@@ -159,7 +159,7 @@ impl ViewPrint {
         };
         let mut wrong = false;
         let print = match incremental {
-            Some(p) if self.applied % 16 != 0 => p,
+            Some(p) if !self.applied.is_multiple_of(16) => p,
             other => {
                 let mut full = Print::default();
                 for m in t.members() {

@@ -117,6 +117,12 @@ mod tests {
             paths: BTreeMap::from([("registry: expiries".to_string(), path)]),
             uncovered: Vec::new(),
             rechecked: 1,
+            members: 5,
+            load: Some(Load {
+                members: 5,
+                events_per_s: path as f64,
+                ..Load::default()
+            }),
         }
     }
 
@@ -139,6 +145,9 @@ mod tests {
         assert_eq!(mc.paths["registry: expiries"], 3);
         assert_eq!(mc.failover_p99_ms, Some(6_003));
         assert_eq!(mc.rechecked, 2);
+        // Loads are averaged by seeds: 3 and 0 watch messages per second over 50 seeds each.
+        assert_eq!(mc.load.as_ref().map(|l| l.events_per_s), Some(1.5));
+        assert_eq!(mc.members, 5);
         // member-crash claims "workload: reports with moves", which no shard reported.
         assert!(
             mc.uncovered

@@ -229,14 +229,11 @@ pub fn svg(title: &str, rows: &[ScaleRow]) -> String {
     out
 }
 
+/// A named, coloured line of (x, y) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
 /// One log-log panel at `left`, `width` wide.
-fn panel(
-    out: &mut String,
-    left: f64,
-    title: &str,
-    series: &[(&str, &str, Vec<(f64, f64)>)],
-    width: f64,
-) {
+fn panel(out: &mut String, left: f64, title: &str, series: &[Series<'_>], width: f64) {
     let (top, height) = (60.0, 280.0);
     let points: Vec<(f64, f64)> = series
         .iter()

@@ -115,7 +115,8 @@ impl FreshOwners {
 }
 
 impl Workload {
-    /// A workload for the node `name`; `events` must be subscribed before its provider starts.
+    /// A workload for the node `name`; `events` must be subscribed before its provider starts,
+    /// when the node held `subscribed_at` (the first report starts from it).
     pub fn new(
         name: String,
         ctx: ClusterProviderContext,
@@ -124,8 +125,9 @@ impl Workload {
         cache_capacity: usize,
         fresh: Arc<FreshOwners>,
         print: Arc<Mutex<ViewPrint>>,
+        subscribed_at: Arc<ClusterTopology>,
     ) -> Self {
-        let last = Some(ctx.partition_manager.topology());
+        let last = Some(subscribed_at);
         Self {
             name,
             ctx,

@@ -250,11 +250,7 @@ fn workload_fires_on_an_owner_cache_that_does_not_report_moves() {
 
 #[test]
 fn invariants_fire_on_an_owner_cache_that_ignores_joins() {
-    let v = first_failure(
-        "rolling-restart",
-        Flaw::RebalanceIgnoresJoins,
-        "owner cache",
-    );
+    let v = first_failure("member-crash", Flaw::RebalanceIgnoresJoins, "owner cache");
     assert!(v.contains("panicked") && v.contains("elects"), "{v}");
 }
 
@@ -300,30 +296,12 @@ fn self_awareness_oracle_fires_on_a_provider_that_renews_its_lease_on_attempts()
 
 /// An id the registry removed never comes back. The provider re-joins as a new incarnation and
 /// the registry refuses removed ids, so it takes a registry that forgets expired ids *and* a
-/// join delayed past the expiry (buggify's network delays) to break it.
+/// join held past the expiry (a join retried while cut off, delivered after the heal:
+/// partition-heal seed 5 since 2026-12-05) to break it.
 #[test]
 fn resurrection_oracle_fires_on_a_registry_that_forgets_expired_ids() {
-    let s = scenario::by_name("steady").unwrap();
-    let needle = "listed again";
-    for seed in 1..=400 {
-        let mut knobs = shoal_sim::knobs::Knobs::for_seed(seed);
-        knobs.buggify = true;
-        let r = run_seed_isolated(
-            &s,
-            seed,
-            &RunOptions {
-                keep_trace: false,
-                flaw: Flaw::ExpiryNotBuried,
-                schedule: None,
-                knobs: Some(knobs),
-            },
-        );
-        if let Some(v) = r.recording.violations.iter().find(|v| v.contains(needle)) {
-            assert!(v.contains("new incarnation"), "{v}");
-            return;
-        }
-    }
-    panic!("the resurrection checker never fired on flaw ExpiryNotBuried");
+    let v = first_failure_within("partition-heal", Flaw::ExpiryNotBuried, "listed again", 8);
+    assert!(v.contains("new incarnation"), "{v}");
 }
 
 /// A registry that wakes from a stall longer than the TTL must not expire everyone: the lease
@@ -365,8 +343,9 @@ fn invariants_fire_on_a_registry_that_does_not_store_a_new_description() {
 /// member that the snapshots of the same version no longer have.
 #[test]
 fn history_oracle_fires_on_coalesced_updates_that_drop_departures() {
-    // It takes a departure coalesced with another change: about one member-crash seed in 20.
-    let v = first_failure_within("member-crash", Flaw::CoalescedDropsLeft, "history:", 25);
+    // It takes a departure coalesced with another change: a few swarm seeds in a hundred
+    // (seed 9 since the simulated transport changed on 2026-12-02).
+    let v = first_failure_within("swarm", Flaw::CoalescedDropsLeft, "history:", 60);
     assert!(v.contains("two different topologies"), "{v}");
 }
 
@@ -400,7 +379,9 @@ fn liveness_checker_fires_on_a_watch_that_freezes() {
 
 #[test]
 fn failover_latency_is_recorded_for_every_crash() {
-    let r = run("member-crash", 3, Flaw::None);
+    // In-contract messages only: where the door drops updates, a watcher may learn of a
+    // departure at the next progress message (the failover oracle allows for it).
+    let r = run_knobs("member-crash", 3, Flaw::None, |k| k.out_of_contract = false);
     assert_eq!(r.recording.failovers.len(), 2, "two crashes, two failovers");
     let ttl = shoal::registry::RegistryConfig::default().ttl;
     for f in &r.recording.failovers {
@@ -599,13 +580,14 @@ fn stale_routing_checker_fires_on_actors_kept_after_a_lost_membership() {
 /// owner activates while a call is still in flight on the old one.
 #[test]
 fn single_activation_checker_fires_on_a_release_answered_before_the_drain() {
-    // It needs a call in flight when the release arrives: about one seed in 60 of several
-    // scenarios. These seeds caught it (2026-11-28); any of them firing is enough.
+    // It needs a call in flight when the release arrives: a few seeds in a hundred. These
+    // seeds caught it (2026-12-02, after the simulated transport changed; earlier ones
+    // were etcd-keepalive-loss 3, graceful-leave 56, rolling-restart 34, k8s-zone-outage 16);
+    // any of them firing is enough.
     let seeds = [
-        ("etcd-keepalive-loss", 3),
-        ("graceful-leave", 56),
-        ("rolling-restart", 34),
-        ("k8s-zone-outage", 16),
+        ("etcd-keepalive-loss", 74),
+        ("etcd-keepalive-loss", 87),
+        ("etcd-keepalive-loss", 108),
     ];
     let fired = seeds.iter().any(|(name, seed)| {
         run(name, *seed, Flaw::ReleaseBeforeDrained)

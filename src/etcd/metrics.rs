@@ -18,6 +18,9 @@ pub struct EtcdProviderMetrics {
     pub relists: Counter,
     /// Watch streams that failed, went quiet or ended, and were reopened.
     pub watch_reopens: Counter,
+    /// Watch batches skipped because their revision was below one the same stream had
+    /// already delivered (a repeated or reordered message: out of etcd's contract).
+    pub batches_out_of_order: Counter,
     /// Keys under the members prefix skipped because they describe no valid member.
     pub keys_skipped: Counter,
     /// Topologies this node issued.
@@ -33,7 +36,7 @@ pub struct EtcdProviderMetrics {
 impl EtcdProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 9] = [
+        let all: [(&str, &str, &Counter); 10] = [
             (
                 "etcd_keep_alives",
                 "Keep-alives of this member's lease accepted",
@@ -58,6 +61,11 @@ impl EtcdProviderMetrics {
                 "etcd_watch_reopens",
                 "Watch streams reopened after failing, going quiet or ending",
                 &self.watch_reopens,
+            ),
+            (
+                "etcd_watch_batches_out_of_order",
+                "Watch batches skipped: older than one their stream had already delivered",
+                &self.batches_out_of_order,
             ),
             (
                 "etcd_keys_skipped",

@@ -665,6 +665,11 @@ impl Session {
         // publish interval (the view is `pending` meanwhile).
         let mut published_at: Option<crate::runtime::Instant> = None;
         let mut pending = false;
+        // The highest header revision this stream delivered. etcd's revisions only rise within
+        // one stream (a store that loses its data restarts, which ends the stream), so a batch
+        // below it is a repeated or reordered message, not a store that went back: it is
+        // skipped, where comparing it with the view would list every member again.
+        let mut stream_high: Option<Revision> = None;
         loop {
             let now = self.clock().now();
             let due = published_at
@@ -697,9 +702,25 @@ impl Session {
                 }
                 Ok(Some(Ok(batch))) => batch,
             };
+            if let Some(high) = stream_high.filter(|h| batch.header_revision < *h) {
+                self.metrics.batches_out_of_order.inc();
+                tracing::debug!(
+                    prefix = %self.prefix,
+                    revision = batch.header_revision,
+                    high,
+                    "skipping a watch batch older than one this stream delivered"
+                );
+                continue;
+            }
+            stream_high = Some(batch.header_revision);
             let changed = {
                 let mut view = lock(&self.view);
                 if view.is_foreign(&batch) {
+                    // What the view applied before is published first: the relist compares
+                    // against it and publishes only if the fresh read differs.
+                    if std::mem::take(&mut pending) {
+                        self.publish(&view);
+                    }
                     return WatchEnd::Relist(
                         "etcd lost its data (another cluster id, or its revision went back)",
                     );
@@ -720,11 +741,7 @@ impl Session {
     }
 
     /// Publishes the view now.
-    fn publish_now(
-        &self,
-        published_at: &mut Option<crate::runtime::Instant>,
-        pending: &mut bool,
-    ) {
+    fn publish_now(&self, published_at: &mut Option<crate::runtime::Instant>, pending: &mut bool) {
         self.publish(&lock(&self.view));
         *published_at = Some(self.clock().now());
         *pending = false;

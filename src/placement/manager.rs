@@ -272,7 +272,7 @@ impl State {
         assert!(cache.len <= cache.capacity, "owner cache over its capacity");
         // The patched table is the table a rebuild gives (checked at every 16th version: a
         // rebuild costs what the patch saves).
-        if self.topology.version() % 16 == 0 {
+        if self.topology.version().is_multiple_of(16) {
             assert!(
                 self.table == PlacementTable::with_rule(&self.topology, self.table.rule()),
                 "placement table: patched to v{} differs from one built from it",

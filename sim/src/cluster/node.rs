@@ -87,6 +87,8 @@ impl NodeSpec {
         // Record every topology the node applies (subscribed before the provider starts).
         let mut events = ctx.events.subscribe();
         let workload_events = ctx.events.subscribe();
+        // The view the workload's subscription starts from (its first report is from it).
+        let workload_from = ctx.partition_manager.topology();
         let (rec, oracles, name, rid, pm, current) = (
             self.recorder.clone(),
             self.oracles.clone(),
@@ -266,6 +268,7 @@ impl NodeSpec {
                 self.knobs.cache_capacity,
                 self.fresh.clone(),
                 print_for_workload,
+                workload_from,
             )
             .run(),
         );

@@ -65,7 +65,8 @@ pub struct Bounds {
     pub backend: &'static str,
     /// How much later than one delivery a watcher may learn of a change because the door
     /// dropped a message on its stream (out-of-contract seeds): until the next progress
-    /// message shows it the gap and it reopens.
+    /// message shows it the gap and it reopens; or how long a provider may hold a change to
+    /// coalesce a burst (etcd's publish interval).
     pub late_delivery: Duration,
 }
 
@@ -100,7 +101,8 @@ impl Bounds {
             supersede: config.request_timeout * 2 + DELIVERY,
             cleaned_by_peers: false,
             backend: "etcd",
-            late_delivery: Duration::ZERO,
+            // A change inside a burst is published at most one publish interval late.
+            late_delivery: config.publish_interval,
         }
     }
 

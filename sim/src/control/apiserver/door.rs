@@ -240,11 +240,11 @@ pub struct KubeDoor {
     /// The members the store's Leases name, by Lease (namespace, name), kept from the writes
     /// the door accepted, and the topology they make (rebuilt only when a member is added,
     /// removed or moved: a renewal changes nothing here).
-    members: Mutex<(
-        BTreeMap<(String, String), (MemberId, String)>,
-        Arc<ClusterTopology>,
-    )>,
+    members: Mutex<(LeaseHolders, Arc<ClusterTopology>)>,
 }
+
+/// The holder and address each Lease of the cluster names, by (namespace, name).
+type LeaseHolders = BTreeMap<(String, String), (MemberId, String)>;
 
 /// The member a Lease names: its holder at its address (what the oracles need; the provider's
 /// own parsing is not used).
@@ -459,14 +459,12 @@ impl KubeDoor {
 
     /// Answers a watch call and forwards its events until it fails, times out, is reset, or
     /// the client goes away.
-    async fn stream<T: Send + 'static>(
+    async fn stream<T: Clone + Send + 'static>(
         &self,
         tx: &madsim::net::Sender,
         stream: Result<WatchStream<T>, ApiError>,
         wrap: fn(Result<WatchEvent<T>, ApiError>) -> Item,
-    ) where
-        T: Clone,
-    {
+    ) {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {

@@ -262,6 +262,10 @@ impl ControlPlane for EtcdPlane {
             rec.count_n("etcd: rejoins", m.rejoins.get());
             rec.count_n("etcd: relists", m.relists.get());
             rec.count_n("etcd: watches reopened", m.watch_reopens.get());
+            rec.count_n(
+                "etcd: older watch batches skipped",
+                m.batches_out_of_order.get(),
+            );
             rec.count_n("etcd: membership lost", m.membership_lost.get());
             rec.count_n("etcd: membership restored", m.membership_restored.get());
         }

@@ -31,6 +31,13 @@ pub struct Door {
     reset: tokio::sync::Notify,
 }
 
+/// The longest a congested proxy holds a join (see [`Door::set_late_requests`]).
+pub const MAX_JOIN_HOLD: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a congestion episode lasts.
+const EPISODE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The quiet time after an episode before another may start.
+const EPISODE_GAP: std::time::Duration = std::time::Duration::from_secs(50);
+
 #[derive(Debug, Default)]
 struct DoorState {
     /// Members whose heartbeats are lost on the way (never answered).
@@ -50,6 +57,11 @@ struct DoorState {
     /// Whether watch streams carry out-of-contract messages (dropped, repeated and older
     /// ones): the clients' defenses must hold.
     out_of_contract: bool,
+    /// Whether joins may reach the registry late (buggify seeds, until the heal): see
+    /// [`Door::set_late_requests`].
+    late_requests: bool,
+    /// The end of the congestion episode in progress, if any.
+    congested_until: Option<madsim::time::Instant>,
 }
 
 impl Door {
@@ -75,6 +87,41 @@ impl Door {
     /// Whether accepted leaves are replayed a few seconds later.
     pub fn set_duplicate_leaves(&self, on: bool) {
         self.lock().duplicate_leaves = on;
+    }
+
+    /// Whether joins may reach the registry late (buggify seeds: a congested proxy), during
+    /// the fault phase only (while madsim's buggify is enabled). One join in ten starts a 10 s
+    /// episode in which every join is held 1-15 s, at most one episode a minute: a provider
+    /// that gives up on its join and retries sends several joins of one id, and the registry
+    /// may apply one, expire the id (no heartbeats follow it) and then receive another. Joins
+    /// already held when the fault phase ends still arrive late ([`MAX_JOIN_HOLD`]).
+    pub fn set_late_requests(&self, on: bool) {
+        let mut s = self.lock();
+        s.late_requests = on;
+        s.congested_until = None;
+    }
+
+    /// How long to hold a join arriving now (see [`Door::set_late_requests`]).
+    fn join_delay(&self) -> Option<std::time::Duration> {
+        let mut s = self.lock();
+        if !s.late_requests || !madsim::buggify::is_enabled() {
+            return None;
+        }
+        let now = madsim::time::Instant::now();
+        let congested = match s.congested_until {
+            Some(until) if now < until => true,
+            Some(until) if now < until + EPISODE_GAP => return None,
+            _ => false,
+        };
+        if !congested {
+            if madsim::rand::random::<u32>() % 10 != 0 {
+                return None;
+            }
+            s.congested_until = Some(now + EPISODE);
+        }
+        let hold = MAX_JOIN_HOLD.as_millis() as u64 - 1_000;
+        let ms = 1_000 + madsim::rand::random::<u64>() % hold;
+        Some(std::time::Duration::from_millis(ms))
     }
 
     /// Whether watch streams carry out-of-contract messages (see [`DoorState`]).
@@ -146,6 +193,12 @@ impl Registry for Observed {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.get_ref().clone();
+        if let Some(delay) = self.door.join_delay() {
+            // Held in a congested proxy: it reaches the registry seconds after it was sent,
+            // possibly after the caller gave up on it (and after the id it names expired).
+            self.rec.count("registry: join delivered late");
+            madsim::time::sleep(delay).await;
+        }
         let resp = self.inner.join(request).await;
         self.door.meter.request("join", answer_len(&resp));
         let resp = resp?;

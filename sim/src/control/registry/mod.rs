@@ -109,6 +109,7 @@ impl RegistryPlane {
         door.set_duplicate_leaves(env.knobs.duplicate_leaves);
         door.set_lose_first_leave(env.knobs.lose_first_leave);
         door.set_out_of_contract(env.knobs.out_of_contract);
+        door.set_late_requests(env.knobs.buggify);
         let server: Arc<Mutex<Option<(u64, RegistryServer)>>> = Arc::default();
         let clock = SkewedClock::new(TokioClock::shared());
         let servers: Arc<Mutex<Vec<RegistryMetrics>>> = Arc::default();
@@ -183,10 +184,16 @@ impl ControlPlane for RegistryPlane {
     /// snapshots for its startup grace, an expired member re-joins at its next heartbeat,
     /// watches reconnect within the backoff cap, and madsim may deliver messages held by a
     /// healed partition up to ~10 s late. Node-side timers run on clocks that may still drift
-    /// 25% slow, hence the 4/3.
+    /// 25% slow, hence the 4/3. On buggify seeds a join held by the door's congested proxy
+    /// may arrive after the heal and supersede the member's current incarnation once more.
     fn liveness_bound(&self) -> Duration {
         let c = &self.config;
-        (c.grace() + c.ttl + c.heartbeat()) * 4 / 3 + Duration::from_secs(5 + 10 + 4)
+        let held = if self.knobs.buggify {
+            door::MAX_JOIN_HOLD
+        } else {
+            Duration::ZERO
+        };
+        (c.grace() + c.ttl + c.heartbeat()) * 4 / 3 + Duration::from_secs(5 + 10 + 4) + held
     }
 
     fn node(&self) -> Option<madsim::task::NodeId> {
@@ -253,6 +260,7 @@ impl ControlPlane for RegistryPlane {
 
     fn heal(&self) {
         self.door.clear_heartbeat_loss();
+        self.door.set_late_requests(false);
         self.resume();
         self.node.revive();
     }
