@@ -35,6 +35,10 @@ struct Link {
     /// Deletes refused with 403 (a Role without `delete`), and how many were tried.
     deny_delete: Arc<AtomicBool>,
     deletes: Arc<AtomicU64>,
+    /// Lease watches end 1 ms after they open, with no event (a server in trouble).
+    short_watches: Arc<AtomicBool>,
+    /// Lease watches opened.
+    watch_opens: Arc<AtomicU64>,
 }
 
 impl Link {
@@ -102,6 +106,11 @@ impl KubeApi for Link {
         rv: &str,
     ) -> Result<WatchStream<Lease>, ApiError> {
         self.check()?;
+        self.watch_opens.fetch_add(1, Ordering::SeqCst);
+        if self.short_watches.load(Ordering::SeqCst) {
+            madsim::time::sleep(Duration::from_millis(1)).await;
+            return Ok(Box::pin(futures::stream::empty()));
+        }
         Ok(self.guard(self.server.watch_leases(ns, sel, rv).await?))
     }
     async fn list_endpoint_slices(
@@ -184,6 +193,8 @@ impl Cluster {
             server: self.server.clone(),
             cut,
             deny_delete: Arc::default(),
+            short_watches: Arc::default(),
+            watch_opens: Arc::default(),
             deletes: Arc::default(),
         };
         self.links.insert(i, link.clone());
@@ -316,6 +327,32 @@ async fn members_see_each_other_and_a_crashed_member_is_removed_within_the_bound
         cleaned, 1,
         "one member deletes an expired Lease, not every member"
     );
+}
+
+/// A server that ends every watch at once with no event is retried with backoff, not in a
+/// loop (client-go's "very short watch"); the member keeps renewing meanwhile.
+#[madsim::test]
+async fn watches_that_end_at_once_are_retried_with_backoff() {
+    let mut c = Cluster::new(config());
+    for i in 1..=2 {
+        c.start(i, true);
+    }
+    c.wait_sizes(&[1, 2], 2, Duration::from_secs(10)).await;
+    c.links[&1].short_watches.store(true, Ordering::SeqCst);
+    // The open watch ends (a cut past a renewal of node 2), then every new one ends at once.
+    c.cut(1, true);
+    sleep(Duration::from_millis(1200)).await;
+    c.cut(1, false);
+    let before = c.links[&1].watch_opens.load(Ordering::SeqCst);
+    sleep(Duration::from_secs(10)).await;
+    let opens = c.links[&1].watch_opens.load(Ordering::SeqCst) - before;
+    assert!(
+        (2..=40).contains(&opens),
+        "{opens} Lease watches opened in 10 s (a reopen loop would open thousands)"
+    );
+    c.links[&1].short_watches.store(false, Ordering::SeqCst);
+    // Node 2 never lost it: node 1 kept renewing.
+    assert_eq!(c.view(2).len(), 2);
 }
 
 #[madsim::test]

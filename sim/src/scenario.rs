@@ -836,7 +836,7 @@ fn scale(
         covers,
         known_failure: None,
         knobs: None,
-        seeds_divisor: 50,
+        seeds_divisor: 100,
     }
 }
 

@@ -115,18 +115,18 @@ impl FreshOwners {
 }
 
 impl Workload {
-    /// A workload for the node `name`; `events` must be subscribed before its provider starts,
-    /// when the node held `subscribed_at` (the first report starts from it).
+    /// A workload for the node `name`; `subscribed` holds its events, subscribed before its
+    /// provider starts, and the topology the node held then (the first report starts from it).
     pub fn new(
         name: String,
         ctx: ClusterProviderContext,
         rec: Recorder,
-        events: Subscription,
+        subscribed: (Subscription, Arc<ClusterTopology>),
         cache_capacity: usize,
         fresh: Arc<FreshOwners>,
         print: Arc<Mutex<ViewPrint>>,
-        subscribed_at: Arc<ClusterTopology>,
     ) -> Self {
+        let (events, subscribed_at) = subscribed;
         let last = Some(subscribed_at);
         Self {
             name,

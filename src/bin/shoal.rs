@@ -81,6 +81,10 @@ mod real {
         /// crashed member is gone after about this long).
         #[arg(long, env = "SHOAL_LEASE_DURATION", value_parser = humantime::parse_duration)]
         lease_duration: Option<Duration>,
+        /// Kubernetes: how often a member renews its Lease (default: a third of the Lease
+        /// duration; must be below it).
+        #[arg(long, env = "SHOAL_RENEW_INTERVAL", value_parser = humantime::parse_duration)]
+        renew_interval: Option<Duration>,
         /// Cluster name.
         #[arg(long, env = "SHOAL_CLUSTER")]
         cluster: String,
@@ -148,16 +152,19 @@ mod real {
             let mut c = KubernetesProviderConfig::from_vars(|name| match name {
                 "POD_NAMESPACE" => Some(namespace.clone()),
                 "SHOAL_SERVICE" => service.clone(),
-                "SHOAL_LEASE_DURATION" => None,
+                "SHOAL_LEASE_DURATION" | "SHOAL_RENEW_INTERVAL" => None,
                 other => std::env::var(other).ok(),
             })
             .map_err(|e| anyhow!("--kubernetes settings: {e}"))?;
             if let Some(d) = self.lease_duration {
                 c.lease_duration = d;
             }
+            if let Some(d) = self.renew_interval {
+                c.renew_interval = Some(d);
+            }
             c.request_timeout = self.timeout;
             c.validate()
-                .map_err(|e| anyhow!("--lease-duration or --timeout: {e}"))?;
+                .map_err(|e| anyhow!("--lease-duration, --renew-interval or --timeout: {e}"))?;
             Ok(c)
         }
 
@@ -171,6 +178,11 @@ mod real {
 
         /// The etcd provider's settings.
         fn etcd_config(&self) -> Result<EtcdProviderConfig> {
+            if self.renew_interval.is_some() {
+                bail!(
+                    "--renew-interval applies to --kubernetes only (etcd keeps its lease alive every third of --lease-duration)"
+                );
+            }
             let mut c = EtcdProviderConfig {
                 prefix: self.etcd_prefix.clone(),
                 request_timeout: self.timeout,

@@ -232,35 +232,68 @@ impl Liveness {
     }
 }
 
+/// A Pod an EndpointSlice lists as serving.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServingPod {
+    /// The Pod's UID as the endpoint names it (empty when the endpoint gives none): a Pod
+    /// recreated under the same name (a StatefulSet's) has another one.
+    pub uid: String,
+    /// The zone the endpoint gives.
+    pub zone: Option<String>,
+}
+
+/// Serving Pods by name.
+pub type Serving = BTreeMap<String, ServingPod>;
+
 /// The Pods whose endpoints are serving and not terminating, across every slice of the
 /// Service (a Pod in several slices counts once), with the zone an endpoint gives.
-pub fn serving_pods<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-) -> BTreeMap<String, Option<String>> {
-    let mut serving: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut terminating = BTreeSet::new();
+///
+/// The conditions are read as the EndpointSlice API defines them: `serving` unset defers to
+/// `ready`, `ready` unset means ready (an unknown state consumers treat as ready), `terminating`
+/// unset means not terminating.
+pub fn serving_pods<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Serving {
+    let mut serving = Serving::new();
+    let mut terminating: BTreeSet<(String, String)> = BTreeSet::new();
     for slice in slices {
         for e in &slice.endpoints {
             let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind == "Pod") else {
                 continue;
             };
-            // `serving` defaults to `ready` when absent (older controllers).
-            let is_serving = e.serving.or(e.ready).unwrap_or(false);
+            let is_serving = e.serving.or(e.ready).unwrap_or(true);
             if e.terminating.unwrap_or(false)
                 && !crate::runtime::sim::flaw("k8s-terminating-served")
             {
-                terminating.insert(pod.name.clone());
+                terminating.insert((pod.name.clone(), pod.uid.clone()));
             } else if is_serving {
-                let zone = serving.entry(pod.name.clone()).or_default();
-                if zone.is_none() {
-                    zone.clone_from(&e.zone);
+                let entry = serving
+                    .entry(pod.name.clone())
+                    .or_insert_with(|| ServingPod {
+                        uid: pod.uid.clone(),
+                        zone: None,
+                    });
+                if entry.uid != pod.uid {
+                    // Two Pods under one name (the old one's endpoint not yet removed): the
+                    // name alone says nothing; the UID check in `listed` must not pass either.
+                    entry.uid = CONFLICTING_UIDS.into();
+                }
+                if entry.zone.is_none() {
+                    entry.zone.clone_from(&e.zone);
                 }
             }
         }
     }
     // A Pod terminating in any slice is not listed, whatever another slice says.
-    serving.retain(|p, _| !terminating.contains(p));
+    serving.retain(|p, s| !terminating.contains(&(p.clone(), s.uid.clone())));
     serving
+}
+
+/// Stands for the UID of a Pod name that two serving endpoints give different UIDs.
+const CONFLICTING_UIDS: &str = "\u{0}conflicting";
+
+/// Whether the Pod a Lease names (`name`, `uid`) is the serving Pod `s`: the same name, and the
+/// same UID when both give one.
+fn is_same_pod(uid: &str, s: &ServingPod) -> bool {
+    uid.is_empty() || s.uid.is_empty() || s.uid == uid
 }
 
 /// The members a node lists, and the Leases it skipped (with why).
@@ -285,7 +318,7 @@ pub struct Listed {
 pub fn members<'a>(
     cluster: &str,
     leases: impl IntoIterator<Item = &'a Lease>,
-    serving: Option<&BTreeMap<String, Option<String>>>,
+    serving: Option<&Serving>,
 ) -> Listed {
     let mut index = MemberIndex::new(cluster);
     index.replace_all(leases);
@@ -295,7 +328,8 @@ pub fn members<'a>(
 /// What one Lease says: its member and its Pod, or why it is skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Entry {
-    Member(Member, Option<String>),
+    /// A member, and its Pod (name, UID) when the Lease is owned by one.
+    Member(Member, Option<(String, String)>),
     Skipped(String),
 }
 
@@ -334,7 +368,7 @@ impl MemberIndex {
             .owner
             .as_ref()
             .filter(|o| o.kind == "Pod")
-            .map(|o| o.name.clone());
+            .map(|o| (o.name.clone(), o.uid.clone()));
         Entry::Member(member, pod)
     }
 
@@ -390,8 +424,8 @@ impl MemberIndex {
                 .owner
                 .as_ref()
                 .filter(|o| o.kind == "Pod")
-                .map(|o| &o.name)
-                == pod.as_ref()
+                .map(|o| (&o.name, &o.uid))
+                == pod.as_ref().map(|(n, u)| (n, u))
             && lease
                 .meta
                 .annotations
@@ -412,7 +446,7 @@ impl MemberIndex {
     /// The members, and when a Service is watched (`serving` is `Some`), only those whose Pod
     /// is serving (the zone comes from the Lease, else from the Pod's endpoint); with the
     /// Leases skipped and why.
-    pub fn listed(&self, serving: Option<&BTreeMap<String, Option<String>>>) -> Listed {
+    pub fn listed(&self, serving: Option<&Serving>) -> Listed {
         let mut listed = Listed::default();
         let mut by_id: BTreeMap<MemberId, Member> = BTreeMap::new();
         for (name, entry) in &self.by_lease {
@@ -425,12 +459,15 @@ impl MemberIndex {
             };
             let member = match serving {
                 None => member.clone(),
-                Some(serving) => match pod.as_ref().and_then(|p| serving.get(p)) {
+                Some(serving) => match pod
+                    .as_ref()
+                    .and_then(|(p, uid)| serving.get(p).filter(|s| is_same_pod(uid, s)))
+                {
                     None => continue,
-                    Some(zone) => {
+                    Some(s) => {
                         let mut member = member.clone();
                         if member.zone.is_none() {
-                            member.zone.clone_from(zone);
+                            member.zone.clone_from(&s.zone);
                         }
                         member
                     }
@@ -664,6 +701,7 @@ mod tests {
             serving.keys().map(String::as_str).collect::<Vec<_>>(),
             ["a"]
         );
+        assert_eq!(serving["a"].uid, "uid-a");
         let ids = |l: &Listed| {
             l.members
                 .iter()
@@ -685,5 +723,43 @@ mod tests {
         let served = members("c", &leases, Some(&serving));
         assert_eq!(ids(&served), ["m-a"]);
         assert_eq!(served.members[0].zone.as_deref(), Some("z9"));
+    }
+
+    #[test]
+    fn an_endpoint_with_ready_unset_serves_and_a_recreated_pod_is_not_its_predecessor() {
+        let d = Duration::from_secs(10);
+        let leases: Vec<Lease> = ["a", "b"]
+            .iter()
+            .map(|n| member_lease("c", "ns", &member(&format!("m-{n}")), d, 0, Some(pod(n))))
+            .collect();
+        let unset = |p: ObjectReference| Endpoint {
+            addresses: vec!["10.0.0.1".into()],
+            target_ref: Some(p),
+            ..Endpoint::default()
+        };
+        // Every condition unset: ready (the API's reading of an unknown state).
+        let mut recreated = pod("b");
+        recreated.uid = "uid-b-2".into();
+        let slices = [EndpointSlice {
+            endpoints: vec![unset(pod("a")), unset(recreated)],
+            ..EndpointSlice::default()
+        }];
+        let serving = serving_pods(&slices);
+        assert_eq!(serving.len(), 2);
+        // b's Pod was recreated under its name: the Lease names the old Pod's UID, so the
+        // member the old Pod ran is not served by the new one.
+        let served = members("c", &leases, Some(&serving));
+        let ids: Vec<String> = served.members.iter().map(|m| m.id.to_string()).collect();
+        assert_eq!(ids, ["m-a"]);
+        // `ready: false` with `serving` unset is not serving.
+        let not_ready = Endpoint {
+            ready: Some(false),
+            ..unset(pod("a"))
+        };
+        let slices = [EndpointSlice {
+            endpoints: vec![not_ready],
+            ..EndpointSlice::default()
+        }];
+        assert!(serving_pods(&slices).is_empty());
     }
 }

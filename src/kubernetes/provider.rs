@@ -70,6 +70,10 @@ pub struct KubernetesProviderConfig {
     pub partition_rpc_timeout: Duration,
 }
 
+/// A watch that ends cleanly sooner than this after it opened, with no event, is retried with
+/// backoff rather than reopened at once (client-go's "very short watch").
+const SHORT_WATCH: Duration = Duration::from_secs(1);
+
 impl KubernetesProviderConfig {
     /// Defaults for Leases in `namespace`: a 15 s duration renewed every 5 s (client-go's
     /// leader-election defaults), no Service.
@@ -115,6 +119,12 @@ impl KubernetesProviderConfig {
         if let Some(d) = var("SHOAL_LEASE_DURATION") {
             config.lease_duration = humantime::parse_duration(&d)
                 .map_err(|e| bad(format!("SHOAL_LEASE_DURATION={d:?}: {e}")))?;
+        }
+        if let Some(d) = var("SHOAL_RENEW_INTERVAL").filter(|v| !v.is_empty()) {
+            config.renew_interval = Some(
+                humantime::parse_duration(&d)
+                    .map_err(|e| bad(format!("SHOAL_RENEW_INTERVAL={d:?}: {e}")))?,
+            );
         }
         config.pod = match (var("POD_NAME"), var("POD_UID")) {
             (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
@@ -730,6 +740,8 @@ impl Session {
 
     async fn watch<T: Watched>(&self, from: &str, attempt: &mut u32) -> Result<(), CallError> {
         let mut stream = T::watch(self, from).await?;
+        let opened = self.clock().now();
+        let mut events = 0u64;
         loop {
             let event = match timeout(
                 self.clock().as_ref(),
@@ -747,7 +759,21 @@ impl Session {
                         )),
                     });
                 }
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    // A watch the server ends at once without a single event (not even a
+                    // bookmark) is a server in trouble, not a watch timeout: reopening it at
+                    // once would loop. It is retried with backoff, as client-go does.
+                    let lasted = self.clock().now().saturating_duration_since(opened);
+                    if events == 0 && lasted < SHORT_WATCH {
+                        return Err(CallError {
+                            what: format!("watch {}", T::KIND),
+                            error: ApiError::Unavailable(format!(
+                                "very short watch: ended after {lasted:?} with no event"
+                            )),
+                        });
+                    }
+                    return Ok(());
+                }
                 Ok(Some(Err(error))) => {
                     return Err(CallError {
                         what: format!("watch {}", T::KIND),
@@ -756,6 +782,7 @@ impl Session {
                 }
                 Ok(Some(Ok(event))) => event,
             };
+            events += 1;
             *attempt = 0;
             let now = self.clock().now();
             // Only a change of what the members are wakes the reconciler: a renewal of another
@@ -1219,6 +1246,20 @@ mod tests {
         assert!(
             err(&[("POD_NAMESPACE", "s"), ("SHOAL_LEASE_DURATION", "1500ms")])
                 .contains("lease_duration")
+        );
+        let c = KubernetesProviderConfig::from_vars(vars(&[
+            ("POD_NAMESPACE", "s"),
+            ("SHOAL_RENEW_INTERVAL", "2s"),
+        ]))
+        .unwrap();
+        assert_eq!(c.renew_interval(), Duration::from_secs(2));
+        assert!(
+            err(&[("POD_NAMESPACE", "s"), ("SHOAL_RENEW_INTERVAL", "often")])
+                .contains("SHOAL_RENEW_INTERVAL")
+        );
+        assert!(
+            err(&[("POD_NAMESPACE", "s"), ("SHOAL_RENEW_INTERVAL", "20s")])
+                .contains("renew_interval")
         );
     }
 }

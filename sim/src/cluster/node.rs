@@ -264,11 +264,10 @@ impl NodeSpec {
                 self.name.clone(),
                 ctx.clone(),
                 self.recorder.clone(),
-                workload_events,
+                (workload_events, workload_from),
                 self.knobs.cache_capacity,
                 self.fresh.clone(),
                 print_for_workload,
-                workload_from,
             )
             .run(),
         );

@@ -114,7 +114,7 @@ impl Door {
             _ => false,
         };
         if !congested {
-            if madsim::rand::random::<u32>() % 10 != 0 {
+            if !madsim::rand::random::<u32>().is_multiple_of(10) {
                 return None;
             }
             s.congested_until = Some(now + EPISODE);
