@@ -6,6 +6,8 @@
 //!   in the same epoch, and then holds exactly its members;
 //! - an update applies only to the version and epoch held, and gives held - left + joined +
 //!   changed; an update or progress of another epoch is `EpochChanged`;
+//! - a progress message of the held epoch at a version newer than the one held is a `Gap` (an
+//!   update went missing), and otherwise changes nothing;
 //! - within one epoch, the versions a client applies only grow.
 #![no_main]
 
@@ -184,6 +186,8 @@ fuzz_target!(|msgs: Vec<Msg>| {
                 let epoch = u64::from(*epoch % 3) + 1;
                 let expect = match &model {
                     Some((e, _, _)) if *e != epoch => Expect::EpochChanged,
+                    // The registry is at a version this client never received: a gap.
+                    Some((_, v, _)) if u64::from(*version) > *v => Expect::Gap,
                     _ => Expect::Nothing,
                 };
                 (
