@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +39,12 @@ struct Double {
     server: MemoryApiServer,
     /// `verb resource` pairs refused with 403, like `create leases`.
     forbidden: Arc<Mutex<BTreeSet<String>>>,
+    /// `verb resource` pairs shed with 429 (API Priority and Fairness): how many more times,
+    /// and the `Retry-After` in seconds.
+    throttled: Arc<Mutex<BTreeMap<String, (u32, u32)>>>,
+    /// Every request that reached the double: `verb resource`, when it arrived, and whether
+    /// it was shed with 429.
+    requests: Arc<Mutex<Vec<(String, std::time::Instant, bool)>>>,
 }
 
 fn full(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -58,6 +64,17 @@ fn status_json(code: u16, reason: &str, message: &str) -> serde_json::Value {
 }
 
 fn failure(e: &ApiError) -> Response<Body> {
+    if let ApiError::TooManyRequests { retry_after, .. } = e {
+        // As API Priority and Fairness answers: the wait in the header and in the Status.
+        let secs = retry_after.map_or(0, |d| d.as_secs());
+        let mut body = status_json(429, "TooManyRequests", &e.to_string());
+        body["details"] = json!({"retryAfterSeconds": secs});
+        let mut response = full(StatusCode::TOO_MANY_REQUESTS, body);
+        response
+            .headers_mut()
+            .insert("retry-after", secs.to_string().parse().unwrap());
+        return response;
+    }
     let (code, reason) = match e {
         ApiError::Conflict(_) => (409, "Conflict"),
         ApiError::AlreadyExists(_) => (409, "AlreadyExists"),
@@ -65,6 +82,7 @@ fn failure(e: &ApiError) -> Response<Body> {
         ApiError::Gone(_) => (410, "Expired"),
         ApiError::Unavailable(_) => (503, "ServiceUnavailable"),
         ApiError::Rejected(_) => (422, "Invalid"),
+        ApiError::TooManyRequests { .. } => unreachable!("answered above"),
     };
     full(
         StatusCode::from_u16(code).unwrap(),
@@ -158,6 +176,36 @@ impl Double {
         self.forbidden.lock().unwrap().insert(what.to_string());
     }
 
+    /// The next `times` requests `what` (like `list leases`) are shed with 429 and
+    /// `Retry-After: retry_after_secs`.
+    fn throttle(&self, what: &str, times: u32, retry_after_secs: u32) {
+        self.throttled
+            .lock()
+            .unwrap()
+            .insert(what.to_string(), (times, retry_after_secs));
+    }
+
+    /// When the requests `what` arrived, in order, and whether each was shed.
+    fn arrivals(&self, what: &str) -> Vec<(std::time::Instant, bool)> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, _, _)| w == what)
+            .map(|(_, t, shed)| (*t, *shed))
+            .collect()
+    }
+
+    /// The gaps between each shed request `what` and the next one of its kind.
+    fn waits_after_shedding(&self, what: &str) -> Vec<Duration> {
+        let arrivals = self.arrivals(what);
+        arrivals
+            .windows(2)
+            .filter(|w| w[0].1)
+            .map(|w| w[1].0 - w[0].0)
+            .collect()
+    }
+
     async fn handle(
         self,
         req: Request<hyper::body::Incoming>,
@@ -197,12 +245,26 @@ impl Double {
                 ));
             }
         };
-        if self
-            .forbidden
+        let what = format!("{verb} {resource}");
+        let arrived = std::time::Instant::now();
+        let shed = match self.throttled.lock().unwrap().get_mut(&what) {
+            Some((left, secs)) if *left > 0 => {
+                *left -= 1;
+                Some(*secs)
+            }
+            _ => None,
+        };
+        self.requests
             .lock()
             .unwrap()
-            .contains(&format!("{verb} {resource}"))
-        {
+            .push((what.clone(), arrived, shed.is_some()));
+        if let Some(secs) = shed {
+            return Ok(failure(&ApiError::TooManyRequests {
+                message: format!("too many requests, please try again later ({what})"),
+                retry_after: Some(Duration::from_secs(u64::from(secs))),
+            }));
+        }
+        if self.forbidden.lock().unwrap().contains(&what) {
             let message = format!(
                 "{resource}.{group} {} is forbidden: User \"system:serviceaccount:{ns}:shoal\" cannot {verb} resource \"{resource}\" in API group \"{group}\" in the namespace \"{ns}\"",
                 name.as_deref()
@@ -328,8 +390,7 @@ impl Double {
 }
 
 async fn api_at(url: &str) -> KubeRsApi {
-    let config = kube::Config::new(url.parse().unwrap());
-    KubeRsApi::new(kube::Client::try_from(config).unwrap())
+    KubeRsApi::from_config(kube::Config::new(url.parse().unwrap())).unwrap()
 }
 
 fn lease(name: &str, cluster: &str) -> Lease {
@@ -506,6 +567,87 @@ async fn refusals_name_the_resource_and_the_verb() {
     );
     // The refused start left nothing behind.
     assert!(double.server.leases().is_empty());
+}
+
+/// API Priority and Fairness sheds a member's lists and a renewal with 429: each is sent again
+/// no sooner than its `Retry-After` (the double timestamps arrivals: by causality the next
+/// request cannot arrive before the wait if the client honoured it), the member still starts,
+/// and the metric counts them.
+#[tokio::test]
+async fn requests_shed_with_429_are_retried_no_sooner_than_retry_after() {
+    let double = Double::default();
+    let url = double.serve().await;
+    double.throttle("list leases", 2, 1);
+    let mut config = provider_config();
+    config.lease_duration = Duration::from_secs(6);
+    let provider = KubernetesProvider::new(config, Arc::new(api_at(&url).await));
+    let ctx =
+        ClusterProviderContext::new("c", "127.0.0.1:4001", ["user"], TokioClock::shared()).unwrap();
+    provider.start_member(ctx.clone()).await.unwrap();
+    let waits = double.waits_after_shedding("list leases");
+    assert_eq!(waits.len(), 2, "two shed lists, each followed by another");
+    for gap in waits {
+        assert!(
+            gap >= Duration::from_secs(1),
+            "a shed list was sent again after {gap:?}"
+        );
+    }
+    // A shed renewal waits for Retry-After too, and the member stays listed.
+    double.throttle("update leases", 1, 3);
+    common::wait_until("a renewal after the shed one", 15, || {
+        !double.waits_after_shedding("update leases").is_empty()
+    })
+    .await;
+    let gap = double.waits_after_shedding("update leases")[0];
+    assert!(
+        gap >= Duration::from_secs(3),
+        "a shed renewal was sent again after {gap:?}"
+    );
+    assert_eq!(provider.metrics().throttled.get(), 3);
+    common::wait_until("still a member", 10, || {
+        ctx.partition_manager.topology().len() == 1
+    })
+    .await;
+    provider.shutdown(true).await.unwrap();
+}
+
+/// A cluster name or metadata key Kubernetes would refuse (422 on the first write) is refused
+/// before any request, naming what is wrong; the member's description stays as it was.
+#[tokio::test]
+async fn names_kubernetes_would_refuse_are_refused_before_any_request() {
+    let double = Double::default();
+    let url = double.serve().await;
+    let provider = KubernetesProvider::new(provider_config(), Arc::new(api_at(&url).await));
+    let ctx =
+        ClusterProviderContext::new("Shop_EU", "127.0.0.1:4001", ["user"], TokioClock::shared())
+            .unwrap();
+    let err = provider
+        .start_member(ctx)
+        .await
+        .expect_err("an invalid cluster name");
+    assert!(matches!(err, ProviderError::Rejected(_)), "{err}");
+    assert!(err.to_string().contains("\"Shop_EU\""), "{err}");
+    assert!(
+        double.requests.lock().unwrap().is_empty(),
+        "no request was sent"
+    );
+
+    let (a, a_ctx) = start(&url, 4001).await.unwrap();
+    let mut description = a_ctx.member.description();
+    description.metadata.insert("build id".into(), "7".into());
+    let err = a
+        .update_member(description)
+        .await
+        .expect_err("an invalid metadata key");
+    assert!(matches!(err, ProviderError::Rejected(_)), "{err}");
+    assert!(err.to_string().contains("\"build id\""), "{err}");
+    let leases = double.server.leases();
+    let lease = leases.values().next().unwrap();
+    assert!(
+        lease.meta.annotations.keys().all(|k| !k.contains("build")),
+        "{lease:?}"
+    );
+    a.shutdown(true).await.unwrap();
 }
 
 /// A kubeconfig pointing at the double (plain HTTP, no credentials), written to a fresh file.

@@ -68,6 +68,7 @@ fn documents(name: &str) -> Vec<serde_yaml::Value> {
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::flowcontrol::v1::{FlowSchema, PriorityLevelConfiguration};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde::Deserialize;
 use shoal::kubernetes::KubernetesProviderConfig;
@@ -202,4 +203,68 @@ fn the_member_deployment_gives_the_provider_what_it_reads() {
     assert!(waits > 0);
     assert!(pod.termination_grace_period_seconds.unwrap_or(30) > waits + 5);
     assert!(c.readiness_probe.is_some());
+}
+
+/// The flow-control manifest gives renewals a priority level of their own, ahead of the reads,
+/// for the members' ServiceAccount, and covers every verb the Role grants.
+#[test]
+fn renewals_have_a_priority_level_apart_from_lists_and_watches() {
+    let docs = documents("member-flowcontrol.yaml");
+    assert_eq!(docs.len(), 4);
+    let levels: Vec<PriorityLevelConfiguration> = docs[..2].iter().map(parse).collect();
+    let schemas: Vec<FlowSchema> = docs[2..].iter().map(parse).collect();
+    let account: ServiceAccount = parse(&documents("member-rbac.yaml")[0]);
+    let level_names: Vec<String> = levels
+        .iter()
+        .map(|l| l.metadata.name.clone().unwrap())
+        .collect();
+    let verbs_of = |schema: &FlowSchema, resource: &str| -> Vec<String> {
+        let spec = schema.spec.as_ref().unwrap();
+        spec.rules
+            .iter()
+            .flatten()
+            .flat_map(|r| r.resource_rules.iter().flatten())
+            .filter(|r| r.resources.iter().any(|x| x == resource))
+            .flat_map(|r| r.verbs.clone())
+            .collect()
+    };
+    let (renewals, reads) = (&schemas[0], &schemas[1]);
+    for schema in &schemas {
+        let spec = schema.spec.as_ref().unwrap();
+        assert!(level_names.contains(&spec.priority_level_configuration.name));
+        let subject = &spec.rules.as_ref().unwrap()[0].subjects[0];
+        assert_eq!(
+            subject.service_account.as_ref().map(|s| &s.name),
+            account.metadata.name.as_ref(),
+            "the schemas match the members' ServiceAccount"
+        );
+    }
+    let precedence = |s: &FlowSchema| s.spec.as_ref().unwrap().matching_precedence.unwrap();
+    assert!(precedence(renewals) < precedence(reads));
+    assert!(
+        precedence(reads) < 9000,
+        "ahead of the built-in service-accounts schema"
+    );
+    assert_ne!(
+        renewals
+            .spec
+            .as_ref()
+            .unwrap()
+            .priority_level_configuration
+            .name,
+        reads
+            .spec
+            .as_ref()
+            .unwrap()
+            .priority_level_configuration
+            .name,
+        "renewals never queue behind lists"
+    );
+    let mut writes = verbs_of(renewals, "leases");
+    writes.sort();
+    assert_eq!(writes, ["create", "delete", "get", "update"]);
+    let mut lease_reads = verbs_of(reads, "leases");
+    lease_reads.sort();
+    assert_eq!(lease_reads, ["list", "watch"]);
+    assert!(verbs_of(reads, "endpointslices").contains(&"watch".into()));
 }

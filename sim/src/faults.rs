@@ -155,6 +155,17 @@ pub enum Fault {
         #[serde(with = "ms")]
         period: Duration,
     },
+    /// The control plane sheds every list and watch with `429 Too Many Requests` and
+    /// `Retry-After` for `duration` (API Priority and Fairness with full queues: a relist
+    /// storm after an API-server restart); the door flags a client that comes back sooner.
+    /// Only the Kubernetes API server models it; elsewhere it does nothing.
+    Throttle {
+        /// How long reads are shed.
+        #[serde(with = "ms")]
+        duration: Duration,
+        /// The `Retry-After` every shed read carries, in seconds.
+        retry_after_s: u64,
+    },
     /// The member changes its description (kinds, zone, metadata) in place, through
     /// `ClusterProvider::update_member`: the description of `generation` (see
     /// [`crate::cluster::description_of`]).
@@ -199,6 +210,7 @@ impl Fault {
             Fault::Flap { .. } => "flap",
             Fault::Describe { .. } => "describe",
             Fault::StreamReset { .. } => "stream-reset",
+            Fault::Throttle { .. } => "throttle",
         }
     }
 
@@ -219,6 +231,7 @@ impl Fault {
                 | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
                 | Fault::StreamReset { .. }
+                | Fault::Throttle { .. }
         )
     }
 }
@@ -335,6 +348,14 @@ impl fmt::Display for Fault {
             Fault::StreamReset { times, period } => {
                 write!(f, "watch streams reset {times}x every {}", s(period))
             }
+            Fault::Throttle {
+                duration,
+                retry_after_s,
+            } => write!(
+                f,
+                "reads shed with 429 (Retry-After {retry_after_s} s) for {}",
+                s(duration)
+            ),
         }
     }
 }

@@ -118,6 +118,9 @@ pub enum Flaw {
     /// registry's `lease-renewed-on-attempt`), so a member cut off from the API server never
     /// announces that it lost its membership.
     K8sRenewedOnAttempt,
+    /// Planted in the Kubernetes API errors: a 429's `Retry-After` is ignored, so a shed list,
+    /// watch or renewal is sent again after the usual backoff (feeding the queue that shed it).
+    K8sIgnoresRetryAfter,
     /// Planted in the registry server's heartbeat: an accepted heartbeat is published as a
     /// change of the member, so every renewal reaches every watcher (quadratic fan-out).
     HeartbeatPublishes,
@@ -188,6 +191,7 @@ impl Flaw {
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",
             Flaw::K8sRenewedOnAttempt => "k8s-renewed-on-attempt",
+            Flaw::K8sIgnoresRetryAfter => "k8s-ignores-retry-after",
             Flaw::EtcdGhostKept => "etcd-ghost-kept",
             Flaw::EtcdRejoinSameId => "etcd-rejoin-same-id",
             Flaw::EtcdCompactedNotRelisted => "etcd-compacted-not-relisted",

@@ -189,6 +189,24 @@ fn registry_pause(r: &mut SimRng, n: usize) -> FaultSchedule {
     ])
 }
 
+fn k8s_apf_saturation(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let throttle = |r: &mut SimRng| Fault::Throttle {
+        duration: r.ms(3_000, 12_000),
+        retry_after_s: r.range(2, 5),
+    };
+    FaultSchedule::new(vec![
+        at(5.0, throttle(r)),
+        at(
+            30.0,
+            Fault::Crash {
+                member: r.pick(n),
+                restart_after: Some(r.ms(1_000, 5_000)),
+            },
+        ),
+        at(45.0, throttle(r)),
+    ])
+}
+
 fn registry_restart(r: &mut SimRng, _: usize) -> FaultSchedule {
     FaultSchedule::new(vec![
         at(
@@ -650,6 +668,13 @@ pub fn all() -> Vec<Scenario> {
             75,
             registry_restart,
             &["kubernetes: watches reopened"],
+        ),
+        k8s(
+            "k8s-apf-saturation",
+            "Kubernetes: twice, every watch ends and API Priority and Fairness sheds every list and watch with 429 and Retry-After 2-4 s for 3-12 s (writes flow); a member crashes and restarts in between",
+            75,
+            k8s_apf_saturation,
+            &["kubernetes: requests shed (429)"],
         ),
         k8s(
             "k8s-rolling-update",

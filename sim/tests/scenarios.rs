@@ -491,6 +491,18 @@ fn self_awareness_fires_on_a_kubernetes_member_that_counts_failed_renewals() {
     assert!(v.contains("the API server expired"), "{v}");
 }
 
+/// A Kubernetes member that ignores a 429's Retry-After comes back after its usual backoff, well
+/// before the wait the API server asked for: the door flags it.
+#[test]
+fn pushback_checker_fires_on_a_kubernetes_member_that_ignores_retry_after() {
+    let v = first_failure(
+        "k8s-apf-saturation",
+        Flaw::K8sIgnoresRetryAfter,
+        "after a 429 that said Retry-After",
+    );
+    assert!(v.contains("apiserver:"), "{v}");
+}
+
 #[test]
 fn lease_oracle_fires_on_a_restarted_etcd_member_that_keeps_its_ghost() {
     let v = first_failure(

@@ -159,6 +159,42 @@ pub enum ApiError {
     /// 403, 422 and the like: the request will not succeed as it is.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// 429: API Priority and Fairness shed the request (its priority level's queues are full);
+    /// the client must not send it again before `retry_after` (the `Retry-After` header, also
+    /// the `Status`'s `details.retryAfterSeconds`).
+    #[error("too many requests (retry after {retry_after:?}): {message}")]
+    TooManyRequests {
+        /// The server's message.
+        message: String,
+        /// How long to wait before the next attempt (`None`: the server did not say).
+        retry_after: Option<std::time::Duration>,
+    },
+}
+
+impl ApiError {
+    /// The longest `Retry-After` honoured: a server (or a proxy) asking for more is capped
+    /// here, so a bad header cannot stop a member for good.
+    pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// How long the server asked the client to wait before trying again (capped at
+    /// [`Self::MAX_RETRY_AFTER`]); `None` for every other error.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ApiError::TooManyRequests {
+                retry_after: Some(d),
+                ..
+            } => Some((*d).min(Self::MAX_RETRY_AFTER)),
+            _ => None,
+        }
+    }
+
+    /// The pause before the next attempt: `backoff`, or longer if the server asked for it.
+    pub fn retry_delay(&self, backoff: std::time::Duration) -> std::time::Duration {
+        match self.retry_after() {
+            Some(d) if !crate::runtime::sim::flaw("k8s-ignores-retry-after") => backoff.max(d),
+            _ => backoff,
+        }
+    }
 }
 
 /// A stream of watch events; it ends when the server closes the watch.

@@ -36,18 +36,30 @@ impl std::fmt::Debug for KubeRsApi {
 }
 
 impl KubeRsApi {
-    /// Talks through `client`.
+    /// Talks through `client`. Build it from a [`kube::Config`] with `default_retry` off (as
+    /// [`Self::from_config`] does): kube-rs's own retry layer retries 429, 503 and 504 up to 15
+    /// times inside one call, which the provider's request deadline then cuts short, and
+    /// hides from the provider the `Retry-After` it honours itself.
     pub fn new(client: kube::Client) -> Self {
         Self { client }
+    }
+
+    /// A client from `config`, with kube-rs's retry layer off: the provider retries every call
+    /// itself, on its own clock and deadlines, waiting at least a 429's `Retry-After`.
+    pub fn from_config(mut config: kube::Config) -> Result<Self, ApiError> {
+        config.default_retry = false;
+        kube::Client::try_from(config)
+            .map(Self::new)
+            .map_err(|e| ApiError::Unavailable(format!("cannot build a Kubernetes client: {e}")))
     }
 
     /// The in-cluster client (service account token, `KUBERNETES_SERVICE_HOST`), or the local
     /// kubeconfig outside a cluster.
     pub async fn from_environment() -> Result<Self, ApiError> {
-        kube::Client::try_default()
-            .await
-            .map(Self::new)
-            .map_err(|e| ApiError::Unavailable(format!("no Kubernetes client configuration: {e}")))
+        let config = kube::Config::infer().await.map_err(|e| {
+            ApiError::Unavailable(format!("no Kubernetes client configuration: {e}"))
+        })?;
+        Self::from_config(config)
     }
 
     fn leases(&self, namespace: &str) -> Api<coordination::Lease> {
@@ -88,7 +100,18 @@ pub fn status_error(verb: &str, resource: &str, status: &kube::core::Status) -> 
         409 if status.reason == "AlreadyExists" => ApiError::AlreadyExists(text),
         409 => ApiError::Conflict(text),
         410 => ApiError::Gone(text),
-        429 | 500.. => ApiError::Unavailable(text),
+        // API Priority and Fairness: the wait comes in the Status (the Retry-After header's
+        // value), 0 when the server gave none.
+        429 => ApiError::TooManyRequests {
+            message: text,
+            retry_after: status
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| std::time::Duration::from_secs(u64::from(s))),
+        },
+        500.. => ApiError::Unavailable(text),
         _ => ApiError::Rejected(text),
     }
 }
@@ -461,10 +484,36 @@ mod tests {
         ));
         assert!(matches!(e(409, "Conflict"), ApiError::Conflict(_)));
         assert!(matches!(e(410, "Expired"), ApiError::Gone(_)));
-        assert!(matches!(
-            e(429, "TooManyRequests"),
-            ApiError::Unavailable(_)
-        ));
+        let throttled = e(429, "TooManyRequests");
+        assert!(
+            matches!(throttled, ApiError::TooManyRequests { .. })
+                && throttled.retry_after().is_none(),
+            "{throttled:?}"
+        );
+        let mut with_wait = status(429, "TooManyRequests");
+        with_wait.details = Some(kube::core::response::StatusDetails {
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+            uid: String::new(),
+            causes: Vec::new(),
+            retry_after_seconds: 3,
+        });
+        let throttled = status_error("list", "Leases in ns", &with_wait);
+        assert_eq!(
+            throttled.retry_after(),
+            Some(std::time::Duration::from_secs(3))
+        );
+        assert_eq!(
+            throttled.retry_delay(std::time::Duration::from_millis(100)),
+            std::time::Duration::from_secs(3)
+        );
+        with_wait.details.as_mut().unwrap().retry_after_seconds = 86_400;
+        assert_eq!(
+            status_error("list", "Leases in ns", &with_wait).retry_after(),
+            Some(ApiError::MAX_RETRY_AFTER),
+            "a huge Retry-After is capped"
+        );
         assert!(matches!(
             e(503, "ServiceUnavailable"),
             ApiError::Unavailable(_)

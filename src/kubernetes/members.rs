@@ -25,6 +25,65 @@ pub const ZONE_ANNOTATION: &str = "shoal.io/zone";
 /// Prefix of annotations carrying the member's metadata (`shoal.io/meta.<key>`).
 pub const METADATA_PREFIX: &str = "shoal.io/meta.";
 
+/// Checks that `cluster` can name this provider's objects: it is the value of the
+/// [`CLUSTER_LABEL`] label (at most 63 characters) and starts every Lease name
+/// (`<cluster>-<member id>`, a DNS-1123 subdomain), so it must be lowercase letters, digits,
+/// `-` and `.`, each dot-separated part starting and ending with a letter or digit. The API
+/// server would refuse anything else with a 422 on the first write; this says why up front.
+pub fn check_cluster_name(cluster: &str) -> Result<(), String> {
+    let why = if cluster.is_empty() {
+        Some("it is empty")
+    } else if cluster.len() > 63 {
+        Some("a label value has at most 63 characters")
+    } else if !cluster
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        Some("only lowercase letters, digits, '-' and '.' may name Kubernetes objects")
+    } else if cluster
+        .split('.')
+        .any(|part| part.is_empty() || part.starts_with('-') || part.ends_with('-'))
+    {
+        Some("each '.'-separated part must start and end with a letter or digit")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!(
+            "cluster name {cluster:?} cannot name Kubernetes Leases ({CLUSTER_LABEL} label, Lease names): {why}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks that every metadata key of `member` makes a valid annotation key
+/// (`shoal.io/meta.<key>`: the part after `/` has at most 63 characters, letters, digits, `-`,
+/// `_` and `.`, and ends with a letter or digit). The API server would refuse the Lease write
+/// with a 422; this names the key instead.
+pub fn check_metadata_keys(member: &Member) -> Result<(), String> {
+    let prefix = METADATA_PREFIX
+        .split_once('/')
+        .map_or(METADATA_PREFIX, |(_, name)| name);
+    for key in member.metadata.keys() {
+        let name = format!("{prefix}{key}");
+        let valid = name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && name
+                .bytes()
+                .last()
+                .is_some_and(|b| b.is_ascii_alphanumeric());
+        if !valid {
+            return Err(format!(
+                "metadata key {key:?} cannot be a Kubernetes annotation key ({METADATA_PREFIX}{key}): at most {} characters of letters, digits, '-', '_' and '.', ending with a letter or digit",
+                63 - prefix.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The Lease name of `member` in `cluster`: `<cluster>-<member id>`.
 pub fn lease_name(cluster: &str, member: &MemberId) -> String {
     format!("{cluster}-{member}")
@@ -495,6 +554,42 @@ mod tests {
         m.zone = Some("z1".into());
         m.metadata.insert("rack".into(), "r7".into());
         m
+    }
+
+    #[test]
+    fn names_the_api_server_would_refuse_are_refused_up_front() {
+        for ok in ["c", "shop", "shop-eu.prod", "a1.b2", &"x".repeat(63)] {
+            assert!(check_cluster_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Shop",
+            "shop_eu",
+            "-shop",
+            "shop-",
+            "a..b",
+            "a.-b",
+            &"x".repeat(64),
+        ] {
+            let e = check_cluster_name(bad).expect_err(bad);
+            assert!(
+                e.contains("cluster name") && e.contains(CLUSTER_LABEL),
+                "{e}"
+            );
+        }
+        let mut m = member("m1");
+        assert!(check_metadata_keys(&m).is_ok());
+        m.metadata.insert("build_id.v2".into(), "x".into());
+        assert!(check_metadata_keys(&m).is_ok());
+        for bad in ["has space", "ends-with-", "slash/in", &"k".repeat(59)] {
+            let mut m = member("m1");
+            m.metadata.insert(bad.into(), "v".into());
+            let e = check_metadata_keys(&m).expect_err(bad);
+            assert!(e.contains(bad) && e.contains("annotation"), "{e}");
+        }
+        let mut m = member("m1");
+        m.metadata.insert("k".repeat(58), "v".into());
+        assert!(check_metadata_keys(&m).is_ok(), "58 characters fit");
     }
 
     fn pod(name: &str) -> ObjectReference {

@@ -28,6 +28,9 @@ pub struct KubernetesProviderMetrics {
     pub membership_restored: Counter,
     /// Description changes (kinds, zone, metadata) written to this member's Lease.
     pub description_updates: Counter,
+    /// Requests the API server shed with `429 Too Many Requests` (API Priority and Fairness);
+    /// each was retried no sooner than its `Retry-After`.
+    pub throttled: Counter,
     /// Members in this node's view.
     pub members: Gauge,
 }
@@ -35,7 +38,7 @@ pub struct KubernetesProviderMetrics {
 impl KubernetesProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 10] = [
+        let all: [(&str, &str, &Counter); 11] = [
             (
                 "kubernetes_lease_renewals",
                 "Renewals of this member's Lease accepted",
@@ -85,6 +88,11 @@ impl KubernetesProviderMetrics {
                 "kubernetes_description_updates",
                 "Description changes written to this member's Lease",
                 &self.description_updates,
+            ),
+            (
+                "kubernetes_api_throttled",
+                "Requests the API server shed with 429 Too Many Requests (retried after Retry-After)",
+                &self.throttled,
             ),
         ];
         for (name, help, counter) in all {

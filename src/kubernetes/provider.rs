@@ -23,8 +23,8 @@ use super::api::{
     WatchEvent, WatchStream,
 };
 use super::members::{
-    ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, MemberIndex, lease_name, member_lease,
-    serving_pods,
+    ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, MemberIndex, check_cluster_name,
+    check_metadata_keys, lease_name, member_lease, serving_pods,
 };
 use super::metrics::KubernetesProviderMetrics;
 use super::watch::{Next, Reflector};
@@ -308,6 +308,10 @@ impl KubernetesProvider {
         member_mode: bool,
     ) -> Result<(), ProviderError> {
         self.config.validate()?;
+        check_cluster_name(&ctx.cluster_name).map_err(ProviderError::Rejected)?;
+        if member_mode {
+            check_metadata_keys(&ctx.member).map_err(ProviderError::Rejected)?;
+        }
         let mut running = self.running.lock().await;
         if running.is_some() {
             return Err(ProviderError::AlreadyStarted);
@@ -439,9 +443,10 @@ impl CallError {
     fn into_provider_error(self) -> ProviderError {
         let text = format!("{}: {}", self.what, self.error);
         match self.error {
-            ApiError::Unavailable(_) | ApiError::Conflict(_) | ApiError::Gone(_) => {
-                ProviderError::Unavailable(text)
-            }
+            ApiError::Unavailable(_)
+            | ApiError::Conflict(_)
+            | ApiError::Gone(_)
+            | ApiError::TooManyRequests { .. } => ProviderError::Unavailable(text),
             ApiError::AlreadyExists(_) | ApiError::NotFound(_) | ApiError::Rejected(_) => {
                 ProviderError::Rejected(text)
             }
@@ -480,7 +485,12 @@ impl Session {
     ) -> Result<T, CallError> {
         let error = match timeout(self.clock().as_ref(), self.config.request_timeout, fut).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => e,
+            Ok(Err(e)) => {
+                if matches!(e, ApiError::TooManyRequests { .. }) {
+                    self.metrics.throttled.inc();
+                }
+                e
+            }
             Err(_) => ApiError::Unavailable(format!(
                 "no answer within {:?}",
                 self.config.request_timeout
@@ -622,14 +632,21 @@ impl Session {
     async fn renew_loop(self: Arc<Self>) {
         let interval = self.config.renew_interval();
         let mut failures = 0u32;
+        // The newest failure, when it asked for a wait (429 with Retry-After).
+        let mut last_error: Option<ApiError> = None;
         loop {
             let pause = if failures == 0 {
                 interval
             } else {
-                self.config
+                let backoff = self
+                    .config
                     .backoff
                     .delay(failures - 1, self.clock().as_ref())
-                    .min(interval)
+                    .min(interval);
+                // Sending again before Retry-After only feeds the queue that shed this one.
+                last_error
+                    .take()
+                    .map_or(backoff, |e| e.retry_delay(backoff))
             };
             tokio::select! {
                 biased;
@@ -641,7 +658,10 @@ impl Session {
                 Err(e) => {
                     self.metrics.renew_failures.inc();
                     failures = failures.saturating_add(1);
-                    if failures == 2 {
+                    if let Some(wait) = e.error.retry_after() {
+                        tracing::warn!(member = %self.member_id(), error = %e, retry_after = ?wait, "Lease renewal shed by the API server (429); retrying after Retry-After");
+                        last_error = Some(e.error.clone());
+                    } else if failures == 2 {
                         tracing::warn!(member = %self.member_id(), error = %e, failures, "Lease renewals failing");
                     } else {
                         tracing::debug!(member = %self.member_id(), error = %e, failures, "Lease renewal failed");
@@ -657,12 +677,16 @@ impl Session {
             return;
         };
         let name = own.meta.name.clone();
+        let mut wait = None;
         for attempt in 0..DELETE_ATTEMPTS {
             if attempt > 0 {
-                let pause = self
+                let backoff = self
                     .config
                     .backoff
                     .delay(attempt - 1, self.clock().as_ref());
+                let pause = wait
+                    .take()
+                    .map_or(backoff, |e: ApiError| e.retry_delay(backoff));
                 self.clock().sleep(pause).await;
             }
             let what = || format!("delete Lease {}/{name}", self.namespace());
@@ -672,8 +696,14 @@ impl Session {
             {
                 Ok(()) => return,
                 Err(e) if matches!(e.error, ApiError::NotFound(_)) => return,
-                Err(e) if matches!(e.error, ApiError::Unavailable(_)) => {
+                Err(e)
+                    if matches!(
+                        e.error,
+                        ApiError::Unavailable(_) | ApiError::TooManyRequests { .. }
+                    ) =>
+                {
                     tracing::debug!(error = %e, attempt, "deleting this member's Lease failed; retrying");
+                    wait = Some(e.error);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "deleting this member's Lease failed; peers will find it expired");
@@ -715,12 +745,19 @@ impl Session {
                 continue;
             }
             self.metrics.watch_reopens.inc();
-            let delay = self
+            let backoff = self
                 .config
                 .backoff
                 .delay(attempt, self.clock().as_ref())
                 .min(self.config.renew_interval());
-            tracing::debug!(kind = T::KIND, error = %e, ?delay, "watch ended; reopening");
+            // A 429 says when to come back: not sooner (the list or watch would only be shed
+            // again, and add to the queue that shed it).
+            let delay = e.error.retry_delay(backoff);
+            if e.error.retry_after().is_some() {
+                tracing::warn!(kind = T::KIND, error = %e, ?delay, "list or watch shed by the API server (429); retrying after Retry-After");
+            } else {
+                tracing::debug!(kind = T::KIND, error = %e, ?delay, "watch ended; reopening");
+            }
             attempt = attempt.saturating_add(1);
             self.clock().sleep(delay).await;
         }
@@ -1003,7 +1040,8 @@ impl Session {
                     Err(e) => {
                         // Tried again a while later (and by the other members anyway).
                         {
-                            let retry = self.clock().now() + self.config.cleaner_delay();
+                            let retry = self.clock().now()
+                                + e.error.retry_delay(self.config.cleaner_delay());
                             let mut view = lock(&self.view);
                             view.tried.remove(&name);
                             view.cleaning.insert(name.clone(), (rv.clone(), retry));
@@ -1169,6 +1207,8 @@ impl ClusterProvider for KubernetesProvider {
         if !session.member_mode {
             return Err(ProviderError::NotAMember);
         }
+        let described = lock(&session.member).clone().described(description.clone());
+        check_metadata_keys(&described).map_err(ProviderError::Rejected)?;
         let generation = session
             .descriptions
             .set(&session.member, description.clone())?;

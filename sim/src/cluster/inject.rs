@@ -498,6 +498,29 @@ impl SimCluster {
                     c.recorder.fault_healed(idx);
                 });
             }
+            Fault::Throttle {
+                duration,
+                retry_after_s,
+            } => {
+                if !self
+                    .control
+                    .shed_reads(Some(Duration::from_secs(retry_after_s)))
+                {
+                    return;
+                }
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), vec![self.control.name().into()]);
+                // Every watch ends too (the restart that starts such a storm), so every member
+                // lists and watches again into the shedding.
+                self.reconnected(self.node_count());
+                self.control.reset_streams();
+                self.later(duration, move |c| {
+                    c.control.shed_reads(None);
+                    c.reconnected(c.node_count());
+                    c.recorder.fault_healed(idx);
+                });
+            }
             Fault::Describe { member, generation } => {
                 if member >= members {
                     return;

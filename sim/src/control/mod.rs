@@ -112,6 +112,14 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// there is no door.
     fn reset_streams(&self) -> bool;
 
+    /// Starts (`Some(retry_after)`) or stops shedding reads (lists and watches) with
+    /// `429 Too Many Requests` and that `Retry-After`, as API Priority and Fairness does when a
+    /// priority level's queues are full; the door flags a client that sends a shed read again
+    /// sooner. False where the control plane has no such pushback.
+    fn shed_reads(&self, _retry_after: Option<Duration>) -> bool {
+        false
+    }
+
     /// Heals what the faults did to it: restarts it if down, resumes it if frozen, delivers
     /// every renewal again.
     fn heal(&self);

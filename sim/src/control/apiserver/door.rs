@@ -236,12 +236,21 @@ pub struct KubeDoor {
     lose_renewals: Mutex<BTreeSet<IpAddr>>,
     /// Bumped to end every open watch (a `StreamReset` fault).
     resets: AtomicU64,
+    /// While set, lists and watches are shed with 429 and this `Retry-After` (a `Throttle`
+    /// fault: API Priority and Fairness with full queues). Writes are not shed: the FlowSchema
+    /// shipped in deploy/kubernetes puts renewals in a priority level of their own.
+    shed: Mutex<Option<Duration>>,
+    /// Per client (IP) and resource: when it was last told to wait, and for how long.
+    told_to_wait: Mutex<ToldToWait>,
     reset: tokio::sync::Notify,
     /// The members the store's Leases name, by Lease (namespace, name), kept from the writes
     /// the door accepted, and the topology they make (rebuilt only when a member is added,
     /// removed or moved: a renewal changes nothing here).
     members: Mutex<(LeaseHolders, Arc<ClusterTopology>)>,
 }
+
+/// Per (client IP, resource): when the client was last answered 429, and the `Retry-After`.
+type ToldToWait = BTreeMap<(IpAddr, &'static str), (madsim::time::Instant, Duration)>;
 
 /// The holder and address each Lease of the cluster names, by (namespace, name).
 type LeaseHolders = BTreeMap<(String, String), (MemberId, String)>;
@@ -270,6 +279,8 @@ impl KubeDoor {
             lose_renewals: Mutex::default(),
             resets: AtomicU64::new(0),
             reset: tokio::sync::Notify::new(),
+            shed: Mutex::new(None),
+            told_to_wait: Mutex::default(),
             members: Mutex::new((
                 BTreeMap::new(),
                 Arc::new(ClusterTopology::empty(crate::cluster::CLUSTER)),
@@ -298,6 +309,39 @@ impl KubeDoor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Starts (`Some(retry_after)`) or stops shedding lists and watches with 429.
+    pub fn shed_reads(&self, retry_after: Option<Duration>) {
+        *self.shed.lock().unwrap_or_else(|e| e.into_inner()) = retry_after;
+    }
+
+    /// A read of `resource` from `from`: flags it if that client was told to wait and came back
+    /// well before (by less than 70% of the wait: member clocks may run up to 25% fast), and
+    /// sheds it while the shedding is on. `Some` is the 429 to answer.
+    fn pushback(&self, from: IpAddr, resource: &'static str) -> Option<ApiError> {
+        let now = madsim::time::Instant::now();
+        let mut told = self.told_to_wait.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, wait)) = told.get(&(from, resource)) {
+            let waited = now.saturating_duration_since(*at);
+            if waited < wait.mul_f64(0.7) {
+                self.rec.violation_once(
+                    format!("retry-after {from} {resource}"),
+                    format!(
+                        "apiserver: {from} read {resource} again {:.0} ms after a 429 that said Retry-After {} s",
+                        waited.as_secs_f64() * 1000.0,
+                        wait.as_secs()
+                    ),
+                );
+            }
+        }
+        let retry_after = (*self.shed.lock().unwrap_or_else(|e| e.into_inner()))?;
+        told.insert((from, resource), (now, retry_after));
+        self.rec.count("apiserver: read shed with 429");
+        Some(ApiError::TooManyRequests {
+            message: format!("too many requests, please try again later ({resource})"),
+            retry_after: Some(retry_after),
+        })
     }
 
     /// Ends every open watch (clients resume from the version they hold).
@@ -365,6 +409,14 @@ impl KubeDoor {
     ) -> bool {
         let s = &self.store;
         let verb = request.verb();
+        if let Some(resource) = request.read_of()
+            && let Some(shed) = self.pushback(from.ip(), resource)
+        {
+            self.meter
+                .request(verb, STATUS_BYTES + shed.to_string().len());
+            let _ = tx.send(Box::new(Err::<Reply, _>(shed)) as Payload).await;
+            return false;
+        }
         let answer: Result<Reply, ApiError> = match request {
             Request::GetLease(ns, name) => s.get_lease(&ns, &name).await.map(Reply::Lease),
             Request::CreateLease(lease) => {
@@ -512,6 +564,15 @@ impl crate::control::wire::Server for KubeDoor {
 }
 
 impl Request {
+    /// The resource a list or watch reads (`None` for other calls).
+    fn read_of(&self) -> Option<&'static str> {
+        match self {
+            Request::ListLeases(..) | Request::WatchLeases(..) => Some("leases"),
+            Request::ListSlices(..) | Request::WatchSlices(..) => Some("endpointslices"),
+            _ => None,
+        }
+    }
+
     /// The verb and resource, as the API server's metrics name requests.
     fn verb(&self) -> &'static str {
         match self {

@@ -239,8 +239,14 @@ impl ControlPlane for ApiServerPlane {
         true
     }
 
+    fn shed_reads(&self, retry_after: Option<Duration>) -> bool {
+        self.door.shed_reads(retry_after);
+        true
+    }
+
     fn heal(&self) {
         self.door.clear_renewal_loss();
+        self.door.shed_reads(None);
         self.resume();
         if let Some(down) = self.node.revive() {
             self.oracles.apiserver_silent(down);
@@ -270,6 +276,7 @@ impl ControlPlane for ApiServerPlane {
                 "kubernetes: description updates",
                 m.description_updates.get(),
             );
+            rec.count_n("kubernetes: requests shed (429)", m.throttled.get());
         }
     }
 
