@@ -42,6 +42,8 @@ struct Double {
     /// `verb resource` pairs shed with 429 (API Priority and Fairness): how many more times,
     /// and the `Retry-After` in seconds.
     throttled: Arc<Mutex<BTreeMap<String, (u32, u32)>>>,
+    /// Every list, as `resource@resourceVersion` (empty: a quorum read).
+    lists: Arc<Mutex<Vec<String>>>,
     /// Every request that reached the double: `verb resource`, when it arrived, and whether
     /// it was shed with 429.
     requests: Arc<Mutex<Vec<(String, std::time::Instant, bool)>>>,
@@ -278,6 +280,25 @@ impl Double {
         }
         let selector = parse_selector(&query(&req, "labelSelector").unwrap_or_default());
         let rv = query(&req, "resourceVersion").unwrap_or_default();
+        if verb == "list" && !rv.is_empty() {
+            // Only "not older than" is served here (what the provider asks for): an exact
+            // match would be a read from etcd at that revision.
+            let matching = query(&req, "resourceVersionMatch").unwrap_or_default();
+            if matching != "NotOlderThan" {
+                return Ok(full(
+                    StatusCode::BAD_REQUEST,
+                    status_json(
+                        400,
+                        "BadRequest",
+                        &format!("resourceVersionMatch {matching:?}"),
+                    ),
+                ));
+            }
+        }
+        self.lists
+            .lock()
+            .unwrap()
+            .extend((verb == "list").then(|| format!("{resource}@{rv}")));
         let body = req
             .into_body()
             .collect()
@@ -286,7 +307,7 @@ impl Double {
             .unwrap_or_default();
         let s = &self.server;
         let answer = match (resource.as_str(), verb) {
-            ("leases", "list") => s.list_leases(&ns, &selector).await.map(|l| {
+            ("leases", "list") => s.list_leases(&ns, &selector, &rv).await.map(|l| {
                 full(
                     StatusCode::OK,
                     json!({
@@ -341,7 +362,7 @@ impl Double {
                     .get(shoal::kubernetes::api::SERVICE_NAME_LABEL)
                     .cloned()
                     .unwrap_or_default();
-                s.list_endpoint_slices(&ns, &service).await.map(|l| {
+                s.list_endpoint_slices(&ns, &service, &rv).await.map(|l| {
                     full(
                         StatusCode::OK,
                         json!({
@@ -443,7 +464,28 @@ async fn conflicts_gone_bookmarks_and_selection_cross_the_wire() {
     // The server selects by label.
     api.create_lease(lease("b", "other")).await.unwrap();
     let sel = [(CLUSTER_LABEL.to_string(), "c".to_string())].into();
-    let list = api.list_leases("ns", &sel).await.unwrap();
+    let list = api.list_leases("ns", &sel, "").await.unwrap();
+    // A list not older than a version is served with the newest state; one the server has not
+    // reached yet is refused (the real one answers 504 after waiting), never answered old.
+    let cached = api
+        .list_leases("ns", &sel, &list.resource_version)
+        .await
+        .unwrap();
+    assert_eq!(cached, list);
+    let too_new = api
+        .list_leases("ns", &sel, "999999")
+        .await
+        .expect_err("a version not reached yet");
+    assert!(matches!(too_new, ApiError::Unavailable(_)), "{too_new:?}");
+    assert_eq!(
+        double.lists.lock().unwrap()[..3],
+        [
+            "leases@".to_string(),
+            format!("leases@{}", list.resource_version),
+            "leases@999999".to_string()
+        ],
+        "the resource version crosses the wire with resourceVersionMatch=NotOlderThan"
+    );
     assert_eq!(
         list.items
             .iter()

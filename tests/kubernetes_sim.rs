@@ -39,6 +39,8 @@ struct Link {
     short_watches: Arc<AtomicBool>,
     /// Lease watches opened.
     watch_opens: Arc<AtomicU64>,
+    /// The resource version of every Lease list (empty: a quorum read).
+    lease_lists: Arc<Mutex<Vec<String>>>,
 }
 
 impl Link {
@@ -95,9 +97,11 @@ impl KubeApi for Link {
         &self,
         ns: &str,
         sel: &LabelSelector,
+        rv: &str,
     ) -> Result<ObjectList<Lease>, ApiError> {
         self.check()?;
-        self.server.list_leases(ns, sel).await
+        self.lease_lists.lock().unwrap().push(rv.to_string());
+        self.server.list_leases(ns, sel, rv).await
     }
     async fn watch_leases(
         &self,
@@ -117,9 +121,10 @@ impl KubeApi for Link {
         &self,
         ns: &str,
         service: &str,
+        rv: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         self.check()?;
-        self.server.list_endpoint_slices(ns, service).await
+        self.server.list_endpoint_slices(ns, service, rv).await
     }
     async fn watch_endpoint_slices(
         &self,
@@ -195,6 +200,7 @@ impl Cluster {
             deny_delete: Arc::default(),
             short_watches: Arc::default(),
             watch_opens: Arc::default(),
+            lease_lists: Arc::default(),
             deletes: Arc::default(),
         };
         self.links.insert(i, link.clone());
@@ -512,6 +518,15 @@ async fn a_watch_whose_version_was_compacted_relists_without_members_vanishing()
         sleep(Duration::from_millis(20)).await;
     }
     assert!(c.provider(1).metrics().relists.get() >= 1, "no relist");
+    // The first list reads the newest state; the relist asks for one not older than what the
+    // node had seen, which the API server serves from its watch cache, not from etcd.
+    let lists = c.links[&1].lease_lists.lock().unwrap().clone();
+    assert!(lists.len() >= 2, "{lists:?}");
+    assert_eq!(lists[0], "", "the first list is a quorum read");
+    assert!(
+        lists[1..].iter().all(|rv| !rv.is_empty()),
+        "relists are served from the watch cache: {lists:?}"
+    );
 }
 
 #[madsim::test]
@@ -699,8 +714,9 @@ impl KubeApi for SlowFirstCreate {
         &self,
         ns: &str,
         sel: &LabelSelector,
+        rv: &str,
     ) -> Result<ObjectList<Lease>, ApiError> {
-        self.server.list_leases(ns, sel).await
+        self.server.list_leases(ns, sel, rv).await
     }
     async fn watch_leases(
         &self,
@@ -714,8 +730,9 @@ impl KubeApi for SlowFirstCreate {
         &self,
         ns: &str,
         service: &str,
+        rv: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
-        self.server.list_endpoint_slices(ns, service).await
+        self.server.list_endpoint_slices(ns, service, rv).await
     }
     async fn watch_endpoint_slices(
         &self,

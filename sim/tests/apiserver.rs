@@ -50,7 +50,10 @@ async fn calls_are_answered_promptly_and_watches_stream() {
             sleep(Duration::from_millis(100)).await;
             let api = SimKubeApi::new(SocketAddr::from(([10, 0, 0, 1], APISERVER_PORT)));
             let mut l = api.create_lease(lease("a")).await.unwrap();
-            let list = api.list_leases("ns", &Default::default()).await.unwrap();
+            let list = api
+                .list_leases("ns", &Default::default(), "")
+                .await
+                .unwrap();
             let mut watch = api
                 .watch_leases("ns", &Default::default(), &list.resource_version)
                 .await

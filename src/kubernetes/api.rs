@@ -225,11 +225,15 @@ pub trait KubeApi: Send + Sync + 'static {
         name: &str,
         precondition: Option<&str>,
     ) -> Result<(), ApiError>;
-    /// Lists the Leases matching `selector`.
+    /// Lists the Leases matching `selector`: with `resource_version` empty, the newest state (a
+    /// quorum read, which the real API server serves from etcd); otherwise any state not older
+    /// than that version (`resourceVersionMatch=NotOlderThan`, served from the API server's
+    /// watch cache, as client-go's reflector relists).
     async fn list_leases(
         &self,
         namespace: &str,
         selector: &LabelSelector,
+        resource_version: &str,
     ) -> Result<ObjectList<Lease>, ApiError>;
     /// Watches the Leases matching `selector` from `resource_version` (with bookmarks).
     async fn watch_leases(
@@ -238,11 +242,13 @@ pub trait KubeApi: Send + Sync + 'static {
         selector: &LabelSelector,
         resource_version: &str,
     ) -> Result<WatchStream<Lease>, ApiError>;
-    /// Lists the EndpointSlices of Service `service`.
+    /// Lists the EndpointSlices of Service `service` (`resource_version` as for
+    /// [`Self::list_leases`]).
     async fn list_endpoint_slices(
         &self,
         namespace: &str,
         service: &str,
+        resource_version: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError>;
     /// Watches the EndpointSlices of Service `service` from `resource_version`.
     async fn watch_endpoint_slices(

@@ -71,6 +71,19 @@ impl KubeRsApi {
     }
 }
 
+/// A list's parameters: the selector, and "not older than" `resource_version` when one is given
+/// (served from the API server's watch cache; empty: a quorum read from etcd).
+fn list_params(labels: &str, resource_version: &str) -> ListParams {
+    let params = ListParams::default().labels(labels);
+    if resource_version.is_empty() {
+        params
+    } else {
+        params
+            .at(resource_version)
+            .matching(kube::api::VersionMatch::NotOlderThan)
+    }
+}
+
 /// The label selector's query form (`k=v,k2=v2`).
 fn selector_text(selector: &LabelSelector) -> String {
     selector
@@ -330,11 +343,12 @@ impl KubeApi for KubeRsApi {
         &self,
         namespace: &str,
         selector: &LabelSelector,
+        resource_version: &str,
     ) -> Result<ObjectList<Lease>, ApiError> {
         let labels = selector_text(selector);
         let list = self
             .leases(namespace)
-            .list(&ListParams::default().labels(&labels))
+            .list(&list_params(&labels, resource_version))
             .await
             .map_err(|e| api_error("list", &format!("Leases in {namespace} ({labels})"), e))?;
         Ok(ObjectList {
@@ -366,11 +380,12 @@ impl KubeApi for KubeRsApi {
         &self,
         namespace: &str,
         service: &str,
+        resource_version: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         let labels = format!("{SERVICE_NAME_LABEL}={service}");
         let list = self
             .slices(namespace)
-            .list(&ListParams::default().labels(&labels))
+            .list(&list_params(&labels, resource_version))
             .await
             .map_err(|e| {
                 api_error(

@@ -226,6 +226,23 @@ fn service_selector(service: &str) -> LabelSelector {
 }
 
 /// Parses a resource version the server issued ("" and "0": from now).
+/// A list "not older than" `resource_version` (empty: the newest state) is served with the
+/// current state, which is never older; a version the server has not reached is refused as the
+/// real one refuses it after waiting a few seconds (`504`, "Too large resource version").
+fn not_too_new(state: &State, resource_version: &str) -> Result<(), ApiError> {
+    if resource_version.is_empty() {
+        return Ok(());
+    }
+    let wanted = parse_version(resource_version)?;
+    if wanted > state.version {
+        return Err(ApiError::Unavailable(format!(
+            "Too large resource version: {wanted}, current: {}",
+            state.version
+        )));
+    }
+    Ok(())
+}
+
 fn parse_version(rv: &str) -> Result<u64, ApiError> {
     if rv.is_empty() {
         return Ok(0);
@@ -407,8 +424,10 @@ impl KubeApi for MemoryApiServer {
         &self,
         namespace: &str,
         selector: &LabelSelector,
+        resource_version: &str,
     ) -> Result<ObjectList<Lease>, ApiError> {
         let s = self.lock();
+        not_too_new(&s, resource_version)?;
         Ok(s.leases.list(s.version, namespace, selector))
     }
 
@@ -426,8 +445,10 @@ impl KubeApi for MemoryApiServer {
         &self,
         namespace: &str,
         service: &str,
+        resource_version: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         let s = self.lock();
+        not_too_new(&s, resource_version)?;
         Ok(s.slices
             .list(s.version, namespace, &service_selector(service)))
     }
@@ -512,7 +533,7 @@ mod tests {
         let api = MemoryApiServer::default();
         api.create_lease(lease("a", "c")).await.unwrap();
         api.create_lease(lease("other", "d")).await.unwrap();
-        let list = api.list_leases("ns", &sel("c")).await.unwrap();
+        let list = api.list_leases("ns", &sel("c"), "").await.unwrap();
         assert_eq!(list.items.len(), 1);
         api.create_lease(lease("b", "c")).await.unwrap();
         api.create_lease(lease("other2", "d")).await.unwrap();
@@ -536,7 +557,7 @@ mod tests {
         let api = MemoryApiServer::new(2);
         api.create_lease(lease("a", "c")).await.unwrap();
         let mut r: Reflector<Lease> = Reflector::new();
-        r.listed(api.list_leases("ns", &sel("c")).await.unwrap());
+        r.listed(api.list_leases("ns", &sel("c"), "").await.unwrap());
         assert_eq!(
             r.next(),
             Next::Watch {
@@ -550,9 +571,9 @@ mod tests {
         let err = api.watch_leases("ns", &sel("c"), "1").await.err().unwrap();
         assert!(matches!(err, ApiError::Gone(_)), "{err:?}");
         r.failed(&err);
-        assert_eq!(r.next(), Next::List);
+        assert!(matches!(r.next(), Next::List { .. }));
         assert_eq!(r.objects().len(), 1, "kept until the relist answers");
-        r.listed(api.list_leases("ns", &sel("c")).await.unwrap());
+        r.listed(api.list_leases("ns", &sel("c"), "").await.unwrap());
         assert_eq!(r.objects().len(), 4);
         // A watch from a version still kept works; after an explicit compaction it is gone.
         assert!(api.watch_leases("ns", &sel("c"), "3").await.is_ok());
@@ -579,7 +600,7 @@ mod tests {
         };
         api.put_endpoint_slice(slice("s1", "shop"));
         api.put_endpoint_slice(slice("s2", "other"));
-        let list = api.list_endpoint_slices("ns", "shop").await.unwrap();
+        let list = api.list_endpoint_slices("ns", "shop", "").await.unwrap();
         assert_eq!(list.items.len(), 1);
         let mut w = api
             .watch_endpoint_slices("ns", "shop", &list.resource_version)

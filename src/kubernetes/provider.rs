@@ -50,8 +50,14 @@ pub struct KubernetesProviderConfig {
     pub lease_duration: Duration,
     /// How often the Lease is renewed (default: a third of the duration).
     pub renew_interval: Option<Duration>,
-    /// Deadline of every API call (a watch: of opening it).
+    /// Deadline of every API call (a watch: of opening it) but lists.
     pub request_timeout: Duration,
+    /// Deadline of a list (default: six request deadlines, at least 30 s): a list of
+    /// thousands of Leases is megabytes, and a slow one must not fail for good.
+    pub list_timeout: Option<Duration>,
+    /// A relist after `410 Gone` waits a random time up to this long (default 1 s), so that
+    /// members sent to relist at the same moment (an API-server restart) do not list together.
+    pub relist_jitter: Duration,
     /// Retry pacing of failed renewals and watches (capped at the renew interval).
     pub backoff: Backoff,
     /// A watch stream that carries nothing (not even a bookmark) for this long is reopened.
@@ -84,6 +90,8 @@ impl KubernetesProviderConfig {
             lease_duration: Duration::from_secs(15),
             renew_interval: None,
             request_timeout: Duration::from_secs(5),
+            list_timeout: None,
+            relist_jitter: Duration::from_secs(1),
             backoff: Backoff {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
@@ -158,6 +166,12 @@ impl KubernetesProviderConfig {
             .parse()
             .map_err(|e| ProviderError::Rejected(format!("POD_IP is not an IP address: {e}")))?;
         Ok(std::net::SocketAddr::new(ip, port).to_string())
+    }
+
+    /// The list deadline in force.
+    pub fn list_timeout(&self) -> Duration {
+        self.list_timeout
+            .unwrap_or((self.request_timeout * 6).max(Duration::from_secs(30)))
     }
 
     /// The renew interval in force.
@@ -483,7 +497,27 @@ impl Session {
         what: impl FnOnce() -> String,
         fut: impl std::future::Future<Output = Result<T, ApiError>>,
     ) -> Result<T, CallError> {
-        let error = match timeout(self.clock().as_ref(), self.config.request_timeout, fut).await {
+        self.call_within(self.config.request_timeout, what, fut)
+            .await
+    }
+
+    /// Runs one list under the list deadline (a list of thousands of Leases is megabytes).
+    async fn list_call<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        fut: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, CallError> {
+        self.call_within(self.config.list_timeout(), what, fut)
+            .await
+    }
+
+    async fn call_within<T>(
+        &self,
+        deadline: Duration,
+        what: impl FnOnce() -> String,
+        fut: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, CallError> {
+        let error = match timeout(self.clock().as_ref(), deadline, fut).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => {
                 if matches!(e, ApiError::TooManyRequests { .. }) {
@@ -491,10 +525,7 @@ impl Session {
                 }
                 e
             }
-            Err(_) => ApiError::Unavailable(format!(
-                "no answer within {:?}",
-                self.config.request_timeout
-            )),
+            Err(_) => ApiError::Unavailable(format!("no answer within {deadline:?}")),
         };
         Err(CallError {
             what: what(),
@@ -722,7 +753,7 @@ impl Session {
         loop {
             let next = T::reflector(&mut lock(&self.view)).next();
             let result = match next {
-                Next::List => self.list::<T>().await,
+                Next::List { resource_version } => self.list::<T>(&resource_version).await,
                 Next::Watch { resource_version } => {
                     self.watch::<T>(&resource_version, &mut attempt).await
                 }
@@ -741,7 +772,11 @@ impl Session {
             }
             if matches!(e.error, ApiError::Gone(_)) {
                 self.metrics.relists.inc();
-                tracing::info!(kind = T::KIND, error = %e, "watch version gone; relisting");
+                // Spread out: an API-server restart or a compaction sends every member here at
+                // the same moment, and their lists would land together.
+                let spread = jitter(self.clock().as_ref(), self.config.relist_jitter);
+                tracing::info!(kind = T::KIND, error = %e, ?spread, "watch version gone; relisting");
+                self.clock().sleep(spread).await;
                 continue;
             }
             self.metrics.watch_reopens.inc();
@@ -763,8 +798,8 @@ impl Session {
         }
     }
 
-    async fn list<T: Watched>(&self) -> Result<(), CallError> {
-        let list = T::list(self).await?;
+    async fn list<T: Watched>(&self, not_older_than: &str) -> Result<(), CallError> {
+        let list = T::list(self, not_older_than).await?;
         let now = self.clock().now();
         {
             let mut view = lock(&self.view);
@@ -1068,7 +1103,7 @@ trait Watched: Object + PartialEq + Sized {
     /// For logs.
     const KIND: &'static str;
     fn reflector(view: &mut View) -> &mut Reflector<Self>;
-    async fn list(session: &Session) -> Result<ObjectList<Self>, CallError>;
+    async fn list(session: &Session, not_older_than: &str) -> Result<ObjectList<Self>, CallError>;
     async fn watch(session: &Session, from: &str) -> Result<WatchStream<Self>, CallError>;
     /// What a list tells the view besides the objects.
     fn listed(_view: &mut View, _list: &ObjectList<Self>, _now: crate::runtime::Instant) {}
@@ -1084,7 +1119,7 @@ impl Watched for Lease {
         &mut view.leases
     }
 
-    async fn list(s: &Session) -> Result<ObjectList<Self>, CallError> {
+    async fn list(s: &Session, not_older_than: &str) -> Result<ObjectList<Self>, CallError> {
         let what = || {
             format!(
                 "list Leases in {} labelled {CLUSTER_LABEL}={}",
@@ -1092,8 +1127,12 @@ impl Watched for Lease {
                 s.ctx.cluster_name
             )
         };
-        s.call(what, s.api.list_leases(s.namespace(), &s.selector()))
-            .await
+        s.list_call(
+            what,
+            s.api
+                .list_leases(s.namespace(), &s.selector(), not_older_than),
+        )
+        .await
     }
 
     async fn watch(s: &Session, from: &str) -> Result<WatchStream<Self>, CallError> {
@@ -1114,7 +1153,7 @@ impl Watched for Lease {
     }
 
     fn observed(view: &mut View, event: &WatchEvent<Self>, now: crate::runtime::Instant) {
-        if view.leases.next() == Next::List {
+        if matches!(view.leases.next(), Next::List { .. }) {
             return;
         }
         match event {
@@ -1141,11 +1180,15 @@ impl Watched for EndpointSlice {
             .expect("EndpointSlices are watched only with a Service")
     }
 
-    async fn list(s: &Session) -> Result<ObjectList<Self>, CallError> {
+    async fn list(s: &Session, not_older_than: &str) -> Result<ObjectList<Self>, CallError> {
         let service = s.config.service.clone().unwrap_or_default();
         let what = || format!("list EndpointSlices of Service {}/{service}", s.namespace());
-        s.call(what, s.api.list_endpoint_slices(s.namespace(), &service))
-            .await
+        s.list_call(
+            what,
+            s.api
+                .list_endpoint_slices(s.namespace(), &service, not_older_than),
+        )
+        .await
     }
 
     async fn watch(s: &Session, from: &str) -> Result<WatchStream<Self>, CallError> {

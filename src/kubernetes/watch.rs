@@ -1,11 +1,13 @@
 //! The list / watch / relist state machine, pure: fed what the API answered, it keeps a cache of
 //! one kind of object and says what to ask next.
 //!
-//! Like kube-runtime's watcher: list, then watch from the list's resource version, moving it on
+//! Like client-go's reflector: list, then watch from the list's resource version, moving it on
 //! with every event and bookmark; when the server answers `410 Gone` (the version was compacted
 //! away), list again and swap the whole cache at once, so no object vanishes between the relist
-//! and its answer. Any other watch failure resumes from the version held. The async driver only
-//! does the calls.
+//! and its answer. The relist asks for a state "not older than" the last version seen, which
+//! the API server serves from its watch cache; only the first list, and a relist the server
+//! answered 410, is a quorum read from etcd (client-go's `relistResourceVersion`). Any other
+//! watch failure resumes from the version held. The async driver only does the calls.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +17,10 @@ use super::api::{ApiError, Object, ObjectList, WatchEvent};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
     /// List (first sync, or the watch's version is gone).
-    List,
+    List {
+        /// Not older than this version (empty: the newest, a quorum read).
+        resource_version: String,
+    },
     /// Watch from this resource version.
     Watch {
         /// The version held.
@@ -42,6 +47,9 @@ pub struct Reflector<T> {
     objects: BTreeMap<String, T>,
     /// `None` until listed, and again after a `410 Gone` (the cache is kept until the relist).
     resource_version: Option<String>,
+    /// The newest version seen (list, event or bookmark): a relist asks for a state not older
+    /// than it. Empty before the first list, and after a relist answered `410 Gone`.
+    last_synced: String,
     /// Whether the cache holds a list at all (an empty cache before the first list is not an
     /// empty cluster).
     synced: bool,
@@ -60,6 +68,7 @@ impl<T: Object + PartialEq> Reflector<T> {
         Self {
             objects: BTreeMap::new(),
             resource_version: None,
+            last_synced: String::new(),
             synced: false,
             relists: 0,
         }
@@ -68,7 +77,9 @@ impl<T: Object + PartialEq> Reflector<T> {
     /// What to ask next.
     pub fn next(&self) -> Next {
         match &self.resource_version {
-            None => Next::List,
+            None => Next::List {
+                resource_version: self.last_synced.clone(),
+            },
             Some(rv) => Next::Watch {
                 resource_version: rv.clone(),
             },
@@ -85,6 +96,7 @@ impl<T: Object + PartialEq> Reflector<T> {
             .into_iter()
             .map(|o| (o.meta().name.clone(), o))
             .collect();
+        self.last_synced = list.resource_version.clone();
         self.resource_version = Some(list.resource_version);
         self.synced = true;
         Outcome::Replaced
@@ -119,18 +131,24 @@ impl<T: Object + PartialEq> Reflector<T> {
             }
         };
         if !rv.is_empty() {
+            self.last_synced = rv.clone();
             self.resource_version = Some(rv);
         }
         outcome
     }
 
-    /// The watch (or list) failed. `Gone`: the version held is no longer served, relist (the
-    /// cache stays as it is until the list answers). Anything else: retry from where it stood.
+    /// The watch (or list) failed. `Gone` on a watch: the version held is no longer served,
+    /// relist not older than it (the cache stays as it is until the list answers); `Gone` on
+    /// that relist: list the newest state. Anything else: retry from where it stood.
     pub fn failed(&mut self, error: &ApiError) {
-        if matches!(error, ApiError::Gone(_)) && !crate::runtime::sim::flaw("k8s-410-not-relisted")
+        if !matches!(error, ApiError::Gone(_)) || crate::runtime::sim::flaw("k8s-410-not-relisted")
         {
-            self.resource_version = None;
+            return;
         }
+        if self.resource_version.is_none() {
+            self.last_synced.clear();
+        }
+        self.resource_version = None;
     }
 
     /// The cached objects, by name.
@@ -180,7 +198,13 @@ mod tests {
     #[test]
     fn lists_then_watches_from_the_list_and_moves_on_with_every_event() {
         let mut r = Reflector::new();
-        assert_eq!(r.next(), Next::List);
+        assert_eq!(
+            r.next(),
+            Next::List {
+                resource_version: String::new()
+            },
+            "the first list is a quorum read"
+        );
         assert!(!r.is_synced());
         // An event before the first list is covered by the list.
         assert_eq!(
@@ -259,7 +283,13 @@ mod tests {
             "a dropped watch resumes where it stood"
         );
         r.failed(&ApiError::Gone("too old resource version: 2".into()));
-        assert_eq!(r.next(), Next::List);
+        assert_eq!(
+            r.next(),
+            Next::List {
+                resource_version: "2".into()
+            },
+            "the relist is served from the watch cache, not older than what was seen"
+        );
         // Until the relist answers, nobody vanishes (events are ignored: the list covers them).
         assert_eq!(names(&r), ["a", "b"]);
         assert_eq!(
@@ -274,5 +304,28 @@ mod tests {
         );
         assert_eq!(names(&r), ["a", "c"]);
         assert_eq!(r.relists(), 1);
+        // A relist the server answers 410 (a cache that cannot serve it) goes to a quorum read.
+        r.failed(&ApiError::Gone("too old resource version: 10".into()));
+        assert_eq!(
+            r.next(),
+            Next::List {
+                resource_version: "10".into()
+            }
+        );
+        r.failed(&ApiError::Gone("too old resource version: 10".into()));
+        assert_eq!(
+            r.next(),
+            Next::List {
+                resource_version: String::new()
+            }
+        );
+        // A failure other than 410 keeps where the relist stood.
+        r.failed(&ApiError::Unavailable("reset".into()));
+        assert_eq!(
+            r.next(),
+            Next::List {
+                resource_version: String::new()
+            }
+        );
     }
 }

@@ -121,7 +121,8 @@ impl Bounds {
             supersede: config.request_timeout * 2 + DELIVERY,
             cleaned_by_peers: true,
             backend: "API server",
-            late_delivery: Duration::ZERO,
+            // A relist after 410 waits up to the relist jitter first.
+            late_delivery: config.relist_jitter,
         }
     }
 

@@ -48,9 +48,9 @@ pub enum Request {
     CreateLease(Lease),
     ReplaceLease(Lease),
     DeleteLease(String, String, Option<String>),
-    ListLeases(String, LabelSelector),
+    ListLeases(String, LabelSelector, String),
     WatchLeases(String, LabelSelector, String),
-    ListSlices(String, String),
+    ListSlices(String, String, String),
     WatchSlices(String, String, String),
 }
 
@@ -169,9 +169,10 @@ impl KubeApi for SimKubeApi {
         &self,
         ns: &str,
         selector: &LabelSelector,
+        rv: &str,
     ) -> Result<ObjectList<Lease>, ApiError> {
         match self
-            .unary(Request::ListLeases(ns.into(), selector.clone()))
+            .unary(Request::ListLeases(ns.into(), selector.clone(), rv.into()))
             .await?
         {
             Reply::Leases(l) => Ok(l),
@@ -197,9 +198,10 @@ impl KubeApi for SimKubeApi {
         &self,
         ns: &str,
         service: &str,
+        rv: &str,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         match self
-            .unary(Request::ListSlices(ns.into(), service.into()))
+            .unary(Request::ListSlices(ns.into(), service.into(), rv.into()))
             .await?
         {
             Reply::Slices(l) => Ok(l),
@@ -467,9 +469,11 @@ impl KubeDoor {
                 }
                 r.map(|()| Reply::Deleted)
             }
-            Request::ListLeases(ns, sel) => s.list_leases(&ns, &sel).await.map(Reply::Leases),
-            Request::ListSlices(ns, service) => s
-                .list_endpoint_slices(&ns, &service)
+            Request::ListLeases(ns, sel, rv) => {
+                s.list_leases(&ns, &sel, &rv).await.map(Reply::Leases)
+            }
+            Request::ListSlices(ns, service, rv) => s
+                .list_endpoint_slices(&ns, &service, &rv)
                 .await
                 .map(Reply::Slices),
             Request::WatchLeases(ns, sel, rv) => {
@@ -580,8 +584,12 @@ impl Request {
             Request::CreateLease(_) => "create leases",
             Request::ReplaceLease(_) => "update leases",
             Request::DeleteLease(..) => "delete leases",
+            // A list with no resource version is a quorum read (the real API server goes to
+            // etcd for it); one "not older than" a version is served from the watch cache.
+            Request::ListLeases(_, _, rv) if rv.is_empty() => "list leases (quorum)",
             Request::ListLeases(..) => "list leases",
             Request::WatchLeases(..) => "watch leases",
+            Request::ListSlices(_, _, rv) if rv.is_empty() => "list endpointslices (quorum)",
             Request::ListSlices(..) => "list endpointslices",
             Request::WatchSlices(..) => "watch endpointslices",
         }
