@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::coordination::v1 as coordination;
 use serde_json::json;
 use shoal::kubernetes::api::{
-    ApiError, EndpointSlice, KubeApi, Lease, ObjectMeta, WatchEvent, WatchStream,
+    ApiError, EndpointSlice, KubeApi, Lease, ListOptions, ObjectMeta, WatchEvent, WatchStream,
 };
 use shoal::kubernetes::kube_rs::{
     KubeRsApi, lease_from_k8s, lease_to_k8s, parse_selector, slice_to_k8s,
@@ -295,10 +295,28 @@ impl Double {
                 ));
             }
         }
-        self.lists
-            .lock()
-            .unwrap()
-            .extend((verb == "list").then(|| format!("{resource}@{rv}")));
+        let list_options = ListOptions {
+            resource_version: rv.clone(),
+            limit: query(&req, "limit").and_then(|l| l.parse().ok()),
+            continue_token: query(&req, "continue").filter(|c| !c.is_empty()),
+        };
+        if list_options.continue_token.is_some() && !rv.is_empty() {
+            // As the real server: the token carries the list's version.
+            return Ok(full(
+                StatusCode::BAD_REQUEST,
+                status_json(
+                    400,
+                    "BadRequest",
+                    "specifying resource version is not allowed when using continue",
+                ),
+            ));
+        }
+        self.lists.lock().unwrap().extend((verb == "list").then(|| {
+            match &list_options.continue_token {
+                Some(token) => format!("{resource} continue {token}"),
+                None => format!("{resource}@{rv}"),
+            }
+        }));
         let body = req
             .into_body()
             .collect()
@@ -307,12 +325,12 @@ impl Double {
             .unwrap_or_default();
         let s = &self.server;
         let answer = match (resource.as_str(), verb) {
-            ("leases", "list") => s.list_leases(&ns, &selector, &rv).await.map(|l| {
+            ("leases", "list") => s.list_leases(&ns, &selector, &list_options).await.map(|l| {
                 full(
                     StatusCode::OK,
                     json!({
                         "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
-                        "metadata": {"resourceVersion": l.resource_version},
+                        "metadata": {"resourceVersion": l.resource_version, "continue": l.continue_token.unwrap_or_default()},
                         "items": l.items.iter().map(encode_lease).collect::<Vec<_>>()
                     }),
                 )
@@ -362,12 +380,12 @@ impl Double {
                     .get(shoal::kubernetes::api::SERVICE_NAME_LABEL)
                     .cloned()
                     .unwrap_or_default();
-                s.list_endpoint_slices(&ns, &service, &rv).await.map(|l| {
+                s.list_endpoint_slices(&ns, &service, &list_options).await.map(|l| {
                     full(
                         StatusCode::OK,
                         json!({
                             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
-                            "metadata": {"resourceVersion": l.resource_version},
+                            "metadata": {"resourceVersion": l.resource_version, "continue": l.continue_token.unwrap_or_default()},
                             "items": l.items.iter().map(encode_slice).collect::<Vec<_>>()
                         }),
                     )
@@ -464,16 +482,23 @@ async fn conflicts_gone_bookmarks_and_selection_cross_the_wire() {
     // The server selects by label.
     api.create_lease(lease("b", "other")).await.unwrap();
     let sel = [(CLUSTER_LABEL.to_string(), "c".to_string())].into();
-    let list = api.list_leases("ns", &sel, "").await.unwrap();
+    let list = api
+        .list_leases("ns", &sel, &ListOptions::default())
+        .await
+        .unwrap();
     // A list not older than a version is served with the newest state; one the server has not
     // reached yet is refused (the real one answers 504 after waiting), never answered old.
+    let not_older_than = |rv: &str| ListOptions {
+        resource_version: rv.to_string(),
+        ..ListOptions::default()
+    };
     let cached = api
-        .list_leases("ns", &sel, &list.resource_version)
+        .list_leases("ns", &sel, &not_older_than(&list.resource_version))
         .await
         .unwrap();
     assert_eq!(cached, list);
     let too_new = api
-        .list_leases("ns", &sel, "999999")
+        .list_leases("ns", &sel, &not_older_than("999999"))
         .await
         .expect_err("a version not reached yet");
     assert!(matches!(too_new, ApiError::Unavailable(_)), "{too_new:?}");
@@ -535,6 +560,8 @@ fn provider_config() -> KubernetesProviderConfig {
     c.lease_duration = Duration::from_secs(2);
     c.request_timeout = Duration::from_secs(2);
     c.startup_timeout = Duration::from_secs(10);
+    // Every list in pages of one Lease: paging crosses the wire in every test.
+    c.list_page_size = Some(1);
     c
 }
 
@@ -566,6 +593,12 @@ async fn members_over_kube_rs_see_each_other_and_drop_a_crashed_one() {
             && b_ctx.partition_manager.topology().len() == 3
     })
     .await;
+    // c listed the two Leases before its own in pages of one (`limit=1`, then `continue`).
+    let lists = double.lists.lock().unwrap().clone();
+    assert!(
+        lists.iter().any(|l| l.starts_with("leases continue ")),
+        "{lists:?}"
+    );
     // c stops without deleting its Lease (a crash): a peer deletes it once expired.
     c.shutdown(false).await.unwrap();
     common::wait_until("the crashed member dropped", 15, || {

@@ -16,8 +16,8 @@ use futures::StreamExt;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::time::{Instant, sleep};
 use shoal::kubernetes::api::{
-    ApiError, Endpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList, ObjectMeta,
-    ObjectReference, SERVICE_NAME_LABEL, WatchStream,
+    ApiError, Endpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, ObjectList,
+    ObjectMeta, ObjectReference, SERVICE_NAME_LABEL, WatchStream,
 };
 use shoal::kubernetes::members::{ADDRESS_ANNOTATION, CLUSTER_LABEL};
 use shoal::kubernetes::memory::MemoryApiServer;
@@ -97,11 +97,14 @@ impl KubeApi for Link {
         &self,
         ns: &str,
         sel: &LabelSelector,
-        rv: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<Lease>, ApiError> {
         self.check()?;
-        self.lease_lists.lock().unwrap().push(rv.to_string());
-        self.server.list_leases(ns, sel, rv).await
+        self.lease_lists
+            .lock()
+            .unwrap()
+            .push(options.resource_version.clone());
+        self.server.list_leases(ns, sel, options).await
     }
     async fn watch_leases(
         &self,
@@ -121,10 +124,10 @@ impl KubeApi for Link {
         &self,
         ns: &str,
         service: &str,
-        rv: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         self.check()?;
-        self.server.list_endpoint_slices(ns, service, rv).await
+        self.server.list_endpoint_slices(ns, service, options).await
     }
     async fn watch_endpoint_slices(
         &self,
@@ -714,9 +717,9 @@ impl KubeApi for SlowFirstCreate {
         &self,
         ns: &str,
         sel: &LabelSelector,
-        rv: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<Lease>, ApiError> {
-        self.server.list_leases(ns, sel, rv).await
+        self.server.list_leases(ns, sel, options).await
     }
     async fn watch_leases(
         &self,
@@ -730,9 +733,9 @@ impl KubeApi for SlowFirstCreate {
         &self,
         ns: &str,
         service: &str,
-        rv: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
-        self.server.list_endpoint_slices(ns, service, rv).await
+        self.server.list_endpoint_slices(ns, service, options).await
     }
     async fn watch_endpoint_slices(
         &self,

@@ -89,6 +89,15 @@ impl LoadMeter {
         });
     }
 
+    /// A page after the first of a list (a continuation), `items` objects, `bytes` long: its
+    /// objects and bytes count, the list was counted with its first page.
+    pub fn list_page(&self, items: usize, bytes: usize) {
+        self.with(|c| {
+            c.list_items += items as u64;
+            c.bytes_out += bytes as u64;
+        });
+    }
+
     /// A snapshot of `items` objects (a watch message that lists everything), `bytes` long,
     /// was delivered on a watch.
     pub fn snapshot_sent(&self, items: usize, bytes: usize) {

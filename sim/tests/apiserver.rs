@@ -51,7 +51,7 @@ async fn calls_are_answered_promptly_and_watches_stream() {
             let api = SimKubeApi::new(SocketAddr::from(([10, 0, 0, 1], APISERVER_PORT)));
             let mut l = api.create_lease(lease("a")).await.unwrap();
             let list = api
-                .list_leases("ns", &Default::default(), "")
+                .list_leases("ns", &Default::default(), &Default::default())
                 .await
                 .unwrap();
             let mut watch = api

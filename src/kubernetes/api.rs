@@ -116,13 +116,30 @@ impl Object for EndpointSlice {
 /// The label EndpointSlices carry naming their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Objects of one kind, as listed, with the resource version to watch from.
+/// Objects of one kind, as listed (one page of them), with the resource version to watch from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectList<T> {
     /// The objects.
     pub items: Vec<T>,
     /// The list's resource version: a watch from it sees every later change.
     pub resource_version: String,
+    /// More objects follow: ask for them with this token (`None`: the last page).
+    pub continue_token: Option<String>,
+}
+
+/// How to list: from which state, and in pages of how many objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListOptions {
+    /// Empty: the newest state (a quorum read, which the real API server serves from etcd);
+    /// otherwise any state not older than this version (`resourceVersionMatch=NotOlderThan`,
+    /// served from the API server's watch cache, as client-go's reflector relists). Not sent
+    /// with `continue_token` (the token carries the version of the first page).
+    pub resource_version: String,
+    /// At most this many objects per page (`limit`; `None`: all at once).
+    pub limit: Option<u32>,
+    /// The previous page's token (`continue`): the next page of the same list. A token older
+    /// than the server keeps is `410 Gone`.
+    pub continue_token: Option<String>,
 }
 
 /// One watch event.
@@ -225,15 +242,12 @@ pub trait KubeApi: Send + Sync + 'static {
         name: &str,
         precondition: Option<&str>,
     ) -> Result<(), ApiError>;
-    /// Lists the Leases matching `selector`: with `resource_version` empty, the newest state (a
-    /// quorum read, which the real API server serves from etcd); otherwise any state not older
-    /// than that version (`resourceVersionMatch=NotOlderThan`, served from the API server's
-    /// watch cache, as client-go's reflector relists).
+    /// Lists (one page of) the Leases matching `selector` (see [`ListOptions`]).
     async fn list_leases(
         &self,
         namespace: &str,
         selector: &LabelSelector,
-        resource_version: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<Lease>, ApiError>;
     /// Watches the Leases matching `selector` from `resource_version` (with bookmarks).
     async fn watch_leases(
@@ -242,13 +256,12 @@ pub trait KubeApi: Send + Sync + 'static {
         selector: &LabelSelector,
         resource_version: &str,
     ) -> Result<WatchStream<Lease>, ApiError>;
-    /// Lists the EndpointSlices of Service `service` (`resource_version` as for
-    /// [`Self::list_leases`]).
+    /// Lists (one page of) the EndpointSlices of Service `service` (see [`ListOptions`]).
     async fn list_endpoint_slices(
         &self,
         namespace: &str,
         service: &str,
-        resource_version: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<EndpointSlice>, ApiError>;
     /// Watches the EndpointSlices of Service `service` from `resource_version`.
     async fn watch_endpoint_slices(

@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions, WatchParams};
 
 use super::api::{
-    ApiError, Endpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList, ObjectMeta,
-    ObjectReference, SERVICE_NAME_LABEL, WatchEvent, WatchStream,
+    ApiError, Endpoint, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, ObjectList,
+    ObjectMeta, ObjectReference, SERVICE_NAME_LABEL, WatchEvent, WatchStream,
 };
 
 /// Server-side timeout asked for each watch (the API server ends the watch then; the provider
@@ -71,15 +71,22 @@ impl KubeRsApi {
     }
 }
 
-/// A list's parameters: the selector, and "not older than" `resource_version` when one is given
-/// (served from the API server's watch cache; empty: a quorum read from etcd).
-fn list_params(labels: &str, resource_version: &str) -> ListParams {
-    let params = ListParams::default().labels(labels);
-    if resource_version.is_empty() {
+/// A list's parameters: the selector, the page (`limit`, `continue`), and "not older than" the
+/// resource version when one is given on a first page (served from the API server's watch
+/// cache; empty: a quorum read from etcd).
+fn list_params(labels: &str, options: &ListOptions) -> ListParams {
+    let mut params = ListParams::default().labels(labels);
+    if let Some(limit) = options.limit {
+        params = params.limit(limit);
+    }
+    if let Some(token) = &options.continue_token {
+        return params.continue_token(token);
+    }
+    if options.resource_version.is_empty() {
         params
     } else {
         params
-            .at(resource_version)
+            .at(&options.resource_version)
             .matching(kube::api::VersionMatch::NotOlderThan)
     }
 }
@@ -343,16 +350,17 @@ impl KubeApi for KubeRsApi {
         &self,
         namespace: &str,
         selector: &LabelSelector,
-        resource_version: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<Lease>, ApiError> {
         let labels = selector_text(selector);
         let list = self
             .leases(namespace)
-            .list(&list_params(&labels, resource_version))
+            .list(&list_params(&labels, options))
             .await
             .map_err(|e| api_error("list", &format!("Leases in {namespace} ({labels})"), e))?;
         Ok(ObjectList {
             resource_version: list.metadata.resource_version.unwrap_or_default(),
+            continue_token: list.metadata.continue_.filter(|c| !c.is_empty()),
             items: list.items.into_iter().map(lease_from_k8s).collect(),
         })
     }
@@ -380,12 +388,12 @@ impl KubeApi for KubeRsApi {
         &self,
         namespace: &str,
         service: &str,
-        resource_version: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         let labels = format!("{SERVICE_NAME_LABEL}={service}");
         let list = self
             .slices(namespace)
-            .list(&list_params(&labels, resource_version))
+            .list(&list_params(&labels, options))
             .await
             .map_err(|e| {
                 api_error(
@@ -396,6 +404,7 @@ impl KubeApi for KubeRsApi {
             })?;
         Ok(ObjectList {
             resource_version: list.metadata.resource_version.unwrap_or_default(),
+            continue_token: list.metadata.continue_.filter(|c| !c.is_empty()),
             items: list.items.into_iter().map(slice_from_k8s).collect(),
         })
     }

@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::api::{
-    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, Object, ObjectList, SERVICE_NAME_LABEL,
-    WatchEvent, WatchStream, selects,
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, Object, ObjectList,
+    SERVICE_NAME_LABEL, WatchEvent, WatchStream, selects,
 };
 
 /// Events kept for watches to resume from, per kind, unless compacted earlier.
@@ -43,6 +43,10 @@ struct State {
     version: u64,
     /// Events at or below this version are gone from the history.
     compacted: u64,
+    /// The store's own compaction ([`MemoryApiServer::compact`], etcd's): a continuation of a
+    /// list older than this is gone. The watch history's trimming does not touch it (on a
+    /// real cluster a continue token lives until etcd compacts, about 5 minutes).
+    store_compacted: u64,
     history_limit: usize,
     leases: Kind<Lease>,
     slices: Kind<EndpointSlice>,
@@ -64,16 +68,39 @@ impl<T: Object> Kind<T> {
         }
     }
 
-    /// The objects of `namespace` matching `selector`, as of `version`.
-    fn list(&self, version: u64, namespace: &str, selector: &LabelSelector) -> ObjectList<T> {
+    /// One page of the objects of `namespace` matching `selector`, as of `version`: after
+    /// the name `after` (a continuation), at most `limit` of them, in name order.
+    ///
+    /// A continuation page shows the remaining objects as they are now, not as of the first
+    /// page's version (no MVCC here); a client that watches from the list's version is
+    /// replayed every change after it, so its cache converges all the same.
+    fn list(
+        &self,
+        version: u64,
+        namespace: &str,
+        selector: &LabelSelector,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> ObjectList<T> {
+        let mut matching = self
+            .objects
+            .iter()
+            .filter(|((ns, name), o)| {
+                ns == namespace
+                    && after.is_none_or(|a| name.as_str() > a)
+                    && selects(selector, &o.meta().labels)
+            })
+            .map(|(_, o)| o);
+        let limit = limit.filter(|l| *l > 0).map_or(usize::MAX, |l| l as usize);
+        let items: Vec<T> = matching.by_ref().take(limit).cloned().collect();
+        let continue_token = match (matching.next(), items.last()) {
+            (Some(_), Some(last)) => Some(format!("{version}/{}", last.meta().name)),
+            _ => None,
+        };
         ObjectList {
-            items: self
-                .objects
-                .iter()
-                .filter(|((ns, _), o)| ns == namespace && selects(selector, &o.meta().labels))
-                .map(|(_, o)| o.clone())
-                .collect(),
+            items,
             resource_version: version.to_string(),
+            continue_token,
         }
     }
 
@@ -101,6 +128,7 @@ impl MemoryApiServer {
             inner: Arc::new(Mutex::new(State {
                 version: 0,
                 compacted: 0,
+                store_compacted: 0,
                 history_limit: history_limit.max(1),
                 leases: Kind::new(),
                 slices: Kind::new(),
@@ -123,6 +151,7 @@ impl MemoryApiServer {
     pub fn compact(&self) {
         let mut s = self.lock();
         s.compacted = s.version;
+        s.store_compacted = s.version;
         s.leases.history.clear();
         s.slices.history.clear();
     }
@@ -226,21 +255,37 @@ fn service_selector(service: &str) -> LabelSelector {
 }
 
 /// Parses a resource version the server issued ("" and "0": from now).
-/// A list "not older than" `resource_version` (empty: the newest state) is served with the
+/// Where a list page starts: the list's version and the name after which it goes on.
+///
+/// A first page "not older than" a version (empty: the newest state) is served with the
 /// current state, which is never older; a version the server has not reached is refused as the
-/// real one refuses it after waiting a few seconds (`504`, "Too large resource version").
-fn not_too_new(state: &State, resource_version: &str) -> Result<(), ApiError> {
-    if resource_version.is_empty() {
-        return Ok(());
+/// real one refuses it after waiting a few seconds (`504`, "Too large resource version"). A
+/// continuation carries its list's version: compacted away, it is `410 Gone` (the real
+/// server's "continue token is too old"), and the client lists again from the start.
+fn page_start(state: &State, options: &ListOptions) -> Result<(u64, Option<String>), ApiError> {
+    if let Some(token) = &options.continue_token {
+        let (version, after) = token
+            .split_once('/')
+            .and_then(|(v, after)| Some((v.parse::<u64>().ok()?, after.to_string())))
+            .ok_or_else(|| ApiError::Rejected(format!("malformed continue token {token:?}")))?;
+        if version < state.store_compacted {
+            return Err(ApiError::Gone(format!(
+                "the provided continue parameter is too old (list at {version}, compacted to {})",
+                state.store_compacted
+            )));
+        }
+        return Ok((version, Some(after)));
     }
-    let wanted = parse_version(resource_version)?;
-    if wanted > state.version {
-        return Err(ApiError::Unavailable(format!(
-            "Too large resource version: {wanted}, current: {}",
-            state.version
-        )));
+    if !options.resource_version.is_empty() {
+        let wanted = parse_version(&options.resource_version)?;
+        if wanted > state.version {
+            return Err(ApiError::Unavailable(format!(
+                "Too large resource version: {wanted}, current: {}",
+                state.version
+            )));
+        }
     }
-    Ok(())
+    Ok((state.version, None))
 }
 
 fn parse_version(rv: &str) -> Result<u64, ApiError> {
@@ -424,11 +469,17 @@ impl KubeApi for MemoryApiServer {
         &self,
         namespace: &str,
         selector: &LabelSelector,
-        resource_version: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<Lease>, ApiError> {
         let s = self.lock();
-        not_too_new(&s, resource_version)?;
-        Ok(s.leases.list(s.version, namespace, selector))
+        let (version, after) = page_start(&s, options)?;
+        Ok(s.leases.list(
+            version,
+            namespace,
+            selector,
+            after.as_deref(),
+            options.limit,
+        ))
     }
 
     async fn watch_leases(
@@ -445,12 +496,17 @@ impl KubeApi for MemoryApiServer {
         &self,
         namespace: &str,
         service: &str,
-        resource_version: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         let s = self.lock();
-        not_too_new(&s, resource_version)?;
-        Ok(s.slices
-            .list(s.version, namespace, &service_selector(service)))
+        let (version, after) = page_start(&s, options)?;
+        Ok(s.slices.list(
+            version,
+            namespace,
+            &service_selector(service),
+            after.as_deref(),
+            options.limit,
+        ))
     }
 
     async fn watch_endpoint_slices(
@@ -496,6 +552,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lists_come_in_pages_whose_tokens_die_with_compaction() {
+        let api = MemoryApiServer::default();
+        for name in ["a", "b", "c", "d", "e"] {
+            api.create_lease(lease(name, "c")).await.unwrap();
+        }
+        api.create_lease(lease("x", "other")).await.unwrap();
+        let mut options = ListOptions {
+            limit: Some(2),
+            ..ListOptions::default()
+        };
+        let mut names = Vec::new();
+        let mut versions = Vec::new();
+        loop {
+            let page = api.list_leases("ns", &sel("c"), &options).await.unwrap();
+            assert!(page.items.len() <= 2);
+            names.extend(page.items.iter().map(|l| l.meta.name.clone()));
+            versions.push(page.resource_version.clone());
+            match page.continue_token {
+                Some(token) => options.continue_token = Some(token),
+                None => break,
+            }
+        }
+        assert_eq!(
+            names,
+            ["a", "b", "c", "d", "e"],
+            "every object once, in order"
+        );
+        assert!(
+            versions.iter().all(|v| *v == versions[0]),
+            "one list version"
+        );
+        // A page boundary on the last object: no empty page follows.
+        options = ListOptions {
+            limit: Some(5),
+            ..ListOptions::default()
+        };
+        let page = api.list_leases("ns", &sel("c"), &options).await.unwrap();
+        assert_eq!((page.items.len(), page.continue_token), (5, None));
+        // A continuation of a list from before a compaction is gone; a made-up one is refused.
+        options.limit = Some(2);
+        let first = api.list_leases("ns", &sel("c"), &options).await.unwrap();
+        api.create_lease(lease("f", "c")).await.unwrap();
+        api.compact();
+        options.continue_token = first.continue_token;
+        assert!(matches!(
+            api.list_leases("ns", &sel("c"), &options).await,
+            Err(ApiError::Gone(_))
+        ));
+        options.continue_token = Some("nonsense".into());
+        assert!(matches!(
+            api.list_leases("ns", &sel("c"), &options).await,
+            Err(ApiError::Rejected(_))
+        ));
+        // A first page not older than a version the server has not reached is refused.
+        let too_new = ListOptions {
+            resource_version: "1000".into(),
+            ..ListOptions::default()
+        };
+        assert!(matches!(
+            api.list_leases("ns", &sel("c"), &too_new).await,
+            Err(ApiError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn writes_carry_resource_versions_and_stale_ones_conflict() {
         let api = MemoryApiServer::default();
         let a = api.create_lease(lease("a", "c")).await.unwrap();
@@ -533,7 +654,10 @@ mod tests {
         let api = MemoryApiServer::default();
         api.create_lease(lease("a", "c")).await.unwrap();
         api.create_lease(lease("other", "d")).await.unwrap();
-        let list = api.list_leases("ns", &sel("c"), "").await.unwrap();
+        let list = api
+            .list_leases("ns", &sel("c"), &ListOptions::default())
+            .await
+            .unwrap();
         assert_eq!(list.items.len(), 1);
         api.create_lease(lease("b", "c")).await.unwrap();
         api.create_lease(lease("other2", "d")).await.unwrap();
@@ -557,7 +681,11 @@ mod tests {
         let api = MemoryApiServer::new(2);
         api.create_lease(lease("a", "c")).await.unwrap();
         let mut r: Reflector<Lease> = Reflector::new();
-        r.listed(api.list_leases("ns", &sel("c"), "").await.unwrap());
+        r.listed(
+            api.list_leases("ns", &sel("c"), &ListOptions::default())
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             r.next(),
             Next::Watch {
@@ -573,7 +701,11 @@ mod tests {
         r.failed(&err);
         assert!(matches!(r.next(), Next::List { .. }));
         assert_eq!(r.objects().len(), 1, "kept until the relist answers");
-        r.listed(api.list_leases("ns", &sel("c"), "").await.unwrap());
+        r.listed(
+            api.list_leases("ns", &sel("c"), &ListOptions::default())
+                .await
+                .unwrap(),
+        );
         assert_eq!(r.objects().len(), 4);
         // A watch from a version still kept works; after an explicit compaction it is gone.
         assert!(api.watch_leases("ns", &sel("c"), "3").await.is_ok());
@@ -600,7 +732,10 @@ mod tests {
         };
         api.put_endpoint_slice(slice("s1", "shop"));
         api.put_endpoint_slice(slice("s2", "other"));
-        let list = api.list_endpoint_slices("ns", "shop", "").await.unwrap();
+        let list = api
+            .list_endpoint_slices("ns", "shop", &ListOptions::default())
+            .await
+            .unwrap();
         assert_eq!(list.items.len(), 1);
         let mut w = api
             .watch_endpoint_slices("ns", "shop", &list.resource_version)

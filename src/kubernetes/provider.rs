@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::api::{
-    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, Object, ObjectList, ObjectReference,
-    WatchEvent, WatchStream,
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, Object, ObjectList,
+    ObjectReference, WatchEvent, WatchStream,
 };
 use super::members::{
     ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, MemberIndex, check_cluster_name,
@@ -58,6 +58,9 @@ pub struct KubernetesProviderConfig {
     /// A relist after `410 Gone` waits a random time up to this long (default 1 s), so that
     /// members sent to relist at the same moment (an API-server restart) do not list together.
     pub relist_jitter: Duration,
+    /// Objects per list page (`limit`; default 500, client-go's): a list of thousands of
+    /// Leases comes in pages under the API server's response limits. `None`: one page.
+    pub list_page_size: Option<u32>,
     /// Retry pacing of failed renewals and watches (capped at the renew interval).
     pub backoff: Backoff,
     /// A watch stream that carries nothing (not even a bookmark) for this long is reopened.
@@ -92,6 +95,7 @@ impl KubernetesProviderConfig {
             request_timeout: Duration::from_secs(5),
             list_timeout: None,
             relist_jitter: Duration::from_secs(1),
+            list_page_size: Some(500),
             backoff: Backoff {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
@@ -798,8 +802,41 @@ impl Session {
         }
     }
 
+    /// Lists in pages of `list_page_size`, then hands the whole list over at once. A page
+    /// whose continuation is gone (`410`) fails the list: the reflector lists again from the
+    /// start with a quorum read.
     async fn list<T: Watched>(&self, not_older_than: &str) -> Result<(), CallError> {
-        let list = T::list(self, not_older_than).await?;
+        let mut options = ListOptions {
+            resource_version: not_older_than.to_string(),
+            limit: self.config.list_page_size,
+            continue_token: None,
+        };
+        let mut list = T::list(self, &options).await?;
+        let mut pages = 1u32;
+        while let Some(token) = list.continue_token.take() {
+            pages += 1;
+            if pages > MAX_LIST_PAGES {
+                return Err(CallError {
+                    what: format!("list {}", T::KIND),
+                    error: ApiError::Unavailable(format!(
+                        "more than {MAX_LIST_PAGES} pages: the server keeps answering with a continue token"
+                    )),
+                });
+            }
+            options.resource_version.clear();
+            options.continue_token = Some(token);
+            let page = T::list(self, &options).await?;
+            list.items.extend(page.items);
+            list.continue_token = page.continue_token;
+        }
+        if pages > 1 {
+            tracing::debug!(
+                kind = T::KIND,
+                pages,
+                objects = list.items.len(),
+                "listed in pages"
+            );
+        }
         let now = self.clock().now();
         {
             let mut view = lock(&self.view);
@@ -1097,13 +1134,17 @@ impl Session {
 /// How many times a graceful shutdown tries to delete the Lease.
 const DELETE_ATTEMPTS: u32 = 5;
 
+/// The most pages one list may take (a server that never stops answering with a continue
+/// token fails the list instead of growing it forever).
+const MAX_LIST_PAGES: u32 = 10_000;
+
 /// A kind of object the provider lists and watches.
 #[async_trait]
 trait Watched: Object + PartialEq + Sized {
     /// For logs.
     const KIND: &'static str;
     fn reflector(view: &mut View) -> &mut Reflector<Self>;
-    async fn list(session: &Session, not_older_than: &str) -> Result<ObjectList<Self>, CallError>;
+    async fn list(session: &Session, options: &ListOptions) -> Result<ObjectList<Self>, CallError>;
     async fn watch(session: &Session, from: &str) -> Result<WatchStream<Self>, CallError>;
     /// What a list tells the view besides the objects.
     fn listed(_view: &mut View, _list: &ObjectList<Self>, _now: crate::runtime::Instant) {}
@@ -1119,7 +1160,7 @@ impl Watched for Lease {
         &mut view.leases
     }
 
-    async fn list(s: &Session, not_older_than: &str) -> Result<ObjectList<Self>, CallError> {
+    async fn list(s: &Session, options: &ListOptions) -> Result<ObjectList<Self>, CallError> {
         let what = || {
             format!(
                 "list Leases in {} labelled {CLUSTER_LABEL}={}",
@@ -1129,8 +1170,7 @@ impl Watched for Lease {
         };
         s.list_call(
             what,
-            s.api
-                .list_leases(s.namespace(), &s.selector(), not_older_than),
+            s.api.list_leases(s.namespace(), &s.selector(), options),
         )
         .await
     }
@@ -1180,13 +1220,12 @@ impl Watched for EndpointSlice {
             .expect("EndpointSlices are watched only with a Service")
     }
 
-    async fn list(s: &Session, not_older_than: &str) -> Result<ObjectList<Self>, CallError> {
+    async fn list(s: &Session, options: &ListOptions) -> Result<ObjectList<Self>, CallError> {
         let service = s.config.service.clone().unwrap_or_default();
         let what = || format!("list EndpointSlices of Service {}/{service}", s.namespace());
         s.list_call(
             what,
-            s.api
-                .list_endpoint_slices(s.namespace(), &service, not_older_than),
+            s.api.list_endpoint_slices(s.namespace(), &service, options),
         )
         .await
     }

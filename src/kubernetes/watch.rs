@@ -188,6 +188,7 @@ mod tests {
         ObjectList {
             items,
             resource_version: rv.into(),
+            continue_token: None,
         }
     }
 

@@ -21,8 +21,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use shoal::kubernetes::api::{
-    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ObjectList, ObjectMeta, WatchEvent,
-    WatchStream,
+    ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, ObjectList, ObjectMeta,
+    WatchEvent, WatchStream,
 };
 use shoal::kubernetes::members::ADDRESS_ANNOTATION;
 use shoal::kubernetes::memory::MemoryApiServer;
@@ -48,9 +48,9 @@ pub enum Request {
     CreateLease(Lease),
     ReplaceLease(Lease),
     DeleteLease(String, String, Option<String>),
-    ListLeases(String, LabelSelector, String),
+    ListLeases(String, LabelSelector, ListOptions),
     WatchLeases(String, LabelSelector, String),
-    ListSlices(String, String, String),
+    ListSlices(String, String, ListOptions),
     WatchSlices(String, String, String),
 }
 
@@ -169,10 +169,14 @@ impl KubeApi for SimKubeApi {
         &self,
         ns: &str,
         selector: &LabelSelector,
-        rv: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<Lease>, ApiError> {
         match self
-            .unary(Request::ListLeases(ns.into(), selector.clone(), rv.into()))
+            .unary(Request::ListLeases(
+                ns.into(),
+                selector.clone(),
+                options.clone(),
+            ))
             .await?
         {
             Reply::Leases(l) => Ok(l),
@@ -198,10 +202,14 @@ impl KubeApi for SimKubeApi {
         &self,
         ns: &str,
         service: &str,
-        rv: &str,
+        options: &ListOptions,
     ) -> Result<ObjectList<EndpointSlice>, ApiError> {
         match self
-            .unary(Request::ListSlices(ns.into(), service.into(), rv.into()))
+            .unary(Request::ListSlices(
+                ns.into(),
+                service.into(),
+                options.clone(),
+            ))
             .await?
         {
             Reply::Slices(l) => Ok(l),
@@ -411,6 +419,7 @@ impl KubeDoor {
     ) -> bool {
         let s = &self.store;
         let verb = request.verb();
+        let continuation = request.is_continuation();
         if let Some(resource) = request.read_of()
             && let Some(shed) = self.pushback(from.ip(), resource)
         {
@@ -469,11 +478,11 @@ impl KubeDoor {
                 }
                 r.map(|()| Reply::Deleted)
             }
-            Request::ListLeases(ns, sel, rv) => {
-                s.list_leases(&ns, &sel, &rv).await.map(Reply::Leases)
+            Request::ListLeases(ns, sel, options) => {
+                s.list_leases(&ns, &sel, &options).await.map(Reply::Leases)
             }
-            Request::ListSlices(ns, service, rv) => s
-                .list_endpoint_slices(&ns, &service, &rv)
+            Request::ListSlices(ns, service, options) => s
+                .list_endpoint_slices(&ns, &service, &options)
                 .await
                 .map(Reply::Slices),
             Request::WatchLeases(ns, sel, rv) => {
@@ -492,17 +501,21 @@ impl KubeDoor {
         match &answer {
             Ok(Reply::Leases(l)) => {
                 self.meter.request(verb, 0);
-                self.meter.listed(
-                    l.items.len(),
-                    l.items.iter().map(lease_bytes).sum::<usize>() + 200,
-                );
+                let bytes = l.items.iter().map(lease_bytes).sum::<usize>() + 200;
+                if continuation {
+                    self.meter.list_page(l.items.len(), bytes);
+                } else {
+                    self.meter.listed(l.items.len(), bytes);
+                }
             }
             Ok(Reply::Slices(l)) => {
                 self.meter.request(verb, 0);
-                self.meter.listed(
-                    l.items.len(),
-                    l.items.iter().map(slice_bytes).sum::<usize>() + 200,
-                );
+                let bytes = l.items.iter().map(slice_bytes).sum::<usize>() + 200;
+                if continuation {
+                    self.meter.list_page(l.items.len(), bytes);
+                } else {
+                    self.meter.listed(l.items.len(), bytes);
+                }
             }
             Ok(Reply::Lease(Some(l)) | Reply::Written(l)) => {
                 self.meter.request(verb, lease_bytes(l))
@@ -568,6 +581,14 @@ impl crate::control::wire::Server for KubeDoor {
 }
 
 impl Request {
+    /// Whether this is a list page after the first.
+    fn is_continuation(&self) -> bool {
+        matches!(
+            self,
+            Request::ListLeases(_, _, o) | Request::ListSlices(_, _, o) if o.continue_token.is_some()
+        )
+    }
+
     /// The resource a list or watch reads (`None` for other calls).
     fn read_of(&self) -> Option<&'static str> {
         match self {
@@ -586,10 +607,17 @@ impl Request {
             Request::DeleteLease(..) => "delete leases",
             // A list with no resource version is a quorum read (the real API server goes to
             // etcd for it); one "not older than" a version is served from the watch cache.
-            Request::ListLeases(_, _, rv) if rv.is_empty() => "list leases (quorum)",
+            // A continuation page is read from etcd at the list's revision.
+            Request::ListLeases(_, _, o) if o.continue_token.is_some() => "list leases (continue)",
+            Request::ListLeases(_, _, o) if o.resource_version.is_empty() => "list leases (quorum)",
             Request::ListLeases(..) => "list leases",
             Request::WatchLeases(..) => "watch leases",
-            Request::ListSlices(_, _, rv) if rv.is_empty() => "list endpointslices (quorum)",
+            Request::ListSlices(_, _, o) if o.continue_token.is_some() => {
+                "list endpointslices (continue)"
+            }
+            Request::ListSlices(_, _, o) if o.resource_version.is_empty() => {
+                "list endpointslices (quorum)"
+            }
             Request::ListSlices(..) => "list endpointslices",
             Request::WatchSlices(..) => "watch endpointslices",
         }

@@ -36,13 +36,16 @@ pub const HISTORY: usize = 32;
 pub const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
 
 /// The Kubernetes provider settings simulations use: a 6 s Lease (the registry's TTL) renewed
-/// every 2 s; each member's Lease owned by its Pod.
+/// every 2 s; lists in pages of 40; each member's Lease owned by its Pod.
 pub fn config(pod: Option<&str>) -> KubernetesProviderConfig {
     let mut c = KubernetesProviderConfig::new("default");
     c.lease_duration = Duration::from_secs(6);
     c.request_timeout = Duration::from_secs(1);
     c.watch_idle_timeout = Duration::from_secs(10);
     c.startup_timeout = Duration::from_secs(10);
+    // Pages of 40: a list at scale (100 members and more) takes several, as 500 would at
+    // thousands on a real cluster.
+    c.list_page_size = Some(40);
     c.pod = pod.map(|name| ObjectReference {
         kind: "Pod".into(),
         namespace: "default".into(),
