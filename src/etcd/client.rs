@@ -4,6 +4,12 @@
 //! (etcd-client never reopens one by itself, and a dead stream renews nothing). Watches ask
 //! for progress notifications every [`PROGRESS_EVERY`], so a stream that silently died is
 //! noticed by the provider's idle timeout.
+//!
+//! With authentication on, etcd-client authenticates once, at connect. etcd's simple tokens
+//! live in its memory: after an etcd restart (or past `--auth-token-ttl`) every request is
+//! refused with `invalid auth token`, for good. Like Go's clientv3, every call here that is
+//! refused for its token authenticates again and is retried once
+//! ([`EtcdClient::reauthentications`] counts it).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -49,6 +55,22 @@ pub struct EtcdTls {
 pub struct EtcdClient {
     client: Client,
     keepers: Mutex<std::collections::BTreeMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>,
+    /// Whether the connection authenticates (a user and password were given).
+    authenticates: bool,
+    reauthentications: std::sync::atomic::AtomicU64,
+}
+
+/// Whether etcd refused a request for its auth token, not for who sent it: the token is gone
+/// (etcd restarted, the token's TTL passed) or predates a change of the auth store. Another
+/// authentication fixes it.
+pub fn stale_token(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            m.contains("invalid auth token") || m.contains("auth store is old")
+        }
+        _ => false,
+    }
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -146,6 +168,45 @@ impl EtcdClient {
         Ok(Self {
             client,
             keepers: Mutex::default(),
+            authenticates: connection.user.is_some(),
+            reauthentications: Default::default(),
+        })
+    }
+
+    /// How many times a call was refused for a stale auth token and authenticated again.
+    pub fn reauthentications(&self) -> u64 {
+        self.reauthentications
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `op`; if etcd refused it for a stale auth token, authenticates again (a new token,
+    /// shared by every clone of the client) and runs it once more. A failed authentication (the
+    /// user was removed, the password changed) is the error returned.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match op(self.client.clone()).await {
+            Err(e) if self.authenticates && stale_token(&e) => {
+                self.reauthenticate(&e).await?;
+                op(self.client.clone()).await
+            }
+            result => result,
+        }
+    }
+
+    async fn reauthenticate(
+        &self,
+        why: &(dyn std::fmt::Display + Sync),
+    ) -> Result<(), etcd_client::Error> {
+        self.reauthentications
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(error = %why, "etcd refused this client's auth token (etcd restarted, or the token expired); authenticating again");
+        // Streams opened under the old token are dropped: they are reopened with the new one.
+        self.keepers().clear();
+        self.client.refresh_token().await.inspect_err(|e| {
+            tracing::warn!(error = %e, "authenticating to etcd again failed");
         })
     }
 
@@ -164,42 +225,32 @@ impl EtcdApi for EtcdClient {
     async fn lease_grant(&self, ttl: Duration) -> Result<(LeaseId, Duration), EtcdError> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let r = self
-            .client
-            .clone()
-            .lease_grant(secs, None)
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
             .await
             .map_err(etcd_error)?;
         Ok((r.id(), Duration::from_secs(r.ttl().max(1) as u64)))
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
-        // One stream per lease, taken out while in use and put back if it worked.
-        let held = self.keepers().remove(&lease);
-        let (mut keeper, mut stream) = match held {
-            Some(pair) => pair,
-            None => self
-                .client
-                .clone()
-                .lease_keep_alive(lease)
-                .await
-                .map_err(etcd_error)?,
-        };
-        keeper.keep_alive().await.map_err(etcd_error)?;
-        let answer = stream
-            .message()
-            .await
-            .map_err(etcd_error)?
-            .ok_or_else(|| EtcdError::Unavailable("the keep-alive stream ended".into()))?;
-        if answer.ttl() <= 0 {
-            return Err(EtcdError::LeaseNotFound(lease));
+        let mut retried = false;
+        loop {
+            match self.keep_alive_once(lease).await {
+                Err(e) if self.authenticates && !retried && stale_token(&e) => {
+                    retried = true;
+                    self.reauthenticate(&e).await.map_err(etcd_error)?;
+                }
+                Err(e) => return Err(etcd_error(e)),
+                Ok(answer) => return answer,
+            }
         }
-        self.keepers().insert(lease, (keeper, stream));
-        Ok(Duration::from_secs(answer.ttl() as u64))
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
         self.keepers().remove(&lease);
-        match self.client.clone().lease_revoke(lease).await {
+        match self
+            .call(|mut c| async move { c.lease_revoke(lease).await })
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => Err(match etcd_error(e) {
                 EtcdError::LeaseNotFound(_) => EtcdError::LeaseNotFound(lease),
@@ -210,7 +261,11 @@ impl EtcdApi for EtcdClient {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, EtcdError> {
         let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        match self.client.clone().put(key, value, options).await {
+        let put = |mut c: Client| {
+            let (value, options) = (value.clone(), options.clone());
+            async move { c.put(key, value, options).await }
+        };
+        match self.call(put).await {
             Ok(r) => Ok(r.header().map_or(0, |h| h.revision())),
             Err(e) => Err(match etcd_error(e) {
                 EtcdError::LeaseNotFound(_) => EtcdError::LeaseNotFound(lease),
@@ -221,9 +276,7 @@ impl EtcdApi for EtcdClient {
 
     async fn delete(&self, key: &str) -> Result<Revision, EtcdError> {
         let r = self
-            .client
-            .clone()
-            .delete(key, None)
+            .call(|mut c| async move { c.delete(key, None).await })
             .await
             .map_err(etcd_error)?;
         Ok(r.header().map_or(0, |h| h.revision()))
@@ -231,9 +284,7 @@ impl EtcdApi for EtcdClient {
 
     async fn range_prefix(&self, prefix: &str) -> Result<Range, EtcdError> {
         let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await
             .map_err(etcd_error)?;
         let header = r.header();
@@ -249,19 +300,121 @@ impl EtcdApi for EtcdClient {
         if from > 0 {
             options = options.with_start_revision(from);
         }
-        let stream = self
-            .client
-            .clone()
-            .watch(prefix, Some(options))
-            .await
-            .map_err(etcd_error)?;
-        Ok(Box::pin(futures::stream::unfold(
-            Some(stream),
-            move |state| async move {
-                let mut stream = state?;
-                loop {
-                    let message = match tokio::time::timeout(PROGRESS_EVERY, stream.message()).await
-                    {
+        let mut retried = false;
+        loop {
+            let mut stream = self
+                .call(|mut c| {
+                    let options = options.clone();
+                    async move { c.watch(prefix, Some(options)).await }
+                })
+                .await
+                .map_err(etcd_error)?;
+            // etcd answers a creation at once: created, or cancelled. A watch refused for a
+            // stale auth token is cancelled (the call itself succeeded), so it is read here.
+            let first = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(EtcdError::Unavailable("the watch ended at once".into())),
+                Err(e) => return Err(etcd_error(e)),
+            };
+            let stale = first.canceled()
+                && ["invalid auth token", "auth store is old"]
+                    .iter()
+                    .any(|m| first.cancel_reason().contains(m));
+            if stale && self.authenticates && !retried {
+                retried = true;
+                self.reauthenticate(&format!("watch cancelled: {}", first.cancel_reason()))
+                    .await
+                    .map_err(etcd_error)?;
+                continue;
+            }
+            return Ok(watch_stream(stream, Some(first), from));
+        }
+    }
+}
+
+impl EtcdClient {
+    /// One keep-alive over the lease's stream (opened if there is none), taken out while in
+    /// use and put back if it worked. The outer error is etcd-client's (to tell a stale token);
+    /// the inner one is the provider's.
+    async fn keep_alive_once(
+        &self,
+        lease: LeaseId,
+    ) -> Result<Result<Duration, EtcdError>, etcd_client::Error> {
+        let held = self.keepers().remove(&lease);
+        let (mut keeper, mut stream) = match held {
+            Some(pair) => pair,
+            None => self.client.clone().lease_keep_alive(lease).await?,
+        };
+        keeper.keep_alive().await?;
+        let Some(answer) = stream.message().await? else {
+            return Ok(Err(EtcdError::Unavailable(
+                "the keep-alive stream ended".into(),
+            )));
+        };
+        if answer.ttl() <= 0 {
+            return Ok(Err(EtcdError::LeaseNotFound(lease)));
+        }
+        self.keepers().insert(lease, (keeper, stream));
+        Ok(Ok(Duration::from_secs(answer.ttl() as u64)))
+    }
+}
+
+/// What one watch response means to the provider: nothing (a creation without events), a
+/// batch, or the end (cancelled: compacted, or refused).
+fn read_response(
+    response: &etcd_client::WatchResponse,
+    from: Revision,
+) -> Option<Result<WatchBatch, EtcdError>> {
+    if response.canceled() {
+        let error = if response.compact_revision() > 0 {
+            EtcdError::Compacted {
+                requested: from,
+                compacted: response.compact_revision(),
+            }
+        } else {
+            EtcdError::Unavailable(format!("watch cancelled: {}", response.cancel_reason()))
+        };
+        return Some(Err(error));
+    }
+    if response.created() && response.events().is_empty() {
+        return None;
+    }
+    let changes = response
+        .events()
+        .iter()
+        .filter_map(|e| {
+            let k = e.kv()?;
+            Some(match e.event_type() {
+                EventType::Put => Change::Put(kv(k)),
+                EventType::Delete => Change::Delete {
+                    key: String::from_utf8_lossy(k.key()).into_owned(),
+                    revision: k.mod_revision(),
+                },
+            })
+        })
+        .collect();
+    Some(Ok(WatchBatch {
+        changes,
+        header_revision: response.header().map_or(0, |h| h.revision()),
+        cluster_id: response.header().map_or(0, |h| h.cluster_id()),
+    }))
+}
+
+/// A watch stream as the provider reads it: batches, progress asked for when quiet, a
+/// cancellation for compaction as `Compacted`. `first` is a response already read.
+fn watch_stream(
+    stream: etcd_client::WatchStream,
+    first: Option<etcd_client::WatchResponse>,
+    from: Revision,
+) -> WatchStream {
+    Box::pin(futures::stream::unfold(
+        Some((stream, first)),
+        move |state| async move {
+            let (mut stream, mut pending) = state?;
+            loop {
+                let response = match pending.take() {
+                    Some(r) => r,
+                    None => match tokio::time::timeout(PROGRESS_EVERY, stream.message()).await {
                         Err(_) => {
                             // Quiet: ask for a progress notification (a dead stream
                             // fails here or stays quiet until the idle timeout).
@@ -270,52 +423,17 @@ impl EtcdApi for EtcdClient {
                             }
                             continue;
                         }
-                        Ok(m) => m,
-                    };
-                    let response = match message {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return None,
-                        Err(e) => return Some((Err(etcd_error(e)), None)),
-                    };
-                    if response.canceled() {
-                        let error = if response.compact_revision() > 0 {
-                            EtcdError::Compacted {
-                                requested: from,
-                                compacted: response.compact_revision(),
-                            }
-                        } else {
-                            EtcdError::Unavailable(format!(
-                                "watch cancelled: {}",
-                                response.cancel_reason()
-                            ))
-                        };
-                        return Some((Err(error), None));
-                    }
-                    if response.created() && response.events().is_empty() {
-                        continue;
-                    }
-                    let changes = response
-                        .events()
-                        .iter()
-                        .filter_map(|e| {
-                            let k = e.kv()?;
-                            Some(match e.event_type() {
-                                EventType::Put => Change::Put(kv(k)),
-                                EventType::Delete => Change::Delete {
-                                    key: String::from_utf8_lossy(k.key()).into_owned(),
-                                    revision: k.mod_revision(),
-                                },
-                            })
-                        })
-                        .collect();
-                    let batch = WatchBatch {
-                        changes,
-                        header_revision: response.header().map_or(0, |h| h.revision()),
-                        cluster_id: response.header().map_or(0, |h| h.cluster_id()),
-                    };
-                    return Some((Ok(batch), Some(stream)));
+                        Ok(Ok(Some(r))) => r,
+                        Ok(Ok(None)) => return None,
+                        Ok(Err(e)) => return Some((Err(etcd_error(e)), None)),
+                    },
+                };
+                match read_response(&response, from) {
+                    None => continue,
+                    Some(Ok(batch)) => return Some((Ok(batch), Some((stream, None)))),
+                    Some(Err(e)) => return Some((Err(e), None)),
                 }
-            },
-        )))
-    }
+            }
+        },
+    ))
 }
