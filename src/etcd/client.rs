@@ -27,6 +27,23 @@ use super::api::{
 /// How often an idle watch asks etcd for a progress notification.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// Keys per range page: a member's value is at most about 35 KB (32 metadata entries of 1 KB),
+/// so a page stays under the 4 MiB a gRPC client decodes.
+pub const RANGE_PAGE: i64 = 100;
+
+/// The end of the range of keys starting with `prefix` (etcd's rule: the prefix with its last
+/// byte below 0xff incremented and what follows dropped; all 0xff: to the end, `\0`).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// How to reach etcd.
 #[derive(Clone, Debug, Default)]
 pub struct EtcdConnection {
@@ -283,16 +300,45 @@ impl EtcdApi for EtcdClient {
     }
 
     async fn range_prefix(&self, prefix: &str) -> Result<Range, EtcdError> {
-        let r = self
-            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .await
-            .map_err(etcd_error)?;
-        let header = r.header();
-        Ok(Range {
-            kvs: r.kvs().iter().map(kv).collect(),
-            revision: header.map_or(0, |h| h.revision()),
-            cluster_id: header.map_or(0, |h| h.cluster_id()),
-        })
+        // In pages of RANGE_PAGE keys, every page at the first page's revision: one consistent
+        // read, never one response above the 4 MiB a gRPC client decodes (about 10-14k members
+        // in one range, fewer with metadata).
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut range = Range {
+            kvs: Vec::new(),
+            revision: 0,
+            cluster_id: 0,
+        };
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(RANGE_PAGE);
+            if range.revision > 0 {
+                options = options.with_revision(range.revision);
+            }
+            let r = self
+                .call(|mut c| {
+                    let (key, options) = (from.clone(), options.clone());
+                    async move { c.get(key, Some(options)).await }
+                })
+                .await
+                .map_err(etcd_error)?;
+            if range.revision == 0 {
+                let header = r.header();
+                range.revision = header.map_or(0, |h| h.revision());
+                range.cluster_id = header.map_or(0, |h| h.cluster_id());
+            }
+            range.kvs.extend(r.kvs().iter().map(kv));
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    // The next key after the last one: the same bytes and a zero byte.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(range),
+            }
+        }
     }
 
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
@@ -436,4 +482,17 @@ fn watch_stream(
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_where_etcd_says() {
+        assert_eq!(prefix_end(b"/shoal/c/members/"), b"/shoal/c/members0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+        assert_eq!(prefix_end(b""), b"\0");
+    }
 }

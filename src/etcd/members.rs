@@ -142,8 +142,15 @@ impl EtcdView {
 
     /// Applies one watch batch; whether the members changed. Changes at or below the view's
     /// revision are ones it already holds (a watch resumed from an earlier revision) and are
-    /// skipped.
+    /// skipped. A progress notification (a batch without changes) says every change up to its
+    /// revision was delivered: the view moves on to it, so a watch reopened later resumes
+    /// from there instead of from the last change of the prefix (long compacted away in a
+    /// quiet cluster on a busy etcd, which would mean a relist).
     pub fn apply(&mut self, batch: &WatchBatch) -> bool {
+        if batch.changes.is_empty() {
+            self.revision = self.revision.max(batch.header_revision);
+            return false;
+        }
         let mut changed = false;
         for c in &batch.changes {
             if c.revision() <= self.revision {

@@ -28,7 +28,7 @@ use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, remote::GrpcPartitionManager,
 };
-use crate::runtime::{SharedClock, TaskSet, sim, timeout};
+use crate::runtime::{SharedClock, TaskSet, jitter, sim, timeout};
 
 /// Settings of the etcd provider.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +61,10 @@ pub struct EtcdProviderConfig {
     /// storm) are published together at most this often, so a node applies a few topologies
     /// a second instead of one per etcd revision.
     pub publish_interval: Duration,
+    /// A relist (after a compacted revision, or a store that lost its data) waits a random
+    /// time up to this long first (default 1 s): every member is sent to relist at the same
+    /// moment, and their ranges would land on etcd together.
+    pub relist_jitter: Duration,
 }
 
 impl Default for EtcdProviderConfig {
@@ -77,6 +81,7 @@ impl Default for EtcdProviderConfig {
             max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
             partition_rpc_timeout: Duration::from_secs(2),
             publish_interval: Duration::from_millis(20),
+            relist_jitter: Duration::from_secs(1),
         }
     }
 }
@@ -630,7 +635,9 @@ impl Session {
                 match self.watch(from).await {
                     WatchEnd::Relist(why) => {
                         self.metrics.relists.inc();
-                        tracing::info!(prefix = %self.prefix, from, why, "listing again");
+                        let spread = jitter(self.clock().as_ref(), self.config.relist_jitter);
+                        tracing::info!(prefix = %self.prefix, from, why, ?spread, "listing again");
+                        self.clock().sleep(spread).await;
                         break;
                     }
                     WatchEnd::Reopen(e) => {

@@ -101,8 +101,9 @@ impl Bounds {
             supersede: config.request_timeout * 2 + DELIVERY,
             cleaned_by_peers: false,
             backend: "etcd",
-            // A change inside a burst is published at most one publish interval late.
-            late_delivery: config.publish_interval,
+            // A change inside a burst is published at most one publish interval late; a relist
+            // waits up to the relist jitter first.
+            late_delivery: config.publish_interval + config.relist_jitter,
         }
     }
 
