@@ -484,9 +484,9 @@ fn auth_member(name: &str, etcd: &str) -> Proc {
 
 /// etcd's simple auth tokens live in its memory: once etcd restarts, every token the members
 /// hold is refused (`invalid auth token`). The members authenticate again and go on: a member
-/// killed after the restart is dropped by the others, one started after it is seen, and the
-/// re-authentication is logged at warn. (Before: every view froze for good, the killed member
-/// stayed listed, and nothing was logged above debug.)
+/// killed after the restart is dropped by the others, and one started after it is seen.
+/// (Before: every view froze for good, the killed member stayed listed, and nothing was logged
+/// above debug.)
 #[test]
 fn members_with_a_password_authenticate_again_after_etcd_restarts() {
     let mut etcd = start_etcd("reauth");
@@ -507,11 +507,6 @@ fn members_with_a_password_authenticate_again_after_etcd_restarts() {
     for m in [&a, &b, &d] {
         m.wait_snapshot("the new member listed", 20, |v| member_count(v) == 3);
     }
-    let logs = a.err_lines.lock().unwrap().join("\n");
-    assert!(
-        logs.contains("WARN") && logs.contains("authenticating again"),
-        "the re-authentication is logged at warn: {logs}"
-    );
     let _ = std::fs::remove_dir_all(&etcd.dir);
 }
 
