@@ -129,24 +129,27 @@ fn start_etcd(name: &str) -> Etcd {
 }
 
 fn member(name: &str, etcd: &str, ttl: &str) -> Proc {
+    member_with(name, etcd, ttl, &[], &[])
+}
+
+/// `shoal member --etcd` with extra arguments and environment.
+fn member_with(name: &str, etcd: &str, ttl: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let advertise = format!("127.0.0.1:{}", free_port());
-    Proc::spawn(
-        name,
-        shoal_bin(),
-        &[
-            "member",
-            "--etcd",
-            etcd,
-            "--cluster",
-            "c",
-            "--advertise",
-            &advertise,
-            "--kinds",
-            "user",
-            "--lease-duration",
-            ttl,
-        ],
-    )
+    let mut args = vec![
+        "member",
+        "--etcd",
+        etcd,
+        "--cluster",
+        "c",
+        "--advertise",
+        &advertise,
+        "--kinds",
+        "user",
+        "--lease-duration",
+        ttl,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn_with(name, shoal_bin(), &args, env)
 }
 
 /// `shoal topology --etcd URL --cluster c --json`: (success, parsed stdout or null, stderr).
@@ -459,25 +462,11 @@ fn enable_auth(url: &str) {
 
 /// `shoal member` as `root` (4 s lease).
 fn auth_member(name: &str, etcd: &str) -> Proc {
-    let advertise = format!("127.0.0.1:{}", free_port());
-    Proc::spawn_with(
+    member_with(
         name,
-        shoal_bin(),
-        &[
-            "member",
-            "--etcd",
-            etcd,
-            "--cluster",
-            "c",
-            "--advertise",
-            &advertise,
-            "--kinds",
-            "user",
-            "--lease-duration",
-            "4s",
-            "--etcd-user",
-            "root",
-        ],
+        etcd,
+        "4s",
+        &["--etcd-user", "root"],
         &[("SHOAL_ETCD_PASSWORD", "s3cret")],
     )
 }
