@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use madsim::runtime::Handle;
 use madsim::time::sleep;
 use shoal::activation::{
-    ActivationClient, ActivationConfig, ActivationHost, Actors, CallError, Deactivation,
-    GrpcTransport, PlacementLookup, RefusalCode, Transport,
+    ActivationClient, ActivationConfig, ActivationHost, ActorError, Actors, CallError,
+    Deactivation, GrpcTransport, PlacementLookup, RefusalCode, Transport,
 };
 use shoal::placement::naive_owner;
 use shoal::provider::PartitionService;
@@ -31,23 +31,41 @@ struct Counter {
 
 #[async_trait]
 impl Actors for Counter {
-    fn activate(&self, _: &str, identity: &str, handed: Option<Vec<u8>>) {
+    async fn activate(
+        &self,
+        _: &str,
+        identity: &str,
+        handed: Option<Vec<u8>>,
+    ) -> Result<(), ActorError> {
         let n = handed.map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
         self.counts.lock().unwrap().insert(identity.into(), n);
         self.log
             .lock()
             .unwrap()
             .push((self.node, "activate", identity.into()));
+        Ok(())
     }
 
-    async fn call(&self, _: &str, identity: &str, _: Vec<u8>) -> Vec<u8> {
+    async fn call(&self, _: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
+        if payload == b"slow" {
+            // Logged when the call ends, whether it returns or is dropped.
+            struct Ended(Log, usize, String);
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    let id = std::mem::take(&mut self.2);
+                    self.0.lock().unwrap().push((self.1, "slow call ended", id));
+                }
+            }
+            let _ended = Ended(self.log.clone(), self.node, identity.to_string());
+            sleep(Duration::from_secs(10)).await;
+        }
         let mut c = self.counts.lock().unwrap();
         let n = c.get_mut(identity).unwrap();
         *n += 1;
         n.to_le_bytes().to_vec()
     }
 
-    fn deactivate(&self, _: &str, identity: &str, _: Deactivation) -> Option<Vec<u8>> {
+    async fn deactivate(&self, _: &str, identity: &str, _: Deactivation) -> Option<Vec<u8>> {
         self.log
             .lock()
             .unwrap()
@@ -164,21 +182,22 @@ type Slot = (
 
 /// A call to `k/x` from the member of `slot`, run on its node.
 async fn call(slot: &Slot, x: &str) -> shoal::activation::Called {
-    let client = slot.1.lock().unwrap().clone().expect("started");
-    let x = x.to_string();
-    on(
-        slot.0,
-        async move { client.call("k", &x, Vec::new()).await },
-    )
-    .await
+    call_with(slot, x, Vec::new()).await
 }
 
-#[madsim::test]
-async fn an_identity_moves_to_a_joining_member_with_its_state_and_is_active_once() {
-    let registry = InMemoryRegistry::new();
-    let log: Log = Arc::default();
-    let (a, b, c) = (ctx(0), ctx(1), ctx(2));
-    // An identity a owns among {a, b} that c takes over once it joins.
+/// A call to `k/x` with `payload` from the member of `slot`, run on its node.
+async fn call_with(slot: &Slot, x: &str, payload: Vec<u8>) -> shoal::activation::Called {
+    let client = slot.1.lock().unwrap().clone().expect("started");
+    let x = x.to_string();
+    on(slot.0, async move { client.call("k", &x, payload).await }).await
+}
+
+/// An identity `a` owns among {a, b} that `c` takes over once it joins.
+fn moving_identity(
+    a: &ClusterProviderContext,
+    b: &ClusterProviderContext,
+    c: &ClusterProviderContext,
+) -> String {
     let two = ClusterTopology::new("c", 1, [a.member.clone(), b.member.clone()]).unwrap();
     let three = ClusterTopology::new(
         "c",
@@ -186,13 +205,86 @@ async fn an_identity_moves_to_a_joining_member_with_its_state_and_is_active_once
         [a.member.clone(), b.member.clone(), c.member.clone()],
     )
     .unwrap();
-    let x = (0..1000)
+    (0..1000)
         .map(|i| format!("id-{i}"))
         .find(|x| {
             naive_owner(&two, "k", x).map(|m| &m.id) == Some(&a.member.id)
                 && naive_owner(&three, "k", x).map(|m| &m.id) == Some(&c.member.id)
         })
-        .expect("an identity that moves from a to c");
+        .expect("an identity that moves from a to c")
+}
+
+/// A call still running at the drain deadline is cancelled (its future dropped, the caller
+/// told `cancelled` and not retried), and the new owner activates only once the old one's
+/// actor was deactivated after that: the two activations never overlap, the call included.
+/// The state and the generation go on.
+#[madsim::test]
+async fn a_call_running_past_the_drain_is_cancelled_before_the_identity_moves() {
+    let registry = InMemoryRegistry::new();
+    let log: Log = Arc::default();
+    let (a, b, c) = (ctx(0), ctx(1), ctx(2));
+    let x = moving_identity(&a, &b, &c);
+    let from_a = start_member(0, a.clone(), registry.clone(), log.clone());
+    let from_b = start_member(1, b.clone(), registry.clone(), log.clone());
+    sleep(Duration::from_secs(1)).await;
+    for _ in 0..2 {
+        let reply = call(&from_b, &x).await.result.unwrap();
+        assert_eq!(
+            (reply.served_by.clone(), reply.generation),
+            (a.member.id.clone(), 1)
+        );
+    }
+    // A call that works 10 s, far past the 2 s drain (made on a itself: a remote caller's
+    // transport gives up after 1 s, while the call goes on at a).
+    let slow = {
+        let (from_a, x) = (from_a.clone(), x.clone());
+        madsim::task::spawn(async move { call_with(&from_a, &x, b"slow".to_vec()).await })
+    };
+    sleep(Duration::from_millis(500)).await;
+    let _c = start_member(2, c.clone(), registry.clone(), log.clone());
+    let slow = slow.await.unwrap();
+    assert!(
+        matches!(
+            slow.result,
+            Err(CallError::Refused {
+                code: RefusalCode::Cancelled,
+                ..
+            })
+        ),
+        "{:?}",
+        slow.result
+    );
+    assert_eq!(slow.attempts.len(), 1, "a cancelled call is not retried");
+    sleep(Duration::from_secs(1)).await;
+    let reply = call(&from_b, &x).await.result.unwrap();
+    assert_eq!(reply.served_by, c.member.id);
+    // Two calls counted on a (the cancelled one never got there), the third on c.
+    assert_eq!(reply.payload, 3u64.to_le_bytes().to_vec());
+    assert_eq!(reply.generation, 2);
+    let events: Vec<(usize, &str)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, i)| i == &x)
+        .map(|(n, e, _)| (*n, *e))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            (0, "activate"),
+            (0, "slow call ended"),
+            (0, "deactivate"),
+            (2, "activate")
+        ]
+    );
+}
+
+#[madsim::test]
+async fn an_identity_moves_to_a_joining_member_with_its_state_and_is_active_once() {
+    let registry = InMemoryRegistry::new();
+    let log: Log = Arc::default();
+    let (a, b, c) = (ctx(0), ctx(1), ctx(2));
+    let x = moving_identity(&a, &b, &c);
     let _a = start_member(0, a.clone(), registry.clone(), log.clone());
     let from_b = start_member(1, b.clone(), registry.clone(), log.clone());
     sleep(Duration::from_secs(1)).await;

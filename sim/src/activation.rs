@@ -4,9 +4,16 @@
 //! harness's own actors tell the [`ActivationOracle`] each activation, call and deactivation as
 //! it happens, and it judges:
 //!
-//! * **single activation**, continuously: when a node activates an identity or serves a call to
-//!   it, no other live node holds it active (a paused node is judged from the moment it acts
-//!   again; nodes whose clock drifts beyond the bound providers assume are not judged);
+//! * **single activation**, over intervals: a node holds an identity from the moment its actor's
+//!   `activate` begins until its `deactivate` returned *and* the last call that began in it
+//!   ended (finished or cancelled); when a node activates an identity or a call to it begins,
+//!   no other live node may hold it, and no call may run in an activation being deactivated
+//!   (a paused node is judged from the moment it acts again; nodes whose clock drifts beyond
+//!   the bound providers assume are not judged);
+//! * **state continuity**, continuously: each identity's counter (its actor state) goes up by
+//!   one per call; an activation starts from the newest state (handed over) or from nothing
+//!   only after a loss the harness knows of (a crash, a lost membership, a shutdown: those
+//!   states are documented not to move); a handed state older than the newest is a rollback;
 //! * **minimal movement**, continuously: an identity is deactivated because it moved only if
 //!   the node's own topology gives it to another member at that moment;
 //! * **availability** and **no stale routing**, after the final heal ([`check_final`]): every
@@ -20,8 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use madsim::time::{Instant, sleep};
 use shoal::activation::{
-    ActivationClient, ActivationConfig, ActivationHost, Actors, Deactivation, GrpcTransport,
-    PlacementLookup,
+    ActivationClient, ActivationConfig, ActivationHost, ActorError, Actors, Deactivation,
+    GrpcTransport, PlacementLookup,
 };
 use shoal::placement::PlacementRule;
 use shoal::{ClusterProviderContext, MemberId};
@@ -61,13 +68,42 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Held {
     incarnation: MemberId,
     since: Instant,
+    /// Calls begun in this activation that have not ended (finished or dropped).
+    calls: u32,
+    /// When its `deactivate` ran, if it did: held until `calls` is zero.
+    deactivated: Option<Instant>,
+}
+
+/// What the harness knows of one identity's actor state.
+#[derive(Debug, Default)]
+struct Lineage {
+    /// The newest counter value any activation of it reached.
+    newest: u64,
+    /// Whether that state was dropped in a way the docs allow (crash, lost membership,
+    /// shutdown): a restart from nothing is then expected.
+    lost: bool,
+    /// The node (and incarnation) that holds the newest state: the one it is active on, or
+    /// the one that kept it when its actor was deactivated for a move. A claimant whose view
+    /// no longer lists it does not ask it (documented: its state does not move).
+    keeper: Option<(String, MemberId)>,
+    /// Whether the newest state is parked with its keeper (deactivated for a move, not yet
+    /// activated again).
+    parked: bool,
+    /// Whether, while it was parked, a node crashed or came back as a new incarnation: that
+    /// node may have settled the state and crashed before activating it, which the protocol
+    /// cannot tell from one that activated and crashed (documented: the state restarts).
+    disturbed: bool,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Identity -> node -> its activation there.
     holders: BTreeMap<String, BTreeMap<String, Held>>,
+    /// Identity -> its state's history.
+    lineage: BTreeMap<String, Lineage>,
     paused: BTreeSet<String>,
+    /// When each node last woke from a pause.
+    resumed: BTreeMap<String, Instant>,
     wild: BTreeSet<String>,
 }
 
@@ -94,6 +130,7 @@ impl ActivationOracle {
             s.paused.insert(node.to_string());
         } else {
             s.paused.remove(node);
+            s.resumed.insert(node.to_string(), Instant::now());
         }
     }
 
@@ -102,12 +139,40 @@ impl ActivationOracle {
         lock(&self.state).wild.insert(node.to_string());
     }
 
+    /// `node` is a member again as incarnation `id`: if that is a new incarnation, what the
+    /// old one kept is gone (documented: peers that removed it took over without asking it).
+    pub fn restored(&self, node: &str, id: &MemberId, previous: &MemberId) {
+        if id == previous {
+            return;
+        }
+        let mut s = lock(&self.state);
+        for l in s.lineage.values_mut() {
+            match &l.keeper {
+                Some((n, k)) if n == node && k != id => l.lost = true,
+                Some((n, k)) if n == node && k == id => {}
+                _ => l.disturbed |= l.parked,
+            }
+        }
+    }
+
     /// `node`'s process died: its actors died with it.
     pub fn crashed(&self, node: &str) {
         let mut s = lock(&self.state);
         s.paused.remove(node);
-        for holders in s.holders.values_mut() {
-            holders.remove(node);
+        let mut dropped = Vec::new();
+        for (identity, holders) in s.holders.iter_mut() {
+            if holders.remove(node).is_some() {
+                dropped.push(identity.clone());
+            }
+        }
+        for identity in dropped {
+            s.lineage.entry(identity).or_default().lost = true;
+        }
+        for l in s.lineage.values_mut() {
+            if l.keeper.as_ref().is_some_and(|(n, _)| n == node) {
+                l.lost = true;
+            }
+            l.disturbed |= l.parked;
         }
     }
 
@@ -127,35 +192,105 @@ impl ActivationOracle {
             }
             self.rec.violation_once(
                 format!("single {identity} {node} {other}"),
-                format!(
-                    "single activation: {node} {what} {KIND}/{identity} while {other} (as {}) has held it active since {} ms",
-                    held.incarnation,
-                    self.rec.ms_of(held.since)
-                ),
+                match held.deactivated {
+                    None => format!(
+                        "single activation: {node} {what} {KIND}/{identity} while {other} (as {}) has held it active since {} ms",
+                        held.incarnation,
+                        self.rec.ms_of(held.since)
+                    ),
+                    Some(at) => format!(
+                        "single activation: {node} {what} {KIND}/{identity} while {other} (as {}) still runs {} call(s) in it (held since {} ms, deactivated at {} ms)",
+                        held.incarnation,
+                        held.calls,
+                        self.rec.ms_of(held.since),
+                        self.rec.ms_of(at)
+                    ),
+                },
             );
         }
     }
 
-    fn activated(&self, node: &str, incarnation: MemberId, identity: &str) {
+    fn activated(
+        &self,
+        node: &str,
+        incarnation: MemberId,
+        identity: &str,
+        handed: Option<u64>,
+        listed: impl Fn(&MemberId) -> bool,
+    ) {
         let mut s = lock(&self.state);
         self.judge(&s, node, identity, "activated");
+        let wild = s.wild.contains(node);
+        let l = s.lineage.entry(identity.to_string()).or_default();
+        let broken = match handed {
+            Some(v) if v != l.newest => Some(format!(
+                "{node} activated {KIND}/{identity} with a handed-over state of {v} calls, the newest had {} ({})",
+                l.newest,
+                if v < l.newest {
+                    "rolled back"
+                } else {
+                    "a state nobody reached"
+                }
+            )),
+            None if l
+                .keeper
+                .as_ref()
+                .is_some_and(|(_, id)| !listed(id) && id != &incarnation) =>
+            {
+                self.rec
+                    .count("activation: state not moved (its keeper left the claimant's view)");
+                None
+            }
+            None if l.disturbed && !l.lost => {
+                self.rec.count(
+                    "activation: state not moved (a node crashed or re-joined while it was parked)",
+                );
+                None
+            }
+            None if l.newest > 0 && !l.lost => Some(format!(
+                "{node} activated {KIND}/{identity} from nothing, but its newest state ({} calls) was lost with no crash, lost membership or shutdown",
+                l.newest
+            )),
+            _ => None,
+        };
+        l.newest = handed.unwrap_or(0);
+        l.lost = false;
+        l.parked = false;
+        l.disturbed = false;
+        l.keeper = Some((node.to_string(), incarnation.clone()));
+        if let Some(what) = broken {
+            if wild {
+                self.rec.count(
+                    "activation: state continuity not judged (clock beyond the drift bound)",
+                );
+            } else {
+                self.rec.violation_once(
+                    format!("continuity {identity} {node}"),
+                    format!("state continuity: {what}"),
+                );
+            }
+        }
         s.holders.entry(identity.to_string()).or_default().insert(
             node.to_string(),
             Held {
                 incarnation,
                 since: Instant::now(),
+                calls: 0,
+                deactivated: None,
             },
         );
         self.rec.count("activation: activations");
     }
 
+    /// A call to `identity` begins on `node`.
     fn served(&self, node: &str, identity: &str) {
-        let s = lock(&self.state);
-        if !s
+        let mut s = lock(&self.state);
+        let holding = s
             .holders
             .get(identity)
-            .is_some_and(|h| h.contains_key(node))
-        {
+            .and_then(|h| h.get(node))
+            .is_some_and(|h| h.deactivated.is_none());
+        if !holding {
             self.rec.violation_once(
                 format!("unheld {identity} {node}"),
                 format!(
@@ -164,15 +299,76 @@ impl ActivationOracle {
             );
         }
         self.judge(&s, node, identity, "served a call to");
+        if let Some(h) = s.holders.get_mut(identity).and_then(|h| h.get_mut(node)) {
+            h.calls += 1;
+        }
+    }
+
+    /// A call on `node` that began at `began` moved `identity`'s counter from `old` to
+    /// `old + 1`.
+    fn stepped(&self, node: &str, identity: &str, old: u64, began: Instant) {
+        let mut s = lock(&self.state);
+        let across_pause = s.resumed.get(node).is_some_and(|&at| at > began);
+        let wild = s.wild.contains(node);
+        let l = s.lineage.entry(identity.to_string()).or_default();
+        if across_pause {
+            // Documented limit: a call running inside an actor when its process paused goes
+            // on when it wakes, possibly after peers took the identity over. Not judged; the
+            // state moves on only if this node still holds the newest.
+            self.rec
+                .count("activation: state continuity not judged (call ran across a pause)");
+            if l.keeper.as_ref().is_some_and(|(n, _)| n == node) && old == l.newest {
+                l.newest = old + 1;
+            }
+            return;
+        }
+        if old != l.newest && !wild {
+            self.rec.violation_once(
+                format!("continuity step {identity} {node}"),
+                format!(
+                    "state continuity: a call on {node} moved {KIND}/{identity} on from {old} calls, the newest state had {}",
+                    l.newest
+                ),
+            );
+        }
+        l.newest = old + 1;
+    }
+
+    /// A call to `identity` on `node` ended: it returned, or its future was dropped.
+    fn call_ended(&self, node: &str, identity: &str) {
+        let mut s = lock(&self.state);
+        let Some(holders) = s.holders.get_mut(identity) else {
+            return;
+        };
+        if let Some(h) = holders.get_mut(node) {
+            h.calls = h.calls.saturating_sub(1);
+            if h.calls == 0 && h.deactivated.is_some() {
+                holders.remove(node);
+            }
+        }
     }
 
     fn deactivated(&self, node: &str, identity: &str, why: Deactivation, still_owner: bool) {
         let mut s = lock(&self.state);
-        if let Some(h) = s.holders.get_mut(identity) {
-            h.remove(node);
+        if let Some(holders) = s.holders.get_mut(identity)
+            && let Some(h) = holders.get_mut(node)
+        {
+            if h.calls > 0 {
+                self.rec.violation_once(
+                    format!("deactivated running {identity} {node}"),
+                    format!(
+                        "single activation: {node} deactivated {KIND}/{identity} while {} call(s) still ran in it",
+                        h.calls
+                    ),
+                );
+                h.deactivated = Some(Instant::now());
+            } else {
+                holders.remove(node);
+            }
         }
         match why {
             Deactivation::Moved => {
+                s.lineage.entry(identity.to_string()).or_default().parked = true;
                 self.rec.count("activation: deactivated (moved)");
                 if still_owner {
                     self.rec.violation_once(
@@ -184,10 +380,30 @@ impl ActivationOracle {
                 }
             }
             Deactivation::MembershipLost => {
+                s.lineage.entry(identity.to_string()).or_default().lost = true;
                 self.rec.count("activation: deactivated (membership lost)")
             }
-            Deactivation::Shutdown => self.rec.count("activation: deactivated (shutdown)"),
+            Deactivation::Shutdown => {
+                s.lineage.entry(identity.to_string()).or_default().lost = true;
+                self.rec.count("activation: deactivated (shutdown)")
+            }
         }
+    }
+}
+
+/// One call in this many works longer than the drain.
+const LONG_CALL_ONE_IN: u64 = 40;
+
+/// Tells the oracle a call ended when dropped: it returned, or the host cancelled it.
+struct CallEnds<'a> {
+    oracle: &'a ActivationOracle,
+    node: &'a str,
+    identity: &'a str,
+}
+
+impl Drop for CallEnds<'_> {
+    fn drop(&mut self) {
+        self.oracle.call_ended(self.node, self.identity);
     }
 }
 
@@ -238,31 +454,55 @@ impl SimActors {
 
 #[async_trait]
 impl Actors for SimActors {
-    fn activate(&self, _kind: &str, identity: &str, handed: Option<Vec<u8>>) {
-        let start = match handed {
+    async fn activate(
+        &self,
+        _kind: &str,
+        identity: &str,
+        handed: Option<Vec<u8>>,
+    ) -> Result<(), ActorError> {
+        let handed = match handed {
             Some(b) if b.len() == 8 => {
                 self.rec.count("activation: state handed over");
-                u64::from_le_bytes(b.try_into().expect("8 bytes"))
+                Some(u64::from_le_bytes(b.try_into().expect("8 bytes")))
             }
-            _ => 0,
+            _ => None,
         };
-        lock(&self.counters).insert(identity.to_string(), start);
-        self.oracle.activated(&self.node, self.me(), identity);
+        lock(&self.counters).insert(identity.to_string(), handed.unwrap_or(0));
+        let t = self.ctx.partition_manager.topology();
+        self.oracle
+            .activated(&self.node, self.me(), identity, handed, |m| {
+                t.member(m).is_some()
+            });
+        Ok(())
     }
 
     async fn call(&self, _kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
         self.oracle.served(&self.node, identity);
-        // Work takes a while, so moves meet calls in flight.
-        sleep(Duration::from_millis(madsim::rand::random::<u64>() % 150)).await;
+        let began = Instant::now();
+        let _ended = CallEnds {
+            oracle: &self.oracle,
+            node: &self.node,
+            identity,
+        };
+        // Work takes a while, so moves meet calls in flight; one call in LONG_CALL_ONE_IN
+        // outlasts the drain, so some moves meet a call the drain deadline must cancel.
+        let r = madsim::rand::random::<u64>();
+        let work = if (r / 150).is_multiple_of(LONG_CALL_ONE_IN) {
+            config().drain + Duration::from_millis(500)
+        } else {
+            Duration::from_millis(r % 150)
+        };
+        sleep(work).await;
         let mut c = lock(&self.counters);
         let n = c.entry(identity.to_string()).or_default();
+        self.oracle.stepped(&self.node, identity, *n, began);
         *n += 1;
         let mut out = n.to_le_bytes().to_vec();
         out.extend_from_slice(&payload);
         out
     }
 
-    fn deactivate(&self, _kind: &str, identity: &str, why: Deactivation) -> Option<Vec<u8>> {
+    async fn deactivate(&self, _kind: &str, identity: &str, why: Deactivation) -> Option<Vec<u8>> {
         let me = self.me();
         let t = self.ctx.partition_manager.topology();
         let still_owner = naive_owner_by(self.rule, &t, KIND, identity).as_ref() == Some(&me);

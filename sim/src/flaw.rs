@@ -39,6 +39,12 @@ pub enum Flaw {
     /// Planted in the activation host: a release request is answered as soon as the identity
     /// starts draining, not once it is deactivated.
     ReleaseBeforeDrained,
+    /// Planted in the activation state machine: at the drain deadline an identity is
+    /// deactivated with its calls still running (they are forgotten, not cancelled).
+    CallsOutliveDrain,
+    /// Planted in the hand-off's choice: the first state any member kept is used, whatever its
+    /// generation (an old copy can win over the newest state).
+    HandoffAnyState,
     /// `m0` re-publishes the previous topology after each new one (applies stale versions).
     StaleReplay,
     /// `m0` corrupts the address of one member in every topology it applies (same version,
@@ -164,6 +170,8 @@ impl Flaw {
             Flaw::DrainOnAnyChange => "drain-on-any-change",
             Flaw::ClaimNotDropped => "claim-not-dropped",
             Flaw::ReleaseBeforeDrained => "release-before-drained",
+            Flaw::CallsOutliveDrain => "calls-outlive-drain",
+            Flaw::HandoffAnyState => "handoff-any-state",
             Flaw::NeverExpire => "never-expire",
             Flaw::HeartbeatNoRenew => "heartbeat-no-renew",
             Flaw::ShortLease => "short-lease",

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::host::{ActivationHost, CallError, CallReply, RefusalCode, Transport};
+use super::host::{ActivationHost, CallError, CallReply, Transport};
 use super::lookup::{IdentityLookup, Located};
 use crate::provider::ClusterProviderContext;
 
@@ -100,7 +100,7 @@ impl ActivationClient {
             let result = self.attempt(&to, kind, identity, payload.clone()).await;
             let retry = match &result {
                 Ok(_) => false,
-                Err(CallError::Refused { code, .. }) => *code != RefusalCode::Full,
+                Err(CallError::Refused { code, .. }) => code.is_retried(),
                 Err(CallError::Unreachable { .. }) => true,
                 Err(CallError::NoOwner { .. }) | Err(CallError::Invalid(_)) => false,
             };

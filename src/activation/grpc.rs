@@ -16,7 +16,7 @@ use crate::runtime::SharedClock;
 /// The metadata key naming a refusal's [`RefusalCode`] on a gRPC status.
 pub const REFUSAL_HEADER: &str = "shoal-refusal";
 
-const CODES: [RefusalCode; 8] = [
+const CODES: [RefusalCode; 10] = [
     RefusalCode::NotAMember,
     RefusalCode::NotOwner,
     RefusalCode::StaleFence,
@@ -25,6 +25,8 @@ const CODES: [RefusalCode; 8] = [
     RefusalCode::Activating,
     RefusalCode::NotReleased,
     RefusalCode::OwnedHere,
+    RefusalCode::Cancelled,
+    RefusalCode::ActivationFailed,
 ];
 
 pub(crate) fn fence_to(f: &Fence) -> pb::Fence {
@@ -54,7 +56,8 @@ pub(crate) fn status_of(e: CallError) -> tonic::Status {
         CallError::Refused { code, detail } => {
             let grpc = match code {
                 RefusalCode::NotOwner | RefusalCode::OwnedHere => tonic::Code::FailedPrecondition,
-                RefusalCode::StaleFence => tonic::Code::Aborted,
+                RefusalCode::StaleFence | RefusalCode::Cancelled => tonic::Code::Aborted,
+                RefusalCode::ActivationFailed => tonic::Code::FailedPrecondition,
                 RefusalCode::Full => tonic::Code::ResourceExhausted,
                 RefusalCode::NotAMember
                 | RefusalCode::Draining
@@ -199,6 +202,7 @@ impl Transport for GrpcTransport {
             held,
             activated: r.activated,
             payload: r.payload,
+            generation: r.generation,
         })
     }
 
@@ -219,9 +223,40 @@ impl Transport for GrpcTransport {
             claimant_address: address.to_string(),
         };
         let r = self.bounded(&member.address, client.release(req)).await?;
+        let settled = if r.settled_by.is_empty() {
+            None
+        } else {
+            let by = MemberId::parse(&r.settled_by).map_err(|e| CallError::Unreachable {
+                address: member.address.clone(),
+                message: format!("malformed answer: settled_by {:?}: {e}", r.settled_by),
+            })?;
+            Some((by, r.settled_generation))
+        };
         Ok(Released {
             was_active: r.was_active,
             handed: r.has_handed_state.then_some(r.handed_state),
+            generation: r.generation,
+            settled,
         })
+    }
+
+    async fn settle(
+        &self,
+        member: &Member,
+        kind: &str,
+        identity: &str,
+        generation: u64,
+        claimant: &MemberId,
+    ) -> Result<bool, CallError> {
+        let mut client = self.client(&member.address)?;
+        let req = pb::SettleRequest {
+            cluster: self.cluster.clone(),
+            kind: kind.to_string(),
+            identity: identity.to_string(),
+            generation,
+            claimant: claimant.to_string(),
+        };
+        let r = self.bounded(&member.address, client.settle(req)).await?;
+        Ok(r.settled)
     }
 }

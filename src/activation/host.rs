@@ -2,50 +2,61 @@
 //! use only once every other member has let go of it, and keeps its [`Activations`] in step
 //! with the node's membership. The async shell around the state machine in `registry.rs`.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::handoff::{Answer, Chosen, HandOffs, Kept, choose};
 use super::metrics::{ActivationMetrics, ReasonLabel};
-use super::registry::{Activations, Decision, Fence, Phase, Refusal, Release};
+pub use super::registry::Deactivation;
+use super::registry::{Activations, Closed, Decision, Fence, Phase, Refusal, Release};
 use crate::ClusterEvent;
 use crate::cluster::{ClusterTopology, Member, MemberId};
 use crate::provider::ClusterProviderContext;
 use crate::runtime::TaskHandle;
 
 /// The application's actors, as the host drives them.
+///
+/// The host orders the three: `activate` returns before any call of that activation starts,
+/// and `deactivate` starts only once every call of it has ended (finished, or cancelled: its
+/// future dropped at the drain deadline, at a lost membership or at shutdown). No other member
+/// activates an identity that moved until this member's `deactivate` returned, so an actor may
+/// load its state in `activate` and persist it in `deactivate`.
 #[async_trait]
 pub trait Actors: Send + Sync + 'static {
     /// `kind/identity` becomes active here; `handed` is the state its previous owner handed
-    /// over when it let go, if it kept any.
-    fn activate(&self, kind: &str, identity: &str, handed: Option<Vec<u8>>);
-    /// Handles one call to an active identity.
+    /// over when it let go, if it kept any. An error refuses the activation: the call that
+    /// asked for it fails (`activation_failed`, not retried by [`super::ActivationClient`]),
+    /// and a handed-over state is kept here for the next attempt.
+    async fn activate(
+        &self,
+        kind: &str,
+        identity: &str,
+        handed: Option<Vec<u8>>,
+    ) -> Result<(), ActorError>;
+    /// Handles one call to an active identity. Its future is dropped (the call cancelled) if
+    /// it is still running when the identity must go: see the trait's docs.
     async fn call(&self, kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8>;
     /// `kind/identity` is no longer active here. The state returned goes to the next owner
     /// when it asks this node to let go (not after a lost membership: peers do not ask).
-    fn deactivate(&self, kind: &str, identity: &str, reason: Deactivation) -> Option<Vec<u8>>;
+    async fn deactivate(&self, kind: &str, identity: &str, reason: Deactivation)
+    -> Option<Vec<u8>>;
 }
 
-/// Why an identity was deactivated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Deactivation {
-    /// Its owner changed: it drained (or another member asked for it) and moved.
-    Moved,
-    /// This node lost its membership, or could not prove it held it when asked to serve: peers
-    /// may take every identity over.
-    MembershipLost,
-    /// The node is shutting down ([`ActivationHost::shutdown`]).
-    Shutdown,
+/// An actor refused to activate (its state could not be loaded, say).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ActorError {
+    /// What the actor said.
+    pub message: String,
 }
 
-impl Deactivation {
-    fn label(self) -> &'static str {
-        match self {
-            Deactivation::Moved => "moved",
-            Deactivation::MembershipLost => "membership_lost",
-            Deactivation::Shutdown => "shutdown",
+impl ActorError {
+    /// An error saying `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
         }
     }
 }
@@ -61,6 +72,11 @@ pub struct CallReply {
     pub activated: bool,
     /// The actor's answer.
     pub payload: Vec<u8>,
+    /// The activation's generation: one more than the highest any member asked before it
+    /// reported, so it grows with every hand-off. After a holder crashed, a later generation
+    /// may repeat one it used: storage should still take conditional writes (see
+    /// `docs/activation.md`).
+    pub generation: u64,
 }
 
 /// A member's answer to [`Transport::release`].
@@ -68,8 +84,14 @@ pub struct CallReply {
 pub struct Released {
     /// Whether the identity was active there until asked.
     pub was_active: bool,
-    /// State the actor handed over there, if any.
+    /// State the actor handed over there, if that member keeps it (a copy: it keeps it until
+    /// the claimant settles it, [`Transport::settle`]).
     pub handed: Option<Vec<u8>>,
+    /// The newest generation of it that member knows of (0: none).
+    pub generation: u64,
+    /// The claimant that settled the state ([`Transport::settle`]), and the generation it
+    /// activates as.
+    pub settled: Option<(MemberId, u64)>,
 }
 
 /// A refusal's kind, as it crosses the network.
@@ -91,6 +113,13 @@ pub enum RefusalCode {
     NotReleased,
     /// Asked to let go of an identity its own view says it owns (see [`Release::Refused`]).
     OwnedHere,
+    /// The call was running when its identity had to go (the drain deadline passed, the
+    /// membership was lost, the host shut down) and was cancelled: it may have run in part.
+    /// Not retried by [`super::ActivationClient`].
+    Cancelled,
+    /// The actor's `activate` failed ([`ActorError`]). Not retried by
+    /// [`super::ActivationClient`].
+    ActivationFailed,
 }
 
 impl RefusalCode {
@@ -105,7 +134,18 @@ impl RefusalCode {
             RefusalCode::Activating => "activating",
             RefusalCode::NotReleased => "not_released",
             RefusalCode::OwnedHere => "owned_here",
+            RefusalCode::Cancelled => "cancelled",
+            RefusalCode::ActivationFailed => "activation_failed",
         }
+    }
+
+    /// Whether [`super::ActivationClient`] tries the call again after this refusal: not
+    /// when this member is full, nor when the call may have run in part or the actor refused.
+    pub fn is_retried(self) -> bool {
+        !matches!(
+            self,
+            RefusalCode::Full | RefusalCode::Cancelled | RefusalCode::ActivationFailed
+        )
     }
 
     /// Whether the same call may succeed soon without looking the owner up again.
@@ -211,6 +251,17 @@ pub trait Transport: Send + Sync + 'static {
         claim: &Fence,
         address: &str,
     ) -> Result<Released, CallError>;
+    /// Tells `member`, whose state this node's round chose, that this node (`claimant`)
+    /// activates `kind/identity` with it as `generation` (see `handoff.rs`). Returns whether
+    /// `member` had an older record to settle.
+    async fn settle(
+        &self,
+        member: &Member,
+        kind: &str,
+        identity: &str,
+        generation: u64,
+        claimant: &MemberId,
+    ) -> Result<bool, CallError>;
 }
 
 /// Settings of an [`ActivationHost`].
@@ -224,6 +275,10 @@ pub struct ActivationConfig {
     pub max_activations: usize,
     /// Most handed-over states kept for members that have not asked for them yet.
     pub max_handed_states: usize,
+    /// Most identities this node remembers having let go of for a claimant its own view may
+    /// not list yet (pruned at each topology change). At the bound a release request is
+    /// refused (`full`), never granted unrecorded.
+    pub max_grants: usize,
     /// How long after its topology's epoch changed (the backend restarted without its state)
     /// this node activates nothing, when its provider does not announce a lease TTL (the TTL
     /// is used when it does): members missing from the new epoch's first views may still hold
@@ -237,36 +292,10 @@ impl Default for ActivationConfig {
             drain: Duration::from_secs(2),
             release_timeout: Duration::from_secs(1),
             max_activations: 100_000,
-            max_handed_states: 1_024,
+            max_handed_states: 100_000,
+            max_grants: 100_000,
             epoch_quarantine: Duration::from_secs(10),
         }
-    }
-}
-
-/// States handed over by deactivated actors, bounded (oldest dropped first).
-#[derive(Debug, Default)]
-struct HandedStates {
-    by_key: BTreeMap<(String, String), Vec<u8>>,
-    order: VecDeque<(String, String)>,
-}
-
-impl HandedStates {
-    fn put(&mut self, key: (String, String), state: Vec<u8>, limit: usize) {
-        if self.by_key.insert(key.clone(), state).is_none() {
-            self.order.push_back(key);
-        }
-        while self.by_key.len() > limit {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            self.by_key.remove(&old);
-        }
-    }
-
-    fn take(&mut self, key: &(String, String)) -> Option<Vec<u8>> {
-        let state = self.by_key.remove(key)?;
-        self.order.retain(|k| k != key);
-        Some(state)
     }
 }
 
@@ -278,13 +307,16 @@ pub struct ActivationHost {
     actors: Arc<dyn Actors>,
     transport: Arc<dyn Transport>,
     config: ActivationConfig,
-    handed: Mutex<HandedStates>,
+    /// What this node knows of the identities it held (see `handoff.rs`).
+    handed: Mutex<HandOffs>,
     /// Set by [`Self::shutdown`]: nothing is served again, whatever the membership says.
     stopped: std::sync::atomic::AtomicBool,
     /// The topology epoch last seen, and until when claims wait after it changed.
     epoch: Mutex<(u64, Option<crate::runtime::Instant>)>,
     /// Woken whenever identities are deactivated (release answers wait for it).
     deactivated: tokio::sync::Notify,
+    /// Woken whenever calls in flight are to be cancelled (each checks whether it is).
+    cancels: tokio::sync::Notify,
     metrics: ActivationMetrics,
 }
 
@@ -310,19 +342,21 @@ impl ActivationHost {
         transport: Arc<dyn Transport>,
         config: ActivationConfig,
     ) -> Arc<Self> {
+        let me = ctx.member.id.clone();
         Arc::new(Self {
-            state: Mutex::new(Activations::new(
-                ctx.member.id.clone(),
-                config.max_activations,
-            )),
+            state: Mutex::new(
+                Activations::new(ctx.member.id.clone(), config.max_activations)
+                    .with_grant_limit(config.max_grants),
+            ),
             ctx,
             actors,
             transport,
             config,
-            handed: Mutex::default(),
+            handed: Mutex::new(HandOffs::new(me)),
             stopped: std::sync::atomic::AtomicBool::new(false),
             epoch: Mutex::new((0, None)),
             deactivated: tokio::sync::Notify::new(),
+            cancels: tokio::sync::Notify::new(),
             metrics: ActivationMetrics::default(),
         })
     }
@@ -332,7 +366,8 @@ impl ActivationHost {
         &self.metrics
     }
 
-    /// The identities active (or draining) here, in (kind, identity) order.
+    /// The identities held here (activating, active, draining or being deactivated), in
+    /// (kind, identity) order.
     pub fn active(&self) -> Vec<(String, String)> {
         lock(&self.state).active().map(|(k, _)| k.clone()).collect()
     }
@@ -369,13 +404,15 @@ impl ActivationHost {
                         Some(Ok(ClusterEvent::MembershipRestored { member, .. }))
                             if !host.is_stopped() =>
                         {
+                            lock(&host.handed).adopt(&member.id);
                             lock(&host.state).restored(member.id);
                         }
                         Some(Ok(ClusterEvent::TopologyChanged { .. }))
                         | Some(Err(crate::SubscriptionError::Lagged { .. })) => {
                             host.standing();
-                            host.quarantined(host.ctx.partition_manager.topology().epoch());
-                            let gone = {
+                            let t = host.ctx.partition_manager.topology();
+                            host.quarantined(t.epoch());
+                            let cancel = {
                                 let pm = &host.ctx.partition_manager;
                                 let mut a = lock(&host.state);
                                 let every = crate::runtime::sim::flaw("drain-on-any-change");
@@ -388,15 +425,22 @@ impl ActivationHost {
                                     now,
                                     host.config.drain,
                                 );
+                                let grants = a.prune_grants(
+                                    |m| t.member(m).is_some(),
+                                    (t.epoch(), t.version()),
+                                    now,
+                                    host.grant_keep(),
+                                );
+                                host.metrics.grants.set(grants as i64);
                                 a.tick(now)
                             };
-                            host.finish(gone, Deactivation::Moved);
+                            host.closing(cancel);
                         }
                         Some(Ok(_)) => {}
                         Some(Err(crate::SubscriptionError::Closed)) => return,
                         None => {
-                            let gone = lock(&host.state).tick(now);
-                            host.finish(gone, Deactivation::Moved);
+                            let cancel = lock(&host.state).tick(now);
+                            host.closing(cancel);
                         }
                     }
                 }
@@ -404,12 +448,43 @@ impl ActivationHost {
         )
     }
 
-    /// Tells the actors `gone` are deactivated, keeps what they hand over, wakes waiters.
-    fn finish(&self, gone: Vec<(String, String)>, why: Deactivation) {
-        if gone.is_empty() {
+    /// How long a grant of another epoch is kept: three TTLs (see [`Activations::also_ask`]).
+    fn grant_keep(&self) -> Duration {
+        3 * self
+            .ctx
+            .standing
+            .ttl()
+            .unwrap_or(self.config.epoch_quarantine)
+    }
+
+    /// Identities were closed: wakes the calls to cancel (if `cancel`) and deactivates, in a
+    /// task of its own (a caller that goes away cannot leave one half done), every closed
+    /// identity with no call left.
+    fn closing(self: &Arc<Self>, cancel: bool) {
+        if cancel {
+            self.cancels.notify_waiters();
+        }
+        let batch = lock(&self.state).to_deactivate();
+        if batch.is_empty() {
             return;
         }
-        for (kind, identity) in gone {
+        let host = self.clone();
+        drop(self.ctx.clock.spawn(
+            "deactivate",
+            Box::pin(async move { host.deactivate(batch).await }),
+        ));
+    }
+
+    /// Runs the actors' `deactivate` for `batch`, keeps what they hand over, and only then
+    /// lets each go (release answers wait for it).
+    async fn deactivate(self: Arc<Self>, batch: Vec<Closed>) {
+        for Closed {
+            key: (kind, identity),
+            why,
+            generation,
+            incarnation,
+        } in batch
+        {
             self.metrics
                 .deactivations
                 .get_or_create(&ReasonLabel {
@@ -417,40 +492,73 @@ impl ActivationHost {
                 })
                 .inc();
             tracing::debug!(member = %self.ctx.member.id, kind = %kind, identity = %identity, reason = why.label(), "deactivated");
-            let state = self.actors.deactivate(&kind, &identity, why);
-            if let (Some(state), Deactivation::Moved | Deactivation::Shutdown) = (state, why) {
-                lock(&self.handed).put((kind, identity), state, self.config.max_handed_states);
+            let state = self.actors.deactivate(&kind, &identity, why).await;
+            // A lost membership drops the state (peers take over without asking). Its
+            // generation is kept while this incarnation goes on (it is asked again and must not
+            // let an older copy pass for current), and forgotten with the incarnation (see
+            // `HandOffs::adopt`).
+            let state = state.filter(|_| why != Deactivation::MembershipLost);
+            let dropped = lock(&self.handed).put(
+                (kind.clone(), identity.clone()),
+                Kept {
+                    generation,
+                    state,
+                    settled: None,
+                },
+                self.config.max_handed_states,
+                &incarnation,
+            );
+            if dropped > 0 {
+                self.metrics.handed_states_dropped.inc_by(dropped as u64);
+                tracing::warn!(member = %self.ctx.member.id, dropped, max_handed_states = self.config.max_handed_states, "hand-off records dropped at the bound: those identities restart from nothing if asked");
             }
+            let len = {
+                let mut a = lock(&self.state);
+                a.deactivated(&kind, &identity);
+                a.len()
+            };
+            self.metrics.active.set(len as i64);
+            self.deactivated.notify_waiters();
         }
-        self.metrics.active.set(lock(&self.state).len() as i64);
-        self.deactivated.notify_waiters();
     }
 
-    /// Deactivates everything at once; with `member_no_more`, refuses every call until the
+    /// Closes everything at once (calls in flight are cancelled; each identity is deactivated
+    /// once its calls are gone); with `member_no_more`, refuses every call until the
     /// membership is restored.
-    fn let_go_of_everything(&self, why: Deactivation, member_no_more: bool) {
+    fn let_go_of_everything(self: &Arc<Self>, why: Deactivation, member_no_more: bool) {
         if crate::runtime::sim::flaw("actors-kept-on-lost") && why == Deactivation::MembershipLost {
             return;
         }
-        let gone = {
+        let cancel = {
             let mut a = lock(&self.state);
             if member_no_more {
-                a.lost()
+                a.lost(why)
             } else {
-                a.deactivate_all()
+                a.deactivate_all(why)
             }
         };
-        self.finish(gone, why);
+        self.closing(cancel);
     }
 
-    /// Stops serving: everything is deactivated (actor state is kept for the members that
-    /// take the identities over and ask for it) and every later call is refused. Call it
-    /// before the provider's graceful shutdown, so nothing is active once peers see this member
-    /// leave.
-    pub fn shutdown(&self) {
+    /// Stops serving: everything is deactivated (calls in flight cancelled; actor state is
+    /// kept for the members that take the identities over and ask for it) and every later
+    /// call is refused. Returns once every actor's `deactivate` returned. Call it before the
+    /// provider's graceful shutdown, so nothing is active once peers see this member leave.
+    pub async fn shutdown(self: &Arc<Self>) {
         self.stopped
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.let_go_of_everything(Deactivation::Shutdown, true);
+        loop {
+            let woken = self.deactivated.notified();
+            if lock(&self.state).is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = woken => {}
+                _ = self.ctx.clock.sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 
     fn is_stopped(&self) -> bool {
@@ -459,7 +567,7 @@ impl ActivationHost {
 
     /// Whether this node can prove it holds its membership now. If not, everything active is
     /// deactivated at once (a process waking from a pause, before its loss is announced).
-    fn standing(&self) -> bool {
+    fn standing(self: &Arc<Self>) -> bool {
         if self.is_stopped() {
             return false;
         }
@@ -469,6 +577,7 @@ impl ActivationHost {
             if let Some(id) = self.ctx.standing.member() {
                 let mut a = lock(&self.state);
                 if a.me() != &id || !a.is_member() {
+                    lock(&self.handed).adopt(&id);
                     a.restored(id);
                 }
             }
@@ -503,18 +612,47 @@ impl ActivationHost {
     }
 
     fn refuse(&self, r: &Refusal) -> CallError {
-        self.metrics
-            .refusals
-            .get_or_create(&ReasonLabel {
-                reason: r.code().as_str(),
-            })
-            .inc();
-        CallError::refused(r)
+        self.refused(CallError::refused(r))
     }
 
-    /// Serves a call to `kind/identity` routed here with `fence`: see the module docs.
+    /// Counts a refusal by its code.
+    fn refused(&self, e: CallError) -> CallError {
+        if let CallError::Refused { code, .. } = &e {
+            self.metrics
+                .refusals
+                .get_or_create(&ReasonLabel {
+                    reason: code.as_str(),
+                })
+                .inc();
+        }
+        e
+    }
+
+    /// Serves a call to `kind/identity` routed here with `fence`: see the module docs. It runs
+    /// in a task of its own: a caller that goes away does not cut an activation, a claim or a
+    /// call short (each is finished, or cancelled by the host, and accounted for).
     pub async fn call(
-        &self,
+        self: &Arc<Self>,
+        kind: &str,
+        identity: &str,
+        fence: &Fence,
+        payload: Vec<u8>,
+    ) -> Result<CallReply, CallError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let host = self.clone();
+        let (kind, identity, fence) = (kind.to_string(), identity.to_string(), fence.clone());
+        drop(self.ctx.clock.spawn(
+            "call",
+            Box::pin(async move {
+                let _ = tx.send(host.serve(&kind, &identity, &fence, payload).await);
+            }),
+        ));
+        rx.await
+            .unwrap_or_else(|_| Err(self.refuse(&Refusal::NotAMember)))
+    }
+
+    async fn serve(
+        self: &Arc<Self>,
         kind: &str,
         identity: &str,
         fence: &Fence,
@@ -524,72 +662,174 @@ impl ActivationHost {
             return Err(self.refuse(&Refusal::NotAMember));
         }
         let (t, owner) = self.owner(kind, identity);
-        let decision = lock(&self.state).request(
-            kind,
-            identity,
-            fence,
-            owner.as_ref(),
-            t.epoch(),
-            t.version(),
-        );
-        let (held, activated) = match decision {
-            Decision::Serve(held) => (held, false),
-            Decision::Activated(held) => (held, true),
-            Decision::Refused(r) => return Err(self.refuse(&r)),
-            Decision::Claim(claim) => {
-                if self.quarantined(t.epoch()) {
-                    lock(&self.state).claimed(kind, identity, &claim, false, None);
-                    return Err(self.refuse(&Refusal::Activating));
-                }
-                let round = self.ask_to_let_go(&t, kind, identity, &claim).await;
-                if crate::runtime::sim::flaw("claim-not-dropped") {
-                    round.clone()?;
-                }
-                if !self.standing() {
-                    return Err(self.refuse(&Refusal::NotAMember));
-                }
-                let (_, owner) = self.owner(kind, identity);
-                let decision = lock(&self.state).claimed(
-                    kind,
-                    identity,
-                    &claim,
-                    round.is_ok(),
-                    owner.as_ref(),
-                );
-                match decision {
-                    Decision::Activated(held) => {
-                        self.metrics.activations.inc();
-                        self.metrics.active.set(lock(&self.state).len() as i64);
-                        tracing::debug!(member = %held.owner, kind, identity, version = held.version, "activated");
-                        self.actors.activate(kind, identity, round.ok().flatten());
-                        (held, true)
-                    }
-                    Decision::Refused(r) => {
-                        if let Err(e) = &round {
-                            tracing::info!(member = %claim.owner, kind, identity, error = %e, "not activated: a member did not let go");
-                            self.metrics.release_rounds_failed.inc();
-                        }
-                        return Err(self.refuse(&r));
-                    }
-                    Decision::Serve(_) | Decision::Claim(_) => {
-                        unreachable!("claimed() activates or refuses")
-                    }
-                }
+        let (decision, serial) = {
+            let mut a = lock(&self.state);
+            let d = a.request(
+                kind,
+                identity,
+                fence,
+                owner.as_ref(),
+                t.epoch(),
+                t.version(),
+            );
+            (d, a.serial_of(kind, identity))
+        };
+        let (held, activated, serial) = match (decision, serial) {
+            (Decision::Serve(held), Some(serial)) => (held, false, serial),
+            (Decision::Refused(r), _) => return Err(self.refuse(&r)),
+            (Decision::Claim(claim), _) => {
+                let (held, serial) = self.claim(&t, kind, identity, claim).await?;
+                (held, true, serial)
+            }
+            (Decision::Serve(_) | Decision::Activated(_), _) => {
+                unreachable!("request() serves what is held, claims or refuses")
             }
         };
-        let answer = self.actors.call(kind, identity, payload).await;
-        let gone = {
+        let answer = {
+            let cancelled = self.cancelled(kind, identity, serial);
+            tokio::select! {
+                biased;
+                why = cancelled => Err(why),
+                answer = self.actors.call(kind, identity, payload) => Ok(answer),
+            }
+        };
+        let generation = lock(&self.state).generation_of(kind, identity, serial);
+        self.call_done(kind, identity);
+        match answer {
+            Ok(payload) => Ok(CallReply {
+                served_by: held.owner.clone(),
+                held,
+                activated,
+                payload,
+                generation,
+            }),
+            Err(why) => {
+                tracing::info!(member = %held.owner, kind, identity, reason = why.label(), "call cancelled: its identity had to go");
+                Err(self.refused(CallError::Refused {
+                    code: RefusalCode::Cancelled,
+                    detail: format!(
+                        "the call was cancelled while it ran: the identity was deactivated ({})",
+                        why.label()
+                    ),
+                }))
+            }
+        }
+    }
+
+    /// Resolves when the calls of activation `serial` of `kind/identity` are to be dropped.
+    async fn cancelled(&self, kind: &str, identity: &str, serial: u64) -> Deactivation {
+        loop {
+            let woken = self.cancels.notified();
+            if let Some(why) = lock(&self.state).cancelled(kind, identity, serial) {
+                return why;
+            }
+            woken.await;
+        }
+    }
+
+    /// A call ended (served, failed or cancelled): what drained may be deactivated now.
+    fn call_done(self: &Arc<Self>, kind: &str, identity: &str) {
+        let cancel = {
             let mut a = lock(&self.state);
             a.finished(kind, identity);
             a.tick(self.ctx.clock.now())
         };
-        self.finish(gone, Deactivation::Moved);
-        Ok(CallReply {
-            served_by: held.owner.clone(),
-            held,
-            activated,
-            payload: answer,
-        })
+        self.closing(cancel);
+    }
+
+    /// Activates `kind/identity`, which this node owns under `claim`: every other member lets
+    /// go first, then the actor's `activate` runs. Returns the fence it is held under and the
+    /// activation's serial, with the activating request in flight.
+    async fn claim(
+        self: &Arc<Self>,
+        t: &ClusterTopology,
+        kind: &str,
+        identity: &str,
+        claim: Fence,
+    ) -> Result<(Fence, u64), CallError> {
+        if self.quarantined(t.epoch()) {
+            lock(&self.state).claimed(kind, identity, &claim, false, None);
+            return Err(self.refuse(&Refusal::Activating));
+        }
+        let round = self.ask_to_let_go(t, kind, identity, &claim).await;
+        if crate::runtime::sim::flaw("claim-not-dropped") {
+            round.clone()?;
+        }
+        if !self.standing() {
+            return Err(self.refuse(&Refusal::NotAMember));
+        }
+        let (_, owner) = self.owner(kind, identity);
+        let (decision, serial) = {
+            let mut a = lock(&self.state);
+            let d = a.claimed(kind, identity, &claim, round.is_ok(), owner.as_ref());
+            (d, a.serial_of(kind, identity))
+        };
+        let (held, serial) = match (decision, serial) {
+            (Decision::Activated(held), Some(serial)) => (held, serial),
+            (Decision::Refused(r), _) => {
+                if let Err(e) = &round {
+                    tracing::info!(member = %claim.owner, kind, identity, error = %e, "not activated: a member did not let go");
+                    self.metrics.release_rounds_failed.inc();
+                }
+                return Err(self.refuse(&r));
+            }
+            _ => unreachable!("claimed() activates or refuses"),
+        };
+        let Ok((chosen, settle_with)) = round else {
+            unreachable!("claimed() activates only after a complete round")
+        };
+        let key = (kind.to_string(), identity.to_string());
+        // The state leaves its keeper's custody before the actor sees it, so the keeper's copy
+        // can never pass for current once this activation moved past it.
+        if let Some(m) = settle_with {
+            let settled = crate::runtime::timeout(
+                self.ctx.clock.as_ref(),
+                self.config.release_timeout,
+                self.transport
+                    .settle(&m, kind, identity, chosen.generation, &held.owner),
+            )
+            .await;
+            if !matches!(settled, Ok(Ok(_))) {
+                // Whether it settled or not, the keeper keeps the state: this node may take it
+                // again, and another claimant too once this node answers it never activated.
+                lock(&self.state).failed(kind, identity, serial);
+                tracing::info!(member = %held.owner, kind, identity, keeper = %m.id, "not activated: the state's keeper did not confirm the hand-off");
+                self.metrics.release_rounds_failed.inc();
+                return Err(self.refuse(&Refusal::NotReleased));
+            }
+        }
+        lock(&self.state).set_generation(kind, identity, serial, chosen.generation);
+        if chosen.state.is_none() && chosen.generation > 1 {
+            self.metrics.handoffs_without_state.inc();
+        }
+        let handed = chosen.state.is_some();
+        if let Err(e) = self
+            .actors
+            .activate(kind, identity, chosen.state.clone())
+            .await
+        {
+            // The keeper still has the state (settled by this node, which never reached the
+            // generation: see `handoff.rs`).
+            lock(&self.state).failed(kind, identity, serial);
+            self.metrics.activations_failed.inc();
+            tracing::warn!(member = %held.owner, kind, identity, error = %e, "the actor refused to activate");
+            return Err(self.refused(CallError::Refused {
+                code: RefusalCode::ActivationFailed,
+                detail: format!("the actor refused to activate: {e}"),
+            }));
+        }
+        // This activation supersedes what this node kept of an earlier one.
+        lock(&self.handed).remove(&key);
+        self.metrics.activations.inc();
+        self.metrics.active.set(lock(&self.state).len() as i64);
+        tracing::debug!(member = %held.owner, kind, identity, version = held.version, generation = chosen.generation, handed, "activated");
+        if !lock(&self.state).ready(kind, identity, serial) {
+            // Closed while the actor activated (a lost membership, a shutdown): it is
+            // deactivated now, and this request does not run.
+            self.call_done(kind, identity);
+            return Err(self.refuse(&Refusal::NotAMember));
+        }
+        Ok((held, serial))
     }
 
     /// Asks every other member of `t` to let go of `kind/identity` (concurrently, each within
@@ -600,16 +840,12 @@ impl ActivationHost {
         kind: &str,
         identity: &str,
         claim: &Fence,
-    ) -> Result<Option<Vec<u8>>, CallError> {
+    ) -> Result<(Chosen, Option<Member>), CallError> {
         let clock = self.ctx.clock.clone();
         let me = &self.ctx.member.address;
         // Members this node let go of it for that its topology does not list yet (grants of
         // another epoch, with no version to compare, are kept three TTLs).
-        let keep = 3 * self
-            .ctx
-            .standing
-            .ttl()
-            .unwrap_or(self.config.epoch_quarantine);
+        let keep = self.grant_keep();
         let extra: Vec<Member> = lock(&self.state)
             .also_ask(
                 kind,
@@ -654,7 +890,7 @@ impl ActivationHost {
                     {
                         Ok(Ok(r)) => {
                             lock(&self.state).released_by(kind, identity, &m.id);
-                            Ok(r)
+                            Ok((m, r))
                         }
                         Ok(Err(e)) => Err(e),
                         Err(_) => Err(CallError::Unreachable {
@@ -667,21 +903,43 @@ impl ActivationHost {
                     }
                 }
             });
-        let answers = futures::future::join_all(asks).await;
-        let mut handed = None;
-        for a in answers {
-            let a = a?;
-            if a.handed.is_some() {
-                handed = a.handed;
-            }
-        }
-        Ok(handed)
+        // Nothing is taken from a member that answered: a failed round loses no state.
+        let answers = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let mine = lock(&self.handed)
+            .get(&(kind.to_string(), identity.to_string()))
+            .cloned();
+        let read: Vec<Answer<'_>> = answers
+            .iter()
+            .map(|(m, r)| Answer {
+                member: &m.id,
+                generation: r.generation,
+                state: r.handed.as_deref(),
+                settled: r.settled.as_ref().map(|(by, g)| (by, *g)),
+            })
+            .chain(mine.iter().map(|k| Answer {
+                member: &claim.owner,
+                generation: k.generation,
+                state: k.state.as_deref(),
+                settled: k.settled.as_ref().map(|(by, g)| (by, *g)),
+            }))
+            .collect();
+        let chosen = choose(&claim.owner, &read);
+        let settle_with = chosen
+            .from
+            .as_ref()
+            .and_then(|from| answers.iter().find(|(m, _)| &m.id == from))
+            .map(|(m, _)| m.clone());
+        Ok((chosen, settle_with))
     }
 
     /// Another member claims `kind/identity` under `claim` and asks this one to let go of it:
-    /// answered once nothing of it is active here (see [`Activations::release`]).
+    /// answered once nothing of it is held here, its actor's `deactivate` returned included
+    /// (see [`Activations::release`]).
     pub async fn release(
-        &self,
+        self: &Arc<Self>,
         kind: &str,
         identity: &str,
         claim: &Fence,
@@ -689,7 +947,7 @@ impl ActivationHost {
     ) -> Result<Released, CallError> {
         let key = (kind.to_string(), identity.to_string());
         let now = self.ctx.clock.now();
-        // Without a provable membership nothing here counts (it was all deactivated): let go
+        // Without a provable membership nothing here counts (it was all closed): let go
         // whatever this node's view says, but remember the claimant all the same.
         let owner = if self.standing() {
             self.owner(kind, identity).1
@@ -706,36 +964,43 @@ impl ActivationHost {
             claimant_address,
         );
         match answer {
-            Release::Refused => {
-                self.metrics
-                    .refusals
-                    .get_or_create(&ReasonLabel {
-                        reason: RefusalCode::OwnedHere.as_str(),
-                    })
-                    .inc();
-                Err(CallError::Refused {
-                    code: RefusalCode::OwnedHere,
+            Release::Refused => Err(self.refused(CallError::Refused {
+                code: RefusalCode::OwnedHere,
+                detail: format!(
+                    "{} claims it, but this member's view names this member as its owner",
+                    claim.owner
+                ),
+            })),
+            Release::Full => {
+                self.metrics.grants_full.inc();
+                tracing::warn!(member = %self.ctx.member.id, claimant = %claim.owner, kind, identity, max_grants = self.config.max_grants, "release refused: as many grants remembered as max_grants allows");
+                Err(self.refused(CallError::Refused {
+                    code: RefusalCode::Full,
                     detail: format!(
-                        "{} claims it, but this member's view names this member as its owner",
-                        claim.owner
+                        "this member remembers {} released identities (max_grants) and cannot record another until its view catches up",
+                        self.config.max_grants
                     ),
-                })
+                }))
             }
-            Release::Released => Ok(Released {
-                was_active: false,
-                handed: lock(&self.handed).take(&key),
-            }),
+            Release::Released => Ok(self.hand_over(&key, &claim.owner, false)),
             Release::Draining { .. } => {
                 while !crate::runtime::sim::flaw("release-before-drained") {
                     let woken = self.deactivated.notified();
-                    let gone = lock(&self.state).tick(self.ctx.clock.now());
-                    self.finish(gone, Deactivation::Moved);
+                    let cancel = lock(&self.state).tick(self.ctx.clock.now());
+                    self.closing(cancel);
                     let phase = lock(&self.state).phase_of(kind, identity);
-                    let until = match phase {
+                    let wait = match phase {
                         None => break,
-                        Some(Phase::Draining { until }) => until,
+                        Some(Phase::Draining { until }) => {
+                            until.saturating_duration_since(self.ctx.clock.now())
+                        }
+                        // Its calls are being cancelled, or its actor deactivates: woken when
+                        // it is gone.
+                        Some(Phase::Closing { .. } | Phase::Deactivating) => {
+                            Duration::from_millis(100)
+                        }
                         // It came back to this member before it was let go.
-                        Some(Phase::Active) => {
+                        Some(Phase::Active | Phase::Activating) => {
                             return Err(CallError::Refused {
                                 code: RefusalCode::OwnedHere,
                                 detail: format!(
@@ -745,18 +1010,39 @@ impl ActivationHost {
                             });
                         }
                     };
-                    let wait = until.saturating_duration_since(self.ctx.clock.now());
                     tokio::select! {
                         biased;
                         _ = woken => {}
                         _ = self.ctx.clock.sleep(wait) => {}
                     }
                 }
-                Ok(Released {
-                    was_active: true,
-                    handed: lock(&self.handed).take(&key),
-                })
+                Ok(self.hand_over(&key, &claim.owner, true))
             }
         }
+    }
+
+    /// The answer to claimant `to`: a copy of what this node kept of `key` (it keeps it: see
+    /// `handoff.rs`).
+    fn hand_over(&self, key: &(String, String), to: &MemberId, was_active: bool) -> Released {
+        let kept = lock(&self.handed).get(key).cloned().unwrap_or_default();
+        tracing::debug!(member = %self.ctx.member.id, claimant = %to, kind = %key.0, identity = %key.1, generation = kept.generation, state = kept.state.is_some(), "let go");
+        Released {
+            was_active,
+            handed: kept.state,
+            generation: kept.generation,
+            settled: kept.settled,
+        }
+    }
+
+    /// `claimant` activates `kind/identity` as `generation` with the state this node keeps
+    /// (see `handoff.rs`). Whether there was a record to settle.
+    pub fn settle(&self, kind: &str, identity: &str, generation: u64, claimant: &MemberId) -> bool {
+        let settled = lock(&self.handed).settle(
+            &(kind.to_string(), identity.to_string()),
+            generation,
+            claimant,
+        );
+        tracing::debug!(member = %self.ctx.member.id, kind, identity, generation, settled, "settled");
+        settled
     }
 }

@@ -26,6 +26,17 @@ pub struct ActivationMetrics {
     pub release_rounds_failed: Counter,
     /// Identities active (or draining) here.
     pub active: Gauge,
+    /// Activations the actor refused (its `activate` failed).
+    pub activations_failed: Counter,
+    /// Release requests refused because the grants table was full (`max_grants`).
+    pub grants_full: Counter,
+    /// Identities with grants remembered (after the last topology change's pruning).
+    pub grants: Gauge,
+    /// Hand-off records dropped at their bound (`max_handed_states`).
+    pub handed_states_dropped: Counter,
+    /// Activations of an identity held before (generation above 1) that started with no
+    /// state: its newest holder kept none, or lost it with its membership.
+    pub handoffs_without_state: Counter,
 }
 
 impl ActivationMetrics {
@@ -55,6 +66,31 @@ impl ActivationMetrics {
             "activation_active",
             "Identities active or draining on this node",
             self.active.clone(),
+        );
+        registry.register(
+            "activation_activations_failed",
+            "Activations the actor refused",
+            self.activations_failed.clone(),
+        );
+        registry.register(
+            "activation_grants_full",
+            "Release requests refused because the grants table was full (max_grants)",
+            self.grants_full.clone(),
+        );
+        registry.register(
+            "activation_grants",
+            "Identities this node let go of for a claimant its view may not list yet",
+            self.grants.clone(),
+        );
+        registry.register(
+            "activation_handed_states_dropped",
+            "Hand-off records dropped at their bound (max_handed_states)",
+            self.handed_states_dropped.clone(),
+        );
+        registry.register(
+            "activation_handoffs_without_state",
+            "Activations of an identity held before that started with no state",
+            self.handoffs_without_state.clone(),
         );
     }
 }

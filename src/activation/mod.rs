@@ -21,6 +21,7 @@
 
 mod client;
 pub(crate) mod grpc;
+pub mod handoff;
 mod host;
 mod lookup;
 mod metrics;
@@ -29,12 +30,14 @@ mod registry;
 pub use client::{ActivationClient, Attempt, Called, ClientConfig};
 pub use grpc::{GrpcTransport, REFUSAL_HEADER};
 pub use host::{
-    ActivationConfig, ActivationHost, Actors, CallError, CallReply, Deactivation, RefusalCode,
-    Released, Transport,
+    ActivationConfig, ActivationHost, ActorError, Actors, CallError, CallReply, Deactivation,
+    RefusalCode, Released, Transport,
 };
 pub use lookup::{IdentityLookup, Located, PlacementLookup};
 pub use metrics::{ActivationMetrics, ReasonLabel};
-pub use registry::{Activation, Activations, Decision, Fence, Phase, Refusal, Release};
+pub use registry::{
+    Activation, Activations, Closed, Decision, Fence, Grant, Phase, Refusal, Release,
+};
 
 /// Largest call payload, in bytes.
 pub const MAX_PAYLOAD: usize = 64 * 1024;

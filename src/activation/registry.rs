@@ -26,16 +26,55 @@ impl Fence {
     }
 }
 
-/// Where an active identity stands.
+/// Why an identity was deactivated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deactivation {
+    /// Its owner changed: it drained (or another member asked for it) and moved.
+    Moved,
+    /// This node lost its membership, or could not prove it held it when asked to serve: peers
+    /// may take every identity over.
+    MembershipLost,
+    /// The node is shutting down (`ActivationHost::shutdown`).
+    Shutdown,
+}
+
+impl Deactivation {
+    /// A stable name (metrics labels, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            Deactivation::Moved => "moved",
+            Deactivation::MembershipLost => "membership_lost",
+            Deactivation::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Where an identity held here stands. It moves forward only: `Activating` -> `Active` <->
+/// `Draining` -> `Closing` -> `Deactivating` -> gone. Nothing is answered "released" and no
+/// other activation of it can begin here before it is gone, so the actor's `activate`, its
+/// calls and its `deactivate` never overlap another holder's, on any runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// The actor's `activate` runs (the claiming request is in flight and waits for it).
+    Activating,
     /// Serving.
     Active,
-    /// Moved away: no new work; deactivated once its in-flight work is done or at `until`.
+    /// Moved away: no new work; closed once its in-flight work is done, or at `until`, when
+    /// the calls still running are cancelled.
     Draining {
         /// The drain deadline.
         until: Instant,
     },
+    /// No call may start; the calls in flight are cancelled (if `cancelled`) or finishing;
+    /// deactivated (for `why`) once none is left.
+    Closing {
+        /// Why it is being deactivated.
+        why: Deactivation,
+        /// Whether the calls still in flight are to be dropped now.
+        cancelled: bool,
+    },
+    /// The actor's `deactivate` runs: the identity counts as held until it returned.
+    Deactivating,
 }
 
 /// One active identity.
@@ -43,10 +82,28 @@ pub enum Phase {
 pub struct Activation {
     /// The fence it was activated under.
     pub fence: Fence,
-    /// Serving or draining.
+    /// Where it stands.
     pub phase: Phase,
-    /// Requests being served.
+    /// Requests being served (including the one activating it).
     pub in_flight: u32,
+    /// Which activation of the identity on this node it is (a call checks it still runs
+    /// inside the activation it began in).
+    pub serial: u64,
+    /// Its generation across members (see `handoff.rs`), set once the claim's round chose it.
+    pub generation: u64,
+}
+
+/// An identity closed with nothing left in flight, to deactivate ([`Activations::to_deactivate`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    /// Its kind and identity.
+    pub key: (String, String),
+    /// Why it goes.
+    pub why: Deactivation,
+    /// The generation it was held under.
+    pub generation: u64,
+    /// The member incarnation that held it.
+    pub incarnation: MemberId,
 }
 
 /// Why a request was not served here.
@@ -91,6 +148,10 @@ pub enum Release {
     /// This node's own topology names it as the owner: the asker's view and this one
     /// disagree, and neither may activate until they agree.
     Refused,
+    /// This node remembers as many grants as it may (`max_grants`): it cannot record this one,
+    /// so it does not grant it (a grant it forgot would let its lagging view take the identity
+    /// back without asking the claimant). Pruned at each topology change.
+    Full,
 }
 
 /// What to do with a request.
@@ -119,6 +180,32 @@ pub struct Activations {
     /// Members this node let go of an identity for, by identity: asked too before this node
     /// activates it, until its own topology lists them (see [`Self::also_ask`]).
     granted: BTreeMap<(String, String), Vec<Grant>>,
+    /// Most identities `granted` may hold: at the bound a release is refused
+    /// ([`Release::Full`]) rather than granted unrecorded.
+    grant_limit: usize,
+    next_serial: u64,
+}
+
+impl Grant {
+    /// Whether a claim at (`epoch`, `version`) that `listed` names its members by must still
+    /// ask this grant's claimant: not once the view lists it (asked anyway), nor once a view
+    /// of the same epoch reached the claim's version without it (removed since: it let go of
+    /// everything); a grant of another epoch is kept `keep`.
+    fn still_needed(
+        &self,
+        listed: impl Fn(&MemberId) -> bool,
+        (epoch, version): (u64, u64),
+        now: Instant,
+        keep: Duration,
+    ) -> bool {
+        let (e, v) = self.claimed_at;
+        !listed(&self.member)
+            && if e == epoch {
+                version < v
+            } else {
+                now.saturating_duration_since(self.at) < keep
+            }
+    }
 }
 
 /// A release this node granted: to whom, where it is reached, and when.
@@ -144,7 +231,15 @@ impl Activations {
             active: BTreeMap::new(),
             claims: BTreeMap::new(),
             granted: BTreeMap::new(),
+            grant_limit: limit,
+            next_serial: 0,
         }
+    }
+
+    /// At most `limit` identities with grants remembered (see [`Release::Full`]).
+    pub fn with_grant_limit(mut self, limit: usize) -> Self {
+        self.grant_limit = limit;
+        self
     }
 
     /// A request for `kind/identity` carrying `fence`; `owner` is the owner this node's own
@@ -169,11 +264,16 @@ impl Activations {
                     held: a.fence.clone(),
                 });
             }
-            if matches!(a.phase, Phase::Draining { .. }) {
-                return Decision::Refused(Refusal::Draining);
-            }
-            a.in_flight += 1;
-            return Decision::Serve(a.fence.clone());
+            return match a.phase {
+                Phase::Active => {
+                    a.in_flight += 1;
+                    Decision::Serve(a.fence.clone())
+                }
+                Phase::Activating => Decision::Refused(Refusal::Activating),
+                Phase::Draining { .. } | Phase::Closing { .. } | Phase::Deactivating => {
+                    Decision::Refused(Refusal::Draining)
+                }
+            };
         }
         if fence.owner != self.me || owner != Some(&self.me) {
             return Decision::Refused(Refusal::NotOwner {
@@ -220,15 +320,89 @@ impl Activations {
                 owner: owner.cloned(),
             });
         }
+        self.next_serial += 1;
         self.active.insert(
             key,
             Activation {
                 fence: fence.clone(),
-                phase: Phase::Active,
+                phase: Phase::Activating,
                 in_flight: 1,
+                serial: self.next_serial,
+                generation: 0,
             },
         );
         Decision::Activated(fence.clone())
+    }
+
+    /// The generation of activation `serial` of `kind/identity` (0 if it is not held).
+    pub fn generation_of(&self, kind: &str, identity: &str, serial: u64) -> u64 {
+        self.active
+            .get(&(kind.to_string(), identity.to_string()))
+            .filter(|a| a.serial == serial)
+            .map_or(0, |a| a.generation)
+    }
+
+    /// Activation `serial` of `kind/identity` is generation `generation`.
+    pub fn set_generation(&mut self, kind: &str, identity: &str, serial: u64, generation: u64) {
+        if let Some(a) = self
+            .active
+            .get_mut(&(kind.to_string(), identity.to_string()))
+            .filter(|a| a.serial == serial)
+        {
+            a.generation = generation;
+        }
+    }
+
+    /// Which activation of `kind/identity` is held here now (see [`Activation::serial`]).
+    pub fn serial_of(&self, kind: &str, identity: &str) -> Option<u64> {
+        self.active
+            .get(&(kind.to_string(), identity.to_string()))
+            .map(|a| a.serial)
+    }
+
+    /// The actor's `activate` for activation `serial` returned: it serves, unless it was closed
+    /// meanwhile (a lost membership, a shutdown), when the activating request must not run.
+    pub fn ready(&mut self, kind: &str, identity: &str, serial: u64) -> bool {
+        match self
+            .active
+            .get_mut(&(kind.to_string(), identity.to_string()))
+        {
+            Some(a) if a.serial == serial => match a.phase {
+                Phase::Activating => {
+                    a.phase = Phase::Active;
+                    true
+                }
+                // Admitted before the drain began: it runs like any call in flight.
+                Phase::Active | Phase::Draining { .. } => true,
+                Phase::Closing { .. } | Phase::Deactivating => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The actor's `activate` for activation `serial` failed: it is forgotten (nothing to
+    /// deactivate).
+    pub fn failed(&mut self, kind: &str, identity: &str, serial: u64) {
+        let key = (kind.to_string(), identity.to_string());
+        if self.active.get(&key).is_some_and(|a| a.serial == serial) {
+            self.active.remove(&key);
+        }
+    }
+
+    /// Whether the calls of activation `serial` are to be dropped now, and why.
+    pub fn cancelled(&self, kind: &str, identity: &str, serial: u64) -> Option<Deactivation> {
+        match self.active.get(&(kind.to_string(), identity.to_string())) {
+            Some(a) if a.serial == serial => match a.phase {
+                Phase::Closing {
+                    why,
+                    cancelled: true,
+                    ..
+                } => Some(why),
+                _ => None,
+            },
+            // Gone: it cannot be while a call runs in it; drop the call all the same.
+            _ => Some(Deactivation::MembershipLost),
+        }
     }
 
     /// Another member is about to activate `kind/identity` and asks this one to let go of it;
@@ -254,25 +428,34 @@ impl Activations {
             return Release::Refused;
         }
         let key = (kind.to_string(), identity.to_string());
-        self.claims.remove(&key);
-        if self.granted.len() < self.limit || self.granted.contains_key(&key) {
-            let grants = self.granted.entry(key.clone()).or_default();
-            grants.retain(|g| g.member != claim.owner);
-            grants.push(Grant {
-                member: claim.owner.clone(),
-                claimed_at: (claim.epoch, claim.version),
-                address: address.to_string(),
-                at: now,
-            });
+        // A release this node could not remember would let its lagging view take the identity
+        // back without asking the claimant: refused at the bound, never granted unrecorded.
+        if self.granted.len() >= self.grant_limit && !self.granted.contains_key(&key) {
+            return Release::Full;
         }
+        self.claims.remove(&key);
+        let grants = self.granted.entry(key.clone()).or_default();
+        grants.retain(|g| g.member != claim.owner);
+        grants.push(Grant {
+            member: claim.owner.clone(),
+            claimed_at: (claim.epoch, claim.version),
+            address: address.to_string(),
+            at: now,
+        });
         match self.active.get_mut(&key) {
             None => Release::Released,
             Some(a) => {
                 let until = match a.phase {
                     Phase::Draining { until } => until.min(now + drain),
-                    Phase::Active => now + drain,
+                    Phase::Active | Phase::Activating => now + drain,
+                    Phase::Closing { .. } | Phase::Deactivating => now,
                 };
-                a.phase = Phase::Draining { until };
+                if matches!(
+                    a.phase,
+                    Phase::Active | Phase::Activating | Phase::Draining { .. }
+                ) {
+                    a.phase = Phase::Draining { until };
+                }
                 Release::Draining { until }
             }
         }
@@ -299,20 +482,34 @@ impl Activations {
         let Some(grants) = self.granted.get_mut(&key) else {
             return Vec::new();
         };
-        grants.retain(|g| {
-            let (e, v) = g.claimed_at;
-            !listed(&g.member)
-                && if e == epoch {
-                    version < v
-                } else {
-                    now.saturating_duration_since(g.at) < keep
-                }
-        });
+        grants.retain(|g| g.still_needed(&listed, (epoch, version), now, keep));
         let out = grants.clone();
         if grants.is_empty() {
             self.granted.remove(&key);
         }
         out
+    }
+
+    /// Forgets every grant [`Self::also_ask`] would forget under this view (run at each
+    /// topology change, so the table holds only grants a lagging view still needs). Returns
+    /// how many identities still have grants.
+    pub fn prune_grants(
+        &mut self,
+        listed: impl Fn(&MemberId) -> bool,
+        (epoch, version): (u64, u64),
+        now: Instant,
+        keep: Duration,
+    ) -> usize {
+        self.granted.retain(|_, grants| {
+            grants.retain(|g| g.still_needed(&listed, (epoch, version), now, keep));
+            !grants.is_empty()
+        });
+        self.granted.len()
+    }
+
+    /// How many identities have grants remembered.
+    pub fn grants(&self) -> usize {
+        self.granted.len()
     }
 
     /// `member` answered that it let go of `kind/identity`: it need not be asked again.
@@ -339,7 +536,7 @@ impl Activations {
             .contains_key(&(kind.to_string(), identity.to_string()))
     }
 
-    /// A request served (or failed) is done.
+    /// A request served (or failed, or cancelled) is done: nothing of it runs any more.
     pub fn finished(&mut self, kind: &str, identity: &str) {
         if let Some(a) = self
             .active
@@ -364,7 +561,7 @@ impl Activations {
         for ((kind, identity), a) in &mut self.active {
             let mine = owner_of(kind, identity).as_ref() == Some(&self.me);
             match a.phase {
-                Phase::Active if !mine => {
+                Phase::Active | Phase::Activating if !mine => {
                     a.phase = Phase::Draining { until: now + drain };
                     draining.push((kind.clone(), identity.clone()));
                 }
@@ -383,27 +580,64 @@ impl Activations {
             .values()
             .filter_map(|a| match a.phase {
                 Phase::Draining { until } => Some(until),
-                Phase::Active => None,
+                _ => None,
             })
             .min()
     }
 
-    /// Deactivates the draining identities whose work is done or whose deadline passed.
-    /// Returns them.
-    pub fn tick(&mut self, now: Instant) -> Vec<(String, String)> {
-        let done: Vec<(String, String)> = self
-            .active
-            .iter()
-            .filter(|(_, a)| match a.phase {
-                Phase::Draining { until } => a.in_flight == 0 || until <= now,
-                Phase::Active => false,
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &done {
-            self.active.remove(k);
+    /// Closes the draining identities whose work is done, and those whose deadline passed
+    /// (their calls still running are cancelled). Returns whether any call is to be cancelled.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let mut cancel = false;
+        for a in self.active.values_mut() {
+            if let Phase::Draining { until } = a.phase
+                && (a.in_flight == 0 || until <= now)
+            {
+                if crate::runtime::sim::flaw("calls-outlive-drain") {
+                    a.in_flight = 0;
+                }
+                let cancelled = a.in_flight > 0;
+                cancel |= cancelled;
+                a.phase = Phase::Closing {
+                    why: Deactivation::Moved,
+                    cancelled,
+                };
+            }
         }
-        done
+        cancel
+    }
+
+    /// The identities closed with no call left in flight: each turns `Deactivating` (the
+    /// caller runs the actor's `deactivate`, then reports [`Self::deactivated`]). In
+    /// (kind, identity) order.
+    pub fn to_deactivate(&mut self) -> Vec<Closed> {
+        let mut out = Vec::new();
+        for (k, a) in &mut self.active {
+            if let Phase::Closing { why, .. } = a.phase
+                && a.in_flight == 0
+            {
+                a.phase = Phase::Deactivating;
+                out.push(Closed {
+                    key: k.clone(),
+                    why,
+                    generation: a.generation,
+                    incarnation: a.fence.owner.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The actor's `deactivate` of `kind/identity` returned: it is gone from this node.
+    pub fn deactivated(&mut self, kind: &str, identity: &str) {
+        let key = (kind.to_string(), identity.to_string());
+        if self
+            .active
+            .get(&key)
+            .is_some_and(|a| a.phase == Phase::Deactivating)
+        {
+            self.active.remove(&key);
+        }
     }
 
     /// This node's member incarnation.
@@ -426,18 +660,30 @@ impl Activations {
         self.len() == 0
     }
 
-    /// Everything is deactivated at once and claims are dropped, the membership flag kept
-    /// (the node could not prove it holds its membership just now). Returns what was active.
-    pub fn deactivate_all(&mut self) -> Vec<(String, String)> {
+    /// Everything is closed at once (calls in flight cancelled) and claims are dropped, the
+    /// membership flag kept (the node could not prove it holds its membership just now).
+    /// Returns whether any call is to be cancelled.
+    pub fn deactivate_all(&mut self, why: Deactivation) -> bool {
         self.claims.clear();
-        std::mem::take(&mut self.active).into_keys().collect()
+        let mut cancel = false;
+        for a in self.active.values_mut() {
+            if a.phase != Phase::Deactivating {
+                cancel |= a.in_flight > 0;
+                a.phase = Phase::Closing {
+                    why,
+                    cancelled: true,
+                };
+            }
+        }
+        cancel
     }
 
-    /// This node lost its membership: everything is deactivated at once (peers may take the
-    /// identities over as soon as the backend removes this member). Returns what was active.
-    pub fn lost(&mut self) -> Vec<(String, String)> {
+    /// This node lost its membership: everything is closed at once (peers may take the
+    /// identities over as soon as the backend removes this member). Returns whether any call
+    /// is to be cancelled.
+    pub fn lost(&mut self, why: Deactivation) -> bool {
         self.member = false;
-        self.deactivate_all()
+        self.deactivate_all(why)
     }
 
     /// This node is a member again, as incarnation `me`.
@@ -471,9 +717,23 @@ mod tests {
     /// A request that activates (claim, then every other member released).
     fn act(a: &mut Activations, identity: &str, f: &Fence, owner: &str) -> Decision {
         match a.request("k", identity, f, Some(&id(owner)), f.epoch, f.version) {
-            Decision::Claim(held) => a.claimed("k", identity, &held, true, Some(&id(owner))),
+            Decision::Claim(held) => {
+                let d = a.claimed("k", identity, &held, true, Some(&id(owner)));
+                let serial = a.serial_of("k", identity).unwrap();
+                assert!(a.ready("k", identity, serial));
+                d
+            }
             other => other,
         }
+    }
+
+    /// Runs the actor's `deactivate` for whatever is closed with nothing in flight: what went.
+    fn gone(a: &mut Activations) -> Vec<(String, String)> {
+        let out: Vec<_> = a.to_deactivate().into_iter().map(|c| c.key).collect();
+        for (k, i) in &out {
+            a.deactivated(k, i);
+        }
+        out
     }
 
     fn now() -> Instant {
@@ -510,6 +770,13 @@ mod tests {
             a.claimed("k", "x", &fence(5, "a"), true, Some(&id("a"))),
             Decision::Activated(fence(5, "a"))
         );
+        // Nothing is served while the actor activates.
+        assert_eq!(
+            a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
+            Decision::Refused(Refusal::Activating)
+        );
+        let serial = a.serial_of("k", "x").unwrap();
+        assert!(a.ready("k", "x", serial));
         assert_eq!(
             a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
             Decision::Serve(fence(5, "a"))
@@ -536,14 +803,31 @@ mod tests {
             Decision::Refused(Refusal::Draining)
         );
         // One request still in flight: it stays until the deadline.
-        assert!(a.tick(t0 + Duration::from_secs(1)).is_empty());
-        assert_eq!(a.tick(t0 + Duration::from_secs(2)).len(), 1);
+        assert!(!a.tick(t0 + Duration::from_secs(1)));
+        assert!(gone(&mut a).is_empty());
+        // At the deadline the call still running is cancelled; the identity is deactivated
+        // only once it is dropped, and counts as held until then.
+        let serial = a.serial_of("k", "x").unwrap();
+        assert!(a.tick(t0 + Duration::from_secs(2)));
+        assert_eq!(a.cancelled("k", "x", serial), Some(Deactivation::Moved));
+        assert!(gone(&mut a).is_empty());
+        assert!(a.is_active("k", "x"));
+        a.finished("k", "x");
+        assert_eq!(a.to_deactivate().len(), 1);
+        // Deactivating: still held (a release waits) until the actor's deactivate returned.
+        assert_eq!(a.phase_of("k", "x"), Some(Phase::Deactivating));
+        assert_eq!(
+            a.request("k", "x", &fence(7, "a"), Some(&id("a")), 1, 7),
+            Decision::Refused(Refusal::Draining)
+        );
+        a.deactivated("k", "x");
         assert_eq!(a.active().count(), 0);
         // Finished work lets it go at once.
         act(&mut a, "y", &fence(6, "a"), "a");
         a.finished("k", "y");
         a.reconcile(|_, _| None, t0, Duration::from_secs(60));
-        assert_eq!(a.tick(t0).len(), 1);
+        assert!(!a.tick(t0));
+        assert_eq!(gone(&mut a).len(), 1);
     }
 
     #[test]
@@ -551,7 +835,12 @@ mod tests {
         let mut a = Activations::new(id("a"), 10);
         act(&mut a, "x", &fence(5, "a"), "a");
         act(&mut a, "y", &fence(5, "a"), "a");
-        assert_eq!(a.lost().len(), 2);
+        a.finished("k", "x");
+        // y's call still runs: it is cancelled, and y is deactivated once it is dropped.
+        assert!(a.lost(Deactivation::MembershipLost));
+        assert_eq!(gone(&mut a).len(), 1);
+        a.finished("k", "y");
+        assert_eq!(gone(&mut a).len(), 1);
         assert_eq!(
             a.request("k", "x", &fence(5, "a"), Some(&id("a")), 1, 5),
             Decision::Refused(Refusal::NotAMember)
@@ -611,7 +900,8 @@ mod tests {
         );
         assert!(a.is_active("k", "x"));
         a.finished("k", "x");
-        assert_eq!(a.tick(t0).len(), 1);
+        a.tick(t0);
+        assert_eq!(gone(&mut a).len(), 1);
         assert!(!a.is_active("k", "x"));
         assert_eq!(
             a.release("k", "x", Some(&id("b")), t0, drain, &fence(6, "b"), "b:1"),
@@ -714,5 +1004,87 @@ mod tests {
             a.also_ask("k", "z", listed_none, (2, 1), t0 + keep, keep)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_full_grants_table_refuses_releases_and_pruning_frees_it() {
+        let mut a = Activations::new(id("a"), 10).with_grant_limit(2);
+        let t0 = now();
+        let keep = Duration::from_secs(10);
+        let drain = Duration::from_secs(1);
+        for x in ["x", "y"] {
+            assert_eq!(
+                a.release("k", x, None, t0, drain, &fence(7, "b"), "b:1"),
+                Release::Released
+            );
+        }
+        // A third identity cannot be recorded: refused, not granted unrecorded.
+        assert_eq!(
+            a.release("k", "z", None, t0, drain, &fence(7, "b"), "b:1"),
+            Release::Full
+        );
+        // One already recorded can be granted again (to another claimant too).
+        assert_eq!(
+            a.release("k", "x", None, t0, drain, &fence(8, "c"), "c:1"),
+            Release::Released
+        );
+        // A view that lists b (and c) no longer needs the grants: pruned, room again.
+        assert_eq!(a.prune_grants(|m| m != &id("c"), (1, 5), t0, keep), 1);
+        assert_eq!(a.prune_grants(|_| true, (1, 5), t0, keep), 0);
+        assert_eq!(
+            a.release("k", "z", None, t0, drain, &fence(7, "b"), "b:1"),
+            Release::Released
+        );
+        // Pruned by version too: a view of the claim's version without b.
+        assert_eq!(a.prune_grants(|_| false, (1, 6), t0, keep), 1);
+        assert_eq!(a.prune_grants(|_| false, (1, 7), t0, keep), 0);
+    }
+
+    #[test]
+    fn a_membership_lost_while_the_actor_activates_deactivates_it_after_activate_returned() {
+        let mut a = Activations::new(id("a"), 10);
+        let f = fence(5, "a");
+        assert_eq!(
+            a.request("k", "x", &f, Some(&id("a")), 1, 5),
+            Decision::Claim(f.clone())
+        );
+        assert_eq!(
+            a.claimed("k", "x", &f, true, Some(&id("a"))),
+            Decision::Activated(f.clone())
+        );
+        let serial = a.serial_of("k", "x").unwrap();
+        // The actor's activate runs; the membership goes meanwhile.
+        a.lost(Deactivation::MembershipLost);
+        // Nothing to deactivate before activate returned (the request is in flight) ...
+        assert!(a.to_deactivate().is_empty());
+        // ... then the request does not run, and the identity is deactivated.
+        assert!(!a.ready("k", "x", serial));
+        a.finished("k", "x");
+        assert_eq!(
+            a.to_deactivate(),
+            vec![Closed {
+                key: ("k".to_string(), "x".to_string()),
+                why: Deactivation::MembershipLost,
+                generation: 0,
+                incarnation: id("a"),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_call_of_an_earlier_activation_is_cancelled_not_confused_with_a_later_one() {
+        let mut a = Activations::new(id("a"), 10);
+        act(&mut a, "x", &fence(5, "a"), "a");
+        let first = a.serial_of("k", "x").unwrap();
+        assert_eq!(a.cancelled("k", "x", first), None);
+        a.finished("k", "x");
+        a.lost(Deactivation::MembershipLost);
+        gone(&mut a);
+        a.restored(id("a2"));
+        act(&mut a, "x", &fence(6, "a2"), "a2");
+        let second = a.serial_of("k", "x").unwrap();
+        assert_ne!(first, second);
+        assert_eq!(a.cancelled("k", "x", second), None);
+        assert!(a.cancelled("k", "x", first).is_some());
     }
 }

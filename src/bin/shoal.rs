@@ -469,7 +469,7 @@ mod real {
         shoal::runtime::shutdown_signal().await;
         if let Some(h) = &host {
             // Nothing active once peers see this member leave.
-            h.shutdown();
+            h.shutdown().await;
         }
         provider.shutdown(true).await.context("leaving")?;
         printer.abort();
@@ -570,7 +570,12 @@ mod real {
 
     #[async_trait::async_trait]
     impl Actors for CounterActors {
-        fn activate(&self, kind: &str, identity: &str, handed: Option<Vec<u8>>) {
+        async fn activate(
+            &self,
+            kind: &str,
+            identity: &str,
+            handed: Option<Vec<u8>>,
+        ) -> Result<(), shoal::activation::ActorError> {
             let start = handed
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map_or(0, u64::from_le_bytes);
@@ -580,6 +585,7 @@ mod real {
                 "{}",
                 json!({"event": "activated", "kind": kind, "identity": identity, "calls": start})
             );
+            Ok(())
         }
 
         async fn call(&self, kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
@@ -594,7 +600,12 @@ mod real {
             .into_bytes()
         }
 
-        fn deactivate(&self, kind: &str, identity: &str, why: Deactivation) -> Option<Vec<u8>> {
+        async fn deactivate(
+            &self,
+            kind: &str,
+            identity: &str,
+            why: Deactivation,
+        ) -> Option<Vec<u8>> {
             let n = self
                 .counts()
                 .remove(&(kind.to_string(), identity.to_string()));

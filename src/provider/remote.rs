@@ -174,6 +174,7 @@ impl pb::partition_service_server::PartitionService for PartitionService {
             held: Some(crate::activation::grpc::fence_to(&reply.held)),
             activated: reply.activated,
             payload: reply.payload,
+            generation: reply.generation,
         }))
     }
 
@@ -199,6 +200,28 @@ impl pb::partition_service_server::PartitionService for PartitionService {
             was_active: released.was_active,
             has_handed_state: released.handed.is_some(),
             handed_state: released.handed.unwrap_or_default(),
+            generation: released.generation,
+            settled_by: released
+                .settled
+                .as_ref()
+                .map(|(by, _)| by.to_string())
+                .unwrap_or_default(),
+            settled_generation: released.settled.as_ref().map_or(0, |(_, g)| *g),
+        }))
+    }
+
+    async fn settle(
+        &self,
+        request: tonic::Request<pb::SettleRequest>,
+    ) -> Result<tonic::Response<pb::SettleResponse>, tonic::Status> {
+        let req = request.into_inner();
+        self.check(&req.cluster, &req.kind, &req.identity)?;
+        let host = self.host()?;
+        let claimant = MemberId::parse(&req.claimant).map_err(|e| {
+            tonic::Status::invalid_argument(format!("claimant {:?}: {e}", req.claimant))
+        })?;
+        Ok(tonic::Response::new(pb::SettleResponse {
+            settled: host.settle(&req.kind, &req.identity, req.generation, &claimant),
         }))
     }
 }

@@ -89,6 +89,7 @@ impl NodeSpec {
         let workload_events = ctx.events.subscribe();
         // The view the workload's subscription starts from (its first report is from it).
         let workload_from = ctx.partition_manager.topology();
+        let activation = self.activation.clone();
         let (rec, oracles, name, rid, pm, current) = (
             self.recorder.clone(),
             self.oracles.clone(),
@@ -133,6 +134,7 @@ impl NodeSpec {
                             &name,
                             format!("membership restored as {} (was {previous})", member.id),
                         );
+                        activation.restored(&name, &member.id, &previous);
                         if let Some(inc) = lock(&current).as_mut()
                             && inc.id != member.id
                         {
@@ -297,7 +299,7 @@ impl NodeSpec {
             _ = app => {}
         }
         if let Some(host) = &host {
-            host.shutdown();
+            host.shutdown().await;
         }
         match provider.shutdown(true).await {
             Ok(()) => self
