@@ -27,11 +27,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use madsim::time::{Instant, sleep};
 use shoal::activation::{
-    ActivationClient, ActivationConfig, ActivationHost, ActorError, Actors, Deactivation,
-    GrpcTransport, PlacementLookup,
+    ActivationClient, ActivationConfig, ActivationHost, ActorError, Actors, CallError, CallReply,
+    Deactivation, Fence, GrpcTransport, PlacementLookup, Released, Transport,
 };
 use shoal::placement::PlacementRule;
-use shoal::{ClusterProviderContext, MemberId};
+use shoal::{ClusterProviderContext, Member, MemberId};
 
 use crate::cluster::{KIND, SimCluster};
 use crate::record::Recorder;
@@ -518,23 +518,81 @@ impl Actors for SimActors {
 pub fn client(
     ctx: &ClusterProviderContext,
     host: Option<Arc<ActivationHost>>,
+    rec: &Recorder,
 ) -> Arc<ActivationClient> {
     Arc::new(ActivationClient::new(
         ctx.clone(),
         Arc::new(PlacementLookup::new(ctx.partition_manager.clone())),
         host,
-        transport(ctx),
+        transport(ctx, rec),
         Default::default(),
     ))
 }
 
-/// The gRPC transport nodes reach each other's actors with.
-pub fn transport(ctx: &ClusterProviderContext) -> Arc<GrpcTransport> {
-    Arc::new(GrpcTransport::new(
-        ctx.cluster_name.clone(),
-        ctx.clock.clone(),
-        Duration::from_secs(1),
-    ))
+/// The gRPC transport nodes reach each other's actors with, metered: every member-to-member
+/// message the activation layer sends is counted (what activation costs, next to what the
+/// control plane serves).
+pub fn transport(ctx: &ClusterProviderContext, rec: &Recorder) -> Arc<MeteredTransport> {
+    Arc::new(MeteredTransport {
+        inner: GrpcTransport::new(
+            ctx.cluster_name.clone(),
+            ctx.clock.clone(),
+            Duration::from_secs(1),
+        ),
+        rec: rec.clone(),
+    })
+}
+
+/// [`GrpcTransport`] with each message counted in the run's rare paths (`activation: sent
+/// calls`, `... release requests`, `... settle requests`).
+pub struct MeteredTransport {
+    inner: GrpcTransport,
+    rec: Recorder,
+}
+
+#[async_trait]
+impl Transport for MeteredTransport {
+    async fn call(
+        &self,
+        address: &str,
+        kind: &str,
+        identity: &str,
+        fence: &Fence,
+        payload: Vec<u8>,
+    ) -> Result<CallReply, CallError> {
+        self.rec.count("activation: sent calls");
+        self.inner
+            .call(address, kind, identity, fence, payload)
+            .await
+    }
+
+    async fn release(
+        &self,
+        member: &Member,
+        kind: &str,
+        identity: &str,
+        claim: &Fence,
+        address: &str,
+    ) -> Result<Released, CallError> {
+        self.rec.count("activation: sent release requests");
+        self.inner
+            .release(member, kind, identity, claim, address)
+            .await
+    }
+
+    async fn settle(
+        &self,
+        member: &Member,
+        kind: &str,
+        identity: &str,
+        generation: u64,
+        claimant: &MemberId,
+    ) -> Result<bool, CallError> {
+        self.rec.count("activation: sent settle requests");
+        self.inner
+            .settle(member, kind, identity, generation, claimant)
+            .await
+    }
 }
 
 /// One node's workload: calls [`PER_ROUND`] identities every [`PERIOD`], forever.

@@ -226,7 +226,7 @@ impl NodeSpec {
             let host = ActivationHost::new(
                 ctx.clone(),
                 actors.clone(),
-                crate::activation::transport(&ctx),
+                crate::activation::transport(&ctx, &self.recorder),
                 crate::activation::config(),
             );
             actors.attach(&host);
@@ -251,7 +251,7 @@ impl NodeSpec {
                 }
             });
         }
-        let client = crate::activation::client(&ctx, host.clone());
+        let client = crate::activation::client(&ctx, host.clone(), &self.recorder);
         if let Some(inc) = lock(&self.current).as_mut() {
             inc.ready_at = Some(Instant::now());
             inc.activation = Some(client.clone());
