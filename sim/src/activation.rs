@@ -10,6 +10,8 @@
 //!   no other live node may hold it, and no call may run in an activation being deactivated
 //!   (a paused node is judged from the moment it acts again; nodes whose clock drifts beyond
 //!   the bound providers assume are not judged);
+//! * **one call at a time**, continuously: a call to an identity begins on a node only once
+//!   the previous call of the same activation ended (the harness's kind is not concurrent);
 //! * **state continuity**, continuously: each identity's counter (its actor state) goes up by
 //!   one per call; an activation starts from the newest state (handed over) or from nothing
 //!   only after a loss the harness knows of (a crash, a lost membership, a shutdown: those
@@ -37,6 +39,12 @@ use crate::cluster::{KIND, SimCluster};
 use crate::record::Recorder;
 use crate::workload::naive_owner_by;
 
+/// Clusters up to this many members take the harness's calls one at a time per activation (the
+/// library's default). Larger ones (the scale scenarios, which measure the control plane) take
+/// them concurrently: every node calls the same 24 identities, so at 200 members one identity
+/// gets about 25 calls a second, more than one turn at a time of calls up to 150 ms can serve.
+pub const TURNS_UP_TO: usize = 20;
+
 /// Identities the activation workload calls.
 pub const IDENTITIES: usize = 24;
 /// Their names' prefix.
@@ -55,9 +63,13 @@ pub fn identities() -> &'static [String] {
     &IDS
 }
 
-/// The activation settings simulations use (the library's defaults).
+/// The activation settings simulations use: the library's defaults, but an identity no call
+/// used for 5 s is passivated (so passivation, and the state it keeps, meet every fault).
 pub fn config() -> ActivationConfig {
-    ActivationConfig::default()
+    ActivationConfig {
+        idle_after: Some(Duration::from_secs(5)),
+        ..ActivationConfig::default()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,7 +101,8 @@ struct Lineage {
     /// Whether the newest state is parked with its keeper (deactivated for a move, not yet
     /// activated again).
     parked: bool,
-    /// Whether, while it was parked, a node crashed or came back as a new incarnation: that
+    /// Whether, while it was parked, a node crashed, lost its membership or came back as a new
+    /// incarnation: that
     /// node may have settled the state and crashed before activating it, which the protocol
     /// cannot tell from one that activated and crashed (documented: the state restarts).
     disturbed: bool,
@@ -111,14 +124,17 @@ struct State {
 #[derive(Debug)]
 pub struct ActivationOracle {
     rec: Recorder,
+    /// Whether the harness's actors take calls concurrently (see [`TURNS_UP_TO`]).
+    concurrent: bool,
     state: Mutex<State>,
 }
 
 impl ActivationOracle {
-    /// An oracle writing to `rec`.
-    pub fn new(rec: Recorder) -> Arc<Self> {
+    /// An oracle writing to `rec`; `concurrent`: the harness's actors take calls concurrently.
+    pub fn new(rec: Recorder, concurrent: bool) -> Arc<Self> {
         Arc::new(Self {
             rec,
+            concurrent,
             state: Mutex::default(),
         })
     }
@@ -137,6 +153,15 @@ impl ActivationOracle {
     /// `node`'s clock drifts beyond the bound providers assume: its activations are not judged.
     pub fn set_wild(&self, node: &str) {
         lock(&self.state).wild.insert(node.to_string());
+    }
+
+    /// `node` announced it lost its membership: a claimant there may have settled a parked
+    /// state and not activated it (see [`Lineage::disturbed`]).
+    pub fn membership_lost(&self, _node: &str) {
+        let mut s = lock(&self.state);
+        for l in s.lineage.values_mut() {
+            l.disturbed |= l.parked;
+        }
     }
 
     /// `node` is a member again as incarnation `id`: if that is a new incarnation, what the
@@ -300,6 +325,15 @@ impl ActivationOracle {
         }
         self.judge(&s, node, identity, "served a call to");
         if let Some(h) = s.holders.get_mut(identity).and_then(|h| h.get_mut(node)) {
+            if h.calls > 0 && !self.concurrent {
+                self.rec.violation_once(
+                    format!("turns {identity} {node}"),
+                    format!(
+                        "one call at a time: a call to {KIND}/{identity} began on {node} while {} other(s) ran in the same activation",
+                        h.calls
+                    ),
+                );
+            }
             h.calls += 1;
         }
     }
@@ -386,6 +420,10 @@ impl ActivationOracle {
             Deactivation::Shutdown => {
                 s.lineage.entry(identity.to_string()).or_default().lost = true;
                 self.rec.count("activation: deactivated (shutdown)")
+            }
+            Deactivation::Passivated => {
+                s.lineage.entry(identity.to_string()).or_default().parked = true;
+                self.rec.count("activation: deactivated (passivated)")
             }
         }
     }
@@ -476,6 +514,10 @@ impl Actors for SimActors {
         Ok(())
     }
 
+    fn concurrent(&self, _kind: &str) -> bool {
+        self.oracle.concurrent
+    }
+
     async fn call(&self, _kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
         self.oracle.served(&self.node, identity);
         let began = Instant::now();
@@ -534,10 +576,12 @@ pub fn client(
 /// control plane serves).
 pub fn transport(ctx: &ClusterProviderContext, rec: &Recorder) -> Arc<MeteredTransport> {
     Arc::new(MeteredTransport {
+        // Longer than the longest call the harness's actors make (2.5 s) plus a turn's wait:
+        // a transport that gives up on calls still running only piles retries onto the queue.
         inner: GrpcTransport::new(
             ctx.cluster_name.clone(),
             ctx.clock.clone(),
-            Duration::from_secs(1),
+            Duration::from_secs(5),
         ),
         rec: rec.clone(),
     })

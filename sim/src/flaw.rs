@@ -45,6 +45,9 @@ pub enum Flaw {
     /// Planted in the hand-off's choice: the first state any member kept is used, whatever its
     /// generation (an old copy can win over the newest state).
     HandoffAnyState,
+    /// Planted in the activation host: calls to one activation are not taken in turns (a kind
+    /// that did not opt into concurrency gets concurrent calls).
+    TurnsIgnored,
     /// `m0` re-publishes the previous topology after each new one (applies stale versions).
     StaleReplay,
     /// `m0` corrupts the address of one member in every topology it applies (same version,
@@ -172,6 +175,7 @@ impl Flaw {
             Flaw::ReleaseBeforeDrained => "release-before-drained",
             Flaw::CallsOutliveDrain => "calls-outlive-drain",
             Flaw::HandoffAnyState => "handoff-any-state",
+            Flaw::TurnsIgnored => "turns-ignored",
             Flaw::NeverExpire => "never-expire",
             Flaw::HeartbeatNoRenew => "heartbeat-no-renew",
             Flaw::ShortLease => "short-lease",

@@ -612,11 +612,11 @@ fn single_activation_checker_fires_on_a_release_answered_before_the_drain() {
 }
 
 /// The drain deadline deactivates an identity with a call still running in it (the call is
-/// forgotten, not cancelled): judged over the call's interval, not at its start (describe
-/// seed 1 on 2026-12-06: one call in 40 outlasts the drain).
+/// forgotten, not cancelled): judged over the call's interval, not at its start (network
+/// seed 8 on 2026-12-06: one call in 40 outlasts the drain).
 #[test]
 fn interval_checker_fires_on_calls_that_outlive_the_drain() {
-    let v = first_failure("describe", Flaw::CallsOutliveDrain, "single activation:");
+    let v = first_failure_within("network", Flaw::CallsOutliveDrain, "single activation:", 8);
     assert!(v.contains("call(s) still ran"), "{v}");
 }
 
@@ -627,6 +627,13 @@ fn interval_checker_fires_on_calls_that_outlive_the_drain() {
 fn state_continuity_checker_fires_on_a_hand_off_that_ignores_generations() {
     let v = first_failure("describe", Flaw::HandoffAnyState, "state continuity:");
     assert!(v.contains("rolled back"), "{v}");
+}
+
+/// A host that runs calls to one activation concurrently although its kind did not opt in.
+#[test]
+fn turn_checker_fires_on_a_host_that_runs_calls_concurrently() {
+    let v = first_failure("steady", Flaw::TurnsIgnored, "one call at a time:");
+    assert!(v.contains("while"), "{v}");
 }
 
 #[test]

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use std::collections::BTreeMap;
+
 use super::handoff::{Answer, Chosen, HandOffs, Kept, choose};
 use super::metrics::{ActivationMetrics, ReasonLabel};
 pub use super::registry::Deactivation;
@@ -36,8 +38,16 @@ pub trait Actors: Send + Sync + 'static {
         handed: Option<Vec<u8>>,
     ) -> Result<(), ActorError>;
     /// Handles one call to an active identity. Its future is dropped (the call cancelled) if
-    /// it is still running when the identity must go: see the trait's docs.
+    /// it is still running when the identity must go: see the trait's docs. Calls to one
+    /// activation run one at a time, in the order they were admitted, unless
+    /// [`Self::concurrent`] says the kind takes them concurrently.
     async fn call(&self, kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8>;
+    /// Whether the actors of `kind` take several calls at once (reentrant). `false` by default:
+    /// the host runs one call per activation at a time (a turn), so an actor needs no lock of
+    /// its own around its state.
+    fn concurrent(&self, _kind: &str) -> bool {
+        false
+    }
     /// `kind/identity` is no longer active here. The state returned goes to the next owner
     /// when it asks this node to let go (not after a lost membership: peers do not ask).
     async fn deactivate(&self, kind: &str, identity: &str, reason: Deactivation)
@@ -279,6 +289,9 @@ pub struct ActivationConfig {
     /// not list yet (pruned at each topology change). At the bound a release request is
     /// refused (`full`), never granted unrecorded.
     pub max_grants: usize,
+    /// How long an activation may go without a call before it is passivated (deactivated, its
+    /// state kept here for the next activation); `None`: never.
+    pub idle_after: Option<Duration>,
     /// How long after its topology's epoch changed (the backend restarted without its state)
     /// this node activates nothing, when its provider does not announce a lease TTL (the TTL
     /// is used when it does): members missing from the new epoch's first views may still hold
@@ -294,8 +307,26 @@ impl Default for ActivationConfig {
             max_activations: 100_000,
             max_handed_states: 100_000,
             max_grants: 100_000,
+            idle_after: Some(Duration::from_secs(15 * 60)),
             epoch_quarantine: Duration::from_secs(10),
         }
+    }
+}
+
+/// The turn calls to one activation take one at a time.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// A call admitted to an activation: accounted for when it ends, however it ends (returned,
+/// cancelled by the host, or dropped by a caller that went away).
+struct InFlight<'a> {
+    host: Arc<ActivationHost>,
+    kind: &'a str,
+    identity: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.host.call_done(self.kind, self.identity);
     }
 }
 
@@ -317,6 +348,9 @@ pub struct ActivationHost {
     deactivated: tokio::sync::Notify,
     /// Woken whenever calls in flight are to be cancelled (each checks whether it is).
     cancels: tokio::sync::Notify,
+    /// The turn of each activation whose kind takes one call at a time, by identity and the
+    /// activation's serial (dropped when it is deactivated).
+    turns: Mutex<BTreeMap<(String, String), (u64, Turn)>>,
     metrics: ActivationMetrics,
 }
 
@@ -357,6 +391,7 @@ impl ActivationHost {
             epoch: Mutex::new((0, None)),
             deactivated: tokio::sync::Notify::new(),
             cancels: tokio::sync::Notify::new(),
+            turns: Mutex::default(),
             metrics: ActivationMetrics::default(),
         })
     }
@@ -389,7 +424,11 @@ impl ActivationHost {
             "activation",
             Box::pin(async move {
                 loop {
-                    let deadline = lock(&host.state).next_deadline();
+                    let deadline = {
+                        let a = lock(&host.state);
+                        let idle = host.config.idle_after.and_then(|after| a.next_idle(after));
+                        a.next_deadline().into_iter().chain(idle).min()
+                    };
                     let wait = deadline.map(|d| d.saturating_duration_since(clock.now()));
                     let event = tokio::select! {
                         biased;
@@ -439,7 +478,13 @@ impl ActivationHost {
                         Some(Ok(_)) => {}
                         Some(Err(crate::SubscriptionError::Closed)) => return,
                         None => {
-                            let cancel = lock(&host.state).tick(now);
+                            let cancel = {
+                                let mut a = lock(&host.state);
+                                if let Some(after) = host.config.idle_after {
+                                    a.passivate_idle(now, after);
+                                }
+                                a.tick(now)
+                            };
                             host.closing(cancel);
                         }
                     }
@@ -512,6 +557,7 @@ impl ActivationHost {
                 self.metrics.handed_states_dropped.inc_by(dropped as u64);
                 tracing::warn!(member = %self.ctx.member.id, dropped, max_handed_states = self.config.max_handed_states, "hand-off records dropped at the bound: those identities restart from nothing if asked");
             }
+            lock(&self.turns).remove(&(kind.clone(), identity.clone()));
             let len = {
                 let mut a = lock(&self.state);
                 a.deactivated(&kind, &identity);
@@ -638,63 +684,50 @@ impl ActivationHost {
         fence: &Fence,
         payload: Vec<u8>,
     ) -> Result<CallReply, CallError> {
+        // Admission (and the claim and activation it may take) runs in a task of its own: a
+        // caller that goes away cannot cut it short. The call itself runs in the caller's task:
+        // a caller that goes away drops it (waiting for its turn or running), and the guard
+        // accounts for it.
         let (tx, rx) = tokio::sync::oneshot::channel();
         let host = self.clone();
-        let (kind, identity, fence) = (kind.to_string(), identity.to_string(), fence.clone());
+        let (k, i, f) = (kind.to_string(), identity.to_string(), fence.clone());
         drop(self.ctx.clock.spawn(
-            "call",
+            "admit",
             Box::pin(async move {
-                let _ = tx.send(host.serve(&kind, &identity, &fence, payload).await);
+                let admitted = host.admit(&k, &i, &f).await;
+                if let Err(Ok(_)) = tx.send(admitted) {
+                    // The caller went away: nothing of this call will run.
+                    host.call_done(&k, &i);
+                }
             }),
         ));
-        rx.await
-            .unwrap_or_else(|_| Err(self.refuse(&Refusal::NotAMember)))
-    }
-
-    async fn serve(
-        self: &Arc<Self>,
-        kind: &str,
-        identity: &str,
-        fence: &Fence,
-        payload: Vec<u8>,
-    ) -> Result<CallReply, CallError> {
-        if !self.standing() {
-            return Err(self.refuse(&Refusal::NotAMember));
-        }
-        let (t, owner) = self.owner(kind, identity);
-        let (decision, serial) = {
-            let mut a = lock(&self.state);
-            let d = a.request(
-                kind,
-                identity,
-                fence,
-                owner.as_ref(),
-                t.epoch(),
-                t.version(),
-            );
-            (d, a.serial_of(kind, identity))
-        };
-        let (held, activated, serial) = match (decision, serial) {
-            (Decision::Serve(held), Some(serial)) => (held, false, serial),
-            (Decision::Refused(r), _) => return Err(self.refuse(&r)),
-            (Decision::Claim(claim), _) => {
-                let (held, serial) = self.claim(&t, kind, identity, claim).await?;
-                (held, true, serial)
-            }
-            (Decision::Serve(_) | Decision::Activated(_), _) => {
-                unreachable!("request() serves what is held, claims or refuses")
-            }
+        let (held, activated, serial) = rx
+            .await
+            .unwrap_or_else(|_| Err(self.refuse(&Refusal::NotAMember)))?;
+        let _in_flight = InFlight {
+            host: self.clone(),
+            kind,
+            identity,
         };
         let answer = {
             let cancelled = self.cancelled(kind, identity, serial);
+            let turn = self.turn(kind, identity, serial);
+            let run = async {
+                // Waiting for its turn counts as in flight: a drain waits for it, and its
+                // deadline cancels it like a running call.
+                let _turn = match &turn {
+                    Some(t) => Some(t.lock().await),
+                    None => None,
+                };
+                self.actors.call(kind, identity, payload).await
+            };
             tokio::select! {
                 biased;
                 why = cancelled => Err(why),
-                answer = self.actors.call(kind, identity, payload) => Ok(answer),
+                answer = run => Ok(answer),
             }
         };
         let generation = lock(&self.state).generation_of(kind, identity, serial);
-        self.call_done(kind, identity);
         match answer {
             Ok(payload) => Ok(CallReply {
                 served_by: held.owner.clone(),
@@ -716,6 +749,63 @@ impl ActivationHost {
         }
     }
 
+    /// Admits a call to `kind/identity` with `fence`: the fence it is held under, whether
+    /// this call activated it, and the activation's serial, with the call in flight.
+    async fn admit(
+        self: &Arc<Self>,
+        kind: &str,
+        identity: &str,
+        fence: &Fence,
+    ) -> Result<(Fence, bool, u64), CallError> {
+        if !self.standing() {
+            return Err(self.refuse(&Refusal::NotAMember));
+        }
+        let (t, owner) = self.owner(kind, identity);
+        let (decision, serial) = {
+            let mut a = lock(&self.state);
+            let d = a.request(
+                kind,
+                identity,
+                fence,
+                owner.as_ref(),
+                t.epoch(),
+                t.version(),
+            );
+            (d, a.serial_of(kind, identity))
+        };
+        let (held, activated, serial) = match (decision, serial) {
+            (Decision::Serve(held), Some(serial)) => {
+                lock(&self.state).touch(kind, identity, self.ctx.clock.now());
+                (held, false, serial)
+            }
+            (Decision::Refused(r), _) => return Err(self.refuse(&r)),
+            (Decision::Claim(claim), _) => {
+                let (held, serial) = self.claim(&t, kind, identity, claim).await?;
+                (held, true, serial)
+            }
+            (Decision::Serve(_) | Decision::Activated(_), _) => {
+                unreachable!("request() serves what is held, claims or refuses")
+            }
+        };
+        Ok((held, activated, serial))
+    }
+
+    /// The turn calls of activation `serial` of `kind/identity` take one at a time, unless its
+    /// kind is concurrent.
+    fn turn(&self, kind: &str, identity: &str, serial: u64) -> Option<Turn> {
+        if self.actors.concurrent(kind) || crate::runtime::sim::flaw("turns-ignored") {
+            return None;
+        }
+        let mut turns = lock(&self.turns);
+        let slot = turns
+            .entry((kind.to_string(), identity.to_string()))
+            .or_insert_with(|| (serial, Arc::default()));
+        if slot.0 != serial {
+            *slot = (serial, Arc::default());
+        }
+        Some(slot.1.clone())
+    }
+
     /// Resolves when the calls of activation `serial` of `kind/identity` are to be dropped.
     async fn cancelled(&self, kind: &str, identity: &str, serial: u64) -> Deactivation {
         loop {
@@ -729,12 +819,23 @@ impl ActivationHost {
 
     /// A call ended (served, failed or cancelled): what drained may be deactivated now.
     fn call_done(self: &Arc<Self>, kind: &str, identity: &str) {
+        let now = self.ctx.clock.now();
         let cancel = {
             let mut a = lock(&self.state);
             a.finished(kind, identity);
-            a.tick(self.ctx.clock.now())
+            a.touch(kind, identity, now);
+            a.tick(now)
         };
         self.closing(cancel);
+    }
+
+    /// Deactivates `kind/identity` here now if no call runs in it, or once its calls ended
+    /// (they are not cancelled); its state is kept for the next activation, here or on the
+    /// member that owns it then. Returns whether it was held here.
+    pub fn passivate(self: &Arc<Self>, kind: &str, identity: &str) -> bool {
+        let held = lock(&self.state).passivate(kind, identity);
+        self.closing(false);
+        held
     }
 
     /// Activates `kind/identity`, which this node owns under `claim`: every other member lets

@@ -18,7 +18,8 @@ pub struct ReasonLabel {
 pub struct ActivationMetrics {
     /// Identities activated here.
     pub activations: Counter,
-    /// Identities deactivated here, by reason (`moved`, `membership_lost`).
+    /// Identities deactivated here, by reason (`moved`, `membership_lost`, `shutdown`,
+    /// `passivated`).
     pub deactivations: Family<ReasonLabel, Counter>,
     /// Calls and release requests refused here, by reason.
     pub refusals: Family<ReasonLabel, Counter>,

@@ -36,6 +36,9 @@ pub enum Deactivation {
     MembershipLost,
     /// The node is shutting down (`ActivationHost::shutdown`).
     Shutdown,
+    /// No longer needed here: idle for `idle_after`, or passivated on request
+    /// (`ActivationHost::passivate`). Its state is kept here for the next activation.
+    Passivated,
 }
 
 impl Deactivation {
@@ -45,6 +48,7 @@ impl Deactivation {
             Deactivation::Moved => "moved",
             Deactivation::MembershipLost => "membership_lost",
             Deactivation::Shutdown => "shutdown",
+            Deactivation::Passivated => "passivated",
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Activation {
     pub serial: u64,
     /// Its generation across members (see `handoff.rs`), set once the claim's round chose it.
     pub generation: u64,
+    /// When a call last began or ended in it (idle passivation counts from there).
+    pub last_used: Option<Instant>,
 }
 
 /// An identity closed with nothing left in flight, to deactivate ([`Activations::to_deactivate`]).
@@ -329,6 +335,7 @@ impl Activations {
                 in_flight: 1,
                 serial: self.next_serial,
                 generation: 0,
+                last_used: None,
             },
         );
         Decision::Activated(fence.clone())
@@ -572,6 +579,63 @@ impl Activations {
             }
         }
         draining
+    }
+
+    /// A call began or ended in `kind/identity` at `now`.
+    pub fn touch(&mut self, kind: &str, identity: &str, now: Instant) {
+        if let Some(a) = self
+            .active
+            .get_mut(&(kind.to_string(), identity.to_string()))
+        {
+            a.last_used = Some(now);
+        }
+    }
+
+    /// Closes every active identity with no call in flight that no call used for `after`
+    /// (passivation). Returns how many.
+    pub fn passivate_idle(&mut self, now: Instant, after: Duration) -> usize {
+        let mut n = 0;
+        for a in self.active.values_mut() {
+            if a.phase == Phase::Active
+                && a.in_flight == 0
+                && a.last_used
+                    .is_some_and(|t| now.saturating_duration_since(t) >= after)
+            {
+                a.phase = Phase::Closing {
+                    why: Deactivation::Passivated,
+                    cancelled: false,
+                };
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Closes `kind/identity` if it is active with no call in flight, or once its calls end
+    /// (they are not cancelled). Returns whether it was held here.
+    pub fn passivate(&mut self, kind: &str, identity: &str) -> bool {
+        match self
+            .active
+            .get_mut(&(kind.to_string(), identity.to_string()))
+        {
+            Some(a) if matches!(a.phase, Phase::Active | Phase::Draining { .. }) => {
+                a.phase = Phase::Closing {
+                    why: Deactivation::Passivated,
+                    cancelled: false,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When the next identity turns idle for `after`, if any can.
+    pub fn next_idle(&self, after: Duration) -> Option<Instant> {
+        self.active
+            .values()
+            .filter(|a| a.phase == Phase::Active && a.in_flight == 0)
+            .filter_map(|a| a.last_used.map(|t| t + after))
+            .min()
     }
 
     /// The earliest drain deadline, if anything drains.
@@ -1086,5 +1150,36 @@ mod tests {
         assert_ne!(first, second);
         assert_eq!(a.cancelled("k", "x", second), None);
         assert!(a.cancelled("k", "x", first).is_some());
+    }
+
+    #[test]
+    fn an_idle_identity_is_passivated_and_a_busy_one_is_not() {
+        let mut a = Activations::new(id("a"), 10);
+        let t0 = now();
+        let idle = Duration::from_secs(60);
+        act(&mut a, "x", &fence(5, "a"), "a");
+        act(&mut a, "y", &fence(5, "a"), "a");
+        a.finished("k", "x");
+        a.touch("k", "x", t0);
+        a.touch("k", "y", t0);
+        // y's call still runs; x has been idle for less than a minute.
+        assert_eq!(a.next_idle(idle), Some(t0 + idle));
+        assert_eq!(a.passivate_idle(t0 + idle / 2, idle), 0);
+        assert_eq!(a.passivate_idle(t0 + idle, idle), 1);
+        assert_eq!(
+            a.to_deactivate()
+                .iter()
+                .map(|c| (c.key.1.as_str(), c.why))
+                .collect::<Vec<_>>(),
+            vec![("x", Deactivation::Passivated)]
+        );
+        // Passivated on request: y goes once its call ended, which is not cancelled.
+        assert!(a.passivate("k", "y"));
+        let serial = a.serial_of("k", "y").unwrap();
+        assert_eq!(a.cancelled("k", "y", serial), None);
+        assert!(a.to_deactivate().is_empty());
+        a.finished("k", "y");
+        assert_eq!(a.to_deactivate().len(), 1);
+        assert!(!a.passivate("k", "z"));
     }
 }

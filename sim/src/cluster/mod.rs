@@ -312,7 +312,8 @@ impl SimCluster {
     fn start(b: SimClusterBuilder, recorder: Recorder) -> Arc<Self> {
         let handle = Handle::current();
         let oracles = Oracles::new(recorder.clone(), control::bounds(b.provider, &b.knobs));
-        let activation = ActivationOracle::new(recorder.clone());
+        let activation =
+            ActivationOracle::new(recorder.clone(), b.members > crate::activation::TURNS_UP_TO);
         let metrics: Arc<Mutex<Vec<MetricSource>>> = Arc::default();
         let control = control::start(
             b.provider,

@@ -126,6 +126,7 @@ impl NodeSpec {
                     Ok(ClusterEvent::MembershipLost { member, reason, .. }) => {
                         rec.trace(&name, format!("membership lost as {member}: {reason}"));
                         oracles.lost(&member);
+                        activation.membership_lost(&name);
                     }
                     Ok(ClusterEvent::MembershipRestored {
                         member, previous, ..
