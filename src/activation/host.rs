@@ -674,9 +674,10 @@ impl ActivationHost {
         e
     }
 
-    /// Serves a call to `kind/identity` routed here with `fence`: see the module docs. It runs
-    /// in a task of its own: a caller that goes away does not cut an activation, a claim or a
-    /// call short (each is finished, or cancelled by the host, and accounted for).
+    /// Serves a call to `kind/identity` routed here with `fence`: see the module docs. Its
+    /// admission runs in a task of its own (a caller that goes away does not cut a claim or an
+    /// activation short); the call then runs in the caller's task, one turn at a time unless the
+    /// kind is concurrent, and is dropped if the caller goes away.
     pub async fn call(
         self: &Arc<Self>,
         kind: &str,
