@@ -105,7 +105,13 @@ struct Lineage {
     /// incarnation: that
     /// node may have settled the state and crashed before activating it, which the protocol
     /// cannot tell from one that activated and crashed (documented: the state restarts).
+    /// Also set when a node that keeps a record of it lost its membership or came back from a
+    /// loss: its states are dropped then, and its generation may outrank a line peers began
+    /// without it (documented: the state restarts, never rolls back).
     disturbed: bool,
+    /// The nodes that keep a record of it (deactivated it in their current incarnation and
+    /// have not activated it since).
+    recorders: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -157,21 +163,25 @@ impl ActivationOracle {
 
     /// `node` announced it lost its membership: a claimant there may have settled a parked
     /// state and not activated it (see [`Lineage::disturbed`]).
-    pub fn membership_lost(&self, _node: &str) {
+    pub fn membership_lost(&self, node: &str) {
         let mut s = lock(&self.state);
         for l in s.lineage.values_mut() {
-            l.disturbed |= l.parked;
+            l.disturbed |= l.parked || l.recorders.contains(node);
         }
     }
 
     /// `node` is a member again as incarnation `id`: if that is a new incarnation, what the
     /// old one kept is gone (documented: peers that removed it took over without asking it).
     pub fn restored(&self, node: &str, id: &MemberId, previous: &MemberId) {
+        let mut s = lock(&self.state);
         if id == previous {
+            for l in s.lineage.values_mut() {
+                l.disturbed |= l.recorders.contains(node);
+            }
             return;
         }
-        let mut s = lock(&self.state);
         for l in s.lineage.values_mut() {
+            l.recorders.remove(node);
             match &l.keeper {
                 Some((n, k)) if n == node && k != id => l.lost = true,
                 Some((n, k)) if n == node && k == id => {}
@@ -197,6 +207,7 @@ impl ActivationOracle {
             if l.keeper.as_ref().is_some_and(|(n, _)| n == node) {
                 l.lost = true;
             }
+            l.recorders.remove(node);
             l.disturbed |= l.parked;
         }
     }
@@ -282,6 +293,7 @@ impl ActivationOracle {
         l.lost = false;
         l.parked = false;
         l.disturbed = false;
+        l.recorders.remove(node);
         l.keeper = Some((node.to_string(), incarnation.clone()));
         if let Some(what) = broken {
             if wild {
@@ -400,6 +412,11 @@ impl ActivationOracle {
                 holders.remove(node);
             }
         }
+        s.lineage
+            .entry(identity.to_string())
+            .or_default()
+            .recorders
+            .insert(node.to_string());
         match why {
             Deactivation::Moved => {
                 s.lineage.entry(identity.to_string()).or_default().parked = true;
@@ -414,6 +431,11 @@ impl ActivationOracle {
                 }
             }
             Deactivation::MembershipLost => {
+                // The node's host drops every state it keeps (also when it finds its standing
+                // gone before its provider announces the loss).
+                for l in s.lineage.values_mut() {
+                    l.disturbed |= l.recorders.contains(node);
+                }
                 s.lineage.entry(identity.to_string()).or_default().lost = true;
                 self.rec.count("activation: deactivated (membership lost)")
             }

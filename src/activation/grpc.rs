@@ -237,6 +237,8 @@ impl Transport for GrpcTransport {
             handed: r.has_handed_state.then_some(r.handed_state),
             generation: r.generation,
             settled,
+            under: (r.held_epoch, r.held_version),
+            lost: r.lost_with_membership,
         })
     }
 

@@ -27,6 +27,13 @@ pub struct Kept {
     pub state: Option<Vec<u8>>,
     /// The claimant that settled it, and the generation it activates as.
     pub settled: Option<(MemberId, u64)>,
+    /// The topology (epoch, version) that generation was held under when it was deactivated
+    /// ((0, 0): unknown). Orders two activations that reached the same generation without
+    /// hearing of each other (see [`choose`]).
+    pub under: (u64, u64),
+    /// Whether its state was dropped because this member lost its membership after that
+    /// generation (see [`HandOffs::lost`]).
+    pub lost: bool,
 }
 
 /// One member's answer in a claim's round, as [`choose`] reads it.
@@ -40,6 +47,10 @@ pub struct Answer<'a> {
     pub state: Option<&'a [u8]>,
     /// The claimant that settled that state, and the generation it activates as.
     pub settled: Option<(&'a MemberId, u64)>,
+    /// See [`Kept::under`].
+    pub under: (u64, u64),
+    /// See [`Kept::lost`].
+    pub lost: bool,
 }
 
 /// What a claimant activates with.
@@ -59,6 +70,13 @@ pub struct Chosen {
 /// unless that claimant answered with an older generation (it never activated). A highest
 /// generation whose state nobody keeps means it was lost (its holder lost its membership): the
 /// actor starts from nothing rather than from an older copy.
+///
+/// Two activations can reach the same generation without hearing of each other: a claimant
+/// does not ask a holder its view no longer lists (removed, then back as the same incarnation).
+/// The one held under the later topology is the newer; when they cannot be ordered (another
+/// epoch, an unknown topology), the records of members that lost their membership after
+/// keeping them lose to the others (a line begun without asking them is newer); failing that,
+/// neither is taken: the actor starts from nothing rather than perhaps from the older.
 pub fn choose(me: &MemberId, answers: &[Answer<'_>]) -> Chosen {
     let reported = |m: &MemberId| {
         answers
@@ -67,26 +85,106 @@ pub fn choose(me: &MemberId, answers: &[Answer<'_>]) -> Chosen {
             .map(|a| a.generation)
             .max()
     };
-    // (generation it stands for, state usable)
-    let read: Vec<(u64, Option<&[u8]>, &MemberId)> = answers
+    let read: Vec<Read<'_>> = answers
         .iter()
         .map(|a| match a.settled {
             Some((by, g))
                 if by != me && g > a.generation && reported(by).is_none_or(|r| r >= g) =>
             {
-                (g, None, a.member)
+                // Stands for `by`'s activation, of which nothing else is known here.
+                Read {
+                    generation: g,
+                    state: None,
+                    keeper: a.member,
+                    activator: by,
+                    under: (0, 0),
+                    lost: false,
+                }
             }
-            _ => (a.generation, a.state, a.member),
+            _ => Read {
+                generation: a.generation,
+                state: a.state,
+                keeper: a.member,
+                activator: a.member,
+                under: a.under,
+                lost: a.lost,
+            },
         })
         .collect();
-    let top = read.iter().map(|r| r.0).max().unwrap_or(0);
+    let top = read.iter().map(|r| r.generation).max().unwrap_or(0);
+    let tops: Vec<&Read<'_>> = read.iter().filter(|r| r.generation == top).collect();
+    let newest = newest_activation(&tops).or_else(|| {
+        // Not ordered by topology: a record whose holder lost its membership after it is
+        // older than a line begun by a member that did not (begun without asking it, while it
+        // was not listed).
+        let live: Vec<&Read<'_>> = tops.iter().copied().filter(|r| !r.lost).collect();
+        (!live.is_empty() && live.len() < tops.len())
+            .then(|| newest_activation(&live))
+            .flatten()
+    });
     let any = crate::runtime::sim::flaw("handoff-any-state");
-    let newest = read.iter().find(|r| (r.0 == top || any) && r.1.is_some());
+    let kept = read.iter().find(|r| {
+        r.state.is_some() && (any || (r.generation == top && Some(r.activator) == newest))
+    });
     Chosen {
         generation: top + 1,
-        state: newest.and_then(|r| r.1.map(<[u8]>::to_vec)),
-        from: newest.map(|r| r.2.clone()),
+        state: kept.and_then(|r| r.state.map(<[u8]>::to_vec)),
+        from: kept.map(|r| r.keeper.clone()),
     }
+}
+
+/// An answer as [`choose`] reads it.
+struct Read<'a> {
+    /// The generation it stands for.
+    generation: u64,
+    /// Its state, if usable.
+    state: Option<&'a [u8]>,
+    /// Who keeps it.
+    keeper: &'a MemberId,
+    /// Whose activation that generation was.
+    activator: &'a MemberId,
+    /// See [`Kept::under`].
+    under: (u64, u64),
+    /// See [`Kept::lost`].
+    lost: bool,
+}
+
+/// The latest topology (epoch, version) one activation was held under, `None` if unknown, and
+/// its state.
+type HeldAs<'a> = (Option<(u64, u64)>, Option<&'a [u8]>);
+
+/// Of the records of one generation, whose activation is the newest: the only one, or the one
+/// held under the strictly latest topology of one epoch; `None` when they cannot be ordered.
+/// Records alike in topology and state count as one (one process answering for two member
+/// incarnations at its address: they are the same record, and either would do anyway).
+fn newest_activation<'a>(tops: &[&Read<'a>]) -> Option<&'a MemberId> {
+    let first = tops.first()?.activator;
+    if tops.iter().all(|r| r.activator == first) {
+        return Some(first);
+    }
+    // The latest topology each activation was held under (unknown if any record says so),
+    // and its state.
+    let mut by: BTreeMap<&MemberId, HeldAs<'_>> = BTreeMap::new();
+    for r in tops.iter() {
+        let known = (r.under != (0, 0)).then_some(r.under);
+        by.entry(r.activator)
+            .and_modify(|(u, s)| {
+                *u = u.zip(known).map(|(a, b)| a.max(b));
+                *s = s.or(r.state);
+            })
+            .or_insert((known, r.state));
+    }
+    let unders: Vec<(u64, u64)> = by.values().map(|v| v.0).collect::<Option<_>>()?;
+    let epoch = unders[0].0;
+    if unders.iter().any(|u| u.0 != epoch) {
+        return None;
+    }
+    let latest = unders.iter().map(|u| u.1).max()?;
+    let mut at_latest = by
+        .iter()
+        .filter(|(_, v)| v.0.is_some_and(|u| u.1 == latest));
+    let (newest, (_, state)) = at_latest.next()?;
+    at_latest.all(|(_, v)| v.1 == *state).then_some(*newest)
 }
 
 /// The [`Kept`] records of one member incarnation, bounded (oldest dropped first).
@@ -120,6 +218,21 @@ impl HandOffs {
             self.order.clear();
             self.incarnation = me.clone();
         }
+    }
+
+    /// This member lost its membership: every state it keeps is dropped, and its generation
+    /// kept. While it was not listed, peers may have begun a new line of generations without
+    /// asking it, lower than its own; a state of it must not outrank theirs when it is asked
+    /// again (a rollback), and its generation must still outrank older copies elsewhere (so the
+    /// identity restarts from nothing rather than from one of those). Returns how many states
+    /// were dropped.
+    pub fn lost(&mut self) -> usize {
+        let mut dropped = 0;
+        for (_, kept) in self.by_key.values_mut() {
+            dropped += usize::from(kept.state.take().is_some());
+            kept.lost = true;
+        }
+        dropped
     }
 
     /// Records `kept` for `key` (replacing an older record), if it comes from the current
@@ -199,6 +312,8 @@ mod tests {
             generation,
             state: Some(state.to_vec()),
             settled: None,
+            under: (1, generation),
+            lost: false,
         }
     }
 
@@ -208,6 +323,8 @@ mod tests {
             generation,
             state,
             settled: None,
+            under: (1, generation),
+            lost: false,
         }
     }
 
@@ -286,5 +403,87 @@ mod tests {
         assert!(h.is_empty());
         h.put(key("x"), kept(1, b"s"), 2, &id("a2"));
         assert_eq!(h.len(), 1);
+        // A lost membership drops the states and keeps the generations.
+        assert_eq!(h.lost(), 1);
+        assert_eq!(
+            h.get(&key("x")),
+            Some(&Kept {
+                state: None,
+                lost: true,
+                ..kept(1, b"s")
+            })
+        );
+    }
+
+    #[test]
+    fn one_generation_reached_twice_is_ordered_by_topology_or_not_taken() {
+        let (a, b, c) = (id("a"), id("b"), id("c"));
+        let at = |m, under, state| Answer {
+            under,
+            ..answer(m, 2, state)
+        };
+        // b began generation 2 under a later topology of the same epoch than a's: b's is newer,
+        // whether it kept its state or lost it.
+        let chosen = choose(
+            &c,
+            &[at(&a, (1, 5), Some(b"a2")), at(&b, (1, 9), Some(b"b2"))],
+        );
+        assert_eq!(
+            (chosen.state.as_deref(), chosen.generation),
+            (Some(&b"b2"[..]), 3)
+        );
+        let chosen = choose(&c, &[at(&a, (1, 5), Some(b"a2")), at(&b, (1, 9), None)]);
+        assert_eq!((chosen.state, chosen.from), (None, None));
+        // Not comparable (two epochs, or unknown): neither is taken.
+        let chosen = choose(
+            &c,
+            &[at(&a, (1, 5), Some(b"a2")), at(&b, (2, 1), Some(b"b2"))],
+        );
+        assert_eq!((chosen.state, chosen.generation), (None, 3));
+        let chosen = choose(
+            &c,
+            &[at(&a, (1, 5), Some(b"a2")), at(&b, (0, 0), Some(b"b2"))],
+        );
+        assert_eq!(chosen.state, None);
+        // One activation's records (a settled copy standing for b, and b's own) are no tie.
+        let settled = Answer {
+            settled: Some((&b, 2)),
+            ..at(&a, (1, 5), Some(b"a1"))
+        };
+        let settled = Answer {
+            generation: 1,
+            ..settled
+        };
+        let chosen = choose(&c, &[settled, at(&b, (1, 9), Some(b"b2"))]);
+        assert_eq!(chosen.state.as_deref(), Some(&b"b2"[..]));
+        // One record answered for two incarnations at one address: no tie.
+        let chosen = choose(
+            &c,
+            &[at(&a, (1, 5), Some(b"x")), at(&b, (1, 5), Some(b"x"))],
+        );
+        assert_eq!(chosen.state.as_deref(), Some(&b"x"[..]));
+        // Alike in topology, not in state: not ordered.
+        let chosen = choose(
+            &c,
+            &[at(&a, (1, 5), Some(b"x")), at(&b, (1, 5), Some(b"y"))],
+        );
+        assert_eq!(chosen.state, None);
+        // Not ordered by topology, one of them dropped with its holder's membership: the
+        // other line is the newer (begun while that holder was not listed).
+        let dropped = Answer {
+            lost: true,
+            ..at(&a, (1, 5), None)
+        };
+        let chosen = choose(&c, &[dropped, at(&b, (2, 1), Some(b"b2"))]);
+        assert_eq!(chosen.state.as_deref(), Some(&b"b2"[..]));
+        // Ordered by topology, the later one stands, dropped or not.
+        let dropped = Answer {
+            under: (2, 3),
+            ..dropped
+        };
+        assert_eq!(
+            choose(&c, &[dropped, at(&b, (2, 1), Some(b"b2"))]).state,
+            None
+        );
     }
 }

@@ -102,6 +102,12 @@ pub struct Released {
     /// The claimant that settled the state ([`Transport::settle`]), and the generation it
     /// activates as.
     pub settled: Option<(MemberId, u64)>,
+    /// The topology (epoch, version) that generation was held under last ((0, 0): unknown):
+    /// orders two activations that reached one generation without hearing of each other.
+    pub under: (u64, u64),
+    /// Whether that member dropped the state because it lost its membership after that
+    /// generation: a record older than any line begun while it was not listed.
+    pub lost: bool,
 }
 
 /// A refusal's kind, as it crosses the network.
@@ -311,6 +317,14 @@ impl Default for ActivationConfig {
             epoch_quarantine: Duration::from_secs(10),
         }
     }
+}
+
+/// How [`ActivationHost::admit`] admitted a call.
+enum Admitted {
+    /// Served by the activation held here under this fence, with this serial.
+    Serve(Fence, u64),
+    /// To be activated here first: claimed under this fence, decided on this topology.
+    Claim(Arc<ClusterTopology>, Fence),
 }
 
 /// The turn calls to one activation take one at a time.
@@ -528,6 +542,7 @@ impl ActivationHost {
             why,
             generation,
             incarnation,
+            under,
         } in batch
         {
             self.metrics
@@ -549,6 +564,8 @@ impl ActivationHost {
                     generation,
                     state,
                     settled: None,
+                    under,
+                    lost: why == Deactivation::MembershipLost,
                 },
                 self.config.max_handed_states,
                 &incarnation,
@@ -574,6 +591,12 @@ impl ActivationHost {
     fn let_go_of_everything(self: &Arc<Self>, why: Deactivation, member_no_more: bool) {
         if crate::runtime::sim::flaw("actors-kept-on-lost") && why == Deactivation::MembershipLost {
             return;
+        }
+        if why == Deactivation::MembershipLost {
+            let dropped = lock(&self.handed).lost();
+            if dropped > 0 {
+                tracing::info!(member = %self.ctx.member.id, dropped, "membership lost: kept states dropped (peers may have moved those identities on without asking this member)");
+            }
         }
         let cancel = {
             let mut a = lock(&self.state);
@@ -675,8 +698,8 @@ impl ActivationHost {
     }
 
     /// Serves a call to `kind/identity` routed here with `fence`: see the module docs. Its
-    /// admission runs in a task of its own (a caller that goes away does not cut a claim or an
-    /// activation short); the call then runs in the caller's task, one turn at a time unless the
+    /// admission is decided at once; a claim runs in a task of its own (a caller that goes away
+    /// does not cut a claim or an activation short); the call then runs in the caller's task, one turn at a time unless the
     /// kind is concurrent, and is dropped if the caller goes away.
     pub async fn call(
         self: &Arc<Self>,
@@ -685,26 +708,32 @@ impl ActivationHost {
         fence: &Fence,
         payload: Vec<u8>,
     ) -> Result<CallReply, CallError> {
-        // Admission (and the claim and activation it may take) runs in a task of its own: a
-        // caller that goes away cannot cut it short. The call itself runs in the caller's task:
-        // a caller that goes away drops it (waiting for its turn or running), and the guard
-        // accounts for it.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let host = self.clone();
-        let (k, i, f) = (kind.to_string(), identity.to_string(), fence.clone());
-        drop(self.ctx.clock.spawn(
-            "admit",
-            Box::pin(async move {
-                let admitted = host.admit(&k, &i, &f).await;
-                if let Err(Ok(_)) = tx.send(admitted) {
-                    // The caller went away: nothing of this call will run.
-                    host.call_done(&k, &i);
-                }
-            }),
-        ));
-        let (held, activated, serial) = rx
-            .await
-            .unwrap_or_else(|_| Err(self.refuse(&Refusal::NotAMember)))?;
+        // Admission is decided here, at once. A claim (the release round and the actor's
+        // `activate`) runs in a task of its own: a caller that goes away cannot cut it short.
+        // The call itself runs in the caller's task: a caller that goes away drops it (waiting
+        // for its turn or running), and the guard accounts for it.
+        let (held, activated, serial) = match self.admit(kind, identity, fence)? {
+            Admitted::Serve(held, serial) => (held, false, serial),
+            Admitted::Claim(t, claim) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let host = self.clone();
+                let (k, i) = (kind.to_string(), identity.to_string());
+                drop(self.ctx.clock.spawn(
+                    "claim",
+                    Box::pin(async move {
+                        let claimed = host.claim(&t, &k, &i, claim).await;
+                        if let Err(Ok(_)) = tx.send(claimed) {
+                            // The caller went away: nothing of this call will run.
+                            host.call_done(&k, &i);
+                        }
+                    }),
+                ));
+                let (held, serial) = rx
+                    .await
+                    .unwrap_or_else(|_| Err(self.refuse(&Refusal::NotAMember)))?;
+                (held, true, serial)
+            }
+        };
         let _in_flight = InFlight {
             host: self.clone(),
             kind,
@@ -720,13 +749,25 @@ impl ActivationHost {
                     Some(t) => Some(t.lock().await),
                     None => None,
                 };
-                self.actors.call(kind, identity, payload).await
+                // Checked again just before the actor runs, with no await in between: a process
+                // paused after admission (or while it waited for its turn) must not begin the
+                // call when it wakes past its membership (`swarm` seed 217).
+                if !self.standing() {
+                    return None;
+                }
+                Some(self.actors.call(kind, identity, payload).await)
             };
             tokio::select! {
                 biased;
                 why = cancelled => Err(why),
                 answer = run => Ok(answer),
             }
+        };
+        // Refused, not cancelled: the call never began.
+        let answer = match answer {
+            Ok(None) => return Err(self.refuse(&Refusal::NotAMember)),
+            Ok(Some(payload)) => Ok(payload),
+            Err(why) => Err(why),
         };
         let generation = lock(&self.state).generation_of(kind, identity, serial);
         match answer {
@@ -750,45 +791,42 @@ impl ActivationHost {
         }
     }
 
-    /// Admits a call to `kind/identity` with `fence`: the fence it is held under, whether
-    /// this call activated it, and the activation's serial, with the call in flight.
-    async fn admit(
+    /// Admits a call to `kind/identity` with `fence`, without waiting: served by the
+    /// activation held here (its fence and serial, the call in flight), or to be claimed first
+    /// (under the topology it was decided on), or refused.
+    fn admit(
         self: &Arc<Self>,
         kind: &str,
         identity: &str,
         fence: &Fence,
-    ) -> Result<(Fence, bool, u64), CallError> {
+    ) -> Result<Admitted, CallError> {
         if !self.standing() {
             return Err(self.refuse(&Refusal::NotAMember));
         }
         let (t, owner) = self.owner(kind, identity);
-        let (decision, serial) = {
-            let mut a = lock(&self.state);
-            let d = a.request(
-                kind,
-                identity,
-                fence,
-                owner.as_ref(),
-                t.epoch(),
-                t.version(),
-            );
-            (d, a.serial_of(kind, identity))
-        };
-        let (held, activated, serial) = match (decision, serial) {
+        let mut a = lock(&self.state);
+        let decision = a.request(
+            kind,
+            identity,
+            fence,
+            owner.as_ref(),
+            t.epoch(),
+            t.version(),
+        );
+        match (decision, a.serial_of(kind, identity)) {
             (Decision::Serve(held), Some(serial)) => {
-                lock(&self.state).touch(kind, identity, self.ctx.clock.now());
-                (held, false, serial)
+                a.touch(kind, identity, self.ctx.clock.now());
+                Ok(Admitted::Serve(held, serial))
             }
-            (Decision::Refused(r), _) => return Err(self.refuse(&r)),
-            (Decision::Claim(claim), _) => {
-                let (held, serial) = self.claim(&t, kind, identity, claim).await?;
-                (held, true, serial)
+            (Decision::Refused(r), _) => {
+                drop(a);
+                Err(self.refuse(&r))
             }
+            (Decision::Claim(claim), _) => Ok(Admitted::Claim(t, claim)),
             (Decision::Serve(_) | Decision::Activated(_), _) => {
                 unreachable!("request() serves what is held, claims or refuses")
             }
-        };
-        Ok((held, activated, serial))
+        }
     }
 
     /// The turn calls of activation `serial` of `kind/identity` take one at a time, unless its
@@ -1020,12 +1058,16 @@ impl ActivationHost {
                 generation: r.generation,
                 state: r.handed.as_deref(),
                 settled: r.settled.as_ref().map(|(by, g)| (by, *g)),
+                under: r.under,
+                lost: r.lost,
             })
             .chain(mine.iter().map(|k| Answer {
                 member: &claim.owner,
                 generation: k.generation,
                 state: k.state.as_deref(),
                 settled: k.settled.as_ref().map(|(by, g)| (by, *g)),
+                under: k.under,
+                lost: k.lost,
             }))
             .collect();
         let chosen = choose(&claim.owner, &read);
@@ -1133,6 +1175,8 @@ impl ActivationHost {
             handed: kept.state,
             generation: kept.generation,
             settled: kept.settled,
+            under: kept.under,
+            lost: kept.lost,
         }
     }
 

@@ -110,6 +110,8 @@ pub struct Closed {
     pub generation: u64,
     /// The member incarnation that held it.
     pub incarnation: MemberId,
+    /// The topology (epoch, version) it was held under last.
+    pub under: (u64, u64),
 }
 
 /// Why a request was not served here.
@@ -686,6 +688,7 @@ impl Activations {
                     why,
                     generation: a.generation,
                     incarnation: a.fence.owner.clone(),
+                    under: (a.fence.epoch, a.fence.version),
                 });
             }
         }
@@ -1131,6 +1134,7 @@ mod tests {
                 why: Deactivation::MembershipLost,
                 generation: 0,
                 incarnation: id("a"),
+                under: (f.epoch, f.version),
             }]
         );
     }

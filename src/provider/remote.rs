@@ -207,6 +207,9 @@ impl pb::partition_service_server::PartitionService for PartitionService {
                 .map(|(by, _)| by.to_string())
                 .unwrap_or_default(),
             settled_generation: released.settled.as_ref().map_or(0, |(_, g)| *g),
+            held_epoch: released.under.0,
+            held_version: released.under.1,
+            lost_with_membership: released.lost,
         }))
     }
 

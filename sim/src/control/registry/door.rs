@@ -298,6 +298,7 @@ impl Registry for Observed {
             pieces: Vec::new(),
             queue: std::collections::VecDeque::new(),
             older: None,
+            dropped: false,
             ended: false,
         };
         // Each message the registry sends is recorded for the oracles (a snapshot sent in
@@ -336,6 +337,10 @@ struct Watching {
     queue: std::collections::VecDeque<Item>,
     /// The first whole snapshot of this stream (sent again later: an older snapshot).
     older: Option<pb::WatchResponse>,
+    /// Whether this stream dropped an update already: it drops one at most, so the next
+    /// progress message shows the gap within a progress interval (a second drop would push
+    /// the server's quiet timer on, beyond the late-delivery bound: `graceful-leave` seed 344).
+    dropped: bool,
     ended: bool,
 }
 
@@ -428,7 +433,8 @@ impl Watching {
             return false;
         };
         match madsim::rand::random::<u32>() % 100 {
-            0..4 => {
+            0..4 if !self.dropped => {
+                self.dropped = true;
                 self.rec.count("door: update dropped (a gap)");
                 true
             }
