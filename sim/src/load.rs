@@ -34,6 +34,11 @@ pub struct LoadCounts {
     /// Full lists served (a list, a range, a registry snapshot sent to a watcher that asked
     /// from nothing).
     pub relists: u64,
+    /// Reconnects the door provoked on purpose, by sending out-of-contract watch messages (an
+    /// update dropped, an older snapshot): each costs a watcher the reconnect a fault would,
+    /// and the load budget allows for it like one.
+    #[serde(default)]
+    pub provoked: u64,
 }
 
 impl LoadCounts {
@@ -58,6 +63,7 @@ impl LoadCounts {
             list_items: self.list_items.saturating_sub(earlier.list_items),
             bytes_out: self.bytes_out.saturating_sub(earlier.bytes_out),
             relists: self.relists.saturating_sub(earlier.relists),
+            provoked: self.provoked.saturating_sub(earlier.provoked),
         }
     }
 }
@@ -107,6 +113,11 @@ impl LoadMeter {
             c.list_items += items as u64;
             c.bytes_out += bytes as u64;
         });
+    }
+
+    /// The door sent an out-of-contract message that makes its watcher reconnect.
+    pub fn provoked(&self) {
+        self.with(|c| c.provoked += 1);
     }
 
     /// `bytes` were sent that count as no message of their own (a fragment of a snapshot

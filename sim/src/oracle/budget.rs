@@ -37,7 +37,9 @@ pub async fn judge_windows(cluster: Arc<SimCluster>, until: Instant) {
         }
         sleep(WINDOW.min(until - now)).await;
         let next = snapshot(&cluster);
-        let (changes, reconnects) = (next.2 - prev.2, next.3 - prev.3);
+        let served = next.1.since(&prev.1);
+        // Reconnects the faults forced, and those the door provoked on purpose.
+        let (changes, reconnects) = (next.2 - prev.2, next.3 - prev.3 + served.provoked);
         let w = Window {
             length: next.0 - prev.0,
             nodes: cluster.node_count(),
@@ -45,7 +47,7 @@ pub async fn judge_windows(cluster: Arc<SimCluster>, until: Instant) {
             changes: changes + prev_changes,
             reconnects: reconnects + prev_reconnects,
         };
-        for v in load::judge(&budget, &w, &next.1.since(&prev.1)) {
+        for v in load::judge(&budget, &w, &served) {
             cluster
                 .recorder()
                 .violation_once(format!("budget {}", cluster.control().name()), v);

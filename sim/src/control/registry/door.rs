@@ -436,6 +436,7 @@ impl Watching {
             0..4 if !self.dropped => {
                 self.dropped = true;
                 self.rec.count("door: update dropped (a gap)");
+                self.door.meter.provoked();
                 true
             }
             4..8 => {
