@@ -4,7 +4,8 @@ set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
-# A real etcd for tests/etcd_process.rs (started by the tests themselves), and etcdctl.
+# A real etcd for tests/etcd_process.rs and tests/etcd_cluster_process.rs (single etcds and a
+# three-member cluster, started by the tests themselves), and etcdctl.
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 if [ ${#need[@]} -gt 0 ]; then

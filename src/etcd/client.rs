@@ -10,11 +10,27 @@
 //! refused with `invalid auth token`, for good. Like Go's clientv3, every call here that is
 //! refused for its token authenticates again and is retried once
 //! ([`EtcdClient::reauthentications`] counts it).
+//!
+//! **Endpoints.** etcd-client balances requests over every endpoint it is given, and one dead
+//! or frozen etcd member then fails the requests that land on it (a member would not even
+//! start when the first endpoint it probed was the dead one). Like Go's clientv3, this client
+//! talks to one endpoint at a time and moves to the next ([`EtcdClient::failovers`]) when that
+//! one fails: it refuses connections, answers `Unavailable` or `no leader` (every request
+//! carries `hasleader`, so an etcd member cut off from its quorum refuses instead of serving
+//! a view that no longer moves), leaves a call unanswered until its caller gives up (a frozen
+//! member), or leaves a watch without even a progress notification for two
+//! [`PROGRESS_EVERY`]. A call that failed for its endpoint is tried once on each other
+//! endpoint before its error is returned. Lease keep-alive streams are reopened on the new
+//! endpoint; watches end with an error and the provider reopens them there, from its revision.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
     WatchOptions,
@@ -68,13 +84,162 @@ pub struct EtcdTls {
     pub domain: Option<String>,
 }
 
-/// [`EtcdApi`] over `etcd-client`.
+/// [`EtcdApi`] over `etcd-client`, one endpoint at a time.
 pub struct EtcdClient {
-    client: Client,
-    keepers: Mutex<std::collections::BTreeMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>,
+    endpoints: Arc<Endpoints>,
     /// Whether the connection authenticates (a user and password were given).
     authenticates: bool,
-    reauthentications: std::sync::atomic::AtomicU64,
+    metrics: EtcdClientMetrics,
+}
+
+/// Counters of one etcd client. Clone to share (the counters are shared).
+#[derive(Clone, Debug, Default)]
+pub struct EtcdClientMetrics {
+    /// Moves from a failed endpoint to the next one.
+    pub failovers: Counter,
+    /// Calls refused for a stale auth token, after which the client authenticated again.
+    pub reauthentications: Counter,
+}
+
+impl EtcdClientMetrics {
+    /// Registers every metric under `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "etcd_endpoint_failovers",
+            "Moves from a failed etcd endpoint to the next one",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "etcd_reauthentications",
+            "Calls refused for a stale auth token, after which the client authenticated again",
+            self.reauthentications.clone(),
+        );
+    }
+}
+
+/// A lease's keep-alive stream and the endpoint it was opened on.
+type Keeper = (usize, LeaseKeeper, LeaseKeepAliveStream);
+
+/// The endpoints, a client per endpoint (connected when first used), and the one in use.
+/// Shared with the watch streams, which move the client on when theirs goes quiet.
+struct Endpoints {
+    urls: Vec<String>,
+    options: ConnectOptions,
+    connect_timeout: Duration,
+    clients: Mutex<Vec<Option<Client>>>,
+    current: AtomicUsize,
+    keepers: Mutex<std::collections::BTreeMap<LeaseId, Keeper>>,
+    failovers: Counter,
+}
+
+impl Endpoints {
+    /// The endpoint in use.
+    fn current(&self) -> usize {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, Vec<Option<Client>>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn keepers(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<LeaseId, Keeper>> {
+        self.keepers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client of endpoint `i`, connected (and authenticated) now if it is not yet.
+    async fn client(&self, i: usize) -> Result<Client, etcd_client::Error> {
+        if let Some(c) = self.clients()[i].clone() {
+            return Ok(c);
+        }
+        let connect = Client::connect([self.urls[i].as_str()], Some(self.options.clone()));
+        let client = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(c) => c?,
+            Err(_) => {
+                return Err(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", self.connect_timeout),
+                )));
+            }
+        };
+        self.clients()[i] = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Endpoint `from` failed: the next one is used from now on (if `from` is still the one in
+    /// use: concurrent calls that saw the same failure move the client once). Its connection
+    /// is dropped (a frozen member's connection is not reused when it comes back into turn)
+    /// and so are the keep-alive streams opened on it. With a single endpoint nothing moves.
+    fn fail_over(&self, from: usize, why: &dyn std::fmt::Display) {
+        let n = self.urls.len();
+        if n < 2 {
+            return;
+        }
+        let to = (from + 1) % n;
+        if self
+            .current
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        self.failovers.inc();
+        self.clients()[from] = None;
+        self.keepers().retain(|_, (at, _, _)| *at != from);
+        tracing::warn!(
+            from = %self.urls[from],
+            to = %self.urls[to],
+            error = %why,
+            "etcd endpoint failed; using the next one"
+        );
+    }
+}
+
+/// Whether `e` says the endpoint, not the request, is at fault: it cannot be reached, is not
+/// serving, or has no leader (an etcd member cut off from its quorum, or an election).
+pub fn endpoint_failed(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) || s.message().contains("no leader")
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// Moves the client off `endpoint` if dropped while armed: a call its caller gave up on (its
+/// deadline passed) is taken as a sign that the endpoint is frozen or cut off.
+struct Abandoned<'a> {
+    endpoints: &'a Endpoints,
+    endpoint: usize,
+    armed: bool,
+}
+
+impl<'a> Abandoned<'a> {
+    fn new(endpoints: &'a Endpoints, endpoint: usize) -> Self {
+        Self {
+            endpoints,
+            endpoint,
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.endpoints.fail_over(
+                self.endpoint,
+                &"a call got no answer before its caller gave up",
+            );
+        }
+    }
 }
 
 /// Whether etcd refused a request for its auth token, not for who sent it: the token is gone
@@ -143,12 +308,14 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
 }
 
 impl EtcdClient {
-    /// Connects to `connection`'s endpoints; the error names the first endpoint and why.
+    /// Connects to the first of `connection`'s endpoints that answers (and has a leader); the
+    /// error names every endpoint tried and why it failed.
     pub async fn connect(connection: &EtcdConnection) -> Result<Self, EtcdError> {
-        let first = connection.endpoints.first().cloned().unwrap_or_default();
+        let connect_timeout = connection.connect_timeout.max(Duration::from_millis(100));
         let mut options = ConnectOptions::new()
-            .with_connect_timeout(connection.connect_timeout.max(Duration::from_millis(100)))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_connect_timeout(connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
         if let Some((user, password)) = &connection.user {
             options = options.with_user(user.clone(), password.clone());
         }
@@ -163,77 +330,138 @@ impl EtcdClient {
             }
             options = options.with_tls(t);
         }
-        let client = Client::connect(&connection.endpoints, Some(options))
-            .await
-            .map_err(|e| named(&first, etcd_error(e)))?;
-        // The connection is lazy: ask for the status so a wrong endpoint fails here, named.
-        let probe = tokio::time::timeout(
-            connection.connect_timeout.max(Duration::from_millis(100)),
-            client.clone().status(),
-        )
-        .await;
-        match probe {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(named(&first, etcd_error(e))),
-            Err(_) => {
-                return Err(EtcdError::Unavailable(format!(
-                    "etcd at {first}: no answer within {:?}",
-                    connection.connect_timeout
-                )));
-            }
+        if connection.endpoints.is_empty() {
+            return Err(EtcdError::Rejected("no etcd endpoint given".into()));
         }
-        Ok(Self {
-            client,
+        let metrics = EtcdClientMetrics::default();
+        let endpoints = Arc::new(Endpoints {
+            urls: connection.endpoints.clone(),
+            options,
+            connect_timeout,
+            clients: Mutex::new(vec![None; connection.endpoints.len()]),
+            current: AtomicUsize::new(0),
             keepers: Mutex::default(),
-            authenticates: connection.user.is_some(),
-            reauthentications: Default::default(),
-        })
+            failovers: metrics.failovers.clone(),
+        });
+        // The connection is lazy: ask each endpoint for its status, in order, until one
+        // answers, so that a wrong endpoint fails here, named, and a dead one is passed over.
+        let mut refusals = Vec::new();
+        for (i, url) in connection.endpoints.iter().enumerate() {
+            let probe = async {
+                let mut client = endpoints.client(i).await?;
+                client.status().await
+            };
+            let error = match tokio::time::timeout(connect_timeout, probe).await {
+                Ok(Ok(_)) => {
+                    endpoints.current.store(i, Ordering::SeqCst);
+                    if !refusals.is_empty() {
+                        tracing::warn!(endpoint = %url, passed_over = %refusals.join("; "), "etcd: started on a later endpoint");
+                    }
+                    return Ok(Self {
+                        endpoints,
+                        authenticates: connection.user.is_some(),
+                        metrics,
+                    });
+                }
+                Ok(Err(e)) => named(url, etcd_error(e)),
+                Err(_) => EtcdError::Unavailable(format!(
+                    "etcd at {url}: no answer within {:?}",
+                    connection.connect_timeout
+                )),
+            };
+            endpoints.clients()[i] = None;
+            if connection.endpoints.len() == 1 {
+                return Err(error);
+            }
+            refusals.push(error.to_string());
+        }
+        Err(EtcdError::Unavailable(format!(
+            "no etcd endpoint answered: {}",
+            refusals.join("; ")
+        )))
+    }
+
+    /// The client's counters (register them with [`EtcdClientMetrics::register`]).
+    pub fn metrics(&self) -> &EtcdClientMetrics {
+        &self.metrics
+    }
+
+    /// How many times the client moved from a failed endpoint to the next one.
+    pub fn failovers(&self) -> u64 {
+        self.metrics.failovers.get()
+    }
+
+    /// The endpoint in use.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoints.urls[self.endpoints.current()]
     }
 
     /// How many times a call was refused for a stale auth token and authenticated again.
     pub fn reauthentications(&self) -> u64 {
-        self.reauthentications
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.metrics.reauthentications.get()
     }
 
-    /// Runs `op`; if etcd refused it for a stale auth token, authenticates again (a new token,
-    /// shared by every clone of the client) and runs it once more. A failed authentication (the
-    /// user was removed, the password changed) is the error returned.
+    /// Runs `op` on the endpoint in use; if etcd refused it for a stale auth token,
+    /// authenticates again (a new token, shared by every clone of that endpoint's client) and
+    /// runs it once more. A failed authentication (the user was removed, the password
+    /// changed) is the error returned. If the endpoint failed, the client moves to the next
+    /// one and `op` is tried there, once per endpoint at most.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        match op(self.client.clone()).await {
-            Err(e) if self.authenticates && stale_token(&e) => {
-                self.reauthenticate(&e).await?;
-                op(self.client.clone()).await
+        self.call_on(op).await.map(|(_, t)| t)
+    }
+
+    /// [`Self::call`], also saying which endpoint answered.
+    async fn call_on<T, F, Fut>(&self, op: F) -> Result<(usize, T), etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut tries = 0;
+        loop {
+            let i = self.endpoints.current();
+            let guard = Abandoned::new(&self.endpoints, i);
+            let result = match self.endpoints.client(i).await {
+                Ok(client) => match op(client.clone()).await {
+                    Err(e) if self.authenticates && stale_token(&e) => {
+                        match self.reauthenticate(&client, &e).await {
+                            Ok(()) => op(client).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    result => result,
+                },
+                Err(e) => Err(e),
+            };
+            guard.disarm();
+            match result {
+                Err(e) if endpoint_failed(&e) => {
+                    self.endpoints.fail_over(i, &e);
+                    tries += 1;
+                    if tries >= self.endpoints.urls.len() {
+                        return Err(e);
+                    }
+                }
+                result => return result.map(|t| (i, t)),
             }
-            result => result,
         }
     }
 
     async fn reauthenticate(
         &self,
+        client: &Client,
         why: &(dyn std::fmt::Display + Sync),
     ) -> Result<(), etcd_client::Error> {
-        self.reauthentications
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.reauthentications.inc();
         tracing::warn!(error = %why, "etcd refused this client's auth token (etcd restarted, or the token expired); authenticating again");
         // Streams opened under the old token are dropped: they are reopened with the new one.
-        self.keepers().clear();
-        self.client.refresh_token().await.inspect_err(|e| {
+        self.endpoints.keepers().clear();
+        client.refresh_token().await.inspect_err(|e| {
             tracing::warn!(error = %e, "authenticating to etcd again failed");
         })
-    }
-
-    fn keepers(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::BTreeMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>,
-    > {
-        self.keepers.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -249,21 +477,44 @@ impl EtcdApi for EtcdClient {
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
-        let mut retried = false;
+        let (mut reauthenticated, mut tries) = (false, 0);
         loop {
-            match self.keep_alive_once(lease).await {
-                Err(e) if self.authenticates && !retried && stale_token(&e) => {
-                    retried = true;
-                    self.reauthenticate(&e).await.map_err(etcd_error)?;
+            let i = self.endpoints.current();
+            let guard = Abandoned::new(&self.endpoints, i);
+            let result = self.keep_alive_once(i, lease).await;
+            guard.disarm();
+            match result {
+                Err((client, e)) if self.authenticates && !reauthenticated && stale_token(&e) => {
+                    reauthenticated = true;
+                    match client {
+                        Some(client) => {
+                            self.reauthenticate(&client, &e).await.map_err(etcd_error)?
+                        }
+                        None => return Err(etcd_error(e)),
+                    }
                 }
-                Err(e) => return Err(etcd_error(e)),
+                Err((_, e)) if endpoint_failed(&e) => {
+                    self.endpoints.fail_over(i, &e);
+                    tries += 1;
+                    if tries >= self.endpoints.urls.len() {
+                        return Err(etcd_error(e));
+                    }
+                }
+                // A lost lease is reported as lost however etcd said it (an answer with no
+                // TTL, or an error naming it).
+                Err((_, e)) => {
+                    return Err(match etcd_error(e) {
+                        EtcdError::LeaseNotFound(_) => EtcdError::LeaseNotFound(lease),
+                        other => other,
+                    });
+                }
                 Ok(answer) => return answer,
             }
         }
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
-        self.keepers().remove(&lease);
+        self.endpoints.keepers().remove(&lease);
         match self
             .call(|mut c| async move { c.lease_revoke(lease).await })
             .await
@@ -348,51 +599,78 @@ impl EtcdApi for EtcdClient {
         }
         let mut retried = false;
         loop {
-            let mut stream = self
-                .call(|mut c| {
+            let (endpoint, mut stream) = self
+                .call_on(|mut c| {
                     let options = options.clone();
                     async move { c.watch(prefix, Some(options)).await }
                 })
                 .await
                 .map_err(etcd_error)?;
+            let on = Watched {
+                endpoints: self.endpoints.clone(),
+                endpoint,
+            };
             // etcd answers a creation at once: created, or cancelled. A watch refused for a
             // stale auth token is cancelled (the call itself succeeded), so it is read here.
-            let first = match stream.message().await {
+            let guard = Abandoned::new(&self.endpoints, endpoint);
+            let first = stream.message().await;
+            guard.disarm();
+            let first = match first {
                 Ok(Some(r)) => r,
                 Ok(None) => return Err(EtcdError::Unavailable("the watch ended at once".into())),
-                Err(e) => return Err(etcd_error(e)),
+                Err(e) => return Err(on.failed(e)),
             };
+            if first.canceled() && first.cancel_reason().contains("no leader") {
+                on.endpoints
+                    .fail_over(endpoint, &"watch cancelled: no leader");
+            }
             let stale = first.canceled()
                 && ["invalid auth token", "auth store is old"]
                     .iter()
                     .any(|m| first.cancel_reason().contains(m));
             if stale && self.authenticates && !retried {
                 retried = true;
-                self.reauthenticate(&format!("watch cancelled: {}", first.cancel_reason()))
-                    .await
-                    .map_err(etcd_error)?;
+                let client = self.endpoints.client(endpoint).await.map_err(etcd_error)?;
+                self.reauthenticate(
+                    &client,
+                    &format!("watch cancelled: {}", first.cancel_reason()),
+                )
+                .await
+                .map_err(etcd_error)?;
                 continue;
             }
-            return Ok(watch_stream(stream, Some(first), from));
+            return Ok(watch_stream(stream, Some(first), from, on));
         }
     }
 }
 
 impl EtcdClient {
-    /// One keep-alive over the lease's stream (opened if there is none), taken out while in
-    /// use and put back if it worked. The outer error is etcd-client's (to tell a stale token);
-    /// the inner one is the provider's.
+    /// One keep-alive over the lease's stream on endpoint `i` (opened if there is none, or if
+    /// it was opened on another endpoint), taken out while in use and put back if it worked.
+    /// The outer error is etcd-client's (to tell a stale token or a failed endpoint), with the
+    /// endpoint's client if it was reached; the inner one is the provider's.
     async fn keep_alive_once(
         &self,
+        i: usize,
         lease: LeaseId,
-    ) -> Result<Result<Duration, EtcdError>, etcd_client::Error> {
-        let held = self.keepers().remove(&lease);
+    ) -> Result<Result<Duration, EtcdError>, (Option<Client>, etcd_client::Error)> {
+        let held = self
+            .endpoints
+            .keepers()
+            .remove(&lease)
+            .filter(|(at, _, _)| *at == i);
+        let client = self.endpoints.client(i).await.map_err(|e| (None, e))?;
+        let failed = |e| (Some(client.clone()), e);
         let (mut keeper, mut stream) = match held {
-            Some(pair) => pair,
-            None => self.client.clone().lease_keep_alive(lease).await?,
+            Some((_, keeper, stream)) => (keeper, stream),
+            None => client
+                .clone()
+                .lease_keep_alive(lease)
+                .await
+                .map_err(failed)?,
         };
-        keeper.keep_alive().await?;
-        let Some(answer) = stream.message().await? else {
+        keeper.keep_alive().await.map_err(failed)?;
+        let Some(answer) = stream.message().await.map_err(failed)? else {
             return Ok(Err(EtcdError::Unavailable(
                 "the keep-alive stream ended".into(),
             )));
@@ -400,7 +678,7 @@ impl EtcdClient {
         if answer.ttl() <= 0 {
             return Ok(Err(EtcdError::LeaseNotFound(lease)));
         }
-        self.keepers().insert(lease, (keeper, stream));
+        self.endpoints.keepers().insert(lease, (i, keeper, stream));
         Ok(Ok(Duration::from_secs(answer.ttl() as u64)))
     }
 }
@@ -446,37 +724,74 @@ fn read_response(
     }))
 }
 
+/// The endpoint a watch stream was opened on, to move the client off it when the stream
+/// fails for the endpoint's sake.
+struct Watched {
+    endpoints: Arc<Endpoints>,
+    endpoint: usize,
+}
+
+impl Watched {
+    /// `e`, after moving the client on if it says the endpoint failed.
+    fn failed(&self, e: etcd_client::Error) -> EtcdError {
+        if endpoint_failed(&e) {
+            self.endpoints.fail_over(self.endpoint, &e);
+        }
+        etcd_error(e)
+    }
+}
+
 /// A watch stream as the provider reads it: batches, progress asked for when quiet, a
-/// cancellation for compaction as `Compacted`. `first` is a response already read.
+/// cancellation for compaction as `Compacted`. `first` is a response already read. A stream
+/// that answers nothing, not even the progress asked for, within two [`PROGRESS_EVERY`] ends
+/// with an error (its etcd member is frozen or cut off), and the client moves to the next
+/// endpoint; so does a watch cancelled for want of a leader.
 fn watch_stream(
     stream: etcd_client::WatchStream,
     first: Option<etcd_client::WatchResponse>,
     from: Revision,
+    on: Watched,
 ) -> WatchStream {
     Box::pin(futures::stream::unfold(
-        Some((stream, first)),
+        Some((stream, first, on)),
         move |state| async move {
-            let (mut stream, mut pending) = state?;
+            let (mut stream, mut pending, on) = state?;
+            let mut asked = false;
             loop {
                 let response = match pending.take() {
                     Some(r) => r,
                     None => match tokio::time::timeout(PROGRESS_EVERY, stream.message()).await {
+                        Err(_) if asked => {
+                            let why = format!(
+                                "etcd at {} sent nothing, not even the progress asked for, in {:?}",
+                                on.endpoints.urls[on.endpoint],
+                                PROGRESS_EVERY * 2
+                            );
+                            on.endpoints.fail_over(on.endpoint, &why);
+                            return Some((Err(EtcdError::Unavailable(why)), None));
+                        }
                         Err(_) => {
                             // Quiet: ask for a progress notification (a dead stream
-                            // fails here or stays quiet until the idle timeout).
+                            // fails here or stays quiet until the check above).
                             if let Err(e) = stream.request_progress().await {
-                                return Some((Err(etcd_error(e)), None));
+                                return Some((Err(on.failed(e)), None));
                             }
+                            asked = true;
                             continue;
                         }
                         Ok(Ok(Some(r))) => r,
                         Ok(Ok(None)) => return None,
-                        Ok(Err(e)) => return Some((Err(etcd_error(e)), None)),
+                        Ok(Err(e)) => return Some((Err(on.failed(e)), None)),
                     },
                 };
+                asked = false;
+                if response.canceled() && response.cancel_reason().contains("no leader") {
+                    on.endpoints
+                        .fail_over(on.endpoint, &"watch cancelled: no leader");
+                }
                 match read_response(&response, from) {
                     None => continue,
-                    Some(Ok(batch)) => return Some((Ok(batch), Some((stream, None)))),
+                    Some(Ok(batch)) => return Some((Ok(batch), Some((stream, None, on)))),
                     Some(Err(e)) => return Some((Err(e), None)),
                 }
             }
@@ -487,6 +802,35 @@ fn watch_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_is_at_fault_when_unreachable_or_leaderless_not_when_it_refuses() {
+        use etcd_client::Error::GRpcStatus;
+        use tonic::Status;
+        for e in [
+            GRpcStatus(Status::unavailable("tcp connect error")),
+            GRpcStatus(Status::deadline_exceeded("timed out")),
+            GRpcStatus(Status::unknown("etcdserver: no leader")),
+            etcd_client::Error::IoError(std::io::Error::other("reset")),
+        ] {
+            assert!(endpoint_failed(&e), "{e}");
+        }
+        for e in [
+            GRpcStatus(Status::invalid_argument("etcdserver: invalid auth token")),
+            GRpcStatus(Status::permission_denied("etcdserver: permission denied")),
+            GRpcStatus(Status::not_found("etcdserver: requested lease not found")),
+            etcd_client::Error::InvalidArgs("empty endpoints".into()),
+        ] {
+            assert!(!endpoint_failed(&e), "{e}");
+        }
+        // A lost lease is reported as lost whatever the stream's state.
+        assert_eq!(
+            etcd_error(GRpcStatus(Status::not_found(
+                "etcdserver: requested lease not found"
+            ))),
+            EtcdError::LeaseNotFound(0)
+        );
+    }
 
     #[test]
     fn a_prefix_range_ends_where_etcd_says() {

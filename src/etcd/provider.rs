@@ -295,10 +295,7 @@ impl EtcdProvider {
         });
         let clock = ctx.clock.clone();
         if member_mode {
-            let writing = session.writing.lock().await;
-            let joined = session.join().await;
-            drop(writing);
-            joined.map_err(CallError::into_provider_error)?;
+            session.first_join().await?;
         }
         let mut tasks = vec![clock.spawn("etcd-watch", Box::pin(session.clone().reflect()))];
         if member_mode {
@@ -375,6 +372,28 @@ impl Session {
             what: what(),
             error,
         })
+    }
+
+    /// The first registration, tried again (with the backoff) while etcd is unavailable (a
+    /// leader election, an etcd member down) until the startup timeout; a refusal (auth,
+    /// permission) fails at once.
+    async fn first_join(&self) -> Result<(), ProviderError> {
+        let deadline = self.clock().now() + self.config.startup_timeout;
+        let mut attempt = 0u32;
+        loop {
+            let writing = self.writing.lock().await;
+            let joined = self.join().await;
+            drop(writing);
+            let Err(e) = joined else {
+                return Ok(());
+            };
+            let retry = !matches!(e.error, EtcdError::Rejected(_)) && self.clock().now() < deadline;
+            if !retry {
+                return Err(e.into_provider_error());
+            }
+            tracing::warn!(error = %e, attempt, "registering in etcd failed; trying again");
+            self.pause(&mut attempt).await;
+        }
     }
 
     /// Registers this incarnation: a new lease, then its key bound to it. The caller holds

@@ -4,6 +4,9 @@
 #[cfg(not(madsim))]
 pub mod process;
 
+#[cfg(not(madsim))]
+pub mod etcd;
+
 use std::sync::Arc;
 use std::time::Duration;
 

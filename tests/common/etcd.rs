@@ -1,0 +1,330 @@
+//! A real etcd (Debian's `etcd-server`) and `shoal` processes against it, over loopback.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::process::{Proc, free_port, shoal_bin};
+
+/// A running etcd: its process, client URL, ports and data dir.
+pub struct Etcd {
+    pub proc: Proc,
+    pub url: String,
+    pub client: u16,
+    pub peer: u16,
+    pub dir: PathBuf,
+}
+
+pub fn etcd_at(dir: &Path, client: u16, peer: u16) -> Proc {
+    etcd_with(dir, client, peer, None)
+}
+
+/// TLS material of an etcd that requires client certificates: (ca, server cert, server key,
+/// client cert, client key), PEM files.
+pub type Tls = (String, String, String, String, String);
+
+pub fn etcd_with(dir: &Path, client: u16, peer: u16, tls: Option<&Tls>) -> Proc {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut args: Vec<String> = [
+        "--name",
+        "t",
+        "--data-dir",
+        &dir.to_string_lossy(),
+        "--listen-client-urls",
+        &client_url,
+        "--advertise-client-urls",
+        &client_url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("t={peer_url}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    if let Some((ca, cert, key, _, _)) = tls {
+        for (flag, v) in [
+            ("--cert-file", cert),
+            ("--key-file", key),
+            ("--trusted-ca-file", ca),
+        ] {
+            args.push(flag.into());
+            args.push(v.clone());
+        }
+        args.push("--client-cert-auth".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = Proc::spawn("etcd", "etcd", &args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !match tls {
+        None => healthy(client),
+        Some(t) => healthy_tls(&client_url, t),
+    } {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not become healthy; log: {:?}",
+            p.err_lines.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+pub fn healthy_tls(url: &str, (ca, _, _, cert, key): &Tls) -> bool {
+    Command::new("etcdctl")
+        .args([
+            "--endpoints",
+            url,
+            "--cacert",
+            ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "endpoint",
+            "health",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn healthy(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+pub fn start_etcd(name: &str) -> Etcd {
+    let dir = std::env::temp_dir().join(format!("shoal-etcd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let proc = etcd_at(&dir.join("data"), client, peer);
+    Etcd {
+        proc,
+        url: format!("http://127.0.0.1:{client}"),
+        client,
+        peer,
+        dir,
+    }
+}
+
+pub fn member(name: &str, etcd: &str, ttl: &str) -> Proc {
+    member_with(name, etcd, ttl, &[], &[])
+}
+
+/// `shoal member --etcd` with extra arguments and environment.
+pub fn member_with(
+    name: &str,
+    etcd: &str,
+    ttl: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "member",
+        "--etcd",
+        etcd,
+        "--cluster",
+        "c",
+        "--advertise",
+        &advertise,
+        "--kinds",
+        "user",
+        "--lease-duration",
+        ttl,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn_with(name, shoal_bin(), &args, env)
+}
+
+/// `shoal topology --etcd URL --cluster c --json`: (success, parsed stdout or null, stderr).
+pub fn topology(etcd: &str) -> (bool, serde_json::Value, String) {
+    let out = Command::new(shoal_bin())
+        .args([
+            "topology",
+            "--etcd",
+            etcd,
+            "--cluster",
+            "c",
+            "--json",
+            "--wait",
+            "5s",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = v["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| m["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// A multi-member etcd cluster on loopback, started by the test: its processes (`None` once
+/// killed), client URLs and ports.
+pub struct EtcdCluster {
+    pub procs: Vec<Option<Proc>>,
+    pub urls: Vec<String>,
+    pub clients: Vec<u16>,
+    pub peers: Vec<u16>,
+    pub dir: PathBuf,
+}
+
+/// Starts an etcd cluster of `n` members (`e0`..) and waits until every member is healthy.
+pub fn start_etcd_cluster(name: &str, n: usize) -> EtcdCluster {
+    let dir = std::env::temp_dir().join(format!("shoal-etcdc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peers: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial: Vec<String> = (0..n)
+        .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
+        .collect();
+    let initial = initial.join(",");
+    let procs = (0..n)
+        .map(|i| {
+            let client = format!("http://127.0.0.1:{}", clients[i]);
+            let peer = format!("http://127.0.0.1:{}", peers[i]);
+            let data = dir.join(format!("e{i}")).to_string_lossy().into_owned();
+            let args = [
+                "--name",
+                &format!("e{i}"),
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                name,
+                "--initial-cluster-state",
+                "new",
+            ];
+            Some(Proc::spawn(&format!("e{i}"), "etcd", &args))
+        })
+        .collect();
+    let cluster = EtcdCluster {
+        procs,
+        urls: clients
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect(),
+        clients,
+        peers,
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.clients.iter().all(|p| healthy(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the etcd cluster did not become healthy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster
+}
+
+impl EtcdCluster {
+    /// The client URLs of members `order`, comma-separated (the `--etcd` of a member).
+    pub fn endpoints(&self, order: &[usize]) -> String {
+        let urls: Vec<&str> = order.iter().map(|i| self.urls[*i].as_str()).collect();
+        urls.join(",")
+    }
+
+    /// The index of the current leader among the live members, once they agree on one.
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(i) = self.leader_once() {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "the etcd cluster has no leader");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn leader_once(&self) -> Option<usize> {
+        (0..self.urls.len())
+            .filter(|i| self.procs[*i].is_some())
+            .find(|i| {
+                let Ok(out) = Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args([
+                        "--endpoints",
+                        &self.urls[*i],
+                        "--command-timeout=2s",
+                        "endpoint",
+                        "status",
+                        "-w",
+                        "json",
+                    ])
+                    .output()
+                else {
+                    return false;
+                };
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+                let status = &v[0]["Status"];
+                let (leader, me) = (&status["leader"], &status["header"]["member_id"]);
+                leader.is_u64() && leader == me
+            })
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`) to member `i`.
+    pub fn signal(&self, i: usize, sig: &str) {
+        if let Some(p) = &self.procs[i] {
+            p.signal(sig);
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.procs.len() {
+            self.signal(i, "-CONT");
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
