@@ -270,18 +270,8 @@ fn a_list_above_four_mebibytes_is_read_in_pages() {
 
 /// Turns authentication on: user `root`, password `s3cret`.
 fn enable_auth(url: &str) {
-    for args in [&["user", "add", "root:s3cret"][..], &["auth", "enable"]] {
-        let out = Command::new("etcdctl")
-            .args(["--endpoints", url])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    etcdctl(url, &["user", "add", "root:s3cret"]);
+    etcdctl(url, &["auth", "enable"]);
 }
 
 /// `shoal member` as `root` (4 s lease).
@@ -326,20 +316,7 @@ fn members_with_a_password_authenticate_again_after_etcd_restarts() {
 #[test]
 fn a_user_and_password_are_passed_to_etcd_and_a_wrong_one_is_refused() {
     let etcd = start_etcd("auth");
-    let ctl = |args: &[&str]| {
-        let out = Command::new("etcdctl")
-            .args(["--endpoints", &etcd.url])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ctl(&["user", "add", "root:s3cret"]);
-    ctl(&["auth", "enable"]);
+    enable_auth(&etcd.url);
     let advertise = format!("127.0.0.1:{}", free_port());
     let member = Proc::spawn_with(
         "a",
@@ -377,5 +354,106 @@ fn a_user_and_password_are_passed_to_etcd_and_a_wrong_one_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("--etcd") && err.contains(&etcd.url), "{err}");
+    let _ = std::fs::remove_dir_all(&etcd.dir);
+}
+
+/// The ids of the members in `shoal topology`'s listing.
+fn listed_ids(etcd: &str) -> Vec<String> {
+    let (ok, listed, err) = topology(etcd);
+    assert!(ok, "{err}");
+    ids(&listed)
+}
+
+#[test]
+fn a_revoked_lease_or_a_deleted_key_is_a_new_incarnation_everyone_lists() {
+    let etcd = start_etcd("revoke");
+    let a = member("a", &etcd.url, "6s");
+    let b = member("b", &etcd.url, "6s");
+    wait_views_agree(&etcd.url, &[&a, &b], 2, 20, "two members");
+    let old = listed_ids(&etcd.url);
+    let keys = member_keys(&etcd.url);
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    // An operator revokes one member's lease and deletes the other's key.
+    etcdctl(&etcd.url, &["lease", "revoke", &keys[0].1]);
+    etcdctl(&etcd.url, &["del", &keys[1].0]);
+    for m in [&a, &b] {
+        m.wait_line("membership restored", 20, |l| {
+            l.contains("\"membership-restored\"")
+        });
+        assert_eq!(m.json_lines("membership-lost").len(), 1, "{}", m.name);
+    }
+    wait_views_agree(&etcd.url, &[&a, &b], 2, 20, "both back as new incarnations");
+    let new = listed_ids(&etcd.url);
+    assert!(new.iter().all(|id| !old.contains(id)), "{old:?} {new:?}");
+}
+
+#[test]
+fn a_member_paused_past_its_ttl_is_dropped_and_comes_back_as_a_new_incarnation() {
+    let etcd = start_etcd("pause");
+    let a = member("a", &etcd.url, "4s");
+    let b = member("b", &etcd.url, "4s");
+    wait_views_agree(&etcd.url, &[&a, &b], 2, 20, "two members");
+    let old = listed_ids(&etcd.url);
+    a.signal("-STOP");
+    b.wait_snapshot("the paused member dropped", 15, |v| member_count(v) == 1);
+    a.signal("-CONT");
+    a.wait_line("membership restored", 20, |l| {
+        l.contains("\"membership-restored\"")
+    });
+    assert_eq!(a.json_lines("membership-lost").len(), 1);
+    assert!(b.json_lines("membership-lost").is_empty());
+    wait_views_agree(&etcd.url, &[&a, &b], 2, 20, "the paused member back");
+    let new = listed_ids(&etcd.url);
+    assert_eq!(
+        new.iter().filter(|id| old.contains(id)).count(),
+        1,
+        "{old:?} {new:?}"
+    );
+}
+
+/// The etcd cluster id as `etcdctl endpoint status` reports it.
+fn cluster_id(etcd: &str) -> u64 {
+    let out = etcdctl(etcd, &["endpoint", "status", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["Status"]["header"]["cluster_id"].as_u64().unwrap()
+}
+
+#[test]
+fn a_snapshot_restore_with_the_same_cluster_id_leaves_no_phantom_member() {
+    let mut etcd = start_etcd("restore");
+    let a = member("a", &etcd.url, "4s");
+    let b = member("b", &etcd.url, "4s");
+    wait_views_agree(&etcd.url, &[&a, &b], 2, 20, "two members");
+    let snapshot = etcd.dir.join("snapshot.db");
+    let snapshot = snapshot.to_string_lossy().into_owned();
+    etcdctl(&etcd.url, &["snapshot", "save", &snapshot]);
+    let c = member("c", &etcd.url, "4s");
+    wait_views_agree(&etcd.url, &[&a, &b, &c], 3, 20, "three members");
+    let id = cluster_id(&etcd.url);
+    etcd.proc.kill9();
+    // Restored with the same name, peer URL and cluster token: the same cluster id, and a
+    // store that never saw c (nor the revisions after the snapshot).
+    let restored = etcd.dir.join("restored");
+    let peer = format!("http://127.0.0.1:{}", etcd.peer);
+    etcdctl(
+        &etcd.url,
+        &[
+            "snapshot",
+            "restore",
+            &snapshot,
+            "--name",
+            "t",
+            "--data-dir",
+            &restored.to_string_lossy(),
+            "--initial-cluster",
+            &format!("t={peer}"),
+            "--initial-advertise-peer-urls",
+            &peer,
+        ],
+    );
+    etcd.proc = etcd_at(&restored, etcd.client, etcd.peer);
+    assert_eq!(cluster_id(&etcd.url), id, "the restore kept the cluster id");
+    // c comes back as a new incarnation; nobody keeps its old key listed.
+    wait_views_agree(&etcd.url, &[&a, &b, &c], 3, 30, "after the restore");
     let _ = std::fs::remove_dir_all(&etcd.dir);
 }

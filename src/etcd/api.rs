@@ -104,6 +104,18 @@ pub enum EtcdError {
         /// The store's compaction revision.
         compacted: Revision,
     },
+    /// A watch asked for a revision beyond the store's next one: the store went back (restored
+    /// from a snapshot with the same cluster id, or an etcd that lost its data), so what the
+    /// watcher saw after `current` may never have happened here. The view must be listed again.
+    #[error(
+        "revision {requested} is beyond the store's next one (it is at {current}): the store went back"
+    )]
+    WentBack {
+        /// The revision asked for.
+        requested: Revision,
+        /// The store's revision.
+        current: Revision,
+    },
     /// The lease expired or was revoked.
     #[error("lease {0:x} not found (expired or revoked)")]
     LeaseNotFound(LeaseId),
@@ -132,6 +144,8 @@ pub trait EtcdApi: Send + Sync + 'static {
     /// Reads every key under `prefix`.
     async fn range_prefix(&self, prefix: &str) -> Result<Range, EtcdError>;
     /// Watches every key under `prefix` from revision `from` (inclusive). A compacted `from`
-    /// fails with [`EtcdError::Compacted`], at once or as the stream's first item.
+    /// fails with [`EtcdError::Compacted`], at once or as the stream's first item; a `from`
+    /// beyond the store's next revision with [`EtcdError::WentBack`] (etcd itself would wait
+    /// for it, silently: after a restore the revisions are reused by other writes).
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError>;
 }

@@ -280,6 +280,11 @@ pub fn etcd_error(e: etcd_client::Error) -> EtcdError {
                 code => EtcdError::Unavailable(format!("{code:?}: {message}")),
             }
         }
+        // Opening a keep-alive stream for a lease etcd does not have: etcd answers with no
+        // TTL, which etcd-client turns into this error string (not a status).
+        etcd_client::Error::LeaseKeepAliveError(m) if m == "lease not found" => {
+            EtcdError::LeaseNotFound(0)
+        }
         etcd_client::Error::InvalidArgs(m) | etcd_client::Error::EndpointError(m) => {
             EtcdError::Rejected(m)
         }
@@ -620,6 +625,35 @@ impl EtcdApi for EtcdClient {
                 Ok(None) => return Err(EtcdError::Unavailable("the watch ended at once".into())),
                 Err(e) => return Err(on.failed(e)),
             };
+            // etcd accepts a watch from a revision it has not reached and waits for it; after
+            // a restore with the same cluster id those revisions are reused by other writes,
+            // which the watch would never deliver (phantom members, for good).
+            // A member of a multi-member etcd may lag a little behind the one the view was
+            // read from: a linearizable read (answered at the quorum's revision) confirms it.
+            let created_at = first.header().map_or(0, |h| h.revision());
+            if from > 0 && first.created() && !first.canceled() && created_at + 1 < from {
+                let quorum = self
+                    .call(|mut c| async move {
+                        c.get(
+                            prefix,
+                            Some(GetOptions::new().with_prefix().with_count_only()),
+                        )
+                        .await
+                    })
+                    .await
+                    .map_err(etcd_error)?;
+                let current = quorum.header().map_or(0, |h| h.revision());
+                if current + 1 < from {
+                    return Err(EtcdError::WentBack {
+                        requested: from,
+                        current,
+                    });
+                }
+                return Err(EtcdError::Unavailable(format!(
+                    "the etcd member at {} is behind (at revision {created_at}, the quorum at {current})",
+                    self.endpoints.urls[endpoint]
+                )));
+            }
             if first.canceled() && first.cancel_reason().contains("no leader") {
                 on.endpoints
                     .fail_over(endpoint, &"watch cancelled: no leader");
@@ -823,7 +857,14 @@ mod tests {
         ] {
             assert!(!endpoint_failed(&e), "{e}");
         }
-        // A lost lease is reported as lost whatever the stream's state.
+        // A lost lease is reported as lost whatever the stream's state: on a stream opened
+        // for it (etcd-client's error string) or as a status.
+        assert_eq!(
+            etcd_error(etcd_client::Error::LeaseKeepAliveError(
+                "lease not found".into()
+            )),
+            EtcdError::LeaseNotFound(0)
+        );
         assert_eq!(
             etcd_error(GRpcStatus(Status::not_found(
                 "etcdserver: requested lease not found"

@@ -89,7 +89,24 @@ pub struct EtcdView {
     /// The revision the view reflects.
     revision: Revision,
     cluster_id: u64,
+    /// The epoch of the topologies issued: the cluster id, changed (see [`Self::relist`])
+    /// each time a list shows the same cluster's revision went back.
+    epoch: u64,
     synced: bool,
+}
+
+/// The epoch after a list showed cluster `cluster_id`'s revision back at `now` from `before`
+/// (a restore from a snapshot keeps the cluster id): a fixed mix of the previous epoch and both
+/// revisions (SplitMix64's finaliser), so that topologies of the restored store, whose
+/// versions start below the ones already issued, are not refused as stale. The same
+/// observations give the same epoch.
+pub fn epoch_after_going_back(previous: u64, before: Revision, now: Revision) -> u64 {
+    let mut z = previous
+        ^ (before as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (now as u64).rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl EtcdView {
@@ -123,7 +140,7 @@ impl EtcdView {
     }
 
     /// Replaces the view with a fresh read (after a start, a compaction, or an etcd that lost
-    /// its data); whether the members changed.
+    /// its data); whether the members or the epoch changed.
     pub fn relist(&mut self, range: &Range) -> bool {
         let before = self.members();
         self.keys.clear();
@@ -134,10 +151,24 @@ impl EtcdView {
             self.insert(kv.key.clone(), decoded);
         }
         let moved = !self.synced || range.cluster_id != self.cluster_id;
+        // The same cluster at a lower revision, or at the same revision with other members (a
+        // store's state at one revision never changes): it went back, and writes since reused
+        // revisions the view had seen.
+        let members = self.members();
+        let went_back = !moved
+            && (range.revision < self.revision
+                || (range.revision == self.revision && before != members));
+        self.epoch = if moved {
+            range.cluster_id
+        } else if went_back {
+            epoch_after_going_back(self.epoch, self.revision, range.revision)
+        } else {
+            self.epoch
+        };
         self.revision = range.revision;
         self.cluster_id = range.cluster_id;
         self.synced = true;
-        moved || before != self.members()
+        moved || went_back || before != members
     }
 
     /// Applies one watch batch; whether the members changed. Changes at or below the view's
@@ -242,14 +273,15 @@ impl EtcdView {
     }
 
     /// The topology of `cluster` this view stands for: version = its revision, epoch = the
-    /// etcd cluster id.
+    /// etcd cluster id (another one after a list showed the revision went back, as after a
+    /// restore with the same cluster id: the versions start over below the ones issued).
     pub fn topology(&self, cluster: &str) -> Result<ClusterTopology, crate::cluster::ModelError> {
         Ok(ClusterTopology::new(
             cluster.to_string(),
             u64::try_from(self.revision).unwrap_or(0),
             self.members(),
         )?
-        .with_epoch(self.cluster_id))
+        .with_epoch(self.epoch))
     }
 
     /// Whether the view holds `key`.
@@ -365,5 +397,39 @@ mod tests {
             cluster_id: 2,
         }));
         assert!(old.is_superseded_by(&v.topology("c").unwrap()));
+    }
+
+    #[test]
+    fn a_store_restored_with_the_same_cluster_id_is_a_new_epoch_the_same_for_the_same_history() {
+        let listed = |revision| Range {
+            kvs: vec![kv("m1", 2, "h:1")],
+            revision,
+            cluster_id: 1,
+        };
+        let mut v = EtcdView::new(P);
+        v.relist(&listed(90));
+        let old = v.topology("c").unwrap();
+        // A later list of the same store: the same epoch, nothing to publish.
+        assert!(!v.relist(&listed(95)));
+        assert_eq!(v.topology("c").unwrap().epoch(), old.epoch());
+        // The same cluster id at a lower revision: restored. A new epoch, so the topology of
+        // the restored store supersedes the ones issued before it.
+        assert!(v.relist(&listed(40)));
+        let restored = v.topology("c").unwrap();
+        assert_ne!(restored.epoch(), old.epoch());
+        assert!(old.is_superseded_by(&restored));
+        // At the same revision with other members: it went back too (writes since the restore
+        // reused the revisions).
+        let mut other = listed(40);
+        other.kvs = vec![kv("m2", 2, "h:2")];
+        assert!(v.relist(&other));
+        let again = v.topology("c").unwrap();
+        assert_ne!(again.epoch(), restored.epoch());
+        assert!(restored.is_superseded_by(&again));
+        // Another view that saw the same thing issues the same epoch.
+        let mut w = EtcdView::new(P);
+        w.relist(&listed(95));
+        w.relist(&listed(40));
+        assert_eq!(w.topology("c").unwrap().epoch(), restored.epoch());
     }
 }

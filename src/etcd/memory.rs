@@ -435,6 +435,12 @@ impl EtcdApi for MemoryEtcd {
                 compacted: s.compacted,
             });
         }
+        if from > s.revision + 1 {
+            return Err(EtcdError::WentBack {
+                requested: from,
+                current: s.revision,
+            });
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let backlog: Vec<Change> = s
             .history

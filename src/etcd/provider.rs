@@ -199,6 +199,9 @@ impl From<EtcdError> for WatchEnd {
             EtcdError::Compacted { .. } if !sim::flaw("etcd-compacted-not-relisted") => {
                 WatchEnd::Relist("the watch's revision is compacted")
             }
+            EtcdError::WentBack { .. } => {
+                WatchEnd::Relist("etcd's revision went back (restored from a snapshot?)")
+            }
             other => WatchEnd::Reopen(other),
         }
     }

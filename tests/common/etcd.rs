@@ -328,3 +328,66 @@ impl Drop for EtcdCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Waits until etcd lists `n` members and each of `members` lists exactly those in its last
+/// snapshot (no phantom, nobody missing).
+pub fn wait_views_agree(etcd: &str, members: &[&Proc], n: usize, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ok, listed, _) = topology(etcd);
+        let views: Vec<Option<Vec<String>>> = members
+            .iter()
+            .map(|m| m.last_json().as_ref().map(ids))
+            .collect();
+        if ok && ids(&listed).len() == n && views.iter().all(|v| v.as_ref() == Some(&ids(&listed)))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: etcd lists {:?}, the members {views:?}",
+            ids(&listed)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `etcdctl` against `etcd` with `args`; its stdout (fails the test if it fails).
+pub fn etcdctl(etcd: &str, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", etcd])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The members' keys in etcd and the lease each is bound to (hex, as etcdctl takes it).
+pub fn member_keys(etcd: &str) -> Vec<(String, String)> {
+    let out = etcdctl(
+        etcd,
+        &["get", "--prefix", "/shoal/c/members/", "-w", "fields"],
+    );
+    let field = |line: &str, name: &str| {
+        line.strip_prefix(&format!("\"{name}\" : "))
+            .map(|v| v.trim().trim_matches('"').to_string())
+    };
+    let mut keys = Vec::new();
+    let mut key = None;
+    for line in out.lines() {
+        if let Some(k) = field(line, "Key") {
+            key = Some(k);
+        } else if let (Some(lease), Some(k)) = (field(line, "Lease"), key.as_ref()) {
+            let lease: i64 = lease.parse().unwrap_or(0);
+            keys.push((k.clone(), format!("{lease:x}")));
+            key = None;
+        }
+    }
+    keys
+}
