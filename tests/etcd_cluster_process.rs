@@ -71,15 +71,15 @@ fn a_frozen_member_a_frozen_leader_and_a_killed_leader_cost_no_membership() {
     let (first, last) = (followers[0], followers[1]);
     // Both members talk to a follower first, then the leader.
     let order = [first, leader, last];
-    let a = member("a", &etcd.endpoints(&order), "6s");
-    let b = member("b", &etcd.endpoints(&order), "6s");
+    let a = member("a", &etcd.endpoints(&order), "8s");
+    let b = member("b", &etcd.endpoints(&order), "8s");
     wait_all(&[&a, &b], 2, 30, "two members");
 
-    // Their etcd member frozen for four lease TTLs: nobody is lost, and a member joining
+    // Their etcd member frozen for three lease TTLs: nobody is lost, and a member joining
     // meanwhile is listed by all while it is still frozen (the watches moved on).
     etcd.signal(first, "-STOP");
     let frozen = Instant::now();
-    let c = member("c", &etcd.endpoints(&[leader, last]), "6s");
+    let c = member("c", &etcd.endpoints(&[leader, last]), "8s");
     wait_all(
         &[&a, &b, &c],
         3,

@@ -457,3 +457,71 @@ fn a_snapshot_restore_with_the_same_cluster_id_leaves_no_phantom_member() {
     wait_views_agree(&etcd.url, &[&a, &b, &c], 3, 30, "after the restore");
     let _ = std::fs::remove_dir_all(&etcd.dir);
 }
+
+/// Members that authenticate as a user whose role may read and write the prefix only (not
+/// root). When the role loses its grant, a member that must write again (its key was deleted)
+/// is refused: it says so at warn, and re-joins once the grant is back.
+#[test]
+fn members_with_a_least_privilege_role_work_and_say_so_when_it_loses_its_grant() {
+    let etcd = start_etcd("role");
+    let root = ["--user", "root:s3cret"];
+    etcdctl(&etcd.url, &["user", "add", "root:s3cret"]);
+    etcdctl(&etcd.url, &["role", "add", "shoal"]);
+    let grant = [
+        "role",
+        "grant-permission",
+        "shoal",
+        "readwrite",
+        "/shoal/",
+        "--prefix=true",
+    ];
+    etcdctl(&etcd.url, &grant);
+    etcdctl(&etcd.url, &["user", "add", "member:pw"]);
+    etcdctl(&etcd.url, &["user", "grant-role", "member", "shoal"]);
+    etcdctl(&etcd.url, &["auth", "enable"]);
+    let as_member = |name| {
+        member_with(
+            name,
+            &etcd.url,
+            "4s",
+            &["--etcd-user", "member"],
+            &[("SHOAL_ETCD_PASSWORD", "pw")],
+        )
+    };
+    let a = as_member("a");
+    let b = as_member("b");
+    let admin = Some(("root", "s3cret"));
+    wait_views_agree_as(&etcd.url, admin, &[&a, &b], 2, 20, "two members as a role");
+
+    let revoke = [
+        "role",
+        "revoke-permission",
+        "shoal",
+        "/shoal/",
+        "--prefix=true",
+    ];
+    etcdctl(&etcd.url, &[&root[..], &revoke[..]].concat());
+    let keys = member_keys_as(&etcd.url, &root);
+    etcdctl(&etcd.url, &[&root[..], &["del", &keys[0].0][..]].concat());
+    let refused = |p: &Proc| {
+        p.err_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("etcd refused this member's request"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(refused(&a) || refused(&b)) {
+        assert!(Instant::now() < deadline, "no member said etcd refused it");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    etcdctl(&etcd.url, &[&root[..], &grant[..]].concat());
+    wait_views_agree_as(
+        &etcd.url,
+        admin,
+        &[&a, &b],
+        2,
+        30,
+        "back once the grant is back",
+    );
+}

@@ -29,6 +29,8 @@ pub struct EtcdProviderMetrics {
     pub membership_lost: Counter,
     /// Times this member held a lease again after losing one.
     pub membership_restored: Counter,
+    /// Requests etcd refused (authentication, permission), each logged at warn.
+    pub refusals: Counter,
     /// Members in this node's view.
     pub members: Gauge,
 }
@@ -36,7 +38,7 @@ pub struct EtcdProviderMetrics {
 impl EtcdProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 10] = [
+        let all: [(&str, &str, &Counter); 11] = [
             (
                 "etcd_keep_alives",
                 "Keep-alives of this member's lease accepted",
@@ -86,6 +88,11 @@ impl EtcdProviderMetrics {
                 "etcd_membership_restored",
                 "Times this member held a lease again after losing one",
                 &self.membership_restored,
+            ),
+            (
+                "etcd_refusals",
+                "Requests etcd refused (authentication, permission)",
+                &self.refusals,
             ),
         ];
         for (name, help, counter) in all {

@@ -574,9 +574,10 @@ impl Session {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     self.metrics.keep_alive_failures.inc();
-                    if failures >= 2 {
+                    let refused = self.refused(&e.error, &e.what);
+                    if !refused && failures >= 2 {
                         tracing::warn!(member = %self.member_id(), error = %e, failures, "etcd keep-alives failing");
-                    } else {
+                    } else if !refused {
                         tracing::debug!(member = %self.member_id(), error = %e, "etcd keep-alive failed");
                     }
                 }
@@ -638,7 +639,9 @@ impl Session {
             let range = match listed {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(error = %e, "etcd list failed");
+                    if !self.refused(&e.error, &e.what) {
+                        tracing::debug!(error = %e, "etcd list failed");
+                    }
                     self.pause(&mut attempt).await;
                     continue;
                 }
@@ -664,12 +667,27 @@ impl Session {
                     }
                     WatchEnd::Reopen(e) => {
                         self.metrics.watch_reopens.inc();
-                        tracing::debug!(error = %e, from, "etcd watch ended; reopening");
+                        if !self.refused(&e, &format!("watch {} from {from}", self.prefix)) {
+                            tracing::debug!(error = %e, from, "etcd watch ended; reopening");
+                        }
                         self.pause(&mut attempt).await;
                     }
                 }
             }
         }
+    }
+
+    /// If etcd refused the request (authentication, permission: the user's role lost its
+    /// grant on the prefix), says so at warn with the counter `etcd_refusals`, and returns
+    /// true. The request is retried with the backoff: an operator can fix the role without
+    /// restarting members, and each refusal is logged meanwhile.
+    fn refused(&self, e: &EtcdError, what: &str) -> bool {
+        let EtcdError::Rejected(why) = e else {
+            return false;
+        };
+        self.metrics.refusals.inc();
+        tracing::warn!(request = %what, error = %why, prefix = %self.prefix, "etcd refused this member's request (check the etcd user's role: read and write on the prefix, lease grant and revoke); retrying");
+        true
     }
 
     async fn pause(&self, attempt: &mut u32) {

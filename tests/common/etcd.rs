@@ -155,19 +155,28 @@ pub fn member_with(
 
 /// `shoal topology --etcd URL --cluster c --json`: (success, parsed stdout or null, stderr).
 pub fn topology(etcd: &str) -> (bool, serde_json::Value, String) {
-    let out = Command::new(shoal_bin())
-        .args([
-            "topology",
-            "--etcd",
-            etcd,
-            "--cluster",
-            "c",
-            "--json",
-            "--wait",
-            "5s",
-        ])
-        .output()
-        .unwrap();
+    topology_as(etcd, None)
+}
+
+/// [`topology`] as etcd user `user` (name, password), when etcd has authentication on.
+pub fn topology_as(etcd: &str, user: Option<(&str, &str)>) -> (bool, serde_json::Value, String) {
+    let mut command = Command::new(shoal_bin());
+    command.args([
+        "topology",
+        "--etcd",
+        etcd,
+        "--cluster",
+        "c",
+        "--json",
+        "--wait",
+        "5s",
+    ]);
+    if let Some((name, password)) = user {
+        command
+            .args(["--etcd-user", name])
+            .env("SHOAL_ETCD_PASSWORD", password);
+    }
+    let out = command.output().unwrap();
     (
         out.status.success(),
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
@@ -332,9 +341,21 @@ impl Drop for EtcdCluster {
 /// Waits until etcd lists `n` members and each of `members` lists exactly those in its last
 /// snapshot (no phantom, nobody missing).
 pub fn wait_views_agree(etcd: &str, members: &[&Proc], n: usize, secs: u64, what: &str) {
+    wait_views_agree_as(etcd, None, members, n, secs, what)
+}
+
+/// [`wait_views_agree`], listing as etcd user `user` (name, password).
+pub fn wait_views_agree_as(
+    etcd: &str,
+    user: Option<(&str, &str)>,
+    members: &[&Proc],
+    n: usize,
+    secs: u64,
+    what: &str,
+) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let (ok, listed, _) = topology(etcd);
+        let (ok, listed, _) = topology_as(etcd, user);
         let views: Vec<Option<Vec<String>>> = members
             .iter()
             .map(|m| m.last_json().as_ref().map(ids))
@@ -370,10 +391,13 @@ pub fn etcdctl(etcd: &str, args: &[&str]) -> String {
 
 /// The members' keys in etcd and the lease each is bound to (hex, as etcdctl takes it).
 pub fn member_keys(etcd: &str) -> Vec<(String, String)> {
-    let out = etcdctl(
-        etcd,
-        &["get", "--prefix", "/shoal/c/members/", "-w", "fields"],
-    );
+    member_keys_as(etcd, &[])
+}
+
+/// [`member_keys`] with etcdctl's global flags `flags` (like `--user root:pw`).
+pub fn member_keys_as(etcd: &str, flags: &[&str]) -> Vec<(String, String)> {
+    let get = ["get", "--prefix", "/shoal/c/members/", "-w", "fields"];
+    let out = etcdctl(etcd, &[flags, &get[..]].concat());
     let field = |line: &str, name: &str| {
         line.strip_prefix(&format!("\"{name}\" : "))
             .map(|v| v.trim().trim_matches('"').to_string())
