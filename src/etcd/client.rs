@@ -416,13 +416,14 @@ impl EtcdClient {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.call_on(op).await.map(|(_, t)| t)
+        self.call_on(|_, c| op(c)).await.map(|(_, t)| t)
     }
 
-    /// [`Self::call`], also saying which endpoint answered.
+    /// [`Self::call`] with `op` told which endpoint its client is for, also saying which
+    /// endpoint answered.
     async fn call_on<T, F, Fut>(&self, op: F) -> Result<(usize, T), etcd_client::Error>
     where
-        F: Fn(Client) -> Fut,
+        F: Fn(usize, Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut tries = 0;
@@ -430,10 +431,10 @@ impl EtcdClient {
             let i = self.endpoints.current();
             let guard = Abandoned::new(&self.endpoints, i);
             let result = match self.endpoints.client(i).await {
-                Ok(client) => match op(client.clone()).await {
+                Ok(client) => match op(i, client.clone()).await {
                     Err(e) if self.authenticates && stale_token(&e) => {
                         match self.reauthenticate(&client, &e).await {
-                            Ok(()) => op(client).await,
+                            Ok(()) => op(i, client).await,
                             Err(e) => Err(e),
                         }
                     }
@@ -482,39 +483,17 @@ impl EtcdApi for EtcdClient {
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
-        let (mut reauthenticated, mut tries) = (false, 0);
-        loop {
-            let i = self.endpoints.current();
-            let guard = Abandoned::new(&self.endpoints, i);
-            let result = self.keep_alive_once(i, lease).await;
-            guard.disarm();
-            match result {
-                Err((client, e)) if self.authenticates && !reauthenticated && stale_token(&e) => {
-                    reauthenticated = true;
-                    match client {
-                        Some(client) => {
-                            self.reauthenticate(&client, &e).await.map_err(etcd_error)?
-                        }
-                        None => return Err(etcd_error(e)),
-                    }
-                }
-                Err((_, e)) if endpoint_failed(&e) => {
-                    self.endpoints.fail_over(i, &e);
-                    tries += 1;
-                    if tries >= self.endpoints.urls.len() {
-                        return Err(etcd_error(e));
-                    }
-                }
-                // A lost lease is reported as lost however etcd said it (an answer with no
-                // TTL, or an error naming it).
-                Err((_, e)) => {
-                    return Err(match etcd_error(e) {
-                        EtcdError::LeaseNotFound(_) => EtcdError::LeaseNotFound(lease),
-                        other => other,
-                    });
-                }
-                Ok(answer) => return answer,
-            }
+        match self
+            .call_on(|i, client| self.keep_alive_once(i, client, lease))
+            .await
+        {
+            Ok((_, answer)) => answer,
+            // A lost lease is reported as lost however etcd said it (an answer with no TTL,
+            // or an error naming it).
+            Err(e) => Err(match etcd_error(e) {
+                EtcdError::LeaseNotFound(_) => EtcdError::LeaseNotFound(lease),
+                other => other,
+            }),
         }
     }
 
@@ -605,7 +584,7 @@ impl EtcdApi for EtcdClient {
         let mut retried = false;
         loop {
             let (endpoint, mut stream) = self
-                .call_on(|mut c| {
+                .call_on(|_, mut c| {
                     let options = options.clone();
                     async move { c.watch(prefix, Some(options)).await }
                 })
@@ -679,32 +658,27 @@ impl EtcdApi for EtcdClient {
 }
 
 impl EtcdClient {
-    /// One keep-alive over the lease's stream on endpoint `i` (opened if there is none, or if
-    /// it was opened on another endpoint), taken out while in use and put back if it worked.
-    /// The outer error is etcd-client's (to tell a stale token or a failed endpoint), with the
-    /// endpoint's client if it was reached; the inner one is the provider's.
+    /// One keep-alive over the lease's stream on endpoint `i`, whose client is `client`
+    /// (opened if there is none, or if it was opened on another endpoint), taken out while in
+    /// use and put back if it worked. The outer error is etcd-client's (to tell a stale token
+    /// or a failed endpoint); the inner one is the provider's.
     async fn keep_alive_once(
         &self,
         i: usize,
+        client: Client,
         lease: LeaseId,
-    ) -> Result<Result<Duration, EtcdError>, (Option<Client>, etcd_client::Error)> {
+    ) -> Result<Result<Duration, EtcdError>, etcd_client::Error> {
         let held = self
             .endpoints
             .keepers()
             .remove(&lease)
             .filter(|(at, _, _)| *at == i);
-        let client = self.endpoints.client(i).await.map_err(|e| (None, e))?;
-        let failed = |e| (Some(client.clone()), e);
         let (mut keeper, mut stream) = match held {
             Some((_, keeper, stream)) => (keeper, stream),
-            None => client
-                .clone()
-                .lease_keep_alive(lease)
-                .await
-                .map_err(failed)?,
+            None => client.clone().lease_keep_alive(lease).await?,
         };
-        keeper.keep_alive().await.map_err(failed)?;
-        let Some(answer) = stream.message().await.map_err(failed)? else {
+        keeper.keep_alive().await?;
+        let Some(answer) = stream.message().await? else {
             return Ok(Err(EtcdError::Unavailable(
                 "the keep-alive stream ended".into(),
             )));

@@ -574,11 +574,12 @@ impl Session {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     self.metrics.keep_alive_failures.inc();
-                    let refused = self.refused(&e.error, &e.what);
-                    if !refused && failures >= 2 {
-                        tracing::warn!(member = %self.member_id(), error = %e, failures, "etcd keep-alives failing");
-                    } else if !refused {
-                        tracing::debug!(member = %self.member_id(), error = %e, "etcd keep-alive failed");
+                    if !self.refused(&e.error, || e.what.clone()) {
+                        if failures >= 2 {
+                            tracing::warn!(member = %self.member_id(), error = %e, failures, "etcd keep-alives failing");
+                        } else {
+                            tracing::debug!(member = %self.member_id(), error = %e, "etcd keep-alive failed");
+                        }
                     }
                 }
             }
@@ -639,7 +640,7 @@ impl Session {
             let range = match listed {
                 Ok(r) => r,
                 Err(e) => {
-                    if !self.refused(&e.error, &e.what) {
+                    if !self.refused(&e.error, || e.what.clone()) {
                         tracing::debug!(error = %e, "etcd list failed");
                     }
                     self.pause(&mut attempt).await;
@@ -667,7 +668,7 @@ impl Session {
                     }
                     WatchEnd::Reopen(e) => {
                         self.metrics.watch_reopens.inc();
-                        if !self.refused(&e, &format!("watch {} from {from}", self.prefix)) {
+                        if !self.refused(&e, || format!("watch {} from {from}", self.prefix)) {
                             tracing::debug!(error = %e, from, "etcd watch ended; reopening");
                         }
                         self.pause(&mut attempt).await;
@@ -681,12 +682,12 @@ impl Session {
     /// grant on the prefix), says so at warn with the counter `etcd_refusals`, and returns
     /// true. The request is retried with the backoff: an operator can fix the role without
     /// restarting members, and each refusal is logged meanwhile.
-    fn refused(&self, e: &EtcdError, what: &str) -> bool {
+    fn refused(&self, e: &EtcdError, what: impl FnOnce() -> String) -> bool {
         let EtcdError::Rejected(why) = e else {
             return false;
         };
         self.metrics.refusals.inc();
-        tracing::warn!(request = %what, error = %why, prefix = %self.prefix, "etcd refused this member's request (check the etcd user's role: read and write on the prefix, lease grant and revoke); retrying");
+        tracing::warn!(request = %what(), error = %why, prefix = %self.prefix, "etcd refused this member's request (check the etcd user's role: read and write on the prefix, lease grant and revoke); retrying");
         true
     }
 
