@@ -175,6 +175,40 @@ pub enum Fault {
         /// Which description.
         generation: u32,
     },
+    /// The member is cut off from the control plane both ways while it still reaches its peers
+    /// and they it: it loses its registration, peers remove it, and calls still reach it.
+    BackendCut {
+        /// The member.
+        member: usize,
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
+    /// The control plane applies the member's requests as they arrive (an etcd keep-alive
+    /// renews the lease then) but each answer leaves `delay` late: a slow or congested path
+    /// back. Only etcd models it; elsewhere it does nothing.
+    SlowAnswers {
+        /// The member.
+        member: usize,
+        /// How late every answer is.
+        #[serde(with = "ms")]
+        delay: Duration,
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
+    /// Watch responses to the member leave the control plane `delay` after they were made, in
+    /// order: its view lags the store, its own writes included. Only etcd models it.
+    LaggingWatch {
+        /// The member.
+        member: usize,
+        /// How far behind.
+        #[serde(with = "ms")]
+        delay: Duration,
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
     /// The member is partitioned from everyone and healed `times` times in a row.
     Flap {
         /// The member.
@@ -208,6 +242,9 @@ impl Fault {
             Fault::RegistryPause { .. } => "registry-pause",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
+            Fault::BackendCut { .. } => "backend-cut",
+            Fault::SlowAnswers { .. } => "slow-answers",
+            Fault::LaggingWatch { .. } => "lagging-watch",
             Fault::Describe { .. } => "describe",
             Fault::StreamReset { .. } => "stream-reset",
             Fault::Throttle { .. } => "throttle",
@@ -230,6 +267,9 @@ impl Fault {
                 | Fault::BackendDataLoss { .. }
                 | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
+                | Fault::BackendCut { .. }
+                | Fault::SlowAnswers { .. }
+                | Fault::LaggingWatch { .. }
                 | Fault::StreamReset { .. }
                 | Fault::Throttle { .. }
         )
@@ -342,6 +382,33 @@ impl fmt::Display for Fault {
                 times,
                 period,
             } => write!(f, "flap m{member} {times}x every {}", s(period)),
+            Fault::BackendCut { member, duration } => {
+                write!(
+                    f,
+                    "m{member} cut off from the registry (not from peers) for {}",
+                    s(duration)
+                )
+            }
+            Fault::SlowAnswers {
+                member,
+                delay,
+                duration,
+            } => write!(
+                f,
+                "answers to m{member} {} late for {}",
+                s(delay),
+                s(duration)
+            ),
+            Fault::LaggingWatch {
+                member,
+                delay,
+                duration,
+            } => write!(
+                f,
+                "watch of m{member} {} behind for {}",
+                s(delay),
+                s(duration)
+            ),
             Fault::Describe { member, generation } => {
                 write!(f, "m{member} describes itself as generation {generation}")
             }

@@ -159,6 +159,16 @@ pub enum Flaw {
     /// Planted in the etcd provider's keep-alive loop: the lease is kept alive every TTL
     /// instead of every third of it, so healthy members expire.
     EtcdKeepAliveEveryTtl,
+    /// Planted in the etcd provider's keep-alive: a keep-alive is dated when its answer came,
+    /// not when it was sent, so a late answer stretches the member's standing past its lease.
+    EtcdKeepAliveDatedOnAnswer,
+    /// Planted in the etcd provider: a member judges its own key gone from a view that has not
+    /// reached its own write yet (a lagging watch right after it registered again), so it
+    /// registers again and again.
+    EtcdOwnKeyJudgedEarly,
+    /// Planted in the etcd provider's keep-alive loop: the next round waits a whole interval
+    /// after the previous answer, so slow answers stretch the time between renewals.
+    EtcdKeepAliveAfterAnswer,
     /// Planted in the registry's snapshot cache: compressed members are looked up by cluster
     /// alone, not by version, so a watcher that accepts compression gets an older version's
     /// members under the new version.
@@ -210,6 +220,9 @@ impl Flaw {
             Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",
             Flaw::EtcdDeleteIgnored => "etcd-delete-ignored",
             Flaw::EtcdKeepAliveEveryTtl => "etcd-keep-alive-every-ttl",
+            Flaw::EtcdKeepAliveDatedOnAnswer => "etcd-keep-alive-dated-on-answer",
+            Flaw::EtcdOwnKeyJudgedEarly => "etcd-own-key-judged-early",
+            Flaw::EtcdKeepAliveAfterAnswer => "etcd-keep-alive-after-answer",
             Flaw::CompressedCacheAnyVersion => "compressed-cache-any-version",
             Flaw::HeartbeatPublishes => "heartbeat-publishes",
             Flaw::EtcdProgressRelists => "etcd-progress-relists",

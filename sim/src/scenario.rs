@@ -763,6 +763,23 @@ pub fn all() -> Vec<Scenario> {
             &["etcd: watches reopened", "etcd: keep-alive failures"],
         ),
         Scenario {
+            // Answers may come up to 2.5 s late (the lease margin is 0.6 s): a keep-alive
+            // dated when its answer came would outlive the lease.
+            knobs: Some(|k| k.etcd_request_timeout = Some(Duration::from_millis(2_500))),
+            ..etcd(
+                "etcd-timing",
+                "etcd: a member's answers leave late (up to 2.3 s, past the 0.6 s lease margin), then are lost while its keep-alives still renew; later they leave late again, then it is cut off from etcd (not from its peers) past its lease; another member's watch lags while its keep-alives are lost past its lease (it registers again behind its own view); a third is cut off from etcd but not from its peers",
+                etcd_timing,
+                &[
+                    "door: answers sent late",
+                    "door: watch responses sent late",
+                    "etcd: membership lost",
+                    "etcd: membership restored",
+                    "etcd: rejoins",
+                ],
+            )
+        },
+        Scenario {
             members: 6,
             knobs: Some(|k| {
                 k.k8s_service = true;
@@ -959,6 +976,77 @@ fn etcd(
         provider: ProviderKind::Etcd,
         ..k8s(name, about, 75, generate, covers)
     }
+}
+
+/// The timing paths of a lease: answers that leave late and then not at all (a keep-alive must
+/// be dated when it was sent, not when its answer came), a member that registers again while
+/// its watch lags behind its own write, and a member cut off from etcd while its peers still
+/// reach it.
+fn etcd_timing(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let slow = r.pick(n);
+    let lagging = (slow + 1 + r.pick(n - 1)) % n;
+    let cut = (0..n)
+        .map(|k| (lagging + 1 + k) % n)
+        .find(|&m| m != slow && m != lagging)
+        .unwrap_or(slow);
+    FaultSchedule::new(vec![
+        at(
+            4.0,
+            Fault::SlowAnswers {
+                member: slow,
+                delay: r.ms(300, 2_300),
+                duration: r.ms(6_000, 9_000),
+            },
+        ),
+        // Answers lost, requests applied: etcd keeps the lease, the member cannot vouch for it.
+        at(
+            14.0,
+            Fault::ReplyLost {
+                member: slow,
+                duration: r.ms(6_500, 9_000),
+            },
+        ),
+        // The last keep-alive etcd applies is answered late (one is sent in any 5 s); then
+        // the member is cut off from etcd (not from its peers) past its lease, so it cannot
+        // see its key go: its own reckoning must end its membership first.
+        at(
+            25.0,
+            Fault::SlowAnswers {
+                member: slow,
+                delay: r.ms(1_200, 2_300),
+                duration: Duration::from_millis(6_000),
+            },
+        ),
+        at(
+            30.0,
+            Fault::BackendCut {
+                member: slow,
+                duration: r.ms(6_500, 10_000),
+            },
+        ),
+        at(
+            44.0,
+            Fault::LaggingWatch {
+                member: lagging,
+                delay: r.ms(500, 4_000),
+                duration: r.ms(22_000, 28_000),
+            },
+        ),
+        at(
+            45.0,
+            Fault::HeartbeatLoss {
+                member: lagging,
+                duration: r.ms(6_500, 10_000),
+            },
+        ),
+        at(
+            64.0,
+            Fault::BackendCut {
+                member: cut,
+                duration: r.ms(3_000, 9_000),
+            },
+        ),
+    ])
 }
 
 /// etcd restarts having lost its data; later a member crashes and restarts.

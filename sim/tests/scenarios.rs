@@ -559,6 +559,46 @@ fn failover_and_history_fire_on_an_etcd_view_that_ignores_deletes() {
     );
 }
 
+/// A keep-alive dated when its late answer came, not when it was sent: the member is cut off
+/// from etcd right after, believes in its lease past etcd's expiry, and keeps identities its
+/// peers take over.
+#[test]
+fn single_activation_fires_on_an_etcd_keep_alive_dated_on_its_answer() {
+    let v = first_failure_within(
+        "etcd-timing",
+        Flaw::EtcdKeepAliveDatedOnAnswer,
+        "single activation",
+        20,
+    );
+    assert!(v.contains("has held it active"), "{v}");
+}
+
+/// A keep-alive round that waits a whole interval after a slow answer: renewals drift apart
+/// until the member's own reckoning lapses, though etcd holds its lease and its path is fine.
+#[test]
+fn false_loss_fires_on_an_etcd_keep_alive_loop_that_waits_after_each_answer() {
+    let v = first_failure_within(
+        "etcd-timing",
+        Flaw::EtcdKeepAliveAfterAnswer,
+        "announced MembershipLost although",
+        20,
+    );
+    assert!(v.contains("still holds its registration"), "{v}");
+}
+
+/// A member that judges its own key gone from a view that has not reached its own write (a
+/// lagging watch right after it registered again) gives up a live membership, again and again.
+#[test]
+fn false_loss_fires_on_an_etcd_member_that_judges_its_key_from_a_lagging_view() {
+    let v = first_failure_within(
+        "etcd-timing",
+        Flaw::EtcdOwnKeyJudgedEarly,
+        "announced MembershipLost although",
+        20,
+    );
+    assert!(v.contains("healthy for"), "{v}");
+}
+
 /// Keep-alives every TTL instead of every third of it: healthy, connected members expire.
 #[test]
 fn no_false_expiry_fires_on_an_etcd_member_that_keeps_alive_too_seldom() {

@@ -499,6 +499,11 @@ impl Session {
             Ok(_) => {
                 self.metrics.keep_alives.inc();
                 let member = lock(&self.member).clone();
+                let sent_at = if sim::flaw("etcd-keep-alive-dated-on-answer") {
+                    self.clock().now()
+                } else {
+                    sent_at
+                };
                 self.standing.renewed(&self.ctx, &member, sent_at);
             }
             Err(CallError {
@@ -555,9 +560,17 @@ impl Session {
             self.config.keep_alive_interval()
         };
         let mut failures = 0u32;
+        // Rounds start `interval` apart, not `interval` after the previous answer: a slow
+        // answer must not stretch the time between renewals past what the lease allows.
+        let mut started = self.clock().now();
         loop {
             let pause = if failures == 0 {
-                interval
+                let since = self.clock().now().saturating_duration_since(started);
+                if sim::flaw("etcd-keep-alive-after-answer") {
+                    interval
+                } else {
+                    interval.saturating_sub(since)
+                }
             } else {
                 self.config
                     .backoff
@@ -569,6 +582,7 @@ impl Session {
                 _ = self.poke.notified() => {}
                 _ = self.clock().sleep(pause) => {}
             }
+            started = self.clock().now();
             match self.keep_alive_once().await {
                 Ok(()) => failures = 0,
                 Err(e) => {
@@ -822,7 +836,9 @@ impl Session {
                 .map(|m| self.key(&m.id))
                 .collect();
             (
-                view.is_synced() && view.revision() >= written_at && !view.holds(&key),
+                view.is_synced()
+                    && (view.revision() >= written_at || sim::flaw("etcd-own-key-judged-early"))
+                    && !view.holds(&key),
                 ghosts,
             )
         };

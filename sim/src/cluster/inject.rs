@@ -26,6 +26,15 @@ impl SimCluster {
         });
     }
 
+    /// Member `i` as the control plane's faults name it.
+    fn member_ref(&self, i: usize) -> MemberRef {
+        MemberRef {
+            index: i,
+            ip: member_ip(i),
+            id: self.member_id(i),
+        }
+    }
+
     /// Crashes member `i` (its process dies; peers learn through the provider).
     pub fn crash(self: &Arc<Self>, i: usize) {
         let (id, name) = {
@@ -230,7 +239,8 @@ impl SimCluster {
                 from: member,
                 duration,
             }
-            | Fault::ReplyLost { member, duration } => {
+            | Fault::ReplyLost { member, duration }
+            | Fault::BackendCut { member, duration } => {
                 let (Some(r), true) = (registry, member < members) else {
                     return;
                 };
@@ -238,13 +248,14 @@ impl SimCluster {
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
                 let m = self.node_id(member);
-                // One-way: the member's requests are lost; reply-lost: the answers are.
-                let link = if matches!(fault, Fault::OneWay { .. }) {
-                    (m, r)
-                } else {
-                    (r, m)
+                // One-way: the member's requests are lost; reply-lost: the answers are;
+                // backend-cut: both (its peers still reach it).
+                let links = match fault {
+                    Fault::OneWay { .. } => vec![(m, r)],
+                    Fault::ReplyLost { .. } => vec![(r, m)],
+                    _ => vec![(m, r), (r, m)],
                 };
-                self.clog_for(vec![link], duration, idx, 1);
+                self.clog_for(links, duration, idx, 1);
             }
             Fault::Swizzle {
                 members: order,
@@ -291,11 +302,7 @@ impl SimCluster {
                 if member >= members {
                     return;
                 }
-                let m = MemberRef {
-                    index: member,
-                    ip: member_ip(member),
-                    id: self.member_id(member),
-                };
+                let m = self.member_ref(member);
                 if !self.control.lose_renewals(&m, true) {
                     return;
                 }
@@ -473,6 +480,39 @@ impl SimCluster {
                         c.refresh_health();
                         sleep(period).await;
                     }
+                    c.recorder.fault_healed(idx);
+                });
+            }
+            Fault::SlowAnswers {
+                member,
+                delay,
+                duration,
+            }
+            | Fault::LaggingWatch {
+                member,
+                delay,
+                duration,
+            } => {
+                if member >= members {
+                    return;
+                }
+                let m = self.member_ref(member);
+                let answers = matches!(fault, Fault::SlowAnswers { .. });
+                let set = move |c: &Self, d: Option<Duration>| {
+                    if answers {
+                        c.control.slow_answers(&m, d)
+                    } else {
+                        c.control.lag_watches(&m, d)
+                    }
+                };
+                if !set(self, Some(delay)) {
+                    return;
+                }
+                let idx = self
+                    .recorder
+                    .fault_started(fault.to_string(), names(&[member]));
+                self.later(duration, move |c| {
+                    set(c, None);
                     c.recorder.fault_healed(idx);
                 });
             }

@@ -112,7 +112,7 @@ pub enum ProviderKind {
 
 /// The etcd provider settings simulations use ([`control::etcd::config`]).
 pub fn etcd_config() -> shoal::etcd::EtcdProviderConfig {
-    control::etcd::config()
+    control::etcd::config(&crate::knobs::Knobs::default())
 }
 
 /// The Kubernetes provider settings simulations use ([`control::apiserver::config`]).

@@ -112,6 +112,18 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// there is no door.
     fn reset_streams(&self) -> bool;
 
+    /// Starts (`Some(delay)`) or stops answering member `m`'s requests late: each is applied
+    /// when it arrives and answered `delay` later. False where the door does not model it.
+    fn slow_answers(&self, _m: &MemberRef, _delay: Option<Duration>) -> bool {
+        false
+    }
+
+    /// Starts (`Some(delay)`) or stops delivering member `m`'s watch responses `delay` after
+    /// they were made. False where the door does not model it.
+    fn lag_watches(&self, _m: &MemberRef, _delay: Option<Duration>) -> bool {
+        false
+    }
+
     /// Starts (`Some(retry_after)`) or stops shedding reads (lists and watches) with
     /// `429 Too Many Requests` and that `Retry-After`, as API Priority and Fairness does when a
     /// priority level's queues are full; the door flags a client that sends a shed read again

@@ -42,6 +42,8 @@ pub struct Judge<'a> {
 pub struct Leases {
     /// When each node announced it lost its registration, by the id it lost (all runs).
     lost: BTreeMap<MemberId, Instant>,
+    /// Losses announced since the last poll, judged at the next one.
+    fresh_losses: Vec<(MemberId, Instant)>,
     /// Ids the registry removed (expired or left), in any run: they must never come back.
     removed: BTreeSet<MemberId>,
     run: u64,
@@ -150,7 +152,49 @@ impl Leases {
 
     /// The node registered as `id` announced it lost its registration.
     pub fn lost(&mut self, id: &MemberId, at: Instant) {
-        self.lost.entry(id.clone()).or_insert(at);
+        if let std::collections::btree_map::Entry::Vacant(e) = self.lost.entry(id.clone()) {
+            e.insert(at);
+            self.fresh_losses.push((id.clone(), at));
+        }
+    }
+
+    /// A member that announces it lost its registration while the backend still holds it and
+    /// its path to the backend has been healthy for a whole window gave up a live membership:
+    /// its actors were deactivated and its identities moved for nothing (a keep-alive loop
+    /// that waits too long between renewals, a member that judges its own key gone from a view
+    /// that lags its own write).
+    fn judge_losses(
+        &mut self,
+        t: &ClusterTopology,
+        bounds: &Bounds,
+        judge: &Judge<'_>,
+        rec: &Recorder,
+    ) {
+        let backend = bounds.backend;
+        for (id, at) in std::mem::take(&mut self.fresh_losses) {
+            let Some(reg) = self.registrations.get(&id) else {
+                continue;
+            };
+            if reg.left_at.is_some()
+                || t.member(&id).is_none()
+                || (judge.excused)(&id, reg.renewed_at)
+            {
+                continue;
+            }
+            if let Some(h) = (judge.healthy_since)(&id) {
+                let healthy = at.saturating_duration_since(h);
+                if healthy >= bounds.healthy_window() + POLL {
+                    rec.violation_once(
+                        format!("false loss {id}"),
+                        format!(
+                            "lease: {id} announced MembershipLost although the {backend} still holds its registration and its path there had been healthy for {} ms (window {} ms): a live, connected member must keep its membership",
+                            healthy.as_millis(),
+                            bounds.healthy_window().as_millis()
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     /// The registry of run `run` publishes `t` at `now` (polled every [`POLL`]).
@@ -165,6 +209,9 @@ impl Leases {
     ) {
         if run != self.run {
             return;
+        }
+        if !self.fresh_losses.is_empty() {
+            self.judge_losses(t, bounds, judge, rec);
         }
         let ms = |d: Duration| d.as_millis();
         let previous = self.published.replace(t.clone());

@@ -264,6 +264,10 @@ pub struct EtcdDoor {
     leases: Mutex<BTreeMap<LeaseId, (Instant, BTreeSet<MemberId>)>>,
     /// Members whose keep-alives are lost at the door (a `heartbeat-loss` fault).
     lose_keep_alives: Mutex<BTreeSet<IpAddr>>,
+    /// Members whose answers leave late, and how late (a `slow-answers` fault).
+    slow_answers: Mutex<BTreeMap<IpAddr, Duration>>,
+    /// Members whose watch responses leave late, and how late (a `lagging-watch` fault).
+    lagging: Arc<Mutex<BTreeMap<IpAddr, Duration>>>,
     /// The store's content now, as the observer last saw it.
     current: Mutex<Arc<ClusterTopology>>,
     reset: tokio::sync::Notify,
@@ -290,6 +294,8 @@ impl EtcdDoor {
             rec,
             leases: Mutex::default(),
             lose_keep_alives: Mutex::default(),
+            slow_answers: Mutex::default(),
+            lagging: Arc::default(),
             current: Mutex::new(Arc::new(ClusterTopology::empty(CLUSTER))),
             reset: tokio::sync::Notify::new(),
         });
@@ -327,6 +333,30 @@ impl EtcdDoor {
     /// Delivers every keep-alive again.
     pub fn clear_keep_alive_loss(&self) {
         lock(&self.lose_keep_alives).clear();
+    }
+
+    /// Answers to `ip` leave `delay` late (`None`: on time again).
+    pub fn set_slow_answers(&self, ip: IpAddr, delay: Option<Duration>) {
+        let mut s = lock(&self.slow_answers);
+        match delay {
+            Some(d) => s.insert(ip, d),
+            None => s.remove(&ip),
+        };
+    }
+
+    /// Watch responses to `ip` leave `delay` after they were made (`None`: at once again).
+    pub fn set_lagging(&self, ip: IpAddr, delay: Option<Duration>) {
+        let mut s = lock(&self.lagging);
+        match delay {
+            Some(d) => s.insert(ip, d),
+            None => s.remove(&ip),
+        };
+    }
+
+    /// Everything answered and delivered on time again.
+    pub fn clear_delays(&self) {
+        lock(&self.slow_answers).clear();
+        lock(&self.lagging).clear();
     }
 
     /// Ends every open watch (a proxy in front of etcd restarting).
@@ -419,10 +449,16 @@ impl EtcdDoor {
             Request::Watch(prefix, from_revision) => {
                 self.meter.request(verb, 0);
                 let stream = s.watch_prefix(&prefix, from_revision).await;
-                self.stream(tx, stream).await;
+                self.stream(tx, stream, from.ip()).await;
                 return false;
             }
         };
+        let late = lock(&self.slow_answers).get(&from.ip()).copied();
+        if let Some(delay) = late {
+            // Applied already; only the answer is late.
+            self.rec.count("door: answers sent late");
+            madsim::time::sleep(delay).await;
+        }
         match &answer {
             Ok(Reply::Range(r)) => {
                 self.meter.request(verb, 0);
@@ -434,9 +470,14 @@ impl EtcdDoor {
         tx.send(Box::new(answer) as Payload).await.is_ok()
     }
 
-    async fn stream(&self, tx: &madsim::net::Sender, stream: Result<WatchStream, EtcdError>) {
+    async fn stream(
+        &self,
+        tx: &madsim::net::Sender,
+        stream: Result<WatchStream, EtcdError>,
+        to: IpAddr,
+    ) {
         let stream = match stream {
-            Ok(s) => s,
+            Ok(s) => lagging(s, self.lagging.clone(), to, self.rec.clone()),
             Err(e) => {
                 let _ = tx.send(Box::new(Err::<Reply, _>(e)) as Payload).await;
                 return;
@@ -492,6 +533,68 @@ impl EtcdDoor {
         )
         .await;
     }
+}
+
+/// `stream` as `to` receives it: while `to` lags, each response leaves the delay after it was
+/// made, in order (a response made on time follows the late ones it comes after).
+fn lagging(
+    stream: WatchStream,
+    lags: Arc<Mutex<BTreeMap<IpAddr, Duration>>>,
+    to: IpAddr,
+    rec: Recorder,
+) -> WatchStream {
+    struct State {
+        inner: Option<WatchStream>,
+        due: std::collections::VecDeque<(Instant, Item)>,
+    }
+    let state = State {
+        inner: Some(stream),
+        due: Default::default(),
+    };
+    Box::pin(futures::stream::unfold(state, move |mut st| {
+        let (lags, rec) = (lags.clone(), rec.clone());
+        async move {
+            loop {
+                if let Some((at, _)) = st.due.front()
+                    && *at <= Instant::now()
+                {
+                    let (_, item) = st.due.pop_front()?;
+                    return Some((item, st));
+                }
+                let Some(inner) = st.inner.as_mut() else {
+                    // The watch ended: what is queued still leaves, at its time.
+                    let (at, item) = st.due.pop_front()?;
+                    madsim::time::sleep_until(at).await;
+                    return Some((item, st));
+                };
+                let next = match st.due.front().map(|(at, _)| *at) {
+                    None => futures::StreamExt::next(inner).await,
+                    Some(at) => {
+                        tokio::select! {
+                            biased;
+                            () = madsim::time::sleep_until(at) => continue,
+                            next = futures::StreamExt::next(inner) => next,
+                        }
+                    }
+                };
+                let Some(item) = next else {
+                    st.inner = None;
+                    continue;
+                };
+                let lag = lock(&lags).get(&to).copied();
+                match lag {
+                    None if st.due.is_empty() => return Some((item, st)),
+                    lag => {
+                        if lag.is_some() {
+                            rec.count("door: watch responses sent late");
+                        }
+                        let at = Instant::now() + lag.unwrap_or_default();
+                        st.due.push_back((at, item));
+                    }
+                }
+            }
+        }
+    }))
 }
 
 #[async_trait]

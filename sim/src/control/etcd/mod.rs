@@ -38,11 +38,11 @@ pub const COMPACTION: Duration = Duration::from_secs(5);
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// The etcd provider settings simulations use: a 6 s lease (the registry's TTL) kept alive
-/// every 2 s.
-pub fn config() -> EtcdProviderConfig {
+/// every 2 s, requests given 1 s (or what the scenario's knobs say).
+pub fn config(knobs: &Knobs) -> EtcdProviderConfig {
     EtcdProviderConfig {
         ttl: Duration::from_secs(6),
-        request_timeout: Duration::from_secs(1),
+        request_timeout: knobs.etcd_request_timeout.unwrap_or(Duration::from_secs(1)),
         watch_idle_timeout: Duration::from_secs(10),
         startup_timeout: Duration::from_secs(10),
         ..EtcdProviderConfig::default()
@@ -51,7 +51,7 @@ pub fn config() -> EtcdProviderConfig {
 
 /// The bounds of the etcd provider with the simulation's settings.
 pub fn bounds(knobs: &Knobs) -> Bounds {
-    Bounds::etcd(&config(), knobs.buggify)
+    Bounds::etcd(&config(knobs), knobs.buggify)
 }
 
 /// The etcd provider's load budget: a keep-alive per member per keep-alive interval; a
@@ -59,7 +59,7 @@ pub fn bounds(knobs: &Knobs) -> Bounds {
 /// watcher; a reconnect (or a member registering again) costs a grant, a put, a range (a list
 /// of every member) and a watch.
 pub fn budget(knobs: &Knobs) -> LoadBudget {
-    let c = config();
+    let c = config(knobs);
     LoadBudget {
         requests_per_node_per_s: 1.0 / c.keep_alive_interval().as_secs_f64(),
         requests_per_change: 4.0,
@@ -179,7 +179,7 @@ impl ControlPlane for EtcdPlane {
     /// registers again at its next keep-alive round; watches reopen within the idle timeout;
     /// slow clocks (25%) stretch all of it.
     fn liveness_bound(&self) -> Duration {
-        let c = config();
+        let c = config(&self.knobs);
         (c.ttl * 2 + c.keep_alive_interval() + c.watch_idle_timeout) * 4 / 3
             + Duration::from_secs(5 + 10 + 4)
     }
@@ -190,7 +190,7 @@ impl ControlPlane for EtcdPlane {
 
     fn provider(&self, _node: &NodeInfo) -> Arc<dyn ClusterProvider> {
         let api = SimEtcdApi::new(SocketAddr::new(ADDRESS, ETCD_PORT));
-        let p = EtcdProvider::new(config(), Arc::new(api));
+        let p = EtcdProvider::new(config(&self.knobs), Arc::new(api));
         lock(&self.providers).push(p.metrics().clone());
         Arc::new(p)
     }
@@ -242,8 +242,19 @@ impl ControlPlane for EtcdPlane {
         true
     }
 
+    fn slow_answers(&self, m: &MemberRef, delay: Option<Duration>) -> bool {
+        self.door.set_slow_answers(m.ip, delay);
+        true
+    }
+
+    fn lag_watches(&self, m: &MemberRef, delay: Option<Duration>) -> bool {
+        self.door.set_lagging(m.ip, delay);
+        true
+    }
+
     fn heal(&self) {
         self.door.clear_keep_alive_loss();
+        self.door.clear_delays();
         self.node.resume();
         self.revive();
     }
