@@ -669,9 +669,12 @@ impl Session {
         let mut failures = 0u32;
         // The newest failure, when it asked for a wait (429 with Retry-After).
         let mut last_error: Option<ApiError> = None;
+        // Rounds start `interval` apart, not `interval` after the previous answer: a slow
+        // answer must not stretch the time between renewals.
+        let mut started = self.clock().now();
         loop {
             let pause = if failures == 0 {
-                interval
+                interval.saturating_sub(self.clock().now().saturating_duration_since(started))
             } else {
                 let backoff = self
                     .config
@@ -688,6 +691,7 @@ impl Session {
                 _ = self.renew_now.notified() => {}
                 _ = self.clock().sleep(pause) => {}
             }
+            started = self.clock().now();
             match self.renew().await {
                 Ok(()) => failures = 0,
                 Err(e) => {

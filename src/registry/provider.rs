@@ -462,9 +462,12 @@ impl Session {
 
     async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration) {
         let mut failures = 0u32;
+        // Rounds start `interval` apart, not `interval` after the previous answer: a slow
+        // answer must not stretch the time between renewals.
+        let mut started = self.clock().now();
         loop {
             let pause = if failures == 0 {
-                interval
+                interval.saturating_sub(self.clock().now().saturating_duration_since(started))
             } else {
                 self.backoff(failures - 1).min(interval)
             };
@@ -473,6 +476,7 @@ impl Session {
                 _ = self.describe.notified() => {}
                 _ = self.clock().sleep(pause) => {}
             }
+            started = self.clock().now();
             if self.description_pending() {
                 // A join with this incarnation's secret replaces the description (and the
                 // token) of the same registration: peers see one `changed` member. It renews
@@ -512,6 +516,8 @@ impl Session {
                     self.metrics.rejoins.inc();
                     self.revoked();
                     interval = self.rejoin_until_done().await;
+                    // A join renews too: the next heartbeat is due an interval after it.
+                    started = self.clock().now();
                     failures = 0;
                 }
                 Err(s) => {
