@@ -112,3 +112,59 @@ fn a_frozen_member_a_frozen_leader_and_a_killed_leader_cost_no_membership() {
     assert_eq!(member_count(&listed), 3, "{listed}");
     wait_all(&[&a, &b, &c], 3, 10, "members after the leader was killed");
 }
+
+/// A follower of the etcd cluster removed (`etcdctl member remove`: its process exits), with
+/// two members talking to it first: they move on, nobody loses the membership, and a member
+/// joining meanwhile is listed by all. Added back with an empty data dir, it catches up; then
+/// the leader is killed, and the re-added member makes the quorum that elects the next one: a
+/// member joining then is listed by all, and still nobody lost the membership.
+#[test]
+fn an_etcd_member_removed_and_added_back_costs_no_membership() {
+    let mut etcd = start_etcd_cluster("remove-readd", 3);
+    let leader = etcd.leader();
+    let gone = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let a = member("a", &etcd.endpoints(&[gone, leader, other]), "8s");
+    let b = member("b", &etcd.endpoints(&[gone, other, leader]), "8s");
+    wait_all(&[&a, &b], 2, 30, "two members");
+
+    etcd.remove(gone, leader);
+    let moved_on = |p: &Proc| {
+        p.err_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("etcd endpoint failed; using the next one"))
+    };
+    let c = member("c", &etcd.endpoints(&[leader, other]), "8s");
+    let live = etcd.endpoints(&[leader, other]);
+    wait_views_agree(
+        &live,
+        &[&a, &b, &c],
+        3,
+        30,
+        "a member joined with one etcd member removed",
+    );
+    assert_no_membership_lost(&[&a, &b, &c], 3, "with an etcd member removed");
+    assert!(
+        moved_on(&a) && moved_on(&b),
+        "the members talking to the removed etcd member did not move on"
+    );
+
+    etcd.re_add(gone, leader);
+    etcd.kill(leader);
+    let d = member("d", &etcd.endpoints(&[gone, other]), "8s");
+    let live = etcd.endpoints(&[gone, other]);
+    wait_views_agree(
+        &live,
+        &[&a, &b, &c, &d],
+        4,
+        40,
+        "a member joined with the re-added etcd member in the quorum",
+    );
+    assert_no_membership_lost(
+        &[&a, &b, &c, &d],
+        4,
+        "with the etcd member added back and the leader killed",
+    );
+}

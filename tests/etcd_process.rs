@@ -313,6 +313,71 @@ fn members_with_a_password_authenticate_again_after_etcd_restarts() {
     let _ = std::fs::remove_dir_all(&etcd.dir);
 }
 
+/// etcd's simple auth tokens expire once unused for `--auth-token-ttl` (2 s here): members
+/// paused past it (not past their 8 s lease) hold dead tokens. When one's key is then deleted it
+/// registers again, with requests etcd refuses as `invalid auth token` until it authenticates
+/// again; it is listed again, as a new incarnation, by both members. (Before re-authentication,
+/// such a member could never register again.)
+#[test]
+fn a_member_whose_auth_token_expired_authenticates_again_and_registers() {
+    let etcd = start_etcd_with("token-ttl", &["--auth-token-ttl", "2"]);
+    enable_auth(&etcd.url);
+    let root = ["--user", "root:s3cret"];
+    let as_root = |name| {
+        member_with(
+            name,
+            &etcd.url,
+            "8s",
+            &["--etcd-user", "root"],
+            &[("SHOAL_ETCD_PASSWORD", "s3cret")],
+        )
+    };
+    let a = as_root("a");
+    let b = as_root("b");
+    let admin = Some(("root", "s3cret"));
+    wait_views_agree_as(&etcd.url, admin, &[&a, &b], 2, 20, "two members");
+
+    for m in [&a, &b] {
+        m.signal("-STOP");
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    for m in [&a, &b] {
+        m.signal("-CONT");
+    }
+    let keys = member_keys_as(&etcd.url, &root);
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let deleted = keys[0]
+        .0
+        .trim_start_matches("/shoal/c/members/")
+        .to_string();
+    etcdctl(&etcd.url, &[&root[..], &["del", &keys[0].0][..]].concat());
+
+    wait_views_agree_as(
+        &etcd.url,
+        admin,
+        &[&a, &b],
+        2,
+        20,
+        "the member with an expired token registered again",
+    );
+    let listed = a.last_json().map(|v| ids(&v)).unwrap_or_default();
+    assert!(
+        !listed.contains(&deleted),
+        "{deleted} still listed: {listed:?}"
+    );
+    let said = |p: &Proc| {
+        p.err_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("authenticating again"))
+    };
+    assert!(
+        said(&a) || said(&b),
+        "no member said it authenticated again, though its token had expired"
+    );
+}
+
 #[test]
 fn a_user_and_password_are_passed_to_etcd_and_a_wrong_one_is_refused() {
     let etcd = start_etcd("auth");

@@ -25,6 +25,17 @@ pub fn etcd_at(dir: &Path, client: u16, peer: u16) -> Proc {
 pub type Tls = (String, String, String, String, String);
 
 pub fn etcd_with(dir: &Path, client: u16, peer: u16, tls: Option<&Tls>) -> Proc {
+    etcd_with_flags(dir, client, peer, tls, &[])
+}
+
+/// [`etcd_with`] with extra etcd flags (like `--auth-token-ttl`).
+pub fn etcd_with_flags(
+    dir: &Path,
+    client: u16,
+    peer: u16,
+    tls: Option<&Tls>,
+    flags: &[&str],
+) -> Proc {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
@@ -58,6 +69,7 @@ pub fn etcd_with(dir: &Path, client: u16, peer: u16, tls: Option<&Tls>) -> Proc 
         }
         args.push("--client-cert-auth".into());
     }
+    args.extend(flags.iter().map(|f| f.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let p = Proc::spawn("etcd", "etcd", &args);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -109,11 +121,16 @@ pub fn healthy(port: u16) -> bool {
 }
 
 pub fn start_etcd(name: &str) -> Etcd {
+    start_etcd_with(name, &[])
+}
+
+/// [`start_etcd`] with extra etcd flags.
+pub fn start_etcd_with(name: &str, flags: &[&str]) -> Etcd {
     let dir = std::env::temp_dir().join(format!("shoal-etcd-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (client, peer) = (free_port(), free_port());
-    let proc = etcd_at(&dir.join("data"), client, peer);
+    let proc = etcd_with_flags(&dir.join("data"), client, peer, None, flags);
     Etcd {
         proc,
         url: format!("http://127.0.0.1:{client}"),
@@ -205,6 +222,8 @@ pub struct EtcdCluster {
     pub clients: Vec<u16>,
     pub peers: Vec<u16>,
     pub dir: PathBuf,
+    /// The cluster token (`--initial-cluster-token`).
+    pub token: String,
 }
 
 /// Starts an etcd cluster of `n` members (`e0`..) and waits until every member is healthy.
@@ -218,36 +237,8 @@ pub fn start_etcd_cluster(name: &str, n: usize) -> EtcdCluster {
         .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
         .collect();
     let initial = initial.join(",");
-    let procs = (0..n)
-        .map(|i| {
-            let client = format!("http://127.0.0.1:{}", clients[i]);
-            let peer = format!("http://127.0.0.1:{}", peers[i]);
-            let data = dir.join(format!("e{i}")).to_string_lossy().into_owned();
-            let args = [
-                "--name",
-                &format!("e{i}"),
-                "--data-dir",
-                &data,
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
-                &initial,
-                "--initial-cluster-token",
-                name,
-                "--initial-cluster-state",
-                "new",
-            ];
-            Some(Proc::spawn(&format!("e{i}"), "etcd", &args))
-        })
-        .collect();
-    let cluster = EtcdCluster {
-        procs,
+    let mut cluster = EtcdCluster {
+        procs: (0..n).map(|_| None).collect(),
         urls: clients
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
@@ -255,7 +246,11 @@ pub fn start_etcd_cluster(name: &str, n: usize) -> EtcdCluster {
         clients,
         peers,
         dir,
+        token: name.to_string(),
     };
+    for i in 0..n {
+        cluster.procs[i] = Some(cluster.spawn_member(i, &initial, "new"));
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cluster.clients.iter().all(|p| healthy(*p)) {
         assert!(
@@ -311,6 +306,116 @@ impl EtcdCluster {
                 let (leader, me) = (&status["leader"], &status["header"]["member_id"]);
                 leader.is_u64() && leader == me
             })
+    }
+
+    /// Starts the etcd process of member `i` (`e{i}`) with its data dir, joining `initial`
+    /// (`name=peer-url,...`) as a `state` (`new` or `existing`) cluster.
+    fn spawn_member(&self, i: usize, initial: &str, state: &str) -> Proc {
+        let client = &self.urls[i];
+        let peer = format!("http://127.0.0.1:{}", self.peers[i]);
+        let data = self
+            .dir
+            .join(format!("e{i}"))
+            .to_string_lossy()
+            .into_owned();
+        let args = [
+            "--name",
+            &format!("e{i}"),
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-token",
+            &self.token,
+            "--initial-cluster-state",
+            state,
+        ];
+        Proc::spawn(&format!("e{i}"), "etcd", &args)
+    }
+
+    /// etcd's id of member `i` (hex, as `etcdctl member remove` takes it), asked of member
+    /// `via`.
+    pub fn member_id(&self, i: usize, via: usize) -> String {
+        let out = etcdctl(&self.urls[via], &["member", "list", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let name = format!("e{i}");
+        let id = v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == name.as_str())
+            .and_then(|m| m["ID"].as_u64())
+            .unwrap_or_else(|| panic!("no etcd member {name} in {out}"));
+        format!("{id:x}")
+    }
+
+    /// Removes member `i` from the cluster (`etcdctl member remove`, asked of member `via`);
+    /// its process exits on its own and its data dir is wiped.
+    pub fn remove(&mut self, i: usize, via: usize) {
+        let id = self.member_id(i, via);
+        // etcd refuses to reconfigure a cluster whose members have not all been connected for
+        // 5 s ("unhealthy cluster"): a cluster just started is asked again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &self.urls[via], "member", "remove", &id])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                err.contains("unhealthy cluster") && Instant::now() < deadline,
+                "etcdctl member remove {id}: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while healthy(self.clients[i]) {
+            assert!(
+                Instant::now() < deadline,
+                "removed etcd member e{i} still serves"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill(i);
+        let _ = std::fs::remove_dir_all(self.dir.join(format!("e{i}")));
+    }
+
+    /// Adds member `i` back (`etcdctl member add`, asked of member `via`) and starts it with an
+    /// empty data dir, joining the existing cluster; waits until it is healthy.
+    pub fn re_add(&mut self, i: usize, via: usize) {
+        let peer = format!("http://127.0.0.1:{}", self.peers[i]);
+        let name = format!("e{i}");
+        let out = etcdctl(
+            &self.urls[via],
+            &["member", "add", &name, &format!("--peer-urls={peer}")],
+        );
+        // etcdctl prints the ETCD_INITIAL_CLUSTER the new member must start with.
+        let initial = out
+            .lines()
+            .find_map(|l| l.strip_prefix("ETCD_INITIAL_CLUSTER=\""))
+            .map(|l| l.trim_end_matches('"').to_string())
+            .unwrap_or_else(|| panic!("etcdctl member add printed no initial cluster: {out}"));
+        self.procs[i] = Some(self.spawn_member(i, &initial, "existing"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !healthy(self.clients[i]) {
+            assert!(
+                Instant::now() < deadline,
+                "re-added etcd member e{i} is not healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Kills member `i` (SIGKILL).
