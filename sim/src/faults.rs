@@ -186,7 +186,7 @@ pub enum Fault {
     },
     /// The control plane applies the member's requests as they arrive (an etcd keep-alive
     /// renews the lease then) but each answer leaves `delay` late: a slow or congested path
-    /// back. Only etcd models it; elsewhere it does nothing.
+    /// back. etcd and the Kubernetes API server model it; the registry does nothing.
     SlowAnswers {
         /// The member.
         member: usize,
@@ -198,7 +198,8 @@ pub enum Fault {
         duration: Duration,
     },
     /// Watch responses to the member leave the control plane `delay` after they were made, in
-    /// order: its view lags the store, its own writes included. Only etcd models it.
+    /// order: its view lags the store, its own writes included. etcd and the Kubernetes API
+    /// server model it; the registry does nothing.
     LaggingWatch {
         /// The member.
         member: usize,

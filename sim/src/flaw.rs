@@ -169,6 +169,9 @@ pub enum Flaw {
     /// Planted in the etcd provider's keep-alive loop: the next round waits a whole interval
     /// after the previous answer, so slow answers stretch the time between renewals.
     EtcdKeepAliveAfterAnswer,
+    /// Planted in the Kubernetes provider's renew loop: the next renewal waits a whole interval
+    /// after the previous answer, so slow answers stretch renewals apart.
+    K8sRenewAfterAnswer,
     /// Planted in the registry's snapshot cache: compressed members are looked up by cluster
     /// alone, not by version, so a watcher that accepts compression gets an older version's
     /// members under the new version.
@@ -223,6 +226,7 @@ impl Flaw {
             Flaw::EtcdKeepAliveDatedOnAnswer => "etcd-keep-alive-dated-on-answer",
             Flaw::EtcdOwnKeyJudgedEarly => "etcd-own-key-judged-early",
             Flaw::EtcdKeepAliveAfterAnswer => "etcd-keep-alive-after-answer",
+            Flaw::K8sRenewAfterAnswer => "k8s-renew-after-answer",
             Flaw::CompressedCacheAnyVersion => "compressed-cache-any-version",
             Flaw::HeartbeatPublishes => "heartbeat-publishes",
             Flaw::EtcdProgressRelists => "etcd-progress-relists",

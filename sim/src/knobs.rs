@@ -45,9 +45,9 @@ pub struct Knobs {
     /// The control plane's door sends out-of-contract watch messages (as a buggy or older
     /// server could): updates dropped (a gap), sent twice, older snapshots, events repeated.
     pub out_of_contract: bool,
-    /// etcd: the provider's request timeout, when a scenario needs answers that come later
-    /// than the default 1 s allows (its lease margin is 0.6 s).
-    pub etcd_request_timeout: Option<Duration>,
+    /// etcd and Kubernetes: the provider's request timeout, when a scenario needs answers that
+    /// come later than the default 1 s allows (the lease margin is 0.6 s).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for Knobs {
@@ -69,7 +69,7 @@ impl Default for Knobs {
             snapshot_compress_bytes: shoal::registry::RegistryLimits::default()
                 .snapshot_compress_bytes,
             out_of_contract: false,
-            etcd_request_timeout: None,
+            request_timeout: None,
         }
     }
 }

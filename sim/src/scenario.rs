@@ -763,13 +763,29 @@ pub fn all() -> Vec<Scenario> {
             &["etcd: watches reopened", "etcd: keep-alive failures"],
         ),
         Scenario {
+            knobs: Some(|k| k.request_timeout = Some(Duration::from_millis(2_500))),
+            ..k8s(
+                "k8s-timing",
+                "Kubernetes: a member's answers leave late (up to 2.3 s, past the 0.6 s lease margin), then are lost while its renewals still land; later they leave late again, then it is cut off from the API server (not from its peers) past its Lease; another member's watches lag while its renewals are lost past its Lease (a peer deletes it, it registers again behind its own view); a third is cut off from the API server but not from its peers",
+                75,
+                lease_timing,
+                &[
+                    "door: answers sent late",
+                    "door: watch responses sent late",
+                    "kubernetes: membership lost",
+                    "kubernetes: membership restored",
+                    "kubernetes: expired leases deleted",
+                ],
+            )
+        },
+        Scenario {
             // Answers may come up to 2.5 s late (the lease margin is 0.6 s): a keep-alive
             // dated when its answer came would outlive the lease.
-            knobs: Some(|k| k.etcd_request_timeout = Some(Duration::from_millis(2_500))),
+            knobs: Some(|k| k.request_timeout = Some(Duration::from_millis(2_500))),
             ..etcd(
                 "etcd-timing",
                 "etcd: a member's answers leave late (up to 2.3 s, past the 0.6 s lease margin), then are lost while its keep-alives still renew; later they leave late again, then it is cut off from etcd (not from its peers) past its lease; another member's watch lags while its keep-alives are lost past its lease (it registers again behind its own view); a third is cut off from etcd but not from its peers",
-                etcd_timing,
+                lease_timing,
                 &[
                     "door: answers sent late",
                     "door: watch responses sent late",
@@ -978,11 +994,11 @@ fn etcd(
     }
 }
 
-/// The timing paths of a lease: answers that leave late and then not at all (a keep-alive must
-/// be dated when it was sent, not when its answer came), a member that registers again while
-/// its watch lags behind its own write, and a member cut off from etcd while its peers still
-/// reach it.
-fn etcd_timing(r: &mut SimRng, n: usize) -> FaultSchedule {
+/// The timing paths of a lease: answers that leave late and then not at all (a renewal must be
+/// dated when it was sent, not when its answer came), a member that registers again while its
+/// watch lags behind its own write, and a member cut off from the backend while its peers
+/// still reach it.
+fn lease_timing(r: &mut SimRng, n: usize) -> FaultSchedule {
     let slow = r.pick(n);
     let lagging = (slow + 1 + r.pick(n - 1)) % n;
     let cut = (0..n)

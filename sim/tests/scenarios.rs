@@ -586,6 +586,19 @@ fn false_loss_fires_on_an_etcd_keep_alive_loop_that_waits_after_each_answer() {
     assert!(v.contains("still holds its registration"), "{v}");
 }
 
+/// The same wait in the Kubernetes provider's renew loop: a live member whose answers come
+/// late gives up its membership although its Lease stands.
+#[test]
+fn false_loss_fires_on_a_kubernetes_renew_loop_that_waits_after_each_answer() {
+    let v = first_failure_within(
+        "k8s-timing",
+        Flaw::K8sRenewAfterAnswer,
+        "announced MembershipLost although",
+        20,
+    );
+    assert!(v.contains("the API server still holds"), "{v}");
+}
+
 /// A member that judges its own key gone from a view that has not reached its own write (a
 /// lagging watch right after it registered again) gives up a live membership, again and again.
 #[test]

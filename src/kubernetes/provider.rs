@@ -674,7 +674,11 @@ impl Session {
         let mut started = self.clock().now();
         loop {
             let pause = if failures == 0 {
-                interval.saturating_sub(self.clock().now().saturating_duration_since(started))
+                if sim::flaw("k8s-renew-after-answer") {
+                    interval
+                } else {
+                    interval.saturating_sub(self.clock().now().saturating_duration_since(started))
+                }
             } else {
                 let backoff = self
                     .config

@@ -496,18 +496,17 @@ impl SimCluster {
                 if member >= members {
                     return;
                 }
-                let m = self.member_ref(member);
+                let ip = member_ip(member);
                 let answers = matches!(fault, Fault::SlowAnswers { .. });
-                let set = move |c: &Self, d: Option<Duration>| {
-                    if answers {
-                        c.control.slow_answers(&m, d)
-                    } else {
-                        c.control.lag_watches(&m, d)
-                    }
+                let set = move |c: &Self, d: Option<Duration>| match c.control.delays() {
+                    Some(delays) if answers => delays.set_answers(ip, d),
+                    Some(delays) => delays.set_watches(ip, d),
+                    None => {}
                 };
-                if !set(self, Some(delay)) {
+                if self.control.delays().is_none() {
                     return;
                 }
+                set(self, Some(delay));
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));

@@ -117,7 +117,7 @@ pub fn etcd_config() -> shoal::etcd::EtcdProviderConfig {
 
 /// The Kubernetes provider settings simulations use ([`control::apiserver::config`]).
 pub fn kubernetes_config(pod: Option<&str>) -> shoal::kubernetes::KubernetesProviderConfig {
-    control::apiserver::config(pod)
+    control::apiserver::config(pod, &crate::knobs::Knobs::default())
 }
 
 /// How to build a [`SimCluster`].

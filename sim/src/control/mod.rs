@@ -13,6 +13,7 @@
 //! observation point) and counts what it served ([`crate::load`]).
 
 pub mod apiserver;
+pub mod delays;
 pub mod etcd;
 pub mod memory;
 pub mod registry;
@@ -112,16 +113,10 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// there is no door.
     fn reset_streams(&self) -> bool;
 
-    /// Starts (`Some(delay)`) or stops answering member `m`'s requests late: each is applied
-    /// when it arrives and answered `delay` later. False where the door does not model it.
-    fn slow_answers(&self, _m: &MemberRef, _delay: Option<Duration>) -> bool {
-        false
-    }
-
-    /// Starts (`Some(delay)`) or stops delivering member `m`'s watch responses `delay` after
-    /// they were made. False where the door does not model it.
-    fn lag_watches(&self, _m: &MemberRef, _delay: Option<Duration>) -> bool {
-        false
+    /// The late answers and lagging watches its door applies per member (faults
+    /// `slow-answers`, `lagging-watch`); `None` where the door does not model them.
+    fn delays(&self) -> Option<&delays::Delays> {
+        None
     }
 
     /// Starts (`Some(retry_after)`) or stops shedding reads (lists and watches) with

@@ -28,6 +28,7 @@ use shoal::kubernetes::members::ADDRESS_ANNOTATION;
 use shoal::kubernetes::memory::MemoryApiServer;
 use shoal::{ClusterTopology, Member, MemberId};
 
+use crate::control::delays::Delays;
 use crate::control::wire::{Payload, Pool};
 use crate::load::LoadMeter;
 use crate::oracle::Oracles;
@@ -244,6 +245,8 @@ pub struct KubeDoor {
     rec: Recorder,
     /// Renewals from these node addresses are lost (a `HeartbeatLoss` fault).
     lose_renewals: Mutex<BTreeSet<IpAddr>>,
+    /// Late answers and lagging watches (faults `slow-answers`, `lagging-watch`).
+    pub delays: Delays,
     /// Bumped to end every open watch (a `StreamReset` fault).
     resets: AtomicU64,
     /// While set, lists and watches are shed with 429 and this `Retry-After` (a `Throttle`
@@ -287,6 +290,7 @@ impl KubeDoor {
             oracles,
             rec,
             lose_renewals: Mutex::default(),
+            delays: Delays::default(),
             resets: AtomicU64::new(0),
             reset: tokio::sync::Notify::new(),
             shed: Mutex::new(None),
@@ -488,13 +492,13 @@ impl KubeDoor {
             Request::WatchLeases(ns, sel, rv) => {
                 self.meter.request(verb, 0);
                 let stream = s.watch_leases(&ns, &sel, &rv).await;
-                self.stream(tx, stream, Item::Lease).await;
+                self.stream(tx, stream, Item::Lease, from.ip()).await;
                 return false;
             }
             Request::WatchSlices(ns, service, rv) => {
                 self.meter.request(verb, 0);
                 let stream = s.watch_endpoint_slices(&ns, &service, &rv).await;
-                self.stream(tx, stream, Item::Slice).await;
+                self.stream(tx, stream, Item::Slice, from.ip()).await;
                 return false;
             }
         };
@@ -523,6 +527,8 @@ impl KubeDoor {
             Ok(_) => self.meter.request(verb, STATUS_BYTES),
             Err(e) => self.meter.request(verb, STATUS_BYTES + e.to_string().len()),
         }
+        // Applied already; only the answer may be late.
+        self.delays.hold_answer(from.ip(), &self.rec).await;
         tx.send(Box::new(answer) as Payload).await.is_ok()
     }
 
@@ -533,6 +539,7 @@ impl KubeDoor {
         tx: &madsim::net::Sender,
         stream: Result<WatchStream<T>, ApiError>,
         wrap: fn(Result<WatchEvent<T>, ApiError>) -> Item,
+        to: IpAddr,
     ) {
         let stream = match stream {
             Ok(s) => s,
@@ -567,6 +574,7 @@ impl KubeDoor {
             }
             futures::stream::iter(out)
         }));
+        let items = self.delays.lag(items, to, &self.rec);
         crate::control::wire::forward(tx, items, Item::failed, &self.reset, WATCH_TIMEOUT).await;
     }
 }

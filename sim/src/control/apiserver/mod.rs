@@ -37,10 +37,10 @@ pub const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
 
 /// The Kubernetes provider settings simulations use: a 6 s Lease (the registry's TTL) renewed
 /// every 2 s; lists in pages of 40; each member's Lease owned by its Pod.
-pub fn config(pod: Option<&str>) -> KubernetesProviderConfig {
+pub fn config(pod: Option<&str>, knobs: &Knobs) -> KubernetesProviderConfig {
     let mut c = KubernetesProviderConfig::new("default");
     c.lease_duration = Duration::from_secs(6);
-    c.request_timeout = Duration::from_secs(1);
+    c.request_timeout = knobs.request_timeout.unwrap_or(Duration::from_secs(1));
     c.watch_idle_timeout = Duration::from_secs(10);
     c.startup_timeout = Duration::from_secs(10);
     // Pages of 40: a list at scale (100 members and more) takes several, as 500 would at
@@ -62,7 +62,7 @@ pub fn pod_name(node: &str) -> String {
 
 /// The bounds of the Kubernetes provider with the simulation's settings.
 pub fn bounds(knobs: &Knobs) -> Bounds {
-    Bounds::kubernetes(&config(None), knobs.buggify)
+    Bounds::kubernetes(&config(None, knobs), knobs.buggify)
 }
 
 /// The Kubernetes provider's load budget as designed today: every member renews its Lease
@@ -71,7 +71,7 @@ pub fn bounds(knobs: &Knobs) -> Bounds {
 /// each watch ends after 60 s and resumes; a watcher that resumes past the event history
 /// (32 events) lists again, which at hundreds of members is every resume.
 pub fn budget(knobs: &Knobs) -> LoadBudget {
-    let c = config(None);
+    let c = config(None, knobs);
     let renew = c.renew_interval().as_secs_f64();
     // Two watches per node (Leases, EndpointSlices), each with bookmarks and a resume a minute.
     let watches = 2.0;
@@ -170,7 +170,7 @@ impl ControlPlane for ApiServerPlane {
     /// one at its next renewal; a restarted process starts within a few seconds; watches
     /// reopen within a renew interval; slow clocks (25%) stretch all of it.
     fn liveness_bound(&self) -> Duration {
-        let c = config(None);
+        let c = config(None, &self.knobs);
         (c.lease_duration * 2 + c.renew_interval() + c.watch_idle_timeout) * 4 / 3
             + Duration::from_secs(5 + 10 + 4)
     }
@@ -182,7 +182,7 @@ impl ControlPlane for ApiServerPlane {
     fn provider(&self, node: &NodeInfo) -> Arc<dyn ClusterProvider> {
         let api = SimKubeApi::new(SocketAddr::new(ADDRESS, APISERVER_PORT));
         let pod = pod_name(&node.name);
-        let mut config = config(Some(&pod));
+        let mut config = config(Some(&pod), &self.knobs);
         if let Some(e) = &self.endpoints {
             // The Pod's readiness probe passes as soon as its process runs (it does not wait
             // for the provider to start).
@@ -232,6 +232,10 @@ impl ControlPlane for ApiServerPlane {
         }
     }
 
+    fn delays(&self) -> Option<&crate::control::delays::Delays> {
+        Some(&self.door.delays)
+    }
+
     fn lose_renewals(&self, m: &MemberRef, lost: bool) -> bool {
         self.door.set_renewal_loss(m.ip, lost);
         true
@@ -249,6 +253,7 @@ impl ControlPlane for ApiServerPlane {
 
     fn heal(&self) {
         self.door.clear_renewal_loss();
+        self.door.delays.clear();
         self.door.shed_reads(None);
         self.resume();
         if let Some(down) = self.node.revive() {

@@ -22,6 +22,7 @@ use shoal::etcd::memory::MemoryEtcd;
 use shoal::{ClusterTopology, Member, MemberId};
 
 use crate::cluster::CLUSTER;
+use crate::control::delays::Delays;
 use crate::control::wire::{Payload, Pool};
 use crate::load::LoadMeter;
 use crate::oracle::Oracles;
@@ -264,10 +265,8 @@ pub struct EtcdDoor {
     leases: Mutex<BTreeMap<LeaseId, (Instant, BTreeSet<MemberId>)>>,
     /// Members whose keep-alives are lost at the door (a `heartbeat-loss` fault).
     lose_keep_alives: Mutex<BTreeSet<IpAddr>>,
-    /// Members whose answers leave late, and how late (a `slow-answers` fault).
-    slow_answers: Mutex<BTreeMap<IpAddr, Duration>>,
-    /// Members whose watch responses leave late, and how late (a `lagging-watch` fault).
-    lagging: Arc<Mutex<BTreeMap<IpAddr, Duration>>>,
+    /// Late answers and lagging watches (faults `slow-answers`, `lagging-watch`).
+    pub delays: Delays,
     /// The store's content now, as the observer last saw it.
     current: Mutex<Arc<ClusterTopology>>,
     reset: tokio::sync::Notify,
@@ -294,8 +293,7 @@ impl EtcdDoor {
             rec,
             leases: Mutex::default(),
             lose_keep_alives: Mutex::default(),
-            slow_answers: Mutex::default(),
-            lagging: Arc::default(),
+            delays: Delays::default(),
             current: Mutex::new(Arc::new(ClusterTopology::empty(CLUSTER))),
             reset: tokio::sync::Notify::new(),
         });
@@ -333,30 +331,6 @@ impl EtcdDoor {
     /// Delivers every keep-alive again.
     pub fn clear_keep_alive_loss(&self) {
         lock(&self.lose_keep_alives).clear();
-    }
-
-    /// Answers to `ip` leave `delay` late (`None`: on time again).
-    pub fn set_slow_answers(&self, ip: IpAddr, delay: Option<Duration>) {
-        let mut s = lock(&self.slow_answers);
-        match delay {
-            Some(d) => s.insert(ip, d),
-            None => s.remove(&ip),
-        };
-    }
-
-    /// Watch responses to `ip` leave `delay` after they were made (`None`: at once again).
-    pub fn set_lagging(&self, ip: IpAddr, delay: Option<Duration>) {
-        let mut s = lock(&self.lagging);
-        match delay {
-            Some(d) => s.insert(ip, d),
-            None => s.remove(&ip),
-        };
-    }
-
-    /// Everything answered and delivered on time again.
-    pub fn clear_delays(&self) {
-        lock(&self.slow_answers).clear();
-        lock(&self.lagging).clear();
     }
 
     /// Ends every open watch (a proxy in front of etcd restarting).
@@ -453,12 +427,8 @@ impl EtcdDoor {
                 return false;
             }
         };
-        let late = lock(&self.slow_answers).get(&from.ip()).copied();
-        if let Some(delay) = late {
-            // Applied already; only the answer is late.
-            self.rec.count("door: answers sent late");
-            madsim::time::sleep(delay).await;
-        }
+        // Applied already; only the answer may be late.
+        self.delays.hold_answer(from.ip(), &self.rec).await;
         match &answer {
             Ok(Reply::Range(r)) => {
                 self.meter.request(verb, 0);
@@ -477,7 +447,7 @@ impl EtcdDoor {
         to: IpAddr,
     ) {
         let stream = match stream {
-            Ok(s) => lagging(s, self.lagging.clone(), to, self.rec.clone()),
+            Ok(s) => self.delays.lag(s, to, &self.rec),
             Err(e) => {
                 let _ = tx.send(Box::new(Err::<Reply, _>(e)) as Payload).await;
                 return;
@@ -533,68 +503,6 @@ impl EtcdDoor {
         )
         .await;
     }
-}
-
-/// `stream` as `to` receives it: while `to` lags, each response leaves the delay after it was
-/// made, in order (a response made on time follows the late ones it comes after).
-fn lagging(
-    stream: WatchStream,
-    lags: Arc<Mutex<BTreeMap<IpAddr, Duration>>>,
-    to: IpAddr,
-    rec: Recorder,
-) -> WatchStream {
-    struct State {
-        inner: Option<WatchStream>,
-        due: std::collections::VecDeque<(Instant, Item)>,
-    }
-    let state = State {
-        inner: Some(stream),
-        due: Default::default(),
-    };
-    Box::pin(futures::stream::unfold(state, move |mut st| {
-        let (lags, rec) = (lags.clone(), rec.clone());
-        async move {
-            loop {
-                if let Some((at, _)) = st.due.front()
-                    && *at <= Instant::now()
-                {
-                    let (_, item) = st.due.pop_front()?;
-                    return Some((item, st));
-                }
-                let Some(inner) = st.inner.as_mut() else {
-                    // The watch ended: what is queued still leaves, at its time.
-                    let (at, item) = st.due.pop_front()?;
-                    madsim::time::sleep_until(at).await;
-                    return Some((item, st));
-                };
-                let next = match st.due.front().map(|(at, _)| *at) {
-                    None => futures::StreamExt::next(inner).await,
-                    Some(at) => {
-                        tokio::select! {
-                            biased;
-                            () = madsim::time::sleep_until(at) => continue,
-                            next = futures::StreamExt::next(inner) => next,
-                        }
-                    }
-                };
-                let Some(item) = next else {
-                    st.inner = None;
-                    continue;
-                };
-                let lag = lock(&lags).get(&to).copied();
-                match lag {
-                    None if st.due.is_empty() => return Some((item, st)),
-                    lag => {
-                        if lag.is_some() {
-                            rec.count("door: watch responses sent late");
-                        }
-                        let at = Instant::now() + lag.unwrap_or_default();
-                        st.due.push_back((at, item));
-                    }
-                }
-            }
-        }
-    }))
 }
 
 #[async_trait]

@@ -42,7 +42,7 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 pub fn config(knobs: &Knobs) -> EtcdProviderConfig {
     EtcdProviderConfig {
         ttl: Duration::from_secs(6),
-        request_timeout: knobs.etcd_request_timeout.unwrap_or(Duration::from_secs(1)),
+        request_timeout: knobs.request_timeout.unwrap_or(Duration::from_secs(1)),
         watch_idle_timeout: Duration::from_secs(10),
         startup_timeout: Duration::from_secs(10),
         ..EtcdProviderConfig::default()
@@ -242,19 +242,13 @@ impl ControlPlane for EtcdPlane {
         true
     }
 
-    fn slow_answers(&self, m: &MemberRef, delay: Option<Duration>) -> bool {
-        self.door.set_slow_answers(m.ip, delay);
-        true
-    }
-
-    fn lag_watches(&self, m: &MemberRef, delay: Option<Duration>) -> bool {
-        self.door.set_lagging(m.ip, delay);
-        true
+    fn delays(&self) -> Option<&crate::control::delays::Delays> {
+        Some(&self.door.delays)
     }
 
     fn heal(&self) {
         self.door.clear_keep_alive_loss();
-        self.door.clear_delays();
+        self.door.delays.clear();
         self.node.resume();
         self.revive();
     }
