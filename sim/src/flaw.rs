@@ -166,12 +166,10 @@ pub enum Flaw {
     /// reached its own write yet (a lagging watch right after it registered again), so it
     /// registers again and again.
     EtcdOwnKeyJudgedEarly,
-    /// Planted in the etcd provider's keep-alive loop: the next round waits a whole interval
-    /// after the previous answer, so slow answers stretch the time between renewals.
-    EtcdKeepAliveAfterAnswer,
-    /// Planted in the Kubernetes provider's renew loop: the next renewal waits a whole interval
-    /// after the previous answer, so slow answers stretch renewals apart.
-    K8sRenewAfterAnswer,
+    /// Planted in the renewal schedule the lease providers share (`RenewPacer::pause`): the
+    /// next round waits a whole interval after the previous answer, so slow answers stretch
+    /// renewals apart (the loops of the registry, etcd and Kubernetes providers before).
+    RenewAfterAnswer,
     /// Planted in the registry's snapshot cache: compressed members are looked up by cluster
     /// alone, not by version, so a watcher that accepts compression gets an older version's
     /// members under the new version.
@@ -225,8 +223,7 @@ impl Flaw {
             Flaw::EtcdKeepAliveEveryTtl => "etcd-keep-alive-every-ttl",
             Flaw::EtcdKeepAliveDatedOnAnswer => "etcd-keep-alive-dated-on-answer",
             Flaw::EtcdOwnKeyJudgedEarly => "etcd-own-key-judged-early",
-            Flaw::EtcdKeepAliveAfterAnswer => "etcd-keep-alive-after-answer",
-            Flaw::K8sRenewAfterAnswer => "k8s-renew-after-answer",
+            Flaw::RenewAfterAnswer => "renew-after-answer",
             Flaw::CompressedCacheAnyVersion => "compressed-cache-any-version",
             Flaw::HeartbeatPublishes => "heartbeat-publishes",
             Flaw::EtcdProgressRelists => "etcd-progress-relists",

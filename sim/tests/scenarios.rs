@@ -579,7 +579,7 @@ fn single_activation_fires_on_an_etcd_keep_alive_dated_on_its_answer() {
 fn false_loss_fires_on_an_etcd_keep_alive_loop_that_waits_after_each_answer() {
     let v = first_failure_within(
         "etcd-timing",
-        Flaw::EtcdKeepAliveAfterAnswer,
+        Flaw::RenewAfterAnswer,
         "announced MembershipLost although",
         20,
     );
@@ -592,7 +592,7 @@ fn false_loss_fires_on_an_etcd_keep_alive_loop_that_waits_after_each_answer() {
 fn false_loss_fires_on_a_kubernetes_renew_loop_that_waits_after_each_answer() {
     let v = first_failure_within(
         "k8s-timing",
-        Flaw::K8sRenewAfterAnswer,
+        Flaw::RenewAfterAnswer,
         "announced MembershipLost although",
         20,
     );

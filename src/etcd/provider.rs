@@ -26,7 +26,7 @@ use crate::provider::describe::Descriptions;
 use crate::provider::lease::MemberStanding;
 use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
-    ProviderError, remote::GrpcPartitionManager,
+    ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
 use crate::runtime::{SharedClock, TaskSet, jitter, sim, timeout};
 
@@ -559,34 +559,21 @@ impl Session {
         } else {
             self.config.keep_alive_interval()
         };
-        let mut failures = 0u32;
-        // Rounds start `interval` apart, not `interval` after the previous answer: a slow
-        // answer must not stretch the time between renewals past what the lease allows.
-        let mut started = self.clock().now();
+        let mut pacer = RenewPacer::new(interval, self.clock().now());
         loop {
-            let pause = if failures == 0 {
-                let since = self.clock().now().saturating_duration_since(started);
-                if sim::flaw("etcd-keep-alive-after-answer") {
-                    interval
-                } else {
-                    interval.saturating_sub(since)
-                }
-            } else {
-                self.config
-                    .backoff
-                    .delay(failures - 1, self.clock().as_ref())
-                    .min(interval)
-            };
+            let pause = pacer.pause(self.clock().now(), |n| {
+                self.config.backoff.delay(n, self.clock().as_ref())
+            });
             tokio::select! {
                 biased;
                 _ = self.poke.notified() => {}
                 _ = self.clock().sleep(pause) => {}
             }
-            started = self.clock().now();
+            pacer.start(self.clock().now());
             match self.keep_alive_once().await {
-                Ok(()) => failures = 0,
+                Ok(()) => pacer.succeeded(),
                 Err(e) => {
-                    failures = failures.saturating_add(1);
+                    let failures = pacer.failed(None);
                     self.metrics.keep_alive_failures.inc();
                     if !self.refused(&e.error, || e.what.clone()) {
                         if failures >= 2 {

@@ -34,7 +34,7 @@ use crate::provider::describe::Descriptions;
 use crate::provider::lease::MemberStanding;
 use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
-    ProviderError, remote::GrpcPartitionManager,
+    ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
 use crate::runtime::{SharedClock, TaskSet, jitter, sim, timeout};
 
@@ -666,44 +666,26 @@ impl Session {
 
     async fn renew_loop(self: Arc<Self>) {
         let interval = self.config.renew_interval();
-        let mut failures = 0u32;
-        // The newest failure, when it asked for a wait (429 with Retry-After).
-        let mut last_error: Option<ApiError> = None;
-        // Rounds start `interval` apart, not `interval` after the previous answer: a slow
-        // answer must not stretch the time between renewals.
-        let mut started = self.clock().now();
+        let mut pacer = RenewPacer::new(interval, self.clock().now());
         loop {
-            let pause = if failures == 0 {
-                if sim::flaw("k8s-renew-after-answer") {
-                    interval
-                } else {
-                    interval.saturating_sub(self.clock().now().saturating_duration_since(started))
-                }
-            } else {
-                let backoff = self
-                    .config
-                    .backoff
-                    .delay(failures - 1, self.clock().as_ref())
-                    .min(interval);
-                // Sending again before Retry-After only feeds the queue that shed this one.
-                last_error
-                    .take()
-                    .map_or(backoff, |e| e.retry_delay(backoff))
-            };
+            let pause = pacer.pause(self.clock().now(), |n| {
+                self.config.backoff.delay(n, self.clock().as_ref())
+            });
             tokio::select! {
                 biased;
                 _ = self.renew_now.notified() => {}
                 _ = self.clock().sleep(pause) => {}
             }
-            started = self.clock().now();
+            pacer.start(self.clock().now());
             match self.renew().await {
-                Ok(()) => failures = 0,
+                Ok(()) => pacer.succeeded(),
                 Err(e) => {
                     self.metrics.renew_failures.inc();
-                    failures = failures.saturating_add(1);
+                    // A 429 says when to send again: sooner only feeds the queue that shed it.
+                    let asked = Some(e.error.retry_delay(Duration::ZERO)).filter(|d| !d.is_zero());
+                    let failures = pacer.failed(asked);
                     if let Some(wait) = e.error.retry_after() {
                         tracing::warn!(member = %self.member_id(), error = %e, retry_after = ?wait, "Lease renewal shed by the API server (429); retrying after Retry-After");
-                        last_error = Some(e.error.clone());
                     } else if failures == 2 {
                         tracing::warn!(member = %self.member_id(), error = %e, failures, "Lease renewals failing");
                     } else {

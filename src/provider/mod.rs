@@ -12,10 +12,12 @@ pub use backoff::Backoff;
 pub use context::{ClusterProviderContext, WithheldMembers};
 pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason, MembershipWindow, Window};
 pub mod remote;
+pub mod renew;
 pub use remote::{
     GrpcPartitionManager, LocalPartitionManager, PartitionManagerClient, PartitionManagerHandle,
     PartitionService,
 };
+pub use renew::RenewPacer;
 
 use crate::cluster::{Description, MemberId, ModelError};
 

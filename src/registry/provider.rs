@@ -16,7 +16,7 @@ use crate::provider::describe::Descriptions;
 use crate::provider::lease::MemberStanding;
 use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
-    ProviderError, remote::GrpcPartitionManager,
+    ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
 use crate::runtime::{SharedClock, TaskSet, sim, timeout};
 
@@ -460,37 +460,30 @@ impl Session {
         b.delay(attempt, self.clock().as_ref())
     }
 
-    async fn heartbeat_loop(self: Arc<Self>, mut interval: Duration) {
-        let mut failures = 0u32;
-        // Rounds start `interval` apart, not `interval` after the previous answer: a slow
-        // answer must not stretch the time between renewals.
-        let mut started = self.clock().now();
+    async fn heartbeat_loop(self: Arc<Self>, interval: Duration) {
+        let mut pacer = RenewPacer::new(interval, self.clock().now());
         loop {
-            let pause = if failures == 0 {
-                interval.saturating_sub(self.clock().now().saturating_duration_since(started))
-            } else {
-                self.backoff(failures - 1).min(interval)
-            };
+            let pause = pacer.pause(self.clock().now(), |n| self.backoff(n));
             tokio::select! {
                 biased;
                 _ = self.describe.notified() => {}
                 _ = self.clock().sleep(pause) => {}
             }
-            started = self.clock().now();
+            pacer.start(self.clock().now());
             if self.description_pending() {
                 // A join with this incarnation's secret replaces the description (and the
                 // token) of the same registration: peers see one `changed` member. It renews
                 // the registration too, so it stands in for this heartbeat.
                 match self.join(true).await {
                     Ok(i) => {
-                        interval = i;
-                        failures = 0;
+                        pacer.set_interval(i);
+                        pacer.succeeded();
                     }
                     Err(ProviderError::Rejected(why)) => {
                         self.descriptions.refuse(&self.member, why)
                     }
                     Err(e) => {
-                        failures = failures.saturating_add(1);
+                        let failures = pacer.failed(None);
                         tracing::warn!(member = %self.member_id(), error = %e, failures, "publishing this member's new description failed; retrying");
                     }
                 }
@@ -508,21 +501,21 @@ impl Session {
             }
             match self.call(client.heartbeat(req)).await {
                 Ok(_) => {
-                    failures = 0;
+                    pacer.succeeded();
                     self.renewed(sent_at);
                 }
                 Err(s) if s.code() == Code::NotFound && !sim::flaw("no-rejoin") => {
                     tracing::warn!(member = %self.member_id(), "registry no longer knows this member (expired or restarted); re-joining");
                     self.metrics.rejoins.inc();
                     self.revoked();
-                    interval = self.rejoin_until_done().await;
+                    pacer.set_interval(self.rejoin_until_done().await);
                     // A join renews too: the next heartbeat is due an interval after it.
-                    started = self.clock().now();
-                    failures = 0;
+                    pacer.start(self.clock().now());
+                    pacer.succeeded();
                 }
                 Err(s) => {
                     self.metrics.heartbeat_failures.inc();
-                    failures = failures.saturating_add(1);
+                    let failures = pacer.failed(None);
                     let level_warn = failures == 2;
                     if level_warn {
                         tracing::warn!(member = %self.member_id(), code = ?s.code(), message = s.message(), failures, "heartbeats failing");
