@@ -215,6 +215,48 @@ fn members_join_over_tls_with_client_certificates_and_errors_name_the_endpoint()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The audit's read against a real etcd: a count-only range at a past revision counts the keys
+/// as they were then; a revision etcd has not reached is `WentBack` (what a view sees after a
+/// restore reused its revisions); a compacted one is `Compacted` (the audit then says nothing).
+#[test]
+fn counts_at_a_past_revision_a_future_one_and_a_compacted_one() {
+    use shoal::etcd::api::{EtcdApi, EtcdError};
+    use shoal::etcd::client::{EtcdClient, EtcdConnection};
+    let etcd = start_etcd("count");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let connection = EtcdConnection {
+            endpoints: vec![etcd.url.clone()],
+            connect_timeout: Duration::from_secs(5),
+            ..EtcdConnection::default()
+        };
+        let client = EtcdClient::connect(&connection).await.unwrap();
+        let r1 = client.put("/m/a", b"1".to_vec(), 0).await.unwrap();
+        let r2 = client.put("/m/b", b"2".to_vec(), 0).await.unwrap();
+        let r3 = client.delete("/m/a").await.unwrap();
+        client.put("/other", b"x".to_vec(), 0).await.unwrap();
+        assert_eq!(client.count_prefix("/m/", r1).await, Ok(1));
+        assert_eq!(client.count_prefix("/m/", r2).await, Ok(2));
+        assert_eq!(client.count_prefix("/m/", r3).await, Ok(1));
+        let now = client.range_prefix("/m/").await.unwrap().revision;
+        match client.count_prefix("/m/", now + 10).await {
+            Err(EtcdError::WentBack { requested, current }) => {
+                assert_eq!((requested, current), (now + 10, now));
+            }
+            other => panic!("a future revision: {other:?}"),
+        }
+        etcdctl(&etcd.url, &["compact", &now.to_string()]);
+        assert!(
+            matches!(
+                client.count_prefix("/m/", r1).await,
+                Err(EtcdError::Compacted { .. })
+            ),
+            "a compacted revision"
+        );
+    });
+    let _ = std::fs::remove_dir_all(&etcd.dir);
+}
+
 /// A list larger than the 4 MiB a gRPC client decodes in one response (6,000 members of about
 /// 1 KB each, 6.5 MB) is read in pages at one revision: `shoal topology` lists every member.
 /// (Before: the range failed for good, "decoded message length too large".)

@@ -113,6 +113,47 @@ async fn a_restart_keeps_or_loses_the_data_and_ends_every_watch() {
 }
 
 #[madsim::test]
+async fn a_count_at_a_past_revision_replays_the_history_and_a_restore_goes_back() {
+    let s = store(100);
+    let r0 = s.revision();
+    let r1 = s.put("/m/a", b"1".to_vec(), 0).await.unwrap();
+    let r2 = s.put("/m/b", b"2".to_vec(), 0).await.unwrap();
+    let r3 = s.put("/m/a", b"3".to_vec(), 0).await.unwrap();
+    let r4 = s.delete("/m/b").await.unwrap();
+    let r5 = s.put("/other", b"x".to_vec(), 0).await.unwrap();
+    for (r, n) in [(r0, 0), (r1, 1), (r2, 2), (r3, 2), (r4, 1), (r5, 1)] {
+        assert_eq!(s.count_prefix("/m/", r).await, Ok(n), "at revision {r}");
+    }
+    assert!(matches!(
+        s.count_prefix("/m/", r5 + 1).await,
+        Err(EtcdError::WentBack { .. })
+    ));
+    let cluster = s.range_prefix("/m/").await.unwrap().cluster_id;
+    let snapshot = s.snapshot();
+    let r6 = s.put("/m/c", b"4".to_vec(), 0).await.unwrap();
+    s.put("/m/d", b"5".to_vec(), 0).await.unwrap();
+    let mut w = s.watch_prefix("/m/", 0).await.unwrap();
+    s.restore(&snapshot);
+    assert!(w.next().await.is_none(), "a restore ends every watch");
+    let restored = s.range_prefix("/m/").await.unwrap();
+    assert_eq!(restored.cluster_id, cluster, "the same cluster id");
+    assert_eq!(restored.revision, r5);
+    assert_eq!(restored.kvs.len(), 1);
+    // Later writes reuse the revisions the store had reached before.
+    assert_eq!(s.put("/m/e", b"6".to_vec(), 0).await.unwrap(), r6);
+    assert_eq!(s.count_prefix("/m/", r6).await, Ok(2));
+    assert!(matches!(
+        s.count_prefix("/m/", r6 + 1).await,
+        Err(EtcdError::WentBack { .. })
+    ));
+    s.compact(r6);
+    assert!(matches!(
+        s.count_prefix("/m/", r5).await,
+        Err(EtcdError::Compacted { .. })
+    ));
+}
+
+#[madsim::test]
 async fn a_watcher_that_falls_behind_is_cancelled_not_buffered_without_end() {
     let s = store(10_000);
     let w = s.watch_prefix("/m/", 0).await.unwrap();
@@ -187,6 +228,10 @@ impl EtcdApi for Link {
         self.check()?;
         self.store.range_prefix(prefix).await
     }
+    async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError> {
+        self.check()?;
+        self.store.count_prefix(prefix, revision).await
+    }
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
         self.check()?;
         let cut = self.cut.clone();
@@ -224,6 +269,8 @@ type Standing = Arc<Mutex<Vec<(usize, Instant, ClusterEvent)>>>;
 struct Cluster {
     h: Handle,
     store: MemoryEtcd,
+    /// The settings members started from now on get.
+    config: EtcdProviderConfig,
     views: Views,
     standing: Standing,
     cuts: BTreeMap<usize, Arc<AtomicBool>>,
@@ -249,6 +296,7 @@ impl Cluster {
         Self {
             h,
             store,
+            config: config(),
             views: Views::default(),
             standing: Standing::default(),
             cuts: BTreeMap::new(),
@@ -267,10 +315,11 @@ impl Cluster {
             cut,
             echo_older: self.echo_older.clone(),
         };
-        let (views, standing, providers) = (
+        let (views, standing, providers, settings) = (
             self.views.clone(),
             self.standing.clone(),
             self.providers.clone(),
+            self.config.clone(),
         );
         let node = self
             .h
@@ -278,11 +327,12 @@ impl Cluster {
             .name(format!("m{i}"))
             .ip(ip)
             .init(move || {
-                let (views, standing, providers, link) = (
+                let (views, standing, providers, link, settings) = (
                     views.clone(),
                     standing.clone(),
                     providers.clone(),
                     link.clone(),
+                    settings.clone(),
                 );
                 async move {
                     let ctx = ClusterProviderContext::new(
@@ -297,7 +347,7 @@ impl Cluster {
                         .unwrap()
                         .insert(i, (ctx.member.id.clone(), ctx.partition_manager.clone()));
                     common::record_standing(i, &ctx.events, standing.clone());
-                    let provider = Arc::new(EtcdProvider::new(config(), Arc::new(link)));
+                    let provider = Arc::new(EtcdProvider::new(settings, Arc::new(link)));
                     providers.lock().unwrap().insert(i, provider.clone());
                     provider.start_member(ctx.clone()).await.unwrap();
                     std::future::pending::<()>().await;
@@ -634,6 +684,64 @@ async fn an_etcd_that_lost_its_data_gets_every_member_back_under_a_new_epoch() {
     }
 }
 
+/// A snapshot restored with the same cluster id, then writes (elsewhere in etcd) that reach
+/// the revisions the members saw before their watches reopen: no watch creation notices the
+/// store went back, and the views keep the member the snapshot does not have, for good. An
+/// audit counts the keys at the view's revision, finds one too many, and lists again under a
+/// new epoch. `audit` is the members' audit period (`None`: no audits).
+async fn restore_hidden_by_reused_revisions(audit: Option<Duration>) -> (Vec<String>, Vec<String>) {
+    let mut c = Cluster::new(1000);
+    c.config.audit_every = audit;
+    for i in 1..=2 {
+        c.start(i);
+    }
+    c.wait_sizes(&[1, 2], 2, Duration::from_secs(10)).await;
+    let snapshot = c.store.snapshot();
+    c.start(3);
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let epoch = c.pm(1).topology().epoch();
+    let seen = c.store.revision();
+    c.store.restore(&snapshot);
+    for i in 0..=(seen - snapshot.revision()) {
+        c.store
+            .put(&format!("/elsewhere/{i}"), vec![], 0)
+            .await
+            .unwrap();
+    }
+    // Member 3's lease is not in the snapshot: it registers again, as a new incarnation.
+    sleep(Duration::from_secs(12)).await;
+    let held: Vec<String> = c
+        .store
+        .range_prefix("/shoal/c/members/")
+        .await
+        .unwrap()
+        .kvs
+        .iter()
+        .map(|kv| kv.key.trim_start_matches("/shoal/c/members/").to_string())
+        .collect();
+    if audit.is_some() {
+        for i in 1..=3 {
+            assert_ne!(c.pm(i).topology().epoch(), epoch, "node {i}: a new epoch");
+            let m = c.provider(i).metrics().clone();
+            assert!(m.audit_mismatches.get() > 0, "node {i} found no mismatch");
+        }
+    }
+    (c.view(1), held)
+}
+
+#[madsim::test]
+async fn a_restore_hidden_by_reused_revisions_leaves_a_phantom_without_audits() {
+    let (view, held) = restore_hidden_by_reused_revisions(None).await;
+    assert_eq!(held.len(), 3, "{held:?}");
+    assert_eq!(view.len(), 4, "the old incarnation stays listed: {view:?}");
+}
+
+#[madsim::test]
+async fn a_restore_hidden_by_reused_revisions_is_found_by_an_audit() {
+    let (view, held) = restore_hidden_by_reused_revisions(Some(Duration::from_secs(2))).await;
+    assert_eq!(view, held, "every view is the store's again");
+}
+
 #[madsim::test]
 async fn a_key_someone_else_wrote_is_skipped_and_a_deleted_own_key_is_rewritten_as_new() {
     let mut c = Cluster::new(1000);
@@ -702,6 +810,15 @@ async fn bad_settings_are_refused_naming_the_setting() {
                 ..config()
             })
             .await;
+            let audit = bad(EtcdProviderConfig {
+                audit_every: Some(Duration::from_millis(10)),
+                ..config()
+            })
+            .await;
+            assert!(
+                matches!(&audit, ProviderError::Rejected(m) if m.contains("audit_every")),
+                "{audit:?}"
+            );
             (ttl, prefix)
         })
         .await

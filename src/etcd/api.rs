@@ -143,6 +143,12 @@ pub trait EtcdApi: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<Revision, EtcdError>;
     /// Reads every key under `prefix`.
     async fn range_prefix(&self, prefix: &str) -> Result<Range, EtcdError>;
+    /// How many keys were under `prefix` at store revision `revision` (a linearizable,
+    /// count-only read of the store's history: constant-size answer). Fails with
+    /// [`EtcdError::Compacted`] below the compaction and with [`EtcdError::WentBack`] beyond
+    /// the store's revision (etcd: "required revision is a future revision"; after a restore
+    /// from a snapshot, a revision the watcher saw may not exist any more).
+    async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError>;
     /// Watches every key under `prefix` from revision `from` (inclusive). A compacted `from`
     /// fails with [`EtcdError::Compacted`], at once or as the stream's first item; a `from`
     /// beyond the store's next revision with [`EtcdError::WentBack`] (etcd itself would wait

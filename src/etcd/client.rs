@@ -576,6 +576,41 @@ impl EtcdApi for EtcdClient {
         }
     }
 
+    async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError> {
+        let count = |at: Option<Revision>| {
+            let mut options = GetOptions::new().with_prefix().with_count_only();
+            if let Some(at) = at {
+                options = options.with_revision(at);
+            }
+            self.call(move |mut c| {
+                let (key, options) = (prefix.to_string(), options.clone());
+                async move { c.get(key, Some(options)).await }
+            })
+        };
+        match count(Some(revision)).await {
+            Ok(r) => Ok(r.count()),
+            // etcd's mvcc errors (OutOfRange): a revision it does not have, above or below.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("future revision") => {
+                let current = count(None)
+                    .await
+                    .map_err(etcd_error)?
+                    .header()
+                    .map_or(0, |h| h.revision());
+                Err(EtcdError::WentBack {
+                    requested: revision,
+                    current,
+                })
+            }
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                Err(EtcdError::Compacted {
+                    requested: revision,
+                    compacted: revision,
+                })
+            }
+            Err(e) => Err(etcd_error(e)),
+        }
+    }
+
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
         let mut options = WatchOptions::new().with_prefix().with_progress_notify();
         if from > 0 {

@@ -93,6 +93,9 @@ pub struct EtcdView {
     /// each time a list shows the same cluster's revision went back.
     epoch: u64,
     synced: bool,
+    /// An audit found the view differs from the store at its revision: the next list is of a
+    /// store that went back (a new epoch), whatever its revision.
+    diverged: bool,
 }
 
 /// The epoch after a list showed cluster `cluster_id`'s revision back at `now` from `before`
@@ -128,6 +131,11 @@ impl EtcdView {
         self.revision
     }
 
+    /// How many keys under the prefix the view holds (members and keys that describe none).
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Whether `batch` comes from another store than the one listed (another cluster id, or
     /// a store whose revision went back: it lost its data): the view must be listed again.
     pub fn is_foreign(&self, batch: &WatchBatch) -> bool {
@@ -137,6 +145,14 @@ impl EtcdView {
             batch.header_revision < self.revision
         };
         self.synced && (batch.cluster_id != self.cluster_id || went_back)
+    }
+
+    /// The store no longer holds what the view says it held at the view's revision (an
+    /// audit): the store went back and its later writes reused revisions the view had seen.
+    /// The next [`Self::relist`] gives the view a new epoch, so that no version is issued
+    /// twice with different members.
+    pub fn diverged(&mut self) {
+        self.diverged = true;
     }
 
     /// Replaces the view with a fresh read (after a start, a compaction, or an etcd that lost
@@ -156,7 +172,8 @@ impl EtcdView {
         // revisions the view had seen.
         let members = self.members();
         let went_back = !moved
-            && (range.revision < self.revision
+            && (std::mem::take(&mut self.diverged)
+                || range.revision < self.revision
                 || (range.revision == self.revision && before != members));
         self.epoch = if moved {
             range.cluster_id

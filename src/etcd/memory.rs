@@ -7,7 +7,9 @@
 //! a revision, fed from a bounded history (older revisions are compacted: a watch from one
 //! fails with [`EtcdError::Compacted`]), with progress notifications ([`MemoryEtcd::progress`]);
 //! restarts that keep the data (every lease's TTL starts over, as after an etcd leader change)
-//! or lose it (a new cluster id, revisions start over); explicit compaction.
+//! or lose it (a new cluster id, revisions start over); a snapshot restored with the same
+//! cluster id (the revision goes back); count-only reads at a past revision; explicit
+//! compaction.
 //!
 //! Not modelled: transactions, multiple etcd members and their elections, authentication,
 //! request size limits. A watcher that falls more than [`WATCH_BUFFER`] batches behind is
@@ -56,6 +58,23 @@ struct State {
     /// Down: every call fails and nothing expires (the etcd process is not running).
     down: bool,
     observer: Option<Observer>,
+}
+
+/// The store's content at one revision, for [`MemoryEtcd::restore`].
+#[derive(Clone, Debug)]
+pub struct EtcdSnapshot {
+    revision: Revision,
+    compacted: Revision,
+    kvs: BTreeMap<String, KeyValue>,
+    leases: BTreeMap<LeaseId, (Duration, BTreeSet<String>)>,
+    history: VecDeque<Change>,
+}
+
+impl EtcdSnapshot {
+    /// The revision it was taken at.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
 }
 
 /// Told the store's whole content after every change (and after a restart that lost it): a
@@ -196,6 +215,51 @@ impl MemoryEtcd {
         } else {
             Ok(())
         }
+    }
+
+    /// A copy of the store as it is now (`etcdctl snapshot save`).
+    pub fn snapshot(&self) -> EtcdSnapshot {
+        let s = self.lock();
+        EtcdSnapshot {
+            revision: s.revision,
+            compacted: s.compacted,
+            kvs: s.kvs.clone(),
+            leases: s
+                .leases
+                .iter()
+                .map(|(id, l)| (*id, (l.ttl, l.keys.clone())))
+                .collect(),
+            history: s.history.clone(),
+        }
+    }
+
+    /// Restores `snapshot` with the **same cluster id** (`etcdctl snapshot restore` with the
+    /// same cluster token, and no `--bump-revision`): every watch ends, the revision goes back to
+    /// the snapshot's, and the leases it held start their TTL over. Revisions above it will be
+    /// reused by other writes: a watcher that resumes from one it saw before misses them.
+    pub fn restore(&self, snapshot: &EtcdSnapshot) {
+        let now = self.clock.now();
+        let mut s = self.lock();
+        s.watchers.clear();
+        s.revision = snapshot.revision;
+        s.compacted = snapshot.compacted;
+        s.kvs = snapshot.kvs.clone();
+        s.history = snapshot.history.clone();
+        s.leases = snapshot
+            .leases
+            .iter()
+            .map(|(id, (ttl, keys))| {
+                (
+                    *id,
+                    LeaseState {
+                        ttl: *ttl,
+                        deadline: now + *ttl,
+                        keys: keys.clone(),
+                    },
+                )
+            })
+            .collect();
+        s.notify_observer();
     }
 
     /// A restart: every watch ends. With `keep_data`, keys and leases survive and every lease's
@@ -422,6 +486,41 @@ impl EtcdApi for MemoryEtcd {
             revision: s.revision,
             cluster_id: s.cluster_id,
         })
+    }
+
+    async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError> {
+        self.check_up()?;
+        self.expire();
+        let s = self.lock();
+        if revision > s.revision {
+            return Err(EtcdError::WentBack {
+                requested: revision,
+                current: s.revision,
+            });
+        }
+        if revision < s.compacted {
+            return Err(EtcdError::Compacted {
+                requested: revision,
+                compacted: s.compacted,
+            });
+        }
+        // Now, less what the changes after `revision` added, plus what they deleted.
+        let now = s
+            .kvs
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count() as i64;
+        let since: i64 = s
+            .history
+            .iter()
+            .filter(|c| c.revision() > revision && c.key().starts_with(prefix))
+            .map(|c| match c {
+                Change::Put(kv) if kv.create_revision == kv.mod_revision => -1,
+                Change::Put(_) => 0,
+                Change::Delete { .. } => 1,
+            })
+            .sum();
+        Ok(now + since)
     }
 
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {

@@ -31,6 +31,11 @@ pub struct EtcdProviderMetrics {
     pub membership_restored: Counter,
     /// Requests etcd refused (authentication, permission), each logged at warn.
     pub refusals: Counter,
+    /// Audits of the view: a count of the keys at the view's revision, compared with it.
+    pub audits: Counter,
+    /// Audits that found the view wrong (another number of keys, or a revision etcd no longer
+    /// has: a restore), each followed by a list.
+    pub audit_mismatches: Counter,
     /// Members in this node's view.
     pub members: Gauge,
 }
@@ -38,7 +43,7 @@ pub struct EtcdProviderMetrics {
 impl EtcdProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 11] = [
+        let all: [(&str, &str, &Counter); 13] = [
             (
                 "etcd_keep_alives",
                 "Keep-alives of this member's lease accepted",
@@ -93,6 +98,16 @@ impl EtcdProviderMetrics {
                 "etcd_refusals",
                 "Requests etcd refused (authentication, permission)",
                 &self.refusals,
+            ),
+            (
+                "etcd_audits",
+                "Counts of the keys at the view's revision, compared with the view",
+                &self.audits,
+            ),
+            (
+                "etcd_audit_mismatches",
+                "Audits that found the view wrong (then listed again)",
+                &self.audit_mismatches,
             ),
         ];
         for (name, help, counter) in all {

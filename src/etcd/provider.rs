@@ -65,6 +65,11 @@ pub struct EtcdProviderConfig {
     /// time up to this long first (default 1 s): every member is sent to relist at the same
     /// moment, and their ranges would land on etcd together.
     pub relist_jitter: Duration,
+    /// How often (on average: each time a random 50-150% of it) the view is audited: etcd
+    /// counts the keys under the prefix at the view's revision, a constant-size read, and a
+    /// different number, or a revision etcd no longer has (a snapshot restored with the same
+    /// cluster id), lists again. `None`: never. Default 2 min.
+    pub audit_every: Option<Duration>,
 }
 
 impl Default for EtcdProviderConfig {
@@ -82,6 +87,7 @@ impl Default for EtcdProviderConfig {
             partition_rpc_timeout: Duration::from_secs(2),
             publish_interval: Duration::from_millis(20),
             relist_jitter: Duration::from_secs(1),
+            audit_every: Some(Duration::from_secs(120)),
         }
     }
 }
@@ -116,6 +122,12 @@ impl EtcdProviderConfig {
         }
         if self.request_timeout.is_zero() {
             return bad("request_timeout must be above zero".into());
+        }
+        if self.audit_every.is_some_and(|a| a < Duration::from_secs(1)) {
+            return bad(format!(
+                "audit_every must be at least 1 s, or None (got {:?})",
+                self.audit_every
+            ));
         }
         if self.publish_interval >= self.keep_alive_interval() {
             return bad(format!(
@@ -719,28 +731,42 @@ impl Session {
         // below it is a repeated or reordered message, not a store that went back: it is
         // skipped, where comparing it with the view would list every member again.
         let mut stream_high: Option<Revision> = None;
+        let mut heard_at = self.clock().now();
+        let mut audit_at = self.next_audit(heard_at);
         loop {
             let now = self.clock().now();
             let due = published_at
                 .map(|at| at + self.config.publish_interval)
                 .filter(|_| pending);
-            let wait = match due {
-                Some(due) if due <= now => {
-                    self.publish_now(&mut published_at, &mut pending);
-                    continue;
+            if due.is_some_and(|due| due <= now) {
+                self.publish_now(&mut published_at, &mut pending);
+                continue;
+            }
+            if audit_at.is_some_and(|at| at <= now) {
+                audit_at = self.next_audit(now);
+                if let Some(end) = self.audit().await {
+                    self.publish_pending(&mut pending);
+                    return end;
                 }
-                Some(due) => due - now,
-                None => self.config.watch_idle_timeout,
-            };
-            let next = timeout(self.clock().as_ref(), wait, stream.next()).await;
+                continue;
+            }
+            let quiet_at = heard_at + self.config.watch_idle_timeout;
+            if quiet_at <= now {
+                self.publish_pending(&mut pending);
+                return WatchEnd::Reopen(EtcdError::Unavailable(format!(
+                    "quiet for {:?}",
+                    self.config.watch_idle_timeout
+                )));
+            }
+            let until = [Some(quiet_at), due, audit_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(quiet_at);
+            let next = timeout(self.clock().as_ref(), until - now, stream.next()).await;
             let batch = match next {
-                Err(_) if due.is_some() => continue, // Time to publish what the burst changed.
-                Err(_) => {
-                    return WatchEnd::Reopen(EtcdError::Unavailable(format!(
-                        "quiet for {:?}",
-                        self.config.watch_idle_timeout
-                    )));
-                }
+                // A deadline: publishing, an audit or the idle timeout, at the top.
+                Err(_) => continue,
                 Ok(None) => {
                     self.publish_pending(&mut pending);
                     return WatchEnd::Reopen(EtcdError::Unavailable("the watch ended".into()));
@@ -751,6 +777,7 @@ impl Session {
                 }
                 Ok(Some(Ok(batch))) => batch,
             };
+            heard_at = self.clock().now();
             if let Some(high) = stream_high.filter(|h| batch.header_revision < *h) {
                 self.metrics.batches_out_of_order.inc();
                 tracing::debug!(
@@ -787,6 +814,50 @@ impl Session {
                 self.check_own_key();
             }
         }
+    }
+
+    /// When the next audit of the view is due after `now` (a random 50-150% of the period, so
+    /// that members spread their audits out).
+    fn next_audit(&self, now: crate::runtime::Instant) -> Option<crate::runtime::Instant> {
+        let every = self.config.audit_every?;
+        Some(now + every / 2 + jitter(self.clock().as_ref(), every))
+    }
+
+    /// Audits the view: etcd counts the keys under the prefix at the view's revision (a
+    /// constant-size answer). A different count, or a revision etcd does not have (the store
+    /// went back: a snapshot restored with the same cluster id, whose revisions other writes
+    /// then reuse, so no watch creation notices it), means the view is wrong: it is listed
+    /// again. A compacted revision, or etcd out of reach, says nothing; the next audit tries
+    /// again.
+    async fn audit(&self) -> Option<WatchEnd> {
+        let (revision, held) = {
+            let view = lock(&self.view);
+            (view.revision(), view.key_count() as i64)
+        };
+        self.metrics.audits.inc();
+        let counted = self
+            .call(
+                || format!("count {} at revision {revision}", self.prefix),
+                self.api.count_prefix(&self.prefix, revision),
+            )
+            .await;
+        let why = match counted {
+            Ok(n) if n == held => return None,
+            Ok(n) => format!("etcd holds {n} keys at revision {revision}, the view {held}"),
+            Err(e) => match e.error {
+                EtcdError::WentBack { current, .. } => format!(
+                    "etcd no longer has revision {revision} (it is at {current}: restored from a snapshot?)"
+                ),
+                _ => {
+                    tracing::debug!(error = %e, "auditing the view said nothing");
+                    return None;
+                }
+            },
+        };
+        self.metrics.audit_mismatches.inc();
+        lock(&self.view).diverged();
+        tracing::warn!(prefix = %self.prefix, revision, reason = %why, "the view does not match etcd; listing again");
+        Some(WatchEnd::Relist("an audit found the view wrong"))
     }
 
     /// Publishes the view now.

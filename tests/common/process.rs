@@ -114,12 +114,16 @@ impl Proc {
             if let Some(v) = self.last_json().filter(|v| pred(v)) {
                 return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: timed out waiting for {what}; last: {:?}",
-                self.name,
-                self.last_json()
-            );
+            if Instant::now() >= deadline {
+                let log = self.err_lines.lock().unwrap();
+                let tail = &log[log.len().saturating_sub(12)..];
+                panic!(
+                    "{}: timed out waiting for {what}; last: {:?}\nits last log lines:\n{}",
+                    self.name,
+                    self.last_json(),
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

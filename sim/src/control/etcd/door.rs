@@ -52,6 +52,7 @@ pub enum Request {
     Put(String, Vec<u8>, LeaseId),
     Delete(String),
     Range(String),
+    Count(String, Revision),
     Watch(String, Revision),
 }
 
@@ -62,6 +63,7 @@ enum Reply {
     Done,
     Written(Revision),
     Range(Range),
+    Count(i64),
     WatchOpened,
 }
 
@@ -150,6 +152,13 @@ impl EtcdApi for SimEtcdApi {
         }
     }
 
+    async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError> {
+        match self.call(Request::Count(prefix.into(), revision)).await? {
+            Reply::Count(n) => Ok(n),
+            r => unexpected(r),
+        }
+    }
+
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
         let (first, conn) = self
             .pool
@@ -206,7 +215,7 @@ impl Request {
             Request::Revoke(_) => "lease revoke",
             Request::Put(..) => "put",
             Request::Delete(_) => "delete",
-            Request::Range(_) => "range",
+            Request::Range(_) | Request::Count(..) => "range",
             Request::Watch(..) => "watch",
         }
     }
@@ -420,6 +429,9 @@ impl EtcdDoor {
                 r.map(Reply::Written)
             }
             Request::Range(prefix) => s.range_prefix(&prefix).await.map(Reply::Range),
+            Request::Count(prefix, revision) => {
+                s.count_prefix(&prefix, revision).await.map(Reply::Count)
+            }
             Request::Watch(prefix, from_revision) => {
                 self.meter.request(verb, 0);
                 let stream = s.watch_prefix(&prefix, from_revision).await;

@@ -37,6 +37,9 @@ pub const COMPACTION: Duration = Duration::from_secs(5);
 /// How often the simulated etcd sends a progress notification on every watch.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// How often, on average, a simulated member audits its view (count-only reads).
+pub const AUDIT_EVERY: Duration = Duration::from_secs(20);
+
 /// The etcd provider settings simulations use: a 6 s lease (the registry's TTL) kept alive
 /// every 2 s, requests given 1 s (or what the scenario's knobs say).
 pub fn config(knobs: &Knobs) -> EtcdProviderConfig {
@@ -45,6 +48,8 @@ pub fn config(knobs: &Knobs) -> EtcdProviderConfig {
         request_timeout: knobs.request_timeout.unwrap_or(Duration::from_secs(1)),
         watch_idle_timeout: Duration::from_secs(10),
         startup_timeout: Duration::from_secs(10),
+        // Three or four audits per member in a 75 s fault phase.
+        audit_every: Some(AUDIT_EVERY),
         ..EtcdProviderConfig::default()
     }
 }
@@ -54,14 +59,16 @@ pub fn bounds(knobs: &Knobs) -> Bounds {
     Bounds::etcd(&config(knobs), knobs.buggify)
 }
 
-/// The etcd provider's load budget: a keep-alive per member per keep-alive interval; a
+/// The etcd provider's load budget: a keep-alive per member per keep-alive interval and an
+/// audit (a count-only read) per member per audit period; a
 /// progress notification per watch every 2 s; one watch response per membership change per
 /// watcher; a reconnect (or a member registering again) costs a grant, a put, a range (a list
 /// of every member) and a watch.
 pub fn budget(knobs: &Knobs) -> LoadBudget {
     let c = config(knobs);
     LoadBudget {
-        requests_per_node_per_s: 1.0 / c.keep_alive_interval().as_secs_f64(),
+        requests_per_node_per_s: 1.0 / c.keep_alive_interval().as_secs_f64()
+            + 1.0 / AUDIT_EVERY.as_secs_f64(),
         requests_per_change: 4.0,
         requests_per_reconnect: 8.0,
         events_per_watcher_per_s: 1.0 / PROGRESS_EVERY.as_secs_f64(),
@@ -73,7 +80,7 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
         lists_per_change_per_watcher: 0.0,
         lists_per_reconnect: 3.0,
         slack: if knobs.buggify { 4.0 } else { 2.0 },
-        why: "etcd: a keep-alive per member per keep-alive interval, a progress notification per watch every 2 s, a watch response per change per watcher, a grant, a put, a range and a watch per reconnect",
+        why: "etcd: a keep-alive per member per keep-alive interval, an audit per member every 20 s, a progress notification per watch every 2 s, a watch response per change per watcher, a grant, a put, a range and a watch per reconnect",
     }
 }
 
@@ -266,6 +273,11 @@ impl ControlPlane for EtcdPlane {
             rec.count_n("etcd: keep-alive failures", m.keep_alive_failures.get());
             rec.count_n("etcd: rejoins", m.rejoins.get());
             rec.count_n("etcd: relists", m.relists.get());
+            rec.count_n("etcd: audits", m.audits.get());
+            rec.count_n(
+                "etcd: audits that found the view wrong",
+                m.audit_mismatches.get(),
+            );
             rec.count_n("etcd: watches reopened", m.watch_reopens.get());
             rec.count_n(
                 "etcd: older watch batches skipped",
