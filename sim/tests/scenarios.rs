@@ -301,7 +301,11 @@ fn self_awareness_oracle_fires_on_a_provider_that_renews_its_lease_on_attempts()
 /// firing is enough) to break it.
 #[test]
 fn resurrection_oracle_fires_on_a_registry_that_forgets_expired_ids() {
-    let seeds = [("partition-heal", 40), ("swarm", 143), ("partition-heal", 169)];
+    let seeds = [
+        ("partition-heal", 40),
+        ("swarm", 143),
+        ("partition-heal", 169),
+    ];
     let v = seeds.iter().find_map(|(name, seed)| {
         run(name, *seed, Flaw::ExpiryNotBuried)
             .recording
