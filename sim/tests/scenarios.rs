@@ -143,6 +143,21 @@ fn first_failure(name: &str, flaw: Flaw, needle: &str) -> String {
     first_failure_within(name, flaw, needle, 6)
 }
 
+/// The first violation containing `needle` in the given seeds of scenario `name` (seeds known
+/// to catch a flaw that needs a rare interleaving: the search stops at the first that does).
+fn failure_in_seeds(name: &str, seeds: &[u64], flaw: Flaw, needle: &str) -> String {
+    seeds
+        .iter()
+        .find_map(|seed| {
+            run(name, *seed, flaw)
+                .recording
+                .violations
+                .into_iter()
+                .find(|v| v.contains(needle))
+        })
+        .unwrap_or_else(|| panic!("no seed of {seeds:?} of {name} caught {flaw:?} ({needle:?})"))
+}
+
 /// [`first_failure`] over seeds `1..=seeds` (for a flaw that needs a rarer interleaving).
 fn first_failure_within(name: &str, flaw: Flaw, needle: &str, seeds: u64) -> String {
     for seed in 1..=seeds {
@@ -359,7 +374,12 @@ fn history_oracle_fires_on_coalesced_updates_that_drop_departures() {
     // It takes a departure coalesced with another change: a few swarm seeds in a hundred
     // (seed 9 since the simulated transport changed on 2026-12-02; seeds 61, 127 and 149 of
     // 1-200 since renewals start on a fixed schedule, 2026-12-07).
-    let v = first_failure_within("swarm", Flaw::CoalescedDropsLeft, "history:", 61);
+    let v = failure_in_seeds(
+        "swarm",
+        &[61, 127, 149],
+        Flaw::CoalescedDropsLeft,
+        "history:",
+    );
     assert!(v.contains("two different topologies"), "{v}");
 }
 
@@ -648,11 +668,11 @@ fn single_activation_checker_fires_on_actors_kept_after_a_lost_membership() {
 #[test]
 fn stale_routing_checker_fires_on_actors_kept_after_a_lost_membership() {
     // Seeds 8, 11 and 19 of 1-40 since renewals start on a fixed schedule (2026-12-07).
-    let v = first_failure_within(
+    let v = failure_in_seeds(
         "registry-restart",
+        &[8, 11, 19],
         Flaw::ActorsKeptOnLost,
         "no stale routing:",
-        8,
     );
     assert!(v.contains("rendezvous"), "{v}");
 }
