@@ -318,10 +318,15 @@ fn enable_auth(url: &str) {
 
 /// `shoal member` as `root` (4 s lease).
 fn auth_member(name: &str, etcd: &str) -> Proc {
+    auth_member_for(name, etcd, "4s")
+}
+
+/// `shoal member` as `root` with a lease of `ttl`.
+fn auth_member_for(name: &str, etcd: &str, ttl: &str) -> Proc {
     member_with(
         name,
         etcd,
-        "4s",
+        ttl,
         &["--etcd-user", "root"],
         &[("SHOAL_ETCD_PASSWORD", "s3cret")],
     )
@@ -365,17 +370,8 @@ fn a_member_whose_auth_token_expired_authenticates_again_and_registers() {
     let etcd = start_etcd_with("token-ttl", &["--auth-token-ttl", "2"]);
     enable_auth(&etcd.url);
     let root = ["--user", "root:s3cret"];
-    let as_root = |name| {
-        member_with(
-            name,
-            &etcd.url,
-            "8s",
-            &["--etcd-user", "root"],
-            &[("SHOAL_ETCD_PASSWORD", "s3cret")],
-        )
-    };
-    let a = as_root("a");
-    let b = as_root("b");
+    let a = auth_member_for("a", &etcd.url, "8s");
+    let b = auth_member_for("b", &etcd.url, "8s");
     let admin = Some(("root", "s3cret"));
     wait_views_agree_as(&etcd.url, admin, &[&a, &b], 2, 20, "two members");
 
