@@ -116,6 +116,14 @@ pub enum Flaw {
     /// Planted in the Kubernetes provider's cleaner: a restarted process does not delete the
     /// Lease of its previous incarnation at the same address.
     K8sGhostKept,
+    /// Planted in the Kubernetes provider's renewal: a create of the member's Lease whose
+    /// answer never came is simply sent again, though it may have been applied and the Lease
+    /// deleted since by a peer: the removed id comes back.
+    K8sCreateInDoubtRepeated,
+    /// Planted in the Kubernetes provider's shard watch (sharded heartbeats): a monitor
+    /// watches every heartbeat of the cluster, not only its shard's (the label selector
+    /// without the shard), so heartbeat events grow with N² again.
+    K8sHeartbeatsUnsharded,
     /// Planted in the Kubernetes provider's EndpointSlice watch: a slice change does not wake
     /// the reconciler (as another member's renewal does not), so a Pod that stopped serving
     /// stays listed until some Lease changes.
@@ -211,6 +219,8 @@ impl Flaw {
             Flaw::K8sRecreateSameId => "k8s-recreate-same-id",
             Flaw::K8s410NotRelisted => "k8s-410-not-relisted",
             Flaw::K8sGhostKept => "k8s-ghost-kept",
+            Flaw::K8sHeartbeatsUnsharded => "k8s-heartbeats-unsharded",
+            Flaw::K8sCreateInDoubtRepeated => "k8s-create-in-doubt-repeated",
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",
             Flaw::K8sRenewedOnAttempt => "k8s-renewed-on-attempt",

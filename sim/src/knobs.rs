@@ -48,6 +48,9 @@ pub struct Knobs {
     /// etcd and Kubernetes: the provider's request timeout, when a scenario needs answers that
     /// come later than the default 1 s allows (the lease margin is 0.6 s).
     pub request_timeout: Option<Duration>,
+    /// Kubernetes: sharded heartbeats `(shards, monitors)` (`None`: every member watches
+    /// every member's Lease).
+    pub k8s_heartbeats: Option<(u32, u32)>,
 }
 
 impl Default for Knobs {
@@ -70,6 +73,7 @@ impl Default for Knobs {
                 .snapshot_compress_bytes,
             out_of_contract: false,
             request_timeout: None,
+            k8s_heartbeats: None,
         }
     }
 }

@@ -267,6 +267,11 @@ pub struct LoadBudget {
     pub lists_per_change_per_watcher: f64,
     /// Full lists per node reconnect.
     pub lists_per_reconnect: f64,
+    /// Watches spread over the nodes rather than held by each (Kubernetes' sharded heartbeats:
+    /// `(total, most on one node)`, S·k and S): a node holds min(most, total / members + 2).
+    pub spread_watches: (f64, f64),
+    /// Per spread watch per second: requests, watch messages, full lists.
+    pub per_spread_watch_per_s: (f64, f64, f64),
     /// Room for retries, jitter and timers that do not line up with the window.
     pub slack: f64,
     /// What the numbers come from, for violation messages.
@@ -298,15 +303,24 @@ impl LoadBudget {
         let members = w.members as f64;
         let changes = w.changes as f64;
         let reconnects = w.reconnects as f64;
-        let requests = secs * nodes * self.requests_per_node_per_s
+        let (total, most) = self.spread_watches;
+        let spread = if total > 0.0 {
+            most.min(total / members.max(1.0) + 2.0)
+        } else {
+            0.0
+        };
+        let (sw_requests, sw_events, sw_lists) = self.per_spread_watch_per_s;
+        let requests = secs * nodes * (self.requests_per_node_per_s + spread * sw_requests)
             + changes * self.requests_per_change
             + reconnects * self.requests_per_reconnect;
         let events = secs
             * nodes
-            * (self.events_per_watcher_per_s + self.events_per_watcher_per_member_per_s * members)
+            * (self.events_per_watcher_per_s
+                + self.events_per_watcher_per_member_per_s * members
+                + spread * sw_events)
             + changes * nodes * self.events_per_change_per_watcher
             + reconnects * self.events_per_reconnect;
-        let lists = secs * nodes * self.lists_per_node_per_s
+        let lists = secs * nodes * (self.lists_per_node_per_s + spread * sw_lists)
             + changes * self.lists_per_change
             + changes * nodes * self.lists_per_change_per_watcher
             + reconnects * self.lists_per_reconnect;
@@ -371,6 +385,8 @@ mod tests {
             lists_per_change: 0.0,
             lists_per_change_per_watcher: 0.0,
             lists_per_reconnect: 1.0,
+            spread_watches: (0.0, 0.0),
+            per_spread_watch_per_s: (0.0, 0.0, 0.0),
             slack: 1.5,
             why: "test",
         }

@@ -704,6 +704,65 @@ pub fn all() -> Vec<Scenario> {
             network,
             &["kubernetes: watches reopened", "kubernetes: renew failures"],
         ),
+        k8s_sharded(
+            "k8s-sharded-member-crash",
+            "Kubernetes, sharded heartbeats (8 shards, 2 monitors each): one member crashes for good (a monitor of its shard deletes its heartbeat, then its record), another crashes and restarts",
+            member_crash,
+            &[
+                "kubernetes: expired leases deleted",
+                "kubernetes: monitored shards changed",
+                "workload: reports with moves",
+            ],
+        ),
+        k8s_sharded(
+            "k8s-sharded-lease-expiry",
+            "Kubernetes, sharded heartbeats: one or two members cut off from the API server past their Lease, then healed (removed by a monitor, back as a new incarnation)",
+            partition_heal,
+            &[
+                "kubernetes: membership lost",
+                "kubernetes: membership restored",
+                "kubernetes: expired leases deleted",
+            ],
+        ),
+        k8s_sharded(
+            "k8s-sharded-renewal-loss",
+            "Kubernetes, sharded heartbeats: a member's heartbeat renewals are lost while its watches flow, twice",
+            heartbeat_loss,
+            &["kubernetes: renew failures"],
+        ),
+        k8s_sharded(
+            "k8s-sharded-rolling-update",
+            "Kubernetes, sharded heartbeats: every Pod replaced in turn by a new incarnation (monitors move as members come and go)",
+            rolling_restart,
+            &[
+                "kubernetes: expired leases deleted",
+                "kubernetes: monitored shards changed",
+            ],
+        ),
+        k8s_sharded(
+            "k8s-sharded-network",
+            "Kubernetes, sharded heartbeats: lost replies, swizzle-clogging, watch streams reset, a one-way cut, a crash",
+            network,
+            &["kubernetes: watches reopened", "kubernetes: renew failures"],
+        ),
+        Scenario {
+            members: 6,
+            knobs: Some(|k| {
+                k.k8s_service = true;
+                k.k8s_zones = true;
+                k.k8s_heartbeats = Some((6, 2));
+            }),
+            ..k8s(
+                "k8s-sharded-zone-outage",
+                "Kubernetes, sharded heartbeats (6 shards, 2 monitors), 6 members in 3 zones: one zone cut off past its Leases (both monitors of a shard may be in it), later another zone loses power and comes back",
+                75,
+                k8s_zone_outage,
+                &[
+                    "kubernetes: expired leases deleted",
+                    "kubernetes: membership lost",
+                ],
+            )
+        },
         etcd(
             "etcd-member-crash",
             "etcd: one member crashes for good (etcd expires its lease), another crashes and restarts (it deletes its ghost's key)",
@@ -861,6 +920,17 @@ pub fn all() -> Vec<Scenario> {
             crash_storm,
             &["workload: reports with moves"],
         ),
+        Scenario {
+            knobs: Some(|k| k.k8s_heartbeats = Some((32, 3))),
+            ..scale(
+                "scale-k8s-sharded-crash-storm",
+                "Kubernetes, sharded heartbeats (32 shards, 3 monitors), 200 members: 10% crash at once, half of them restart 10-20 s later (their shards' monitors remove them; monitors that crashed are replaced)",
+                ProviderKind::Kubernetes,
+                200,
+                crash_storm,
+                &["kubernetes: expired leases deleted"],
+            )
+        },
         scale(
             "scale-k8s-apiserver-restart",
             "Kubernetes, 100 members: the API server restarts twice (its store kept, every watch ends, every member resumes or relists at once)",
@@ -978,6 +1048,20 @@ fn k8s(
         known_failure: None,
         knobs: None,
         seeds_divisor: 1,
+    }
+}
+
+/// A Kubernetes scenario with sharded heartbeats (8 shards, 2 monitors each: with 5 members
+/// every member monitors some shards, some none of a given member's).
+fn k8s_sharded(
+    name: &'static str,
+    about: &'static str,
+    generate: fn(&mut SimRng, usize) -> FaultSchedule,
+    covers: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        knobs: Some(|k| k.k8s_heartbeats = Some((8, 2))),
+        ..k8s(name, about, 75, generate, covers)
     }
 }
 

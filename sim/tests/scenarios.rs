@@ -819,3 +819,83 @@ fn event_stream_oracle_fires_on_lag_that_is_not_reported() {
     let v = first_failure_within("swarm", Flaw::LagUnreported, "events:", 40);
     assert!(v.contains("dropped silently"), "{v}");
 }
+
+/// Sharded heartbeats: a monitor that deletes an expired heartbeat without its resource
+/// version as the precondition deletes one renewed after it looked, and removes a live member
+/// (the same planted line as for one Lease per member, in the monitors' cleaner).
+#[test]
+fn lease_oracle_fires_on_sharded_monitors_that_delete_without_a_precondition() {
+    let v = failure_in_seeds(
+        "k8s-sharded-renewal-loss",
+        &[67],
+        Flaw::K8sCleanWithoutPrecondition,
+        "lease:",
+    );
+    assert!(v.contains("was expired"), "{v}");
+}
+
+/// Sharded heartbeats at 100 members: a monitor that watches every heartbeat (the shard
+/// label left out of its selector) brings back the N² fan-out, which only the load budget
+/// sees; the same seed without the flaw stays within it, with events per member per second
+/// flat between 25 and 100 members.
+#[test]
+fn load_budget_fires_on_sharded_monitors_that_watch_every_heartbeat() {
+    let s = scenario::by_name("k8s-sharded-member-crash")
+        .unwrap()
+        .with_members(100)
+        .unwrap();
+    let opts = |flaw| RunOptions {
+        keep_trace: false,
+        flaw,
+        schedule: None,
+        knobs: None,
+    };
+    let bad = run_seed_isolated(&s, 1, &opts(Flaw::K8sHeartbeatsUnsharded));
+    assert!(
+        bad.recording
+            .violations
+            .iter()
+            .any(|v| v.contains("load budget") && v.contains("watch messages")),
+        "{:?}",
+        bad.recording.violations
+    );
+    let good = run_seed_isolated(&s, 1, &opts(Flaw::None));
+    assert!(
+        good.recording.violations.is_empty(),
+        "{:?}",
+        good.recording.violations
+    );
+    let small = scenario::by_name("k8s-sharded-member-crash")
+        .unwrap()
+        .with_members(25)
+        .unwrap();
+    let small = run_seed_isolated(&small, 1, &opts(Flaw::None));
+    let per_member = |r: &SeedReport| {
+        r.load
+            .as_ref()
+            .expect("load measured")
+            .events_per_member_per_s
+    };
+    assert!(
+        per_member(&good) < per_member(&small) * 1.5,
+        "events per member per second grew with the cluster: {} at 25, {} at 100",
+        per_member(&small),
+        per_member(&good)
+    );
+}
+
+/// A create of a member's Lease whose answer was lost may have been applied; a peer that found
+/// that Lease expired deleted it. Sending the create again under the same id brings back an id
+/// the API server removed (found by the campaign in `k8s-timing` seed 143: answers late, then a
+/// cut from the API server past the Lease); the provider reads the Lease first and, if it is
+/// gone, takes a new id.
+#[test]
+fn removed_is_final_fires_on_a_kubernetes_create_in_doubt_sent_again() {
+    let v = failure_in_seeds(
+        "k8s-timing",
+        &[143],
+        Flaw::K8sCreateInDoubtRepeated,
+        "listed again",
+    );
+    assert!(v.contains("new incarnation"), "{v}");
+}

@@ -272,6 +272,46 @@ impl Liveness {
         }
     }
 
+    /// A Lease that should exist and was not seen (sharded heartbeats: a record whose
+    /// heartbeat is missing) ages from `now` as one that never renews, unless already known.
+    /// Its resource version is empty: whoever deletes on it must first check it is absent.
+    pub fn expect(&mut self, name: &str, duration: Duration, now: Instant) {
+        if self.seen.contains_key(name) {
+            return;
+        }
+        let changed_at = self.seen_at(now);
+        self.seen.insert(
+            name.to_string(),
+            Seen {
+                renewal: (None, None),
+                changed_at,
+                duration,
+                resource_version: String::new(),
+            },
+        );
+    }
+
+    /// Forgets `name` if it is only expected (never seen).
+    pub fn forget_expected(&mut self, name: &str) {
+        if self
+            .seen
+            .get(name)
+            .is_some_and(|s| s.resource_version.is_empty())
+        {
+            self.seen.remove(name);
+        }
+    }
+
+    /// Whether `name` was seen or is expected.
+    pub fn knows(&self, name: &str) -> bool {
+        self.seen.contains_key(name)
+    }
+
+    /// Keeps only the Leases whose name `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.seen.retain(|name, _| keep(name));
+    }
+
     /// Whether the Lease named `name` is live: its renewal changed less than a lease duration
     /// of proven time ago.
     pub fn is_live(&self, name: &str) -> bool {

@@ -8,7 +8,10 @@
 //! * a list returns its resource version; a watch from it sees every later change, in order;
 //! * the event history is compacted (bounded, or on demand): a watch from a compacted version
 //!   is `410 Gone`, and so is a watcher that falls too far behind a live watch;
-//! * bookmarks ([`MemoryApiServer::bookmark`]) tell watchers the current version.
+//! * bookmarks ([`MemoryApiServer::bookmark`]) tell watchers the current version;
+//! * a watch from `""` or `"0"` ("any version") starts with the current objects as synthetic
+//!   ADDED events;
+//! * an event is sent only to the watches whose label selector it matches.
 //!
 //! Not modelled: field selectors, pagination, server-side apply, finalizers and garbage
 //! collection, admission, RBAC. Writes of EndpointSlices (the endpoints controller's job) go
@@ -18,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
 use super::api::{
     ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, Object, ObjectList,
@@ -52,11 +55,22 @@ struct State {
     slices: Kind<EndpointSlice>,
 }
 
+/// One open watch: where its events go, and whether it fell behind (its stream then ends
+/// with `410 Gone`).
+#[derive(Debug)]
+struct Watcher<T> {
+    tx: mpsc::Sender<(u64, WatchEvent<T>)>,
+    lagged: Arc<std::sync::atomic::AtomicBool>,
+}
+
 #[derive(Debug)]
 struct Kind<T> {
     objects: BTreeMap<(String, String), T>,
     history: VecDeque<(u64, WatchEvent<T>)>,
-    tx: broadcast::Sender<(u64, WatchEvent<T>)>,
+    /// Open watches grouped by (namespace, selector): an event is matched once per group, and
+    /// only the watches it selects are woken (the real cacher filters per watcher; here the
+    /// cost of a heartbeat event does not grow with the watchers of other selections).
+    watchers: BTreeMap<(String, LabelSelector), Vec<Watcher<T>>>,
 }
 
 impl<T: Object> Kind<T> {
@@ -64,8 +78,28 @@ impl<T: Object> Kind<T> {
         Self {
             objects: BTreeMap::new(),
             history: VecDeque::new(),
-            tx: broadcast::channel(WATCH_BUFFER).0,
+            watchers: BTreeMap::new(),
         }
+    }
+
+    /// Sends `event` to every watcher it selects (a bookmark: to every watcher); a watcher
+    /// whose buffer is full is ended with `410 Gone`, one whose stream is gone is dropped.
+    fn dispatch(&mut self, version: u64, event: &WatchEvent<T>) {
+        let (namespace, labels) = (namespace_of(event), labels_of(event));
+        for ((ns, selector), group) in self.watchers.iter_mut() {
+            if namespace.is_some_and(|n| n != ns) || labels.is_some_and(|l| !selects(selector, l)) {
+                continue;
+            }
+            group.retain(|w| match w.tx.try_send((version, event.clone())) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    w.lagged.store(true, std::sync::atomic::Ordering::SeqCst);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
+        self.watchers.retain(|_, group| !group.is_empty());
     }
 
     /// One page of the objects of `namespace` matching `selector`, as of `version`: after
@@ -105,9 +139,8 @@ impl<T: Object> Kind<T> {
     }
 
     fn record(&mut self, version: u64, event: WatchEvent<T>) {
-        self.history.push_back((version, event.clone()));
-        // No receiver only means nobody watches this kind now.
-        let _ = self.tx.send((version, event));
+        self.dispatch(version, &event);
+        self.history.push_back((version, event));
     }
 }
 
@@ -158,16 +191,12 @@ impl MemoryApiServer {
 
     /// Sends every watcher a bookmark with the current version.
     pub fn bookmark(&self) {
-        let s = self.lock();
+        let mut s = self.lock();
         let version = s.version;
-        let _ = s
-            .leases
-            .tx
-            .send((version, WatchEvent::Bookmark(version.to_string())));
-        let _ = s
-            .slices
-            .tx
-            .send((version, WatchEvent::Bookmark(version.to_string())));
+        let bookmark = version.to_string();
+        s.leases
+            .dispatch(version, &WatchEvent::Bookmark(bookmark.clone()));
+        s.slices.dispatch(version, &WatchEvent::Bookmark(bookmark));
     }
 
     /// Creates or replaces an EndpointSlice (the endpoints controller's write).
@@ -318,16 +347,18 @@ fn labels_of<T: Object>(event: &WatchEvent<T>) -> Option<&BTreeMap<String, Strin
 /// A watch of one kind: the history after `from`, then live events, filtered by namespace and
 /// labels; a watcher that falls behind the live buffer gets `410 Gone` and the stream ends.
 fn watch<T: Object>(
-    kind: &Kind<T>,
-    state: &State,
+    kind: &mut Kind<T>,
+    (version, compacted): (u64, u64),
     resource_version: &str,
     namespace: &str,
     selector: &LabelSelector,
 ) -> Result<WatchStream<T>, ApiError> {
-    let compacted = state.compacted;
-    let from = match parse_version(resource_version)? {
-        0 => state.version,
-        v => v,
+    // `""` and `"0"`: "start at any version" (the API's semantics): the current state as
+    // synthetic ADDED events, then every later change. (A list of an empty store answers
+    // version 0: a watch from it must still see what was created in between.)
+    let (from, synthetic) = match parse_version(resource_version)? {
+        0 => (version, true),
+        v => (v, false),
     };
     if from < compacted {
         return Err(ApiError::Gone(format!(
@@ -341,17 +372,32 @@ fn watch<T: Object>(
                 && labels_of(event).is_none_or(|l| selects(&selector, l))
         }
     };
-    let backlog: VecDeque<WatchEvent<T>> = kind
-        .history
-        .iter()
-        .filter(|(v, e)| *v > from && wanted(e))
-        .map(|(_, e)| e.clone())
-        .collect();
+    let backlog: VecDeque<WatchEvent<T>> = if synthetic {
+        kind.objects
+            .values()
+            .map(|o| WatchEvent::Added(o.clone()))
+            .filter(|e| wanted(e))
+            .collect()
+    } else {
+        kind.history
+            .iter()
+            .filter(|(v, e)| *v > from && wanted(e))
+            .map(|(_, e)| e.clone())
+            .collect()
+    };
     // Subscribed under the same lock as the backlog was read: nothing falls in between.
-    let rx = kind.tx.subscribe();
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    kind.watchers
+        .entry((namespace.to_string(), selector.clone()))
+        .or_default()
+        .push(Watcher {
+            tx,
+            lagged: lagged.clone(),
+        });
     let state = Some((backlog, rx, from));
     Ok(Box::pin(futures::stream::unfold(state, move |state| {
-        let wanted = wanted.clone();
+        let lagged = lagged.clone();
         async move {
             let (mut backlog, mut rx, mut seen) = state?;
             if let Some(e) = backlog.pop_front() {
@@ -359,15 +405,14 @@ fn watch<T: Object>(
             }
             loop {
                 match rx.recv().await {
-                    Ok((v, e)) if v > seen || matches!(e, WatchEvent::Bookmark(_)) => {
+                    // Only what this watch selects is sent to it.
+                    Some((v, e)) if v > seen || matches!(e, WatchEvent::Bookmark(_)) => {
                         seen = seen.max(v);
-                        if wanted(&e) {
-                            return Some((Ok(e), Some((backlog, rx, seen))));
-                        }
+                        return Some((Ok(e), Some((backlog, rx, seen))));
                     }
                     // Already in the backlog.
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Some(_) => {}
+                    None if lagged.load(std::sync::atomic::Ordering::SeqCst) => {
                         return Some((
                             Err(ApiError::Gone(format!(
                                 "watcher fell behind after resource version {seen}"
@@ -375,7 +420,7 @@ fn watch<T: Object>(
                             None,
                         ));
                     }
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                    None => return None,
                 }
             }
         }
@@ -488,8 +533,9 @@ impl KubeApi for MemoryApiServer {
         selector: &LabelSelector,
         resource_version: &str,
     ) -> Result<WatchStream<Lease>, ApiError> {
-        let s = self.lock();
-        watch(&s.leases, &s, resource_version, namespace, selector)
+        let mut s = self.lock();
+        let at = (s.version, s.compacted);
+        watch(&mut s.leases, at, resource_version, namespace, selector)
     }
 
     async fn list_endpoint_slices(
@@ -515,10 +561,11 @@ impl KubeApi for MemoryApiServer {
         service: &str,
         resource_version: &str,
     ) -> Result<WatchStream<EndpointSlice>, ApiError> {
-        let s = self.lock();
+        let mut s = self.lock();
+        let at = (s.version, s.compacted);
         watch(
-            &s.slices,
-            &s,
+            &mut s.slices,
+            at,
             resource_version,
             namespace,
             &service_selector(service),
@@ -716,6 +763,43 @@ mod tests {
         ));
         let rv = api.resource_version();
         assert!(api.watch_leases("ns", &sel("c"), &rv).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_zero_starts_with_the_current_objects_and_sees_only_its_selection() {
+        let api = MemoryApiServer::new(100);
+        // A list of the empty store answers version 0; a Lease is created before the watch.
+        let list = api
+            .list_leases("ns", &sel("a"), &ListOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(list.resource_version, "0");
+        api.create_lease(lease("a-1", "a")).await.unwrap();
+        let mut from_zero = api
+            .watch_leases("ns", &sel("a"), &list.resource_version)
+            .await
+            .unwrap();
+        let mut other = api.watch_leases("ns", &sel("b"), "1").await.unwrap();
+        match from_zero.next().await {
+            Some(Ok(WatchEvent::Added(l))) => assert_eq!(l.meta.name, "a-1"),
+            e => panic!("expected the synthetic ADDED, got {e:?}"),
+        }
+        api.create_lease(lease("a-2", "a")).await.unwrap();
+        api.create_lease(lease("b-1", "b")).await.unwrap();
+        match from_zero.next().await {
+            Some(Ok(WatchEvent::Added(l))) => assert_eq!(l.meta.name, "a-2"),
+            e => panic!("{e:?}"),
+        }
+        // The other selection's watch is sent only its own Lease (and bookmarks).
+        match other.next().await {
+            Some(Ok(WatchEvent::Added(l))) => assert_eq!(l.meta.name, "b-1"),
+            e => panic!("{e:?}"),
+        }
+        api.bookmark();
+        assert_eq!(
+            other.next().await,
+            Some(Ok(WatchEvent::Bookmark("3".into())))
+        );
     }
 
     #[tokio::test]

@@ -15,8 +15,13 @@ pub struct KubernetesProviderMetrics {
     pub relists: Counter,
     /// Watch streams that failed, went quiet or were ended by the server, and were reopened.
     pub watch_reopens: Counter,
-    /// Expired Leases of other members this node deleted.
+    /// Expired Leases of other members this node deleted (sharded heartbeats: members removed).
     pub leases_cleaned: Counter,
+    /// Sharded heartbeats: times the set of shards this member monitors changed.
+    pub monitor_changes: Counter,
+    /// Sharded heartbeats: records whose heartbeat was missing when this monitor looked (read
+    /// before removing their member).
+    pub heartbeats_missing: Counter,
     /// Leases of the cluster skipped because they describe no valid member (edited, written
     /// by other software).
     pub leases_skipped: Counter,
@@ -38,7 +43,7 @@ pub struct KubernetesProviderMetrics {
 impl KubernetesProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 11] = [
+        let all: [(&str, &str, &Counter); 13] = [
             (
                 "kubernetes_lease_renewals",
                 "Renewals of this member's Lease accepted",
@@ -63,6 +68,16 @@ impl KubernetesProviderMetrics {
                 "kubernetes_leases_cleaned",
                 "Expired member Leases this node deleted",
                 &self.leases_cleaned,
+            ),
+            (
+                "kubernetes_monitor_changes",
+                "Times the heartbeat shards this member monitors changed",
+                &self.monitor_changes,
+            ),
+            (
+                "kubernetes_heartbeats_missing",
+                "Records whose heartbeat Lease was missing when this monitor looked",
+                &self.heartbeats_missing,
             ),
             (
                 "kubernetes_leases_skipped",

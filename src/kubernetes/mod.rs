@@ -13,6 +13,8 @@
 //! * [`memory`]: an in-memory API server implementing [`api::KubeApi`] with the API's semantics
 //!   (resourceVersion, 409 Conflict, bookmarks, 410 Gone after compaction), for tests and the
 //!   simulator's stand-in.
+//! * [`shards`]: liveness apart from membership, pure: record and heartbeat Leases, each
+//!   member's heartbeat shard and the members that monitor each shard.
 //! * [`provider`]: [`KubernetesProvider`], the async shell over those: it renews this member's
 //!   Lease, watches, deletes expired Leases and announces this member's own standing.
 //!
@@ -25,7 +27,9 @@ pub mod members;
 pub mod memory;
 mod metrics;
 mod provider;
+pub mod shards;
 pub mod watch;
 
 pub use metrics::KubernetesProviderMetrics;
 pub use provider::{KubernetesProvider, KubernetesProviderConfig};
+pub use shards::Heartbeats;

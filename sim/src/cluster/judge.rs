@@ -18,6 +18,12 @@ impl SimCluster {
             return; // In memory: a departure is seen at once, there is nothing to judge.
         }
         let at = Instant::now();
+        // Sharded heartbeats: only the monitors of its shard (as the design specifies them,
+        // among the members the API server lists now) remove it.
+        let monitors = self.oracles.bounds().monitors.and_then(|sharding| {
+            let (_, t) = self.control.listed()?;
+            Some(crate::oracle::lease::spec_monitors_of(&id, &t, sharding))
+        });
         let c = self.clone();
         self.background(async move {
             sleep(bound).await;
@@ -39,12 +45,16 @@ impl SimCluster {
                 let members = c.member_count();
                 let cleaner = views.iter().any(|(k, _, inc)| {
                     *k < members
+                        && monitors.as_ref().is_none_or(|m| m.contains(&inc.id))
                         && inc.ready_at.is_some_and(|r| r <= at)
                         && c.health.healthy_since(*k).is_some_and(|h| h <= at)
                 });
                 if !cleaner {
-                    c.recorder
-                        .count("failover: not judged (no member reached the API server throughout)");
+                    c.recorder.count(if monitors.is_some() {
+                        "failover: not judged (no monitor of its shard reached the API server throughout)"
+                    } else {
+                        "failover: not judged (no member reached the API server throughout)"
+                    });
                     return;
                 }
             }

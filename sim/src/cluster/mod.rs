@@ -322,6 +322,7 @@ impl SimCluster {
                 oracles: oracles.clone(),
                 rec: recorder.clone(),
                 knobs: b.knobs.clone(),
+                members: b.members,
             },
         );
         let fresh = Arc::new(FreshOwners::new(b.knobs.placement_rule()));

@@ -105,6 +105,8 @@ impl ControlPlane for MemoryPlane {
             lists_per_change: 0.0,
             lists_per_change_per_watcher: 0.0,
             lists_per_reconnect: 0.0,
+            spread_watches: (0.0, 0.0),
+            per_spread_watch_per_s: (0.0, 0.0, 0.0),
             slack: 1.0,
             why: "in-memory: no control plane",
         }

@@ -171,6 +171,8 @@ pub struct Env {
     pub rec: Recorder,
     /// The seed's knobs.
     pub knobs: Knobs,
+    /// How many members the cluster runs (the API server sizes its event history by it).
+    pub members: usize,
 }
 
 /// Starts the control plane of `kind`.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use madsim::time::Instant;
+use shoal::placement::hash;
 use shoal::{ClusterTopology, MemberId};
 
 use super::{Bounds, POLL};
@@ -58,9 +59,85 @@ pub struct Leases {
     /// No listed member can be late before this (renewals only push deadlines later, so an
     /// old value is early, never late; a leave pulls it in).
     next_deadline: Option<Instant>,
+    /// Sharded heartbeats: the monitors of each shard as the design specifies them for the
+    /// topology last checked (its version), with when each became one.
+    monitors: Option<(u64, ShardMonitors)>,
+}
+
+/// For each shard, its monitors with when each became one.
+type ShardMonitors = Vec<Vec<(MemberId, Instant)>>;
+
+/// The design's shard of member `id` (docs/providers/kubernetes.md), from the placement's
+/// documented hash primitives, not from the provider's code.
+fn spec_shard(id: &MemberId, shards: u32) -> u32 {
+    (hash::key_hash("shoal.io/shard", id.as_str()) % u64::from(shards.max(1))) as u32
+}
+
+/// The design's monitors of each of `shards` shards among `ids`.
+fn spec_monitors(ids: &[&MemberId], shards: u32, k: u32) -> Vec<Vec<MemberId>> {
+    (0..shards)
+        .map(|s| spec_shard_monitors(ids, s, k))
+        .collect()
+}
+
+/// The design's monitors of shard `shard` among `ids`: the `k` highest rendezvous weights
+/// (ties: the higher id).
+fn spec_shard_monitors(ids: &[&MemberId], shard: u32, k: u32) -> Vec<MemberId> {
+    let key = hash::key_hash("shoal.io/monitor", &shard.to_string());
+    let mut ranked: Vec<(u64, &MemberId)> = ids
+        .iter()
+        .map(|id| (hash::weight(key, hash::member_hash(id.as_str())), *id))
+        .collect();
+    ranked.sort_by(|a, b| b.cmp(a));
+    ranked
+        .into_iter()
+        .take(k as usize)
+        .map(|(_, id)| id.clone())
+        .collect()
+}
+
+/// The design's monitors of member `id`'s shard among the members `t` lists (sharded
+/// heartbeats, `(shards, monitors)`).
+pub(crate) fn spec_monitors_of(
+    id: &MemberId,
+    t: &ClusterTopology,
+    (shards, k): (u32, u32),
+) -> Vec<MemberId> {
+    let ids: Vec<&MemberId> = t.member_ids().collect();
+    spec_shard_monitors(&ids, spec_shard(id, shards), k)
 }
 
 impl Leases {
+    /// Sharded heartbeats: the monitors of each shard for `t`, keeping when each became one.
+    fn update_monitors(&mut self, t: &ClusterTopology, shards: u32, k: u32, now: Instant) {
+        if self
+            .monitors
+            .as_ref()
+            .is_some_and(|(v, _)| *v == t.version())
+        {
+            return;
+        }
+        let ids: Vec<&MemberId> = t.member_ids().collect();
+        let before = self.monitors.take().map(|(_, m)| m).unwrap_or_default();
+        let after = spec_monitors(&ids, shards, k)
+            .into_iter()
+            .enumerate()
+            .map(|(s, monitors)| {
+                monitors
+                    .into_iter()
+                    .map(|id| {
+                        let since = before
+                            .get(s)
+                            .and_then(|was| was.iter().find(|(m, _)| *m == id))
+                            .map_or(now, |(_, since)| *since);
+                        (id, since)
+                    })
+                    .collect()
+            })
+            .collect();
+        self.monitors = Some((t.version(), after));
+    }
+
     /// A registry run started with empty state.
     pub fn started(&mut self, run: u64) {
         self.run = run;
@@ -68,6 +145,7 @@ impl Leases {
         self.by_address.clear();
         self.published = None;
         self.next_deadline = None;
+        self.monitors = None;
     }
 
     /// A join was accepted. A member joining at the address of another member id supersedes
@@ -318,6 +396,9 @@ impl Leases {
             .min();
         // Where members clean each other: the two members that have been able to reach the
         // API server the longest (a member is never its own cleaner), found once per check.
+        if let Some((shards, k)) = bounds.monitors {
+            self.update_monitors(t, shards, k, now);
+        }
         let cleaners = if bounds.cleaned_by_peers {
             self.longest_reachable(judge)
         } else {
@@ -328,7 +409,23 @@ impl Leases {
                 continue;
             };
             if bounds.cleaned_by_peers {
-                self.check_cleaned(id, reg, now, bounds, judge, &cleaners, rec);
+                match (&self.monitors, bounds.monitors) {
+                    (Some((_, monitors)), Some((shards, _))) => {
+                        // Only the monitors of its shard clean it, each from when it became
+                        // one (a new monitor ages what it finds from then on).
+                        let mut by_monitor: Vec<(Instant, &MemberId)> = monitors
+                            [spec_shard(id, shards) as usize]
+                            .iter()
+                            .filter(|(m, _)| m != id)
+                            .filter_map(|(m, since)| {
+                                Some(((judge.healthy_since)(m)?.max(*since), m))
+                            })
+                            .collect();
+                        by_monitor.sort();
+                        self.check_cleaned(id, reg, now, bounds, judge, &by_monitor, rec);
+                    }
+                    _ => self.check_cleaned(id, reg, now, bounds, judge, &cleaners, rec),
+                }
                 continue;
             }
             let allowance = bounds.leave_allowance(reg.superseded_by.is_some());

@@ -68,6 +68,12 @@ pub struct Bounds {
     /// message shows it the gap and it reopens; or how long a provider may hold a change to
     /// coalesce a burst (etcd's publish interval).
     pub late_delivery: Duration,
+    /// Kubernetes with sharded heartbeats, `(shards, monitors)`: a member is cleaned only by
+    /// the monitors of its shard, as the design specifies them (docs/providers/kubernetes.md:
+    /// the shard is FNV-1a of the id mod S, the monitors the k highest rendezvous weights over
+    /// the listed members), so an expiry is due only while one of those can reach the API
+    /// server, counted from when it became one.
+    pub monitors: Option<(u32, u32)>,
 }
 
 impl Bounds {
@@ -83,6 +89,7 @@ impl Bounds {
             cleaned_by_peers: false,
             backend: "registry",
             late_delivery: Duration::ZERO,
+            monitors: None,
         }
     }
 
@@ -104,6 +111,7 @@ impl Bounds {
             // A change inside a burst is published at most one publish interval late; a relist
             // waits up to the relist jitter first.
             late_delivery: config.publish_interval + config.relist_jitter,
+            monitors: None,
         }
     }
 
@@ -124,6 +132,12 @@ impl Bounds {
             backend: "API server",
             // A relist after 410 waits up to the relist jitter first.
             late_delivery: config.relist_jitter,
+            monitors: match config.heartbeats {
+                shoal::kubernetes::Heartbeats::Everyone => None,
+                shoal::kubernetes::Heartbeats::Sharded { shards, monitors } => {
+                    Some((shards, monitors))
+                }
+            },
         }
     }
 

@@ -456,7 +456,13 @@ impl KubeDoor {
                 let r = s.replace_lease(lease).await;
                 if let Ok(l) = &r {
                     self.written(&l.meta.namespace, &l.meta.name, Some(l));
-                    if let Some((id, _)) = holder(l) {
+                    // A member's Lease, or (sharded heartbeats) its heartbeat Lease, which
+                    // names no address.
+                    if let Some(id) = l
+                        .holder_identity
+                        .as_deref()
+                        .and_then(|h| MemberId::parse(h).ok())
+                    {
                         self.oracles.renewed(&id);
                     }
                 }

@@ -27,7 +27,8 @@ pub enum PodState {
 }
 
 /// The endpoints controller of the simulated cluster: keeps the EndpointSlices of [`SERVICE`]
-/// (two slices, a Pod in one of them) in step with the Pods' states, as the harness reports
+/// (two slices per hundred members, a Pod in one of them: the real controller's slices hold at
+/// most 100 endpoints, so a Pod's change is not a copy of every endpoint to every watcher) in step with the Pods' states, as the harness reports
 /// them. A Pod's state changes only with a newer generation (a restart bumps it), so a late
 /// "not ready" for a crashed Pod cannot overwrite its restarted successor.
 #[derive(Debug)]
@@ -117,7 +118,7 @@ impl EndpointController {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             pods.insert(pod.to_string(), (generation, ip, state, change));
             // The Pod's slice, rebuilt from every Pod in it.
-            let index = pod.bytes().map(u64::from).sum::<u64>() % 2;
+            let index = slice_of(pod);
             EndpointSlice {
                 meta: ObjectMeta {
                     name: format!("{SERVICE}-{index}"),
@@ -127,7 +128,7 @@ impl EndpointController {
                 },
                 endpoints: pods
                     .iter()
-                    .filter(|(p, _)| p.bytes().map(u64::from).sum::<u64>() % 2 == index)
+                    .filter(|(p, _)| slice_of(p) == index)
                     .map(|(p, (_, ip, state, _))| SliceEndpoint {
                         addresses: vec![ip.to_string()],
                         ready: Some(*state == PodState::Serving),
@@ -152,4 +153,16 @@ impl EndpointController {
         self.store.put_endpoint_slice(slice);
         true
     }
+}
+
+/// The slice of Pod `pod` (`pod-m<i>`): two per block of a hundred members, by a checksum of
+/// the name within the block.
+fn slice_of(pod: &str) -> u64 {
+    let block = pod
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|d| d.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 100;
+    block * 2 + pod.bytes().map(u64::from).sum::<u64>() % 2
 }

@@ -18,7 +18,9 @@ use std::time::Duration;
 use madsim::time::sleep;
 use shoal::kubernetes::api::ObjectReference;
 use shoal::kubernetes::memory::MemoryApiServer;
-use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics};
+use shoal::kubernetes::{
+    Heartbeats, KubernetesProvider, KubernetesProviderConfig, KubernetesProviderMetrics,
+};
 use shoal::{ClusterProvider, ClusterTopology};
 
 pub use self::door::{APISERVER_PORT, KubeDoor, SimKubeApi};
@@ -29,8 +31,20 @@ use crate::load::{LoadBudget, LoadCounts};
 use crate::oracle::{Bounds, Oracles};
 use crate::record::Recorder;
 
-/// Events the simulated API server keeps for watches to resume from.
-pub const HISTORY: usize = 32;
+/// Events the simulated API server keeps for watches to resume from, per member: about 10 s
+/// of renewals (one Lease or one heartbeat per member every 2 s), so that a member cut off for
+/// longer than a Lease duration or two gets `410 Gone` and relists, at any size (a fixed count
+/// would be 10 s at 5 members and a fifth of a second at 300, every resume a relist). The real
+/// watch cache keeps about 75 s. At least [`HISTORY_MIN`].
+pub const HISTORY_PER_MEMBER: usize = 6;
+
+/// The fewest events kept (32: about 10 s of renewals at 5 members).
+pub const HISTORY_MIN: usize = 32;
+
+/// The history for a cluster of `members`.
+pub fn history(members: usize) -> usize {
+    (members * HISTORY_PER_MEMBER).max(HISTORY_MIN)
+}
 
 /// How often the API server sends a bookmark on every watch.
 pub const BOOKMARK_EVERY: Duration = Duration::from_secs(2);
@@ -46,6 +60,9 @@ pub fn config(pod: Option<&str>, knobs: &Knobs) -> KubernetesProviderConfig {
     // Pages of 40: a list at scale (100 members and more) takes several, as 500 would at
     // thousands on a real cluster.
     c.list_page_size = Some(40);
+    if let Some((shards, monitors)) = knobs.k8s_heartbeats {
+        c.heartbeats = Heartbeats::Sharded { shards, monitors };
+    }
     c.pod = pod.map(|name| ObjectReference {
         kind: "Pod".into(),
         namespace: "default".into(),
@@ -65,30 +82,56 @@ pub fn bounds(knobs: &Knobs) -> Bounds {
     Bounds::kubernetes(&config(None, knobs), knobs.buggify)
 }
 
-/// The Kubernetes provider's load budget as designed today: every member renews its Lease
+/// The Kubernetes provider's load budget.
+///
+/// Every member watching every Lease ([`Heartbeats::Everyone`]): every member renews its Lease
 /// every renew interval, and every renewal is a MODIFIED event to every member's Lease watch
 /// (a per-member term: the design's O(N²) fan-out, stated); a bookmark per watch every 2 s;
 /// each watch ends after 60 s and resumes; a watcher that resumes past the event history
-/// (32 events) lists again, which at hundreds of members is every resume.
+/// (about 10 s) lists again.
+///
+/// Sharded heartbeats: no per-member term. Each member renews its heartbeat every renew
+/// interval and each renewal reaches the k monitors of its shard (k/r events per member); the
+/// S·k shard watches are spread over the members (all S on each member of a small cluster),
+/// each with its bookmarks and a resume (a list) a minute; a membership change is a record
+/// event to every member.
 pub fn budget(knobs: &Knobs) -> LoadBudget {
     let c = config(None, knobs);
     let renew = c.renew_interval().as_secs_f64();
     // Two watches per node (Leases, EndpointSlices), each with bookmarks and a resume a minute.
     let watches = 2.0;
+    let bookmarks = 1.0 / BOOKMARK_EVERY.as_secs_f64();
+    let (per_member, heartbeat_events, spread_watches) = match c.heartbeats {
+        Heartbeats::Everyone => (1.0 / renew, 0.0, (0.0, 0.0)),
+        Heartbeats::Sharded { shards, monitors } => (
+            0.0,
+            f64::from(monitors) / renew,
+            (f64::from(shards * monitors), f64::from(shards)),
+        ),
+    };
     LoadBudget {
         requests_per_node_per_s: 1.0 / renew + watches / 60.0 + 1.0 / renew,
         requests_per_change: 4.0,
         requests_per_reconnect: 8.0,
-        events_per_watcher_per_s: watches / BOOKMARK_EVERY.as_secs_f64(),
-        events_per_watcher_per_member_per_s: 1.0 / renew,
+        events_per_watcher_per_s: watches * bookmarks + heartbeat_events,
+        events_per_watcher_per_member_per_s: per_member,
         events_per_change_per_watcher: 3.0,
         events_per_reconnect: 6.0,
         lists_per_node_per_s: watches / 60.0,
         lists_per_change: 1.0,
         lists_per_change_per_watcher: 0.0,
         lists_per_reconnect: 3.0,
+        spread_watches,
+        per_spread_watch_per_s: (1.0 / 60.0, bookmarks, 1.0 / 60.0),
         slack: if knobs.buggify { 4.0 } else { 2.0 },
-        why: "Kubernetes: a renewal per member per renew interval reaching every member's watch, a bookmark per watch every 2 s, a resume (at scale a relist) per watch a minute",
+        why: match c.heartbeats {
+            Heartbeats::Everyone => {
+                "Kubernetes: a renewal per member per renew interval reaching every member's watch, a bookmark per watch every 2 s, a resume (at scale a relist) per watch a minute"
+            }
+            Heartbeats::Sharded { .. } => {
+                "Kubernetes, sharded heartbeats: a heartbeat per member per renew interval reaching its shard's k monitors, a record event per membership change to every member, a bookmark per watch every 2 s, a resume (at scale a relist) per watch a minute"
+            }
+        },
     }
 }
 
@@ -111,9 +154,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ApiServerPlane {
     /// Starts the API server node; its store lives outside the node, so it survives restarts.
     pub fn start(env: Env) -> Arc<dyn ControlPlane> {
-        // A short event history (about 10 s of renewals at 5 members): a watcher cut off for
-        // longer gets 410 Gone when it resumes and must relist.
-        let store = MemoryApiServer::new(HISTORY);
+        // A short event history: a watcher cut off for longer gets 410 Gone when it resumes
+        // and must relist.
+        let store = MemoryApiServer::new(history(env.members));
         let door = KubeDoor::new(store, env.oracles.clone(), env.rec.clone());
         door.out_of_contract.store(
             env.knobs.out_of_contract,
@@ -275,6 +318,14 @@ impl ControlPlane for ApiServerPlane {
             rec.count_n("kubernetes: relists after 410", m.relists.get());
             rec.count_n("kubernetes: watches reopened", m.watch_reopens.get());
             rec.count_n("kubernetes: expired leases deleted", m.leases_cleaned.get());
+            rec.count_n(
+                "kubernetes: monitored shards changed",
+                m.monitor_changes.get(),
+            );
+            rec.count_n(
+                "kubernetes: heartbeats found missing",
+                m.heartbeats_missing.get(),
+            );
             rec.count_n("kubernetes: membership lost", m.membership_lost.get());
             rec.count_n(
                 "kubernetes: membership restored",

@@ -1,0 +1,364 @@
+//! Liveness apart from membership ([`Heartbeats::Sharded`]): each member keeps a *record*
+//! Lease that everyone watches and that changes only when the member joins, leaves or changes
+//! its description, and a *heartbeat* Lease, renewed every renew interval, that only the few
+//! members monitoring its shard watch. Pure functions (names, shards, who monitors what): the
+//! provider drives them.
+//!
+//! A member's shard is `key_hash("shoal.io/shard", id) mod S` (the placement's FNV-1a, see
+//! [`crate::placement::hash`]); the monitors of shard `s` are the `k` members with the highest
+//! rendezvous weight `weight(key_hash("shoal.io/monitor", s), member_hash(id))`, so every
+//! member computes the same monitors from the same records, and a member's arrival or
+//! departure moves only the shards it ranks in.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::api::{LabelSelector, Lease, ObjectMeta, ObjectReference};
+use crate::cluster::MemberId;
+use crate::placement::hash::{key_hash, member_hash, weight};
+
+/// How members learn that a member is alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heartbeats {
+    /// One Lease per member, renewed, watched by every member: every renewal is a watch event
+    /// to every member (N²/r events a second). Simple; fine to a few hundred members.
+    Everyone,
+    /// A record Lease per member watched by everyone, and a heartbeat Lease per member watched
+    /// by the `monitors` members that monitor its shard (of `shards`): k·N/r events a second.
+    /// Every member of a cluster must use the same setting.
+    Sharded {
+        /// Shards the heartbeats are spread over (labelled, so a monitor watches one shard).
+        shards: u32,
+        /// Members monitoring each shard.
+        monitors: u32,
+    },
+}
+
+impl Heartbeats {
+    /// The default sharding: 32 shards, 3 monitors each.
+    pub const SHARDED: Heartbeats = Heartbeats::Sharded {
+        shards: 32,
+        monitors: 3,
+    };
+
+    /// The most shards (each is a label value and, on a monitor, a watch).
+    pub const MAX_SHARDS: u32 = 4096;
+    /// The most monitors per shard.
+    pub const MAX_MONITORS: u32 = 16;
+
+    /// Checks the setting; the error names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            Heartbeats::Everyone => Ok(()),
+            Heartbeats::Sharded { shards, monitors } => {
+                if !(1..=Self::MAX_SHARDS).contains(&shards) {
+                    return Err(format!(
+                        "heartbeat shards must be 1 to {} (got {shards})",
+                        Self::MAX_SHARDS
+                    ));
+                }
+                if !(1..=Self::MAX_MONITORS).contains(&monitors) {
+                    return Err(format!(
+                        "heartbeat monitors must be 1 to {} (got {monitors})",
+                        Self::MAX_MONITORS
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Label naming the cluster a heartbeat Lease belongs to (not [`super::members::CLUSTER_LABEL`]:
+/// the members' watch of records must not carry heartbeats).
+pub const HEARTBEAT_LABEL: &str = "shoal.io/heartbeat-of";
+/// Label carrying a heartbeat's shard.
+pub const SHARD_LABEL: &str = "shoal.io/shard";
+
+const HEARTBEAT_SUFFIX: &str = "-hb";
+
+/// The heartbeat Lease name of the member whose record is `record_name`.
+pub fn heartbeat_name(record_name: &str) -> String {
+    format!("{record_name}{HEARTBEAT_SUFFIX}")
+}
+
+/// The record Lease name of heartbeat `heartbeat_name`.
+pub fn record_name(heartbeat_name: &str) -> &str {
+    heartbeat_name
+        .strip_suffix(HEARTBEAT_SUFFIX)
+        .unwrap_or(heartbeat_name)
+}
+
+/// The shard of member `id`.
+pub fn shard_of(id: &MemberId, shards: u32) -> u32 {
+    (key_hash("shoal.io/shard", id.as_str()) % u64::from(shards.max(1))) as u32
+}
+
+/// The selector of one shard's heartbeats.
+pub fn shard_selector(cluster: &str, shard: u32) -> LabelSelector {
+    [
+        (HEARTBEAT_LABEL.to_string(), cluster.to_string()),
+        (SHARD_LABEL.to_string(), shard.to_string()),
+    ]
+    .into()
+}
+
+/// The heartbeat Lease of member `id` (holder identity = id), renewed at `now_micros`.
+pub fn heartbeat_lease(
+    cluster: &str,
+    namespace: &str,
+    id: &MemberId,
+    shards: u32,
+    duration_secs: i32,
+    now_micros: i64,
+    pod: Option<ObjectReference>,
+) -> Lease {
+    Lease {
+        meta: ObjectMeta {
+            name: heartbeat_name(&super::members::lease_name(cluster, id)),
+            namespace: namespace.to_string(),
+            labels: [
+                (HEARTBEAT_LABEL.to_string(), cluster.to_string()),
+                (SHARD_LABEL.to_string(), shard_of(id, shards).to_string()),
+            ]
+            .into(),
+            owner: pod,
+            ..ObjectMeta::default()
+        },
+        holder_identity: Some(id.to_string()),
+        lease_duration_seconds: Some(duration_secs),
+        acquire_time_micros: Some(now_micros),
+        renew_time_micros: Some(now_micros),
+        lease_transitions: Some(0),
+    }
+}
+
+/// Who monitors which shard, kept up to date as members come and go: a member's arrival costs
+/// O(shards × monitors), a departure the same plus, for each shard it monitored, a pass over
+/// the members (k·S/N shards on average), so a large cluster's churn does not cost
+/// O(shards × members) on every member at every change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Monitors {
+    k: usize,
+    /// Each shard's rendezvous key.
+    keys: Vec<u64>,
+    /// The members, with their hash.
+    members: BTreeMap<MemberId, u64>,
+    /// For each shard, its monitors with their weights, highest first (ties: higher id).
+    top: Vec<Vec<(u64, MemberId)>>,
+}
+
+impl Monitors {
+    /// No members yet; `shards` shards of `monitors` monitors each.
+    pub fn new(shards: u32, monitors: u32) -> Self {
+        Self {
+            k: monitors.max(1) as usize,
+            keys: (0..shards)
+                .map(|s| key_hash("shoal.io/monitor", &s.to_string()))
+                .collect(),
+            members: BTreeMap::new(),
+            top: vec![Vec::new(); shards as usize],
+        }
+    }
+
+    /// The monitors of `members` (a convenience for tests and one-off uses).
+    pub fn of_members<'a>(
+        members: impl IntoIterator<Item = &'a MemberId>,
+        shards: u32,
+        monitors: u32,
+    ) -> Self {
+        let mut m = Self::new(shards, monitors);
+        for id in members {
+            m.add(id);
+        }
+        m
+    }
+
+    /// Offers `(w, id)` to a shard's top list.
+    fn offer(top: &mut Vec<(u64, MemberId)>, k: usize, w: u64, id: &MemberId) {
+        let pos = top
+            .iter()
+            .position(|(tw, tid)| (w, id) > (*tw, tid))
+            .unwrap_or(top.len());
+        if pos < k {
+            top.insert(pos, (w, id.clone()));
+            top.truncate(k);
+        }
+    }
+
+    /// `id` joined.
+    pub fn add(&mut self, id: &MemberId) {
+        if self.members.contains_key(id) {
+            return;
+        }
+        let h = member_hash(id.as_str());
+        self.members.insert(id.clone(), h);
+        for (key, top) in self.keys.iter().zip(&mut self.top) {
+            Self::offer(top, self.k, weight(*key, h), id);
+        }
+    }
+
+    /// `id` left.
+    pub fn remove(&mut self, id: &MemberId) {
+        if self.members.remove(id).is_none() {
+            return;
+        }
+        for (key, top) in self.keys.iter().zip(&mut self.top) {
+            if !top.iter().any(|(_, t)| t == id) {
+                continue;
+            }
+            top.clear();
+            for (m, h) in &self.members {
+                Self::offer(top, self.k, weight(*key, *h), m);
+            }
+        }
+    }
+
+    /// Exactly `ids` (in id order) are the members now: adds and removes the difference.
+    pub fn set<'a>(&mut self, ids: impl IntoIterator<Item = &'a MemberId>) {
+        let now: BTreeSet<&MemberId> = ids.into_iter().collect();
+        let gone: Vec<MemberId> = self
+            .members
+            .keys()
+            .filter(|id| !now.contains(id))
+            .cloned()
+            .collect();
+        for id in &gone {
+            self.remove(id);
+        }
+        for id in now {
+            self.add(id);
+        }
+    }
+
+    /// The monitors of `shard`, highest-ranked first (empty if out of range).
+    pub fn of(&self, shard: u32) -> Vec<&MemberId> {
+        self.top
+            .get(shard as usize)
+            .map(|t| t.iter().map(|(_, id)| id).collect())
+            .unwrap_or_default()
+    }
+
+    /// The shards `me` monitors, with its rank in each (0: first).
+    pub fn shards_of(&self, me: &MemberId) -> BTreeMap<u32, usize> {
+        self.top
+            .iter()
+            .enumerate()
+            .filter_map(|(s, t)| Some((s as u32, t.iter().position(|(_, id)| id == me)?)))
+            .collect()
+    }
+}
+
+/// The shards in `monitored` that changed between two assignments, for logs.
+pub fn changed(before: &BTreeMap<u32, usize>, after: &BTreeMap<u32, usize>) -> BTreeSet<u32> {
+    before
+        .keys()
+        .chain(after.keys())
+        .filter(|s| before.get(s).is_some() != after.get(s).is_some())
+        .copied()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<MemberId> {
+        (0..n)
+            .map(|i| MemberId::parse(format!("m{i:04}-1")).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn every_shard_gets_k_distinct_monitors_and_all_members_agree() {
+        let members = ids(50);
+        let a = Monitors::of_members(&members, 32, 3);
+        let mut reversed = members.clone();
+        reversed.reverse();
+        assert_eq!(
+            a,
+            Monitors::of_members(&reversed, 32, 3),
+            "order of the list matters not"
+        );
+        // Kept up to date through departures and arrivals, the same as computed afresh.
+        let mut b = Monitors::of_members(&members[..10], 32, 3);
+        b.set(&members[5..]);
+        assert_eq!(b, Monitors::of_members(&members[5..], 32, 3));
+        b.set(&members);
+        assert_eq!(a, b);
+        for s in 0..32 {
+            let m = a.of(s);
+            assert_eq!(m.len(), 3);
+            assert!(m[0] != m[1] && m[1] != m[2] && m[0] != m[2]);
+        }
+        let total: usize = members.iter().map(|id| a.shards_of(id).len()).sum();
+        assert_eq!(total, 32 * 3);
+        // Fewer members than monitors: everyone monitors every shard.
+        let few = ids(2);
+        let f = Monitors::of_members(&few, 4, 3);
+        assert!(few.iter().all(|id| f.shards_of(id).len() == 4));
+    }
+
+    #[test]
+    fn a_departure_moves_only_the_shards_the_departed_member_monitored() {
+        let members = ids(200);
+        let before = Monitors::of_members(&members, 64, 3);
+        let gone = &members[17];
+        let rest: Vec<MemberId> = members.iter().filter(|id| *id != gone).cloned().collect();
+        let mut after = before.clone();
+        after.remove(gone);
+        assert_eq!(after, Monitors::of_members(&rest, 64, 3));
+        for s in 0..64 {
+            let was: Vec<&MemberId> = before.of(s).into_iter().filter(|id| *id != gone).collect();
+            // The survivors keep their order; at most one newcomer joins at the end.
+            assert_eq!(after.of(s)[..was.len()], was[..]);
+            if !before.of(s).contains(&gone) {
+                assert_eq!(before.of(s), after.of(s), "shard {s} moved for nothing");
+            }
+        }
+    }
+
+    #[test]
+    fn shards_spread_members_evenly_and_names_round_trip() {
+        let members = ids(3200);
+        let mut counts = [0u32; 32];
+        for id in &members {
+            counts[shard_of(id, 32) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (60..=140).contains(&c)),
+            "{counts:?}"
+        );
+        let hb = heartbeat_name("shoal-m0001-1");
+        assert_eq!(hb, "shoal-m0001-1-hb");
+        assert_eq!(record_name(&hb), "shoal-m0001-1");
+        let lease = heartbeat_lease("shoal", "ns", &members[0], 32, 6, 1, None);
+        assert_eq!(lease.meta.name, "shoal-m0000-1-hb");
+        assert_eq!(
+            lease.meta.labels.get(SHARD_LABEL).unwrap(),
+            &shard_of(&members[0], 32).to_string()
+        );
+        assert!(
+            !lease
+                .meta
+                .labels
+                .contains_key(super::super::members::CLUSTER_LABEL)
+        );
+        assert!(
+            Heartbeats::Sharded {
+                shards: 0,
+                monitors: 3
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Heartbeats::Sharded {
+                shards: 8,
+                monitors: 17
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(Heartbeats::SHARDED.validate().is_ok());
+    }
+}
