@@ -467,20 +467,33 @@ pub fn main() -> ExitCode {
             flaw,
         } => scale(scenario, sizes, seeds, seed_start, jobs, svg, json, flaw),
         Command::List => {
-            for s in scenario::all() {
-                println!("{:<19} {}", s.name, s.about);
+            // Written, not printed: `shoal-sim list | head` closes the pipe early, which
+            // ends the listing quietly instead of panicking.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let listed = (|| -> std::io::Result<()> {
+                for s in scenario::all() {
+                    writeln!(out, "{:<19} {}", s.name, s.about)?;
+                }
+                writeln!(out, "\nknown to fail today (not in the default campaign):")?;
+                for s in scenario::known_failing() {
+                    writeln!(
+                        out,
+                        "{:<19} {}\n{:<19} why: {}",
+                        s.name,
+                        s.about,
+                        "",
+                        s.known_failure.unwrap_or("")
+                    )?;
+                }
+                out.flush()
+            })();
+            match listed {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow::anyhow!("writing the list: {e}"))
+                }
+                _ => Ok(true),
             }
-            println!("\nknown to fail today (not in the default campaign):");
-            for s in scenario::known_failing() {
-                println!(
-                    "{:<19} {}\n{:<19} why: {}",
-                    s.name,
-                    s.about,
-                    "",
-                    s.known_failure.unwrap_or("")
-                );
-            }
-            Ok(true)
         }
         Command::Bench { scenario, seeds } => scenarios(&scenario, None).map(|s| {
             let (full, base) = bench::compare(&s[0], seeds);
