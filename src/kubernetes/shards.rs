@@ -160,7 +160,8 @@ impl Monitors {
         }
     }
 
-    /// The monitors of `members` (a convenience for tests and one-off uses).
+    /// The monitors of `members`, computed afresh (what the incremental updates must equal).
+    #[cfg(test)]
     pub fn of_members<'a>(
         members: impl IntoIterator<Item = &'a MemberId>,
         shards: u32,
@@ -246,16 +247,6 @@ impl Monitors {
             .filter_map(|(s, t)| Some((s as u32, t.iter().position(|(_, id)| id == me)?)))
             .collect()
     }
-}
-
-/// The shards in `monitored` that changed between two assignments, for logs.
-pub fn changed(before: &BTreeMap<u32, usize>, after: &BTreeMap<u32, usize>) -> BTreeSet<u32> {
-    before
-        .keys()
-        .chain(after.keys())
-        .filter(|s| before.get(s).is_some() != after.get(s).is_some())
-        .copied()
-        .collect()
 }
 
 #[cfg(test)]
