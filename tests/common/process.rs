@@ -218,13 +218,35 @@ fn wait_listening(p: Proc) -> (Proc, String) {
     (p, addr)
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port for a process a test starts, never handed out twice in this test
+/// process, and taken below the kernel's ephemeral range (32768 up on Linux).
+///
+/// Binding port 0 and releasing it is not enough when tests run in parallel: the kernel hands
+/// a released port out again, so a port one test's etcd member had (killed by that test) came
+/// back as another test's etcd client port, and the first test's members, still pointed at it,
+/// joined the second test's cluster. Ephemeral ports are also what outgoing connections take
+/// their source port from, so a port from that range can be taken before the process binds it.
+/// Each test binary starts at its own offset (from its process id) so that a port still in
+/// TIME_WAIT from the binary before is rarely the first one tried; every candidate is checked
+/// by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() % 200) * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 /// Starts `shoal member`.
