@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::api::{EndpointSlice, Lease, ObjectMeta, ObjectReference};
+use super::api::{Endpoint, EndpointSlice, Lease, ObjectMeta, ObjectReference};
 use crate::cluster::{Member, MemberId, ModelError};
 use crate::runtime::Instant;
 
@@ -351,33 +351,35 @@ pub type Serving = BTreeMap<String, ServingPod>;
 /// `ready`, `ready` unset means ready (an unknown state consumers treat as ready), `terminating`
 /// unset means not terminating.
 pub fn serving_pods<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Serving {
+    serving_of(slices.into_iter().flat_map(|s| &s.endpoints))
+}
+
+/// [`serving_pods`] of endpoints, in the order the slices (by name) list them. What it says of
+/// one Pod depends only on that Pod's endpoints, so it can be computed one Pod at a time.
+pub(crate) fn serving_of<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> Serving {
     let mut serving = Serving::new();
     let mut terminating: BTreeSet<(String, String)> = BTreeSet::new();
-    for slice in slices {
-        for e in &slice.endpoints {
-            let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind == "Pod") else {
-                continue;
-            };
-            let is_serving = e.serving.or(e.ready).unwrap_or(true);
-            if e.terminating.unwrap_or(false)
-                && !crate::runtime::sim::flaw("k8s-terminating-served")
-            {
-                terminating.insert((pod.name.clone(), pod.uid.clone()));
-            } else if is_serving {
-                let entry = serving
-                    .entry(pod.name.clone())
-                    .or_insert_with(|| ServingPod {
-                        uid: pod.uid.clone(),
-                        zone: None,
-                    });
-                if entry.uid != pod.uid {
-                    // Two Pods under one name (the old one's endpoint not yet removed): the
-                    // name alone says nothing; the UID check in `listed` must not pass either.
-                    entry.uid = CONFLICTING_UIDS.into();
-                }
-                if entry.zone.is_none() {
-                    entry.zone.clone_from(&e.zone);
-                }
+    for e in endpoints {
+        let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind == "Pod") else {
+            continue;
+        };
+        let is_serving = e.serving.or(e.ready).unwrap_or(true);
+        if e.terminating.unwrap_or(false) && !crate::runtime::sim::flaw("k8s-terminating-served") {
+            terminating.insert((pod.name.clone(), pod.uid.clone()));
+        } else if is_serving {
+            let entry = serving
+                .entry(pod.name.clone())
+                .or_insert_with(|| ServingPod {
+                    uid: pod.uid.clone(),
+                    zone: None,
+                });
+            if entry.uid != pod.uid {
+                // Two Pods under one name (the old one's endpoint not yet removed): the
+                // name alone says nothing; the UID check in `listed` must not pass either.
+                entry.uid = CONFLICTING_UIDS.into();
+            }
+            if entry.zone.is_none() {
+                entry.zone.clone_from(&e.zone);
             }
         }
     }
@@ -391,7 +393,7 @@ const CONFLICTING_UIDS: &str = "\u{0}conflicting";
 
 /// Whether the Pod a Lease names (`name`, `uid`) is the serving Pod `s`: the same name, and the
 /// same UID when both give one.
-fn is_same_pod(uid: &str, s: &ServingPod) -> bool {
+pub(crate) fn is_same_pod(uid: &str, s: &ServingPod) -> bool {
     uid.is_empty() || s.uid.is_empty() || s.uid == uid
 }
 
@@ -424,9 +426,62 @@ pub fn members<'a>(
     index.listed(serving)
 }
 
+/// Lease names by the address their holder advertises, kept up to date one event at a time,
+/// so that a member finds earlier incarnations of itself (Leases at its own address with an
+/// older id) without scanning every Lease each time the members change.
+#[derive(Clone, Debug, Default)]
+pub struct ByAddress {
+    names: BTreeMap<String, BTreeSet<String>>,
+    address_of: BTreeMap<String, String>,
+}
+
+impl ByAddress {
+    /// The Lease was added or changed.
+    pub fn upsert(&mut self, lease: &Lease) {
+        let name = &lease.meta.name;
+        let address = lease.meta.annotations.get(ADDRESS_ANNOTATION);
+        if self.address_of.get(name) == address {
+            return;
+        }
+        self.remove(name);
+        if let Some(address) = address {
+            self.address_of.insert(name.clone(), address.clone());
+            self.names
+                .entry(address.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+    }
+
+    /// The Lease named `name` was deleted.
+    pub fn remove(&mut self, name: &str) {
+        if let Some(address) = self.address_of.remove(name)
+            && let Some(names) = self.names.get_mut(&address)
+        {
+            names.remove(name);
+            if names.is_empty() {
+                self.names.remove(&address);
+            }
+        }
+    }
+
+    /// A relist: exactly `leases` exist.
+    pub fn replace_all<'a>(&mut self, leases: impl IntoIterator<Item = &'a Lease>) {
+        *self = Self::default();
+        for lease in leases {
+            self.upsert(lease);
+        }
+    }
+
+    /// The names of the Leases at `address`, in order.
+    pub fn at(&self, address: &str) -> impl Iterator<Item = &String> {
+        self.names.get(address).into_iter().flatten()
+    }
+}
+
 /// What one Lease says: its member and its Pod, or why it is skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Entry {
+pub(crate) enum Entry {
     /// A member, and its Pod (name, UID) when the Lease is owned by one.
     Member(Member, Option<(String, String)>),
     Skipped(String),
@@ -488,6 +543,26 @@ impl MemberIndex {
                 true
             }
         }
+    }
+
+    /// What the Lease `name` describes, if it is known.
+    pub(crate) fn entry_of(&self, name: &str) -> Option<&Entry> {
+        self.by_lease.get(name)
+    }
+
+    /// How many Leases are known.
+    pub fn len(&self) -> usize {
+        self.by_lease.len()
+    }
+
+    /// Whether no Lease is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_lease.is_empty()
+    }
+
+    /// The names of the Leases known, in order.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.by_lease.keys()
     }
 
     /// The Lease named `name` was deleted; whether it was known.
@@ -594,6 +669,31 @@ mod tests {
         m.zone = Some("z1".into());
         m.metadata.insert("rack".into(), "r7".into());
         m
+    }
+
+    #[test]
+    fn leases_are_found_by_address_through_moves_deletions_and_relists() {
+        let at = |b: &ByAddress, a: &str| b.at(a).cloned().collect::<Vec<_>>();
+        let mut by = ByAddress::default();
+        let mut a = member_lease("c", "ns", &member("m-1"), Duration::from_secs(9), 0, None);
+        let mut b = member_lease("c", "ns", &member("m-2"), Duration::from_secs(9), 0, None);
+        by.upsert(&a);
+        by.upsert(&b);
+        assert_eq!(at(&by, "10.0.0.1:4000"), ["c-m-1", "c-m-2"]);
+        b.meta
+            .annotations
+            .insert(ADDRESS_ANNOTATION.into(), "10.0.0.2:4000".into());
+        by.upsert(&b);
+        assert_eq!(at(&by, "10.0.0.1:4000"), ["c-m-1"]);
+        assert_eq!(at(&by, "10.0.0.2:4000"), ["c-m-2"]);
+        by.remove("c-m-2");
+        assert!(at(&by, "10.0.0.2:4000").is_empty());
+        a.meta.annotations.remove(ADDRESS_ANNOTATION);
+        by.upsert(&a);
+        assert!(at(&by, "10.0.0.1:4000").is_empty());
+        by.replace_all([&b]);
+        assert_eq!(at(&by, "10.0.0.2:4000"), ["c-m-2"]);
+        assert!(at(&by, "10.0.0.1:4000").is_empty());
     }
 
     #[test]

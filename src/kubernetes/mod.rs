@@ -10,6 +10,8 @@
 //! * [`members`]: the provider's decisions, pure: the Lease schema of a member, liveness judged
 //!   on the observer's own clock (as client-go's leader election does), EndpointSlices merged
 //!   into the set of serving Pods, and the members that follow.
+//! * [`listing`]: the members a node lists, kept up to date one change at a time (what
+//!   `members` computes from scratch), handing out what changed.
 //! * [`memory`]: an in-memory API server implementing [`api::KubeApi`] with the API's semantics
 //!   (resourceVersion, 409 Conflict, bookmarks, 410 Gone after compaction), for tests and the
 //!   simulator's stand-in.
@@ -23,6 +25,7 @@
 pub mod api;
 #[cfg(not(madsim))]
 pub mod kube_rs;
+pub mod listing;
 pub mod members;
 pub mod memory;
 mod metrics;

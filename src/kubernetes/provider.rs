@@ -22,15 +22,16 @@ use super::api::{
     ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, Object, ObjectList,
     ObjectReference, WatchEvent, WatchStream,
 };
+use super::listing::Listing;
 use super::members::{
-    ADDRESS_ANNOTATION, CLUSTER_LABEL, Liveness, MemberIndex, check_cluster_name,
-    check_metadata_keys, lease_name, member_lease, serving_pods,
+    ByAddress, CLUSTER_LABEL, Liveness, MemberIndex, check_cluster_name, check_metadata_keys,
+    lease_name, member_lease, serving_pods,
 };
 use super::metrics::KubernetesProviderMetrics;
 use super::shards::{
     Heartbeats, Monitors, heartbeat_lease, heartbeat_name, record_name, shard_of, shard_selector,
 };
-use super::watch::{Next, Reflector};
+use super::watch::{Next, Outcome, Reflector};
 use crate::cluster::{ClusterTopology, Description, Member, MemberId};
 use crate::placement::PlacementError;
 use crate::provider::describe::Descriptions;
@@ -303,12 +304,15 @@ struct View {
     liveness: Liveness,
     /// The members the Leases describe, kept up to date one Lease at a time.
     index: MemberIndex,
+    /// The members this node lists (the index, filtered by the serving Pods), kept up to date
+    /// one change at a time.
+    listing: Listing,
     /// Whether the index or the EndpointSlices changed since the last topology.
     dirty: bool,
     /// The newest topology version this node issued.
     version: u64,
-    /// The members of that topology (`None` before the first).
-    applied: Option<Vec<Member>>,
+    /// The topology this node issued last (`None` before the first).
+    applied: Option<ClusterTopology>,
     /// Expired Leases to delete: name -> (resource version seen, when to try).
     cleaning: BTreeMap<String, (String, crate::runtime::Instant)>,
     /// Expired Leases whose deletion was tried at that resource version.
@@ -325,17 +329,16 @@ struct View {
     heartbeats: BTreeMap<u32, Reflector<Lease>>,
     /// When the last topology was issued.
     published_at: Option<Instant>,
-    /// Changes of what the Leases describe (the index), counted.
-    index_changes: u64,
-    /// Leases at this member's address with an older id (earlier incarnations of this
-    /// process), as of `index_changes` and this member's id.
-    ghost_names: Option<(u64, MemberId, Vec<String>)>,
+    /// The Leases by the address their holder advertises.
+    by_address: ByAddress,
     /// Sharded heartbeats: records to look at for a missing heartbeat.
     unbeaten: Unbeaten,
     /// Sharded heartbeats: `(shards, monitors)`; `None`: every member watches every Lease.
     sharding: Option<(u32, u32)>,
     /// Sharded heartbeats: who monitors which shard, as of topology `assigned`.
     monitors: Option<Monitors>,
+    /// Sharded heartbeats: members that joined (`true`) or left since topology `assigned`.
+    moved: Vec<(MemberId, bool)>,
     assigned: Option<u64>,
 }
 
@@ -464,6 +467,7 @@ impl KubernetesProvider {
                 slices: config.service.as_ref().map(|_| Reflector::new()),
                 liveness: Liveness::new(config.continuity()),
                 index: MemberIndex::new(&ctx.cluster_name),
+                listing: Listing::new(config.service.is_some()),
                 dirty: true,
                 // Versions go on from the node's partition manager: a start after a failed one
                 // (or after a shutdown) must not issue versions it already holds, which it
@@ -477,14 +481,14 @@ impl KubernetesProvider {
                 monitored: BTreeMap::new(),
                 heartbeats: BTreeMap::new(),
                 published_at: None,
-                index_changes: 0,
-                ghost_names: None,
+                by_address: ByAddress::default(),
                 unbeaten: Unbeaten::default(),
                 sharding: match config.heartbeats {
                     Heartbeats::Everyone => None,
                     Heartbeats::Sharded { shards, monitors } => Some((shards, monitors)),
                 },
                 monitors: None,
+                moved: Vec::new(),
                 assigned: None,
             }),
             view_changed: tokio::sync::Notify::new(),
@@ -1226,7 +1230,8 @@ impl Session {
             }
             w.listed(&mut view, &list, now);
             if let Some(r) = w.reflector(&mut view) {
-                r.listed(list);
+                let outcome = r.listed(list);
+                w.taken(&mut view, &outcome);
             }
         }
         self.view_changed.notify_one();
@@ -1296,7 +1301,8 @@ impl Session {
                 }
                 w.observed(&mut view, &event, now);
                 if let Some(r) = w.reflector(&mut view) {
-                    r.event(event);
+                    let outcome = r.event(event);
+                    w.taken(&mut view, &outcome);
                 }
                 view.dirty || view.unbeaten.pending()
             };
@@ -1375,10 +1381,33 @@ impl Session {
             return;
         }
         view.assigned = Some(view.version);
-        let all = view
-            .monitors
-            .get_or_insert_with(|| Monitors::new(shards, monitors));
-        all.set(view.applied.iter().flatten().map(|m| &m.id));
+        let moved = std::mem::take(&mut view.moved);
+        let all = match &mut view.monitors {
+            Some(all) => {
+                // What changed since the topology the monitors were computed from.
+                for (id, joined) in &moved {
+                    if *joined {
+                        all.add(id);
+                    } else {
+                        all.remove(id);
+                    }
+                }
+                all
+            }
+            None => {
+                let all = view.monitors.insert(Monitors::new(shards, monitors));
+                all.set(applied_ids(&view.applied));
+                all
+            }
+        };
+        // Checked against the monitors computed from scratch (small clusters).
+        if sim::self_checks() && view.applied.as_ref().is_some_and(|t| t.len() <= 64) {
+            let scratch = Monitors::of_members(applied_ids(&view.applied), shards, monitors);
+            assert!(
+                *all == scratch,
+                "self-check of the heartbeat monitors: incremental {all:?}, from scratch {scratch:?}"
+            );
+        }
         let me = self.member_id();
         let mine = all.shards_of(&me);
         if mine.keys().eq(view.monitored.keys()) {
@@ -1432,58 +1461,69 @@ impl Session {
 
     /// Issues a topology if the members the Leases (and EndpointSlices) describe changed.
     fn publish_members(&self, view: &mut View) {
-        let serving = view
-            .slices
-            .as_ref()
-            .map(|s| serving_pods(s.objects().values()));
-        let listed = view.index.listed(serving.as_ref());
-        if serving.is_some() {
+        let delta = view.listing.refresh(&view.index);
+        // Checked against the list built from scratch (small clusters: that is O(members)).
+        if sim::self_checks()
+            && view.index.len() <= 64
+            && let Err(e) = view.listing.check(
+                &view.index,
+                view.slices
+                    .as_ref()
+                    .map(|s| serving_pods(s.objects().values()))
+                    .as_ref(),
+            )
+        {
+            panic!("self-check of the Kubernetes listing: {e}");
+        }
+        if delta.withheld_changed {
             // Registered but not serving (terminating, not ready): out of the topology, but
             // possibly still holding activations.
-            let withheld = view
-                .index
-                .listed(None)
-                .members
-                .into_iter()
-                .filter(|m| {
-                    listed
-                        .members
-                        .binary_search_by(|x| x.id.cmp(&m.id))
-                        .is_err()
-                })
-                .collect();
-            self.ctx.withheld.set(withheld);
+            self.ctx.withheld.set(view.listing.withheld());
         }
-        for (name, why) in &listed.skipped {
+        let skipped = view.listing.skipped();
+        for (name, why) in skipped {
             if view.warned.insert(name.clone()) {
                 self.metrics.leases_skipped.inc();
                 tracing::warn!(lease = %name, reason = %why, "skipping a Lease that describes no valid member");
             }
         }
-        view.warned
-            .retain(|name| listed.skipped.iter().any(|(n, _)| n == name));
-        if view.applied.as_ref() != Some(&listed.members) {
-            view.version += 1;
-            match ClusterTopology::new(
+        view.warned.retain(|name| skipped.contains_key(name));
+        if view.applied.is_some() && delta.is_empty() {
+            return;
+        }
+        view.version += 1;
+        if view.monitors.is_some() {
+            let joined = delta.upserts.iter().map(|m| (m.id.clone(), true));
+            let left = delta.left.iter().map(|id| (id.clone(), false));
+            view.moved.extend(left.chain(joined));
+        }
+        // Each node numbers its own topologies: the epoch names the numbering (this node's),
+        // so versions are never compared across nodes (activation fences). Successive
+        // topologies share every member that did not change.
+        let topology = match &view.applied {
+            Some(last) => {
+                let left: Vec<&MemberId> = delta.left.iter().collect();
+                last.patched(view.version, &left, &delta.upserts)
+            }
+            None => match ClusterTopology::new(
                 self.ctx.cluster_name.clone(),
                 view.version,
-                listed.members.iter().cloned(),
+                view.listing.members().cloned(),
             ) {
-                // Each node numbers its own topologies: the epoch names the numbering (this
-                // node's), so versions are never compared across nodes (activation fences).
-                Ok(topology) => match self
-                    .ctx
-                    .apply_topology(Arc::new(topology.with_epoch(node_epoch(&self.ctx))))
-                {
-                    Ok(_) | Err(PlacementError::StaleTopology { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "topology not applied"),
-                },
-                Err(e) => tracing::warn!(error = %e, "topology not built"),
-            }
-            self.metrics.topologies.inc();
-            self.metrics.members.set(listed.members.len() as i64);
-            view.applied = Some(listed.members);
+                Ok(topology) => topology.with_epoch(node_epoch(&self.ctx)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "topology not built");
+                    return;
+                }
+            },
+        };
+        match self.ctx.apply_topology(Arc::new(topology.clone())) {
+            Ok(_) | Err(PlacementError::StaleTopology { .. }) => {}
+            Err(e) => tracing::warn!(error = %e, "topology not applied"),
         }
+        self.metrics.topologies.inc();
+        self.metrics.members.set(topology.len() as i64);
+        view.applied = Some(topology);
     }
 
     /// Expired Leases are deleted by the first live member in id order at once, and by the
@@ -1513,33 +1553,19 @@ impl Session {
             })
             .collect();
         // Two processes cannot listen on one address: a Lease there with an older id is a
-        // previous incarnation of this process.
-        // Looked for again only when the members the Leases describe (or this member's id)
-        // changed: a scan of every Lease at every renewal costs O(N²) a renew interval.
-        if view
-            .ghost_names
-            .as_ref()
-            .is_none_or(|(changes, id, _)| *changes != view.index_changes || *id != me.id)
-        {
-            let names = view
-                .leases
-                .objects()
-                .values()
-                .filter(|l| {
-                    l.meta.annotations.get(ADDRESS_ANNOTATION) == Some(&me.address)
-                        && l.holder_identity
-                            .as_deref()
-                            .and_then(|h| MemberId::parse(h).ok())
-                            .is_some_and(|id| id < me.id)
+        // previous incarnation of this process. (Found through the Leases by address: a scan
+        // of every Lease each time the members change costs O(N²) while a cluster starts.)
+        let ghosts: BTreeMap<String, String> = view
+            .by_address
+            .at(&me.address)
+            .filter(|name| {
+                view.leases.objects().get(*name).is_some_and(|l| {
+                    l.holder_identity
+                        .as_deref()
+                        .and_then(|h| MemberId::parse(h).ok())
+                        .is_some_and(|id| id < me.id)
                 })
-                .map(|l| l.meta.name.clone())
-                .collect();
-            view.ghost_names = Some((view.index_changes, me.id.clone(), names));
-        }
-        let ghost_names = view.ghost_names.as_ref().map(|(.., n)| n.as_slice());
-        let ghosts: BTreeMap<String, String> = ghost_names
-            .unwrap_or_default()
-            .iter()
+            })
             .filter(|_| !sim::flaw("k8s-ghost-kept"))
             .filter_map(|name| view.leases.objects().get(name))
             .map(|l| {
@@ -1554,7 +1580,7 @@ impl Session {
         let wanted = |name: &String| expired.get(name).or_else(|| ghosts.get(name));
         view.cleaning.retain(|name, _| wanted(name).is_some());
         view.tried.retain(|name, rv| wanted(name) == Some(rv));
-        let first = view.applied.iter().flatten().map(|m| &m.id).find(|id| {
+        let first = applied_ids(&view.applied).find(|id| {
             expired
                 .keys()
                 .all(|name| *name != lease_name(&self.ctx.cluster_name, id))
@@ -1774,6 +1800,8 @@ trait Watched: Send + Sync + 'static {
     fn listed(&self, _view: &mut View, _list: &ObjectList<Self::Obj>, _now: Instant) {}
     /// What an event tells the view besides the object (called before the cache takes it).
     fn observed(&self, _view: &mut View, _event: &WatchEvent<Self::Obj>, _now: Instant) {}
+    /// What changed in the cache once it took a list or an event.
+    fn taken(&self, _view: &mut View, _outcome: &Outcome) {}
 }
 
 /// The members' Leases (with sharded heartbeats: their records), labelled with the cluster.
@@ -1837,7 +1865,10 @@ impl Watched for Records {
             view.liveness.replace_all(&list.items, now);
         }
         let changed = view.index.replace_all(&list.items);
-        view.index_changes += u64::from(changed);
+        if changed {
+            view.listing.all_changed(&view.index);
+        }
+        view.by_address.replace_all(&list.items);
         view.dirty |= changed || !view.leases.is_synced();
     }
 
@@ -1859,7 +1890,10 @@ impl Watched for Records {
                     view.unbeaten.records.insert(l.meta.name.clone());
                 }
                 let changed = view.index.upsert(l);
-                view.index_changes += u64::from(changed);
+                if changed {
+                    view.listing.lease_changed(&l.meta.name);
+                }
+                view.by_address.upsert(l);
                 view.dirty |= changed;
             }
             WatchEvent::Deleted(l) => {
@@ -1872,7 +1906,10 @@ impl Watched for Records {
                     view.liveness.forget(&l.meta.name);
                 }
                 let changed = view.index.remove(&l.meta.name);
-                view.index_changes += u64::from(changed);
+                if changed {
+                    view.listing.lease_changed(&l.meta.name);
+                }
+                view.by_address.remove(&l.meta.name);
                 view.dirty |= changed;
             }
             WatchEvent::Bookmark(_) => {}
@@ -1935,6 +1972,38 @@ impl Watched for Slices {
     fn observed(&self, view: &mut View, event: &WatchEvent<EndpointSlice>, _now: Instant) {
         view.dirty |=
             !matches!(event, WatchEvent::Bookmark(_)) && !sim::flaw("k8s-slice-change-ignored");
+        let View {
+            slices, listing, ..
+        } = view;
+        let Some(slices) = slices.as_ref().filter(|s| s.takes_events()) else {
+            return;
+        };
+        match event {
+            WatchEvent::Added(after) | WatchEvent::Modified(after) => {
+                let before = slices.objects().get(&after.meta.name);
+                listing.slice_event(&after.meta.name, before, Some(after));
+            }
+            WatchEvent::Deleted(gone) => {
+                let before = slices.objects().get(&gone.meta.name);
+                listing.slice_event(&gone.meta.name, before, None);
+            }
+            WatchEvent::Bookmark(_) => {}
+        }
+    }
+
+    fn taken(&self, view: &mut View, outcome: &Outcome) {
+        let View {
+            slices, listing, ..
+        } = view;
+        let Some(slices) = slices else {
+            return;
+        };
+        match outcome {
+            Outcome::Replaced => listing.slices_replaced(slices.objects()),
+            Outcome::Upserted(_) | Outcome::Removed(_) | Outcome::Unchanged => {
+                listing.recompute(slices.objects());
+            }
+        }
     }
 }
 
@@ -2094,6 +2163,11 @@ impl ClusterProvider for KubernetesProvider {
         let session = self.session().await?;
         GrpcPartitionManager::of_listed(&session.ctx, member, session.config.partition_rpc_timeout)
     }
+}
+
+/// The ids of the members of the topology this node issued last, in order.
+fn applied_ids(applied: &Option<ClusterTopology>) -> impl Iterator<Item = &MemberId> {
+    applied.iter().flat_map(|t| t.members()).map(|m| &m.id)
 }
 
 /// The epoch of the topologies this node numbers: a fixed hash of the cluster name and the

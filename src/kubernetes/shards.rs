@@ -161,7 +161,6 @@ impl Monitors {
     }
 
     /// The monitors of `members`, computed afresh (what the incremental updates must equal).
-    #[cfg(test)]
     pub fn of_members<'a>(
         members: impl IntoIterator<Item = &'a MemberId>,
         shards: u32,

@@ -102,6 +102,12 @@ impl<T: Object + PartialEq> Reflector<T> {
         Outcome::Replaced
     }
 
+    /// Whether [`Self::event`] takes events now (not before a list, nor after a relist was
+    /// refused as too old: the next list covers them).
+    pub fn takes_events(&self) -> bool {
+        self.resource_version.is_some()
+    }
+
     /// A watch event arrived. Events before the first list are ignored (the list covers them).
     pub fn event(&mut self, event: WatchEvent<T>) -> Outcome {
         if self.resource_version.is_none() {
