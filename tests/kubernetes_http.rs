@@ -47,6 +47,32 @@ struct Double {
     /// Every request that reached the double: `verb resource`, when it arrived, and whether
     /// it was shed with 429.
     requests: Arc<Mutex<Vec<(String, std::time::Instant, bool)>>>,
+    /// How the next watches of a resource are answered instead of served: `(watch verb
+    /// resource, what, how many more times)`.
+    odd_watches: Arc<Mutex<BTreeMap<String, (OddWatch, u32)>>>,
+    /// Ends every open watch stream cleanly when bumped (an API server that drops its
+    /// connections, or a load balancer's idle timeout).
+    cut: Arc<Cut>,
+}
+
+/// A watch answered out of the ordinary.
+#[derive(Clone, Copy, Debug)]
+enum OddWatch {
+    /// `200` and a stream that ends at once with no event (a server shedding watches, or a
+    /// proxy that closes them).
+    EndsAtOnce,
+    /// `200` and an `ERROR` event with a `410` status: the version asked for is no longer in
+    /// the watch cache (what the real server sends after a compaction).
+    Gone,
+}
+
+/// The generation of open watch streams: each stream ends when it changes.
+struct Cut(tokio::sync::watch::Sender<u64>);
+
+impl Default for Cut {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(0).0)
+    }
 }
 
 fn full(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -187,6 +213,40 @@ impl Double {
             .insert(what.to_string(), (times, retry_after_secs));
     }
 
+    /// The next `times` watches `what` (like `watch leases`) are answered as `odd`.
+    fn odd_watches(&self, what: &str, odd: OddWatch, times: u32) {
+        self.odd_watches
+            .lock()
+            .unwrap()
+            .insert(what.to_string(), (odd, times));
+    }
+
+    /// Ends every watch stream open now, cleanly (the client sees the response end).
+    fn cut_watches(&self) {
+        self.cut.0.send_modify(|g| *g += 1);
+    }
+
+    /// The next watch `what` answered out of the ordinary, if any.
+    fn odd_watch(&self, what: &str) -> Option<OddWatch> {
+        match self.odd_watches.lock().unwrap().get_mut(what) {
+            Some((odd, left)) if *left > 0 => {
+                *left -= 1;
+                Some(*odd)
+            }
+            _ => None,
+        }
+    }
+
+    /// A watch stream that ends when the watches are cut.
+    fn cuttable<T: Send + 'static>(&self, stream: WatchStream<T>) -> WatchStream<T> {
+        let mut cut = self.cut.0.subscribe();
+        stream
+            .take_until(async move {
+                let _ = cut.changed().await;
+            })
+            .boxed()
+    }
+
     /// When the requests `what` arrived, in order, and whether each was shed.
     fn arrivals(&self, what: &str) -> Vec<(std::time::Instant, bool)> {
         self.requests
@@ -323,6 +383,23 @@ impl Double {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        if verb == "watch"
+            && let Some(odd) = self.odd_watch(&what)
+        {
+            let events: Vec<Result<WatchEvent<Lease>, ApiError>> = match odd {
+                OddWatch::EndsAtOnce => vec![],
+                OddWatch::Gone => vec![Err(ApiError::Gone(
+                    "too old resource version: 1 (20)".into(),
+                ))],
+            };
+            // The event's kind does not matter to an empty stream or an ERROR.
+            return Ok(watch_body(
+                futures::stream::iter(events).boxed(),
+                "Lease",
+                "coordination.k8s.io/v1",
+                encode_lease,
+            ));
+        }
         let s = &self.server;
         let answer = match (resource.as_str(), verb) {
             ("leases", "list") => s.list_leases(&ns, &selector, &list_options).await.map(|l| {
@@ -338,7 +415,14 @@ impl Double {
             ("leases", "watch") => s
                 .watch_leases(&ns, &selector, &rv)
                 .await
-                .map(|w| watch_body(w, "Lease", "coordination.k8s.io/v1", encode_lease)),
+                .map(|w| {
+                    watch_body(
+                        self.cuttable(w),
+                        "Lease",
+                        "coordination.k8s.io/v1",
+                        encode_lease,
+                    )
+                }),
             ("leases", "get") => match s.get_lease(&ns, name.as_deref().unwrap()).await {
                 Ok(Some(l)) => Ok(full(StatusCode::OK, encode_lease(&l))),
                 Ok(None) => Err(ApiError::NotFound(format!(
@@ -398,7 +482,14 @@ impl Double {
                     .unwrap_or_default();
                 s.watch_endpoint_slices(&ns, &service, &rv)
                     .await
-                    .map(|w| watch_body(w, "EndpointSlice", "discovery.k8s.io/v1", encode_slice))
+                    .map(|w| {
+                        watch_body(
+                            self.cuttable(w),
+                            "EndpointSlice",
+                            "discovery.k8s.io/v1",
+                            encode_slice,
+                        )
+                    })
             }
             _ => Err(ApiError::NotFound(format!("{verb} {resource}"))),
         };
@@ -825,5 +916,132 @@ fn the_cli_joins_lists_and_leaves_through_the_kubernetes_api() {
     assert!(
         err.contains("list Leases in ns") && err.contains("forbidden"),
         "{err}"
+    );
+}
+
+/// `a` (the only member) sees a member that starts now, then both leave.
+async fn follows_a_new_member_then_leaves(
+    url: &str,
+    a: KubernetesProvider,
+    a_ctx: &ClusterProviderContext,
+) {
+    let (b, _) = start(url, 4002).await.unwrap();
+    common::wait_until("the new member seen", 10, || {
+        a_ctx.partition_manager.topology().len() == 2
+    })
+    .await;
+    b.shutdown(true).await.unwrap();
+    a.shutdown(true).await.unwrap();
+}
+
+/// A watch that ends at once with no event (a server or a proxy closing watches) is opened
+/// again with growing backoff, not in a loop (client-go's "very short watch"); once watches
+/// are served again the member follows the cluster.
+#[tokio::test]
+async fn a_watch_that_ends_at_once_is_reopened_with_backoff_not_in_a_loop() {
+    let double = Double::default();
+    let url = double.serve().await;
+    let (a, a_ctx) = start(&url, 4001).await.unwrap();
+    double.odd_watches("watch leases", OddWatch::EndsAtOnce, u32::MAX);
+    let before = double.arrivals("watch leases").len();
+    double.cut_watches();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let reopened: Vec<std::time::Instant> = double.arrivals("watch leases")[before..]
+        .iter()
+        .map(|(at, _)| *at)
+        .collect();
+    // Backoff from 100 ms, doubling, with equal jitter, capped at the renew interval (2 s / 3):
+    // about eight watches in 4 s. Reopened at once, it would be thousands over loopback.
+    assert!(
+        (3..=16).contains(&reopened.len()),
+        "{} watches in 4 s",
+        reopened.len()
+    );
+    let gaps: Vec<Duration> = reopened.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter()
+            .skip(2)
+            .all(|g| *g >= Duration::from_millis(150)),
+        "the waits between watches did not grow: {gaps:?}"
+    );
+    assert!(a.metrics().watch_reopens.get() >= 3);
+    // Served again: the watch resumes and shows a new member.
+    double.odd_watches("watch leases", OddWatch::EndsAtOnce, 0);
+    follows_a_new_member_then_leaves(&url, a, &a_ctx).await;
+}
+
+/// A watch answered `410 Gone` (its version left the watch cache) is followed by a list not
+/// older than the last version the member saw (`resourceVersion` with
+/// `resourceVersionMatch=NotOlderThan`, served from the watch cache), not by a quorum read
+/// (empty `resourceVersion`, a read of etcd by every member at once).
+#[tokio::test]
+async fn a_watch_whose_version_is_gone_relists_not_older_than_the_last_version_seen() {
+    let double = Double::default();
+    let url = double.serve().await;
+    let (a, a_ctx) = start(&url, 4001).await.unwrap();
+    let lists_before = double.lists.lock().unwrap().len();
+    double.odd_watches("watch leases", OddWatch::Gone, 1);
+    double.cut_watches();
+    common::wait_until("a relist", 10, || {
+        a.metrics().relists.get() >= 1 && double.lists.lock().unwrap().len() > lists_before
+    })
+    .await;
+    let lists = double.lists.lock().unwrap()[lists_before..].to_vec();
+    let first = &lists[0];
+    assert!(
+        first.starts_with("leases@") && first.len() > "leases@".len(),
+        "the relist after 410 was {first:?} (all: {lists:?})"
+    );
+    assert!(
+        !lists.iter().any(|l| l == "leases@"),
+        "a quorum list after 410: {lists:?}"
+    );
+    // And the member follows the cluster afterwards.
+    follows_a_new_member_then_leaves(&url, a, &a_ctx).await;
+}
+
+/// An object relabelled out of a watch's selector reaches that watch as DELETED, and back in as
+/// ADDED (the real server's rule: a watcher sees its selection change, not the object's
+/// history), across the wire and kube-rs's decoding.
+#[tokio::test]
+async fn an_object_leaving_and_entering_the_selection_is_deleted_and_added() {
+    let double = Double::default();
+    let api = api_at(&double.serve().await).await;
+    let sel = [(CLUSTER_LABEL.to_string(), "c".to_string())].into();
+    let created = api.create_lease(lease("a", "c")).await.unwrap();
+    let mut watch = api
+        .watch_leases("ns", &sel, &created.meta.resource_version)
+        .await
+        .unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("an event within 5 s")
+    };
+    let mut moved = created.clone();
+    moved
+        .meta
+        .labels
+        .insert(CLUSTER_LABEL.to_string(), "other".to_string());
+    let moved = api.replace_lease(moved).await.unwrap();
+    let event = next().await;
+    assert!(
+        matches!(event, Some(Ok(WatchEvent::Deleted(ref l))) if l.meta.name == "a"),
+        "relabelled out: {event:?}"
+    );
+    // A change outside the selection is not shown; coming back in is an ADDED.
+    let mut renewed = moved.clone();
+    renewed.renew_time_micros = Some(1_700_000_002_000_000);
+    let renewed = api.replace_lease(renewed).await.unwrap();
+    let mut back = renewed.clone();
+    back.meta
+        .labels
+        .insert(CLUSTER_LABEL.to_string(), "c".to_string());
+    api.replace_lease(back).await.unwrap();
+    let event = next().await;
+    assert!(
+        matches!(event, Some(Ok(WatchEvent::Added(ref l)))
+            if l.meta.name == "a" && l.renew_time_micros == Some(1_700_000_002_000_000)),
+        "relabelled back in: {event:?}"
     );
 }

@@ -11,7 +11,10 @@
 //! * bookmarks ([`MemoryApiServer::bookmark`]) tell watchers the current version;
 //! * a watch from `""` or `"0"` ("any version") starts with the current objects as synthetic
 //!   ADDED events;
-//! * an event is sent only to the watches whose label selector it matches.
+//! * an event is sent only to the watches whose label selector it matches; a change of labels
+//!   that takes an object out of a watch's selection reaches that watch as DELETED (with the
+//!   object as it was, at the change's version), one that brings it in as ADDED (the real
+//!   watch cache's rule: a watcher sees its selection change, not the object's history).
 //!
 //! Not modelled: field selectors, pagination, server-side apply, finalizers and garbage
 //! collection, admission, RBAC. Writes of EndpointSlices (the endpoints controller's job) go
@@ -66,11 +69,53 @@ struct Watcher<T> {
 #[derive(Debug)]
 struct Kind<T> {
     objects: BTreeMap<(String, String), T>,
-    history: VecDeque<(u64, WatchEvent<T>)>,
+    history: VecDeque<(u64, Change<T>)>,
     /// Open watches grouped by (namespace, selector): an event is matched once per group, and
     /// only the watches it selects are woken (the real cacher filters per watcher; here the
     /// cost of a heartbeat event does not grow with the watchers of other selections).
     watchers: BTreeMap<(String, LabelSelector), Vec<Watcher<T>>>,
+}
+
+/// One write as the history keeps it: the event, and for a change of labels the object as it
+/// was (so each watch is shown the change of its own selection).
+#[derive(Debug)]
+struct Change<T> {
+    event: WatchEvent<T>,
+    /// The object before a MODIFIED whose labels changed.
+    before: Option<T>,
+}
+
+impl<T: Object> Change<T> {
+    /// A bookmark at `rv`.
+    fn bookmark(rv: String) -> Self {
+        Self {
+            event: WatchEvent::Bookmark(rv),
+            before: None,
+        }
+    }
+
+    /// The event a watch of `selector` sees, if any (namespaces are matched by the caller).
+    fn as_seen_by(&self, selector: &LabelSelector) -> Option<WatchEvent<T>> {
+        let selected = |o: &T| selects(selector, &o.meta().labels);
+        match (&self.event, &self.before) {
+            (WatchEvent::Bookmark(_), _) => Some(self.event.clone()),
+            (WatchEvent::Modified(now), Some(before)) => match (selected(before), selected(now)) {
+                (true, true) => Some(self.event.clone()),
+                (false, true) => Some(WatchEvent::Added(now.clone())),
+                (true, false) => {
+                    let mut was = before.clone();
+                    was.meta_mut()
+                        .resource_version
+                        .clone_from(&now.meta().resource_version);
+                    Some(WatchEvent::Deleted(was))
+                }
+                (false, false) => None,
+            },
+            (WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o), _) => {
+                selected(o).then(|| self.event.clone())
+            }
+        }
+    }
 }
 
 impl<T: Object> Kind<T> {
@@ -82,14 +127,33 @@ impl<T: Object> Kind<T> {
         }
     }
 
-    /// Sends `event` to every watcher it selects (a bookmark: to every watcher); a watcher
-    /// whose buffer is full is ended with `410 Gone`, one whose stream is gone is dropped.
-    fn dispatch(&mut self, version: u64, event: &WatchEvent<T>) {
-        let (namespace, labels) = (namespace_of(event), labels_of(event));
+    /// Sends `change` to every watcher it selects, as that watcher's selection sees it (a
+    /// bookmark: to every watcher); a watcher whose buffer is full is ended with `410 Gone`,
+    /// one whose stream is gone is dropped.
+    fn dispatch(&mut self, version: u64, change: &Change<T>) {
+        let namespace = namespace_of(&change.event);
         for ((ns, selector), group) in self.watchers.iter_mut() {
-            if namespace.is_some_and(|n| n != ns) || labels.is_some_and(|l| !selects(selector, l)) {
+            if namespace.is_some_and(|n| n != ns) {
                 continue;
             }
+            // Most writes change no labels: their event goes out as it is, uncopied.
+            let seen;
+            let event = match (&change.before, &change.event) {
+                (None, WatchEvent::Bookmark(_)) => &change.event,
+                (None, WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o)) => {
+                    if !selects(selector, &o.meta().labels) {
+                        continue;
+                    }
+                    &change.event
+                }
+                (Some(_), _) => match change.as_seen_by(selector) {
+                    Some(e) => {
+                        seen = e;
+                        &seen
+                    }
+                    None => continue,
+                },
+            };
             group.retain(|w| match w.tx.try_send((version, event.clone())) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -138,9 +202,19 @@ impl<T: Object> Kind<T> {
         }
     }
 
-    fn record(&mut self, version: u64, event: WatchEvent<T>) {
-        self.dispatch(version, &event);
-        self.history.push_back((version, event));
+    /// Keeps a write in the history and sends it to the watches; `before`: the object as it
+    /// was, for a MODIFIED.
+    fn record(&mut self, version: u64, event: WatchEvent<T>, before: Option<&T>) {
+        let changed_labels = |b: &&T| match &event {
+            WatchEvent::Modified(now) => b.meta().labels != now.meta().labels,
+            _ => false,
+        };
+        let change = Change {
+            before: before.filter(changed_labels).cloned(),
+            event,
+        };
+        self.dispatch(version, &change);
+        self.history.push_back((version, change));
     }
 }
 
@@ -195,8 +269,8 @@ impl MemoryApiServer {
         let version = s.version;
         let bookmark = version.to_string();
         s.leases
-            .dispatch(version, &WatchEvent::Bookmark(bookmark.clone()));
-        s.slices.dispatch(version, &WatchEvent::Bookmark(bookmark));
+            .dispatch(version, &Change::bookmark(bookmark.clone()));
+        s.slices.dispatch(version, &Change::bookmark(bookmark));
     }
 
     /// Creates or replaces an EndpointSlice (the endpoints controller's write).
@@ -205,7 +279,12 @@ impl MemoryApiServer {
         let version = s.bump();
         slice.meta.resource_version = version.to_string();
         let k = key(&slice.meta);
-        let event = match s.slices.objects.get(&k) {
+        let old = s.slices.objects.get(&k);
+        // Only a change of labels needs the object as it was (the watches' selections).
+        let before = old
+            .filter(|old| old.meta.labels != slice.meta.labels)
+            .cloned();
+        let event = match old {
             Some(old) => {
                 slice.meta.uid = old.meta.uid.clone();
                 WatchEvent::Modified(slice.clone())
@@ -216,7 +295,7 @@ impl MemoryApiServer {
             }
         };
         s.slices.objects.insert(k, slice.clone());
-        s.slices.record(version, event);
+        s.slices.record(version, event, before.as_ref());
         s.trim();
         slice
     }
@@ -231,7 +310,7 @@ impl MemoryApiServer {
         let version = s.bump();
         let mut gone = s.slices.objects.remove(&k).expect("checked above");
         gone.meta.resource_version = version.to_string();
-        s.slices.record(version, WatchEvent::Deleted(gone));
+        s.slices.record(version, WatchEvent::Deleted(gone), None);
         s.trim();
         true
     }
@@ -269,7 +348,7 @@ trait HistoryLen {
     fn pop_front_version(&mut self) -> u64;
 }
 
-impl<T> HistoryLen for VecDeque<(u64, WatchEvent<T>)> {
+impl<T> HistoryLen for VecDeque<(u64, Change<T>)> {
     fn len(&self) -> usize {
         VecDeque::len(self)
     }
@@ -335,15 +414,6 @@ fn namespace_of<T: Object>(event: &WatchEvent<T>) -> Option<&str> {
     }
 }
 
-fn labels_of<T: Object>(event: &WatchEvent<T>) -> Option<&BTreeMap<String, String>> {
-    match event {
-        WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
-            Some(&o.meta().labels)
-        }
-        WatchEvent::Bookmark(_) => None,
-    }
-}
-
 /// A watch of one kind: the history after `from`, then live events, filtered by namespace and
 /// labels; a watcher that falls behind the live buffer gets `410 Gone` and the stream ends.
 fn watch<T: Object>(
@@ -365,24 +435,19 @@ fn watch<T: Object>(
             "too old resource version: {from} (compacted to {compacted})"
         )));
     }
-    let wanted = {
-        let (namespace, selector) = (namespace.to_string(), selector.clone());
-        move |event: &WatchEvent<T>| {
-            namespace_of(event).is_none_or(|ns| ns == namespace)
-                && labels_of(event).is_none_or(|l| selects(&selector, l))
-        }
-    };
+    let in_namespace = |event: &WatchEvent<T>| namespace_of(event).is_none_or(|ns| ns == namespace);
     let backlog: VecDeque<WatchEvent<T>> = if synthetic {
         kind.objects
             .values()
+            .filter(|o| selects(selector, &o.meta().labels))
             .map(|o| WatchEvent::Added(o.clone()))
-            .filter(|e| wanted(e))
+            .filter(in_namespace)
             .collect()
     } else {
         kind.history
             .iter()
-            .filter(|(v, e)| *v > from && wanted(e))
-            .map(|(_, e)| e.clone())
+            .filter(|(v, c)| *v > from && in_namespace(&c.event))
+            .filter_map(|(_, c)| c.as_seen_by(selector))
             .collect()
     };
     // Subscribed under the same lock as the backlog was read: nothing falls in between.
@@ -451,7 +516,8 @@ impl KubeApi for MemoryApiServer {
         lease.meta.resource_version = version.to_string();
         lease.meta.uid = format!("uid-{version}");
         s.leases.objects.insert(k, lease.clone());
-        s.leases.record(version, WatchEvent::Added(lease.clone()));
+        s.leases
+            .record(version, WatchEvent::Added(lease.clone()), None);
         s.trim();
         Ok(lease)
     }
@@ -474,11 +540,16 @@ impl KubeApi for MemoryApiServer {
             )));
         }
         lease.meta.uid = current.meta.uid.clone();
+        // Only a change of labels needs the Lease as it was (the watches' selections).
+        let before = (current.meta.labels != lease.meta.labels).then(|| current.clone());
         let version = s.bump();
         lease.meta.resource_version = version.to_string();
         s.leases.objects.insert(k, lease.clone());
-        s.leases
-            .record(version, WatchEvent::Modified(lease.clone()));
+        s.leases.record(
+            version,
+            WatchEvent::Modified(lease.clone()),
+            before.as_ref(),
+        );
         s.trim();
         Ok(lease)
     }
@@ -505,7 +576,7 @@ impl KubeApi for MemoryApiServer {
         let version = s.bump();
         let mut gone = s.leases.objects.remove(&k).expect("checked above");
         gone.meta.resource_version = version.to_string();
-        s.leases.record(version, WatchEvent::Deleted(gone));
+        s.leases.record(version, WatchEvent::Deleted(gone), None);
         s.trim();
         Ok(())
     }
@@ -596,6 +667,60 @@ mod tests {
 
     fn sel(cluster: &str) -> LabelSelector {
         [("shoal.io/cluster".to_string(), cluster.to_string())].into()
+    }
+
+    /// A relabelling is shown to each watch as the change of its own selection, live and when
+    /// resumed from the history: DELETED (the object as it was, at the change's version) to
+    /// the selection it left, ADDED to the one it entered, nothing to one it never was in.
+    #[tokio::test]
+    async fn a_relabelled_object_leaves_one_selection_and_enters_another() {
+        let api = MemoryApiServer::default();
+        let created = api.create_lease(lease("a", "c")).await.unwrap();
+        let from = created.meta.resource_version.clone();
+        let mut live_c = api.watch_leases("ns", &sel("c"), &from).await.unwrap();
+        let mut live_d = api.watch_leases("ns", &sel("d"), &from).await.unwrap();
+        let mut moved = created.clone();
+        moved
+            .meta
+            .labels
+            .insert("shoal.io/cluster".into(), "d".into());
+        let moved = api.replace_lease(moved).await.unwrap();
+        // A change within a selection is a MODIFIED to it only.
+        let mut renewed = moved.clone();
+        renewed.renew_time_micros = Some(7);
+        api.replace_lease(renewed).await.unwrap();
+        api.bookmark();
+        for (name, live) in [("live", true), ("resumed", false)] {
+            let (mut c, mut d) = if live {
+                (
+                    std::mem::replace(&mut live_c, Box::pin(futures::stream::empty())),
+                    std::mem::replace(&mut live_d, Box::pin(futures::stream::empty())),
+                )
+            } else {
+                (
+                    api.watch_leases("ns", &sel("c"), &from).await.unwrap(),
+                    api.watch_leases("ns", &sel("d"), &from).await.unwrap(),
+                )
+            };
+            match c.next().await {
+                Some(Ok(WatchEvent::Deleted(l))) => {
+                    assert_eq!(l.meta.labels["shoal.io/cluster"], "c", "{name}: as it was");
+                    assert_eq!(l.meta.resource_version, moved.meta.resource_version);
+                }
+                other => panic!("{name}: left c: {other:?}"),
+            }
+            if live {
+                assert!(matches!(c.next().await, Some(Ok(WatchEvent::Bookmark(_)))));
+            }
+            assert!(
+                matches!(d.next().await, Some(Ok(WatchEvent::Added(ref l))) if l.meta.resource_version == moved.meta.resource_version),
+                "{name}: entered d"
+            );
+            assert!(
+                matches!(d.next().await, Some(Ok(WatchEvent::Modified(ref l))) if l.renew_time_micros == Some(7)),
+                "{name}: changed within d"
+            );
+        }
     }
 
     #[tokio::test]
