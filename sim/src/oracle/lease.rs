@@ -149,63 +149,39 @@ impl Leases {
     }
 
     /// A join was accepted. A member joining at the address of another member id supersedes
-    /// it: that one is gone at once, as after a leave. With `by_id` (etcd, Kubernetes) only
-    /// lower ids are superseded, and a join of a lower id than one live there (a write of an
-    /// abandoned start attempt that landed late) is itself superseded at once.
-    pub fn joined(
-        &mut self,
-        id: MemberId,
-        member: bool,
-        address: String,
-        at: Instant,
-        by_id: bool,
-    ) {
-        let mut superseded_by = None;
+    /// it: that one is gone at once, as after a leave.
+    pub fn joined(&mut self, id: MemberId, member: bool, address: String, at: Instant) {
         if member {
             self.changes += 1;
             let there = self.by_address.entry(address.clone()).or_default();
-            let newest = there
-                .iter()
-                .next_back()
-                .filter(|n| by_id && **n > id)
-                .cloned();
-            if let Some(newer) = newest {
-                // The live incarnation is a higher id: this one is the ghost.
-                superseded_by = Some(newer);
-            } else {
-                for other in std::mem::take(there) {
-                    if other == id {
-                        continue;
-                    }
-                    if let Some(r) = self.registrations.get_mut(&other)
-                        && r.left_at.is_none()
-                    {
-                        r.left_at = Some(at);
-                        r.superseded_by = Some(id.clone());
-                        self.next_deadline = None;
-                    }
+            for other in std::mem::take(there) {
+                if other == id {
+                    continue;
                 }
-                self.by_address
-                    .entry(address.clone())
-                    .or_default()
-                    .insert(id.clone());
+                if let Some(r) = self.registrations.get_mut(&other)
+                    && r.left_at.is_none()
+                {
+                    r.left_at = Some(at);
+                    r.superseded_by = Some(id.clone());
+                    self.next_deadline = None;
+                }
             }
+            self.by_address
+                .entry(address.clone())
+                .or_default()
+                .insert(id.clone());
         }
-        let superseded_by_set = superseded_by.is_some();
         self.registrations.insert(
             id,
             Registration {
                 member,
                 address,
                 renewed_at: at,
-                left_at: superseded_by.as_ref().map(|_| at),
-                superseded_by,
+                left_at: None,
+                superseded_by: None,
                 extended: (Duration::ZERO, Duration::ZERO),
             },
         );
-        if superseded_by_set {
-            self.next_deadline = None;
-        }
     }
 
     /// A heartbeat was accepted.

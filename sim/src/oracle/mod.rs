@@ -74,11 +74,6 @@ pub struct Bounds {
     /// the listed members), so an expiry is due only while one of those can reach the API
     /// server, counted from when it became one.
     pub monitors: Option<(u32, u32)>,
-    /// Which of two member ids at one address is the live incarnation: the later join (the
-    /// registry supersedes at each join), or the higher id (etcd and Kubernetes: a member
-    /// deletes the keys or Leases of lower ids at its address, so a late-landing write of an
-    /// abandoned start attempt does not push the live incarnation out).
-    pub supersede_by_id: bool,
 }
 
 impl Bounds {
@@ -95,7 +90,6 @@ impl Bounds {
             backend: "registry",
             late_delivery: Duration::ZERO,
             monitors: None,
-            supersede_by_id: false,
         }
     }
 
@@ -118,7 +112,6 @@ impl Bounds {
             // waits up to the relist jitter first.
             late_delivery: config.publish_interval + config.relist_jitter,
             monitors: None,
-            supersede_by_id: true,
         }
     }
 
@@ -145,7 +138,6 @@ impl Bounds {
                     Some((shards, monitors))
                 }
             },
-            supersede_by_id: true,
         }
     }
 
@@ -255,17 +247,15 @@ impl Oracles {
 
     /// The registry accepted a join of `id` at `address`.
     pub fn joined(&self, id: MemberId, member: bool, address: String) {
-        let by_id = self.bounds.supersede_by_id;
         self.lock()
             .lease
-            .joined(id, member, address, Instant::now(), by_id);
+            .joined(id, member, address, Instant::now());
     }
 
     /// The backend accepted a join of `id` at `address` whose lease started at `at` (etcd: the
     /// lease was granted before the key was written).
     pub fn joined_at(&self, id: MemberId, address: String, at: Instant) {
-        let by_id = self.bounds.supersede_by_id;
-        self.lock().lease.joined(id, true, address, at, by_id);
+        self.lock().lease.joined(id, true, address, at);
     }
 
     /// The backend restarted with its data, starting every lease's TTL over (etcd).
