@@ -124,6 +124,11 @@ pub enum Flaw {
     /// watches every heartbeat of the cluster, not only its shard's (the label selector
     /// without the shard), so heartbeat events grow with N² again.
     K8sHeartbeatsUnsharded,
+    /// Planted in the Kubernetes provider's liveness (sharded heartbeats): a monitor that
+    /// stops monitoring a shard and takes it back soon after forgets the heartbeats' ages and
+    /// ages them from first sight again, so a member that died meanwhile is removed up to a
+    /// Lease duration late (monitors flap while members come and go).
+    K8sParkedAgesDropped,
     /// Planted in the Kubernetes provider's EndpointSlice watch: a slice change does not wake
     /// the reconciler (as another member's renewal does not), so a Pod that stopped serving
     /// stays listed until some Lease changes.
@@ -220,6 +225,7 @@ impl Flaw {
             Flaw::K8s410NotRelisted => "k8s-410-not-relisted",
             Flaw::K8sGhostKept => "k8s-ghost-kept",
             Flaw::K8sHeartbeatsUnsharded => "k8s-heartbeats-unsharded",
+            Flaw::K8sParkedAgesDropped => "k8s-parked-ages-dropped",
             Flaw::K8sCreateInDoubtRepeated => "k8s-create-in-doubt-repeated",
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",

@@ -179,6 +179,11 @@ struct Seen {
 #[derive(Clone, Debug)]
 pub struct Liveness {
     seen: BTreeMap<String, Seen>,
+    /// Ages of Leases this observer stopped watching (sharded heartbeats: a shard it no longer
+    /// monitors), with the proven time they were parked at: kept for one Lease duration, so a
+    /// shard that comes back soon (monitors flap while members come and go) resumes its ages
+    /// instead of aging every heartbeat from first sight again.
+    parked: BTreeMap<String, (Seen, Duration)>,
     /// Proven time up to `last_renewal`.
     proven: Duration,
     /// When this member's newest accepted renewal was sent.
@@ -191,6 +196,7 @@ impl Liveness {
     pub fn new(continuity: Duration) -> Self {
         Self {
             seen: BTreeMap::new(),
+            parked: BTreeMap::new(),
             proven: Duration::ZERO,
             last_renewal: None,
             continuity,
@@ -215,6 +221,11 @@ impl Liveness {
             for s in self.seen.values_mut() {
                 s.changed_at = s.changed_at.min(self.proven);
             }
+            // Parked ages were dated the same way (a restored one must not look younger).
+            for (s, parked_at) in self.parked.values_mut() {
+                s.changed_at = s.changed_at.min(self.proven);
+                *parked_at = (*parked_at).min(self.proven);
+            }
         }
         self.last_renewal = Some(sent_at);
     }
@@ -230,8 +241,40 @@ impl Liveness {
         }
     }
 
+    /// Stops judging the Leases `keep` refuses (no longer watched), keeping their ages for one
+    /// Lease duration in case they are watched again. Ages parked longer are dropped.
+    pub fn park(&mut self, mut keep: impl FnMut(&str) -> bool, now: Instant) {
+        let at = self.seen_at(now);
+        self.parked
+            .retain(|_, (s, parked_at)| at.saturating_sub(*parked_at) < s.duration);
+        let seen = std::mem::take(&mut self.seen);
+        for (name, s) in seen {
+            if keep(&name) {
+                self.seen.insert(name, s);
+            } else {
+                self.parked.insert(name, (s, at));
+            }
+        }
+    }
+
+    /// Takes back the age of `name` if it was parked less than a Lease duration ago. Safe
+    /// because a renewal changes the renewal time: one made while this observer was not
+    /// watching shows as a change when the Lease is seen again, and ages it from then.
+    fn unpark(&mut self, name: &str, now: Instant) {
+        if self.seen.contains_key(name) {
+            return;
+        }
+        if let Some((s, parked_at)) = self.parked.remove(name)
+            && self.seen_at(now).saturating_sub(parked_at) < s.duration
+            && !crate::runtime::sim::flaw("k8s-parked-ages-dropped")
+        {
+            self.seen.insert(name.to_string(), s);
+        }
+    }
+
     /// The Lease was seen (listed, added or modified) at `now`.
     pub fn observe(&mut self, lease: &Lease, now: Instant) {
+        self.unpark(&lease.meta.name, now);
         let renewal = (lease.renew_time_micros, lease.holder_identity.clone());
         let duration = Duration::from_secs(lease.lease_duration_seconds.unwrap_or(0).max(1) as u64);
         let resource_version = lease.meta.resource_version.clone();
@@ -258,6 +301,7 @@ impl Liveness {
     /// The Lease was deleted.
     pub fn forget(&mut self, name: &str) {
         self.seen.remove(name);
+        self.parked.remove(name);
     }
 
     /// A relist at `now`: exactly `leases` exist; those seen before keep when their renewal
@@ -276,6 +320,7 @@ impl Liveness {
     /// heartbeat is missing) ages from `now` as one that never renews, unless already known.
     /// Its resource version is empty: whoever deletes on it must first check it is absent.
     pub fn expect(&mut self, name: &str, duration: Duration, now: Instant) {
+        self.unpark(name, now);
         if self.seen.contains_key(name) {
             return;
         }
@@ -865,6 +910,60 @@ mod tests {
         assert!(live.is_live("c-m-2"), "4 s proven since");
         live.renewed_own(t0 + s(36));
         assert!(!live.is_live("c-m-2"), "6 s proven since");
+    }
+
+    /// A Lease no longer watched (a shard this member stopped monitoring) keeps its age for one
+    /// duration: watched again with the same renewal, it expires when it would have; renewed
+    /// meanwhile, it ages from when the change is seen; parked longer, from first sight again.
+    /// A gap in this member's own renewals dates parked ages like watched ones.
+    #[tokio::test]
+    async fn a_lease_watched_again_soon_keeps_its_age() {
+        let clock = TokioClock;
+        let t0 = clock.now();
+        let s = Duration::from_secs;
+        let l = member_lease("c", "ns", &member("m-1"), s(10), 0, None);
+        let mut l2 = l.clone();
+        l2.meta.name = "c-m-2".into();
+        let mut live = Liveness::new(s(3));
+        live.renewed_own(t0);
+        live.observe(&l, t0);
+        live.observe(&l2, t0);
+        for k in 1..=3 {
+            live.renewed_own(t0 + s(2 * k));
+        }
+        live.park(|_| false, t0 + s(6));
+        assert!(live.expired().is_empty(), "parked Leases are not judged");
+        assert!(!live.knows("c-m-1"));
+        // Watched again at 8 s: c-m-1 unchanged keeps its age, c-m-2 renewed meanwhile is
+        // fresh.
+        live.renewed_own(t0 + s(8));
+        live.observe(&l, t0 + s(8));
+        let mut renewed = l2.clone();
+        renewed.renew_time_micros = Some(42);
+        live.observe(&renewed, t0 + s(8));
+        live.renewed_own(t0 + s(10));
+        assert!(!live.is_live("c-m-1"), "10 s since its renewal was seen");
+        assert!(live.is_live("c-m-2"));
+        // Parked longer than a duration: first sight again.
+        live.park(|_| false, t0 + s(10));
+        for k in 6..=11 {
+            live.renewed_own(t0 + s(2 * k));
+        }
+        live.observe(&l, t0 + s(22));
+        assert!(live.is_live("c-m-1"), "parked 12 s: aged from now");
+        // Parked, then a gap this member could not renew across: the age parked while it was
+        // cut off is dated at the gap's start, not later.
+        let mut l3 = l.clone();
+        l3.meta.name = "c-m-3".into();
+        live.renewed_own(t0 + s(24));
+        live.observe(&l3, t0 + s(29)); // 5 s into a gap: dated 5 s after the last renewal.
+        live.park(|name| name != "c-m-3", t0 + s(29));
+        live.renewed_own(t0 + s(40)); // The gap proves nothing.
+        live.observe(&l3, t0 + s(40));
+        for k in 1..=5 {
+            live.renewed_own(t0 + s(40 + 2 * k));
+        }
+        assert!(!live.is_live("c-m-3"), "10 s proven since the gap's start");
     }
 
     #[test]

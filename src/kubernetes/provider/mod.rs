@@ -823,7 +823,7 @@ impl Session {
             return publish_at;
         }
         if let Some((shards, monitors)) = self.sharded() {
-            self.assign_shards(view, shards, monitors);
+            self.assign_shards(view, shards, monitors, now);
             self.expect_heartbeats(view, now);
             if view.own_record.deleted {
                 self.renew_now.notify_one();

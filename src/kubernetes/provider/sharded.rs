@@ -145,7 +145,7 @@ impl Session {
 
     /// Sharded heartbeats: which shards this member monitors, from the members of the
     /// topology it issued last (every member computes the same from the same members).
-    pub(super) fn assign_shards(&self, view: &mut View, shards: u32, monitors: u32) {
+    pub(super) fn assign_shards(&self, view: &mut View, shards: u32, monitors: u32, now: Instant) {
         if view.assigned == Some(view.version) {
             return;
         }
@@ -187,10 +187,13 @@ impl Session {
         for s in mine.keys() {
             view.heartbeats.entry(*s).or_default();
         }
-        view.liveness.retain(|name| {
-            self.heartbeat_shard(name)
-                .is_some_and(|s| mine.contains_key(&s))
-        });
+        view.liveness.park(
+            |name| {
+                self.heartbeat_shard(name)
+                    .is_some_and(|s| mine.contains_key(&s))
+            },
+            now,
+        );
         self.metrics.monitor_changes.inc();
         tracing::info!(member = %me, shards = ?mine.keys().collect::<Vec<_>>(), "monitoring heartbeat shards");
         view.monitored = mine;
