@@ -21,7 +21,7 @@ use shoal::kubernetes::api::{
 };
 use shoal::kubernetes::members::{ADDRESS_ANNOTATION, CLUSTER_LABEL};
 use shoal::kubernetes::memory::MemoryApiServer;
-use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
+use shoal::kubernetes::{Heartbeats, KubernetesProvider, KubernetesProviderConfig};
 use shoal::{
     ClusterEvent, ClusterProvider, ClusterProviderContext, Description, MemberId, PartitionManager,
     ProviderError, TokioClock,
@@ -194,6 +194,11 @@ impl Cluster {
 
     /// Starts member `i` (or a client) on its own node.
     fn start(&mut self, i: usize, member: bool) {
+        self.start_with(i, member, self.config.clone());
+    }
+
+    /// Starts member `i` (or a client) on its own node with `config`.
+    fn start_with(&mut self, i: usize, member: bool, config: KubernetesProviderConfig) {
         let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 1, i as u8));
         let cut = Arc::new(AtomicBool::new(false));
         self.cuts.insert(i, cut.clone());
@@ -212,7 +217,7 @@ impl Cluster {
             self.standing.clone(),
             self.providers.clone(),
         );
-        let mut config = self.config.clone();
+        let mut config = config;
         config.pod = Some(pod(i));
         let node = self
             .h
@@ -787,4 +792,80 @@ async fn a_start_after_a_failed_one_issues_newer_versions_and_sees_itself() {
         .await
         .unwrap();
     assert!(held.1 > held.0, "versions {held:?}");
+}
+
+/// A cluster migrating between heartbeat settings (docs/providers/kubernetes.md, "Migrating"):
+/// members that renew their own Lease and members with sharded heartbeats share it. For many
+/// record durations nobody loses a live member of either kind (members with sharded heartbeats
+/// touch their record while members of the other setting are listed, and only then); a crashed
+/// member of either kind is removed within the bound, members that renew their own Lease by
+/// the members with sharded heartbeats once none of their own kind is left.
+#[madsim::test]
+async fn members_of_both_heartbeat_settings_share_a_cluster_while_it_migrates() {
+    let mut c = Cluster::new(config());
+    let mut sharded = config();
+    sharded.heartbeats = Heartbeats::Sharded {
+        shards: 4,
+        monitors: 2,
+    };
+    for i in 1..=3 {
+        c.start(i, true);
+    }
+    for i in 4..=7 {
+        c.start_with(i, true, sharded.clone());
+    }
+    let all = [1, 2, 3, 4, 5, 6, 7];
+    c.wait_sizes(&all, 7, Duration::from_secs(10)).await;
+    // Five record durations (10 Lease durations each): a record no member touched would be
+    // found expired by the members that renew their own Lease.
+    sleep(DURATION * 50).await;
+    for i in all {
+        assert_eq!(c.view(i).len(), 7, "node {i} lists {:?}", c.view(i));
+        assert!(
+            c.standing_of(i).is_empty(),
+            "node {i}: {:?}",
+            c.standing_of(i)
+        );
+    }
+    let touches = |c: &Cluster| -> u64 {
+        (4..=7)
+            .map(|i| c.provider(i).metrics().record_touches.get())
+            .sum()
+    };
+    assert!(
+        touches(&c) >= 4 * 4,
+        "records touched {} times",
+        touches(&c)
+    );
+    let renew = c.config.renew_interval();
+    // A member that renews its own Lease crashes: removed as in a cluster of one setting.
+    c.h.kill(c.nodes[&2].id());
+    let took = c.wait_sizes(&[1, 3, 4, 5, 6, 7], 6, DURATION * 3).await;
+    assert!(took >= DURATION - renew, "removed too early: {took:?}");
+    // A member with sharded heartbeats crashes: a monitor of its shard (only members with
+    // sharded heartbeats monitor) removes it.
+    c.h.kill(c.nodes[&5].id());
+    c.wait_sizes(&[1, 3, 4, 6, 7], 5, DURATION * 3).await;
+    // The last members that renew their own Lease crash: the members with sharded heartbeats
+    // age their Leases and remove them.
+    c.h.kill(c.nodes[&1].id());
+    c.h.kill(c.nodes[&3].id());
+    let took = c.wait_sizes(&[4, 6, 7], 3, DURATION * 3).await;
+    assert!(took >= DURATION - renew, "removed too early: {took:?}");
+    // Nobody left to touch records for.
+    sleep(DURATION).await;
+    let before = touches(&c);
+    sleep(DURATION * 40).await;
+    assert_eq!(
+        touches(&c),
+        before,
+        "records touched with no member of the other setting"
+    );
+    for i in [4, 6, 7] {
+        assert!(
+            c.standing_of(i).is_empty(),
+            "node {i}: {:?}",
+            c.standing_of(i)
+        );
+    }
 }

@@ -129,6 +129,19 @@ pub enum Flaw {
     /// ages them from first sight again, so a member that died meanwhile is removed up to a
     /// Lease duration late (monitors flap while members come and go).
     K8sParkedAgesDropped,
+    /// Planted in the Kubernetes provider's renewal (sharded heartbeats, a cluster migrating):
+    /// a member never touches its record while members that renew their own Lease are
+    /// listed, so they find it expired a record duration after they first saw it and remove a
+    /// live member.
+    K8sRecordUntouched,
+    /// Planted in the Kubernetes provider's record watch (sharded heartbeats, a cluster
+    /// migrating): an unmarked record (a member that renews its own Lease) is not aged, so
+    /// once no member of that setting is left, nobody removes one that died.
+    K8sUnmarkedUnaged,
+    /// Planted in the Kubernetes provider's choice of monitors (sharded heartbeats, a cluster
+    /// migrating): members that renew their own Lease count as monitors, though they watch no
+    /// heartbeats, so a shard whose monitors are such members has nobody to remove its dead.
+    K8sUnmarkedMonitors,
     /// Planted in the Kubernetes provider's EndpointSlice watch: a slice change does not wake
     /// the reconciler (as another member's renewal does not), so a Pod that stopped serving
     /// stays listed until some Lease changes.
@@ -226,6 +239,9 @@ impl Flaw {
             Flaw::K8sGhostKept => "k8s-ghost-kept",
             Flaw::K8sHeartbeatsUnsharded => "k8s-heartbeats-unsharded",
             Flaw::K8sParkedAgesDropped => "k8s-parked-ages-dropped",
+            Flaw::K8sRecordUntouched => "k8s-record-untouched",
+            Flaw::K8sUnmarkedUnaged => "k8s-unmarked-unaged",
+            Flaw::K8sUnmarkedMonitors => "k8s-unmarked-monitors",
             Flaw::K8sCreateInDoubtRepeated => "k8s-create-in-doubt-repeated",
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",

@@ -51,6 +51,30 @@ pub struct Knobs {
     /// Kubernetes: sharded heartbeats `(shards, monitors)` (`None`: every member watches
     /// every member's Lease).
     pub k8s_heartbeats: Option<(u32, u32)>,
+    /// Kubernetes: a cluster migrating between heartbeat settings (`k8s_heartbeats` is the
+    /// sharded one): which setting a node's first process uses; every later process of the
+    /// node (a restart, a replaced Pod) uses the other.
+    pub k8s_migrate: Option<Migration>,
+}
+
+/// A cluster migrating between the Kubernetes provider's heartbeat settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Migration {
+    /// From every member watching every Lease to sharded heartbeats.
+    ToSharded,
+    /// Back from sharded heartbeats to every member watching every Lease.
+    ToEveryone,
+}
+
+impl Migration {
+    /// Whether a node's process uses sharded heartbeats: `first` is the node's first process.
+    pub fn sharded(self, first: bool) -> bool {
+        match self {
+            Migration::ToSharded => !first,
+            Migration::ToEveryone => first,
+        }
+    }
 }
 
 impl Default for Knobs {
@@ -74,6 +98,7 @@ impl Default for Knobs {
             out_of_contract: false,
             request_timeout: None,
             k8s_heartbeats: None,
+            k8s_migrate: None,
         }
     }
 }

@@ -233,6 +233,38 @@ fn rolling_restart(r: &mut SimRng, _: usize) -> FaultSchedule {
     )])
 }
 
+/// A cluster migrating between settings: every Pod replaced in turn, slowly (each replacement
+/// starts with the new setting), one member crashing during it and restarting, another
+/// crashing for good (unless the rolling update reaches it later and replaces it).
+fn migration(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let a = r.pick(n);
+    let b = (a + 1 + r.pick(n - 1)) % n;
+    FaultSchedule::new(vec![
+        at(
+            5.0,
+            // Slow enough that both settings share the cluster for longer than a record's
+            // duration (10 Lease durations: 60 s here).
+            Fault::RollingRestart {
+                gap: r.ms(12_000, 20_000),
+            },
+        ),
+        at(
+            r.range(8, 45) as f64,
+            Fault::Crash {
+                member: a,
+                restart_after: None,
+            },
+        ),
+        at(
+            r.range(8, 45) as f64,
+            Fault::Crash {
+                member: b,
+                restart_after: Some(r.ms(5_000, 15_000)),
+            },
+        ),
+    ])
+}
+
 fn flapping(r: &mut SimRng, n: usize) -> FaultSchedule {
     FaultSchedule::new(vec![at(
         5.0,
@@ -739,6 +771,39 @@ pub fn all() -> Vec<Scenario> {
                 "kubernetes: monitored shards changed",
             ],
         ),
+        Scenario {
+            knobs: Some(|k| {
+                k.k8s_heartbeats = Some((8, 2));
+                k.k8s_migrate = Some(crate::knobs::Migration::ToSharded);
+            }),
+            ..k8s(
+                "k8s-migrate-to-sharded",
+                "Kubernetes, a cluster migrating from every member watching every Lease to sharded heartbeats (8 shards, 2 monitors): every Pod replaced in turn by one with the new setting, a member crashing meanwhile and restarting, another crashing for good",
+                75,
+                migration,
+                &[
+                    "kubernetes: records touched",
+                    "kubernetes: expired leases deleted",
+                    "kubernetes: monitored shards changed",
+                ],
+            )
+        },
+        Scenario {
+            knobs: Some(|k| {
+                k.k8s_heartbeats = Some((8, 2));
+                k.k8s_migrate = Some(crate::knobs::Migration::ToEveryone);
+            }),
+            ..k8s(
+                "k8s-migrate-to-everyone",
+                "Kubernetes, a cluster rolled back from sharded heartbeats (8 shards, 2 monitors) to every member watching every Lease: every Pod replaced in turn by one with the old setting, a member crashing meanwhile and restarting, another crashing for good",
+                75,
+                migration,
+                &[
+                    "kubernetes: records touched",
+                    "kubernetes: expired leases deleted",
+                ],
+            )
+        },
         k8s_sharded(
             "k8s-sharded-network",
             "Kubernetes, sharded heartbeats: lost replies, swizzle-clogging, watch streams reset, a one-way cut, a crash",

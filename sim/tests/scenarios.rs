@@ -899,3 +899,44 @@ fn removed_is_final_fires_on_a_kubernetes_create_in_doubt_sent_again() {
     );
     assert!(v.contains("new incarnation"), "{v}");
 }
+
+/// A cluster migrating to sharded heartbeats: a member with sharded heartbeats that never
+/// touches its record while members that renew their own Lease are listed is found expired
+/// by them a record duration after they first saw it, though it renews its heartbeat.
+#[test]
+fn lease_oracle_fires_on_a_migrating_member_that_never_touches_its_record() {
+    let v = failure_in_seeds(
+        "k8s-migrate-to-sharded",
+        &[5, 6],
+        Flaw::K8sRecordUntouched,
+        "lease:",
+    );
+    assert!(v.contains("expired"), "{v}");
+}
+
+/// A cluster migrating between heartbeat settings: members with sharded heartbeats that do
+/// not age unmarked records leave a dead member of the other setting listed once none of its
+/// own kind is left to remove it.
+#[test]
+fn lease_oracle_fires_on_members_that_do_not_age_the_other_settings_leases() {
+    let v = failure_in_seeds(
+        "k8s-migrate-to-everyone",
+        &[2, 9],
+        Flaw::K8sUnmarkedUnaged,
+        "is still listed",
+    );
+    assert!(v.contains("could reach the API server"), "{v}");
+}
+
+/// A cluster migrating between heartbeat settings: members that renew their own Lease
+/// counted as monitors leave the shards they would monitor with nobody to remove their dead.
+#[test]
+fn lease_oracle_fires_on_monitors_chosen_among_members_that_watch_no_heartbeats() {
+    let v = failure_in_seeds(
+        "k8s-migrate-to-sharded",
+        &[3, 8],
+        Flaw::K8sUnmarkedMonitors,
+        "is still listed",
+    );
+    assert!(v.contains("could reach the API server"), "{v}");
+}

@@ -22,6 +22,9 @@ pub struct KubernetesProviderMetrics {
     /// Sharded heartbeats: records whose heartbeat was missing when this monitor looked (read
     /// before removing their member).
     pub heartbeats_missing: Counter,
+    /// Sharded heartbeats: writes of this member's record only to show members that renew
+    /// their own Lease (a cluster migrating between settings) that it is alive.
+    pub record_touches: Counter,
     /// Leases of the cluster skipped because they describe no valid member (edited, written
     /// by other software).
     pub leases_skipped: Counter,
@@ -43,7 +46,7 @@ pub struct KubernetesProviderMetrics {
 impl KubernetesProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 13] = [
+        let all: [(&str, &str, &Counter); 14] = [
             (
                 "kubernetes_lease_renewals",
                 "Renewals of this member's Lease accepted",
@@ -78,6 +81,11 @@ impl KubernetesProviderMetrics {
                 "kubernetes_heartbeats_missing",
                 "Records whose heartbeat Lease was missing when this monitor looked",
                 &self.heartbeats_missing,
+            ),
+            (
+                "kubernetes_record_touches",
+                "Writes of this member's record for members that renew their own Lease (a migrating cluster)",
+                &self.record_touches,
             ),
             (
                 "kubernetes_leases_skipped",

@@ -24,7 +24,9 @@ pub enum Heartbeats {
     Everyone,
     /// A record Lease per member watched by everyone, and a heartbeat Lease per member watched
     /// by the `monitors` members that monitor its shard (of `shards`): k·N/r events a second.
-    /// Every member of a cluster must use the same setting.
+    /// Members with this setting share a cluster with [`Heartbeats::Everyone`] members while
+    /// it migrates (either way); all members with sharded heartbeats must use the same
+    /// `shards` and `monitors`.
     Sharded {
         /// Shards the heartbeats are spread over (labelled, so a monitor watches one shard).
         shards: u32,
@@ -75,6 +77,30 @@ pub const HEARTBEAT_LABEL: &str = "shoal.io/heartbeat-of";
 pub const SHARD_LABEL: &str = "shoal.io/shard";
 
 const HEARTBEAT_SUFFIX: &str = "-hb";
+
+/// Annotation marking the record of a member with sharded heartbeats (its value: the
+/// setting, `shards/monitors`). A record without it is a member's only Lease, renewed by its
+/// member ([`Heartbeats::Everyone`]): both kinds can share a cluster while it migrates from one
+/// setting to the other (docs/providers/kubernetes.md, "Migrating").
+pub const HEARTBEATS_ANNOTATION: &str = "shoal.io/heartbeats";
+
+/// A marked record's Lease duration, in Lease durations. Members that renew their own Lease
+/// ([`Heartbeats::Everyone`], of any version) age every Lease they watch with the duration it
+/// states, so while a cluster migrates they leave a record alone for this long after each
+/// change they see; a member with sharded heartbeats touches its record every third of it
+/// while such members are listed, and not at all otherwise.
+pub const RECORD_DURATION_FACTOR: u32 = 10;
+
+/// The value of [`HEARTBEATS_ANNOTATION`] for `shards` shards of `monitors` monitors.
+pub fn heartbeats_mark(shards: u32, monitors: u32) -> String {
+    format!("{shards}/{monitors}")
+}
+
+/// Whether `record` is the record of a member with sharded heartbeats (marked), not a Lease
+/// its member renews.
+pub fn is_marked(record: &Lease) -> bool {
+    record.meta.annotations.contains_key(HEARTBEATS_ANNOTATION)
+}
 
 /// The heartbeat Lease name of the member whose record is `record_name`.
 pub fn heartbeat_name(record_name: &str) -> String {

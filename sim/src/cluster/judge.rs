@@ -20,10 +20,10 @@ impl SimCluster {
         let at = Instant::now();
         // Sharded heartbeats: only the monitors of its shard (as the design specifies them,
         // among the members the API server lists now) remove it.
-        let monitors = self.oracles.bounds().monitors.and_then(|sharding| {
-            let (_, t) = self.control.listed()?;
-            Some(crate::oracle::lease::spec_monitors_of(&id, &t, sharding))
-        });
+        let monitors = self
+            .control
+            .listed()
+            .and_then(|(_, t)| self.oracles.spec_monitors_of(&id, &t));
         let c = self.clone();
         self.background(async move {
             sleep(bound).await;
@@ -34,10 +34,10 @@ impl SimCluster {
             // earns the departure one more bound.
             let expiry = bound > c.oracles.bounds().delivery() + POLL;
             if let Some(before) = monitors.as_ref().filter(|_| expiry) {
-                let now = c.oracles.bounds().monitors.and_then(|sharding| {
-                    let (_, t) = c.control.listed()?;
-                    Some(crate::oracle::lease::spec_monitors_of(&id, &t, sharding))
-                });
+                let now = c
+                    .control
+                    .listed()
+                    .and_then(|(_, t)| c.oracles.spec_monitors_of(&id, &t));
                 if now.is_some_and(|now| now.iter().any(|m| !before.contains(m))) {
                     c.recorder
                         .count("failover: judged one bound later (its shard's monitors changed)");

@@ -27,6 +27,9 @@ struct Registration {
     superseded_by: Option<MemberId>,
     /// How far registry stalls since `renewed_at` pushed the expiry out: at least, at most.
     extended: (Duration, Duration),
+    /// Kubernetes, a cluster migrating between heartbeat settings: whether its process uses
+    /// sharded heartbeats (`None`: the cluster's setting, [`Bounds::monitors`]).
+    sharded: Option<bool>,
 }
 
 /// What the lease oracle asks the cluster about the nodes (the faults the harness applied).
@@ -96,15 +99,14 @@ fn spec_shard_monitors(ids: &[&MemberId], shard: u32, k: u32) -> Vec<MemberId> {
         .collect()
 }
 
-/// The design's monitors of member `id`'s shard among the members `t` lists (sharded
+/// The design's monitors of member `id`'s shard among `ids` (the members with sharded
 /// heartbeats, `(shards, monitors)`).
 pub(crate) fn spec_monitors_of(
     id: &MemberId,
-    t: &ClusterTopology,
+    ids: &[&MemberId],
     (shards, k): (u32, u32),
 ) -> Vec<MemberId> {
-    let ids: Vec<&MemberId> = t.member_ids().collect();
-    spec_shard_monitors(&ids, spec_shard(id, shards), k)
+    spec_shard_monitors(ids, spec_shard(id, shards), k)
 }
 
 impl Leases {
@@ -117,7 +119,15 @@ impl Leases {
         {
             return;
         }
-        let ids: Vec<&MemberId> = t.member_ids().collect();
+        // Only members with sharded heartbeats monitor (a cluster migrating between settings).
+        let ids: Vec<&MemberId> = t
+            .member_ids()
+            .filter(|id| {
+                self.registrations
+                    .get(*id)
+                    .is_none_or(|r| r.sharded != Some(false))
+            })
+            .collect();
         let before = self.monitors.take().map(|(_, m)| m).unwrap_or_default();
         let after = spec_monitors(&ids, shards, k)
             .into_iter()
@@ -180,8 +190,27 @@ impl Leases {
                 left_at: None,
                 superseded_by: None,
                 extended: (Duration::ZERO, Duration::ZERO),
+                sharded: None,
             },
         );
+    }
+
+    /// Kubernetes, a cluster migrating between heartbeat settings: the process that joined as
+    /// `id` uses sharded heartbeats or renews its own Lease.
+    pub fn heartbeats_of(&mut self, id: &MemberId, sharded: bool) {
+        if let Some(r) = self.registrations.get_mut(id) {
+            r.sharded = Some(sharded);
+        }
+    }
+
+    /// Whether `id` is removed by the monitors of its shard (sharded heartbeats), not by any
+    /// member.
+    pub fn is_sharded(&self, id: &MemberId, bounds: &Bounds) -> bool {
+        bounds.monitors.is_some()
+            && self
+                .registrations
+                .get(id)
+                .is_none_or(|r| r.sharded != Some(false))
     }
 
     /// A heartbeat was accepted.
@@ -410,7 +439,7 @@ impl Leases {
             };
             if bounds.cleaned_by_peers {
                 match (&self.monitors, bounds.monitors) {
-                    (Some((_, monitors)), Some((shards, _))) => {
+                    (Some((_, monitors)), Some((shards, _))) if reg.sharded != Some(false) => {
                         // Only the monitors of its shard clean it, each from when it became
                         // one (a new monitor ages what it finds from then on).
                         let mut by_monitor: Vec<(Instant, &MemberId)> = monitors

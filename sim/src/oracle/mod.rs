@@ -263,6 +263,31 @@ impl Oracles {
         self.lock().lease.refreshed(Instant::now());
     }
 
+    /// Kubernetes, a cluster migrating between heartbeat settings: the process that joined as
+    /// `id` uses sharded heartbeats (`true`: only the monitors of its shard, among the members
+    /// with that setting, remove it) or renews its own Lease (any member removes it), as the
+    /// harness configured it.
+    pub fn heartbeats_of(&self, id: &MemberId, sharded: bool) {
+        self.lock().lease.heartbeats_of(id, sharded);
+    }
+
+    /// Sharded heartbeats: the monitors of member `id`'s shard as the design specifies them,
+    /// among the members `t` lists that use sharded heartbeats; `None` when `id` renews its own
+    /// Lease (or the cluster has no sharded heartbeats).
+    pub fn spec_monitors_of(&self, id: &MemberId, t: &ClusterTopology) -> Option<Vec<MemberId>> {
+        let sharding = self.bounds.monitors?;
+        let state = self.lock();
+        let lease = &state.lease;
+        if !lease.is_sharded(id, &self.bounds) {
+            return None;
+        }
+        let ids: Vec<&MemberId> = t
+            .member_ids()
+            .filter(|m| lease.is_sharded(m, &self.bounds))
+            .collect();
+        Some(lease::spec_monitors_of(id, &ids, sharding))
+    }
+
     /// The registry accepted a heartbeat of `id`.
     pub fn renewed(&self, id: &MemberId) {
         self.lock().lease.renewed(id, Instant::now());

@@ -34,7 +34,8 @@ use super::members::{
 };
 use super::metrics::KubernetesProviderMetrics;
 use super::shards::{
-    Heartbeats, Monitors, heartbeat_lease, heartbeat_name, record_name, shard_of, shard_selector,
+    HEARTBEATS_ANNOTATION, Heartbeats, Monitors, RECORD_DURATION_FACTOR, heartbeat_lease,
+    heartbeat_name, heartbeats_mark, is_marked, record_name, shard_of, shard_selector,
 };
 use super::watch::{Next, Outcome, Reflector};
 use crate::cluster::{ClusterTopology, Description, Member, MemberId};
@@ -120,6 +121,12 @@ struct View {
     /// Sharded heartbeats: members that joined (`true`) or left since topology `assigned`.
     moved: Vec<(MemberId, bool)>,
     assigned: Option<u64>,
+    /// Sharded heartbeats: the records without the heartbeats mark, Leases their members
+    /// renew ([`Heartbeats::Everyone`], a cluster migrating): aged in `liveness` by their
+    /// renewals, as every member with that setting does, and never monitors.
+    unmarked: BTreeSet<String>,
+    /// Sharded heartbeats: marked records of another setting already warned about.
+    mismatched: BTreeSet<String>,
 }
 
 impl View {
@@ -166,6 +173,9 @@ struct Session {
     own: Mutex<Option<Lease>>,
     /// Sharded heartbeats: this member's record Lease as last written.
     own_record: Mutex<Option<Lease>>,
+    /// Sharded heartbeats: when this member's record was last written (touched while members
+    /// that renew their own Lease are listed).
+    record_written_at: Mutex<Option<Instant>>,
     /// A create of this member's Lease (heartbeat) got no answer: it may have been applied.
     create_in_doubt: std::sync::atomic::AtomicBool,
     /// Sharded heartbeats: the shards this member monitors changed.
@@ -233,6 +243,7 @@ impl KubernetesProvider {
             member: Mutex::new(ctx.member.clone()),
             own: Mutex::new(None),
             own_record: Mutex::new(None),
+            record_written_at: Mutex::new(None),
             create_in_doubt: std::sync::atomic::AtomicBool::new(false),
             shards_changed: tokio::sync::Notify::new(),
             standing: MemberStanding::new(
@@ -270,6 +281,8 @@ impl KubernetesProvider {
                 monitors: None,
                 moved: Vec::new(),
                 assigned: None,
+                unmarked: BTreeSet::new(),
+                mismatched: BTreeSet::new(),
             }),
             view_changed: tokio::sync::Notify::new(),
             to_clean: Mutex::new(Vec::new()),
@@ -494,8 +507,8 @@ impl Session {
     /// the pending description if any. A Lease found deleted means peers removed this member:
     /// it takes a new incarnation and creates a new Lease at once.
     async fn renew(&self) -> Result<(), CallError> {
-        if let Some((shards, _)) = self.sharded() {
-            return self.renew_sharded(shards).await;
+        if let Some((shards, monitors)) = self.sharded() {
+            return self.renew_sharded(shards, monitors).await;
         }
         let _writing = self.writing.lock().await;
         let mut recreated = false;
@@ -919,7 +932,7 @@ impl Session {
             .expired()
             .into_iter()
             .filter(|(name, _)| {
-                if sharded {
+                if sharded && !view.unmarked.contains(name) {
                     *name != own_heartbeat
                 } else {
                     *name != own_name && view.leases.objects().contains_key(name)
@@ -966,7 +979,7 @@ impl Session {
             let due = match view.cleaning.get(name) {
                 Some((seen, due)) if seen == rv => *due,
                 _ => {
-                    let at_once = if sharded {
+                    let at_once = if sharded && !view.unmarked.contains(name) {
                         // The shard's first monitor other than the expired member itself (a
                         // member may monitor its own shard); the others a while later.
                         let expired_id = record_name(name)
@@ -1017,7 +1030,11 @@ impl Session {
             self.clean_now.notified().await;
             let batch = std::mem::take(&mut *lock(&self.to_clean));
             for (name, rv) in batch {
-                let result = if self.sharded().is_some() {
+                // With sharded heartbeats, an unmarked record is deleted like a Lease of
+                // members that renew their own (a cluster migrating between settings).
+                let heartbeat = self.sharded().is_some()
+                    && !lock(&self.view).leases.objects().contains_key(&name);
+                let result = if heartbeat {
                     self.clean_member(&name, &rv).await
                 } else {
                     let precondition = if sim::flaw("clean-without-precondition") {

@@ -10,7 +10,12 @@ impl Session {
     /// found the heartbeat expired, or a person deleted one) means peers removed this member:
     /// it takes a new incarnation and writes both again at once. The heartbeat is written
     /// first, so a record without a heartbeat is one whose heartbeat was deleted.
-    pub(super) async fn renew_sharded(&self, shards: u32) -> Result<(), CallError> {
+    ///
+    /// The record is marked (its setting in [`HEARTBEATS_ANNOTATION`]) and states a Lease
+    /// duration of [`RECORD_DURATION_FACTOR`] Lease durations: members that renew their own
+    /// Lease (a cluster migrating) age it with that duration, and while any is listed this
+    /// member touches its record every third of it.
+    pub(super) async fn renew_sharded(&self, shards: u32, monitors: u32) -> Result<(), CallError> {
         let _writing = self.writing.lock().await;
         let mut recreated = false;
         let mut adopted = false;
@@ -68,14 +73,24 @@ impl Session {
                 }
             }
             let has_record = lock(&self.own_record).is_some();
-            if !has_record || self.descriptions.pending() {
+            let record_duration = self.config.lease_duration * RECORD_DURATION_FACTOR;
+            let touch = has_record
+                && !lock(&self.view).unmarked.is_empty()
+                && lock(&self.record_written_at)
+                    .is_none_or(|at| sent_at.saturating_duration_since(at) >= record_duration / 3)
+                && !sim::flaw("k8s-record-untouched");
+            if !has_record || self.descriptions.pending() || touch {
                 let mut record = member_lease(
                     &self.ctx.cluster_name,
                     ns,
                     &member,
-                    self.config.lease_duration,
+                    record_duration,
                     wall,
                     self.config.pod.clone(),
+                );
+                record.meta.annotations.insert(
+                    HEARTBEATS_ANNOTATION.to_string(),
+                    heartbeats_mark(shards, monitors),
                 );
                 let record_name = record.meta.name.clone();
                 let prev = lock(&self.own_record).clone();
@@ -95,6 +110,11 @@ impl Session {
                 match result {
                     Ok(written) => {
                         *lock(&self.own_record) = Some(written);
+                        *lock(&self.record_written_at) = Some(sent_at);
+                        if touch {
+                            self.metrics.record_touches.inc();
+                            tracing::debug!(member = %member.id, "touched this member's record for members that renew their own Lease");
+                        }
                         let mut view = lock(&self.view);
                         if view.own_record.name.as_ref() != Some(&record_name) {
                             view.own_record = OwnRecord {
@@ -151,10 +171,17 @@ impl Session {
         }
         view.assigned = Some(view.version);
         let moved = std::mem::take(&mut view.moved);
+        // Monitors are chosen among the members with sharded heartbeats (marked records):
+        // members that renew their own Lease watch no heartbeats.
+        let cluster = &self.ctx.cluster_name;
+        let unmarked = &view.unmarked;
+        let marked = |id: &MemberId| {
+            !unmarked.contains(&lease_name(cluster, id)) || sim::flaw("k8s-unmarked-monitors")
+        };
         let all = match &mut view.monitors {
             Some(all) => {
                 // What changed since the topology the monitors were computed from.
-                for (id, joined) in &moved {
+                for (id, joined) in moved.iter().filter(|(id, _)| marked(id)) {
                     if *joined {
                         all.add(id);
                     } else {
@@ -165,13 +192,17 @@ impl Session {
             }
             None => {
                 let all = view.monitors.insert(Monitors::new(shards, monitors));
-                all.set(applied_ids(&view.applied));
+                all.set(applied_ids(&view.applied).filter(|id| marked(id)));
                 all
             }
         };
         // Checked against the monitors computed from scratch (small clusters).
         if sim::self_checks() && view.applied.as_ref().is_some_and(|t| t.len() <= 64) {
-            let scratch = Monitors::of_members(applied_ids(&view.applied), shards, monitors);
+            let scratch = Monitors::of_members(
+                applied_ids(&view.applied).filter(|id| marked(id)),
+                shards,
+                monitors,
+            );
             assert!(
                 *all == scratch,
                 "self-check of the heartbeat monitors: incremental {all:?}, from scratch {scratch:?}"
@@ -187,10 +218,13 @@ impl Session {
         for s in mine.keys() {
             view.heartbeats.entry(*s).or_default();
         }
+        let unmarked = &view.unmarked;
         view.liveness.park(
             |name| {
-                self.heartbeat_shard(name)
-                    .is_some_and(|s| mine.contains_key(&s))
+                unmarked.contains(name)
+                    || self
+                        .heartbeat_shard(name)
+                        .is_some_and(|s| mine.contains_key(&s))
             },
             now,
         );
@@ -219,6 +253,9 @@ impl Session {
                 .collect()
         };
         for record in records {
+            if view.unmarked.contains(&record) {
+                continue; // Renews itself: no heartbeat.
+            }
             let heartbeat = heartbeat_name(&record);
             let Some(shard) = self.heartbeat_shard(&heartbeat) else {
                 continue;

@@ -85,6 +85,22 @@ impl Watched for Records {
                 own.deleted |= own.seen && !there;
                 own.seen |= there;
             }
+            // Unmarked records (members that renew their own Lease) age as they renew.
+            let unmarked: BTreeSet<String> = list
+                .items
+                .iter()
+                .filter(|l| !is_marked(l))
+                .map(|l| l.meta.name.clone())
+                .collect();
+            for gone in view.unmarked.difference(&unmarked) {
+                view.liveness.forget(gone);
+            }
+            view.mismatched
+                .retain(|name| list.items.iter().any(|l| l.meta.name == *name));
+            for l in &list.items {
+                observe_record(view, l, now);
+            }
+            view.unmarked = unmarked;
             view.unbeaten.all = true;
         } else {
             view.liveness.replace_all(&list.items, now);
@@ -108,6 +124,14 @@ impl Watched for Records {
                     if view.own_record.name.as_ref() == Some(&l.meta.name) {
                         view.own_record.seen = true;
                     }
+                    observe_record(view, l, now);
+                    if is_marked(l) {
+                        if view.unmarked.remove(&l.meta.name) {
+                            view.liveness.forget(&l.meta.name);
+                        }
+                    } else {
+                        view.unmarked.insert(l.meta.name.clone());
+                    }
                 } else {
                     view.liveness.observe(l, now);
                 }
@@ -127,6 +151,10 @@ impl Watched for Records {
                         view.own_record.deleted = true;
                     }
                     view.liveness.forget_expected(&heartbeat_name(&l.meta.name));
+                    if view.unmarked.remove(&l.meta.name) {
+                        view.liveness.forget(&l.meta.name);
+                    }
+                    view.mismatched.remove(&l.meta.name);
                 } else {
                     view.liveness.forget(&l.meta.name);
                 }
@@ -139,6 +167,30 @@ impl Watched for Records {
             }
             WatchEvent::Bookmark(_) => {}
         }
+    }
+}
+
+/// Sharded heartbeats: what a record tells this member besides the member it describes. An
+/// unmarked record is a member that renews its own Lease (a cluster migrating between
+/// settings): it ages as it renews, as on members with that setting. A marked record of
+/// another setting is a configuration error, logged once.
+fn observe_record(view: &mut View, record: &Lease, now: Instant) {
+    if !is_marked(record) {
+        if !sim::flaw("k8s-unmarked-unaged") {
+            view.liveness.observe(record, now);
+        }
+        return;
+    }
+    let Some((shards, monitors)) = view.sharding else {
+        return;
+    };
+    let mark = &record.meta.annotations[HEARTBEATS_ANNOTATION];
+    if *mark != heartbeats_mark(shards, monitors) {
+        if view.mismatched.insert(record.meta.name.clone()) {
+            tracing::error!(lease = %record.meta.name, theirs = %mark, ours = %heartbeats_mark(shards, monitors), "a member uses other heartbeat shards or monitors: its heartbeats are not where this member looks (every member with sharded heartbeats must use the same setting)");
+        }
+    } else {
+        view.mismatched.remove(&record.meta.name);
     }
 }
 

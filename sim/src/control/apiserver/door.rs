@@ -260,6 +260,9 @@ pub struct KubeDoor {
     /// the door accepted, and the topology they make (rebuilt only when a member is added,
     /// removed or moved: a renewal changes nothing here).
     members: Mutex<(LeaseHolders, Arc<ClusterTopology>)>,
+    /// A cluster migrating between heartbeat settings: whether the process now running on
+    /// each node address uses sharded heartbeats (as the harness configured it).
+    sharded_at: Mutex<BTreeMap<IpAddr, bool>>,
 }
 
 /// Per (client IP, resource): when the client was last answered 429, and the `Retry-After`.
@@ -299,7 +302,14 @@ impl KubeDoor {
                 BTreeMap::new(),
                 Arc::new(ClusterTopology::empty(crate::cluster::CLUSTER)),
             )),
+            sharded_at: Mutex::default(),
         })
+    }
+
+    /// A cluster migrating between heartbeat settings: the process starting on the node at
+    /// `ip` uses sharded heartbeats (`true`) or renews its own Lease.
+    pub fn set_sharded(&self, ip: IpAddr, sharded: bool) {
+        lock(&self.sharded_at).insert(ip, sharded);
     }
 
     /// The store (the harness compacts it and reads it).
@@ -439,7 +449,11 @@ impl KubeDoor {
                 if let Ok(l) = &r {
                     self.written(&l.meta.namespace, &l.meta.name, Some(l));
                     if let Some((id, address)) = holder(l) {
-                        self.oracles.joined(id, true, address);
+                        let sharded = lock(&self.sharded_at).get(&from.ip()).copied();
+                        self.oracles.joined(id.clone(), true, address);
+                        if let Some(sharded) = sharded {
+                            self.oracles.heartbeats_of(&id, sharded);
+                        }
                     }
                 }
                 r.map(Reply::Written)
@@ -708,4 +722,8 @@ impl Item {
             Item::Slice(r) => r.is_err(),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -101,7 +101,13 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
     // Two watches per node (Leases, EndpointSlices), each with bookmarks and a resume a minute.
     let watches = 2.0;
     let bookmarks = 1.0 / BOOKMARK_EVERY.as_secs_f64();
-    let (per_member, heartbeat_events, spread_watches) = match c.heartbeats {
+    // A cluster migrating between settings carries both kinds of traffic: the larger budget.
+    let heartbeats = if knobs.k8s_migrate.is_some() {
+        Heartbeats::Everyone
+    } else {
+        c.heartbeats
+    };
+    let (per_member, heartbeat_events, spread_watches) = match heartbeats {
         Heartbeats::Everyone => (1.0 / renew, 0.0, (0.0, 0.0)),
         Heartbeats::Sharded { shards, monitors } => (
             0.0,
@@ -124,7 +130,7 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
         spread_watches,
         per_spread_watch_per_s: (1.0 / 60.0, bookmarks, 1.0 / 60.0),
         slack: if knobs.buggify { 4.0 } else { 2.0 },
-        why: match c.heartbeats {
+        why: match heartbeats {
             Heartbeats::Everyone => {
                 "Kubernetes: a renewal per member per renew interval reaching every member's watch, a bookmark per watch every 2 s, a resume (at scale a relist) per watch a minute"
             }
@@ -145,6 +151,8 @@ pub struct ApiServerPlane {
     bounds: Bounds,
     knobs: Knobs,
     providers: Mutex<Vec<KubernetesProviderMetrics>>,
+    /// Nodes whose first process started (a cluster migrating between heartbeat settings).
+    started: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -195,6 +203,7 @@ impl ApiServerPlane {
             bounds: bounds(&env.knobs),
             knobs: env.knobs.clone(),
             providers: Mutex::default(),
+            started: Mutex::default(),
         })
     }
 }
@@ -226,6 +235,14 @@ impl ControlPlane for ApiServerPlane {
         let api = SimKubeApi::new(SocketAddr::new(ADDRESS, APISERVER_PORT));
         let pod = pod_name(&node.name);
         let mut config = config(Some(&pod), &self.knobs);
+        if let Some(migration) = self.knobs.k8s_migrate {
+            let first = lock(&self.started).insert(node.name.clone());
+            let sharded = migration.sharded(first);
+            if !sharded {
+                config.heartbeats = Heartbeats::Everyone;
+            }
+            self.door.set_sharded(node.ip, sharded);
+        }
         if let Some(e) = &self.endpoints {
             // The Pod's readiness probe passes as soon as its process runs (it does not wait
             // for the provider to start).
@@ -326,6 +343,7 @@ impl ControlPlane for ApiServerPlane {
                 "kubernetes: heartbeats found missing",
                 m.heartbeats_missing.get(),
             );
+            rec.count_n("kubernetes: records touched", m.record_touches.get());
             rec.count_n("kubernetes: membership lost", m.membership_lost.get());
             rec.count_n(
                 "kubernetes: membership restored",
