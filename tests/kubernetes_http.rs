@@ -28,7 +28,7 @@ use shoal::kubernetes::kube_rs::{
 };
 use shoal::kubernetes::members::CLUSTER_LABEL;
 use shoal::kubernetes::memory::MemoryApiServer;
-use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
+use shoal::kubernetes::{Heartbeats, KubernetesProvider, KubernetesProviderConfig};
 use shoal::{ClusterProvider, ClusterProviderContext, ProviderError, TokioClock};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -656,11 +656,32 @@ fn provider_config() -> KubernetesProviderConfig {
     c
 }
 
+/// A member with the default settings (sharded heartbeats: a record and a heartbeat Lease
+/// each).
 async fn start(
     url: &str,
     port: u16,
 ) -> Result<(KubernetesProvider, ClusterProviderContext), ProviderError> {
-    let provider = KubernetesProvider::new(provider_config(), Arc::new(api_at(url).await));
+    start_with(url, port, provider_config()).await
+}
+
+/// A member that renews one Lease watched by everyone (one Lease watch: the tests of the
+/// reflector's watch mechanics count its watches and lists).
+async fn start_everyone(
+    url: &str,
+    port: u16,
+) -> Result<(KubernetesProvider, ClusterProviderContext), ProviderError> {
+    let mut config = provider_config();
+    config.heartbeats = Heartbeats::Everyone;
+    start_with(url, port, config).await
+}
+
+async fn start_with(
+    url: &str,
+    port: u16,
+    config: KubernetesProviderConfig,
+) -> Result<(KubernetesProvider, ClusterProviderContext), ProviderError> {
+    let provider = KubernetesProvider::new(config, Arc::new(api_at(url).await));
     let ctx = ClusterProviderContext::new(
         "c",
         format!("127.0.0.1:{port}"),
@@ -697,14 +718,15 @@ async fn members_over_kube_rs_see_each_other_and_drop_a_crashed_one() {
             && b_ctx.partition_manager.topology().len() == 2
     })
     .await;
-    assert_eq!(double.server.leases().len(), 2);
+    // Sharded heartbeats (the default): a record and a heartbeat Lease per member.
+    assert_eq!(double.server.leases().len(), 4);
     // b leaves gracefully: its Lease is deleted.
     b.shutdown(true).await.unwrap();
     common::wait_until("the leaver dropped", 10, || {
         a_ctx.partition_manager.topology().len() == 1
     })
     .await;
-    assert_eq!(double.server.leases().len(), 1);
+    assert_eq!(double.server.leases().len(), 2);
     a.shutdown(true).await.unwrap();
     assert!(double.server.leases().is_empty());
 }
@@ -870,7 +892,8 @@ fn the_cli_joins_lists_and_leaves_through_the_kubernetes_api() {
     let mut b = member("b");
     a.wait_snapshot("2 members", 20, |v| count(v) == 2);
     b.wait_snapshot("2 members", 20, |v| count(v) == 2);
-    assert_eq!(double.server.leases().len(), 2);
+    // Sharded heartbeats (the default): a record and a heartbeat Lease per member.
+    assert_eq!(double.server.leases().len(), 4);
 
     let topology = |extra: &[&str]| {
         std::process::Command::new(shoal_bin())
@@ -894,7 +917,7 @@ fn the_cli_joins_lists_and_leaves_through_the_kubernetes_api() {
     // b dies without deleting its Lease: a deletes it once expired (2 s Lease).
     b.kill9();
     a.wait_snapshot("b removed", 20, |v| count(v) == 1);
-    assert_eq!(double.server.leases().len(), 1);
+    assert_eq!(double.server.leases().len(), 2);
 
     // A graceful stop deletes the Lease.
     let mut a = a;
@@ -941,7 +964,7 @@ async fn follows_a_new_member_then_leaves(
 async fn a_watch_that_ends_at_once_is_reopened_with_backoff_not_in_a_loop() {
     let double = Double::default();
     let url = double.serve().await;
-    let (a, a_ctx) = start(&url, 4001).await.unwrap();
+    let (a, a_ctx) = start_everyone(&url, 4001).await.unwrap();
     double.odd_watches("watch leases", OddWatch::EndsAtOnce, u32::MAX);
     let before = double.arrivals("watch leases").len();
     double.cut_watches();
@@ -978,7 +1001,7 @@ async fn a_watch_that_ends_at_once_is_reopened_with_backoff_not_in_a_loop() {
 async fn a_watch_whose_version_is_gone_relists_not_older_than_the_last_version_seen() {
     let double = Double::default();
     let url = double.serve().await;
-    let (a, a_ctx) = start(&url, 4001).await.unwrap();
+    let (a, a_ctx) = start_everyone(&url, 4001).await.unwrap();
     let lists_before = double.lists.lock().unwrap().len();
     double.odd_watches("watch leases", OddWatch::Gone, 1);
     double.cut_watches();

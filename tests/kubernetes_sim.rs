@@ -147,13 +147,35 @@ type Standing = Arc<Mutex<Vec<(usize, Instant, ClusterEvent)>>>;
 
 const DURATION: Duration = Duration::from_secs(3);
 
+/// Every member watching every Lease (one Lease per member: most tests here count Leases and
+/// watches of that setting).
 fn config() -> KubernetesProviderConfig {
     let mut c = KubernetesProviderConfig::new("ns");
     c.lease_duration = DURATION;
     c.request_timeout = Duration::from_millis(500);
     c.watch_idle_timeout = Duration::from_secs(5);
     c.startup_timeout = Duration::from_secs(10);
+    c.heartbeats = Heartbeats::Everyone;
     c
+}
+
+/// The provider's default, sharded heartbeats (4 shards, 2 monitors each here: with 3
+/// members, a shard's monitors are two of them).
+fn sharded_config() -> KubernetesProviderConfig {
+    let mut c = config();
+    c.heartbeats = Heartbeats::Sharded {
+        shards: 4,
+        monitors: 2,
+    };
+    c
+}
+
+#[test]
+fn the_default_is_sharded_heartbeats() {
+    assert_eq!(
+        KubernetesProviderConfig::new("ns").heartbeats,
+        Heartbeats::SHARDED
+    );
 }
 
 fn pod(i: usize) -> ObjectReference {
@@ -309,13 +331,25 @@ impl Cluster {
 
 #[madsim::test]
 async fn members_see_each_other_and_a_crashed_member_is_removed_within_the_bound() {
-    let mut c = Cluster::new(config());
+    crashed_member_removed_within_the_bound(config(), 1).await;
+}
+
+/// The same with sharded heartbeats: a monitor of its shard deletes its heartbeat, then its
+/// record.
+#[madsim::test]
+async fn with_sharded_heartbeats_a_crashed_member_is_removed_within_the_bound() {
+    crashed_member_removed_within_the_bound(sharded_config(), 2).await;
+}
+
+/// Three members with `config`, each writing `leases` Leases; one crashes.
+async fn crashed_member_removed_within_the_bound(config: KubernetesProviderConfig, leases: usize) {
+    let mut c = Cluster::new(config);
     for i in 1..=3 {
         c.start(i, true);
     }
     c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
     let gone = c.id(3);
-    assert_eq!(c.server.leases().len(), 3);
+    assert_eq!(c.server.leases().len(), 3 * leases);
     // A crash: no Lease deletion; the others must find it expired.
     c.h.kill(c.nodes[&3].id());
     let took = c.wait_sizes(&[1, 2], 2, Duration::from_secs(20)).await;
@@ -330,9 +364,10 @@ async fn members_see_each_other_and_a_crashed_member_is_removed_within_the_bound
     );
     // Removed for everyone at once: its Lease was deleted at the API server.
     assert!(
-        !c.server.leases().keys().any(|(_, n)| n.ends_with(&gone)),
+        !c.server.leases().keys().any(|(_, n)| n.contains(&gone)),
         "the expired Lease was not deleted"
     );
+    assert_eq!(c.server.leases().len(), 2 * leases);
     let cleaned: u64 = [1, 2]
         .iter()
         .map(|i| c.provider(*i).metrics().leases_cleaned.get())
@@ -371,7 +406,17 @@ async fn watches_that_end_at_once_are_retried_with_backoff() {
 
 #[madsim::test]
 async fn a_graceful_shutdown_deletes_the_lease_and_peers_drop_it_at_once() {
-    let mut c = Cluster::new(config());
+    graceful_shutdown(config(), 1).await;
+}
+
+/// The same with sharded heartbeats: the record goes first (peers drop it), then the heartbeat.
+#[madsim::test]
+async fn with_sharded_heartbeats_a_graceful_shutdown_deletes_both_leases() {
+    graceful_shutdown(sharded_config(), 2).await;
+}
+
+async fn graceful_shutdown(config: KubernetesProviderConfig, leases: usize) {
+    let mut c = Cluster::new(config);
     for i in 1..=3 {
         c.start(i, true);
     }
@@ -383,7 +428,7 @@ async fn a_graceful_shutdown_deletes_the_lease_and_peers_drop_it_at_once() {
         .unwrap();
     let took = c.wait_sizes(&[1, 2], 2, Duration::from_secs(5)).await;
     assert!(took < Duration::from_millis(100), "took {took:?}");
-    assert_eq!(c.server.leases().len(), 2);
+    assert_eq!(c.server.leases().len(), 2 * leases);
 }
 
 #[madsim::test]

@@ -156,6 +156,10 @@ pub enum Flaw {
     /// Planted in the Kubernetes API errors: a 429's `Retry-After` is ignored, so a shed list,
     /// watch or renewal is sent again after the usual backoff (feeding the queue that shed it).
     K8sIgnoresRetryAfter,
+    /// Planted in the Kubernetes provider's reflector: a 429's `Retry-After` holds back only
+    /// the list or watch it answered, so the member's other watches of the resource (sharded
+    /// heartbeats: one per monitored shard) go on reading the saturated API server.
+    K8sRetryAfterPerWatch,
     /// Planted in the registry server's heartbeat: an accepted heartbeat is published as a
     /// change of the member, so every renewal reaches every watcher (quadratic fan-out).
     HeartbeatPublishes,
@@ -246,6 +250,7 @@ impl Flaw {
             Flaw::K8sSliceChangeIgnored => "k8s-slice-change-ignored",
             Flaw::K8sTerminatingServed => "k8s-terminating-served",
             Flaw::K8sRenewedOnAttempt => "k8s-renewed-on-attempt",
+            Flaw::K8sRetryAfterPerWatch => "k8s-retry-after-per-watch",
             Flaw::K8sIgnoresRetryAfter => "k8s-ignores-retry-after",
             Flaw::EtcdGhostKept => "etcd-ghost-kept",
             Flaw::EtcdRejoinSameId => "etcd-rejoin-same-id",

@@ -48,9 +48,12 @@ pub struct Knobs {
     /// etcd and Kubernetes: the provider's request timeout, when a scenario needs answers that
     /// come later than the default 1 s allows (the lease margin is 0.6 s).
     pub request_timeout: Option<Duration>,
-    /// Kubernetes: sharded heartbeats `(shards, monitors)` (`None`: every member watches
-    /// every member's Lease).
+    /// Kubernetes: sharded heartbeats `(shards, monitors)` (`None`: the provider's default,
+    /// sharded too, unless `k8s_everyone`).
     pub k8s_heartbeats: Option<(u32, u32)>,
+    /// Kubernetes: every member watches every member's Lease (`Heartbeats::Everyone`, the
+    /// setting before sharded heartbeats became the default).
+    pub k8s_everyone: bool,
     /// Kubernetes: a cluster migrating between heartbeat settings (`k8s_heartbeats` is the
     /// sharded one): which setting a node's first process uses; every later process of the
     /// node (a restart, a replaced Pod) uses the other.
@@ -98,6 +101,7 @@ impl Default for Knobs {
             out_of_contract: false,
             request_timeout: None,
             k8s_heartbeats: None,
+            k8s_everyone: false,
             k8s_migrate: None,
         }
     }

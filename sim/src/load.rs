@@ -272,6 +272,9 @@ pub struct LoadBudget {
     pub spread_watches: (f64, f64),
     /// Per spread watch per second: requests, watch messages, full lists.
     pub per_spread_watch_per_s: (f64, f64, f64),
+    /// Per spread watch per node reconnect (it reopens them all): requests, watch messages,
+    /// full lists.
+    pub per_spread_watch_reconnect: (f64, f64, f64),
     /// Room for retries, jitter and timers that do not line up with the window.
     pub slack: f64,
     /// What the numbers come from, for violation messages.
@@ -310,20 +313,21 @@ impl LoadBudget {
             0.0
         };
         let (sw_requests, sw_events, sw_lists) = self.per_spread_watch_per_s;
+        let (rw_requests, rw_events, rw_lists) = self.per_spread_watch_reconnect;
         let requests = secs * nodes * (self.requests_per_node_per_s + spread * sw_requests)
             + changes * self.requests_per_change
-            + reconnects * self.requests_per_reconnect;
+            + reconnects * (self.requests_per_reconnect + spread * rw_requests);
         let events = secs
             * nodes
             * (self.events_per_watcher_per_s
                 + self.events_per_watcher_per_member_per_s * members
                 + spread * sw_events)
             + changes * nodes * self.events_per_change_per_watcher
-            + reconnects * self.events_per_reconnect;
+            + reconnects * (self.events_per_reconnect + spread * rw_events);
         let lists = secs * nodes * (self.lists_per_node_per_s + spread * sw_lists)
             + changes * self.lists_per_change
             + changes * nodes * self.lists_per_change_per_watcher
-            + reconnects * self.lists_per_reconnect;
+            + reconnects * (self.lists_per_reconnect + spread * rw_lists);
         (
             requests * self.slack,
             events * self.slack,
@@ -386,6 +390,7 @@ mod tests {
             lists_per_change_per_watcher: 0.0,
             lists_per_reconnect: 1.0,
             spread_watches: (0.0, 0.0),
+            per_spread_watch_reconnect: (0.0, 0.0, 0.0),
             per_spread_watch_per_s: (0.0, 0.0, 0.0),
             slack: 1.5,
             why: "test",

@@ -736,6 +736,75 @@ pub fn all() -> Vec<Scenario> {
             network,
             &["kubernetes: watches reopened", "kubernetes: renew failures"],
         ),
+        k8s_everyone(
+            "k8s-everyone-member-crash",
+            "Kubernetes, every member watching every Lease: one member crashes for good (its Lease expires and a peer deletes it), another crashes and restarts",
+            member_crash,
+            &[
+                "kubernetes: expired leases deleted",
+                "workload: reports with moves",
+            ],
+        ),
+        k8s_everyone(
+            "k8s-everyone-lease-expiry",
+            "Kubernetes, every member watching every Lease: one or two members cut off from the API server past their Lease, then healed",
+            partition_heal,
+            &[
+                "kubernetes: membership lost",
+                "kubernetes: membership restored",
+                "kubernetes: relists after 410",
+            ],
+        ),
+        k8s_everyone(
+            "k8s-everyone-renewal-loss",
+            "Kubernetes, every member watching every Lease: a member's Lease renewals are lost while its watches flow, twice",
+            heartbeat_loss,
+            &["kubernetes: renew failures"],
+        ),
+        k8s_everyone(
+            "k8s-everyone-apiserver-down",
+            "Kubernetes, every member watching every Lease: the API server freezes for 1.3-3.3 Lease durations (nobody may be evicted), one member stays cut off longer; later a crash and a brief freeze",
+            k8s_apiserver_down,
+            &[
+                "kubernetes: membership lost",
+                "kubernetes: membership restored",
+            ],
+        ),
+        k8s_everyone(
+            "k8s-everyone-rolling-update",
+            "Kubernetes, every member watching every Lease: every Pod replaced in turn by a new incarnation",
+            rolling_restart,
+            &["kubernetes: expired leases deleted"],
+        ),
+        k8s_everyone(
+            "k8s-everyone-clock-skew",
+            "Kubernetes, every member watching every Lease: every node's clock offset by up to 2 min and drifting within the 2% bound, then a crash",
+            k8s_clock_skew,
+            &[],
+        ),
+        k8s_everyone(
+            "k8s-everyone-network",
+            "Kubernetes, every member watching every Lease: lost replies, swizzle-clogging, watch streams reset, a one-way cut, a crash",
+            network,
+            &["kubernetes: watches reopened", "kubernetes: renew failures"],
+        ),
+        Scenario {
+            knobs: Some(|k| {
+                k.request_timeout = Some(Duration::from_millis(2_500));
+                k.k8s_everyone = true;
+            }),
+            ..k8s(
+                "k8s-everyone-timing",
+                "Kubernetes, every member watching every Lease: the schedule of k8s-timing (late answers, lost answers, cut off from the API server but not from peers, lagging watches)",
+                75,
+                lease_timing,
+                &[
+                    "kubernetes: membership lost",
+                    "kubernetes: membership restored",
+                    "kubernetes: expired leases deleted",
+                ],
+            )
+        },
         k8s_sharded(
             "k8s-sharded-member-crash",
             "Kubernetes, sharded heartbeats (8 shards, 2 monitors each): one member crashes for good (a monitor of its shard deletes its heartbeat, then its record), another crashes and restarts",
@@ -1113,6 +1182,20 @@ fn k8s(
         known_failure: None,
         knobs: None,
         seeds_divisor: 1,
+    }
+}
+
+/// A Kubernetes scenario where every member watches every member's Lease (`Heartbeats::
+/// Everyone`: the setting before sharded heartbeats became the default, still supported).
+fn k8s_everyone(
+    name: &'static str,
+    about: &'static str,
+    generate: fn(&mut SimRng, usize) -> FaultSchedule,
+    covers: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        knobs: Some(|k| k.k8s_everyone = true),
+        ..k8s(name, about, 75, generate, covers)
     }
 }
 

@@ -471,6 +471,12 @@ fn failover_checker_fires_on_a_kubernetes_shutdown_that_keeps_its_lease() {
 fn removed_is_final_fires_on_a_kubernetes_member_that_recreates_its_deleted_lease() {
     let v = first_failure("k8s-lease-expiry", Flaw::K8sRecreateSameId, "listed again");
     assert!(v.contains("new incarnation"), "{v}");
+    let v = first_failure(
+        "k8s-everyone-lease-expiry",
+        Flaw::K8sRecreateSameId,
+        "listed again",
+    );
+    assert!(v.contains("new incarnation"), "{v}");
 }
 
 #[test]
@@ -532,9 +538,22 @@ fn pushback_checker_fires_on_a_kubernetes_member_that_ignores_retry_after() {
     let v = first_failure(
         "k8s-apf-saturation",
         Flaw::K8sIgnoresRetryAfter,
-        "after a 429 that said Retry-After",
+        "429 that said Retry-After",
     );
     assert!(v.contains("apiserver:"), "{v}");
+}
+
+/// Sharded heartbeats: a member watches several shards' heartbeats; a 429 to one of its
+/// watches that holds back only that watch lets the others go on reading the saturated API
+/// server.
+#[test]
+fn pushback_checker_fires_on_a_member_whose_other_watches_ignore_a_429() {
+    let v = first_failure(
+        "k8s-apf-saturation",
+        Flaw::K8sRetryAfterPerWatch,
+        "429 that said Retry-After",
+    );
+    assert!(v.contains("read leases again"), "{v}");
 }
 
 #[test]
@@ -892,7 +911,7 @@ fn load_budget_fires_on_sharded_monitors_that_watch_every_heartbeat() {
 #[test]
 fn removed_is_final_fires_on_a_kubernetes_create_in_doubt_sent_again() {
     let v = failure_in_seeds(
-        "k8s-timing",
+        "k8s-everyone-timing",
         &[143],
         Flaw::K8sCreateInDoubtRepeated,
         "listed again",

@@ -107,6 +107,7 @@ impl ControlPlane for MemoryPlane {
             lists_per_reconnect: 0.0,
             spread_watches: (0.0, 0.0),
             per_spread_watch_per_s: (0.0, 0.0, 0.0),
+            per_spread_watch_reconnect: (0.0, 0.0, 0.0),
             slack: 1.0,
             why: "in-memory: no control plane",
         }

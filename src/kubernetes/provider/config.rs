@@ -41,9 +41,10 @@ pub struct KubernetesProviderConfig {
     pub max_clock_drift_ppm: u32,
     /// Deadline of calls to other members' partition managers.
     pub partition_rpc_timeout: Duration,
-    /// How members learn that a member is alive (default: [`Heartbeats::Everyone`]; at
-    /// hundreds of members [`Heartbeats::SHARDED`], whose watch events grow with N, not N²).
-    /// Every member of a cluster must use the same setting.
+    /// How members learn that a member is alive (default: [`Heartbeats::SHARDED`], whose
+    /// watch events grow with N, not N² as with [`Heartbeats::Everyone`]). Members of both
+    /// settings can share a cluster while it migrates (docs/providers/kubernetes.md,
+    /// "Migrating"); members with sharded heartbeats must all use the same one.
     pub heartbeats: Heartbeats,
     /// Topologies are issued at most this often (default zero: each change at once): a change
     /// after a quiet while goes out at once, a burst of them together. Not on by default: in
@@ -77,7 +78,7 @@ impl KubernetesProviderConfig {
             lease_margin: None,
             max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
             partition_rpc_timeout: Duration::from_secs(2),
-            heartbeats: Heartbeats::Everyone,
+            heartbeats: Heartbeats::SHARDED,
             min_publish_interval: Duration::ZERO,
         }
     }
@@ -87,8 +88,8 @@ impl KubernetesProviderConfig {
     /// `POD_NAMESPACE` (required), `POD_NAME` and `POD_UID` (the Lease's owner, so Kubernetes
     /// deletes it with the Pod), `SHOAL_SERVICE` (the headless Service gating membership) and
     /// `SHOAL_LEASE_DURATION` (like `15s`), `SHOAL_RENEW_INTERVAL`, `SHOAL_HEARTBEAT_SHARDS`
-    /// (a number of shards: [`Heartbeats::Sharded`]; unset or 0: [`Heartbeats::Everyone`]) and
-    /// `SHOAL_HEARTBEAT_MONITORS` (monitors per shard, default 3). The error names the
+    /// (a number of shards, default 32: [`Heartbeats::Sharded`]; 0: [`Heartbeats::Everyone`])
+    /// and `SHOAL_HEARTBEAT_MONITORS` (monitors per shard, default 3). The error names the
     /// variable.
     pub fn from_env() -> Result<Self, ProviderError> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -124,11 +125,24 @@ impl KubernetesProviderConfig {
                 .transpose()
         };
         let monitors = number("SHOAL_HEARTBEAT_MONITORS")?;
+        let Heartbeats::Sharded {
+            shards: default_shards,
+            monitors: default_monitors,
+        } = Heartbeats::SHARDED
+        else {
+            unreachable!("the default sharding is sharded")
+        };
         match number("SHOAL_HEARTBEAT_SHARDS")? {
-            Some(shards) if shards > 0 => {
+            Some(0) if monitors.is_some() => {
+                return Err(bad(
+                    "SHOAL_HEARTBEAT_MONITORS is set with SHOAL_HEARTBEAT_SHARDS=0 (every member watches every Lease: there are no monitors)".into(),
+                ));
+            }
+            Some(0) => config.heartbeats = Heartbeats::Everyone,
+            shards => {
                 config.heartbeats = Heartbeats::Sharded {
-                    shards,
-                    monitors: monitors.unwrap_or(3),
+                    shards: shards.unwrap_or(default_shards),
+                    monitors: monitors.unwrap_or(default_monitors),
                 };
                 config.heartbeats.validate().map_err(|e| {
                     bad(format!(
@@ -136,12 +150,6 @@ impl KubernetesProviderConfig {
                     ))
                 })?;
             }
-            _ if monitors.is_some() => {
-                return Err(bad(
-                    "SHOAL_HEARTBEAT_MONITORS is set without SHOAL_HEARTBEAT_SHARDS".into(),
-                ));
-            }
-            _ => {}
         }
         config.pod = match (var("POD_NAME"), var("POD_UID")) {
             (Some(name), Some(uid)) if !name.is_empty() && !uid.is_empty() => {
@@ -318,8 +326,32 @@ mod tests {
             .contains("monitors must be 1 to 16")
         );
         assert!(
-            err(&[("POD_NAMESPACE", "s"), ("SHOAL_HEARTBEAT_MONITORS", "2")])
-                .contains("without SHOAL_HEARTBEAT_SHARDS")
+            err(&[
+                ("POD_NAMESPACE", "s"),
+                ("SHOAL_HEARTBEAT_SHARDS", "0"),
+                ("SHOAL_HEARTBEAT_MONITORS", "2")
+            ])
+            .contains("SHOAL_HEARTBEAT_SHARDS=0")
+        );
+        let c = KubernetesProviderConfig::from_vars(vars(&[("POD_NAMESPACE", "s")])).unwrap();
+        assert_eq!(c.heartbeats, Heartbeats::SHARDED, "the default");
+        let c = KubernetesProviderConfig::from_vars(vars(&[
+            ("POD_NAMESPACE", "s"),
+            ("SHOAL_HEARTBEAT_SHARDS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.heartbeats, Heartbeats::Everyone);
+        let c = KubernetesProviderConfig::from_vars(vars(&[
+            ("POD_NAMESPACE", "s"),
+            ("SHOAL_HEARTBEAT_MONITORS", "5"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.heartbeats,
+            Heartbeats::Sharded {
+                shards: 32,
+                monitors: 5
+            }
         );
     }
 }

@@ -194,6 +194,9 @@ struct Session {
     synced: std::sync::atomic::AtomicBool,
     /// The newest refusal (403, 422...) of a list or watch: a start fails with it at once.
     refused: Mutex<Option<String>>,
+    /// Per resource read (`leases`, `endpointslices`): no list or watch of it before this
+    /// instant (the latest `Retry-After` of a 429 to any of them).
+    read_gates: Mutex<BTreeMap<&'static str, Instant>>,
     metrics: KubernetesProviderMetrics,
 }
 
@@ -290,6 +293,7 @@ impl KubernetesProvider {
             writing: tokio::sync::Mutex::new(()),
             synced: std::sync::atomic::AtomicBool::new(false),
             refused: Mutex::new(None),
+            read_gates: Mutex::new(BTreeMap::new()),
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
             config,

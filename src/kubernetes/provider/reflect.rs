@@ -17,6 +17,19 @@ impl Session {
     pub(super) async fn reflect<W: Watched>(self: Arc<Self>, w: W) {
         let mut attempt = 0u32;
         loop {
+            // Another list or watch of the resource was told to come back later (a 429):
+            // so is this one (looked at again after the wait: another 429 may have come
+            // meanwhile).
+            while !sim::flaw("k8s-retry-after-per-watch") {
+                let held_until = lock(&self.read_gates).get(w.resource()).copied();
+                let wait = held_until
+                    .map(|until| until.saturating_duration_since(self.clock().now()))
+                    .unwrap_or_default();
+                if wait.is_zero() {
+                    break;
+                }
+                self.clock().sleep(wait).await;
+            }
             let Some(next) = w.reflector(&mut lock(&self.view)).map(|r| r.next()) else {
                 return;
             };
@@ -58,6 +71,12 @@ impl Session {
             // A 429 says when to come back: not sooner (the list or watch would only be shed
             // again, and add to the queue that shed it).
             let delay = e.error.retry_delay(backoff);
+            if e.error.retry_after().is_some() {
+                let until = self.clock().now() + delay;
+                let mut gates = lock(&self.read_gates);
+                let gate = gates.entry(w.resource()).or_insert(until);
+                *gate = (*gate).max(until);
+            }
             if e.error.retry_after().is_some() {
                 tracing::warn!(kind = %w.kind(), error = %e, ?delay, "list or watch shed by the API server (429); retrying after Retry-After");
             } else {

@@ -24,7 +24,12 @@ impl Session {
             let record_deleted = std::mem::take(&mut lock(&self.view).own_record.deleted);
             if record_deleted && !recreated {
                 recreated = true;
-                self.revoked("its record Lease was deleted");
+                if sim::flaw("k8s-recreate-same-id") {
+                    *lock(&self.own_record) = None;
+                    *lock(&self.own) = None;
+                } else {
+                    self.revoked("its record Lease was deleted");
+                }
             }
             let (member, generation) = self.descriptions.current(&self.member);
             let sent_at = self.clock().now();
@@ -51,7 +56,12 @@ impl Session {
                 Ok(written) => *lock(&self.own) = Some(written),
                 Err(e) if matches!(e.error, ApiError::NotFound(_)) && !recreated => {
                     recreated = true;
-                    self.revoked("its heartbeat Lease was deleted");
+                    if sim::flaw("k8s-recreate-same-id") {
+                        *lock(&self.own) = None;
+                        *lock(&self.own_record) = None;
+                    } else {
+                        self.revoked("its heartbeat Lease was deleted");
+                    }
                     continue;
                 }
                 Err(e)

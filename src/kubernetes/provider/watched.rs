@@ -9,6 +9,9 @@ pub(super) trait Watched: Send + Sync + 'static {
     type Obj: Object + PartialEq;
     /// For logs.
     fn kind(&self) -> String;
+    /// The resource it reads: a 429's `Retry-After` holds back every list and watch of it
+    /// (API Priority and Fairness sheds by flow, not by watch).
+    fn resource(&self) -> &'static str;
     /// Its cache in the view; `None` once it is no longer watched (the task ends).
     fn reflector<'v>(&self, view: &'v mut View) -> Option<&'v mut Reflector<Self::Obj>>;
     async fn list(
@@ -38,6 +41,10 @@ impl Watched for Records {
 
     fn kind(&self) -> String {
         "Leases".into()
+    }
+
+    fn resource(&self) -> &'static str {
+        "leases"
     }
 
     fn reflector<'v>(&self, view: &'v mut View) -> Option<&'v mut Reflector<Lease>> {
@@ -205,6 +212,10 @@ impl Watched for Slices {
         "EndpointSlices".into()
     }
 
+    fn resource(&self) -> &'static str {
+        "endpointslices"
+    }
+
     fn reflector<'v>(&self, view: &'v mut View) -> Option<&'v mut Reflector<EndpointSlice>> {
         view.slices.as_mut()
     }
@@ -303,6 +314,10 @@ impl Watched for Shard {
 
     fn kind(&self) -> String {
         format!("heartbeats of shard {}", self.0)
+    }
+
+    fn resource(&self) -> &'static str {
+        "leases"
     }
 
     fn reflector<'v>(&self, view: &'v mut View) -> Option<&'v mut Reflector<Lease>> {

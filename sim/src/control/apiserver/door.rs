@@ -55,6 +55,20 @@ pub enum Request {
     WatchSlices(String, String, String),
 }
 
+/// A call as the member's end of the wire sent it: the harness stamps it with when it left
+/// and with the last `429` the member's end received for the resource it reads, so the door
+/// judges `Retry-After` from what the member knew when it sent the call (a call already on
+/// its way when the 429 arrived is not a retry).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Call {
+    request: Request,
+    sent_at: madsim::time::Instant,
+    /// When the member's end last received a 429 for this call's resource, and its
+    /// `Retry-After`.
+    shed_seen: Option<(madsim::time::Instant, Duration)>,
+}
+
 /// The answer to a call (a watch: `WatchOpened`, then [`Item`]s on the same connection).
 #[derive(Debug)]
 enum Reply {
@@ -81,6 +95,8 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 #[derive(Clone, Debug)]
 pub struct SimKubeApi {
     pool: Pool,
+    /// Per resource read: when the last 429 for it arrived, and its `Retry-After`.
+    shed_seen: Arc<Mutex<BTreeMap<&'static str, (madsim::time::Instant, Duration)>>>,
 }
 
 impl SimKubeApi {
@@ -88,6 +104,28 @@ impl SimKubeApi {
     pub fn new(server: SocketAddr) -> Self {
         Self {
             pool: Pool::new(server),
+            shed_seen: Arc::default(),
+        }
+    }
+
+    /// `request`, stamped (see [`Call`]).
+    fn stamp(&self, request: Request) -> (Option<&'static str>, Box<Call>) {
+        let read = request.read_of();
+        let shed_seen = read.and_then(|r| lock(&self.shed_seen).get(r).copied());
+        let call = Call {
+            request,
+            sent_at: madsim::time::Instant::now(),
+            shed_seen,
+        };
+        (read, Box::new(call))
+    }
+
+    /// Notes a 429 that answered a read of `read`.
+    fn seen<T>(&self, read: Option<&'static str>, answer: &Result<T, ApiError>) {
+        if let (Some(r), Err(e)) = (read, answer)
+            && let Some(wait) = e.retry_after()
+        {
+            lock(&self.shed_seen).insert(r, (madsim::time::Instant::now(), wait));
         }
     }
 
@@ -98,12 +136,10 @@ impl SimKubeApi {
     }
 
     async fn unary(&self, request: Request) -> Result<Reply, ApiError> {
-        Self::answer(
-            self.pool
-                .call(Box::new(request))
-                .await
-                .map_err(unavailable)?,
-        )
+        let (read, call) = self.stamp(request);
+        let answer = Self::answer(self.pool.call(call).await.map_err(unavailable)?);
+        self.seen(read, &answer);
+        answer
     }
 
     async fn watch<T: Send + 'static>(
@@ -111,12 +147,11 @@ impl SimKubeApi {
         request: Request,
         unpack: fn(Item) -> Option<Result<WatchEvent<T>, ApiError>>,
     ) -> Result<WatchStream<T>, ApiError> {
-        let (first, conn) = self
-            .pool
-            .open(Box::new(request))
-            .await
-            .map_err(unavailable)?;
-        Self::answer(first)?;
+        let (read, call) = self.stamp(request);
+        let (first, conn) = self.pool.open(call).await.map_err(unavailable)?;
+        let first = Self::answer(first);
+        self.seen(read, &first);
+        first?;
         Ok(Box::pin(futures::stream::unfold(
             conn,
             move |mut conn| async move {
@@ -254,7 +289,6 @@ pub struct KubeDoor {
     /// shipped in deploy/kubernetes puts renewals in a priority level of their own.
     shed: Mutex<Option<Duration>>,
     /// Per client (IP) and resource: when it was last told to wait, and for how long.
-    told_to_wait: Mutex<ToldToWait>,
     reset: tokio::sync::Notify,
     /// The members the store's Leases name, by Lease (namespace, name), kept from the writes
     /// the door accepted, and the topology they make (rebuilt only when a member is added,
@@ -264,9 +298,6 @@ pub struct KubeDoor {
     /// each node address uses sharded heartbeats (as the harness configured it).
     sharded_at: Mutex<BTreeMap<IpAddr, bool>>,
 }
-
-/// Per (client IP, resource): when the client was last answered 429, and the `Retry-After`.
-type ToldToWait = BTreeMap<(IpAddr, &'static str), (madsim::time::Instant, Duration)>;
 
 /// The holder and address each Lease of the cluster names, by (namespace, name).
 type LeaseHolders = BTreeMap<(String, String), (MemberId, String)>;
@@ -297,7 +328,6 @@ impl KubeDoor {
             resets: AtomicU64::new(0),
             reset: tokio::sync::Notify::new(),
             shed: Mutex::new(None),
-            told_to_wait: Mutex::default(),
             members: Mutex::new((
                 BTreeMap::new(),
                 Arc::new(ClusterTopology::empty(crate::cluster::CLUSTER)),
@@ -340,27 +370,36 @@ impl KubeDoor {
         *self.shed.lock().unwrap_or_else(|e| e.into_inner()) = retry_after;
     }
 
-    /// A read of `resource` from `from`: flags it if that client was told to wait and came back
-    /// well before (by less than 70% of the wait: member clocks may run up to 25% fast), and
-    /// sheds it while the shedding is on. `Some` is the 429 to answer.
-    fn pushback(&self, from: IpAddr, resource: &'static str) -> Option<ApiError> {
-        let now = madsim::time::Instant::now();
-        let mut told = self.told_to_wait.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, wait)) = told.get(&(from, resource)) {
-            let waited = now.saturating_duration_since(*at);
-            if waited < wait.mul_f64(0.7) {
-                self.rec.violation_once(
-                    format!("retry-after {from} {resource}"),
-                    format!(
-                        "apiserver: {from} read {resource} again {:.0} ms after a 429 that said Retry-After {} s",
-                        waited.as_secs_f64() * 1000.0,
-                        wait.as_secs()
-                    ),
-                );
-            }
+    /// A read of `resource` from `from`, sent at `sent_at` by a member that had received a 429
+    /// for it at `seen` saying `Retry-After` `wait`: flagged if it left well before the wait
+    /// was over (by less than 70% of it: member clocks may run up to 25% fast).
+    fn judge_retry(
+        &self,
+        from: IpAddr,
+        request: &Request,
+        resource: &'static str,
+        sent_at: madsim::time::Instant,
+        seen: madsim::time::Instant,
+        wait: Duration,
+    ) {
+        let waited = sent_at.saturating_duration_since(seen);
+        if waited < wait.mul_f64(0.7) {
+            self.rec.violation_once(
+                format!("retry-after {from} {resource}"),
+                format!(
+                    "apiserver: {from} read {resource} again ({}{}) {:.0} ms after it received a 429 that said Retry-After {} s",
+                    request.verb(),
+                    if request.is_continuation() { ", a list's next page" } else { "" },
+                    waited.as_secs_f64() * 1000.0,
+                    wait.as_secs()
+                ),
+            );
         }
+    }
+
+    /// A read of `resource`: shed while the shedding is on. `Some` is the 429 to answer.
+    fn pushback(&self, resource: &'static str) -> Option<ApiError> {
         let retry_after = (*self.shed.lock().unwrap_or_else(|e| e.into_inner()))?;
-        told.insert((from, resource), (now, retry_after));
         self.rec.count("apiserver: read shed with 429");
         Some(ApiError::TooManyRequests {
             message: format!("too many requests, please try again later ({resource})"),
@@ -435,7 +474,7 @@ impl KubeDoor {
         let verb = request.verb();
         let continuation = request.is_continuation();
         if let Some(resource) = request.read_of()
-            && let Some(shed) = self.pushback(from.ip(), resource)
+            && let Some(shed) = self.pushback(resource)
         {
             self.meter
                 .request(verb, STATUS_BYTES + shed.to_string().len());
@@ -601,10 +640,15 @@ impl KubeDoor {
 
 #[async_trait]
 impl crate::control::wire::Server for KubeDoor {
-    type Request = Request;
+    type Request = Call;
 
-    async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {
-        self.answer_call(tx, request, from).await
+    async fn answer(&self, tx: &madsim::net::Sender, call: Call, from: SocketAddr) -> bool {
+        if let Some(resource) = call.request.read_of()
+            && let Some((seen, wait)) = call.shed_seen
+        {
+            self.judge_retry(from.ip(), &call.request, resource, call.sent_at, seen, wait);
+        }
+        self.answer_call(tx, call.request, from).await
     }
 }
 

@@ -63,6 +63,9 @@ pub fn config(pod: Option<&str>, knobs: &Knobs) -> KubernetesProviderConfig {
     if let Some((shards, monitors)) = knobs.k8s_heartbeats {
         c.heartbeats = Heartbeats::Sharded { shards, monitors };
     }
+    if knobs.k8s_everyone {
+        c.heartbeats = Heartbeats::Everyone;
+    }
     c.pod = pod.map(|name| ObjectReference {
         kind: "Pod".into(),
         namespace: "default".into(),
@@ -129,6 +132,8 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
         lists_per_reconnect: 3.0,
         spread_watches,
         per_spread_watch_per_s: (1.0 / 60.0, bookmarks, 1.0 / 60.0),
+        // A reconnect reopens each: what it costs one of the two watches every node holds.
+        per_spread_watch_reconnect: (4.0, 3.0, 1.5),
         slack: if knobs.buggify { 4.0 } else { 2.0 },
         why: match heartbeats {
             Heartbeats::Everyone => {

@@ -81,6 +81,7 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
         lists_per_reconnect: 3.0,
         spread_watches: (0.0, 0.0),
         per_spread_watch_per_s: (0.0, 0.0, 0.0),
+        per_spread_watch_reconnect: (0.0, 0.0, 0.0),
         slack: if knobs.buggify { 4.0 } else { 2.0 },
         why: "etcd: a keep-alive per member per keep-alive interval, an audit per member every 20 s, a progress notification per watch every 2 s, a watch response per change per watcher, a grant, a put, a range and a watch per reconnect",
     }

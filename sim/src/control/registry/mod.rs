@@ -76,6 +76,7 @@ pub fn budget(config: &RegistryConfig, knobs: &Knobs) -> LoadBudget {
         lists_per_reconnect: 3.0,
         spread_watches: (0.0, 0.0),
         per_spread_watch_per_s: (0.0, 0.0, 0.0),
+        per_spread_watch_reconnect: (0.0, 0.0, 0.0),
         slack: if knobs.buggify { 4.0 } else { 2.0 },
         why: "registry: a heartbeat per node per heartbeat interval, a progress message per watcher per progress interval, an update per change per watcher, a join, a watch and a snapshot per reconnect",
     }
