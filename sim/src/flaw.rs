@@ -134,6 +134,10 @@ pub enum Flaw {
     /// listed, so they find it expired a record duration after they first saw it and remove a
     /// live member.
     K8sRecordUntouched,
+    /// Planted in the Kubernetes provider's choice of monitors (sharded heartbeats): zones are
+    /// ignored, so all of a shard's monitors can be in one zone, and a zone cut off leaves the
+    /// shard's dead members with nobody to remove them.
+    K8sMonitorsIgnoreZones,
     /// Planted in the Kubernetes provider's record watch (sharded heartbeats, a cluster
     /// migrating): an unmarked record (a member that renews its own Lease) is not aged, so
     /// once no member of that setting is left, nobody removes one that died.
@@ -244,6 +248,7 @@ impl Flaw {
             Flaw::K8sHeartbeatsUnsharded => "k8s-heartbeats-unsharded",
             Flaw::K8sParkedAgesDropped => "k8s-parked-ages-dropped",
             Flaw::K8sRecordUntouched => "k8s-record-untouched",
+            Flaw::K8sMonitorsIgnoreZones => "k8s-monitors-ignore-zones",
             Flaw::K8sUnmarkedUnaged => "k8s-unmarked-unaged",
             Flaw::K8sUnmarkedMonitors => "k8s-unmarked-monitors",
             Flaw::K8sCreateInDoubtRepeated => "k8s-create-in-doubt-repeated",

@@ -888,7 +888,7 @@ pub fn all() -> Vec<Scenario> {
             }),
             ..k8s(
                 "k8s-sharded-zone-outage",
-                "Kubernetes, sharded heartbeats (6 shards, 2 monitors), 6 members in 3 zones: one zone cut off past its Leases (both monitors of a shard may be in it), later another zone loses power and comes back",
+                "Kubernetes, sharded heartbeats (6 shards, 2 monitors), 6 members in 3 zones: one zone cut off past its Leases (a shard's two monitors are in two zones, so one of them can reach the API server), later another zone loses power and comes back",
                 75,
                 k8s_zone_outage,
                 &[

@@ -959,3 +959,17 @@ fn lease_oracle_fires_on_monitors_chosen_among_members_that_watch_no_heartbeats(
     );
     assert!(v.contains("could reach the API server"), "{v}");
 }
+
+/// Sharded heartbeats with zones: monitors chosen by weight alone can both be in the zone cut
+/// off, leaving that zone's members of their shard listed though a monitor the design spreads
+/// to another zone could have removed them.
+#[test]
+fn lease_oracle_fires_on_monitors_chosen_without_regard_to_zones() {
+    let v = failure_in_seeds(
+        "k8s-sharded-zone-outage",
+        &[28, 45],
+        Flaw::K8sMonitorsIgnoreZones,
+        "is still listed",
+    );
+    assert!(v.contains("could reach the API server"), "{v}");
+}

@@ -158,17 +158,32 @@ pub fn heartbeat_lease(
     }
 }
 
+/// A member's zone, as the topology gives it (`None`: no zone; members without one count as one
+/// zone of their own).
+type Zone = Option<String>;
+
 /// Who monitors which shard, kept up to date as members come and go: a member's arrival costs
-/// O(shards × monitors), a departure the same plus, for each shard it monitored, a pass over
-/// the members (k·S/N shards on average), so a large cluster's churn does not cost
+/// O(shards × monitors), a departure the same plus, for each shard it was among the best of its
+/// zone in, a pass over the members of its zone, so a large cluster's churn does not cost
 /// O(shards × members) on every member at every change.
+///
+/// The monitors of a shard are spread over zones: ranked by rendezvous weight, the best member
+/// of each zone first (the k zones whose best members weigh the most), then, if there are
+/// fewer zones than k, the next members by weight whatever their zone. So a zone outage takes
+/// at most one monitor of a shard while there are k zones, and without zones (every member in
+/// none) the monitors are simply the k highest weights.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Monitors {
     k: usize,
     /// Each shard's rendezvous key.
     keys: Vec<u64>,
-    /// The members, with their hash.
-    members: BTreeMap<MemberId, u64>,
+    /// The members, with their hash and zone.
+    members: BTreeMap<MemberId, (u64, Zone)>,
+    /// The members of each zone.
+    zones: BTreeMap<Zone, BTreeSet<MemberId>>,
+    /// For each shard and zone, the zone's k best members with their weights, highest first
+    /// (ties: higher id): all a shard's choice can need.
+    best: Vec<BTreeMap<Zone, Vec<(u64, MemberId)>>>,
     /// For each shard, its monitors with their weights, highest first (ties: higher id).
     top: Vec<Vec<(u64, MemberId)>>,
 }
@@ -182,25 +197,28 @@ impl Monitors {
                 .map(|s| key_hash("shoal.io/monitor", &s.to_string()))
                 .collect(),
             members: BTreeMap::new(),
+            zones: BTreeMap::new(),
+            best: vec![BTreeMap::new(); shards as usize],
             top: vec![Vec::new(); shards as usize],
         }
     }
 
-    /// The monitors of `members`, computed afresh (what the incremental updates must equal).
+    /// The monitors of `members` (id and zone), computed afresh (what the incremental updates
+    /// must equal).
     pub fn of_members<'a>(
-        members: impl IntoIterator<Item = &'a MemberId>,
+        members: impl IntoIterator<Item = (&'a MemberId, Option<&'a str>)>,
         shards: u32,
         monitors: u32,
     ) -> Self {
         let mut m = Self::new(shards, monitors);
-        for id in members {
-            m.add(id);
+        for (id, zone) in members {
+            m.add(id, zone);
         }
         m
     }
 
-    /// Offers `(w, id)` to a shard's top list.
-    fn offer(top: &mut Vec<(u64, MemberId)>, k: usize, w: u64, id: &MemberId) {
+    /// Offers `(w, id)` to a list of the `k` best, highest first.
+    fn offer(top: &mut Vec<(u64, MemberId)>, k: usize, w: u64, id: &MemberId) -> bool {
         let pos = top
             .iter()
             .position(|(tw, tid)| (w, id) > (*tw, tid))
@@ -208,51 +226,101 @@ impl Monitors {
         if pos < k {
             top.insert(pos, (w, id.clone()));
             top.truncate(k);
+            true
+        } else {
+            false
         }
     }
 
-    /// `id` joined.
-    pub fn add(&mut self, id: &MemberId) {
-        if self.members.contains_key(id) {
-            return;
+    /// A shard's monitors from the best of each zone: zone winners by weight, then the rest.
+    fn choose(best: &BTreeMap<Zone, Vec<(u64, MemberId)>>, k: usize) -> Vec<(u64, MemberId)> {
+        let mut winners: Vec<&(u64, MemberId)> = best.values().filter_map(|b| b.first()).collect();
+        winners.sort_by(|a, b| b.cmp(a));
+        let mut chosen: Vec<(u64, MemberId)> = winners.into_iter().take(k).cloned().collect();
+        if chosen.len() < k {
+            let mut rest: Vec<&(u64, MemberId)> = best
+                .values()
+                .flat_map(|b| b.iter())
+                .filter(|c| !chosen.contains(c))
+                .collect();
+            rest.sort_by(|a, b| b.cmp(a));
+            let more = k - chosen.len();
+            chosen.extend(rest.into_iter().take(more).cloned());
+        }
+        chosen.sort_by(|a, b| b.cmp(a));
+        chosen
+    }
+
+    /// `id` joined in `zone`, or moved to it.
+    pub fn add(&mut self, id: &MemberId, zone: Option<&str>) {
+        let zone: Zone = zone
+            .filter(|_| !crate::runtime::sim::flaw("k8s-monitors-ignore-zones"))
+            .map(str::to_string);
+        match self.members.get(id) {
+            Some((_, z)) if *z == zone => return,
+            Some(_) => self.remove(id),
+            None => {}
         }
         let h = member_hash(id.as_str());
-        self.members.insert(id.clone(), h);
-        for (key, top) in self.keys.iter().zip(&mut self.top) {
-            Self::offer(top, self.k, weight(*key, h), id);
+        self.members.insert(id.clone(), (h, zone.clone()));
+        self.zones
+            .entry(zone.clone())
+            .or_default()
+            .insert(id.clone());
+        for ((key, best), top) in self.keys.iter().zip(&mut self.best).zip(&mut self.top) {
+            let in_zone = best.entry(zone.clone()).or_default();
+            if Self::offer(in_zone, self.k, weight(*key, h), id) {
+                *top = Self::choose(best, self.k);
+            }
         }
     }
 
     /// `id` left.
     pub fn remove(&mut self, id: &MemberId) {
-        if self.members.remove(id).is_none() {
+        let Some((_, zone)) = self.members.remove(id) else {
             return;
+        };
+        let empty = self.zones.get_mut(&zone).is_some_and(|z| {
+            z.remove(id);
+            z.is_empty()
+        });
+        if empty {
+            self.zones.remove(&zone);
         }
-        for (key, top) in self.keys.iter().zip(&mut self.top) {
-            if !top.iter().any(|(_, t)| t == id) {
+        for ((key, best), top) in self.keys.iter().zip(&mut self.best).zip(&mut self.top) {
+            let Some(in_zone) = best.get_mut(&zone) else {
+                continue;
+            };
+            if !in_zone.iter().any(|(_, t)| t == id) {
                 continue;
             }
-            top.clear();
-            for (m, h) in &self.members {
-                Self::offer(top, self.k, weight(*key, *h), m);
+            in_zone.clear();
+            for m in self.zones.get(&zone).into_iter().flatten() {
+                let (h, _) = &self.members[m];
+                Self::offer(in_zone, self.k, weight(*key, *h), m);
             }
+            if in_zone.is_empty() {
+                best.remove(&zone);
+            }
+            *top = Self::choose(best, self.k);
         }
     }
 
-    /// Exactly `ids` (in id order) are the members now: adds and removes the difference.
-    pub fn set<'a>(&mut self, ids: impl IntoIterator<Item = &'a MemberId>) {
-        let now: BTreeSet<&MemberId> = ids.into_iter().collect();
+    /// Exactly `members` (id and zone) are the members now: adds, moves and removes the
+    /// difference.
+    pub fn set<'a>(&mut self, members: impl IntoIterator<Item = (&'a MemberId, Option<&'a str>)>) {
+        let now: BTreeMap<&MemberId, Option<&str>> = members.into_iter().collect();
         let gone: Vec<MemberId> = self
             .members
             .keys()
-            .filter(|id| !now.contains(id))
+            .filter(|id| !now.contains_key(id))
             .cloned()
             .collect();
         for id in &gone {
             self.remove(id);
         }
-        for id in now {
-            self.add(id);
+        for (id, zone) in now {
+            self.add(id, zone);
         }
     }
 
@@ -284,22 +352,27 @@ mod tests {
             .collect()
     }
 
+    /// Members without zones.
+    fn z(ids: &[MemberId]) -> impl Iterator<Item = (&MemberId, Option<&str>)> {
+        ids.iter().map(|id| (id, None))
+    }
+
     #[test]
     fn every_shard_gets_k_distinct_monitors_and_all_members_agree() {
         let members = ids(50);
-        let a = Monitors::of_members(&members, 32, 3);
+        let a = Monitors::of_members(z(&members), 32, 3);
         let mut reversed = members.clone();
         reversed.reverse();
         assert_eq!(
             a,
-            Monitors::of_members(&reversed, 32, 3),
+            Monitors::of_members(z(&reversed), 32, 3),
             "order of the list matters not"
         );
         // Kept up to date through departures and arrivals, the same as computed afresh.
-        let mut b = Monitors::of_members(&members[..10], 32, 3);
-        b.set(&members[5..]);
-        assert_eq!(b, Monitors::of_members(&members[5..], 32, 3));
-        b.set(&members);
+        let mut b = Monitors::of_members(z(&members[..10]), 32, 3);
+        b.set(z(&members[5..]));
+        assert_eq!(b, Monitors::of_members(z(&members[5..]), 32, 3));
+        b.set(z(&members));
         assert_eq!(a, b);
         for s in 0..32 {
             let m = a.of(s);
@@ -310,19 +383,19 @@ mod tests {
         assert_eq!(total, 32 * 3);
         // Fewer members than monitors: everyone monitors every shard.
         let few = ids(2);
-        let f = Monitors::of_members(&few, 4, 3);
+        let f = Monitors::of_members(z(&few), 4, 3);
         assert!(few.iter().all(|id| f.shards_of(id).len() == 4));
     }
 
     #[test]
     fn a_departure_moves_only_the_shards_the_departed_member_monitored() {
         let members = ids(200);
-        let before = Monitors::of_members(&members, 64, 3);
+        let before = Monitors::of_members(z(&members), 64, 3);
         let gone = &members[17];
         let rest: Vec<MemberId> = members.iter().filter(|id| *id != gone).cloned().collect();
         let mut after = before.clone();
         after.remove(gone);
-        assert_eq!(after, Monitors::of_members(&rest, 64, 3));
+        assert_eq!(after, Monitors::of_members(z(&rest), 64, 3));
         for s in 0..64 {
             let was: Vec<&MemberId> = before.of(s).into_iter().filter(|id| *id != gone).collect();
             // The survivors keep their order; at most one newcomer joins at the end.
@@ -330,6 +403,73 @@ mod tests {
             if !before.of(s).contains(&gone) {
                 assert_eq!(before.of(s), after.of(s), "shard {s} moved for nothing");
             }
+        }
+    }
+
+    /// With zones, a shard's monitors are in as many zones as there are (up to k): a zone
+    /// outage takes at most one monitor of each shard. Kept incrementally through departures
+    /// and zone moves, the same as computed afresh; the k highest weights when no member has a
+    /// zone.
+    #[test]
+    fn monitors_spread_over_zones() {
+        let members = ids(90);
+        let zone = |i: usize| ["zone-a", "zone-b", "zone-c"][i % 3];
+        let zoned: Vec<(&MemberId, Option<&str>)> = members
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id, Some(zone(i))))
+            .collect();
+        let m = Monitors::of_members(zoned.iter().copied(), 32, 3);
+        let zone_of = |id: &MemberId| members.iter().position(|x| x == id).map(zone).unwrap();
+        for s in 0..32 {
+            let zones: BTreeSet<&str> = m.of(s).into_iter().map(zone_of).collect();
+            assert_eq!(zones.len(), 3, "shard {s}: {:?}", m.of(s));
+        }
+        // Two zones, k = 3: one of each, then the next by weight.
+        let two: Vec<(&MemberId, Option<&str>)> = members
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id, Some(["zone-a", "zone-b"][i % 2])))
+            .collect();
+        let m2 = Monitors::of_members(two.iter().copied(), 16, 3);
+        for s in 0..16 {
+            let zones: BTreeSet<&str> = m2
+                .of(s)
+                .into_iter()
+                .map(|id| two.iter().find(|(x, _)| *x == id).unwrap().1.unwrap())
+                .collect();
+            assert_eq!((m2.of(s).len(), zones.len()), (3, 2));
+        }
+        // Incremental: departures and zone moves, against a fresh computation.
+        let mut inc = m.clone();
+        let mut now = zoned.clone();
+        for (step, i) in [3usize, 40, 41, 77, 12].into_iter().enumerate() {
+            if step % 2 == 0 {
+                inc.remove(&members[i]);
+                now.retain(|(id, _)| **id != members[i]);
+            } else {
+                inc.add(&members[i], Some("zone-d"));
+                now.iter_mut()
+                    .filter(|(id, _)| **id == members[i])
+                    .for_each(|e| e.1 = Some("zone-d"));
+            }
+            assert_eq!(
+                inc,
+                Monitors::of_members(now.iter().copied(), 32, 3),
+                "step {step}"
+            );
+        }
+        // No zones: the k highest weights, as if zones did not exist.
+        let plain = Monitors::of_members(z(&members), 8, 3);
+        for s in 0..8 {
+            let key = key_hash("shoal.io/monitor", &s.to_string());
+            let mut ranked: Vec<(u64, &MemberId)> = members
+                .iter()
+                .map(|id| (weight(key, member_hash(id.as_str())), id))
+                .collect();
+            ranked.sort_by(|a, b| b.cmp(a));
+            let want: Vec<&MemberId> = ranked.into_iter().take(3).map(|(_, id)| id).collect();
+            assert_eq!(plain.of(s), want);
         }
     }
 

@@ -30,6 +30,8 @@ struct Registration {
     /// Kubernetes, a cluster migrating between heartbeat settings: whether its process uses
     /// sharded heartbeats (`None`: the cluster's setting, [`Bounds::monitors`]).
     sharded: Option<bool>,
+    /// Kubernetes: its zone (its own, else its Pod's endpoint's), where monitors are spread.
+    zone: Option<String>,
 }
 
 /// What the lease oracle asks the cluster about the nodes (the faults the harness applied).
@@ -76,34 +78,58 @@ fn spec_shard(id: &MemberId, shards: u32) -> u32 {
     (hash::key_hash("shoal.io/shard", id.as_str()) % u64::from(shards.max(1))) as u32
 }
 
+/// Members with their zones (`None`: no zone, which counts as one zone of its own).
+pub(crate) type Zoned<'a> = [(&'a MemberId, Option<&'a str>)];
+
 /// The design's monitors of each of `shards` shards among `ids`.
-fn spec_monitors(ids: &[&MemberId], shards: u32, k: u32) -> Vec<Vec<MemberId>> {
+fn spec_monitors(ids: &Zoned<'_>, shards: u32, k: u32) -> Vec<Vec<MemberId>> {
     (0..shards)
         .map(|s| spec_shard_monitors(ids, s, k))
         .collect()
 }
 
-/// The design's monitors of shard `shard` among `ids`: the `k` highest rendezvous weights
-/// (ties: the higher id).
-fn spec_shard_monitors(ids: &[&MemberId], shard: u32, k: u32) -> Vec<MemberId> {
+/// The design's monitors of shard `shard` among `ids` (docs/providers/kubernetes.md): in
+/// order of rendezvous weight (ties: the higher id), one member of each zone not yet taken,
+/// up to `k`; then, if fewer, the next by weight whatever their zone; highest weight first.
+fn spec_shard_monitors(ids: &Zoned<'_>, shard: u32, k: u32) -> Vec<MemberId> {
     let key = hash::key_hash("shoal.io/monitor", &shard.to_string());
-    let mut ranked: Vec<(u64, &MemberId)> = ids
+    let mut ranked: Vec<(u64, &MemberId, Option<&str>)> = ids
         .iter()
-        .map(|id| (hash::weight(key, hash::member_hash(id.as_str())), *id))
+        .map(|(id, zone)| {
+            (
+                hash::weight(key, hash::member_hash(id.as_str())),
+                *id,
+                *zone,
+            )
+        })
         .collect();
-    ranked.sort_by(|a, b| b.cmp(a));
-    ranked
-        .into_iter()
-        .take(k as usize)
-        .map(|(_, id)| id.clone())
-        .collect()
+    ranked.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    let k = k as usize;
+    let mut zones_taken: Vec<Option<&str>> = Vec::new();
+    let mut chosen: Vec<(u64, &MemberId)> = Vec::new();
+    for (w, id, zone) in &ranked {
+        if chosen.len() < k && !zones_taken.contains(zone) {
+            zones_taken.push(*zone);
+            chosen.push((*w, id));
+        }
+    }
+    for (w, id, _) in &ranked {
+        if chosen.len() >= k {
+            break;
+        }
+        if !chosen.iter().any(|(_, c)| c == id) {
+            chosen.push((*w, id));
+        }
+    }
+    chosen.sort_by(|a, b| b.cmp(a));
+    chosen.into_iter().map(|(_, id)| id.clone()).collect()
 }
 
 /// The design's monitors of member `id`'s shard among `ids` (the members with sharded
 /// heartbeats, `(shards, monitors)`).
 pub(crate) fn spec_monitors_of(
     id: &MemberId,
-    ids: &[&MemberId],
+    ids: &Zoned<'_>,
     (shards, k): (u32, u32),
 ) -> Vec<MemberId> {
     spec_shard_monitors(ids, spec_shard(id, shards), k)
@@ -120,12 +146,11 @@ impl Leases {
             return;
         }
         // Only members with sharded heartbeats monitor (a cluster migrating between settings).
-        let ids: Vec<&MemberId> = t
+        let ids: Vec<(&MemberId, Option<&str>)> = t
             .member_ids()
-            .filter(|id| {
-                self.registrations
-                    .get(*id)
-                    .is_none_or(|r| r.sharded != Some(false))
+            .filter_map(|id| match self.registrations.get(id) {
+                Some(r) if r.sharded == Some(false) => None,
+                r => Some((id, r.and_then(|r| r.zone.as_deref()))),
             })
             .collect();
         let before = self.monitors.take().map(|(_, m)| m).unwrap_or_default();
@@ -191,8 +216,27 @@ impl Leases {
                 superseded_by: None,
                 extended: (Duration::ZERO, Duration::ZERO),
                 sharded: None,
+                zone: None,
             },
         );
+    }
+
+    /// Kubernetes: `id`'s zone, where the design spreads a shard's monitors.
+    pub fn zone_of(&mut self, id: &MemberId, zone: Option<String>) {
+        if let Some(r) = self.registrations.get_mut(id)
+            && r.zone != zone
+        {
+            r.zone = zone;
+            // Chosen again at the next check, keeping when each monitor became one.
+            if let Some((version, _)) = &mut self.monitors {
+                *version = u64::MAX;
+            }
+        }
+    }
+
+    /// Kubernetes: `id`'s zone as the oracle knows it.
+    pub fn zone(&self, id: &MemberId) -> Option<&str> {
+        self.registrations.get(id).and_then(|r| r.zone.as_deref())
     }
 
     /// Kubernetes, a cluster migrating between heartbeat settings: the process that joined as

@@ -271,6 +271,12 @@ impl Oracles {
         self.lock().lease.heartbeats_of(id, sharded);
     }
 
+    /// Kubernetes: the member that joined as `id` is in `zone` (its own, else its Pod's
+    /// endpoint's, as the harness placed it).
+    pub fn zone_of(&self, id: &MemberId, zone: Option<String>) {
+        self.lock().lease.zone_of(id, zone);
+    }
+
     /// Sharded heartbeats: the monitors of member `id`'s shard as the design specifies them,
     /// among the members `t` lists that use sharded heartbeats; `None` when `id` renews its own
     /// Lease (or the cluster has no sharded heartbeats).
@@ -281,9 +287,10 @@ impl Oracles {
         if !lease.is_sharded(id, &self.bounds) {
             return None;
         }
-        let ids: Vec<&MemberId> = t
+        let ids: Vec<(&MemberId, Option<&str>)> = t
             .member_ids()
             .filter(|m| lease.is_sharded(m, &self.bounds))
+            .map(|m| (m, lease.zone(m)))
             .collect();
         Some(lease::spec_monitors_of(id, &ids, sharding))
     }

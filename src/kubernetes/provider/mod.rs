@@ -118,8 +118,9 @@ struct View {
     sharding: Option<(u32, u32)>,
     /// Sharded heartbeats: who monitors which shard, as of topology `assigned`.
     monitors: Option<Monitors>,
-    /// Sharded heartbeats: members that joined (`true`) or left since topology `assigned`.
-    moved: Vec<(MemberId, bool)>,
+    /// Sharded heartbeats: members that joined or changed (`Some(zone)`) or left (`None`)
+    /// since topology `assigned`.
+    moved: Vec<(MemberId, Option<Option<String>>)>,
     assigned: Option<u64>,
     /// Sharded heartbeats: the records without the heartbeats mark, Leases their members
     /// renew ([`Heartbeats::Everyone`], a cluster migrating): aged in `liveness` by their
@@ -884,8 +885,11 @@ impl Session {
         }
         view.version += 1;
         if view.monitors.is_some() {
-            let joined = delta.upserts.iter().map(|m| (m.id.clone(), true));
-            let left = delta.left.iter().map(|id| (id.clone(), false));
+            let joined = delta
+                .upserts
+                .iter()
+                .map(|m| (m.id.clone(), Some(m.zone.clone())));
+            let left = delta.left.iter().map(|id| (id.clone(), None));
             view.moved.extend(left.chain(joined));
         }
         // Each node numbers its own topologies: the epoch names the numbering (this node's),
@@ -1159,6 +1163,16 @@ impl ClusterProvider for KubernetesProvider {
 /// The ids of the members of the topology this node issued last, in order.
 fn applied_ids(applied: &Option<ClusterTopology>) -> impl Iterator<Item = &MemberId> {
     applied.iter().flat_map(|t| t.members()).map(|m| &m.id)
+}
+
+/// The members of the topology this node issued last, with their zones.
+fn applied_zones(
+    applied: &Option<ClusterTopology>,
+) -> impl Iterator<Item = (&MemberId, Option<&str>)> {
+    applied
+        .iter()
+        .flat_map(|t| t.members())
+        .map(|m| (&m.id, m.zone.as_deref()))
 }
 
 /// The epoch of the topologies this node numbers: a fixed hash of the cluster name and the

@@ -192,24 +192,23 @@ impl Session {
             Some(all) => {
                 // What changed since the topology the monitors were computed from.
                 for (id, joined) in moved.iter().filter(|(id, _)| marked(id)) {
-                    if *joined {
-                        all.add(id);
-                    } else {
-                        all.remove(id);
+                    match joined {
+                        Some(zone) => all.add(id, zone.as_deref()),
+                        None => all.remove(id),
                     }
                 }
                 all
             }
             None => {
                 let all = view.monitors.insert(Monitors::new(shards, monitors));
-                all.set(applied_ids(&view.applied).filter(|id| marked(id)));
+                all.set(applied_zones(&view.applied).filter(|(id, _)| marked(id)));
                 all
             }
         };
         // Checked against the monitors computed from scratch (small clusters).
         if sim::self_checks() && view.applied.as_ref().is_some_and(|t| t.len() <= 64) {
             let scratch = Monitors::of_members(
-                applied_ids(&view.applied).filter(|id| marked(id)),
+                applied_zones(&view.applied).filter(|(id, _)| marked(id)),
                 shards,
                 monitors,
             );

@@ -24,7 +24,7 @@ use shoal::kubernetes::api::{
     ApiError, EndpointSlice, KubeApi, LabelSelector, Lease, ListOptions, ObjectList, ObjectMeta,
     WatchEvent, WatchStream,
 };
-use shoal::kubernetes::members::ADDRESS_ANNOTATION;
+use shoal::kubernetes::members::{ADDRESS_ANNOTATION, ZONE_ANNOTATION};
 use shoal::kubernetes::memory::MemoryApiServer;
 use shoal::{ClusterTopology, Member, MemberId};
 
@@ -297,6 +297,9 @@ pub struct KubeDoor {
     /// A cluster migrating between heartbeat settings: whether the process now running on
     /// each node address uses sharded heartbeats (as the harness configured it).
     sharded_at: Mutex<BTreeMap<IpAddr, bool>>,
+    /// The zone of the Pod on each node address, as the endpoints controller reports it (with
+    /// zones).
+    zone_at: Mutex<BTreeMap<IpAddr, String>>,
 }
 
 /// The holder and address each Lease of the cluster names, by (namespace, name).
@@ -333,6 +336,7 @@ impl KubeDoor {
                 Arc::new(ClusterTopology::empty(crate::cluster::CLUSTER)),
             )),
             sharded_at: Mutex::default(),
+            zone_at: Mutex::default(),
         })
     }
 
@@ -340,6 +344,21 @@ impl KubeDoor {
     /// `ip` uses sharded heartbeats (`true`) or renews its own Lease.
     pub fn set_sharded(&self, ip: IpAddr, sharded: bool) {
         lock(&self.sharded_at).insert(ip, sharded);
+    }
+
+    /// The Pod on the node at `ip` is in `zone` (its endpoint says so).
+    pub fn set_zone(&self, ip: IpAddr, zone: String) {
+        lock(&self.zone_at).insert(ip, zone);
+    }
+
+    /// The zone of the member whose record `l` is, written from `from`: its own, else its
+    /// Pod's endpoint's (as the provider lists it).
+    fn zone_of(&self, l: &Lease, from: IpAddr) -> Option<String> {
+        l.meta
+            .annotations
+            .get(ZONE_ANNOTATION)
+            .cloned()
+            .or_else(|| lock(&self.zone_at).get(&from).cloned())
     }
 
     /// The store (the harness compacts it and reads it).
@@ -493,6 +512,7 @@ impl KubeDoor {
                         if let Some(sharded) = sharded {
                             self.oracles.heartbeats_of(&id, sharded);
                         }
+                        self.oracles.zone_of(&id, self.zone_of(l, from.ip()));
                     }
                 }
                 r.map(Reply::Written)
@@ -517,6 +537,10 @@ impl KubeDoor {
                         .and_then(|h| MemberId::parse(h).ok())
                     {
                         self.oracles.renewed(&id);
+                        if l.meta.annotations.contains_key(ADDRESS_ANNOTATION) {
+                            // A record: its description (zone) may have changed.
+                            self.oracles.zone_of(&id, self.zone_of(l, from.ip()));
+                        }
                     }
                 }
                 r.map(Reply::Written)

@@ -255,6 +255,9 @@ impl ControlPlane for ApiServerPlane {
             if !node.is_client {
                 // A client's Pod is not selected by the members' Service.
                 e.started(&pod, node.ip);
+                if self.knobs.k8s_zones {
+                    self.door.set_zone(node.ip, endpoints::pod_zone(&pod));
+                }
             }
         }
         let p = KubernetesProvider::new(config, Arc::new(api));
