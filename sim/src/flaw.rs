@@ -138,6 +138,11 @@ pub enum Flaw {
     /// ignored, so all of a shard's monitors can be in one zone, and a zone cut off leaves the
     /// shard's dead members with nobody to remove them.
     K8sMonitorsIgnoreZones,
+    /// Planted in the Kubernetes provider's shard watch (sharded heartbeats): a heartbeat
+    /// deleted while its record stays (its remover died between the two deletions) ages the
+    /// record from then like any record without a heartbeat, a whole Lease duration, instead
+    /// of removing it after the cleaners' short delay.
+    K8sOrphanRecordAged,
     /// Planted in the Kubernetes provider's record watch (sharded heartbeats, a cluster
     /// migrating): an unmarked record (a member that renews its own Lease) is not aged, so
     /// once no member of that setting is left, nobody removes one that died.
@@ -249,6 +254,7 @@ impl Flaw {
             Flaw::K8sParkedAgesDropped => "k8s-parked-ages-dropped",
             Flaw::K8sRecordUntouched => "k8s-record-untouched",
             Flaw::K8sMonitorsIgnoreZones => "k8s-monitors-ignore-zones",
+            Flaw::K8sOrphanRecordAged => "k8s-orphan-record-aged",
             Flaw::K8sUnmarkedUnaged => "k8s-unmarked-unaged",
             Flaw::K8sUnmarkedMonitors => "k8s-unmarked-monitors",
             Flaw::K8sCreateInDoubtRepeated => "k8s-create-in-doubt-repeated",

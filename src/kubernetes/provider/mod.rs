@@ -128,6 +128,9 @@ struct View {
     unmarked: BTreeSet<String>,
     /// Sharded heartbeats: marked records of another setting already warned about.
     mismatched: BTreeSet<String>,
+    /// Sharded heartbeats: heartbeats seen deleted while their record stayed (expected, aged
+    /// out at once, removed after the cleaners' delay by every monitor alike).
+    orphans: BTreeSet<String>,
 }
 
 impl View {
@@ -287,6 +290,7 @@ impl KubernetesProvider {
                 assigned: None,
                 unmarked: BTreeSet::new(),
                 mismatched: BTreeSet::new(),
+                orphans: BTreeSet::new(),
             }),
             view_changed: tokio::sync::Notify::new(),
             to_clean: Mutex::new(Vec::new()),
@@ -972,6 +976,8 @@ impl Session {
                 }
             })
             .collect();
+        let liveness = &view.liveness;
+        view.orphans.retain(|name| liveness.knows(name));
         let wanted = |name: &String| expired.get(name).or_else(|| ghosts.get(name));
         view.cleaning.retain(|name, _| wanted(name).is_some());
         view.tried.retain(|name, rv| wanted(name) == Some(rv));
@@ -987,7 +993,10 @@ impl Session {
             let due = match view.cleaning.get(name) {
                 Some((seen, due)) if seen == rv => *due,
                 _ => {
-                    let at_once = if sharded && !view.unmarked.contains(name) {
+                    let at_once = if view.orphans.contains(name) {
+                        // Its remover is most likely deleting the record right now.
+                        false
+                    } else if sharded && !view.unmarked.contains(name) {
                         // The shard's first monitor other than the expired member itself (a
                         // member may monitor its own shard); the others a while later.
                         let expired_id = record_name(name)

@@ -284,6 +284,30 @@ impl Session {
     /// aged from now instead. Whether the member was removed.
     pub(super) async fn clean_member(&self, heartbeat: &str, rv: &str) -> Result<bool, CallError> {
         let ns = self.namespace();
+        if rv == UNCONDITIONAL {
+            // An earlier incarnation of this process (no renewal to race with): its record
+            // first, which every member drops at once, then its heartbeat.
+            let record = record_name(heartbeat);
+            let what = || format!("delete Lease {ns}/{record}");
+            let gone = match self
+                .call(what, self.api.delete_lease(ns, record, None))
+                .await
+            {
+                Ok(()) => true,
+                Err(e) if matches!(e.error, ApiError::NotFound(_)) => false,
+                Err(e) => return Err(e),
+            };
+            let what = || format!("delete Lease {ns}/{heartbeat}");
+            match self
+                .call(what, self.api.delete_lease(ns, heartbeat, None))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if matches!(e.error, ApiError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(gone);
+        }
         let what = || format!("delete Lease {ns}/{heartbeat}");
         let deleted = match rv {
             "" => {
@@ -294,10 +318,6 @@ impl Session {
                     return Ok(false);
                 }
                 Ok(())
-            }
-            UNCONDITIONAL => {
-                self.call(what, self.api.delete_lease(ns, heartbeat, None))
-                    .await
             }
             rv => {
                 let precondition = (!sim::flaw("clean-without-precondition")).then_some(rv);

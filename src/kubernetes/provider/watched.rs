@@ -386,9 +386,20 @@ impl Watched for Shard {
             WatchEvent::Added(l) | WatchEvent::Modified(l) => view.liveness.observe(l, now),
             WatchEvent::Deleted(l) => {
                 view.liveness.forget(&l.meta.name);
-                view.unbeaten
-                    .records
-                    .insert(record_name(&l.meta.name).to_string());
+                let record = record_name(&l.meta.name).to_string();
+                if view.leases.objects().contains_key(&record)
+                    && !sim::flaw("k8s-orphan-record-aged")
+                {
+                    // The heartbeat went before its record: a monitor removed the member (a
+                    // graceful leave deletes the record first) and may have died before it
+                    // deleted the record too, or a person deleted the heartbeat. The member
+                    // is gone either way: its record is removed a short while later (by
+                    // whoever monitors the shard, after checking the heartbeat is absent),
+                    // unless its record goes meanwhile, as it does when the remover lives.
+                    view.liveness.expect(&l.meta.name, Duration::ZERO, now);
+                    view.orphans.insert(l.meta.name.clone());
+                }
+                view.unbeaten.records.insert(record);
             }
             WatchEvent::Bookmark(_) => {}
         }
