@@ -38,7 +38,15 @@ impl SimCluster {
                     .control
                     .listed()
                     .and_then(|(_, t)| c.oracles.spec_monitors_of(&id, &t));
-                if now.is_some_and(|now| now.iter().any(|m| !before.contains(m))) {
+                // Or a monitor that left the shard and came back (a member that ranked above it
+                // came and went): no monitor but the departed one has been one since the crash.
+                let retaken = c.oracles.monitors_since(&id).is_some_and(|since| {
+                    since
+                        .iter()
+                        .filter(|(m, _)| *m != id)
+                        .all(|(_, since)| *since > at)
+                });
+                if retaken || now.is_some_and(|now| now.iter().any(|m| !before.contains(m))) {
                     c.recorder
                         .count("failover: judged one bound later (its shard's monitors changed)");
                     sleep(bound).await;

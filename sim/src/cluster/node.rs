@@ -77,6 +77,7 @@ impl NodeSpec {
         let id = ctx.member.id.clone();
         self.recorder
             .trace(&self.name, format!("incarnation {id} starting"));
+
         {
             let mut m = lock(&self.metrics);
             m.push(MetricSource::Events(ctx.events.metrics().clone()));
@@ -208,6 +209,9 @@ impl NodeSpec {
                     if let Some(inc) = lock(&self.current).as_mut() {
                         let old = std::mem::replace(&mut inc.id, next.clone());
                         inc.abandoned_ids.push(old);
+                    }
+                    if !self.is_client {
+                        self.oracles.abandoned(ctx.member.id.clone());
                     }
                     ctx = ctx.with_member_id(next);
                     sleep(Duration::from_secs(1)).await;

@@ -67,6 +67,8 @@ pub struct Leases {
     /// Sharded heartbeats: the monitors of each shard as the design specifies them for the
     /// topology last checked (its version), with when each became one.
     monitors: Option<(u64, ShardMonitors)>,
+    /// Ids the harness gave up on (start attempts that failed), all runs.
+    abandoned: BTreeSet<MemberId>,
 }
 
 /// For each shard, its monitors with when each became one.
@@ -181,6 +183,52 @@ impl Leases {
         self.published = None;
         self.next_deadline = None;
         self.monitors = None;
+    }
+
+    /// Sharded heartbeats: the monitors of `id`'s shard (of `shards`) as last checked, each
+    /// with when it became one.
+    pub fn monitors_since(&self, id: &MemberId, shards: u32) -> Option<Vec<(MemberId, Instant)>> {
+        let (_, monitors) = self.monitors.as_ref()?;
+        monitors.get(spec_shard(id, shards) as usize).cloned()
+    }
+
+    /// The harness gave up on `id` (a failed start attempt).
+    pub fn abandoned(&mut self, id: MemberId) {
+        self.abandoned.insert(id);
+    }
+
+    /// A join of `id` at `address` accepted at `at` that is stale: the harness abandoned `id`
+    /// (its start attempt timed out and the process started again under another id) and a
+    /// live member is registered there (the join landed late). The stale one is then the one
+    /// to go, as soon as the live one can remove it, rather than superseding it. Whether the
+    /// join was taken as stale.
+    pub fn stale_join(&mut self, id: &MemberId, address: &str, at: Instant) -> bool {
+        if !self.abandoned.contains(id) {
+            return false;
+        }
+        let Some(current) = self
+            .by_address
+            .get(address)
+            .and_then(|there| there.iter().rev().find(|other| *other != id))
+            .cloned()
+        else {
+            return false;
+        };
+        self.changes += 1;
+        self.registrations.insert(
+            id.clone(),
+            Registration {
+                member: true,
+                address: address.to_string(),
+                renewed_at: at,
+                left_at: Some(at),
+                superseded_by: Some(current),
+                extended: (Duration::ZERO, Duration::ZERO),
+                sharded: None,
+                zone: None,
+            },
+        );
+        true
     }
 
     /// A join was accepted. A member joining at the address of another member id supersedes

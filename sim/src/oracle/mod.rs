@@ -247,9 +247,22 @@ impl Oracles {
 
     /// The registry accepted a join of `id` at `address`.
     pub fn joined(&self, id: MemberId, member: bool, address: String) {
-        self.lock()
-            .lease
-            .joined(id, member, address, Instant::now());
+        let mut state = self.lock();
+        // Where members remove each other (Kubernetes), a late join of an id the harness
+        // abandoned (a start attempt that timed out) does not supersede the live one there.
+        if member
+            && self.bounds.cleaned_by_peers
+            && state.lease.stale_join(&id, &address, Instant::now())
+        {
+            return;
+        }
+        state.lease.joined(id, member, address, Instant::now());
+    }
+
+    /// The harness gave up on `id`: a start attempt under it failed and the process tries
+    /// again under another id.
+    pub fn abandoned(&self, id: MemberId) {
+        self.lock().lease.abandoned(id);
     }
 
     /// The backend accepted a join of `id` at `address` whose lease started at `at` (etcd: the
@@ -275,6 +288,14 @@ impl Oracles {
     /// endpoint's, as the harness placed it).
     pub fn zone_of(&self, id: &MemberId, zone: Option<String>) {
         self.lock().lease.zone_of(id, zone);
+    }
+
+    /// Sharded heartbeats: the monitors of member `id`'s shard as the lease oracle last
+    /// checked them, each with when it (last) became one; `None` without sharded heartbeats
+    /// or before a check.
+    pub fn monitors_since(&self, id: &MemberId) -> Option<Vec<(MemberId, Instant)>> {
+        let (shards, _) = self.bounds.monitors?;
+        self.lock().lease.monitors_since(id, shards)
     }
 
     /// Sharded heartbeats: the monitors of member `id`'s shard as the design specifies them,
