@@ -840,39 +840,31 @@ pub fn all() -> Vec<Scenario> {
                 "kubernetes: monitored shards changed",
             ],
         ),
-        Scenario {
-            knobs: Some(|k| {
+        k8s_migration(
+            "k8s-migrate-to-sharded",
+            "Kubernetes, a cluster migrating from every member watching every Lease to sharded heartbeats (8 shards, 2 monitors): every Pod replaced in turn by one with the new setting, a member crashing meanwhile and restarting, another crashing for good",
+            |k| {
                 k.k8s_heartbeats = Some((8, 2));
                 k.k8s_migrate = Some(crate::knobs::Migration::ToSharded);
-            }),
-            ..k8s(
-                "k8s-migrate-to-sharded",
-                "Kubernetes, a cluster migrating from every member watching every Lease to sharded heartbeats (8 shards, 2 monitors): every Pod replaced in turn by one with the new setting, a member crashing meanwhile and restarting, another crashing for good",
-                75,
-                migration,
-                &[
-                    "kubernetes: records touched",
-                    "kubernetes: expired leases deleted",
-                    "kubernetes: monitored shards changed",
-                ],
-            )
-        },
-        Scenario {
-            knobs: Some(|k| {
+            },
+            &[
+                "kubernetes: records touched",
+                "kubernetes: expired leases deleted",
+                "kubernetes: monitored shards changed",
+            ],
+        ),
+        k8s_migration(
+            "k8s-migrate-to-everyone",
+            "Kubernetes, a cluster rolled back from sharded heartbeats (8 shards, 2 monitors) to every member watching every Lease: every Pod replaced in turn by one with the old setting, a member crashing meanwhile and restarting, another crashing for good",
+            |k| {
                 k.k8s_heartbeats = Some((8, 2));
                 k.k8s_migrate = Some(crate::knobs::Migration::ToEveryone);
-            }),
-            ..k8s(
-                "k8s-migrate-to-everyone",
-                "Kubernetes, a cluster rolled back from sharded heartbeats (8 shards, 2 monitors) to every member watching every Lease: every Pod replaced in turn by one with the old setting, a member crashing meanwhile and restarting, another crashing for good",
-                75,
-                migration,
-                &[
-                    "kubernetes: records touched",
-                    "kubernetes: expired leases deleted",
-                ],
-            )
-        },
+            },
+            &[
+                "kubernetes: records touched",
+                "kubernetes: expired leases deleted",
+            ],
+        ),
         k8s_sharded(
             "k8s-sharded-network",
             "Kubernetes, sharded heartbeats: lost replies, swizzle-clogging, watch streams reset, a one-way cut, a crash",
@@ -1182,6 +1174,20 @@ fn k8s(
         known_failure: None,
         knobs: None,
         seeds_divisor: 1,
+    }
+}
+
+/// A Kubernetes cluster migrating between heartbeat settings (`settings` says which way, and
+/// the sharded one): the `migration` schedule.
+fn k8s_migration(
+    name: &'static str,
+    about: &'static str,
+    settings: fn(&mut Knobs),
+    covers: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        knobs: Some(settings),
+        ..k8s(name, about, 75, migration, covers)
     }
 }
 

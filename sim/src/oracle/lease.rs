@@ -34,6 +34,22 @@ struct Registration {
     zone: Option<String>,
 }
 
+impl Registration {
+    /// A join of a member (or a client) at `address`, accepted at `at`.
+    fn new(member: bool, address: String, at: Instant) -> Self {
+        Self {
+            member,
+            address,
+            renewed_at: at,
+            left_at: None,
+            superseded_by: None,
+            extended: (Duration::ZERO, Duration::ZERO),
+            sharded: None,
+            zone: None,
+        }
+    }
+}
+
 /// What the lease oracle asks the cluster about the nodes (the faults the harness applied).
 pub struct Judge<'a> {
     /// Since when a member's path to the registry has been undisturbed (`None`: disturbed now).
@@ -215,19 +231,10 @@ impl Leases {
             return false;
         };
         self.changes += 1;
-        self.registrations.insert(
-            id.clone(),
-            Registration {
-                member: true,
-                address: address.to_string(),
-                renewed_at: at,
-                left_at: Some(at),
-                superseded_by: Some(current),
-                extended: (Duration::ZERO, Duration::ZERO),
-                sharded: None,
-                zone: None,
-            },
-        );
+        let mut stale = Registration::new(true, address.to_string(), at);
+        stale.left_at = Some(at);
+        stale.superseded_by = Some(current);
+        self.registrations.insert(id.clone(), stale);
         true
     }
 
@@ -254,19 +261,8 @@ impl Leases {
                 .or_default()
                 .insert(id.clone());
         }
-        self.registrations.insert(
-            id,
-            Registration {
-                member,
-                address,
-                renewed_at: at,
-                left_at: None,
-                superseded_by: None,
-                extended: (Duration::ZERO, Duration::ZERO),
-                sharded: None,
-                zone: None,
-            },
-        );
+        self.registrations
+            .insert(id, Registration::new(member, address, at));
     }
 
     /// Kubernetes: `id`'s zone, where the design spreads a shard's monitors.

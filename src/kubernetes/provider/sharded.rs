@@ -284,61 +284,28 @@ impl Session {
     /// aged from now instead. Whether the member was removed.
     pub(super) async fn clean_member(&self, heartbeat: &str, rv: &str) -> Result<bool, CallError> {
         let ns = self.namespace();
+        let record = record_name(heartbeat);
         if rv == UNCONDITIONAL {
             // An earlier incarnation of this process (no renewal to race with): its record
             // first, which every member drops at once, then its heartbeat.
-            let record = record_name(heartbeat);
-            let what = || format!("delete Lease {ns}/{record}");
-            let gone = match self
-                .call(what, self.api.delete_lease(ns, record, None))
-                .await
-            {
-                Ok(()) => true,
-                Err(e) if matches!(e.error, ApiError::NotFound(_)) => false,
-                Err(e) => return Err(e),
-            };
-            let what = || format!("delete Lease {ns}/{heartbeat}");
-            match self
-                .call(what, self.api.delete_lease(ns, heartbeat, None))
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if matches!(e.error, ApiError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
+            let gone = self.delete_if_there(record, None).await?;
+            self.delete_if_there(heartbeat, None).await?;
             return Ok(gone);
         }
-        let what = || format!("delete Lease {ns}/{heartbeat}");
-        let deleted = match rv {
-            "" => {
-                self.metrics.heartbeats_missing.inc();
-                let get = || format!("get Lease {ns}/{heartbeat}");
-                if let Some(l) = self.call(get, self.api.get_lease(ns, heartbeat)).await? {
-                    lock(&self.view).liveness.observe(&l, self.clock().now());
-                    return Ok(false);
-                }
-                Ok(())
+        if rv.is_empty() {
+            self.metrics.heartbeats_missing.inc();
+            let get = || format!("get Lease {ns}/{heartbeat}");
+            if let Some(l) = self.call(get, self.api.get_lease(ns, heartbeat)).await? {
+                lock(&self.view).liveness.observe(&l, self.clock().now());
+                return Ok(false);
             }
-            rv => {
-                let precondition = (!sim::flaw("clean-without-precondition")).then_some(rv);
-                self.call(what, self.api.delete_lease(ns, heartbeat, precondition))
-                    .await
-            }
-        };
-        match deleted {
-            Ok(()) => {}
-            // Another monitor got there first: the record is deleted all the same.
-            Err(e) if matches!(e.error, ApiError::NotFound(_)) => {}
-            Err(e) => return Err(e),
+        } else {
+            let precondition = (!sim::flaw("clean-without-precondition")).then_some(rv);
+            // Gone already: another monitor got there first; the record goes all the same.
+            self.delete_if_there(heartbeat, precondition).await?;
         }
-        let record = record_name(heartbeat);
-        let what = || format!("delete Lease {ns}/{record}");
-        match self
-            .call(what, self.api.delete_lease(ns, record, None))
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) if matches!(e.error, ApiError::NotFound(_)) => Ok(false),
+        match self.delete_if_there(record, None).await {
+            Ok(gone) => Ok(gone),
             Err(e) => {
                 // The heartbeat is gone: the retry must not wait for a version of it.
                 lock(&self.view).liveness.expect(
@@ -348,6 +315,25 @@ impl Session {
                 );
                 Err(e)
             }
+        }
+    }
+
+    /// Deletes Lease `name` (with `precondition` as its resource version, if any); whether it
+    /// was there to delete.
+    async fn delete_if_there(
+        &self,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> Result<bool, CallError> {
+        let ns = self.namespace();
+        let what = || format!("delete Lease {ns}/{name}");
+        match self
+            .call(what, self.api.delete_lease(ns, name, precondition))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.error, ApiError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
