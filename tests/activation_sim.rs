@@ -329,7 +329,8 @@ async fn an_identity_moves_to_a_joining_member_with_its_state_and_is_active_once
         c.member.id.clone(),
         x.clone(),
     );
-    let (to_a, to_c) = from_outside(async move {
+    let a_member = a.member.clone();
+    let (to_a, to_c, released) = from_outside(async move {
         let transport = GrpcTransport::new("c", TokioClock::shared(), Duration::from_secs(1));
         let to_a = transport.call(&aa, "k", &xx, &old_fence, Vec::new()).await;
         let older = shoal::activation::Fence {
@@ -337,9 +338,17 @@ async fn an_identity_moves_to_a_joining_member_with_its_state_and_is_active_once
             ..old_fence
         };
         let to_c = transport.call(&ca, "k", &xx, &older, Vec::new()).await;
-        (to_a, to_c)
+        // a, asked to let go again, answers with what it keeps and as which incarnation (a
+        // claimant reads the answer as that incarnation's, not the one it asked).
+        let released = transport.release(&a_member, "k", &xx, &older, &ca).await;
+        (to_a, to_c, released)
     })
     .await;
+    let released = released.unwrap();
+    assert_eq!(released.answered_as.as_ref(), Some(&a.member.id));
+    assert!(!released.was_active);
+    assert_eq!(released.generation, 1, "a held x as generation 1");
+    assert!(released.settled.is_some(), "c settled a's state");
     assert!(
         matches!(
             to_a,

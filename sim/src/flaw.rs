@@ -45,6 +45,11 @@ pub enum Flaw {
     /// Planted in the hand-off's choice: the first state any member kept is used, whatever its
     /// generation (an old copy can win over the newest state).
     HandoffAnyState,
+    /// Planted in the claimant's hand-off round: an answer is read as the incarnation asked,
+    /// not the one that answered (a process asked as its earlier incarnation answers with its
+    /// current one's records: "nothing kept" then reads as "never activated", and a copy that
+    /// incarnation superseded passes for the newest state).
+    ReleaseAnswerAsAsked,
     /// Planted in the activation host: calls to one activation are not taken in turns (a kind
     /// that did not opt into concurrency gets concurrent calls).
     TurnsIgnored,
@@ -225,6 +230,7 @@ impl Flaw {
             Flaw::ReleaseBeforeDrained => "release-before-drained",
             Flaw::CallsOutliveDrain => "calls-outlive-drain",
             Flaw::HandoffAnyState => "handoff-any-state",
+            Flaw::ReleaseAnswerAsAsked => "release-answer-as-asked",
             Flaw::TurnsIgnored => "turns-ignored",
             Flaw::NeverExpire => "never-expire",
             Flaw::HeartbeatNoRenew => "heartbeat-no-renew",

@@ -232,7 +232,18 @@ impl Transport for GrpcTransport {
             })?;
             Some((by, r.settled_generation))
         };
+        let answered_as = if r.answered_as.is_empty() {
+            None
+        } else {
+            Some(
+                MemberId::parse(&r.answered_as).map_err(|e| CallError::Unreachable {
+                    address: member.address.clone(),
+                    message: format!("malformed answer: answered_as {:?}: {e}", r.answered_as),
+                })?,
+            )
+        };
         Ok(Released {
+            answered_as,
             was_active: r.was_active,
             handed: r.has_handed_state.then_some(r.handed_state),
             generation: r.generation,

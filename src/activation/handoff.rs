@@ -284,6 +284,11 @@ impl HandOffs {
         }
     }
 
+    /// The member incarnation the records belong to.
+    pub fn incarnation(&self) -> &MemberId {
+        &self.incarnation
+    }
+
     /// How many records are kept.
     pub fn len(&self) -> usize {
         self.by_key.len()

@@ -108,6 +108,10 @@ pub struct Released {
     /// Whether that member dropped the state because it lost its membership after that
     /// generation: a record older than any line begun while it was not listed.
     pub lost: bool,
+    /// The incarnation whose records the answer reports, if the answer says (a process asked
+    /// as an earlier incarnation answers as its current one, having forgotten the earlier
+    /// one's records); `None`: the one asked.
+    pub answered_as: Option<MemberId>,
 }
 
 /// A refusal's kind, as it crosses the network.
@@ -1051,10 +1055,27 @@ impl ActivationHost {
         let mine = lock(&self.handed)
             .get(&(kind.to_string(), identity.to_string()))
             .cloned();
+        // An answer speaks for the incarnation that gave it: a process asked as an earlier
+        // incarnation has forgotten that one's records, and its "nothing kept" must not read as
+        // "that incarnation never activated it" (which would revive a copy it superseded).
+        let as_asked = crate::runtime::sim::flaw("release-answer-as-asked");
+        let answered_as = |m: &'_ Member, r: &'_ Released| -> MemberId {
+            match &r.answered_as {
+                Some(id) if !as_asked => id.clone(),
+                _ => m.id.clone(),
+            }
+        };
+        let answers: Vec<(Member, Released, MemberId)> = answers
+            .into_iter()
+            .map(|(m, r)| {
+                let id = answered_as(&m, &r);
+                (m, r, id)
+            })
+            .collect();
         let read: Vec<Answer<'_>> = answers
             .iter()
-            .map(|(m, r)| Answer {
-                member: &m.id,
+            .map(|(_, r, id)| Answer {
+                member: id,
                 generation: r.generation,
                 state: r.handed.as_deref(),
                 settled: r.settled.as_ref().map(|(by, g)| (by, *g)),
@@ -1074,8 +1095,8 @@ impl ActivationHost {
         let settle_with = chosen
             .from
             .as_ref()
-            .and_then(|from| answers.iter().find(|(m, _)| &m.id == from))
-            .map(|(m, _)| m.clone());
+            .and_then(|from| answers.iter().find(|(_, _, id)| id == from))
+            .map(|(m, _, _)| m.clone());
         Ok((chosen, settle_with))
     }
 
@@ -1168,9 +1189,16 @@ impl ActivationHost {
     /// The answer to claimant `to`: a copy of what this node kept of `key` (it keeps it: see
     /// `handoff.rs`).
     fn hand_over(&self, key: &(String, String), to: &MemberId, was_active: bool) -> Released {
-        let kept = lock(&self.handed).get(key).cloned().unwrap_or_default();
-        tracing::debug!(member = %self.ctx.member.id, claimant = %to, kind = %key.0, identity = %key.1, generation = kept.generation, state = kept.state.is_some(), "let go");
+        let (kept, answered_as) = {
+            let handed = lock(&self.handed);
+            (
+                handed.get(key).cloned().unwrap_or_default(),
+                handed.incarnation().clone(),
+            )
+        };
+        tracing::debug!(member = %answered_as, claimant = %to, kind = %key.0, identity = %key.1, generation = kept.generation, state = kept.state.is_some(), "let go");
         Released {
+            answered_as: Some(answered_as),
             was_active,
             handed: kept.state,
             generation: kept.generation,

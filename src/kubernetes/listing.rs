@@ -61,15 +61,30 @@ pub struct Listing {
     touched: BTreeSet<String>,
 }
 
-/// The Pod endpoints of `slice` by Pod name, in the slice's order.
-fn by_pod(slice: Option<&EndpointSlice>) -> BTreeMap<&str, Vec<&Endpoint>> {
-    let mut pods: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
-    for e in slice.iter().flat_map(|s| &s.endpoints) {
-        if let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind == "Pod") {
-            pods.entry(pod.name.as_str()).or_default().push(e);
-        }
-    }
+/// The Pod endpoints of `slice`, sorted by Pod name (each Pod's in the slice's order): two
+/// allocations at most, where a map of Pods cost one per Pod (this runs for every slice event
+/// on every member).
+fn by_pod(slice: Option<&EndpointSlice>) -> Vec<(&str, &Endpoint)> {
+    let mut pods: Vec<(&str, &Endpoint)> = slice
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| {
+            e.target_ref
+                .as_ref()
+                .filter(|r| r.kind == "Pod")
+                .map(|r| (r.name.as_str(), e))
+        })
+        .collect();
+    // Stable: a Pod's endpoints stay in the slice's order.
+    pods.sort_by(|a, b| a.0.cmp(b.0));
     pods
+}
+
+/// [`by_pod`]'s entries grouped by Pod, in Pod name order.
+type PodEndpoints<'a> = (&'a str, &'a [(&'a str, &'a Endpoint)]);
+
+fn pods<'a>(sorted: &'a [(&'a str, &'a Endpoint)]) -> impl Iterator<Item = PodEndpoints<'a>> {
+    sorted.chunk_by(|a, b| a.0 == b.0).map(|g| (g[0].0, g))
 }
 
 impl Listing {
@@ -107,26 +122,43 @@ impl Listing {
             return;
         }
         let (before, after) = (by_pod(before), by_pod(after));
-        for (pod, endpoints) in &before {
-            if after.get(pod) != Some(endpoints) {
-                self.touched.insert(pod.to_string());
-            }
-            if !after.contains_key(pod)
-                && let Some(slices) = self.pod_slices.get_mut(*pod)
-            {
-                slices.remove(name);
-                if slices.is_empty() {
-                    self.pod_slices.remove(*pod);
+        let (mut before, mut after) = (pods(&before).peekable(), pods(&after).peekable());
+        loop {
+            let order = match (before.peek(), after.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((b, _)), Some((a, _))) => b.cmp(a),
+            };
+            match order {
+                // Gone from this slice.
+                std::cmp::Ordering::Less => {
+                    let Some((pod, _)) = before.next() else { break };
+                    self.touched.insert(pod.to_string());
+                    if let Some(slices) = self.pod_slices.get_mut(pod) {
+                        slices.remove(name);
+                        if slices.is_empty() {
+                            self.pod_slices.remove(pod);
+                        }
+                    }
                 }
-            }
-        }
-        for pod in after.keys() {
-            if !before.contains_key(pod) {
-                self.touched.insert(pod.to_string());
-                self.pod_slices
-                    .entry(pod.to_string())
-                    .or_default()
-                    .insert(name.to_string());
+                // New in this slice.
+                std::cmp::Ordering::Greater => {
+                    let Some((pod, _)) = after.next() else { break };
+                    self.touched.insert(pod.to_string());
+                    self.pod_slices
+                        .entry(pod.to_string())
+                        .or_default()
+                        .insert(name.to_string());
+                }
+                std::cmp::Ordering::Equal => {
+                    let (Some((pod, was)), Some((_, is))) = (before.next(), after.next()) else {
+                        break;
+                    };
+                    if was.len() != is.len() || was.iter().zip(is).any(|(w, i)| w.1 != i.1) {
+                        self.touched.insert(pod.to_string());
+                    }
+                }
             }
         }
     }
@@ -140,7 +172,7 @@ impl Listing {
         self.touched.extend(serving.keys().cloned());
         self.pod_slices.clear();
         for (name, slice) in slices {
-            for pod in by_pod(Some(slice)).keys() {
+            for (pod, _) in pods(&by_pod(Some(slice))) {
                 self.pod_slices
                     .entry(pod.to_string())
                     .or_default()

@@ -210,6 +210,11 @@ impl pb::partition_service_server::PartitionService for PartitionService {
             held_epoch: released.under.0,
             held_version: released.under.1,
             lost_with_membership: released.lost,
+            answered_as: released
+                .answered_as
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }))
     }
 

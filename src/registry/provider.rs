@@ -18,7 +18,7 @@ use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
-use crate::runtime::{SharedClock, TaskSet, sim, timeout};
+use crate::runtime::{IdleTimeout, SharedClock, TaskSet, sim, timeout};
 
 /// Settings of a [`RegistryProvider`].
 #[derive(Clone)]
@@ -575,14 +575,10 @@ impl Session {
                 return WatchEnd::Failed(format!("watch refused: {:?} {}", s.code(), s.message()));
             }
         };
+        // One timer per idle period, not one per message (see `IdleTimeout`).
+        let mut idle = IdleTimeout::new(self.clock().clone(), self.config.watch_idle_timeout);
         loop {
-            let msg = match timeout(
-                self.clock().as_ref(),
-                self.config.watch_idle_timeout,
-                stream.message(),
-            )
-            .await
-            {
+            let msg = match idle.run(stream.message()).await {
                 Err(_) => {
                     return WatchEnd::Idle(format!(
                         "watch quiet for {:?}",

@@ -46,12 +46,12 @@ pub struct KubernetesProviderConfig {
     /// settings can share a cluster while it migrates (docs/providers/kubernetes.md,
     /// "Migrating"); members with sharded heartbeats must all use the same one.
     pub heartbeats: Heartbeats,
-    /// Topologies are issued at most this often (default zero: each change at once): a change
-    /// after a quiet while goes out at once, a burst of them together. Not on by default: in
-    /// simulation 50 ms saves a fifth of the host time at 300–500 members (each node's listing
-    /// is kept incrementally, so a topology is cheap), and `k8s-network` seeds 1000–1999 lost
-    /// an actor's state in three seeds with it against one without (the activation layer's
-    /// hand-off; docs/simulation.md, "Seen and not fixed").
+    /// Topologies are issued at most this often (default 50 ms): a change after a quiet while
+    /// goes out at once, a burst of them (a cluster of thousands starting, a Service's
+    /// endpoints changing Pod by Pod) together, so each node applies one topology per burst,
+    /// not one per member (each costs every node O(members)). Zero issues every change at
+    /// once. (Off by default until 2026-12-07: with it the simulator found an actor's state
+    /// rolled back by the activation layer's hand-off, fixed since: docs/activation.md.)
     pub min_publish_interval: Duration,
 }
 
@@ -79,7 +79,7 @@ impl KubernetesProviderConfig {
             max_clock_drift_ppm: LeaseTiming::DEFAULT_MAX_DRIFT_PPM,
             partition_rpc_timeout: Duration::from_secs(2),
             heartbeats: Heartbeats::SHARDED,
-            min_publish_interval: Duration::ZERO,
+            min_publish_interval: Duration::from_millis(50),
         }
     }
 

@@ -46,7 +46,7 @@ use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
-use crate::runtime::{Instant, SharedClock, TaskSet, jitter, sim, timeout};
+use crate::runtime::{IdleTimeout, Instant, SharedClock, TaskSet, jitter, sim, timeout};
 
 mod config;
 mod reflect;

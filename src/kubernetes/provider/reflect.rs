@@ -151,14 +151,10 @@ impl Session {
         let mut stream = w.watch(self, from).await?;
         let opened = self.clock().now();
         let mut events = 0u64;
+        // One timer per idle period, not one per event (see `IdleTimeout`).
+        let mut idle = IdleTimeout::new(self.clock().clone(), self.config.watch_idle_timeout);
         loop {
-            let event = match timeout(
-                self.clock().as_ref(),
-                self.config.watch_idle_timeout,
-                stream.next(),
-            )
-            .await
-            {
+            let event = match idle.run(stream.next()).await {
                 Err(_) => {
                     return Err(CallError {
                         what: format!("watch {}", w.kind()),

@@ -647,11 +647,12 @@ impl KubeDoor {
             let repeat = misbehave
                 && matches!(&e, Ok(WatchEvent::Modified(_) | WatchEvent::Added(_)))
                 && madsim::rand::random::<u32>() % 100 < 5;
-            let mut out = vec![wrap(e.clone())];
+            let mut out = Vec::with_capacity(2);
             if repeat {
                 rec.count("door: watch event sent twice");
-                out.push(wrap(e));
+                out.push(wrap(e.clone()));
             }
+            out.push(wrap(e));
             for i in &out {
                 meter.event(i.bytes());
             }
