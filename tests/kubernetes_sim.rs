@@ -21,6 +21,7 @@ use shoal::kubernetes::api::{
 };
 use shoal::kubernetes::members::{ADDRESS_ANNOTATION, CLUSTER_LABEL};
 use shoal::kubernetes::memory::MemoryApiServer;
+use shoal::kubernetes::shards::SHARD_LABEL;
 use shoal::kubernetes::{Heartbeats, KubernetesProvider, KubernetesProviderConfig};
 use shoal::{
     ClusterEvent, ClusterProvider, ClusterProviderContext, Description, MemberId, PartitionManager,
@@ -41,6 +42,8 @@ struct Link {
     watch_opens: Arc<AtomicU64>,
     /// The resource version of every Lease list (empty: a quorum read).
     lease_lists: Arc<Mutex<Vec<String>>>,
+    /// The resource version of every first page of a heartbeat shard's list.
+    shard_lists: Arc<Mutex<Vec<String>>>,
 }
 
 impl Link {
@@ -104,6 +107,12 @@ impl KubeApi for Link {
             .lock()
             .unwrap()
             .push(options.resource_version.clone());
+        if sel.contains_key(SHARD_LABEL) && options.continue_token.is_none() {
+            self.shard_lists
+                .lock()
+                .unwrap()
+                .push(options.resource_version.clone());
+        }
         self.server.list_leases(ns, sel, options).await
     }
     async fn watch_leases(
@@ -231,6 +240,7 @@ impl Cluster {
             short_watches: Arc::default(),
             watch_opens: Arc::default(),
             lease_lists: Arc::default(),
+            shard_lists: Arc::default(),
             deletes: Arc::default(),
         };
         self.links.insert(i, link.clone());
@@ -339,6 +349,28 @@ async fn members_see_each_other_and_a_crashed_member_is_removed_within_the_bound
 #[madsim::test]
 async fn with_sharded_heartbeats_a_crashed_member_is_removed_within_the_bound() {
     crashed_member_removed_within_the_bound(sharded_config(), 2).await;
+}
+
+/// A member that starts monitoring a heartbeat shard lists it from the API server's watch
+/// cache (not older than what its records' watch saw), not with a quorum read from etcd: at
+/// scale, monitors move at every membership change. The crash moves shards to new monitors.
+#[madsim::test]
+async fn heartbeat_shards_are_listed_from_the_watch_cache() {
+    let mut c = Cluster::new(sharded_config());
+    for i in 1..=3 {
+        c.start(i, true);
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    c.h.kill(c.nodes[&3].id());
+    c.wait_sizes(&[1, 2], 2, Duration::from_secs(20)).await;
+    for i in [1, 2] {
+        let lists = c.links[&i].shard_lists.lock().unwrap().clone();
+        assert!(!lists.is_empty(), "node {i} listed no heartbeat shard");
+        assert!(
+            lists.iter().all(|rv| !rv.is_empty()),
+            "node {i} listed a heartbeat shard with a quorum read: {lists:?}"
+        );
+    }
 }
 
 /// Three members with `config`, each writing `leases` Leases; one crashes.

@@ -74,6 +74,23 @@ impl<T: Object + PartialEq> Reflector<T> {
         }
     }
 
+    /// An empty, unsynced cache whose first list asks for a state not older than
+    /// `resource_version` (of the same resource, seen by another of this client's watches):
+    /// the API server serves it from its watch cache, not with a quorum read from etcd. A
+    /// member that starts monitoring a heartbeat shard lists it this way (at scale, monitors
+    /// move with every membership change). Empty: a quorum read, as [`Self::new`].
+    pub fn not_older_than(resource_version: &str) -> Self {
+        Self {
+            last_synced: resource_version.to_string(),
+            ..Self::new()
+        }
+    }
+
+    /// The newest version seen (list, event or bookmark); empty before the first list.
+    pub fn last_synced(&self) -> &str {
+        &self.last_synced
+    }
+
     /// What to ask next.
     pub fn next(&self) -> Next {
         match &self.resource_version {

@@ -224,8 +224,14 @@ impl Session {
             return;
         }
         view.heartbeats.retain(|s, _| mine.contains_key(s));
+        // A new shard is listed from the watch cache, not older than what the records' watch
+        // saw (same resource, same versions): at scale, monitors move at every membership
+        // change, and each quorum read would go to etcd.
+        let seen = view.leases.last_synced();
         for s in mine.keys() {
-            view.heartbeats.entry(*s).or_default();
+            view.heartbeats
+                .entry(*s)
+                .or_insert_with(|| Reflector::not_older_than(seen));
         }
         let unmarked = &view.unmarked;
         view.liveness.park(
