@@ -114,6 +114,19 @@ pub struct Released {
     pub answered_as: Option<MemberId>,
 }
 
+impl Released {
+    /// The incarnation this answer speaks for, given the one that was asked: the one that
+    /// gave it. A process asked as an earlier incarnation has forgotten that one's records, and
+    /// its "nothing kept" must not read as "that incarnation never activated it" (which would
+    /// revive a copy it superseded).
+    pub fn speaks_for<'a>(&'a self, asked: &'a MemberId) -> &'a MemberId {
+        match &self.answered_as {
+            Some(id) if !crate::runtime::sim::flaw("release-answer-as-asked") => id,
+            _ => asked,
+        }
+    }
+}
+
 /// A refusal's kind, as it crosses the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefusalCode {
@@ -1055,27 +1068,10 @@ impl ActivationHost {
         let mine = lock(&self.handed)
             .get(&(kind.to_string(), identity.to_string()))
             .cloned();
-        // An answer speaks for the incarnation that gave it: a process asked as an earlier
-        // incarnation has forgotten that one's records, and its "nothing kept" must not read as
-        // "that incarnation never activated it" (which would revive a copy it superseded).
-        let as_asked = crate::runtime::sim::flaw("release-answer-as-asked");
-        let answered_as = |m: &'_ Member, r: &'_ Released| -> MemberId {
-            match &r.answered_as {
-                Some(id) if !as_asked => id.clone(),
-                _ => m.id.clone(),
-            }
-        };
-        let answers: Vec<(Member, Released, MemberId)> = answers
-            .into_iter()
-            .map(|(m, r)| {
-                let id = answered_as(&m, &r);
-                (m, r, id)
-            })
-            .collect();
         let read: Vec<Answer<'_>> = answers
             .iter()
-            .map(|(_, r, id)| Answer {
-                member: id,
+            .map(|(m, r)| Answer {
+                member: r.speaks_for(&m.id),
                 generation: r.generation,
                 state: r.handed.as_deref(),
                 settled: r.settled.as_ref().map(|(by, g)| (by, *g)),
@@ -1095,8 +1091,8 @@ impl ActivationHost {
         let settle_with = chosen
             .from
             .as_ref()
-            .and_then(|from| answers.iter().find(|(_, _, id)| id == from))
-            .map(|(m, _, _)| m.clone());
+            .and_then(|from| answers.iter().find(|(m, r)| r.speaks_for(&m.id) == from))
+            .map(|(m, _)| m.clone());
         Ok((chosen, settle_with))
     }
 

@@ -122,18 +122,21 @@ impl Listing {
             return;
         }
         let (before, after) = (by_pod(before), by_pod(after));
-        let (mut before, mut after) = (pods(&before).peekable(), pods(&after).peekable());
-        loop {
-            let order = match (before.peek(), after.peek()) {
-                (None, None) => break,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
+        let before: Vec<PodEndpoints<'_>> = pods(&before).collect();
+        let after: Vec<PodEndpoints<'_>> = pods(&after).collect();
+        // Both in Pod name order: merged.
+        let (mut i, mut j) = (0, 0);
+        while i < before.len() || j < after.len() {
+            let order = match (before.get(i), after.get(j)) {
                 (Some((b, _)), Some((a, _))) => b.cmp(a),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
             };
             match order {
                 // Gone from this slice.
                 std::cmp::Ordering::Less => {
-                    let Some((pod, _)) = before.next() else { break };
+                    let pod = before[i].0;
+                    i += 1;
                     self.touched.insert(pod.to_string());
                     if let Some(slices) = self.pod_slices.get_mut(pod) {
                         slices.remove(name);
@@ -144,7 +147,8 @@ impl Listing {
                 }
                 // New in this slice.
                 std::cmp::Ordering::Greater => {
-                    let Some((pod, _)) = after.next() else { break };
+                    let pod = after[j].0;
+                    j += 1;
                     self.touched.insert(pod.to_string());
                     self.pod_slices
                         .entry(pod.to_string())
@@ -152,9 +156,8 @@ impl Listing {
                         .insert(name.to_string());
                 }
                 std::cmp::Ordering::Equal => {
-                    let (Some((pod, was)), Some((_, is))) = (before.next(), after.next()) else {
-                        break;
-                    };
+                    let ((pod, was), (_, is)) = (before[i], after[j]);
+                    (i, j) = (i + 1, j + 1);
                     if was.len() != is.len() || was.iter().zip(is).any(|(w, i)| w.1 != i.1) {
                         self.touched.insert(pod.to_string());
                     }

@@ -2,9 +2,10 @@
 //!
 //! A watch loop bounds each wait for the next event by the idle timeout (a stream that carries
 //! nothing for that long is reopened). Written as [`timeout`](super::timeout) around every
-//! `next()`, each event arms a fresh timer, and neither tokio's wheel nor madsim's heap drops a
-//! timer whose future was dropped before its deadline: a thousand-member simulation piled up a
-//! ten-second timer per watch event on every member (8% of its host time went to expiring them).
+//! `next()`, each event arms a fresh timer. tokio removes a dropped timer from its wheel, but
+//! madsim's timer heap keeps it until its deadline: in a thousand-member simulation every
+//! member piled up a ten-second timer per watch event (8% of the host time went to expiring
+//! them).
 //! [`IdleTimeout`] keeps one timer and, when it fires before the current wait's deadline, arms
 //! the remainder: the same bound, one timer per idle period.
 
