@@ -58,7 +58,8 @@ pub fn check_safety(cluster: &SimCluster, memo: &mut OwnerMemo) {
     // By (registry epoch, version): version numbers of two registry runs may coincide. Where
     // each node numbers its own topologies (Kubernetes), by member set instead: nodes that
     // list the same members must place the same way.
-    let per_node_versions = cluster.provider() == ProviderKind::Kubernetes;
+    let per_node_versions =
+        cluster.provider() == ProviderKind::Kubernetes || !cluster.control().epochs_agree();
     let mut by_version: BTreeMap<(u64, u64, u64), Vec<NodeSample>> = BTreeMap::new();
     for (name, _, inc) in &views {
         let t = inc.manager.topology();
@@ -80,7 +81,7 @@ pub fn check_safety(cluster: &SimCluster, memo: &mut OwnerMemo) {
             }
         };
         let group = if per_node_versions {
-            (0, 0, fp.ids)
+            (0, 0, fp.full)
         } else {
             (t.epoch(), t.version(), 0)
         };
@@ -199,7 +200,9 @@ fn converged(cluster: &SimCluster, memo: &mut ConvergeMemo) -> Result<u64, Strin
         match version {
             // Each node numbers its own topologies (no central issuer): equal member sets and
             // placement are what must agree.
-            _ if cluster.provider() == ProviderKind::Kubernetes => {
+            _ if cluster.provider() == ProviderKind::Kubernetes
+                || !cluster.control().epochs_agree() =>
+            {
                 version.get_or_insert((t.epoch(), t.version()));
             }
             None => version = Some((t.epoch(), t.version())),

@@ -134,6 +134,20 @@ pub enum Fault {
         #[serde(with = "ms")]
         down_for: Duration,
     },
+    /// The backend saves a copy of its store (`etcdctl snapshot save`), for a later
+    /// [`Fault::BackendRestore`]. Only etcd keeps one; elsewhere it does nothing.
+    BackendSnapshot,
+    /// The backend crashes and comes back restored from the last [`Fault::BackendSnapshot`]
+    /// with the same identity: for etcd `etcdctl snapshot restore` with the same cluster token
+    /// (the same cluster id, the revision back at the snapshot's, so later writes reuse
+    /// revisions members saw; the snapshot's leases start their TTL over, members that joined
+    /// since are gone and members that left since are back). For the registry a restart (its
+    /// state is lost); the API server does not model it.
+    BackendRestore {
+        /// Downtime.
+        #[serde(with = "ms")]
+        down_for: Duration,
+    },
     /// The registry process freezes (a VM pause, a long GC) and resumes with its state.
     RegistryPause {
         /// How long.
@@ -240,6 +254,8 @@ impl Fault {
             Fault::RegistryClockStep { .. } => "registry-clock-step",
             Fault::RegistryRestart { .. } => "registry-restart",
             Fault::BackendDataLoss { .. } => "backend-data-loss",
+            Fault::BackendSnapshot => "backend-snapshot",
+            Fault::BackendRestore { .. } => "backend-restore",
             Fault::RegistryPause { .. } => "registry-pause",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
@@ -266,6 +282,8 @@ impl Fault {
                 | Fault::RegistryClockStep { .. }
                 | Fault::RegistryRestart { .. }
                 | Fault::BackendDataLoss { .. }
+                | Fault::BackendSnapshot
+                | Fault::BackendRestore { .. }
                 | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
                 | Fault::BackendCut { .. }
@@ -374,6 +392,12 @@ impl fmt::Display for Fault {
                     s(down_for)
                 )
             }
+            Fault::BackendSnapshot => write!(f, "backend snapshot saved"),
+            Fault::BackendRestore { down_for } => write!(
+                f,
+                "backend restored from its snapshot (same cluster id), down {}",
+                s(down_for)
+            ),
             Fault::RegistryPause { duration } => {
                 write!(f, "registry frozen for {}", s(duration))
             }

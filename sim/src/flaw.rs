@@ -190,6 +190,9 @@ pub enum Flaw {
     /// Planted in the etcd provider: a restarted process does not delete the key of its
     /// previous incarnation at the same address.
     EtcdGhostKept,
+    /// Planted in the etcd provider: a member whose key the store holds with another value
+    /// than it wrote (a store restored from an older snapshot) leaves it as it is.
+    EtcdStaleKeyKept,
     /// Planted in the etcd provider: after losing its lease a member writes its key again
     /// under the same id (the "renewed lease, key re-put" bug of other etcd providers, inverted).
     EtcdRejoinSameId,
@@ -270,6 +273,7 @@ impl Flaw {
             Flaw::K8sRetryAfterPerWatch => "k8s-retry-after-per-watch",
             Flaw::K8sIgnoresRetryAfter => "k8s-ignores-retry-after",
             Flaw::EtcdGhostKept => "etcd-ghost-kept",
+            Flaw::EtcdStaleKeyKept => "etcd-stale-key-kept",
             Flaw::EtcdRejoinSameId => "etcd-rejoin-same-id",
             Flaw::EtcdCompactedNotRelisted => "etcd-compacted-not-relisted",
             Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",

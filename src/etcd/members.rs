@@ -131,6 +131,16 @@ impl EtcdView {
         self.revision
     }
 
+    /// The epoch of the topologies it issues (0 before its first list).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The etcd cluster id of its last list.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
     /// How many keys under the prefix the view holds (members and keys that describe none).
     pub fn key_count(&self) -> usize {
         self.keys.len()
@@ -304,6 +314,11 @@ impl EtcdView {
     /// Whether the view holds `key`.
     pub fn holds(&self, key: &str) -> bool {
         self.keys.contains_key(key)
+    }
+
+    /// The member `key` describes, if the view holds it and it describes a valid one.
+    pub fn member_at(&self, key: &str) -> Option<&Arc<Member>> {
+        self.keys.get(key).and_then(|m| m.as_ref().ok())
     }
 }
 

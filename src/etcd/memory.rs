@@ -217,6 +217,11 @@ impl MemoryEtcd {
         }
     }
 
+    /// The cluster id it answers with.
+    pub fn cluster_id(&self) -> u64 {
+        self.lock().cluster_id
+    }
+
     /// A copy of the store as it is now (`etcdctl snapshot save`).
     pub fn snapshot(&self) -> EtcdSnapshot {
         let s = self.lock();

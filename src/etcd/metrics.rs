@@ -14,6 +14,9 @@ pub struct EtcdProviderMetrics {
     /// Times this member registered again as a new incarnation (its lease expired or was
     /// revoked, or its key was deleted).
     pub rejoins: Counter,
+    /// Times this member wrote its key again because the store held another value for it than
+    /// it had written (a store restored from a snapshot taken before its last write).
+    pub own_key_rewrites: Counter,
     /// Lists after a watch's revision was compacted.
     pub relists: Counter,
     /// Watch streams that failed, went quiet or ended, and were reopened.
@@ -43,7 +46,7 @@ pub struct EtcdProviderMetrics {
 impl EtcdProviderMetrics {
     /// Registers every metric under `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        let all: [(&str, &str, &Counter); 13] = [
+        let all: [(&str, &str, &Counter); 14] = [
             (
                 "etcd_keep_alives",
                 "Keep-alives of this member's lease accepted",
@@ -58,6 +61,11 @@ impl EtcdProviderMetrics {
                 "etcd_rejoins",
                 "Registrations as a new incarnation after losing the lease or key",
                 &self.rejoins,
+            ),
+            (
+                "etcd_own_key_rewrites",
+                "Rewrites of this member's key after the store was seen holding another value for it",
+                &self.own_key_rewrites,
             ),
             (
                 "etcd_watch_relists",

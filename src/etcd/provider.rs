@@ -181,6 +181,9 @@ struct Session {
     lease: Mutex<Option<LeaseId>>,
     /// The revision of this incarnation's last write of its key.
     written_at: Mutex<Revision>,
+    /// Set when the view, past `written_at`, holds this member's key with another value than
+    /// the member's (written again at the next keep-alive round).
+    key_stale: std::sync::atomic::AtomicBool,
     /// Set when the view, past `written_at`, no longer holds this member's key.
     key_deleted: std::sync::atomic::AtomicBool,
     /// Keys of earlier incarnations at this member's address (a process restarted in place),
@@ -294,6 +297,7 @@ impl EtcdProvider {
             member: Mutex::new(ctx.member.clone()),
             lease: Mutex::new(None),
             written_at: Mutex::new(0),
+            key_stale: std::sync::atomic::AtomicBool::new(false),
             key_deleted: std::sync::atomic::AtomicBool::new(false),
             ghosts: Mutex::default(),
             standing: MemberStanding::new(
@@ -534,7 +538,17 @@ impl Session {
                 return Err(e);
             }
         }
-        if self.descriptions.pending() {
+        let stale = self
+            .key_stale
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if stale && !self.descriptions.pending() {
+            self.metrics.own_key_rewrites.inc();
+            tracing::warn!(
+                member = %lock(&self.member).id,
+                "etcd holds this member's key with another value than it wrote (restored from an older snapshot?); writing it again"
+            );
+        }
+        if self.descriptions.pending() || stale {
             let (member, generation) = self.descriptions.current(&self.member);
             let key = self.key(&member.id);
             match self
@@ -663,15 +677,38 @@ impl Session {
             attempt = 0;
             {
                 let mut view = lock(&self.view);
+                let (cluster, epoch) = (view.cluster_id(), view.epoch());
                 if view.relist(&range) {
                     self.publish(&view);
+                }
+                if view.epoch() != epoch && view.cluster_id() == cluster && epoch != 0 {
+                    // The same store went back (a restore): the revision of this member's
+                    // last write belongs to a history that is gone; its key, if the store
+                    // holds it, is judged against what the member wrote from now on.
+                    *lock(&self.written_at) = 0;
                 }
             }
             self.check_own_key();
             // Watch until the revision is compacted or the store is another one.
+            let mut reopening = false;
             loop {
                 let from = lock(&self.view).revision() + 1;
-                match self.watch(from).await {
+                // A watch that ended may mean etcd restarted, possibly restored from a snapshot
+                // with the same cluster id: writes since the restore may already have reached
+                // the view's revision, and then the new watch would resume silently on another
+                // history. An audit before reopening (a count at the view's revision) finds it
+                // now rather than at the next periodic audit.
+                let end = if reopening && self.config.audit_every.is_some() {
+                    self.audit().await
+                } else {
+                    None
+                };
+                reopening = true;
+                let end = match end {
+                    Some(end) => end,
+                    None => self.watch(from).await,
+                };
+                match end {
                     WatchEnd::Relist(why) => {
                         self.metrics.relists.inc();
                         let spread = jitter(self.clock().as_ref(), self.config.relist_jitter);
@@ -884,7 +921,7 @@ impl Session {
         let me = lock(&self.member).clone();
         let key = self.key(&me.id);
         let written_at = *lock(&self.written_at);
-        let (gone, ghosts) = {
+        let (gone, stale, ghosts) = {
             let view = lock(&self.view);
             let ghosts: Vec<String> = view
                 .members_at(&me.address)
@@ -893,13 +930,26 @@ impl Session {
                 .filter(|_| !sim::flaw("etcd-ghost-kept"))
                 .map(|m| self.key(&m.id))
                 .collect();
+            let caught_up = view.is_synced()
+                && (view.revision() >= written_at || sim::flaw("etcd-own-key-judged-early"));
             (
-                view.is_synced()
-                    && (view.revision() >= written_at || sim::flaw("etcd-own-key-judged-early"))
-                    && !view.holds(&key),
+                caught_up && !view.holds(&key),
+                // The store holds this member's key with another value than it wrote: a store
+                // restored from a snapshot taken before its last write (an older description)
+                // keeps its lease and key. Peers see the old value until it is written again.
+                caught_up
+                    && !sim::flaw("etcd-stale-key-kept")
+                    && view.member_at(&key).is_some_and(|m| **m != me),
                 ghosts,
             )
         };
+        if stale
+            && !self
+                .key_stale
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.poke.notify_one();
+        }
         if !ghosts.is_empty() {
             lock(&self.ghosts).extend(ghosts);
             self.poke.notify_one();

@@ -412,10 +412,23 @@ impl SimCluster {
                 };
                 let (offset, _) = clock.skew();
                 clock.set_wall_offset_ms(offset - back_ms as i64);
-                self.crash_registry(fault, down_for, false);
+                self.crash_registry(fault, down_for, Store::Kept);
             }
-            Fault::RegistryRestart { down_for } => self.crash_registry(fault, down_for, false),
-            Fault::BackendDataLoss { down_for } => self.crash_registry(fault, down_for, true),
+            Fault::RegistryRestart { down_for } => {
+                self.crash_registry(fault, down_for, Store::Kept)
+            }
+            Fault::BackendDataLoss { down_for } => {
+                self.crash_registry(fault, down_for, Store::Lost)
+            }
+            Fault::BackendSnapshot => {
+                if self.control.save_snapshot() {
+                    self.recorder.trace(self.control.name(), "snapshot saved");
+                    self.recorder.count("backend: snapshots saved");
+                }
+            }
+            Fault::BackendRestore { down_for } => {
+                self.crash_registry(fault, down_for, Store::Restored)
+            }
             Fault::RegistryPause { duration } => {
                 if !self.control.pause() {
                     return;
@@ -593,9 +606,9 @@ impl SimCluster {
         self: &Arc<Self>,
         fault: &Fault,
         down_for: Duration,
-        lose_data: bool,
+        store: Store,
     ) {
-        let Some(crash) = self.control.crash(lose_data) else {
+        let Some(crash) = self.control.crash(store) else {
             return;
         };
         let idx = self

@@ -28,7 +28,7 @@ use shoal::{
 
 use crate::activation::{ActivationOracle, SimActors};
 use crate::control::apiserver::{EndpointController, PodState, pod_name, pod_zone};
-use crate::control::{self, ControlPlane, MemberRef, NodeInfo};
+use crate::control::{self, ControlPlane, MemberRef, NodeInfo, Store};
 use crate::failover::FailoverMeter;
 use crate::faults::Fault;
 use crate::fingerprint::ViewPrint;

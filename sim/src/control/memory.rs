@@ -66,7 +66,7 @@ impl ControlPlane for MemoryPlane {
         false
     }
 
-    fn crash(&self, _lose_data: bool) -> Option<u64> {
+    fn crash(&self, _store: super::Store) -> Option<u64> {
         None
     }
 

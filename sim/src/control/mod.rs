@@ -61,6 +61,19 @@ pub struct NodeInfo {
     pub is_client: bool,
 }
 
+/// What a control plane's store holds when it comes back from a crash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Store {
+    /// Its data, as it was.
+    #[default]
+    Kept,
+    /// Nothing: a new store (for etcd another cluster id, revisions from 1).
+    Lost,
+    /// The copy [`ControlPlane::save_snapshot`] saved last, under the same identity (for etcd
+    /// the same cluster id, its revision back at the snapshot's): a restore from a backup.
+    Restored,
+}
+
 /// What every control plane offers the harness.
 pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// Its name in traces and messages (`registry`, `apiserver`, `etcd`, `memory`).
@@ -87,9 +100,22 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// Whether it is down or frozen (every path to it is disturbed).
     fn disturbed(&self) -> bool;
 
-    /// Crashes it (`lose_data`: its store is lost too, and the next run starts empty).
-    /// Returns the crash's number, for [`Self::restart_after`]; `None` if it cannot crash.
-    fn crash(&self, lose_data: bool) -> Option<u64>;
+    /// Crashes it; `store` says what its restart comes back with. Returns the crash's number,
+    /// for [`Self::restart_after`]; `None` if it cannot crash (or cannot come back that way).
+    fn crash(&self, store: Store) -> Option<u64>;
+
+    /// Saves a copy of its store now (`etcdctl snapshot save`), for a later crash that comes
+    /// back with [`Store::Restored`]; false if it keeps no store of its own.
+    fn save_snapshot(&self) -> bool {
+        false
+    }
+
+    /// Whether nodes that hold the same state of its store label it with the same (epoch,
+    /// version), so converged views must agree on both (false where each node numbers its own
+    /// topologies, or after a restore that each node reckons a new epoch for).
+    fn epochs_agree(&self) -> bool {
+        true
+    }
 
     /// Restarts it if crash `crash` is still the latest one (a later crash owns the restart).
     fn restart_after(&self, crash: u64);

@@ -37,12 +37,69 @@ pub struct History {
     /// otherwise cost a thousand rebuilds of one version).
     /// With the number of members each lists.
     judged: BTreeMap<u64, usize>,
+    /// Restores from a snapshot (etcd with the same cluster id): each history epoch restored
+    /// from, with the one its revisions are filed under since.
+    restored: BTreeMap<u64, u64>,
+    /// The epoch of the latest restore: a node reckons its own epoch for a store it saw go
+    /// back (`epoch_after_going_back`), which the harness cannot know in advance; the first
+    /// unknown epoch a node applies after a restore is bound to it.
+    latest_restore: Option<u64>,
+    /// Node epochs bound to history epochs, as above.
+    aliases: BTreeMap<u64, u64>,
 }
 
 impl History {
     /// A registry run started: descriptions accepted by earlier runs no longer bind it.
     pub fn restarted(&mut self) {
         self.described.clear();
+    }
+
+    /// The store was restored: the versions it issues from now on are filed under `to`, a
+    /// successor of `from`.
+    pub fn restored(&mut self, from: u64, to: u64) {
+        self.restored.insert(from, to);
+        self.latest_restore = Some(to);
+        self.described.clear();
+    }
+
+    /// Whether any version of `epoch` was issued.
+    fn knows(&self, epoch: u64) -> bool {
+        self.by_version
+            .range((epoch, 0)..=(epoch, u64::MAX))
+            .next()
+            .is_some()
+    }
+
+    /// The history epoch a node's view of `epoch` is judged in: its own, or, for an epoch the
+    /// node reckoned for a restored store, the restore's (bound at first sight).
+    fn history_of(&mut self, epoch: u64) -> u64 {
+        if let Some(e) = self.aliases.get(&epoch) {
+            return *e;
+        }
+        match self.latest_restore {
+            Some(r) if !self.knows(epoch) && self.aliases.len() < MAX_VERSIONS => {
+                self.aliases.insert(epoch, r);
+                r
+            }
+            _ => epoch,
+        }
+    }
+
+    /// Whether `t` is, member for member, what a store restored from `epoch`'s history issued
+    /// as its version (a node whose watch resumed on the restored store without noticing:
+    /// the provider's audits find it).
+    fn issued_after_restore(&self, epoch: u64, t: &ClusterTopology, fp: u64) -> bool {
+        let mut e = epoch;
+        for _ in 0..self.restored.len() {
+            let Some(next) = self.restored.get(&e) else {
+                return false;
+            };
+            if matches!(self.by_version.get(&(*next, t.version())), Some((_, f)) if *f == fp) {
+                return true;
+            }
+            e = *next;
+        }
+        false
     }
 
     /// The registry accepted a member's join describing it as `m`, answering `version`.
@@ -138,8 +195,14 @@ impl History {
 
     /// A node applied `t` (whose fingerprint is `fp`): it must be exactly what the registry
     /// issued under that version.
-    pub fn applied(&self, node: &str, t: &ClusterTopology, fp: u64, rec: &Recorder) {
-        match self.by_version.get(&(t.epoch(), t.version())) {
+    pub fn applied(&mut self, node: &str, t: &ClusterTopology, fp: u64, rec: &Recorder) {
+        let epoch = self.history_of(t.epoch());
+        let issued = self.by_version.get(&(epoch, t.version()));
+        if !matches!(issued, Some((_, f)) if *f == fp) && self.issued_after_restore(epoch, t, fp) {
+            rec.count("history: a restored store's version under the epoch before the restore");
+            return;
+        }
+        match issued {
             None => rec.violation_once(
                 format!("history invented {node} {}", t.version()),
                 format!(

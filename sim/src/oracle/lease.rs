@@ -248,8 +248,11 @@ impl Leases {
                 if other == id {
                     continue;
                 }
+                // (A ghost a restore brought back is superseded already: it may go at
+                // any time and must go within its TTL, which a join does not shorten.)
                 if let Some(r) = self.registrations.get_mut(&other)
                     && r.left_at.is_none()
+                    && r.superseded_by.is_none()
                 {
                     r.left_at = Some(at);
                     r.superseded_by = Some(id.clone());
@@ -329,6 +332,44 @@ impl Leases {
             }
         }
         self.next_deadline = None;
+    }
+
+    /// The newest live registration at each address (no leave accepted).
+    pub fn live_by_address(&self) -> BTreeMap<String, MemberId> {
+        let mut newest: BTreeMap<String, MemberId> = BTreeMap::new();
+        for (id, r) in &self.registrations {
+            if r.member && r.left_at.is_none() {
+                let n = newest
+                    .entry(r.address.clone())
+                    .or_insert_with(|| id.clone());
+                if *id > *n {
+                    *n = id.clone();
+                }
+            }
+        }
+        newest
+    }
+
+    /// The backend was restored from a snapshot that holds `id` at `address`: registered
+    /// again from `at` (its lease's TTL starts over), even if the backend had removed it
+    /// since. `superseded_by`: a newer incarnation lives at its address, so it is a ghost that
+    /// process may delete at any time (it still expires within its TTL if none does).
+    pub fn restored(
+        &mut self,
+        id: MemberId,
+        address: String,
+        at: Instant,
+        superseded_by: Option<MemberId>,
+    ) {
+        self.removed.remove(&id);
+        self.changes += 1;
+        self.by_address
+            .entry(address.clone())
+            .or_default()
+            .insert(id.clone());
+        let mut r = Registration::new(true, address, at);
+        r.superseded_by = superseded_by;
+        self.registrations.insert(id, r);
     }
 
     /// A leave was accepted.
@@ -426,7 +467,7 @@ impl Leases {
             let Some(reg) = self.registrations.get(*id) else {
                 continue;
             };
-            if reg.left_at.is_some() {
+            if reg.left_at.is_some() || reg.superseded_by.is_some() {
                 continue;
             }
             // The member must have told its application before the registry could expire it

@@ -271,6 +271,29 @@ impl Oracles {
         self.lock().lease.joined(id, true, address, at);
     }
 
+    /// The backend's store was restored from a snapshot (etcd, the same cluster id): run
+    /// `run` starts with the snapshot's `members` (id and address) registered from `at`,
+    /// their leases' TTLs starting over, even those the backend had removed since. A restored
+    /// member at an address where a newer incarnation lives (or was restored) is a ghost that
+    /// newer process may delete at any time.
+    pub fn store_restored(&self, run: u64, members: &[(MemberId, String)], at: Instant) {
+        let mut s = self.lock();
+        let mut newest = s.lease.live_by_address();
+        for (id, address) in members {
+            let n = newest.entry(address.clone()).or_insert_with(|| id.clone());
+            if *id > *n {
+                *n = id.clone();
+            }
+        }
+        s.lease.started(run);
+        s.history.restarted();
+        for (id, address) in members {
+            let superseded_by = newest.get(address).filter(|n| *n != id).cloned();
+            s.lease
+                .restored(id.clone(), address.clone(), at, superseded_by);
+        }
+    }
+
     /// The backend restarted with its data, starting every lease's TTL over (etcd).
     pub fn leases_refreshed(&self) {
         self.lock().lease.refreshed(Instant::now());
@@ -368,6 +391,12 @@ impl Oracles {
     /// The backend's store held `topology` (etcd: at revision `topology.version()`).
     pub fn issued(&self, topology: ClusterTopology) {
         self.lock().history.issued(topology, &self.rec);
+    }
+
+    /// The backend's store was restored from a snapshot: its revisions from now on are filed
+    /// under history epoch `to`, a successor of `from` (they reuse versions `from` issued).
+    pub fn history_restored(&self, from: u64, to: u64) {
+        self.lock().history.restored(from, to);
     }
 
     /// A node applied `topology`, whose fingerprint is `fp` (judged only where a registry

@@ -277,9 +277,10 @@ impl ControlPlane for ApiServerPlane {
         self.node.is_down() || self.node.is_paused()
     }
 
-    fn crash(&self, _lose_data: bool) -> Option<u64> {
-        // The store is etcd's: it survives; every watch ends with the process.
-        Some(self.node.kill())
+    fn crash(&self, store: super::Store) -> Option<u64> {
+        // The store is etcd's: it survives; every watch ends with the process. Its etcd
+        // losing or restoring its data is not modelled.
+        (store == super::Store::Kept).then(|| self.node.kill())
     }
 
     fn restart_after(&self, crash: u64) {

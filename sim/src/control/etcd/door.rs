@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use madsim::time::Instant;
 use shoal::etcd::api::{
     EtcdApi, EtcdError, KeyValue, LeaseId, Range, Revision, WatchBatch, WatchStream,
 };
-use shoal::etcd::memory::MemoryEtcd;
+use shoal::etcd::memory::{EtcdSnapshot, MemoryEtcd};
 use shoal::{ClusterTopology, Member, MemberId};
 
 use crate::cluster::CLUSTER;
@@ -278,7 +279,29 @@ pub struct EtcdDoor {
     pub delays: Delays,
     /// The store's content now, as the observer last saw it.
     current: Mutex<Arc<ClusterTopology>>,
+    /// Snapshots restored so far: the history the store's revisions are judged in (a restore
+    /// reuses revisions, so each restore starts another, see [`history_epoch`]).
+    restores: AtomicU64,
     reset: tokio::sync::Notify,
+}
+
+/// The epoch the harness files the store's history under: the cluster id, mixed with how many
+/// snapshots were restored (a restored store reuses revisions it had issued with other
+/// members). The harness's own bookkeeping, not what a node computes.
+pub fn history_epoch(cluster_id: u64, restores: u64) -> u64 {
+    if restores == 0 {
+        cluster_id
+    } else {
+        cluster_id ^ restores.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
+    }
+}
+
+/// What [`EtcdDoor::snapshot`] saves: the store's copy and the door's record of which members
+/// each lease held, taken together.
+#[derive(Clone, Debug)]
+pub struct DoorSnapshot {
+    store: EtcdSnapshot,
+    leases: BTreeMap<LeaseId, BTreeSet<MemberId>>,
 }
 
 impl std::fmt::Debug for EtcdDoor {
@@ -304,17 +327,70 @@ impl EtcdDoor {
             lose_keep_alives: Mutex::default(),
             delays: Delays::default(),
             current: Mutex::new(Arc::new(ClusterTopology::empty(CLUSTER))),
+            restores: AtomicU64::new(0),
             reset: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&door);
         store.set_observer(Arc::new(move |range: &Range| {
-            let t = topology_of(range);
+            let mut t = topology_of(range);
             if let Some(d) = weak.upgrade() {
+                let restores = d.restores.load(Ordering::SeqCst);
+                t = t.with_epoch(history_epoch(range.cluster_id, restores));
                 *lock(&d.current) = Arc::new(t.clone());
             }
             oracles.issued(t);
         }));
         door
+    }
+
+    /// Snapshots restored so far.
+    pub fn restores(&self) -> u64 {
+        self.restores.load(Ordering::SeqCst)
+    }
+
+    /// A copy of the store and of which members its leases hold (`etcdctl snapshot save`).
+    pub fn snapshot(&self) -> DoorSnapshot {
+        DoorSnapshot {
+            store: self.store.snapshot(),
+            leases: lock(&self.leases)
+                .iter()
+                .map(|(lease, (_, ids))| (*lease, ids.clone()))
+                .collect(),
+        }
+    }
+
+    /// Restores `snapshot` into the store with the same cluster id (`etcdctl snapshot
+    /// restore`): the history oracle is told the store's revisions start another history,
+    /// and the lease oracle that run `run` starts with the snapshot's members, their leases'
+    /// TTLs starting over.
+    pub fn restore(&self, snapshot: &DoorSnapshot, run: u64) {
+        let before = self.topology().epoch();
+        let restores = self.restores.fetch_add(1, Ordering::SeqCst) + 1;
+        let cluster_id = self.store.cluster_id();
+        self.oracles
+            .history_restored(before, history_epoch(cluster_id, restores));
+        self.store.restore(&snapshot.store);
+        let now = Instant::now();
+        let listed = self.topology();
+        *lock(&self.leases) = snapshot
+            .leases
+            .iter()
+            .map(|(lease, ids)| (*lease, (now, ids.clone())))
+            .collect();
+        let members: Vec<(MemberId, String)> = listed
+            .members()
+            .iter()
+            .map(|m| (m.id.clone(), m.address.clone()))
+            .collect();
+        self.oracles.store_restored(run, &members, now);
+        self.rec.trace(
+            "etcd",
+            format!(
+                "restored the snapshot of revision {} ({} members)",
+                snapshot.store.revision(),
+                listed.members().len()
+            ),
+        );
     }
 
     /// The store.

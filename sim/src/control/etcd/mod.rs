@@ -4,7 +4,9 @@
 //! notifications every [`PROGRESS_EVERY`].
 //!
 //! Faults: a restart keeps the data (every lease's TTL starts over, as after a leader change)
-//! or, with data loss, starts a new cluster (another cluster id, revisions from 1); keep-alives
+//! or, with data loss, starts a new cluster (another cluster id, revisions from 1), or restores
+//! the snapshot saved last with the same cluster id (`etcdctl snapshot restore` with the same
+//! cluster token: the revision goes back and later writes reuse revisions members saw); keep-alives
 //! of a member lost at the door; every watch reset; a freeze (not in the etcd scenarios: a
 //! frozen etcd expires overdue leases when it wakes, which no provider can prevent). Its load: requests by gRPC
 //! method, watch responses (progress notifications included), keys returned by ranges, bytes
@@ -13,7 +15,7 @@
 pub mod door;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +25,8 @@ use shoal::etcd::{EtcdProvider, EtcdProviderConfig, EtcdProviderMetrics};
 use shoal::runtime::TokioClock;
 use shoal::{ClusterProvider, ClusterTopology};
 
-pub use self::door::{ETCD_PORT, EXPIRY_TICK, EtcdDoor, HISTORY, SimEtcdApi};
-use super::{ADDRESS, ControlNode, ControlPlane, Env, MemberRef, NodeInfo};
+pub use self::door::{DoorSnapshot, ETCD_PORT, EXPIRY_TICK, EtcdDoor, HISTORY, SimEtcdApi};
+use super::{ADDRESS, ControlNode, ControlPlane, Env, MemberRef, NodeInfo, Store};
 use crate::knobs::Knobs;
 use crate::load::{LoadBudget, LoadCounts};
 use crate::oracle::{Bounds, Oracles};
@@ -95,8 +97,10 @@ pub struct EtcdPlane {
     oracles: Arc<Oracles>,
     bounds: Bounds,
     knobs: Knobs,
-    /// The next restart loses the data.
-    lose_data: AtomicBool,
+    /// What the next restart comes back with.
+    next_store: Mutex<Store>,
+    /// The copy `etcdctl snapshot save` would have made last.
+    snapshot: Mutex<Option<DoorSnapshot>>,
     /// Runs of the store (a run ends when it loses its data).
     store_runs: AtomicU64,
     providers: Mutex<Vec<EtcdProviderMetrics>>,
@@ -151,27 +155,39 @@ impl EtcdPlane {
             oracles: env.oracles,
             bounds: bounds(&env.knobs),
             knobs: env.knobs.clone(),
-            lose_data: AtomicBool::new(false),
+            next_store: Mutex::default(),
+            snapshot: Mutex::default(),
             store_runs: AtomicU64::new(1),
             providers: Mutex::default(),
         })
     }
 
-    /// Restarts etcd if it is down: with its data (every lease's TTL starts over) or, after a
-    /// data-loss crash, as a new cluster.
+    /// Restarts etcd if it is down: with its data (every lease's TTL starts over), after a
+    /// data-loss crash as a new cluster, or restored from the last snapshot.
     fn revive(&self) {
         if self.node.revive().is_none() {
             return;
         }
         let store = self.door.store();
         store.set_down(false);
-        if self.lose_data.swap(false, Ordering::SeqCst) {
-            // A new etcd cluster: no keys, no leases, another cluster id.
-            let run = self.store_runs.fetch_add(1, Ordering::SeqCst) + 1;
-            store.restart(false);
-            self.oracles.registry_started(run);
-        } else {
-            self.oracles.leases_refreshed();
+        match std::mem::take(&mut *lock(&self.next_store)) {
+            Store::Lost => {
+                // A new etcd cluster: no keys, no leases, another cluster id.
+                let run = self.store_runs.fetch_add(1, Ordering::SeqCst) + 1;
+                store.restart(false);
+                self.oracles.registry_started(run);
+            }
+            Store::Restored => {
+                let Some(snapshot) = lock(&self.snapshot).clone() else {
+                    self.oracles.leases_refreshed();
+                    return;
+                };
+                // The same cluster id, the snapshot's keys and leases (their TTLs start over
+                // now): for the lease oracle a new run whose members are the snapshot's.
+                let run = self.store_runs.fetch_add(1, Ordering::SeqCst) + 1;
+                self.door.restore(&snapshot, run);
+            }
+            Store::Kept => self.oracles.leases_refreshed(),
         }
     }
 }
@@ -218,10 +234,11 @@ impl ControlPlane for EtcdPlane {
         self.node.is_down() || self.node.is_paused()
     }
 
-    fn crash(&self, lose_data: bool) -> Option<u64> {
-        if lose_data {
-            self.lose_data.store(true, Ordering::SeqCst);
+    fn crash(&self, store: Store) -> Option<u64> {
+        if store == Store::Restored && lock(&self.snapshot).is_none() {
+            return None;
         }
+        *lock(&self.next_store) = store;
         let crash = self.node.kill();
         self.door.store().set_down(true);
         Some(crash)
@@ -231,6 +248,20 @@ impl ControlPlane for EtcdPlane {
         if self.node.is_latest(crash) {
             self.revive();
         }
+    }
+
+    fn save_snapshot(&self) -> bool {
+        if self.node.is_down() {
+            return false;
+        }
+        *lock(&self.snapshot) = Some(self.door.snapshot());
+        true
+    }
+
+    /// After a restore nodes may label the store's states with different epochs (each reckons
+    /// its own from the revisions it saw, see `epoch_after_going_back`).
+    fn epochs_agree(&self) -> bool {
+        self.door.restores() == 0
     }
 
     fn pause(&self) -> bool {

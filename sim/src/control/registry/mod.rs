@@ -223,8 +223,9 @@ impl ControlPlane for RegistryPlane {
         self.node.is_down() || self.node.is_paused()
     }
 
-    fn crash(&self, _lose_data: bool) -> Option<u64> {
-        // The registry keeps its state in memory: every crash loses it.
+    fn crash(&self, _store: super::Store) -> Option<u64> {
+        // The registry keeps its state in memory: every crash loses it (a restore too: it
+        // keeps no backup).
         lock(&self.server).take();
         Some(self.node.kill())
     }
