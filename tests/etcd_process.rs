@@ -245,6 +245,15 @@ fn counts_at_a_past_revision_a_future_one_and_a_compacted_one() {
             }
             other => panic!("a future revision: {other:?}"),
         }
+        // The strong audit's point read: when a key was last written as of a revision.
+        assert_eq!(client.mod_revision_at("/m/a", r2).await, Ok(Some(r1)));
+        assert_eq!(client.mod_revision_at("/m/a", r3).await, Ok(None));
+        assert_eq!(client.mod_revision_at("/m/b", r1).await, Ok(None));
+        assert_eq!(client.mod_revision_at("/m/b", now).await, Ok(Some(r2)));
+        assert!(matches!(
+            client.mod_revision_at("/m/b", now + 10).await,
+            Err(EtcdError::WentBack { current, .. }) if current == now
+        ));
         etcdctl(&etcd.url, &["compact", &now.to_string()]);
         assert!(
             matches!(
@@ -253,6 +262,10 @@ fn counts_at_a_past_revision_a_future_one_and_a_compacted_one() {
             ),
             "a compacted revision"
         );
+        assert!(matches!(
+            client.mod_revision_at("/m/a", r1).await,
+            Err(EtcdError::Compacted { .. })
+        ));
     });
     let _ = std::fs::remove_dir_all(&etcd.dir);
 }

@@ -193,6 +193,9 @@ pub enum Flaw {
     /// Planted in the etcd provider: a member whose key the store holds with another value
     /// than it wrote (a store restored from an older snapshot) leaves it as it is.
     EtcdStaleKeyKept,
+    /// Planted in the etcd provider: the audit before a watch reopens compares only the count
+    /// of keys, not the revision of the view's latest write.
+    EtcdAuditCountOnly,
     /// Planted in the etcd provider: after losing its lease a member writes its key again
     /// under the same id (the "renewed lease, key re-put" bug of other etcd providers, inverted).
     EtcdRejoinSameId,
@@ -274,6 +277,7 @@ impl Flaw {
             Flaw::K8sIgnoresRetryAfter => "k8s-ignores-retry-after",
             Flaw::EtcdGhostKept => "etcd-ghost-kept",
             Flaw::EtcdStaleKeyKept => "etcd-stale-key-kept",
+            Flaw::EtcdAuditCountOnly => "etcd-audit-count-only",
             Flaw::EtcdRejoinSameId => "etcd-rejoin-same-id",
             Flaw::EtcdCompactedNotRelisted => "etcd-compacted-not-relisted",
             Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",

@@ -930,6 +930,12 @@ pub fn all() -> Vec<Scenario> {
             &["etcd: rejoins", "etcd: relists"],
         ),
         etcd(
+            "etcd-restore",
+            "etcd is restored from a snapshot with the same cluster id (its revision goes back, later writes reuse revisions members saw): members that changed since the snapshot are back as they were then (an old description, a crashed member's and a leaver's old incarnations as phantoms until their leases end), members that joined since are gone and register again; later a crash and restart",
+            etcd_restore,
+            &["etcd: relists", "etcd: rejoins", "backend: snapshots saved"],
+        ),
+        etcd(
             "etcd-rolling-restart",
             "etcd: every member restarts in place in turn (the new incarnation deletes its ghost's key)",
             rolling_restart,
@@ -1456,20 +1462,8 @@ fn k8s_clock_skew(r: &mut SimRng, n: usize) -> FaultSchedule {
 /// Scenarios kept out of the default campaign because the product fails them today; each
 /// names why. `scripts/campaign --scenario NAME` runs one; sim/tests asserts it still fails, so
 /// the harness keeps showing the bug until it is fixed.
-///
-/// `etcd-restore`: about 4 seeds in 100 fail. A member whose watch ended when etcd went down
-/// audits its view before reopening it (a count of the keys at its revision); when writes after
-/// the restore already reached that revision and the restored history holds as many keys
-/// there, the count matches, the watch resumes on the other history, and the view holds a
-/// state etcd never held (the history oracle says so) until a later audit's count differs.
-/// Seeds 1, 41, 64 and 72 show it.
 pub fn known_failing() -> Vec<Scenario> {
-    vec![etcd(
-        "etcd-restore",
-        "etcd is restored from a snapshot with the same cluster id (its revision goes back, later writes reuse revisions members saw): members that changed since the snapshot are back as they were then (an old description, a crashed member's and a leaver's old incarnations as phantoms until their leases end), members that joined since are gone and register again; later a crash and restart",
-        etcd_restore,
-        &["etcd: relists", "etcd: rejoins", "backend: snapshots saved"],
-    )]
+    Vec::new()
 }
 
 /// The scenario called `name` (default or known-failing).

@@ -149,6 +149,16 @@ pub trait EtcdApi: Send + Sync + 'static {
     /// the store's revision (etcd: "required revision is a future revision"; after a restore
     /// from a snapshot, a revision the watcher saw may not exist any more).
     async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError>;
+    /// The revision of `key`'s last write as of store revision `revision` (`None`: it did not
+    /// exist then): a keys-only point read of the store's history, failing like
+    /// [`Self::count_prefix`] below the compaction and beyond the store's revision. Two
+    /// histories of one store (before and after a restore with the same cluster id) that agree
+    /// on a key's write at one revision agree on that write.
+    async fn mod_revision_at(
+        &self,
+        key: &str,
+        revision: Revision,
+    ) -> Result<Option<Revision>, EtcdError>;
     /// Watches every key under `prefix` from revision `from` (inclusive). A compacted `from`
     /// fails with [`EtcdError::Compacted`], at once or as the stream's first item; a `from`
     /// beyond the store's next revision with [`EtcdError::WentBack`] (etcd itself would wait

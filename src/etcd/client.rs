@@ -313,6 +313,43 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
 }
 
 impl EtcdClient {
+    /// A read of `key` with `options` as of store revision `revision`, etcd's mvcc errors
+    /// (OutOfRange) mapped: a revision beyond the store's is [`EtcdError::WentBack`] (with the
+    /// store's revision, read again), one below its compaction [`EtcdError::Compacted`].
+    async fn read_at(
+        &self,
+        key: &str,
+        options: GetOptions,
+        revision: Revision,
+    ) -> Result<etcd_client::GetResponse, EtcdError> {
+        let read = |options: GetOptions| {
+            self.call(move |mut c| {
+                let (key, options) = (key.to_string(), options.clone());
+                async move { c.get(key, Some(options)).await }
+            })
+        };
+        match read(options.clone().with_revision(revision)).await {
+            Ok(r) => Ok(r),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("future revision") => {
+                let current = read(GetOptions::new().with_count_only())
+                    .await
+                    .map_err(etcd_error)?
+                    .header()
+                    .map_or(0, |h| h.revision());
+                Err(EtcdError::WentBack {
+                    requested: revision,
+                    current,
+                })
+            }
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                Err(EtcdError::Compacted {
+                    requested: revision,
+                    compacted: revision,
+                })
+            }
+            Err(e) => Err(etcd_error(e)),
+        }
+    }
     /// Connects to the first of `connection`'s endpoints that answers (and has a leader); the
     /// error names every endpoint tried and why it failed.
     pub async fn connect(connection: &EtcdConnection) -> Result<Self, EtcdError> {
@@ -577,38 +614,21 @@ impl EtcdApi for EtcdClient {
     }
 
     async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError> {
-        let count = |at: Option<Revision>| {
-            let mut options = GetOptions::new().with_prefix().with_count_only();
-            if let Some(at) = at {
-                options = options.with_revision(at);
-            }
-            self.call(move |mut c| {
-                let (key, options) = (prefix.to_string(), options.clone());
-                async move { c.get(key, Some(options)).await }
-            })
-        };
-        match count(Some(revision)).await {
-            Ok(r) => Ok(r.count()),
-            // etcd's mvcc errors (OutOfRange): a revision it does not have, above or below.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("future revision") => {
-                let current = count(None)
-                    .await
-                    .map_err(etcd_error)?
-                    .header()
-                    .map_or(0, |h| h.revision());
-                Err(EtcdError::WentBack {
-                    requested: revision,
-                    current,
-                })
-            }
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
-                Err(EtcdError::Compacted {
-                    requested: revision,
-                    compacted: revision,
-                })
-            }
-            Err(e) => Err(etcd_error(e)),
-        }
+        let options = GetOptions::new().with_prefix().with_count_only();
+        self.read_at(prefix, options, revision)
+            .await
+            .map(|r| r.count())
+    }
+
+    async fn mod_revision_at(
+        &self,
+        key: &str,
+        revision: Revision,
+    ) -> Result<Option<Revision>, EtcdError> {
+        let options = GetOptions::new().with_keys_only();
+        self.read_at(key, options, revision)
+            .await
+            .map(|r| r.kvs().first().map(|kv| kv.mod_revision()))
     }
 
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {

@@ -96,6 +96,9 @@ pub struct EtcdView {
     /// An audit found the view differs from the store at its revision: the next list is of a
     /// store that went back (a new epoch), whatever its revision.
     diverged: bool,
+    /// The key of the latest write the view holds, with that write's revision (`None` once a
+    /// later delete removed it): what a strong audit asks the store about.
+    last_put: Option<(String, Revision)>,
 }
 
 /// The epoch after a list showed cluster `cluster_id`'s revision back at `now` from `before`
@@ -129,6 +132,11 @@ impl EtcdView {
     /// The revision the view reflects.
     pub fn revision(&self) -> Revision {
         self.revision
+    }
+
+    /// The key of the latest write the view holds and that write's revision.
+    pub fn last_put(&self) -> Option<(&str, Revision)> {
+        self.last_put.as_ref().map(|(k, r)| (k.as_str(), *r))
     }
 
     /// The epoch of the topologies it issues (0 before its first list).
@@ -176,6 +184,11 @@ impl EtcdView {
             let decoded = decode_member(&self.prefix, kv).map(Arc::new);
             self.insert(kv.key.clone(), decoded);
         }
+        self.last_put = range
+            .kvs
+            .iter()
+            .max_by_key(|kv| kv.mod_revision)
+            .map(|kv| (kv.key.clone(), kv.mod_revision));
         let moved = !self.synced || range.cluster_id != self.cluster_id;
         // The same cluster at a lower revision, or at the same revision with other members (a
         // store's state at one revision never changes): it went back, and writes since reused
@@ -217,6 +230,7 @@ impl EtcdView {
             self.revision = c.revision();
             match c {
                 Change::Put(kv) => {
+                    self.last_put = Some((kv.key.clone(), kv.mod_revision));
                     let decoded = decode_member(&self.prefix, kv).map(Arc::new);
                     if self.keys.get(&kv.key) != Some(&decoded) {
                         changed = true;
@@ -225,6 +239,9 @@ impl EtcdView {
                     }
                 }
                 Change::Delete { key, .. } => {
+                    if self.last_put.as_ref().is_some_and(|(k, _)| k == key) {
+                        self.last_put = None;
+                    }
                     if !crate::runtime::sim::flaw("etcd-delete-ignored") {
                         changed |= self.remove(key);
                     }
@@ -336,6 +353,35 @@ mod tests {
             create_revision: rev,
             mod_revision: rev,
             lease: 7,
+        }
+    }
+
+    #[test]
+    fn the_latest_write_held_is_what_a_strong_audit_asks_about() {
+        let mut v = EtcdView::new(P);
+        v.relist(&Range {
+            kvs: vec![kv("m1", 4, "h:1"), kv("m2", 2, "h:2")],
+            revision: 6,
+            cluster_id: 9,
+        });
+        assert_eq!(v.last_put(), Some((format!("{P}m1").as_str(), 4)));
+        v.apply(&WatchBatch {
+            changes: vec![Change::Put(kv("m3", 7, "h:3"))],
+            header_revision: 7,
+            cluster_id: 9,
+        });
+        assert_eq!(v.last_put(), Some((format!("{P}m3").as_str(), 7)));
+        // A delete of another key keeps it; of that key, forgets it (nothing to ask about).
+        for (key, revision, left) in [("m1", 8, true), ("m3", 9, false)] {
+            v.apply(&WatchBatch {
+                changes: vec![Change::Delete {
+                    key: format!("{P}{key}"),
+                    revision,
+                }],
+                header_revision: revision,
+                cluster_id: 9,
+            });
+            assert_eq!(v.last_put().is_some(), left, "after deleting {key}");
         }
     }
 

@@ -292,6 +292,24 @@ impl MemoryEtcd {
 }
 
 impl State {
+    /// Whether the store can be read as of `revision`: not beyond its own (etcd: "required
+    /// revision is a future revision"), not below its compaction.
+    fn readable_at(&self, revision: Revision) -> Result<(), EtcdError> {
+        if revision > self.revision {
+            return Err(EtcdError::WentBack {
+                requested: revision,
+                current: self.revision,
+            });
+        }
+        if revision < self.compacted {
+            return Err(EtcdError::Compacted {
+                requested: revision,
+                compacted: self.compacted,
+            });
+        }
+        Ok(())
+    }
+
     fn notify_observer(&self) {
         if let Some(o) = &self.observer {
             o(&Range {
@@ -497,18 +515,7 @@ impl EtcdApi for MemoryEtcd {
         self.check_up()?;
         self.expire();
         let s = self.lock();
-        if revision > s.revision {
-            return Err(EtcdError::WentBack {
-                requested: revision,
-                current: s.revision,
-            });
-        }
-        if revision < s.compacted {
-            return Err(EtcdError::Compacted {
-                requested: revision,
-                compacted: s.compacted,
-            });
-        }
+        s.readable_at(revision)?;
         // Now, less what the changes after `revision` added, plus what they deleted.
         let now = s
             .kvs
@@ -526,6 +533,40 @@ impl EtcdApi for MemoryEtcd {
             })
             .sum();
         Ok(now + since)
+    }
+
+    async fn mod_revision_at(
+        &self,
+        key: &str,
+        revision: Revision,
+    ) -> Result<Option<Revision>, EtcdError> {
+        self.check_up()?;
+        self.expire();
+        let s = self.lock();
+        s.readable_at(revision)?;
+        // The key's last change at or before `revision` in the history; failing that, its
+        // state now if no change came after `revision`; failing that, absent if the first
+        // change after `revision` created it. Otherwise its last write before `revision` is
+        // older than the history this store keeps: it cannot say when (etcd itself would), and
+        // answers as for a compacted revision, which a caller takes as no answer.
+        let mut first_later: Option<&Change> = None;
+        for c in s.history.iter().rev().filter(|c| c.key() == key) {
+            if c.revision() <= revision {
+                return Ok(match c {
+                    Change::Put(kv) => Some(kv.mod_revision),
+                    Change::Delete { .. } => None,
+                });
+            }
+            first_later = Some(c);
+        }
+        match first_later {
+            None => Ok(s.kvs.get(key).map(|kv| kv.mod_revision)),
+            Some(Change::Put(kv)) if kv.create_revision == kv.mod_revision => Ok(None),
+            Some(_) => Err(EtcdError::Compacted {
+                requested: revision,
+                compacted: s.compacted,
+            }),
+        }
     }
 
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {

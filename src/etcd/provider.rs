@@ -699,7 +699,7 @@ impl Session {
                 // history. An audit before reopening (a count at the view's revision) finds it
                 // now rather than at the next periodic audit.
                 let end = if reopening && self.config.audit_every.is_some() {
-                    self.audit().await
+                    self.audit(true).await
                 } else {
                     None
                 };
@@ -781,7 +781,7 @@ impl Session {
             }
             if audit_at.is_some_and(|at| at <= now) {
                 audit_at = self.next_audit(now);
-                if let Some(end) = self.audit().await {
+                if let Some(end) = self.audit(false).await {
                     self.publish_pending(&mut pending);
                     return end;
                 }
@@ -861,15 +861,21 @@ impl Session {
     }
 
     /// Audits the view: etcd counts the keys under the prefix at the view's revision (a
-    /// constant-size answer). A different count, or a revision etcd does not have (the store
-    /// went back: a snapshot restored with the same cluster id, whose revisions other writes
-    /// then reuse, so no watch creation notices it), means the view is wrong: it is listed
-    /// again. A compacted revision, or etcd out of reach, says nothing; the next audit tries
-    /// again.
-    async fn audit(&self) -> Option<WatchEnd> {
-        let (revision, held) = {
+    /// constant-size answer), and says when the key of the view's latest write was last written
+    /// as of that revision (a keys-only point read). A different count or write, or a revision
+    /// etcd does not have, means the store went back (a snapshot restored with the same cluster
+    /// id, whose revisions other writes then reuse, so no watch creation notices it): the view
+    /// is wrong and is listed again. A restored history that reached the same revision with as
+    /// many keys still differs in the write at the view's latest one, unless that write came
+    /// before the snapshot. A compacted revision says nothing. etcd out of reach says nothing
+    /// to a periodic audit (the next one tries again); before a watch that ended is reopened
+    /// (`reopening`: etcd may have restarted from a snapshot) it ends the attempt, to be retried
+    /// after the backoff, since a watch opened unaudited could resume on another history.
+    async fn audit(&self, reopening: bool) -> Option<WatchEnd> {
+        let (revision, held, last_put) = {
             let view = lock(&self.view);
-            (view.revision(), view.key_count() as i64)
+            let last = view.last_put().map(|(k, r)| (k.to_string(), r));
+            (view.revision(), view.key_count() as i64, last)
         };
         self.metrics.audits.inc();
         let counted = self
@@ -878,23 +884,56 @@ impl Session {
                 self.api.count_prefix(&self.prefix, revision),
             )
             .await;
+        let went_back = |current| {
+            format!(
+                "etcd no longer has revision {revision} (it is at {current}: restored from a snapshot?)"
+            )
+        };
         let why = match counted {
-            Ok(n) if n == held => return None,
-            Ok(n) => format!("etcd holds {n} keys at revision {revision}, the view {held}"),
-            Err(e) => match e.error {
-                EtcdError::WentBack { current, .. } => format!(
-                    "etcd no longer has revision {revision} (it is at {current}: restored from a snapshot?)"
-                ),
-                _ => {
-                    tracing::debug!(error = %e, "auditing the view said nothing");
-                    return None;
+            Ok(n) if n != held => {
+                format!("etcd holds {n} keys at revision {revision}, the view {held}")
+            }
+            Ok(_) => {
+                // No write held (every one deleted since): the count is all there is.
+                let (key, written) = last_put?;
+                let at = self
+                    .call(
+                        || format!("read {key} at revision {revision}"),
+                        self.api.mod_revision_at(&key, revision),
+                    )
+                    .await;
+                match at {
+                    Ok(Some(r)) if r == written => return None,
+                    Ok(r) if !sim::flaw("etcd-audit-count-only") => format!(
+                        "at revision {revision} etcd has {key} last written at {r:?}, the view saw it written at {written}"
+                    ),
+                    Ok(_) => return None,
+                    Err(e) => match e.error {
+                        EtcdError::WentBack { current, .. } => went_back(current),
+                        _ => return self.audit_said_nothing(e, reopening),
+                    },
                 }
+            }
+            Err(e) => match e.error {
+                EtcdError::WentBack { current, .. } => went_back(current),
+                _ => return self.audit_said_nothing(e, reopening),
             },
         };
         self.metrics.audit_mismatches.inc();
         lock(&self.view).diverged();
         tracing::warn!(prefix = %self.prefix, revision, reason = %why, "the view does not match etcd; listing again");
         Some(WatchEnd::Relist("an audit found the view wrong"))
+    }
+
+    /// An audit that got no answer: nothing to act on, except before a reopen, where it ends
+    /// the attempt (a compacted revision does not: the watch then fails too, and lists again).
+    fn audit_said_nothing(&self, e: CallError, reopening: bool) -> Option<WatchEnd> {
+        tracing::debug!(error = %e, "auditing the view said nothing");
+        match e.error {
+            EtcdError::Compacted { .. } => None,
+            error if reopening => Some(WatchEnd::Reopen(error)),
+            _ => None,
+        }
     }
 
     /// Publishes the view now.

@@ -199,7 +199,7 @@ impl History {
         let epoch = self.history_of(t.epoch());
         let issued = self.by_version.get(&(epoch, t.version()));
         if !matches!(issued, Some((_, f)) if *f == fp) && self.issued_after_restore(epoch, t, fp) {
-            rec.count("history: a restored store's version under the epoch before the restore");
+            rec.count("history: a restored store's version under the epoch before the restore (a process started since, or not aware yet)");
             return;
         }
         match issued {

@@ -54,6 +54,7 @@ pub enum Request {
     Delete(String),
     Range(String),
     Count(String, Revision),
+    ModRevision(String, Revision),
     Watch(String, Revision),
 }
 
@@ -65,6 +66,7 @@ enum Reply {
     Written(Revision),
     Range(Range),
     Count(i64),
+    ModRevision(Option<Revision>),
     WatchOpened,
 }
 
@@ -160,6 +162,20 @@ impl EtcdApi for SimEtcdApi {
         }
     }
 
+    async fn mod_revision_at(
+        &self,
+        key: &str,
+        revision: Revision,
+    ) -> Result<Option<Revision>, EtcdError> {
+        match self
+            .call(Request::ModRevision(key.into(), revision))
+            .await?
+        {
+            Reply::ModRevision(r) => Ok(r),
+            r => unexpected(r),
+        }
+    }
+
     async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
         let (first, conn) = self
             .pool
@@ -216,7 +232,7 @@ impl Request {
             Request::Revoke(_) => "lease revoke",
             Request::Put(..) => "put",
             Request::Delete(_) => "delete",
-            Request::Range(_) | Request::Count(..) => "range",
+            Request::Range(_) | Request::Count(..) | Request::ModRevision(..) => "range",
             Request::Watch(..) => "watch",
         }
     }
@@ -508,6 +524,10 @@ impl EtcdDoor {
             Request::Count(prefix, revision) => {
                 s.count_prefix(&prefix, revision).await.map(Reply::Count)
             }
+            Request::ModRevision(key, revision) => s
+                .mod_revision_at(&key, revision)
+                .await
+                .map(Reply::ModRevision),
             Request::Watch(prefix, from_revision) => {
                 self.meter.request(verb, 0);
                 let stream = s.watch_prefix(&prefix, from_revision).await;
