@@ -194,8 +194,11 @@ impl EtcdView {
         // store's state at one revision never changes): it went back, and writes since reused
         // revisions the view had seen.
         let members = self.members();
+        // (Taken whatever the list shows: a mark left by an audit of a store that then turned
+        // out to be another cluster must not make a later list of it look restored.)
+        let diverged = std::mem::take(&mut self.diverged);
         let went_back = !moved
-            && (std::mem::take(&mut self.diverged)
+            && (diverged
                 || range.revision < self.revision
                 || (range.revision == self.revision && before != members));
         self.epoch = if moved {
@@ -354,6 +357,31 @@ mod tests {
             mod_revision: rev,
             lease: 7,
         }
+    }
+
+    #[test]
+    fn an_audit_mark_is_spent_by_a_list_of_another_cluster() {
+        let mut v = EtcdView::new(P);
+        v.relist(&Range {
+            kvs: vec![kv("m1", 4, "h:1")],
+            revision: 9,
+            cluster_id: 1,
+        });
+        // An audit found the store went back: it was a new cluster (data loss).
+        v.diverged();
+        v.relist(&Range {
+            kvs: vec![kv("m1", 2, "h:1")],
+            revision: 2,
+            cluster_id: 2,
+        });
+        assert_eq!(v.epoch(), 2, "another cluster: its id is the epoch");
+        // A later list of the same cluster (after a compaction) keeps that epoch.
+        v.relist(&Range {
+            kvs: vec![kv("m1", 2, "h:1")],
+            revision: 5,
+            cluster_id: 2,
+        });
+        assert_eq!(v.epoch(), 2, "the audit's mark was spent by the first list");
     }
 
     #[test]
