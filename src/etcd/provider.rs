@@ -696,8 +696,8 @@ impl Session {
                 // A watch that ended may mean etcd restarted, possibly restored from a snapshot
                 // with the same cluster id: writes since the restore may already have reached
                 // the view's revision, and then the new watch would resume silently on another
-                // history. An audit before reopening (a count at the view's revision) finds it
-                // now rather than at the next periodic audit.
+                // history. An audit before reopening (a count and a point read at the view's
+                // revision) finds it now rather than at the next periodic audit.
                 let end = if reopening && self.config.audit_every.is_some() {
                     self.audit(true).await
                 } else {
