@@ -55,7 +55,8 @@ impl History {
     }
 
     /// The store was restored: the versions it issues from now on are filed under `to`, a
-    /// successor of `from`.
+    /// successor of `from`. Called before the restored store is issued: descriptions accepted
+    /// since the snapshot no longer bind it (as at [`Self::restarted`]).
     pub fn restored(&mut self, from: u64, to: u64) {
         self.restored.insert(from, to);
         self.latest_restore = Some(to);

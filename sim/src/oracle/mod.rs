@@ -285,8 +285,9 @@ impl Oracles {
                 *n = id.clone();
             }
         }
+        // (The history oracle already forgot the accepted descriptions: `history_restored`
+        // runs before the restored store is issued.)
         s.lease.started(run);
-        s.history.restarted();
         for (id, address) in members {
             let superseded_by = newest.get(address).filter(|n| *n != id).cloned();
             s.lease
