@@ -148,6 +148,28 @@ pub enum Fault {
         #[serde(with = "ms")]
         down_for: Duration,
     },
+    /// One member of a multi-member backend (a three-member etcd) freezes (SIGSTOP, a VM
+    /// pause) while the others keep a quorum; the leader's freeze costs an election. Calls
+    /// to it go unanswered and its watches go silent. Nothing where the backend has one member.
+    BackendMemberFreeze {
+        /// Which backend member (taken modulo how many there are).
+        member: usize,
+        /// How long.
+        #[serde(with = "ms")]
+        duration: Duration,
+    },
+    /// One member of a multi-member backend crashes (connections refused) and restarts with
+    /// its data; the leader's crash costs an election. Nothing where the backend has one member.
+    BackendMemberCrash {
+        /// Which backend member (taken modulo how many there are).
+        member: usize,
+        /// Downtime.
+        #[serde(with = "ms")]
+        down_for: Duration,
+    },
+    /// The backend's auth store changes (a role or user edited): every auth token issued
+    /// before is refused as old. Nothing where the backend does not authenticate.
+    BackendAuthChange,
     /// The registry process freezes (a VM pause, a long GC) and resumes with its state.
     RegistryPause {
         /// How long.
@@ -256,6 +278,9 @@ impl Fault {
             Fault::BackendDataLoss { .. } => "backend-data-loss",
             Fault::BackendSnapshot => "backend-snapshot",
             Fault::BackendRestore { .. } => "backend-restore",
+            Fault::BackendMemberFreeze { .. } => "backend-member-freeze",
+            Fault::BackendMemberCrash { .. } => "backend-member-crash",
+            Fault::BackendAuthChange => "backend-auth-change",
             Fault::RegistryPause { .. } => "registry-pause",
             Fault::RollingRestart { .. } => "rolling-restart",
             Fault::Flap { .. } => "flap",
@@ -284,6 +309,9 @@ impl Fault {
                 | Fault::BackendDataLoss { .. }
                 | Fault::BackendSnapshot
                 | Fault::BackendRestore { .. }
+                | Fault::BackendMemberFreeze { .. }
+                | Fault::BackendMemberCrash { .. }
+                | Fault::BackendAuthChange
                 | Fault::RegistryPause { .. }
                 | Fault::Flap { .. }
                 | Fault::BackendCut { .. }
@@ -398,6 +426,13 @@ impl fmt::Display for Fault {
                 "backend restored from its snapshot (same cluster id), down {}",
                 s(down_for)
             ),
+            Fault::BackendMemberFreeze { member, duration } => {
+                write!(f, "backend member {member} frozen for {}", s(duration))
+            }
+            Fault::BackendMemberCrash { member, down_for } => {
+                write!(f, "backend member {member} crashed, down {}", s(down_for))
+            }
+            Fault::BackendAuthChange => write!(f, "backend auth store changed"),
             Fault::RegistryPause { duration } => {
                 write!(f, "registry frozen for {}", s(duration))
             }

@@ -196,6 +196,12 @@ pub enum Flaw {
     /// Planted in the etcd provider: the audit before a watch reopens compares only the count
     /// of keys, not the revision of the view's latest write.
     EtcdAuditCountOnly,
+    /// Planted in the etcd endpoint policy (shared by the production client): a call refused
+    /// for a stale auth token is not authenticated again, its refusal returned as it is.
+    EtcdTokenNotRenewed,
+    /// Planted in the etcd endpoint policy: a call abandoned by its caller (its deadline
+    /// passed: a frozen etcd member) leaves the client on that endpoint.
+    EtcdAbandonedCallStays,
     /// Planted in the etcd provider: after losing its lease a member writes its key again
     /// under the same id (the "renewed lease, key re-put" bug of other etcd providers, inverted).
     EtcdRejoinSameId,
@@ -278,6 +284,8 @@ impl Flaw {
             Flaw::EtcdGhostKept => "etcd-ghost-kept",
             Flaw::EtcdStaleKeyKept => "etcd-stale-key-kept",
             Flaw::EtcdAuditCountOnly => "etcd-audit-count-only",
+            Flaw::EtcdTokenNotRenewed => "etcd-token-not-renewed",
+            Flaw::EtcdAbandonedCallStays => "etcd-abandoned-call-stays",
             Flaw::EtcdRejoinSameId => "etcd-rejoin-same-id",
             Flaw::EtcdCompactedNotRelisted => "etcd-compacted-not-relisted",
             Flaw::EtcdRenewedOnAttempt => "etcd-renewed-on-attempt",

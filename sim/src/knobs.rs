@@ -58,6 +58,11 @@ pub struct Knobs {
     /// sharded one): which setting a node's first process uses; every later process of the
     /// node (a restart, a replaced Pod) uses the other.
     pub k8s_migrate: Option<Migration>,
+    /// etcd: how many etcd members (nodes sharing one replicated store) the members are given
+    /// as endpoints (1: a single etcd).
+    pub etcd_members: usize,
+    /// etcd: authentication on, with tokens that live this long (`None`: off).
+    pub etcd_token_ttl: Option<Duration>,
 }
 
 /// A cluster migrating between the Kubernetes provider's heartbeat settings.
@@ -103,6 +108,8 @@ impl Default for Knobs {
             k8s_heartbeats: None,
             k8s_everyone: false,
             k8s_migrate: None,
+            etcd_members: 1,
+            etcd_token_ttl: None,
         }
     }
 }

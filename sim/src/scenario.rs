@@ -935,6 +935,27 @@ pub fn all() -> Vec<Scenario> {
             etcd_restore,
             &["etcd: relists", "etcd: rejoins", "backend: snapshots saved"],
         ),
+        Scenario {
+            knobs: Some(|k| k.etcd_members = 3),
+            ..etcd(
+                "etcd-member-freeze",
+                "a three-member etcd: a follower frozen (SIGSTOP) for 8-15 s while a member crashes for good, then the leader frozen for 5-12 s (an election; every lease's TTL starts over) while a member leaves and re-joins, then one etcd member crashes and restarts: members pinned to the lost etcd member move to another; no live member is dropped",
+                etcd_member_freeze,
+                &["etcd: endpoint failovers"],
+            )
+        },
+        Scenario {
+            knobs: Some(|k| {
+                k.etcd_members = 3;
+                k.etcd_token_ttl = Some(Duration::from_secs(8));
+            }),
+            ..etcd(
+                "etcd-auth-expiry",
+                "etcd with authentication on, tokens living 8 s, three etcd members: every member's token expires several times; etcd restarts (every token forgotten), an etcd member crashes (its tokens forgotten), the auth store changes (every token old); meanwhile a member crashes and one leaves and re-joins: every refused call authenticates again and is retried, nobody's view freezes",
+                etcd_auth_expiry,
+                &["etcd: reauthentications", "backend: auth store changes"],
+            )
+        },
         etcd(
             "etcd-rolling-restart",
             "etcd: every member restarts in place in turn (the new incarnation deletes its ghost's key)",
@@ -1378,6 +1399,117 @@ fn etcd_restore(r: &mut SimRng, n: usize) -> FaultSchedule {
             Fault::Crash {
                 member: later,
                 restart_after: Some(r.ms(2_000, 8_000)),
+            },
+        ),
+    ])
+}
+
+/// Three different members (the fewest a scenario runs is three), the first drawn, the second
+/// drawn among the others, the third the next one after the second that is neither.
+fn three_members(r: &mut SimRng, n: usize) -> [usize; 3] {
+    let first = r.pick(n);
+    let second = (first + 1 + r.pick(n - 1)) % n;
+    let third = (0..n)
+        .map(|k| (second + 1 + k) % n)
+        .find(|&m| m != first && m != second)
+        .unwrap_or(second);
+    [first, second, third]
+}
+
+/// A three-member etcd: a follower freezes while a member crashes for good, the leader freezes
+/// (an election) while a member leaves and re-joins, then an etcd member crashes and restarts
+/// while another member crashes and restarts.
+fn etcd_member_freeze(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let [crashed, left, restarted] = three_members(r, n);
+    FaultSchedule::new(vec![
+        // The leader is etcd member 0 until it is lost: a follower first.
+        at(
+            8.0,
+            Fault::BackendMemberFreeze {
+                member: 1 + r.pick(2),
+                duration: r.ms(8_000, 15_000),
+            },
+        ),
+        at(
+            r.range(9_000, 14_000) as f64 / 1_000.0,
+            Fault::Crash {
+                member: crashed,
+                restart_after: None,
+            },
+        ),
+        at(
+            30.0,
+            Fault::BackendMemberFreeze {
+                member: 0,
+                duration: r.ms(5_000, 12_000),
+            },
+        ),
+        at(
+            r.range(30_500, 33_000) as f64 / 1_000.0,
+            Fault::Leave {
+                member: left,
+                rejoin_after: Some(r.ms(1_000, 3_000)),
+            },
+        ),
+        at(
+            50.0,
+            Fault::BackendMemberCrash {
+                member: r.pick(3),
+                down_for: r.ms(2_000, 6_000),
+            },
+        ),
+        at(
+            r.range(50_000, 54_000) as f64 / 1_000.0,
+            Fault::Crash {
+                member: restarted,
+                restart_after: Some(r.ms(1_000, 4_000)),
+            },
+        ),
+    ])
+}
+
+/// etcd with authentication and 8 s tokens: etcd restarts (every token forgotten), a member
+/// crashes for good, an etcd member crashes and restarts, the auth store changes while a
+/// member leaves and re-joins, and a crash and restart at the end.
+fn etcd_auth_expiry(r: &mut SimRng, n: usize) -> FaultSchedule {
+    let [crashed, left, restarted] = three_members(r, n);
+    FaultSchedule::new(vec![
+        at(
+            r.range(10_000, 20_000) as f64 / 1_000.0,
+            Fault::RegistryRestart {
+                down_for: r.ms(300, 3_000),
+            },
+        ),
+        at(
+            r.range(22_000, 28_000) as f64 / 1_000.0,
+            Fault::Crash {
+                member: crashed,
+                restart_after: None,
+            },
+        ),
+        at(
+            32.0,
+            Fault::BackendMemberCrash {
+                member: r.pick(3),
+                down_for: r.ms(2_000, 6_000),
+            },
+        ),
+        at(
+            r.range(40_000, 45_000) as f64 / 1_000.0,
+            Fault::BackendAuthChange,
+        ),
+        at(
+            r.range(40_000, 46_000) as f64 / 1_000.0,
+            Fault::Leave {
+                member: left,
+                rejoin_after: Some(r.ms(1_000, 3_000)),
+            },
+        ),
+        at(
+            55.0,
+            Fault::Crash {
+                member: restarted,
+                restart_after: Some(r.ms(1_000, 4_000)),
             },
         ),
     ])

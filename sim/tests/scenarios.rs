@@ -1034,3 +1034,31 @@ fn history_fires_on_an_etcd_audit_that_only_counts_keys() {
     );
     assert!(v.contains("never issued"), "{v}");
 }
+
+/// A client that does not authenticate again when etcd refuses its token (the token's TTL
+/// passed, etcd restarted, the auth store changed) loses its lease while its path is fine: the
+/// re-authentication is the shared endpoint policy's, planted there.
+#[test]
+fn lease_fires_on_an_etcd_client_that_never_renews_its_token() {
+    let v = first_failure_within(
+        "etcd-auth-expiry",
+        Flaw::EtcdTokenNotRenewed,
+        "a live, connected member must keep its membership",
+        3,
+    );
+    assert!(v.contains("MembershipLost"), "{v}");
+}
+
+/// A client that stays on an etcd member its calls get no answer from (frozen, while the
+/// other two keep the quorum) loses its lease: moving off an abandoned endpoint is the shared
+/// endpoint policy's, planted there.
+#[test]
+fn lease_fires_on_an_etcd_client_that_stays_on_a_frozen_member() {
+    let v = first_failure_within(
+        "etcd-member-freeze",
+        Flaw::EtcdAbandonedCallStays,
+        "a live, connected member must keep its membership",
+        3,
+    );
+    assert!(v.contains("MembershipLost"), "{v}");
+}

@@ -23,13 +23,10 @@
 //! endpoint before its error is returned. Lease keep-alive streams are reopened on the new
 //! endpoint; watches end with an error and the provider reopens them there, from its revision.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
@@ -39,6 +36,8 @@ use etcd_client::{
 use super::api::{
     Change, EtcdApi, EtcdError, KeyValue, LeaseId, Range, Revision, WatchBatch, WatchStream,
 };
+use super::endpoints::{EndpointMetrics, Endpoints, Fault, Transport, stale_token_message};
+use crate::runtime::TokioClock;
 
 /// How often an idle watch asks etcd for a progress notification.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -84,113 +83,78 @@ pub struct EtcdTls {
     pub domain: Option<String>,
 }
 
-/// [`EtcdApi`] over `etcd-client`, one endpoint at a time.
+/// [`EtcdApi`] over `etcd-client`, one endpoint at a time (the policy is
+/// [`Endpoints`], shared with the simulator's client).
 pub struct EtcdClient {
-    endpoints: Arc<Endpoints>,
-    /// Whether the connection authenticates (a user and password were given).
-    authenticates: bool,
-    metrics: EtcdClientMetrics,
+    endpoints: Arc<Endpoints<ClientTransport>>,
 }
 
-/// Counters of one etcd client. Clone to share (the counters are shared).
-#[derive(Clone, Debug, Default)]
-pub struct EtcdClientMetrics {
-    /// Moves from a failed endpoint to the next one.
-    pub failovers: Counter,
-    /// Calls refused for a stale auth token, after which the client authenticated again.
-    pub reauthentications: Counter,
-}
-
-impl EtcdClientMetrics {
-    /// Registers every metric under `registry`.
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "etcd_endpoint_failovers",
-            "Moves from a failed etcd endpoint to the next one",
-            self.failovers.clone(),
-        );
-        registry.register(
-            "etcd_reauthentications",
-            "Calls refused for a stale auth token, after which the client authenticated again",
-            self.reauthentications.clone(),
-        );
-    }
-}
+/// Counters of one etcd client (the endpoint policy's).
+pub type EtcdClientMetrics = EndpointMetrics;
 
 /// A lease's keep-alive stream and the endpoint it was opened on.
 type Keeper = (usize, LeaseKeeper, LeaseKeepAliveStream);
 
-/// The endpoints, a client per endpoint (connected when first used), and the one in use.
-/// Shared with the watch streams, which move the client on when theirs goes quiet.
-struct Endpoints {
+/// etcd-client as the [`Transport`] of [`Endpoints`]: a `Client` per endpoint (it
+/// authenticates at connect), and the lease keep-alive streams, each on the endpoint it was
+/// opened on.
+pub struct ClientTransport {
     urls: Vec<String>,
     options: ConnectOptions,
-    connect_timeout: Duration,
-    clients: Mutex<Vec<Option<Client>>>,
-    current: AtomicUsize,
+    authenticates: bool,
     keepers: Mutex<std::collections::BTreeMap<LeaseId, Keeper>>,
-    failovers: Counter,
 }
 
-impl Endpoints {
-    /// The endpoint in use.
-    fn current(&self) -> usize {
-        self.current.load(Ordering::SeqCst)
-    }
-
-    fn clients(&self) -> std::sync::MutexGuard<'_, Vec<Option<Client>>> {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
+impl ClientTransport {
     fn keepers(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<LeaseId, Keeper>> {
         self.keepers.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    /// The client of endpoint `i`, connected (and authenticated) now if it is not yet.
-    async fn client(&self, i: usize) -> Result<Client, etcd_client::Error> {
-        if let Some(c) = self.clients()[i].clone() {
-            return Ok(c);
-        }
-        let connect = Client::connect([self.urls[i].as_str()], Some(self.options.clone()));
-        let client = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(c) => c?,
-            Err(_) => {
-                return Err(etcd_client::Error::IoError(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {:?}", self.connect_timeout),
-                )));
-            }
-        };
-        self.clients()[i] = Some(client.clone());
-        Ok(client)
+#[async_trait]
+impl Transport for ClientTransport {
+    type Conn = Client;
+    type Error = etcd_client::Error;
+
+    fn endpoints(&self) -> &[String] {
+        &self.urls
     }
 
-    /// Endpoint `from` failed: the next one is used from now on (if `from` is still the one in
-    /// use: concurrent calls that saw the same failure move the client once). Its connection
-    /// is dropped (a frozen member's connection is not reused when it comes back into turn)
-    /// and so are the keep-alive streams opened on it. With a single endpoint nothing moves.
-    fn fail_over(&self, from: usize, why: &dyn std::fmt::Display) {
-        let n = self.urls.len();
-        if n < 2 {
-            return;
+    async fn connect(&self, i: usize) -> Result<Client, etcd_client::Error> {
+        Client::connect([self.urls[i].as_str()], Some(self.options.clone())).await
+    }
+
+    fn authenticates(&self) -> bool {
+        self.authenticates
+    }
+
+    async fn authenticate(&self, conn: &Client) -> Result<(), etcd_client::Error> {
+        // A new token, shared by every clone of that endpoint's client.
+        conn.refresh_token().await
+    }
+
+    fn fault(&self, e: &etcd_client::Error) -> Fault {
+        if endpoint_failed(e) {
+            Fault::Endpoint
+        } else if stale_token(e) {
+            Fault::StaleToken
+        } else {
+            Fault::Request
         }
-        let to = (from + 1) % n;
-        if self
-            .current
-            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return;
+    }
+
+    fn timed_out(&self, endpoint: &str, after: Duration) -> etcd_client::Error {
+        etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{endpoint}: no answer within {after:?}"),
+        ))
+    }
+
+    fn forget(&self, i: Option<usize>) {
+        match i {
+            Some(i) => self.keepers().retain(|_, (at, _, _)| *at != i),
+            None => self.keepers().clear(),
         }
-        self.failovers.inc();
-        self.clients()[from] = None;
-        self.keepers().retain(|_, (at, _, _)| *at != from);
-        tracing::warn!(
-            from = %self.urls[from],
-            to = %self.urls[to],
-            error = %why,
-            "etcd endpoint failed; using the next one"
-        );
     }
 }
 
@@ -209,48 +173,12 @@ pub fn endpoint_failed(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// Moves the client off `endpoint` if dropped while armed: a call its caller gave up on (its
-/// deadline passed) is taken as a sign that the endpoint is frozen or cut off.
-struct Abandoned<'a> {
-    endpoints: &'a Endpoints,
-    endpoint: usize,
-    armed: bool,
-}
-
-impl<'a> Abandoned<'a> {
-    fn new(endpoints: &'a Endpoints, endpoint: usize) -> Self {
-        Self {
-            endpoints,
-            endpoint,
-            armed: true,
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Abandoned<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.endpoints.fail_over(
-                self.endpoint,
-                &"a call got no answer before its caller gave up",
-            );
-        }
-    }
-}
-
 /// Whether etcd refused a request for its auth token, not for who sent it: the token is gone
 /// (etcd restarted, the token's TTL passed) or predates a change of the auth store. Another
 /// authentication fixes it.
 pub fn stale_token(e: &etcd_client::Error) -> bool {
     match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            let m = s.message();
-            m.contains("invalid auth token") || m.contains("auth store is old")
-        }
+        etcd_client::Error::GRpcStatus(s) => stale_token_message(s.message()),
         _ => false,
     }
 }
@@ -375,35 +303,33 @@ impl EtcdClient {
         if connection.endpoints.is_empty() {
             return Err(EtcdError::Rejected("no etcd endpoint given".into()));
         }
-        let metrics = EtcdClientMetrics::default();
-        let endpoints = Arc::new(Endpoints {
+        let transport = ClientTransport {
             urls: connection.endpoints.clone(),
             options,
-            connect_timeout,
-            clients: Mutex::new(vec![None; connection.endpoints.len()]),
-            current: AtomicUsize::new(0),
+            authenticates: connection.user.is_some(),
             keepers: Mutex::default(),
-            failovers: metrics.failovers.clone(),
-        });
+        };
+        let endpoints = Arc::new(Endpoints::new(
+            transport,
+            TokioClock::shared(),
+            connect_timeout,
+            EndpointMetrics::default(),
+        ));
         // The connection is lazy: ask each endpoint for its status, in order, until one
         // answers, so that a wrong endpoint fails here, named, and a dead one is passed over.
         let mut refusals = Vec::new();
         for (i, url) in connection.endpoints.iter().enumerate() {
             let probe = async {
-                let mut client = endpoints.client(i).await?;
+                let mut client = endpoints.conn(i).await?;
                 client.status().await
             };
             let error = match tokio::time::timeout(connect_timeout, probe).await {
                 Ok(Ok(_)) => {
-                    endpoints.current.store(i, Ordering::SeqCst);
+                    endpoints.set_current(i);
                     if !refusals.is_empty() {
                         tracing::warn!(endpoint = %url, passed_over = %refusals.join("; "), "etcd: started on a later endpoint");
                     }
-                    return Ok(Self {
-                        endpoints,
-                        authenticates: connection.user.is_some(),
-                        metrics,
-                    });
+                    return Ok(Self { endpoints });
                 }
                 Ok(Err(e)) => named(url, etcd_error(e)),
                 Err(_) => EtcdError::Unavailable(format!(
@@ -411,7 +337,7 @@ impl EtcdClient {
                     connection.connect_timeout
                 )),
             };
-            endpoints.clients()[i] = None;
+            endpoints.disconnect(i);
             if connection.endpoints.len() == 1 {
                 return Err(error);
             }
@@ -423,37 +349,33 @@ impl EtcdClient {
         )))
     }
 
-    /// The client's counters (register them with [`EtcdClientMetrics::register`]).
+    /// The client's counters (register them with [`EndpointMetrics::register`]).
     pub fn metrics(&self) -> &EtcdClientMetrics {
-        &self.metrics
+        self.endpoints.metrics()
     }
 
     /// How many times the client moved from a failed endpoint to the next one.
     pub fn failovers(&self) -> u64 {
-        self.metrics.failovers.get()
+        self.metrics().failovers.get()
     }
 
     /// The endpoint in use.
     pub fn endpoint(&self) -> &str {
-        &self.endpoints.urls[self.endpoints.current()]
+        self.endpoints.name(self.endpoints.current())
     }
 
     /// How many times a call was refused for a stale auth token and authenticated again.
     pub fn reauthentications(&self) -> u64 {
-        self.metrics.reauthentications.get()
+        self.metrics().reauthentications.get()
     }
 
-    /// Runs `op` on the endpoint in use; if etcd refused it for a stale auth token,
-    /// authenticates again (a new token, shared by every clone of that endpoint's client) and
-    /// runs it once more. A failed authentication (the user was removed, the password
-    /// changed) is the error returned. If the endpoint failed, the client moves to the next
-    /// one and `op` is tried there, once per endpoint at most.
+    /// Runs `op` on the endpoint in use, as [`Endpoints::call`] decides.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.call_on(|_, c| op(c)).await.map(|(_, t)| t)
+        self.endpoints.call(op).await
     }
 
     /// [`Self::call`] with `op` told which endpoint its client is for, also saying which
@@ -463,48 +385,7 @@ impl EtcdClient {
         F: Fn(usize, Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut tries = 0;
-        loop {
-            let i = self.endpoints.current();
-            let guard = Abandoned::new(&self.endpoints, i);
-            let result = match self.endpoints.client(i).await {
-                Ok(client) => match op(i, client.clone()).await {
-                    Err(e) if self.authenticates && stale_token(&e) => {
-                        match self.reauthenticate(&client, &e).await {
-                            Ok(()) => op(i, client).await,
-                            Err(e) => Err(e),
-                        }
-                    }
-                    result => result,
-                },
-                Err(e) => Err(e),
-            };
-            guard.disarm();
-            match result {
-                Err(e) if endpoint_failed(&e) => {
-                    self.endpoints.fail_over(i, &e);
-                    tries += 1;
-                    if tries >= self.endpoints.urls.len() {
-                        return Err(e);
-                    }
-                }
-                result => return result.map(|t| (i, t)),
-            }
-        }
-    }
-
-    async fn reauthenticate(
-        &self,
-        client: &Client,
-        why: &(dyn std::fmt::Display + Sync),
-    ) -> Result<(), etcd_client::Error> {
-        self.metrics.reauthentications.inc();
-        tracing::warn!(error = %why, "etcd refused this client's auth token (etcd restarted, or the token expired); authenticating again");
-        // Streams opened under the old token are dropped: they are reopened with the new one.
-        self.endpoints.keepers().clear();
-        client.refresh_token().await.inspect_err(|e| {
-            tracing::warn!(error = %e, "authenticating to etcd again failed");
-        })
+        self.endpoints.call_on(op).await
     }
 }
 
@@ -535,7 +416,7 @@ impl EtcdApi for EtcdClient {
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
-        self.endpoints.keepers().remove(&lease);
+        self.endpoints.transport().keepers().remove(&lease);
         match self
             .call(|mut c| async move { c.lease_revoke(lease).await })
             .await
@@ -651,7 +532,7 @@ impl EtcdApi for EtcdClient {
             };
             // etcd answers a creation at once: created, or cancelled. A watch refused for a
             // stale auth token is cancelled (the call itself succeeded), so it is read here.
-            let guard = Abandoned::new(&self.endpoints, endpoint);
+            let guard = self.endpoints.abandoned(endpoint);
             let first = stream.message().await;
             guard.disarm();
             let first = match first {
@@ -685,7 +566,7 @@ impl EtcdApi for EtcdClient {
                 }
                 return Err(EtcdError::Unavailable(format!(
                     "the etcd member at {} is behind (at revision {created_at}, the quorum at {current})",
-                    self.endpoints.urls[endpoint]
+                    self.endpoints.name(endpoint)
                 )));
             }
             if first.canceled() && first.cancel_reason().contains("no leader") {
@@ -696,15 +577,16 @@ impl EtcdApi for EtcdClient {
                 && ["invalid auth token", "auth store is old"]
                     .iter()
                     .any(|m| first.cancel_reason().contains(m));
-            if stale && self.authenticates && !retried {
+            if stale && self.endpoints.transport().authenticates() && !retried {
                 retried = true;
-                let client = self.endpoints.client(endpoint).await.map_err(etcd_error)?;
-                self.reauthenticate(
-                    &client,
-                    &format!("watch cancelled: {}", first.cancel_reason()),
-                )
-                .await
-                .map_err(etcd_error)?;
+                let client = self.endpoints.conn(endpoint).await.map_err(etcd_error)?;
+                self.endpoints
+                    .reauthenticate(
+                        &client,
+                        &format!("watch cancelled: {}", first.cancel_reason()),
+                    )
+                    .await
+                    .map_err(etcd_error)?;
                 continue;
             }
             return Ok(watch_stream(stream, Some(first), from, on));
@@ -725,6 +607,7 @@ impl EtcdClient {
     ) -> Result<Result<Duration, EtcdError>, etcd_client::Error> {
         let held = self
             .endpoints
+            .transport()
             .keepers()
             .remove(&lease)
             .filter(|(at, _, _)| *at == i);
@@ -741,7 +624,10 @@ impl EtcdClient {
         if answer.ttl() <= 0 {
             return Ok(Err(EtcdError::LeaseNotFound(lease)));
         }
-        self.endpoints.keepers().insert(lease, (i, keeper, stream));
+        self.endpoints
+            .transport()
+            .keepers()
+            .insert(lease, (i, keeper, stream));
         Ok(Ok(Duration::from_secs(answer.ttl() as u64)))
     }
 }
@@ -790,7 +676,7 @@ fn read_response(
 /// The endpoint a watch stream was opened on, to move the client off it when the stream
 /// fails for the endpoint's sake.
 struct Watched {
-    endpoints: Arc<Endpoints>,
+    endpoints: Arc<Endpoints<ClientTransport>>,
     endpoint: usize,
 }
 
@@ -827,7 +713,7 @@ fn watch_stream(
                         Err(_) if asked => {
                             let why = format!(
                                 "etcd at {} sent nothing, not even the progress asked for, in {:?}",
-                                on.endpoints.urls[on.endpoint],
+                                on.endpoints.name(on.endpoint),
                                 PROGRESS_EVERY * 2
                             );
                             on.endpoints.fail_over(on.endpoint, &why);

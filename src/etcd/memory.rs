@@ -267,6 +267,15 @@ impl MemoryEtcd {
         s.notify_observer();
     }
 
+    /// Every lease's TTL starts over, watches and data untouched: a new leader took over
+    /// (etcd's lessor, promoted, extends every lease it inherits).
+    pub fn extend_leases(&self) {
+        let now = self.clock.now();
+        for l in self.lock().leases.values_mut() {
+            l.deadline = now + l.ttl;
+        }
+    }
+
     /// A restart: every watch ends. With `keep_data`, keys and leases survive and every lease's
     /// TTL starts over (as etcd does when a new leader takes over); without, the store is new
     /// (another cluster id, revisions from 1).

@@ -9,11 +9,14 @@
 //!   and the simulator's etcd node.
 //! * [`EtcdProvider`]: the async shell: keeps this member's lease alive, watches, re-joins
 //!   as a new incarnation after losing its lease, and announces its own standing.
+//! * [`endpoints`]: which etcd member a client talks to and what it does when a call fails
+//!   (failover, re-authentication): the policy shared by both worlds' clients.
 //! * `client` (normal build): the production [`api::EtcdApi`] over `etcd-client`.
 
 pub mod api;
 #[cfg(not(madsim))]
 pub mod client;
+pub mod endpoints;
 pub mod members;
 pub mod memory;
 mod metrics;

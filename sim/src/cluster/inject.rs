@@ -186,7 +186,7 @@ impl SimCluster {
     pub fn apply(self: &Arc<Self>, fault: &Fault) {
         let names = |ms: &[usize]| ms.iter().map(|i| format!("m{i}")).collect::<Vec<_>>();
         let members = self.member_count();
-        let registry = self.registry_node_id();
+        let registry = self.registry_node_ids();
         self.recorder.count(&format!("fault: {}", fault.kind()));
         match fault.clone() {
             Fault::Partition {
@@ -241,20 +241,23 @@ impl SimCluster {
             }
             | Fault::ReplyLost { member, duration }
             | Fault::BackendCut { member, duration } => {
-                let (Some(r), true) = (registry, member < members) else {
+                if registry.is_empty() || member >= members {
                     return;
-                };
+                }
                 let idx = self
                     .recorder
                     .fault_started(fault.to_string(), names(&[member]));
                 let m = self.node_id(member);
                 // One-way: the member's requests are lost; reply-lost: the answers are;
-                // backend-cut: both (its peers still reach it).
-                let links = match fault {
-                    Fault::OneWay { .. } => vec![(m, r)],
-                    Fault::ReplyLost { .. } => vec![(r, m)],
-                    _ => vec![(m, r), (r, m)],
-                };
+                // backend-cut: both (its peers still reach it). From every backend node.
+                let links = registry
+                    .iter()
+                    .flat_map(|&r| match fault {
+                        Fault::OneWay { .. } => vec![(m, r)],
+                        Fault::ReplyLost { .. } => vec![(r, m)],
+                        _ => vec![(m, r), (r, m)],
+                    })
+                    .collect();
                 self.clog_for(links, duration, idx, 1);
             }
             Fault::Swizzle {
@@ -262,7 +265,9 @@ impl SimCluster {
                 step,
                 hold,
             } => {
-                let Some(r) = registry else { return };
+                if registry.is_empty() {
+                    return;
+                }
                 let order: Vec<usize> = order.into_iter().filter(|&i| i < members).collect();
                 self.reconnected(order.len());
                 let idx = self
@@ -272,7 +277,10 @@ impl SimCluster {
                 self.background(async move {
                     let link = |i: usize| {
                         let n = c.node_id(i);
-                        vec![(n, r), (r, n)]
+                        registry
+                            .iter()
+                            .flat_map(|&r| [(n, r), (r, n)])
+                            .collect::<Vec<_>>()
                     };
                     for &i in &order {
                         if c.is_healed() {
@@ -428,6 +436,25 @@ impl SimCluster {
             }
             Fault::BackendRestore { down_for } => {
                 self.crash_registry(fault, down_for, Store::Restored)
+            }
+            Fault::BackendMemberFreeze { member, duration } => {
+                if let Some(k) = self.control.freeze_member(member) {
+                    self.backend_member_lost(fault, k, duration, move |c| c.thaw_member(k));
+                }
+            }
+            Fault::BackendMemberCrash { member, down_for } => {
+                if let Some((k, crash)) = self.control.crash_member(member) {
+                    self.backend_member_lost(fault, k, down_for, move |c| {
+                        c.restart_member_after(k, crash)
+                    });
+                }
+            }
+            Fault::BackendAuthChange => {
+                if self.control.change_auth() {
+                    self.recorder
+                        .trace(self.control.name(), "auth store changed");
+                    self.recorder.count("backend: auth store changes");
+                }
             }
             Fault::RegistryPause { duration } => {
                 if !self.control.pause() {
@@ -621,6 +648,28 @@ impl SimCluster {
             // Only the latest crash's restart brings it back.
             c.reconnected(c.node_count());
             c.control.restart_after(crash);
+            c.refresh_health();
+            c.recorder.fault_healed(idx);
+        });
+    }
+
+    /// Backend member `k` froze or crashed (`fault`): any node may have to move to another
+    /// member; `back` brings it back after `lasts`.
+    fn backend_member_lost(
+        self: &Arc<Self>,
+        fault: &Fault,
+        k: usize,
+        lasts: Duration,
+        back: impl FnOnce(&dyn ControlPlane) + Send + 'static,
+    ) {
+        self.reconnected(self.node_count());
+        let idx = self.recorder.fault_started(
+            fault.to_string(),
+            vec![format!("{}{k}", self.control.name())],
+        );
+        self.refresh_health();
+        self.later(lasts, move |c| {
+            back(c.control.as_ref());
             c.refresh_health();
             c.recorder.fault_healed(idx);
         });

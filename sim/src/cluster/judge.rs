@@ -28,6 +28,18 @@ impl SimCluster {
         self.background(async move {
             sleep(bound).await;
             let mut waited = bound;
+            // A renewal the backend accepted after the departure (sent before it and held on
+            // the way: a frozen etcd member that answers its queue when it thaws) extended the
+            // lease: judged a bound after that renewal.
+            if let Some(late) = c.oracles.last_renewal(&id).filter(|r| *r > at) {
+                let more = (late + bound).saturating_duration_since(Instant::now());
+                if !more.is_zero() {
+                    c.recorder
+                        .count("failover: judged from a renewal accepted after the departure");
+                    sleep(more).await;
+                    waited += more;
+                }
+            }
             // Sharded heartbeats: a monitor that took the shard over after the crash ages the
             // heartbeat from when it first saw it (docs/providers/kubernetes.md: removed up to
             // one Lease duration later), so a change of the shard's monitors since the crash
@@ -172,7 +184,9 @@ impl SimCluster {
                 else {
                     return false;
                 };
-                ready <= at && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at)
+                ready <= at
+                    && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at)
+                    && !self.view_stalled(*j, at.checked_sub(CONNECTED_FOR).unwrap_or(at))
             })
             .collect()
     }

@@ -240,6 +240,7 @@ enum MetricSource {
 
 struct Slot {
     name: String,
+    ip: IpAddr,
     node: NodeHandle,
     is_client: bool,
     clock: Arc<SkewedClock>,
@@ -296,6 +297,8 @@ pub struct SimCluster {
     /// Nodes the faults forced to reconnect to the control plane (the load budget's
     /// allowance).
     reconnects: AtomicU64,
+    /// Whether the control plane said it was disturbed at the last poll.
+    registry_disturbed: AtomicBool,
     /// What the nodes' actors did (the activation checkers).
     activation: Arc<ActivationOracle>,
     /// Crash-to-removal times.
@@ -371,6 +374,7 @@ impl SimCluster {
                 .init(move || spec.clone().run())
                 .build();
             slots.push(Slot {
+                ip,
                 name,
                 node,
                 is_client,
@@ -406,6 +410,7 @@ impl SimCluster {
             healed: AtomicBool::new(false),
             metrics,
             reconnects: AtomicU64::new(0),
+            registry_disturbed: AtomicBool::new(false),
             activation,
             failover,
             background: Mutex::new(Vec::new()),
@@ -554,23 +559,36 @@ impl SimCluster {
         lock(&self.slots)[i].node.id()
     }
 
-    fn registry_node_id(&self) -> Option<NodeId> {
-        self.control.node()
+    fn registry_node_ids(&self) -> Vec<NodeId> {
+        self.control.nodes()
+    }
+
+    /// Whether node `i`'s watch was served, at some time since `since`, by a backend member
+    /// that froze or crashed under it (its view stalls until it notices: see
+    /// [`ControlPlane::view_stalled`]).
+    pub(crate) fn view_stalled(&self, i: usize, since: Instant) -> bool {
+        let ip = lock(&self.slots)[i].ip;
+        self.control.view_stalled(ip, since)
     }
 
     fn all_node_ids(&self) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = lock(&self.slots).iter().map(|s| s.node.id()).collect();
-        ids.extend(self.registry_node_id());
+        ids.extend(self.registry_node_ids());
         ids
     }
 
     /// Whether a fault disturbs member `i`'s path to the registry now (a graceful shutdown
     /// under way does not count).
     fn path_disturbed(&self, i: usize) -> bool {
-        let registry = self.registry_node_id();
+        let registry = self.registry_node_ids();
         let slots = lock(&self.slots);
         let s = &slots[i];
-        let clogged = registry.is_some_and(|r| self.links.either_way(s.node.id(), r));
+        // Cut off from every node of the control plane (from some of a multi-member backend,
+        // the client moves to another).
+        let clogged = !registry.is_empty()
+            && registry
+                .iter()
+                .all(|&r| self.links.either_way(s.node.id(), r));
         !s.alive || s.paused || s.lost_heartbeats || clogged
     }
 
@@ -586,6 +604,11 @@ impl SimCluster {
 
     /// Feeds the lease oracle what the control plane lists now.
     fn poll_registry(&self) {
+        // The control plane's own disturbances that end by themselves (an election).
+        let disturbed = self.control.disturbed();
+        if self.registry_disturbed.swap(disturbed, Ordering::SeqCst) != disturbed {
+            self.health.set_registry(disturbed);
+        }
         let Some((run, topology)) = self.control.listed() else {
             return;
         };

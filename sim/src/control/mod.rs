@@ -123,6 +123,44 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// Freezes it (a VM pause); false if it cannot be frozen now (down, frozen, or no node).
     fn pause(&self) -> bool;
 
+    /// Every simulated node it runs on (several for a multi-member backend): a partition from
+    /// the control plane cuts a member off from all of them.
+    fn nodes(&self) -> Vec<NodeId> {
+        self.node().into_iter().collect()
+    }
+
+    /// Freezes one member of a multi-member backend (`member` modulo how many there are) if
+    /// it runs and nothing else is frozen or down; which one it froze.
+    fn freeze_member(&self, _member: usize) -> Option<usize> {
+        None
+    }
+
+    /// Thaws backend member `k` if frozen.
+    fn thaw_member(&self, _k: usize) {}
+
+    /// Crashes one member of a multi-member backend (as [`Self::freeze_member`] picks it);
+    /// which one, and the crash's number for [`Self::restart_member_after`].
+    fn crash_member(&self, _member: usize) -> Option<(usize, u64)> {
+        None
+    }
+
+    /// Restarts backend member `k` with its data if crash `crash` is still its latest.
+    fn restart_member_after(&self, _k: usize, _crash: u64) {}
+
+    /// Whether the watch of the node at `ip` was open on a backend member that froze or
+    /// crashed, and stayed there at some time since `since` (its view stalls until the
+    /// client notices the silence and moves: the failover oracle does not hold it to the
+    /// bound meanwhile). Observed at the backend's doors, not asked of the provider.
+    fn view_stalled(&self, _ip: IpAddr, _since: Instant) -> bool {
+        false
+    }
+
+    /// Changes the auth store (every token issued before is refused as old); false where the
+    /// backend does not authenticate.
+    fn change_auth(&self) -> bool {
+        false
+    }
+
     /// Resumes it if frozen.
     fn resume(&self);
 

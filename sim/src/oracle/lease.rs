@@ -324,9 +324,9 @@ impl Leases {
 
     /// The backend restarted with its data and started every lease's TTL over (etcd): every
     /// registration counts as renewed now.
-    pub fn refreshed(&mut self, at: Instant) {
-        for r in self.registrations.values_mut() {
-            if r.left_at.is_none() {
+    pub fn refreshed(&mut self, at: Instant, held: impl Fn(&MemberId) -> bool) {
+        for (id, r) in self.registrations.iter_mut() {
+            if r.left_at.is_none() && held(id) {
                 r.renewed_at = at;
                 r.extended = (Duration::ZERO, Duration::ZERO);
             }

@@ -26,6 +26,7 @@ pub mod lease;
 
 pub use lease::Judge;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -206,6 +207,8 @@ pub struct Oracles {
 struct State {
     history: history::History,
     lease: lease::Leases,
+    /// When the backend last accepted a renewal of each id (kept after the id is gone).
+    last_renewal: BTreeMap<MemberId, Instant>,
 }
 
 impl Oracles {
@@ -297,7 +300,16 @@ impl Oracles {
 
     /// The backend restarted with its data, starting every lease's TTL over (etcd).
     pub fn leases_refreshed(&self) {
-        self.lock().lease.refreshed(Instant::now());
+        self.lock().lease.refreshed(Instant::now(), |_| true);
+    }
+
+    /// A new leader of the backend started the TTL of every lease it holds over (etcd's lessor
+    /// promoted): the members `held` lists count as renewed now (one whose key expired
+    /// while the oracle could not look, during the election, is not brought back).
+    pub fn leases_extended(&self, held: &ClusterTopology) {
+        self.lock()
+            .lease
+            .refreshed(Instant::now(), |id| held.contains(id));
     }
 
     /// Kubernetes, a cluster migrating between heartbeat settings: the process that joined as
@@ -342,7 +354,16 @@ impl Oracles {
 
     /// The registry accepted a heartbeat of `id`.
     pub fn renewed(&self, id: &MemberId) {
-        self.lock().lease.renewed(id, Instant::now());
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.lease.renewed(id, now);
+        s.last_renewal.insert(id.clone(), now);
+    }
+
+    /// When the backend last accepted a renewal of `id` (a renewal that reached it late, from
+    /// a member that died meanwhile, extends its lease: a departure is judged from it).
+    pub fn last_renewal(&self, id: &MemberId) -> Option<Instant> {
+        self.lock().last_renewal.get(id).copied()
     }
 
     /// The registry accepted a leave of `id`.

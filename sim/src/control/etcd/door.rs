@@ -1,7 +1,16 @@
 //! The simulated etcd: the library's [`MemoryEtcd`] on its own node, reached over the
 //! simulated network, so partitions, crashes and restarts apply to it.
 //!
-//! [`SimEtcdApi`] is the [`EtcdApi`] a simulated member uses. [`EtcdDoor`] serves it and tells
+//! A three-member etcd is three such nodes sharing the store (raft's replicated state): each
+//! serves its own connections, so a frozen member leaves its calls unanswered and its watches
+//! silent while the others serve; the leader expires leases, and losing it costs an election
+//! (every member answers `no leader` meanwhile, and the new leader starts every lease's TTL
+//! over, as etcd's lessor does when promoted). With authentication on, every call carries a
+//! token the member issued; a token expires a TTL after it was issued (as a JWT does; a simple
+//! token lives until etcd restarts), is forgotten when its member restarts, and is refused as
+//! old once the auth store changed.
+//!
+//! [`super::SimEtcdApi`] is the client a simulated member uses. [`EtcdDoor`] serves it and tells
 //! the oracles what etcd *accepted*: a member key written (a join, dated from its lease's
 //! grant), a keep-alive of a lease holding member keys (a renewal), a revocation by its holder
 //! (a leave). It also records, from the store itself after every change, which members the
@@ -10,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +33,7 @@ use shoal::{ClusterTopology, Member, MemberId};
 
 use crate::cluster::CLUSTER;
 use crate::control::delays::Delays;
-use crate::control::wire::{Payload, Pool};
+use crate::control::wire::Payload;
 use crate::load::LoadMeter;
 use crate::oracle::Oracles;
 use crate::record::Recorder;
@@ -45,8 +54,9 @@ pub fn prefix() -> String {
 
 /// A call on the wire (the door's own protocol).
 #[doc(hidden)]
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Request {
+    Authenticate(String, String),
     Grant(Duration),
     KeepAlive(LeaseId),
     Revoke(LeaseId),
@@ -58,8 +68,10 @@ pub enum Request {
     Watch(String, Revision),
 }
 
+#[doc(hidden)]
 #[derive(Debug)]
-enum Reply {
+pub enum Reply {
+    Token(Token),
     Granted(LeaseId, Duration),
     Kept(Duration),
     Done,
@@ -73,125 +85,15 @@ enum Reply {
 type Answer = Result<Reply, EtcdError>;
 type Item = Result<WatchBatch, EtcdError>;
 
-fn unavailable(e: impl std::fmt::Display) -> EtcdError {
-    EtcdError::Unavailable(format!("etcd: {e}"))
-}
+/// An auth token the door issued.
+pub type Token = u64;
 
-/// The [`EtcdApi`] a simulated node uses.
-#[derive(Clone, Debug)]
-pub struct SimEtcdApi {
-    pool: Pool,
-}
-
-impl SimEtcdApi {
-    /// Talks to the simulated etcd at `server`.
-    pub fn new(server: SocketAddr) -> Self {
-        Self {
-            pool: Pool::new(server),
-        }
-    }
-
-    fn answer(payload: Payload) -> Answer {
-        *payload
-            .downcast::<Answer>()
-            .map_err(|_| unavailable("malformed reply"))?
-    }
-
-    async fn call(&self, request: Request) -> Answer {
-        Self::answer(
-            self.pool
-                .call(Box::new(request))
-                .await
-                .map_err(unavailable)?,
-        )
-    }
-}
-
-fn unexpected<T>(r: Reply) -> Result<T, EtcdError> {
-    Err(unavailable(format!("unexpected reply {r:?}")))
-}
-
-#[async_trait]
-impl EtcdApi for SimEtcdApi {
-    async fn lease_grant(&self, ttl: Duration) -> Result<(LeaseId, Duration), EtcdError> {
-        match self.call(Request::Grant(ttl)).await? {
-            Reply::Granted(id, ttl) => Ok((id, ttl)),
-            r => unexpected(r),
-        }
-    }
-
-    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration, EtcdError> {
-        match self.call(Request::KeepAlive(lease)).await? {
-            Reply::Kept(ttl) => Ok(ttl),
-            r => unexpected(r),
-        }
-    }
-
-    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
-        match self.call(Request::Revoke(lease)).await? {
-            Reply::Done => Ok(()),
-            r => unexpected(r),
-        }
-    }
-
-    async fn put(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<Revision, EtcdError> {
-        match self.call(Request::Put(key.into(), value, lease)).await? {
-            Reply::Written(r) => Ok(r),
-            r => unexpected(r),
-        }
-    }
-
-    async fn delete(&self, key: &str) -> Result<Revision, EtcdError> {
-        match self.call(Request::Delete(key.into())).await? {
-            Reply::Written(r) => Ok(r),
-            r => unexpected(r),
-        }
-    }
-
-    async fn range_prefix(&self, prefix: &str) -> Result<Range, EtcdError> {
-        match self.call(Request::Range(prefix.into())).await? {
-            Reply::Range(r) => Ok(r),
-            r => unexpected(r),
-        }
-    }
-
-    async fn count_prefix(&self, prefix: &str, revision: Revision) -> Result<i64, EtcdError> {
-        match self.call(Request::Count(prefix.into(), revision)).await? {
-            Reply::Count(n) => Ok(n),
-            r => unexpected(r),
-        }
-    }
-
-    async fn mod_revision_at(
-        &self,
-        key: &str,
-        revision: Revision,
-    ) -> Result<Option<Revision>, EtcdError> {
-        match self
-            .call(Request::ModRevision(key.into(), revision))
-            .await?
-        {
-            Reply::ModRevision(r) => Ok(r),
-            r => unexpected(r),
-        }
-    }
-
-    async fn watch_prefix(&self, prefix: &str, from: Revision) -> Result<WatchStream, EtcdError> {
-        let (first, conn) = self
-            .pool
-            .open(Box::new(Request::Watch(prefix.into(), from)))
-            .await
-            .map_err(unavailable)?;
-        Self::answer(first)?;
-        Ok(Box::pin(futures::stream::unfold(
-            conn,
-            |mut conn| async move {
-                let payload = conn.next().await?;
-                let item = payload.downcast::<Item>().ok()?;
-                Some((*item, conn))
-            },
-        )))
-    }
+/// A call on the wire: the request and the token it carries (when authentication is on).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Call {
+    pub token: Option<Token>,
+    pub request: Request,
 }
 
 /// Bytes of a response header (cluster id, member id, revision, raft term), as etcd encodes it.
@@ -227,6 +129,7 @@ impl Request {
     /// The verb, as etcd's gRPC methods are named.
     fn verb(&self) -> &'static str {
         match self {
+            Request::Authenticate(..) => "authenticate",
             Request::Grant(_) => "lease grant",
             Request::KeepAlive(_) => "lease keep-alive",
             Request::Revoke(_) => "lease revoke",
@@ -299,6 +202,44 @@ pub struct EtcdDoor {
     /// reuses revisions, so each restore starts another, see [`history_epoch`]).
     restores: AtomicU64,
     reset: tokio::sync::Notify,
+    /// Authentication, when on: how long a token lives.
+    token_ttl: Option<Duration>,
+    /// Tokens issued: by which etcd member, until when, under which auth store revision.
+    tokens: Mutex<BTreeMap<Token, Issued>>,
+    next_token: AtomicU64,
+    auth_revision: AtomicU64,
+    /// The etcd member that leads (expires leases, compacts).
+    leader: AtomicUsize,
+    /// Whether an election is under way (every member answers `no leader`).
+    electing: AtomicBool,
+    /// Who wins the election under way, and when.
+    candidate: Mutex<Option<(usize, Instant)>>,
+    /// The etcd member each client's latest watch was opened on (by the client's address).
+    watches: Mutex<BTreeMap<IpAddr, usize>>,
+    /// Watches stalled on a frozen or crashed etcd member: the member, since when, until
+    /// when (`None`: still).
+    stalls: Mutex<BTreeMap<IpAddr, Stall>>,
+}
+
+/// A watch stalled on a frozen or crashed etcd member: the member, since when, until when
+/// (`None`: still).
+type Stall = (usize, Instant, Option<Instant>);
+
+/// A token the door issued.
+#[derive(Clone, Copy, Debug)]
+struct Issued {
+    member: usize,
+    until: Instant,
+    auth_revision: u64,
+}
+
+/// The user simulated members authenticate as, and its password.
+pub const USER: (&str, &str) = ("shoal", "shoal-secret");
+
+/// A call as one etcd member's door receives it.
+struct MemberDoor {
+    door: Arc<EtcdDoor>,
+    member: usize,
 }
 
 /// The epoch the harness files the store's history under: the cluster id, mixed with how many
@@ -332,7 +273,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl EtcdDoor {
     /// A door in front of `store`, recording what the store holds at every revision.
-    pub fn new(store: MemoryEtcd, oracles: Arc<Oracles>, rec: Recorder) -> Arc<Self> {
+    pub fn new(
+        store: MemoryEtcd,
+        oracles: Arc<Oracles>,
+        rec: Recorder,
+        token_ttl: Option<Duration>,
+    ) -> Arc<Self> {
         let door = Arc::new(Self {
             store: store.clone(),
             out_of_contract: Default::default(),
@@ -345,6 +291,15 @@ impl EtcdDoor {
             current: Mutex::new(Arc::new(ClusterTopology::empty(CLUSTER))),
             restores: AtomicU64::new(0),
             reset: tokio::sync::Notify::new(),
+            token_ttl,
+            tokens: Mutex::default(),
+            next_token: AtomicU64::new(1),
+            auth_revision: AtomicU64::new(1),
+            leader: AtomicUsize::new(0),
+            electing: AtomicBool::new(false),
+            candidate: Mutex::default(),
+            watches: Mutex::default(),
+            stalls: Mutex::default(),
         });
         let weak = Arc::downgrade(&door);
         store.set_observer(Arc::new(move |range: &Range| {
@@ -439,101 +394,263 @@ impl EtcdDoor {
         self.reset.notify_waiters();
     }
 
-    /// Serves on this node until it dies.
-    pub async fn serve(self: Arc<Self>) {
-        if let Err(e) = crate::control::wire::serve(self.clone(), ETCD_PORT).await {
+    /// Serves as etcd member `member` on this node until it dies.
+    pub async fn serve(self: Arc<Self>, member: usize) {
+        let door = Arc::new(MemberDoor {
+            door: self.clone(),
+            member,
+        });
+        if let Err(e) = crate::control::wire::serve(door, ETCD_PORT).await {
             self.rec.trace("etcd", format!("cannot bind: {e}"));
         }
     }
 
-    /// Answers one call; whether the connection may carry another.
+    /// The etcd member that leads.
+    pub fn leader(&self) -> usize {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Whether an election is under way.
+    pub fn electing(&self) -> bool {
+        self.electing.load(Ordering::SeqCst)
+    }
+
+    /// An election starts (the leader was lost): every member answers `no leader` until
+    /// `candidate` takes over, `takes` from now.
+    pub fn start_election(&self, candidate: usize, takes: Duration) {
+        *lock(&self.candidate) = Some((candidate, Instant::now() + takes));
+        self.electing.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether member `k` won the election under way now (it then leads: every lease's TTL
+    /// starts over).
+    pub fn elected(&self, k: usize) -> bool {
+        let mut candidate = lock(&self.candidate);
+        match *candidate {
+            Some((c, at)) if c == k && Instant::now() >= at => {
+                *candidate = None;
+                drop(candidate);
+                self.set_leader(k, true);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Member `k` leads from now on; with `promoted`, it won an election and every lease's
+    /// TTL starts over (etcd's lessor promotion).
+    pub fn set_leader(&self, k: usize, promoted: bool) {
+        self.leader.store(k, Ordering::SeqCst);
+        *lock(&self.candidate) = None;
+        if promoted {
+            self.store.extend_leases();
+            self.oracles.leases_extended(&self.topology());
+        }
+        self.electing.store(false, Ordering::SeqCst);
+    }
+
+    /// Etcd member `k` froze or crashed: the watches last opened on it stall from now on.
+    pub fn stall_watchers_of(&self, k: usize) {
+        let now = Instant::now();
+        let watches = lock(&self.watches);
+        let mut stalls = lock(&self.stalls);
+        for (ip, _) in watches.iter().filter(|(_, m)| **m == k) {
+            stalls.insert(*ip, (k, now, None));
+        }
+    }
+
+    /// Etcd member `k` is back: the watches stalled on it stall no more.
+    pub fn end_stalls_on(&self, k: usize) {
+        let now = Instant::now();
+        for (m, _, end) in lock(&self.stalls).values_mut() {
+            if *m == k && end.is_none() {
+                *end = Some(now);
+            }
+        }
+    }
+
+    /// Whether the watch of the client at `ip` stalled at some time since `since`.
+    pub fn view_stalled(&self, ip: IpAddr, since: Instant) -> bool {
+        lock(&self.stalls)
+            .get(&ip)
+            .is_some_and(|(_, _, end)| end.is_none_or(|e| e >= since))
+    }
+
+    /// The client at `ip` opened a watch on etcd member `k` (its watch stall, if any, ends).
+    fn watch_opened(&self, ip: IpAddr, k: usize) {
+        lock(&self.watches).insert(ip, k);
+        if let Some((_, _, end)) = lock(&self.stalls).get_mut(&ip)
+            && end.is_none()
+        {
+            *end = Some(Instant::now());
+        }
+    }
+
+    /// Forgets the tokens member `member` issued (`None`: every member's): it restarted.
+    pub fn forget_tokens(&self, member: Option<usize>) {
+        lock(&self.tokens).retain(|_, t| member.is_some_and(|m| m != t.member));
+    }
+
+    /// Changes the auth store: every token issued so far is refused as old. False when
+    /// authentication is off.
+    pub fn change_auth(&self) -> bool {
+        if self.token_ttl.is_none() {
+            return false;
+        }
+        self.auth_revision.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Why member `member` refuses `call` before looking at it: an election under way, a
+    /// token missing, unknown, expired or older than the auth store.
+    fn refusal(&self, member: usize, call: &Call) -> Option<EtcdError> {
+        if self.electing() {
+            return Some(EtcdError::Unavailable("etcdserver: no leader".into()));
+        }
+        self.token_ttl?;
+        if let Request::Authenticate(user, password) = &call.request {
+            return ((user.as_str(), password.as_str()) != USER).then(|| {
+                EtcdError::Rejected(
+                    "etcdserver: authentication failed, invalid user ID or password".into(),
+                )
+            });
+        }
+        let now = Instant::now();
+        let issued = call
+            .token
+            .and_then(|t| lock(&self.tokens).get(&t).copied())
+            .filter(|t| t.member == member && t.until > now);
+        match issued {
+            None => Some(EtcdError::Rejected("etcdserver: invalid auth token".into())),
+            Some(t) if t.auth_revision < self.auth_revision.load(Ordering::SeqCst) => Some(
+                EtcdError::Rejected("etcdserver: revision of auth store is old".into()),
+            ),
+            Some(_) => None,
+        }
+    }
+
+    /// A new token from member `member` (expired ones are dropped: the table holds at most
+    /// one per connection alive within a TTL).
+    fn issue(&self, member: usize) -> Token {
+        let token = self.next_token.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        let until = now + self.token_ttl.unwrap_or(Duration::ZERO);
+        let mut tokens = lock(&self.tokens);
+        tokens.retain(|_, t| t.until > now);
+        tokens.insert(
+            token,
+            Issued {
+                member,
+                until,
+                auth_revision: self.auth_revision.load(Ordering::SeqCst),
+            },
+        );
+        token
+    }
+
+    /// Answers one call to etcd member `member`; whether the connection may carry another.
     async fn answer_call(
         &self,
         tx: &madsim::net::Sender,
-        request: Request,
+        call: Call,
         from: SocketAddr,
+        member: usize,
     ) -> bool {
         let s = &self.store;
+        let refused = self.refusal(member, &call);
+        let request = call.request;
         let verb = request.verb();
-        let answer: Answer = match request {
-            Request::Grant(ttl) => {
-                let r = s.lease_grant(ttl).await;
-                if let Ok((id, _)) = &r {
-                    lock(&self.leases).insert(*id, (Instant::now(), BTreeSet::new()));
-                }
-                r.map(|(id, ttl)| Reply::Granted(id, ttl))
-            }
-            Request::KeepAlive(lease) => {
-                if lock(&self.lose_keep_alives).contains(&from.ip()) {
-                    return false; // Lost: no answer, the connection just closes.
-                }
-                let r = s.lease_keep_alive(lease).await;
-                if r.is_ok() {
-                    let ids = lock(&self.leases)
-                        .get(&lease)
-                        .map(|(_, ids)| ids.clone())
-                        .unwrap_or_default();
-                    for id in &ids {
-                        self.oracles.renewed(id);
-                    }
-                }
-                r.map(Reply::Kept)
-            }
-            Request::Revoke(lease) => {
-                let r = s.lease_revoke(lease).await;
-                if r.is_ok()
-                    && let Some((_, ids)) = lock(&self.leases).remove(&lease)
-                {
-                    for id in ids {
-                        self.oracles.left(&id);
-                    }
-                }
-                r.map(|()| Reply::Done)
-            }
-            Request::Put(key, value, lease) => {
-                let kv = KeyValue {
-                    key: key.clone(),
-                    value: value.clone(),
-                    create_revision: 0,
-                    mod_revision: 0,
-                    lease,
-                };
-                let r = s.put(&key, value, lease).await;
-                if r.is_ok()
-                    && let Some(m) = member_of(&kv)
-                {
-                    let mut leases = lock(&self.leases);
-                    let entry = leases
-                        .entry(lease)
-                        .or_insert_with(|| (Instant::now(), BTreeSet::new()));
-                    if entry.1.insert(m.id.clone()) {
-                        self.oracles.joined_at(m.id, m.address, entry.0);
-                    }
-                }
-                r.map(Reply::Written)
-            }
-            Request::Delete(key) => {
-                let r = s.delete(&key).await;
-                if r.is_ok() {
-                    self.rec
-                        .trace("etcd", format!("{} deleted {key}", from.ip()));
-                }
-                r.map(Reply::Written)
-            }
-            Request::Range(prefix) => s.range_prefix(&prefix).await.map(Reply::Range),
-            Request::Count(prefix, revision) => {
-                s.count_prefix(&prefix, revision).await.map(Reply::Count)
-            }
-            Request::ModRevision(key, revision) => s
-                .mod_revision_at(&key, revision)
-                .await
-                .map(Reply::ModRevision),
-            Request::Watch(prefix, from_revision) => {
+        let answer: Answer = match (request, refused) {
+            (Request::Watch(..), Some(e)) => {
                 self.meter.request(verb, 0);
-                let stream = s.watch_prefix(&prefix, from_revision).await;
-                self.stream(tx, stream, from.ip()).await;
+                self.stream(tx, Err(e), from.ip()).await;
                 return false;
             }
+            (_, Some(e)) => Err(e),
+            (request, None) => match request {
+                Request::Authenticate(..) => Ok(Reply::Token(self.issue(member))),
+                Request::Grant(ttl) => {
+                    let r = s.lease_grant(ttl).await;
+                    if let Ok((id, _)) = &r {
+                        lock(&self.leases).insert(*id, (Instant::now(), BTreeSet::new()));
+                    }
+                    r.map(|(id, ttl)| Reply::Granted(id, ttl))
+                }
+                Request::KeepAlive(lease) => {
+                    if lock(&self.lose_keep_alives).contains(&from.ip()) {
+                        return false; // Lost: no answer, the connection just closes.
+                    }
+                    let r = s.lease_keep_alive(lease).await;
+                    if r.is_ok() {
+                        let ids = lock(&self.leases)
+                            .get(&lease)
+                            .map(|(_, ids)| ids.clone())
+                            .unwrap_or_default();
+                        for id in &ids {
+                            self.oracles.renewed(id);
+                        }
+                    }
+                    r.map(Reply::Kept)
+                }
+                Request::Revoke(lease) => {
+                    let r = s.lease_revoke(lease).await;
+                    if r.is_ok()
+                        && let Some((_, ids)) = lock(&self.leases).remove(&lease)
+                    {
+                        for id in ids {
+                            self.oracles.left(&id);
+                        }
+                    }
+                    r.map(|()| Reply::Done)
+                }
+                Request::Put(key, value, lease) => {
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: 0,
+                        mod_revision: 0,
+                        lease,
+                    };
+                    let r = s.put(&key, value, lease).await;
+                    if r.is_ok()
+                        && let Some(m) = member_of(&kv)
+                    {
+                        let mut leases = lock(&self.leases);
+                        let entry = leases
+                            .entry(lease)
+                            .or_insert_with(|| (Instant::now(), BTreeSet::new()));
+                        if entry.1.insert(m.id.clone()) {
+                            self.oracles.joined_at(m.id, m.address, entry.0);
+                        }
+                    }
+                    r.map(Reply::Written)
+                }
+                Request::Delete(key) => {
+                    let r = s.delete(&key).await;
+                    if r.is_ok() {
+                        self.rec
+                            .trace("etcd", format!("{} deleted {key}", from.ip()));
+                    }
+                    r.map(Reply::Written)
+                }
+                Request::Range(prefix) => s.range_prefix(&prefix).await.map(Reply::Range),
+                Request::Count(prefix, revision) => {
+                    s.count_prefix(&prefix, revision).await.map(Reply::Count)
+                }
+                Request::ModRevision(key, revision) => s
+                    .mod_revision_at(&key, revision)
+                    .await
+                    .map(Reply::ModRevision),
+                Request::Watch(prefix, from_revision) => {
+                    self.meter.request(verb, 0);
+                    let stream = s.watch_prefix(&prefix, from_revision).await;
+                    if stream.is_ok() {
+                        self.watch_opened(from.ip(), member);
+                    }
+                    self.stream(tx, stream, from.ip()).await;
+                    return false;
+                }
+            },
         };
         // Applied already; only the answer may be late.
         self.delays.hold_answer(from.ip(), &self.rec).await;
@@ -614,10 +731,10 @@ impl EtcdDoor {
 }
 
 #[async_trait]
-impl crate::control::wire::Server for EtcdDoor {
-    type Request = Request;
+impl crate::control::wire::Server for MemberDoor {
+    type Request = Call;
 
-    async fn answer(&self, tx: &madsim::net::Sender, request: Request, from: SocketAddr) -> bool {
-        self.answer_call(tx, request, from).await
+    async fn answer(&self, tx: &madsim::net::Sender, call: Call, from: SocketAddr) -> bool {
+        self.door.answer_call(tx, call, from, self.member).await
     }
 }
