@@ -711,6 +711,18 @@ async fn an_etcd_that_lost_its_data_gets_every_member_back_under_a_new_epoch() {
     }
 }
 
+/// The member ids etcd holds keys for.
+async fn members_in(store: &MemoryEtcd) -> Vec<String> {
+    store
+        .range_prefix("/shoal/c/members/")
+        .await
+        .unwrap()
+        .kvs
+        .iter()
+        .map(|kv| kv.key.trim_start_matches("/shoal/c/members/").to_string())
+        .collect()
+}
+
 /// A snapshot restored with the same cluster id, then writes (elsewhere in etcd) that reach
 /// the revisions the members saw before their watches reopen: no watch creation notices the
 /// store went back, and the views keep the member the snapshot does not have, for good. An
@@ -737,15 +749,7 @@ async fn restore_hidden_by_reused_revisions(audit: Option<Duration>) -> (Vec<Str
     }
     // Member 3's lease is not in the snapshot: it registers again, as a new incarnation.
     sleep(Duration::from_secs(12)).await;
-    let held: Vec<String> = c
-        .store
-        .range_prefix("/shoal/c/members/")
-        .await
-        .unwrap()
-        .kvs
-        .iter()
-        .map(|kv| kv.key.trim_start_matches("/shoal/c/members/").to_string())
-        .collect();
+    let held = members_in(&c.store).await;
     if audit.is_some() {
         for i in 1..=3 {
             assert_ne!(c.pm(i).topology().epoch(), epoch, "node {i}: a new epoch");
@@ -767,6 +771,59 @@ async fn a_restore_hidden_by_reused_revisions_leaves_a_phantom_without_audits() 
 async fn a_restore_hidden_by_reused_revisions_is_found_by_an_audit() {
     let (view, held) = restore_hidden_by_reused_revisions(Some(Duration::from_secs(2))).await;
     assert_eq!(view, held, "every view is the store's again");
+}
+
+/// A restore with the same cluster id that only deletions since the snapshot tell apart: the
+/// views' latest change is member 3's key going with its lease (member 3 crashed after the
+/// snapshot; every write they hold predates it). In the restored history someone deletes member
+/// 1's key and writes elsewhere reach the members' revision: at that revision etcd holds as
+/// many keys as the views (members 2 and 3 where they hold 1 and 2), so the count agrees. The
+/// audit also asks whether the key of the views' latest delete is absent: it is back, and the
+/// views are listed again; member 1 then finds its key gone and registers again. `flaws` are
+/// planted for the run. Returns node 2's view and etcd's members 2.5 s after the restore
+/// (before member 3's restored lease, which starts its 3 s TTL over, expires: that deletion
+/// would change the count and give the histories away anyway).
+async fn restore_seen_only_by_a_delete(flaws: &[&'static str]) -> (Vec<String>, Vec<String>) {
+    shoal::runtime::sim::plant_flaws(flaws);
+    let mut c = Cluster::new(1000);
+    c.config.audit_every = Some(Duration::from_secs(2));
+    for i in 1..=3 {
+        c.start(i);
+        c.wait_sizes(&[i], i, Duration::from_secs(10)).await;
+    }
+    c.wait_sizes(&[1, 2, 3], 3, Duration::from_secs(10)).await;
+    let snapshot = c.store.snapshot();
+    c.h.kill(c.nodes[&3].id());
+    c.wait_sizes(&[1, 2], 2, Duration::from_secs(10)).await;
+    let seen = c.store.revision();
+    let first = c.views.lock().unwrap()[&1].0.to_string();
+    c.store.restore(&snapshot);
+    c.store
+        .delete(&format!("/shoal/c/members/{first}"))
+        .await
+        .unwrap();
+    while c.store.revision() < seen {
+        c.store.put("/elsewhere", vec![], 0).await.unwrap();
+    }
+    sleep(Duration::from_millis(2_500)).await;
+    let held = members_in(&c.store).await;
+    shoal::runtime::sim::plant_flaws(&[]);
+    (c.view(2), held)
+}
+
+#[madsim::test]
+async fn a_restore_seen_only_by_a_delete_is_found_by_an_audit() {
+    let (view, held) = restore_seen_only_by_a_delete(&[]).await;
+    assert_eq!(view, held, "node 2's view is etcd's again");
+}
+
+#[madsim::test]
+async fn a_restore_seen_only_by_a_delete_stays_hidden_from_an_audit_that_ignores_deletes() {
+    let (view, held) = restore_seen_only_by_a_delete(&["etcd-audit-ignores-deletes"]).await;
+    assert_ne!(
+        view, held,
+        "the view kept member 1's deleted key: {view:?} {held:?}"
+    );
 }
 
 #[madsim::test]

@@ -99,6 +99,11 @@ pub struct EtcdView {
     /// The key of the latest write the view holds, with that write's revision (`None` once a
     /// later delete removed it): what a strong audit asks the store about.
     last_put: Option<(String, Revision)>,
+    /// The key the view's latest change deleted, when that change is a delete (`None` once a
+    /// write followed): the store must not hold it at the view's revision. (A restore brings
+    /// back keys deleted since the snapshot; a view whose writes all predate the snapshot
+    /// tells the histories apart only by its deletions.)
+    last_delete: Option<(String, Revision)>,
 }
 
 /// The epoch after a list showed cluster `cluster_id`'s revision back at `now` from `before`
@@ -137,6 +142,12 @@ impl EtcdView {
     /// The key of the latest write the view holds and that write's revision.
     pub fn last_put(&self) -> Option<(&str, Revision)> {
         self.last_put.as_ref().map(|(k, r)| (k.as_str(), *r))
+    }
+
+    /// The key the view's latest change deleted (if that change was a delete) and the
+    /// deletion's revision.
+    pub fn last_delete(&self) -> Option<(&str, Revision)> {
+        self.last_delete.as_ref().map(|(k, r)| (k.as_str(), *r))
     }
 
     /// The epoch of the topologies it issues (0 before its first list).
@@ -189,6 +200,7 @@ impl EtcdView {
             .iter()
             .max_by_key(|kv| kv.mod_revision)
             .map(|kv| (kv.key.clone(), kv.mod_revision));
+        self.last_delete = None;
         let moved = !self.synced || range.cluster_id != self.cluster_id;
         // The same cluster at a lower revision, or at the same revision with other members (a
         // store's state at one revision never changes): it went back, and writes since reused
@@ -234,6 +246,7 @@ impl EtcdView {
             match c {
                 Change::Put(kv) => {
                     self.last_put = Some((kv.key.clone(), kv.mod_revision));
+                    self.last_delete = None;
                     let decoded = decode_member(&self.prefix, kv).map(Arc::new);
                     if self.keys.get(&kv.key) != Some(&decoded) {
                         changed = true;
@@ -241,10 +254,11 @@ impl EtcdView {
                         self.insert(kv.key.clone(), decoded);
                     }
                 }
-                Change::Delete { key, .. } => {
+                Change::Delete { key, revision } => {
                     if self.last_put.as_ref().is_some_and(|(k, _)| k == key) {
                         self.last_put = None;
                     }
+                    self.last_delete = Some((key.clone(), *revision));
                     if !crate::runtime::sim::flaw("etcd-delete-ignored") {
                         changed |= self.remove(key);
                     }
@@ -410,7 +424,36 @@ mod tests {
                 cluster_id: 9,
             });
             assert_eq!(v.last_put().is_some(), left, "after deleting {key}");
+            assert_eq!(
+                v.last_delete(),
+                Some((format!("{P}{key}").as_str(), revision)),
+                "the latest change, a delete"
+            );
         }
+        // A write after it: the latest change is no longer a delete.
+        v.apply(&WatchBatch {
+            changes: vec![Change::Put(kv("m4", 10, "h:4"))],
+            header_revision: 10,
+            cluster_id: 9,
+        });
+        assert_eq!(v.last_delete(), None);
+        assert_eq!(v.last_put(), Some((format!("{P}m4").as_str(), 10)));
+        // A list knows no deletes.
+        v.apply(&WatchBatch {
+            changes: vec![Change::Delete {
+                key: format!("{P}m2"),
+                revision: 11,
+            }],
+            header_revision: 11,
+            cluster_id: 9,
+        });
+        assert!(v.last_delete().is_some());
+        v.relist(&Range {
+            kvs: vec![kv("m4", 10, "h:4")],
+            revision: 11,
+            cluster_id: 9,
+        });
+        assert_eq!(v.last_delete(), None);
     }
 
     #[test]

@@ -872,10 +872,11 @@ impl Session {
     /// (`reopening`: etcd may have restarted from a snapshot) it ends the attempt, to be retried
     /// after the backoff, since a watch opened unaudited could resume on another history.
     async fn audit(&self, reopening: bool) -> Option<WatchEnd> {
-        let (revision, held, last_put) = {
+        let (revision, held, last_put, last_delete) = {
             let view = lock(&self.view);
-            let last = view.last_put().map(|(k, r)| (k.to_string(), r));
-            (view.revision(), view.key_count() as i64, last)
+            let put = view.last_put().map(|(k, r)| (k.to_string(), r));
+            let delete = view.last_delete().map(|(k, r)| (k.to_string(), r));
+            (view.revision(), view.key_count() as i64, put, delete)
         };
         self.metrics.audits.inc();
         let counted = self
@@ -894,25 +895,51 @@ impl Session {
                 format!("etcd holds {n} keys at revision {revision}, the view {held}")
             }
             Ok(_) => {
-                // No write held (every one deleted since): the count is all there is.
-                let (key, written) = last_put?;
-                let at = self
-                    .call(
-                        || format!("read {key} at revision {revision}"),
-                        self.api.mod_revision_at(&key, revision),
-                    )
-                    .await;
-                match at {
-                    Ok(Some(r)) if r == written => return None,
-                    Ok(r) if !sim::flaw("etcd-audit-count-only") => format!(
-                        "at revision {revision} etcd has {key} last written at {r:?}, the view saw it written at {written}"
-                    ),
-                    Ok(_) => return None,
-                    Err(e) => match e.error {
-                        EtcdError::WentBack { current, .. } => went_back(current),
-                        _ => return self.audit_said_nothing(e, reopening),
-                    },
+                // The latest write the view holds must be the store's at the view's revision,
+                // and, when the view's latest change is a delete, the key it deleted must be
+                // absent (a restore brings back keys deleted since its snapshot). No write and
+                // no delete: the count is all there is.
+                let checks = last_put
+                    .map(|(key, written)| (key, Some(written)))
+                    .into_iter()
+                    .chain(
+                        last_delete
+                            .filter(|_| {
+                                !sim::flaw("etcd-audit-ignores-deletes")
+                                    && !sim::flaw("etcd-audit-count-only")
+                            })
+                            .map(|(key, _)| (key, None)),
+                    );
+                let mut why = None;
+                for (key, expected) in checks {
+                    let at = self
+                        .call(
+                            || format!("read {key} at revision {revision}"),
+                            self.api.mod_revision_at(&key, revision),
+                        )
+                        .await;
+                    match at {
+                        Ok(r) if r == expected => {}
+                        Ok(r) if !sim::flaw("etcd-audit-count-only") => {
+                            why = Some(format!(
+                                "at revision {revision} etcd has {key} last written at {r:?}, the view {}",
+                                expected.map_or("saw it deleted".to_string(), |w| format!(
+                                    "saw it written at {w}"
+                                ))
+                            ));
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => match e.error {
+                            EtcdError::WentBack { current, .. } => {
+                                why = Some(went_back(current));
+                                break;
+                            }
+                            _ => return self.audit_said_nothing(e, reopening),
+                        },
+                    }
                 }
+                why?
             }
             Err(e) => match e.error {
                 EtcdError::WentBack { current, .. } => went_back(current),

@@ -80,7 +80,7 @@ pub fn bounds(knobs: &Knobs) -> Bounds {
 }
 
 /// The etcd provider's load budget: a keep-alive per member per keep-alive interval and an
-/// audit (a count-only read and a keys-only point read) per member per audit period; a
+/// audit (a count-only read and one or two keys-only point reads) per member per audit period; a
 /// progress notification per watch every 2 s; one watch response per membership change per
 /// watcher; a reconnect (or a member registering again) costs a grant, a put, a range (a list
 /// of every member) and a watch.
@@ -88,7 +88,7 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
     let c = config(knobs);
     LoadBudget {
         requests_per_node_per_s: 1.0 / c.keep_alive_interval().as_secs_f64()
-            + 2.0 / AUDIT_EVERY.as_secs_f64()
+            + 3.0 / AUDIT_EVERY.as_secs_f64()
             // A refused call, an authentication and the call again per token lifetime, on
             // each etcd member the client used.
             + knobs.etcd_token_ttl.map_or(0.0, |t| {
@@ -108,7 +108,7 @@ pub fn budget(knobs: &Knobs) -> LoadBudget {
         per_spread_watch_per_s: (0.0, 0.0, 0.0),
         per_spread_watch_reconnect: (0.0, 0.0, 0.0),
         slack: if knobs.buggify { 4.0 } else { 2.0 },
-        why: "etcd: a keep-alive per member per keep-alive interval, an audit (two small reads) per member every 20 s, with authentication a refused call, an authentication and a retry per token lifetime, a progress notification per watch every 2 s, a watch response per change per watcher, a grant, a put, a range and a watch per reconnect",
+        why: "etcd: a keep-alive per member per keep-alive interval, an audit (two or three small reads) per member every 20 s, with authentication a refused call, an authentication and a retry per token lifetime, a progress notification per watch every 2 s, a watch response per change per watcher, a grant, a put, a range and a watch per reconnect",
     }
 }
 
