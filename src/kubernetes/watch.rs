@@ -4,10 +4,12 @@
 //! Like client-go's reflector: list, then watch from the list's resource version, moving it on
 //! with every event and bookmark; when the server answers `410 Gone` (the version was compacted
 //! away), list again and swap the whole cache at once, so no object vanishes between the relist
-//! and its answer. The relist asks for a state "not older than" the last version seen, which
-//! the API server serves from its watch cache; only the first list, and a relist the server
-//! answered 410, is a quorum read from etcd (client-go's `relistResourceVersion`). Any other
-//! watch failure resumes from the version held. The async driver only does the calls.
+//! and its answer. The first list asks for any state (`"0"`) and a relist for a state "not
+//! older than" the last version seen, both of which the API server serves from its watch
+//! cache; only a relist the server answered 410 is a quorum read from etcd (client-go's
+//! `relistResourceVersion`: a thousand members starting at once cost the API server's cache a
+//! thousand lists, not etcd a thousand reads of every object). Any other watch failure resumes
+//! from the version held. The async driver only does the calls.
 
 use std::collections::BTreeMap;
 
@@ -48,13 +50,18 @@ pub struct Reflector<T> {
     /// `None` until listed, and again after a `410 Gone` (the cache is kept until the relist).
     resource_version: Option<String>,
     /// The newest version seen (list, event or bookmark): a relist asks for a state not older
-    /// than it. Empty before the first list, and after a relist answered `410 Gone`.
+    /// than it. [`ANY`] before the first list; empty after a relist answered `410 Gone` (the
+    /// next list is a quorum read).
     last_synced: String,
     /// Whether the cache holds a list at all (an empty cache before the first list is not an
     /// empty cluster).
     synced: bool,
     relists: u64,
 }
+
+/// The resource version that asks for any state (`"0"`): the API server answers from its watch
+/// cache, however far behind it is. A reflector's first list asks for it.
+pub const ANY: &str = "0";
 
 impl<T: Object + PartialEq> Default for Reflector<T> {
     fn default() -> Self {
@@ -63,12 +70,12 @@ impl<T: Object + PartialEq> Default for Reflector<T> {
 }
 
 impl<T: Object + PartialEq> Reflector<T> {
-    /// An empty, unsynced cache.
+    /// An empty, unsynced cache, whose first list asks for any state ([`ANY`]).
     pub fn new() -> Self {
         Self {
             objects: BTreeMap::new(),
             resource_version: None,
-            last_synced: String::new(),
+            last_synced: ANY.to_string(),
             synced: false,
             relists: 0,
         }
@@ -78,7 +85,7 @@ impl<T: Object + PartialEq> Reflector<T> {
     /// `resource_version` (of the same resource, seen by another of this client's watches):
     /// the API server serves it from its watch cache, not with a quorum read from etcd. A
     /// member that starts monitoring a heartbeat shard lists it this way (at scale, monitors
-    /// move with every membership change). Empty: a quorum read, as [`Self::new`].
+    /// move with every membership change). Empty: a quorum read.
     pub fn not_older_than(resource_version: &str) -> Self {
         Self {
             last_synced: resource_version.to_string(),
@@ -86,7 +93,7 @@ impl<T: Object + PartialEq> Reflector<T> {
         }
     }
 
-    /// The newest version seen (list, event or bookmark); empty before the first list.
+    /// The newest version seen (list, event or bookmark); [`ANY`] before the first list.
     pub fn last_synced(&self) -> &str {
         &self.last_synced
     }
@@ -225,9 +232,9 @@ mod tests {
         assert_eq!(
             r.next(),
             Next::List {
-                resource_version: String::new()
+                resource_version: ANY.into()
             },
-            "the first list is a quorum read"
+            "the first list is served from the watch cache"
         );
         assert!(!r.is_synced());
         // An event before the first list is covered by the list.
