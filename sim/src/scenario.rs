@@ -939,7 +939,7 @@ pub fn all() -> Vec<Scenario> {
             knobs: Some(|k| k.etcd_members = 3),
             ..etcd(
                 "etcd-member-freeze",
-                "a three-member etcd: a follower frozen (SIGSTOP) for 8-15 s while a member crashes for good, then the leader frozen for 5-12 s (an election; every lease's TTL starts over) while a member leaves and re-joins, then one etcd member crashes and restarts: members pinned to the lost etcd member move to another; no live member is dropped",
+                "a three-member etcd: a follower frozen (SIGSTOP) for 8-25 s while a member crashes for good, then the leader frozen for 5-12 s (an election; every lease's TTL starts over) while a member leaves and re-joins, then one etcd member crashes and restarts: members pinned to the lost etcd member move to another; no live member is dropped",
                 etcd_member_freeze,
                 &["etcd: endpoint failovers"],
             )
@@ -1427,7 +1427,7 @@ fn etcd_member_freeze(r: &mut SimRng, n: usize) -> FaultSchedule {
             8.0,
             Fault::BackendMemberFreeze {
                 member: 1 + r.pick(2),
-                duration: r.ms(8_000, 15_000),
+                duration: r.ms(8_000, 25_000),
             },
         ),
         at(
@@ -1438,14 +1438,14 @@ fn etcd_member_freeze(r: &mut SimRng, n: usize) -> FaultSchedule {
             },
         ),
         at(
-            30.0,
+            36.0,
             Fault::BackendMemberFreeze {
                 member: 0,
                 duration: r.ms(5_000, 12_000),
             },
         ),
         at(
-            r.range(30_500, 33_000) as f64 / 1_000.0,
+            r.range(36_500, 39_000) as f64 / 1_000.0,
             Fault::Leave {
                 member: left,
                 rejoin_after: Some(r.ms(1_000, 3_000)),

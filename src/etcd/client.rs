@@ -314,7 +314,7 @@ impl EtcdClient {
             TokioClock::shared(),
             connect_timeout,
             EndpointMetrics::default(),
-        ));
+        )?);
         // The connection is lazy: ask each endpoint for its status, in order, until one
         // answers, so that a wrong endpoint fails here, named, and a dead one is passed over.
         let mut refusals = Vec::new();

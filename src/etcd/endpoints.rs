@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
+use super::api::EtcdError;
 use crate::runtime::{SharedClock, timeout};
 
 /// Where a failed call puts the fault.
@@ -116,22 +117,25 @@ impl<T: Transport> fmt::Debug for Endpoints<T> {
 
 impl<T: Transport> Endpoints<T> {
     /// The endpoints `transport` reaches, the first in use; a connection not made within
-    /// `connect_timeout` (on `clock`) fails its endpoint.
+    /// `connect_timeout` (on `clock`) fails its endpoint. Refused without any endpoint.
     pub fn new(
         transport: T,
         clock: SharedClock,
         connect_timeout: Duration,
         metrics: EndpointMetrics,
-    ) -> Self {
+    ) -> Result<Self, EtcdError> {
         let n = transport.endpoints().len();
-        Self {
+        if n == 0 {
+            return Err(EtcdError::Rejected("no etcd endpoint given".into()));
+        }
+        Ok(Self {
             transport,
             clock,
             connect_timeout,
             conns: Mutex::new(vec![None; n]),
             current: AtomicUsize::new(0),
             metrics,
-        }
+        })
     }
 
     /// The transport.
@@ -164,9 +168,10 @@ impl<T: Transport> Endpoints<T> {
         self.current.load(Ordering::SeqCst)
     }
 
-    /// Uses endpoint `i` from now on (the first one that answered at start).
+    /// Uses endpoint `i` (modulo how many there are) from now on (the first one that
+    /// answered at start).
     pub fn set_current(&self, i: usize) {
-        self.current.store(i, Ordering::SeqCst);
+        self.current.store(i % self.len(), Ordering::SeqCst);
     }
 
     fn conns(&self) -> MutexGuard<'_, Vec<Option<T::Conn>>> {
@@ -417,7 +422,8 @@ mod tests {
             TokioClock::shared(),
             Duration::from_secs(1),
             EndpointMetrics::default(),
-        );
+        )
+        .unwrap();
         (fake, e)
     }
 

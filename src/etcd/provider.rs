@@ -24,11 +24,12 @@ use crate::cluster::{Description, Member, MemberId};
 use crate::placement::PlacementError;
 use crate::provider::describe::Descriptions;
 use crate::provider::lease::MemberStanding;
+use crate::provider::shell::{LeaseSession, Running, Shell};
 use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
-use crate::runtime::{SharedClock, TaskSet, jitter, sim, timeout};
+use crate::runtime::{SharedClock, jitter, sim, timeout};
 
 /// Settings of the etcd provider.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,7 +152,7 @@ impl EtcdProviderConfig {
 pub struct EtcdProvider {
     config: EtcdProviderConfig,
     api: Arc<dyn EtcdApi>,
-    running: tokio::sync::Mutex<Option<Running>>,
+    shell: Shell<Session>,
     metrics: EtcdProviderMetrics,
 }
 
@@ -161,11 +162,6 @@ impl std::fmt::Debug for EtcdProvider {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-struct Running {
-    session: Arc<Session>,
-    tasks: TaskSet,
 }
 
 /// One start of the provider: what its tasks share.
@@ -254,7 +250,7 @@ impl EtcdProvider {
         Self {
             config,
             api,
-            running: tokio::sync::Mutex::new(None),
+            shell: Shell::default(),
             metrics: EtcdProviderMetrics::default(),
         }
     }
@@ -270,12 +266,7 @@ impl EtcdProvider {
     }
 
     async fn session(&self) -> Result<Arc<Session>, ProviderError> {
-        self.running
-            .lock()
-            .await
-            .as_ref()
-            .map(|r| r.session.clone())
-            .ok_or(ProviderError::NotStarted)
+        self.shell.session().await
     }
 
     async fn start(
@@ -284,10 +275,7 @@ impl EtcdProvider {
         member_mode: bool,
     ) -> Result<(), ProviderError> {
         self.config.validate()?;
-        let mut running = self.running.lock().await;
-        if running.is_some() {
-            return Err(ProviderError::AlreadyStarted);
-        }
+        let mut running = self.shell.starting().await?;
         let prefix = members_prefix(&self.config.prefix, &ctx.cluster_name);
         let session = Arc::new(Session {
             api: self.api.clone(),
@@ -1029,6 +1017,47 @@ impl Session {
 }
 
 #[async_trait]
+impl LeaseSession for Session {
+    fn is_member(&self) -> bool {
+        self.member_mode
+    }
+
+    fn ctx(&self) -> &ClusterProviderContext {
+        &self.ctx
+    }
+
+    fn member(&self) -> &Mutex<Member> {
+        &self.member
+    }
+
+    fn descriptions(&self) -> &Descriptions {
+        &self.descriptions
+    }
+
+    fn writing(&self) -> &tokio::sync::Mutex<()> {
+        &self.writing
+    }
+
+    fn write_soon(&self) {
+        self.poke.notify_one();
+    }
+
+    async fn release(&self) {
+        if self.member_mode {
+            self.revoke_own().await;
+        }
+    }
+
+    fn backend(&self) -> String {
+        "etcd".into()
+    }
+
+    fn provider(&self) -> &'static str {
+        "etcd provider"
+    }
+}
+
+#[async_trait]
 impl ClusterProvider for EtcdProvider {
     async fn start_member(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
         self.start(ctx, true).await
@@ -1039,39 +1068,12 @@ impl ClusterProvider for EtcdProvider {
     }
 
     async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError> {
-        let Some(mut running) = self.running.lock().await.take() else {
-            return Err(ProviderError::NotStarted);
-        };
-        let session = running.session.clone();
-        let writing = session.writing.lock().await;
-        running.tasks.stop().await;
-        drop(writing);
-        if graceful && session.member_mode {
-            session.revoke_own().await;
-        }
-        tracing::info!(member = %session.member_id(), graceful, "etcd provider stopped");
-        Ok(())
+        self.shell.shutdown(graceful).await
     }
 
     async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
-        let session = self.session().await?;
-        if !session.member_mode {
-            return Err(ProviderError::NotAMember);
-        }
-        let generation = session
-            .descriptions
-            .set(&session.member, description.clone())?;
-        session.poke.notify_one();
-        session
-            .descriptions
-            .wait_shown(
-                &session.ctx,
-                &session.member,
-                generation,
-                &description,
-                self.config.startup_timeout,
-                "etcd",
-            )
+        self.shell
+            .update_member(description, self.config.startup_timeout)
             .await
     }
 

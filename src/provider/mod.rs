@@ -13,6 +13,7 @@ pub use context::{ClusterProviderContext, WithheldMembers};
 pub use lease::{LeaseTiming, LeaseTracker, LeaseTransition, LossReason, MembershipWindow, Window};
 pub mod remote;
 pub mod renew;
+pub(crate) mod shell;
 pub use remote::{
     GrpcPartitionManager, LocalPartitionManager, PartitionManagerClient, PartitionManagerHandle,
     PartitionService,

@@ -14,11 +14,12 @@ use crate::cluster::{ClusterTopology, Description, Member, MemberId};
 use crate::placement::PlacementError;
 use crate::provider::describe::Descriptions;
 use crate::provider::lease::MemberStanding;
+use crate::provider::shell::{LeaseSession, Running, Shell};
 use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, RenewPacer, remote::GrpcPartitionManager,
 };
-use crate::runtime::{IdleTimeout, SharedClock, TaskSet, sim, timeout};
+use crate::runtime::{IdleTimeout, SharedClock, sim, timeout};
 
 /// Settings of a [`RegistryProvider`].
 #[derive(Clone)]
@@ -142,14 +143,8 @@ impl RegistryProviderConfig {
 #[derive(Debug)]
 pub struct RegistryProvider {
     config: RegistryProviderConfig,
-    running: tokio::sync::Mutex<Option<Running>>,
+    shell: Shell<Session>,
     metrics: RegistryProviderMetrics,
-}
-
-#[derive(Debug)]
-struct Running {
-    session: Arc<Session>,
-    tasks: TaskSet,
 }
 
 /// What the heartbeat and watch tasks share.
@@ -186,19 +181,14 @@ impl RegistryProvider {
     pub fn new(config: RegistryProviderConfig) -> Self {
         Self {
             config,
-            running: tokio::sync::Mutex::new(None),
+            shell: Shell::default(),
             metrics: RegistryProviderMetrics::default(),
         }
     }
 
     /// The running session.
     async fn session(&self) -> Result<Arc<Session>, ProviderError> {
-        let running = self.running.lock().await;
-        Ok(running
-            .as_ref()
-            .ok_or(ProviderError::NotStarted)?
-            .session
-            .clone())
+        self.shell.session().await
     }
 
     /// How often this provider's recovery paths ran (register them to export).
@@ -211,10 +201,7 @@ impl RegistryProvider {
         ctx: ClusterProviderContext,
         role: pb::Role,
     ) -> Result<(), ProviderError> {
-        let mut running = self.running.lock().await;
-        if running.is_some() {
-            return Err(ProviderError::AlreadyStarted);
-        }
+        let mut running = self.shell.starting().await?;
         let channel = self.config.channel()?;
         let session = Arc::new(Session {
             config: self.config.clone(),
@@ -713,6 +700,48 @@ fn provider_error(s: Status) -> ProviderError {
 }
 
 #[async_trait]
+impl LeaseSession for Session {
+    fn is_member(&self) -> bool {
+        self.role == pb::Role::Member
+    }
+
+    fn ctx(&self) -> &ClusterProviderContext {
+        &self.ctx
+    }
+
+    fn member(&self) -> &Mutex<Member> {
+        &self.member
+    }
+
+    fn descriptions(&self) -> &Descriptions {
+        &self.descriptions
+    }
+
+    fn writing(&self) -> &tokio::sync::Mutex<()> {
+        &self.joining
+    }
+
+    fn write_soon(&self) {
+        self.describe.notify_one();
+    }
+
+    /// Leaves with the registration token, if there is one (a member's registration).
+    async fn release(&self) {
+        if !sim::flaw("shutdown-skips-leave") {
+            self.leave().await;
+        }
+    }
+
+    fn backend(&self) -> String {
+        format!("the registry at {}", self.config.endpoint)
+    }
+
+    fn provider(&self) -> &'static str {
+        "registry provider"
+    }
+}
+
+#[async_trait]
 impl ClusterProvider for RegistryProvider {
     async fn start_member(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
         self.start(ctx, pb::Role::Member).await
@@ -723,41 +752,13 @@ impl ClusterProvider for RegistryProvider {
     }
 
     async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError> {
-        let Some(mut running) = self.running.lock().await.take() else {
-            return Err(ProviderError::NotStarted);
-        };
         // A (re-)join in flight finishes first, so Leave names the registration that exists.
-        let session = running.session.clone();
-        let joining = session.joining.lock().await;
-        running.tasks.stop().await;
-        drop(joining);
-        if graceful && !sim::flaw("shutdown-skips-leave") {
-            running.session.leave().await;
-        }
-        tracing::info!(member = %running.session.member_id(), graceful, "registry provider stopped");
-        Ok(())
+        self.shell.shutdown(graceful).await
     }
 
     async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
-        let session = self.session().await?;
-        if session.role != pb::Role::Member {
-            return Err(ProviderError::NotAMember);
-        }
-        let generation = session
-            .descriptions
-            .set(&session.member, description.clone())?;
-        session.describe.notify_one();
-        let backend = format!("the registry at {}", self.config.endpoint);
-        session
-            .descriptions
-            .wait_shown(
-                &session.ctx,
-                &session.member,
-                generation,
-                &description,
-                self.config.startup_timeout,
-                &backend,
-            )
+        self.shell
+            .update_member(description, self.config.startup_timeout)
             .await
     }
 

@@ -31,6 +31,7 @@ impl SimCluster {
             // A renewal the backend accepted after the departure (sent before it and held on
             // the way: a frozen etcd member that answers its queue when it thaws) extended the
             // lease: judged a bound after that renewal.
+            let mut why_later = None;
             if let Some(late) = c.oracles.last_renewal(&id).filter(|r| *r > at) {
                 let more = (late + bound).saturating_duration_since(Instant::now());
                 if !more.is_zero() {
@@ -38,6 +39,23 @@ impl SimCluster {
                         .count("failover: judged from a renewal accepted after the departure");
                     sleep(more).await;
                     waited += more;
+                    why_later = Some("a bound after a renewal etcd accepted after the departure");
+                }
+            }
+            // A watch stalled on a frozen or crashed backend member: its node's view moves
+            // again once the node notices the silence and moves (or the member is back).
+            if let Some(until) = c.views_stalled_until(at) {
+                let more = (until + c.oracles.bounds().delivery() + POLL)
+                    .saturating_duration_since(Instant::now());
+                if !more.is_zero() {
+                    c.recorder.count(
+                        "failover: judged after watches stalled on a lost backend member moved",
+                    );
+                    sleep(more).await;
+                    waited += more;
+                    why_later = Some(
+                        "until watches stalled on a lost backend member had time to move, then delivery",
+                    );
                 }
             }
             // Sharded heartbeats: a monitor that took the shard over after the crash ages the
@@ -63,6 +81,8 @@ impl SimCluster {
                         .count("failover: judged one bound later (its shard's monitors changed)");
                     sleep(bound).await;
                     waited += bound;
+                    why_later =
+                        Some("TTL, sweep and delivery, twice: its shard's monitors changed");
                 }
             }
             let views: Vec<(usize, String, Incarnation)> = {
@@ -103,8 +123,8 @@ impl SimCluster {
                             "failover: {name} still lists {id} {} ms after it {how} (bound {} ms: {}), though {name} was connected throughout",
                             waited.as_millis(),
                             waited.as_millis(),
-                            if waited > bound {
-                                "TTL, sweep and delivery, twice: its shard's monitors changed"
+                            if let Some(why) = why_later {
+                                why
                             } else if expiry {
                                 "TTL, sweep and delivery"
                             } else {
@@ -184,9 +204,7 @@ impl SimCluster {
                 else {
                     return false;
                 };
-                ready <= at
-                    && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at)
-                    && !self.view_stalled(*j, at.checked_sub(CONNECTED_FOR).unwrap_or(at))
+                ready <= at && (healthy <= inc.started_at || healthy + CONNECTED_FOR <= at)
             })
             .collect()
     }

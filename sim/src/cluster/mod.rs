@@ -563,12 +563,14 @@ impl SimCluster {
         self.control.nodes()
     }
 
-    /// Whether node `i`'s watch was served, at some time since `since`, by a backend member
-    /// that froze or crashed under it (its view stalls until it notices: see
-    /// [`ControlPlane::view_stalled`]).
-    pub(crate) fn view_stalled(&self, i: usize, since: Instant) -> bool {
-        let ip = lock(&self.slots)[i].ip;
-        self.control.view_stalled(ip, since)
+    /// Until when some node's view may lag because its watch was on a backend member that
+    /// froze or crashed, for stalls that lasted past `since` (see
+    /// [`ControlPlane::view_stalled_until`]).
+    pub(crate) fn views_stalled_until(&self, since: Instant) -> Option<Instant> {
+        let ips: Vec<IpAddr> = lock(&self.slots).iter().map(|s| s.ip).collect();
+        ips.into_iter()
+            .filter_map(|ip| self.control.view_stalled_until(ip, since))
+            .max()
     }
 
     fn all_node_ids(&self) -> Vec<NodeId> {

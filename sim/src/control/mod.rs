@@ -147,12 +147,13 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// Restarts backend member `k` with its data if crash `crash` is still its latest.
     fn restart_member_after(&self, _k: usize, _crash: u64) {}
 
-    /// Whether the watch of the node at `ip` was open on a backend member that froze or
-    /// crashed, and stayed there at some time since `since` (its view stalls until the
-    /// client notices the silence and moves: the failover oracle does not hold it to the
-    /// bound meanwhile). Observed at the backend's doors, not asked of the provider.
-    fn view_stalled(&self, _ip: IpAddr, _since: Instant) -> bool {
-        false
+    /// Until when the view of the node at `ip` may lag, if its watch was open on a backend
+    /// member that froze or crashed and that stall lasted past `since`: until the member came
+    /// back, the node opened a watch elsewhere, or the time a client that notices silence
+    /// needs passed, whichever came first (the failover oracle waits for it). Observed at the
+    /// backend's doors, not asked of the provider.
+    fn view_stalled_until(&self, _ip: IpAddr, _since: Instant) -> Option<Instant> {
+        None
     }
 
     /// Changes the auth store (every token issued before is refused as old); false where the

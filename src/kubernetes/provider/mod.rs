@@ -42,6 +42,7 @@ use crate::cluster::{ClusterTopology, Description, Member, MemberId};
 use crate::placement::PlacementError;
 use crate::provider::describe::Descriptions;
 use crate::provider::lease::MemberStanding;
+use crate::provider::shell::{LeaseSession, Running, Shell};
 use crate::provider::{
     Backoff, ClusterProvider, ClusterProviderContext, LeaseTiming, PartitionManagerHandle,
     ProviderError, RenewPacer, remote::GrpcPartitionManager,
@@ -60,7 +61,7 @@ use watched::{Records, Shard, Slices, Watched};
 pub struct KubernetesProvider {
     config: KubernetesProviderConfig,
     api: Arc<dyn KubeApi>,
-    running: tokio::sync::Mutex<Option<Running>>,
+    shell: Shell<Session>,
     metrics: KubernetesProviderMetrics,
 }
 
@@ -70,11 +71,6 @@ impl std::fmt::Debug for KubernetesProvider {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-struct Running {
-    session: Arc<Session>,
-    tasks: TaskSet,
 }
 
 /// What this node knows of the cluster.
@@ -210,7 +206,7 @@ impl KubernetesProvider {
         Self {
             config,
             api,
-            running: tokio::sync::Mutex::new(None),
+            shell: Shell::default(),
             metrics: KubernetesProviderMetrics::default(),
         }
     }
@@ -221,12 +217,7 @@ impl KubernetesProvider {
     }
 
     async fn session(&self) -> Result<Arc<Session>, ProviderError> {
-        let running = self.running.lock().await;
-        Ok(running
-            .as_ref()
-            .ok_or(ProviderError::NotStarted)?
-            .session
-            .clone())
+        self.shell.session().await
     }
 
     async fn start(
@@ -239,10 +230,7 @@ impl KubernetesProvider {
         if member_mode {
             check_metadata_keys(&ctx.member).map_err(ProviderError::Rejected)?;
         }
-        let mut running = self.running.lock().await;
-        if running.is_some() {
-            return Err(ProviderError::AlreadyStarted);
-        }
+        let mut running = self.shell.starting().await?;
         let config = self.config.clone();
         let session = Arc::new(Session {
             api: self.api.clone(),
@@ -1112,6 +1100,52 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[async_trait]
+impl LeaseSession for Session {
+    fn is_member(&self) -> bool {
+        self.member_mode
+    }
+
+    fn ctx(&self) -> &ClusterProviderContext {
+        &self.ctx
+    }
+
+    fn member(&self) -> &Mutex<Member> {
+        &self.member
+    }
+
+    fn descriptions(&self) -> &Descriptions {
+        &self.descriptions
+    }
+
+    fn writing(&self) -> &tokio::sync::Mutex<()> {
+        &self.writing
+    }
+
+    /// Annotation keys and values within the API's rules (a 422 otherwise).
+    fn check(&self, described: &Member) -> Result<(), ProviderError> {
+        check_metadata_keys(described).map_err(ProviderError::Rejected)
+    }
+
+    fn write_soon(&self) {
+        self.renew_now.notify_one();
+    }
+
+    async fn release(&self) {
+        if self.member_mode && !sim::flaw("shutdown-keeps-lease") {
+            self.delete_own().await;
+        }
+    }
+
+    fn backend(&self) -> String {
+        "the Kubernetes API".into()
+    }
+
+    fn provider(&self) -> &'static str {
+        "kubernetes provider"
+    }
+}
+
+#[async_trait]
 impl ClusterProvider for KubernetesProvider {
     async fn start_member(&self, ctx: ClusterProviderContext) -> Result<(), ProviderError> {
         self.start(ctx, true).await
@@ -1122,41 +1156,12 @@ impl ClusterProvider for KubernetesProvider {
     }
 
     async fn shutdown(&self, graceful: bool) -> Result<(), ProviderError> {
-        let Some(mut running) = self.running.lock().await.take() else {
-            return Err(ProviderError::NotStarted);
-        };
-        let session = running.session.clone();
-        let writing = session.writing.lock().await;
-        running.tasks.stop().await;
-        drop(writing);
-        if graceful && session.member_mode && !sim::flaw("shutdown-keeps-lease") {
-            session.delete_own().await;
-        }
-        tracing::info!(member = %session.member_id(), graceful, "kubernetes provider stopped");
-        Ok(())
+        self.shell.shutdown(graceful).await
     }
 
     async fn update_member(&self, description: Description) -> Result<(), ProviderError> {
-        let session = self.session().await?;
-        if !session.member_mode {
-            return Err(ProviderError::NotAMember);
-        }
-        let described = lock(&session.member).clone().described(description.clone());
-        check_metadata_keys(&described).map_err(ProviderError::Rejected)?;
-        let generation = session
-            .descriptions
-            .set(&session.member, description.clone())?;
-        session.renew_now.notify_one();
-        session
-            .descriptions
-            .wait_shown(
-                &session.ctx,
-                &session.member,
-                generation,
-                &description,
-                self.config.startup_timeout,
-                "the Kubernetes API",
-            )
+        self.shell
+            .update_member(description, self.config.startup_timeout)
             .await
     }
 

@@ -118,8 +118,8 @@ pub struct SimEtcdApi {
 }
 
 impl SimEtcdApi {
-    /// Talks to the etcd members at `servers` (the first in use), authenticating as `user`
-    /// when one is given.
+    /// Talks to the etcd members at `servers` (the first in use; at least one), authenticating
+    /// as `user` when one is given.
     pub fn new(servers: Vec<SocketAddr>, user: Option<(String, String)>) -> Self {
         let names = servers.iter().map(|s| format!("http://{s}")).collect();
         let transport = SimTransport {
@@ -127,13 +127,15 @@ impl SimEtcdApi {
             names,
             user,
         };
+        let endpoints = Endpoints::new(
+            transport,
+            TokioClock::shared(),
+            Duration::from_secs(1),
+            EndpointMetrics::default(),
+        )
+        .expect("the simulated etcd has at least one member");
         Self {
-            endpoints: Arc::new(Endpoints::new(
-                transport,
-                TokioClock::shared(),
-                Duration::from_secs(1),
-                EndpointMetrics::default(),
-            )),
+            endpoints: Arc::new(endpoints),
         }
     }
 

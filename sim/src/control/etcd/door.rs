@@ -214,6 +214,8 @@ pub struct EtcdDoor {
     electing: AtomicBool,
     /// Who wins the election under way, and when.
     candidate: Mutex<Option<(usize, Instant)>>,
+    /// Raised by every change of leader (a leader's tasks run for one term).
+    term: AtomicU64,
     /// The etcd member each client's latest watch was opened on (by the client's address).
     watches: Mutex<BTreeMap<IpAddr, usize>>,
     /// Watches stalled on a frozen or crashed etcd member: the member, since when, until
@@ -221,9 +223,10 @@ pub struct EtcdDoor {
     stalls: Mutex<BTreeMap<IpAddr, Stall>>,
 }
 
-/// A watch stalled on a frozen or crashed etcd member: the member, since when, until when
-/// (`None`: still).
-type Stall = (usize, Instant, Option<Instant>);
+/// A watch stalled on a frozen or crashed etcd member: the member, since when, and until when
+/// at the latest (the member came back, the client opened a watch elsewhere, or the time a
+/// client that notices silence needs to move has passed).
+type Stall = (usize, Instant, Instant);
 
 /// A token the door issued.
 #[derive(Clone, Copy, Debug)]
@@ -298,6 +301,7 @@ impl EtcdDoor {
             leader: AtomicUsize::new(0),
             electing: AtomicBool::new(false),
             candidate: Mutex::default(),
+            term: AtomicU64::new(0),
             watches: Mutex::default(),
             stalls: Mutex::default(),
         });
@@ -405,6 +409,11 @@ impl EtcdDoor {
         }
     }
 
+    /// The current leader's term.
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::SeqCst)
+    }
+
     /// The etcd member that leads.
     pub fn leader(&self) -> usize {
         self.leader.load(Ordering::SeqCst)
@@ -441,6 +450,7 @@ impl EtcdDoor {
     /// TTL starts over (etcd's lessor promotion).
     pub fn set_leader(&self, k: usize, promoted: bool) {
         self.leader.store(k, Ordering::SeqCst);
+        self.term.fetch_add(1, Ordering::SeqCst);
         *lock(&self.candidate) = None;
         if promoted {
             self.store.extend_leases();
@@ -449,40 +459,44 @@ impl EtcdDoor {
         self.electing.store(false, Ordering::SeqCst);
     }
 
-    /// Etcd member `k` froze or crashed: the watches last opened on it stall from now on.
-    pub fn stall_watchers_of(&self, k: usize) {
+    /// Etcd member `k` froze or crashed: the watches last opened on it stall from now on, for
+    /// `notice` at most (what a client that notices a silent watch needs to move).
+    pub fn stall_watchers_of(&self, k: usize, notice: Duration) {
         let now = Instant::now();
         let watches = lock(&self.watches);
         let mut stalls = lock(&self.stalls);
         for (ip, _) in watches.iter().filter(|(_, m)| **m == k) {
-            stalls.insert(*ip, (k, now, None));
+            stalls.insert(*ip, (k, now, now + notice));
         }
     }
 
-    /// Etcd member `k` is back: the watches stalled on it stall no more.
-    pub fn end_stalls_on(&self, k: usize) {
+    /// Etcd member `k` is back (`None`: every member, a whole-etcd restart): the watches
+    /// stalled on it stall no more.
+    pub fn end_stalls_on(&self, k: Option<usize>) {
         let now = Instant::now();
-        for (m, _, end) in lock(&self.stalls).values_mut() {
-            if *m == k && end.is_none() {
-                *end = Some(now);
+        for (m, _, until) in lock(&self.stalls).values_mut() {
+            if k.is_none_or(|k| k == *m) && *until > now {
+                *until = now;
             }
         }
     }
 
-    /// Whether the watch of the client at `ip` stalled at some time since `since`.
-    pub fn view_stalled(&self, ip: IpAddr, since: Instant) -> bool {
+    /// Until when the watch of the client at `ip` stalled, if that stall lasted past `since`.
+    pub fn view_stalled_until(&self, ip: IpAddr, since: Instant) -> Option<Instant> {
         lock(&self.stalls)
             .get(&ip)
-            .is_some_and(|(_, _, end)| end.is_none_or(|e| e >= since))
+            .map(|(_, _, until)| *until)
+            .filter(|until| *until >= since)
     }
 
     /// The client at `ip` opened a watch on etcd member `k` (its watch stall, if any, ends).
     fn watch_opened(&self, ip: IpAddr, k: usize) {
         lock(&self.watches).insert(ip, k);
-        if let Some((_, _, end)) = lock(&self.stalls).get_mut(&ip)
-            && end.is_none()
+        let now = Instant::now();
+        if let Some((_, _, until)) = lock(&self.stalls).get_mut(&ip)
+            && *until > now
         {
-            *end = Some(Instant::now());
+            *until = now;
         }
     }
 

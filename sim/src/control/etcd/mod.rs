@@ -151,12 +151,13 @@ fn stand(door: Arc<EtcdDoor>, k: usize, rec: Recorder) {
 /// [`COMPACTION`] and sends progress notifications every [`PROGRESS_EVERY`], for as long as it
 /// leads (an old leader that thaws stops).
 fn lead(door: Arc<EtcdDoor>, k: usize) {
+    let term = door.term();
     let every = |period: Duration, tick: fn(&MemoryEtcd)| {
         let door = door.clone();
         madsim::task::spawn(async move {
             loop {
                 sleep(period).await;
-                if door.leader() != k {
+                if door.leader() != k || door.term() != term {
                     return;
                 }
                 if !door.electing() {
@@ -249,6 +250,14 @@ impl EtcdPlane {
         self.nodes.iter().any(|n| n.is_down() || n.is_paused())
     }
 
+    /// How long a member whose watch went silent (its etcd member froze or crashed) may take
+    /// to notice and move: the watch's idle timeout, an abandoned call, a failed audit's
+    /// backoff and a reopen (a slow clock stretches it).
+    fn notice(&self) -> Duration {
+        let c = config(&self.knobs);
+        (c.watch_idle_timeout + c.request_timeout * 3) * 4 / 3 + Duration::from_secs(2)
+    }
+
     /// Member `k` (its leader's freeze or crash) is lost: an election, won after [`ELECTION`]
     /// by the next member that runs, on whose node it is held.
     fn lose(&self, k: usize) {
@@ -280,6 +289,7 @@ impl EtcdPlane {
         // A whole-etcd restart: every token forgotten, the leader the one before (its node's
         // start leads again).
         self.door.forget_tokens(None);
+        self.door.end_stalls_on(None);
         self.door.set_leader(self.door.leader(), false);
         let store = self.door.store();
         store.set_down(false);
@@ -384,29 +394,34 @@ impl ControlPlane for EtcdPlane {
 
     fn freeze_member(&self, member: usize) -> Option<usize> {
         let k = member % self.nodes.len();
-        if self.nodes.len() < 2 || self.member_disturbed() || !self.nodes[k].pause() {
+        // One member at a time, and not during an election (the candidate is not re-chosen).
+        if self.nodes.len() < 2
+            || self.member_disturbed()
+            || self.door.electing()
+            || !self.nodes[k].pause()
+        {
             return None;
         }
         self.rec.trace(&format!("etcd{k}"), "frozen");
-        self.door.stall_watchers_of(k);
+        self.door.stall_watchers_of(k, self.notice());
         self.lose(k);
         Some(k)
     }
 
     fn thaw_member(&self, k: usize) {
         if self.nodes[k].resume().is_some() {
-            self.door.end_stalls_on(k);
+            self.door.end_stalls_on(Some(k));
             self.rec.trace(&format!("etcd{k}"), "thawed");
         }
     }
 
     fn crash_member(&self, member: usize) -> Option<(usize, u64)> {
         let k = member % self.nodes.len();
-        if self.nodes.len() < 2 || self.member_disturbed() {
+        if self.nodes.len() < 2 || self.member_disturbed() || self.door.electing() {
             return None;
         }
         let crash = self.nodes[k].kill();
-        self.door.stall_watchers_of(k);
+        self.door.stall_watchers_of(k, self.notice());
         self.rec.trace(&format!("etcd{k}"), "crashed");
         self.lose(k);
         Some((k, crash))
@@ -416,7 +431,7 @@ impl ControlPlane for EtcdPlane {
         if self.nodes[k].is_latest(crash) && !self.is_down() && self.nodes[k].revive().is_some() {
             // Its tokens lived in its memory.
             self.door.forget_tokens(Some(k));
-            self.door.end_stalls_on(k);
+            self.door.end_stalls_on(Some(k));
             self.rec.trace(&format!("etcd{k}"), "restarted");
         }
     }
@@ -425,8 +440,12 @@ impl ControlPlane for EtcdPlane {
         self.door.change_auth()
     }
 
-    fn view_stalled(&self, ip: IpAddr, since: madsim::time::Instant) -> bool {
-        self.door.view_stalled(ip, since)
+    fn view_stalled_until(
+        &self,
+        ip: IpAddr,
+        since: madsim::time::Instant,
+    ) -> Option<madsim::time::Instant> {
+        self.door.view_stalled_until(ip, since)
     }
 
     fn save_snapshot(&self) -> bool {
@@ -479,7 +498,7 @@ impl ControlPlane for EtcdPlane {
             if !self.is_down() && n.revive().is_some() {
                 self.door.forget_tokens(Some(k));
             }
-            self.door.end_stalls_on(k);
+            self.door.end_stalls_on(Some(k));
         }
         self.revive();
     }
