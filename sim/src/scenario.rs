@@ -1264,12 +1264,7 @@ fn etcd(
 /// watch lags behind its own write, and a member cut off from the backend while its peers
 /// still reach it.
 fn lease_timing(r: &mut SimRng, n: usize) -> FaultSchedule {
-    let slow = r.pick(n);
-    let lagging = (slow + 1 + r.pick(n - 1)) % n;
-    let cut = (0..n)
-        .map(|k| (lagging + 1 + k) % n)
-        .find(|&m| m != slow && m != lagging)
-        .unwrap_or(slow);
+    let [slow, lagging, cut] = three_members(r, n);
     FaultSchedule::new(vec![
         at(
             4.0,

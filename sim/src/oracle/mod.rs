@@ -357,7 +357,13 @@ impl Oracles {
         let now = Instant::now();
         let mut s = self.lock();
         s.lease.renewed(id, now);
-        s.last_renewal.insert(id.clone(), now);
+        // Every renewal of every member passes here: no allocation but the first.
+        match s.last_renewal.get_mut(id) {
+            Some(at) => *at = now,
+            None => {
+                s.last_renewal.insert(id.clone(), now);
+            }
+        }
     }
 
     /// When the backend last accepted a renewal of `id` (a renewal that reached it late, from
