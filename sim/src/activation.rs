@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use madsim::time::{Instant, sleep};
 use shoal::activation::{
     ActivationClient, ActivationConfig, ActivationHost, ActorError, Actors, CallError, CallReply,
-    Deactivation, Fence, GrpcTransport, PlacementLookup, Released, Transport,
+    Deactivation, Fence, GrpcTransport, Released, Transport,
 };
 use shoal::placement::PlacementRule;
 use shoal::{ClusterProviderContext, Member, MemberId};
@@ -578,21 +578,6 @@ impl Actors for SimActors {
     }
 }
 
-/// A node's activation client over the simulated network.
-pub fn client(
-    ctx: &ClusterProviderContext,
-    host: Option<Arc<ActivationHost>>,
-    rec: &Recorder,
-) -> Arc<ActivationClient> {
-    Arc::new(ActivationClient::new(
-        ctx.clone(),
-        Arc::new(PlacementLookup::new(ctx.partition_manager.clone())),
-        host,
-        transport(ctx, rec),
-        Default::default(),
-    ))
-}
-
 /// The gRPC transport nodes reach each other's actors with, metered: every member-to-member
 /// message the activation layer sends is counted (what activation costs, next to what the
 /// control plane serves).
@@ -641,9 +626,17 @@ impl Transport for MeteredTransport {
         address: &str,
     ) -> Result<Released, CallError> {
         self.rec.count("activation: sent release requests");
-        self.inner
+        let released = self
+            .inner
             .release(member, kind, identity, claim, address)
-            .await
+            .await;
+        if let Err(e) = &released {
+            // A release round fails on any one of these: at scale they decide how many
+            // rounds an activation costs.
+            self.rec
+                .count(&format!("activation: release not granted ({})", kind_of(e)));
+        }
+        released
     }
 
     async fn settle(

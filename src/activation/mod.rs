@@ -16,6 +16,9 @@
 //!   manager's owner cache, which each topology change rebalances).
 //! * [`ActivationClient`] calls an identity from any node, retrying what a fresher view or a
 //!   moment fixes; [`GrpcTransport`] carries calls and releases over `shoal.partition.v1`.
+//! * [`ActivationNode`] wires the pieces in one place ([`ActivationNode::builder`]: kinds
+//!   registered with their own factories, or one [`Actors`]) and starts and stops them in the
+//!   order the protocol needs.
 //!
 //! The guarantees and their timing assumptions are in `docs/activation.md`.
 
@@ -23,8 +26,10 @@ mod client;
 pub(crate) mod grpc;
 pub mod handoff;
 mod host;
+mod kinds;
 mod lookup;
 mod metrics;
+mod node;
 mod registry;
 
 pub use client::{ActivationClient, Attempt, Called, ClientConfig};
@@ -33,8 +38,10 @@ pub use host::{
     ActivationConfig, ActivationHost, ActorError, Actors, CallError, CallReply, Deactivation,
     RefusalCode, Released, Transport,
 };
+pub use kinds::{Actor, ActorKind, Kinds};
 pub use lookup::{IdentityLookup, Located, PlacementLookup};
 pub use metrics::{ActivationMetrics, ReasonLabel};
+pub use node::{ActivationBuilder, ActivationNode, BuildError};
 pub use registry::{
     Activation, Activations, Closed, Decision, Fence, Grant, Phase, Refusal, Release,
 };

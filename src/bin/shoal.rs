@@ -14,12 +14,8 @@ mod real {
     use shoal::etcd::{EtcdProvider, EtcdProviderConfig};
     use shoal::kubernetes::kube_rs::KubeRsApi;
     use shoal::kubernetes::{KubernetesProvider, KubernetesProviderConfig};
-    use std::sync::Arc;
 
-    use shoal::activation::{
-        ActivationClient, ActivationConfig, ActivationHost, Actors, ClientConfig, Deactivation,
-        GrpcTransport, PlacementLookup,
-    };
+    use shoal::activation::{ActivationConfig, ActivationNode, Actor, ActorKind, Deactivation};
     use shoal::provider::PartitionService;
     use shoal::registry::{RegistryProvider, RegistryProviderConfig, pb, wire};
     use shoal::runtime::TokioClock;
@@ -371,27 +367,31 @@ mod real {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("--listen: cannot bind {listen}"))?;
-        let host = args.actors.then(|| {
-            ActivationHost::new(
-                ctx.clone(),
-                Arc::new(CounterActors::default()),
-                Arc::new(GrpcTransport::new(
-                    args.conn.cluster.clone(),
-                    ctx.clock.clone(),
-                    args.conn.timeout,
-                )),
-                ActivationConfig {
-                    drain: args.drain,
-                    ..ActivationConfig::default()
-                },
+        // With --actors: host, client and service wired by ActivationNode, whose event driver
+        // starts here, before the provider; the service is served below, before the join.
+        let activation = if args.actors {
+            Some(
+                ctx.member
+                    .kinds
+                    .iter()
+                    .fold(ActivationNode::builder(ctx.clone()), |b, kind| {
+                        b.kind(kind.clone(), Counter::kind(kind.clone()))
+                    })
+                    .call_timeout(args.conn.timeout)
+                    .config(ActivationConfig {
+                        drain: args.drain,
+                        ..ActivationConfig::default()
+                    })
+                    .build()
+                    .context("--actors")?,
             )
-        });
-        let _driver = host.as_ref().map(|h| h.start());
-        let mut partition = PartitionService::new(ctx.partition_manager.clone());
-        if let Some(h) = &host {
-            partition = partition.with_host(h.clone());
-        }
-        let partition = partition.server();
+        } else {
+            None
+        };
+        let partition = match &activation {
+            Some(node) => node.service(),
+            None => PartitionService::new(ctx.partition_manager.clone()).server(),
+        };
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(partition)
@@ -461,17 +461,19 @@ mod real {
                 format!("etcd {}", endpoints.join(",")),
             ),
         };
-        provider
-            .start_member(ctx.clone())
-            .await
-            .with_context(|| format!("cannot join cluster {:?} at {at}", args.conn.cluster))?;
+        match &activation {
+            Some(node) => node.start_member(provider.as_ref()).await,
+            None => provider.start_member(ctx.clone()).await,
+        }
+        .with_context(|| format!("cannot join cluster {:?} at {at}", args.conn.cluster))?;
         tracing::info!(member = %ctx.member.id, "joined; press Ctrl-C or send SIGTERM to leave");
         shoal::runtime::shutdown_signal().await;
-        if let Some(h) = &host {
+        match &activation {
             // Nothing active once peers see this member leave.
-            h.shutdown().await;
+            Some(node) => node.shutdown(provider.as_ref(), true).await,
+            None => provider.shutdown(true).await,
         }
-        provider.shutdown(true).await.context("leaving")?;
+        .context("leaving")?;
         printer.abort();
         Ok(())
     }
@@ -520,17 +522,10 @@ mod real {
         .context("invalid --cluster")?;
         ctx.apply_topology(topology)
             .map_err(|e| anyhow!("the topology does not apply: {e}"))?;
-        let client = ActivationClient::new(
-            ctx.clone(),
-            Arc::new(PlacementLookup::new(ctx.partition_manager.clone())),
-            None,
-            Arc::new(GrpcTransport::new(
-                args.conn.cluster.clone(),
-                ctx.clock.clone(),
-                args.conn.timeout,
-            )),
-            ClientConfig::default(),
-        );
+        let client = ActivationNode::builder(ctx)
+            .call_timeout(args.conn.timeout)
+            .build()
+            .context("activation client")?;
         let called = client
             .call(&args.kind, &args.identity, args.payload.into_bytes())
             .await;
@@ -553,68 +548,52 @@ mod real {
         Ok(())
     }
 
-    /// The built-in actor of `shoal member --actors`: each identity counts its calls; the
-    /// count is handed to the next owner. Activations and deactivations are printed as JSON.
-    #[derive(Default)]
-    struct CounterActors {
-        counts: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// The built-in actor of `shoal member --actors`, registered for every kind the member
+    /// advertises: each identity counts its calls; the count is handed to the next owner.
+    /// Activations and deactivations are printed as JSON.
+    struct Counter {
+        kind: String,
+        identity: String,
+        calls: u64,
     }
 
-    impl CounterActors {
-        fn counts(
-            &self,
-        ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, String), u64>> {
-            self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    impl Counter {
+        /// The factory of `kind`'s counters.
+        fn kind(kind: String) -> impl ActorKind {
+            move |identity: String, handed: Option<Vec<u8>>| {
+                let calls = handed
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_le_bytes);
+                println!(
+                    "{}",
+                    json!({"event": "activated", "kind": kind, "identity": identity, "calls": calls})
+                );
+                std::future::ready(Ok(Box::new(Counter {
+                    kind: kind.clone(),
+                    identity,
+                    calls,
+                }) as Box<dyn Actor>))
+            }
         }
     }
 
     #[async_trait::async_trait]
-    impl Actors for CounterActors {
-        async fn activate(
-            &self,
-            kind: &str,
-            identity: &str,
-            handed: Option<Vec<u8>>,
-        ) -> Result<(), shoal::activation::ActorError> {
-            let start = handed
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_le_bytes);
-            self.counts()
-                .insert((kind.to_string(), identity.to_string()), start);
-            println!(
-                "{}",
-                json!({"event": "activated", "kind": kind, "identity": identity, "calls": start})
-            );
-            Ok(())
-        }
-
-        async fn call(&self, kind: &str, identity: &str, payload: Vec<u8>) -> Vec<u8> {
-            let mut counts = self.counts();
-            let n = counts
-                .entry((kind.to_string(), identity.to_string()))
-                .or_default();
-            *n += 1;
-            json!({"identity": identity, "calls": *n,
+    impl Actor for Counter {
+        async fn call(&mut self, payload: Vec<u8>) -> Vec<u8> {
+            self.calls += 1;
+            json!({"identity": self.identity, "calls": self.calls,
                    "payload": String::from_utf8_lossy(&payload)})
             .to_string()
             .into_bytes()
         }
 
-        async fn deactivate(
-            &self,
-            kind: &str,
-            identity: &str,
-            why: Deactivation,
-        ) -> Option<Vec<u8>> {
-            let n = self
-                .counts()
-                .remove(&(kind.to_string(), identity.to_string()));
+        async fn deactivate(self: Box<Self>, why: Deactivation) -> Option<Vec<u8>> {
             println!(
                 "{}",
-                json!({"event": "deactivated", "kind": kind, "identity": identity,
+                json!({"event": "deactivated", "kind": self.kind, "identity": self.identity,
                        "reason": format!("{why:?}")})
             );
-            n.map(|n| n.to_le_bytes().to_vec())
+            Some(self.calls.to_le_bytes().to_vec())
         }
     }
 

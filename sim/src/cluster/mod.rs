@@ -17,9 +17,8 @@ use std::time::Duration;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use madsim::time::{Instant, sleep};
-use shoal::activation::{ActivationClient, ActivationHost};
+use shoal::activation::{ActivationClient, ActivationNode};
 use shoal::metrics::{EventMetrics, PlacementMetrics};
-use shoal::provider::PartitionService;
 use shoal::runtime::{SharedClock, SkewedClock, TokioClock};
 use shoal::{
     ClusterEvent, ClusterProvider, ClusterProviderContext, Description, EventStream, MemberId,

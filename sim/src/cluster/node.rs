@@ -189,6 +189,54 @@ impl NodeSpec {
             events: chain,
             print,
         });
+        // Actors: members host them (served by the real partition service over the simulated
+        // network); every node calls them. Built, and the service served, before the provider
+        // starts (ActivationNode's order: a peer that lists this member reaches its service).
+        let actors = (!self.is_client).then(|| {
+            SimActors::new(
+                self.name.clone(),
+                ctx.clone(),
+                self.knobs.placement_rule(),
+                self.activation.clone(),
+                self.recorder.clone(),
+            )
+        });
+        let mut builder = ActivationNode::builder(ctx.clone())
+            .transport(crate::activation::transport(&ctx, &self.recorder))
+            .config(crate::activation::config());
+        if let Some(actors) = &actors {
+            builder = builder.actors(actors.clone());
+        }
+        let activation = match builder.build() {
+            Ok(node) => node,
+            Err(e) => {
+                self.recorder.violation_once(
+                    format!("activation build {}", self.name),
+                    format!(
+                        "activation: {} could not build its activation node: {e}",
+                        self.name
+                    ),
+                );
+                return;
+            }
+        };
+        let host = activation.host().cloned();
+        if let (Some(actors), Some(host)) = (&actors, &host) {
+            actors.attach(host);
+            let service = activation.service();
+            let addr = SocketAddr::new(self.ip, crate::activation::PORT);
+            let rec = self.recorder.clone();
+            let name = self.name.clone();
+            madsim::task::spawn(async move {
+                if let Err(e) = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve(addr)
+                    .await
+                {
+                    rec.trace(&name, format!("partition service ended: {e}"));
+                }
+            });
+        }
         let mut attempt = 0u32;
         loop {
             let started = if self.is_client {
@@ -218,45 +266,7 @@ impl NodeSpec {
                 }
             }
         }
-        // Actors: members host them (served by the real partition service over the simulated
-        // network); every node calls them.
-        let host = (!self.is_client).then(|| {
-            let actors = SimActors::new(
-                self.name.clone(),
-                ctx.clone(),
-                self.knobs.placement_rule(),
-                self.activation.clone(),
-                self.recorder.clone(),
-            );
-            let host = ActivationHost::new(
-                ctx.clone(),
-                actors.clone(),
-                crate::activation::transport(&ctx, &self.recorder),
-                crate::activation::config(),
-            );
-            actors.attach(&host);
-            host
-        });
-        if let Some(host) = &host {
-            // Detached: it dies with the node.
-            drop(host.start());
-            let service = PartitionService::new(ctx.partition_manager.clone())
-                .with_host(host.clone())
-                .server();
-            let addr = SocketAddr::new(self.ip, crate::activation::PORT);
-            let rec = self.recorder.clone();
-            let name = self.name.clone();
-            madsim::task::spawn(async move {
-                if let Err(e) = tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve(addr)
-                    .await
-                {
-                    rec.trace(&name, format!("partition service ended: {e}"));
-                }
-            });
-        }
-        let client = crate::activation::client(&ctx, host.clone(), &self.recorder);
+        let client = activation.client().clone();
         if let Some(inc) = lock(&self.current).as_mut() {
             inc.ready_at = Some(Instant::now());
             inc.activation = Some(client.clone());
@@ -303,10 +313,8 @@ impl NodeSpec {
             _ = stop => {}
             _ = app => {}
         }
-        if let Some(host) = &host {
-            host.shutdown().await;
-        }
-        match provider.shutdown(true).await {
+        // Everything deactivated before the provider leaves.
+        match activation.shutdown(provider.as_ref(), true).await {
             Ok(()) => self
                 .recorder
                 .trace(&self.name, "provider shut down gracefully"),
