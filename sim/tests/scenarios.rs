@@ -1062,7 +1062,7 @@ fn liveness_fires_on_an_etcd_member_that_keeps_its_key_as_a_restore_left_it() {
 fn history_fires_on_an_etcd_audit_that_only_counts_keys() {
     let v = failure_in_seeds(
         "etcd-restore",
-        &[5, 58, 115],
+        &[21, 34, 60],
         Flaw::EtcdAuditCountOnly,
         "history:",
     );

@@ -438,6 +438,15 @@ impl ActivationHost {
         lock(&self.state).active().map(|(k, _)| k.clone()).collect()
     }
 
+    /// Serves as incarnation `id` from now on: a start that failed is retried as a new
+    /// incarnation before any join succeeded (nothing is held yet). A provider that renews a
+    /// lease tells the host its incarnation anyway (`ctx.standing`); one that does not (the
+    /// in-memory provider) only through this.
+    pub fn begin_as(&self, id: MemberId) {
+        lock(&self.handed).adopt(&id);
+        lock(&self.state).restored(id);
+    }
+
     /// The member incarnation this host serves as now.
     pub fn member_id(&self) -> MemberId {
         lock(&self.state).me().clone()

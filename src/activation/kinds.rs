@@ -19,8 +19,11 @@ use super::host::{ActorError, Actors, Deactivation};
 /// state. Calls come one at a time (the host's turns), so `call` takes `&mut self`.
 #[async_trait]
 pub trait Actor: Send + 'static {
-    /// Handles one call. Dropped unfinished (cancelled) if the identity must go before it ends:
-    /// see [`Actors`].
+    /// Handles one call. Dropped unfinished (cancelled) if the identity must go before it ends
+    /// (see [`Actors`]), or if its caller goes away (a deadline): the actor keeps whatever it
+    /// changed before the drop, and a caller that retries may send the call again, so a call
+    /// that must not apply twice or in part should be idempotent or keep its changes until it
+    /// returns.
     async fn call(&mut self, payload: Vec<u8>) -> Vec<u8>;
     /// The identity is no longer active here: persist what must survive, and return the state
     /// to hand to the next owner (`None`: nothing to hand over).

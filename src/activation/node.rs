@@ -24,6 +24,7 @@ use super::grpc::GrpcTransport;
 use super::host::{ActivationConfig, ActivationHost, Actors, Transport};
 use super::kinds::{ActorKind, Kinds};
 use super::lookup::{IdentityLookup, PlacementLookup};
+use crate::cluster::MemberId;
 use crate::provider::remote::{PartitionGrpcService, PartitionService};
 use crate::provider::{ClusterProvider, ClusterProviderContext, ProviderError};
 use crate::runtime::TaskHandle;
@@ -55,7 +56,7 @@ pub enum BuildError {
     /// The member advertises a kind no factory is registered for: its calls would all fail.
     #[error("the member advertises actor kind {0:?} but no factory is registered for it")]
     NoFactory(String),
-    /// A client (it advertises no kind) was given actors: a client hosts nothing.
+    /// A client (it advertises no kind) was given actors or kinds: a client hosts nothing.
     #[error("a client node (no kinds advertised) hosts no actors")]
     ClientWithActors,
 }
@@ -139,6 +140,9 @@ impl ActivationBuilder {
             return Err(BuildError::DuplicateKind(kind));
         }
         let advertised: Vec<String> = self.ctx.member.kinds.iter().cloned().collect();
+        if advertised.is_empty() && (self.actors.is_some() || !self.kinds.is_empty()) {
+            return Err(BuildError::ClientWithActors);
+        }
         let actors: Option<Arc<dyn Actors>> = match (self.actors, self.kinds.is_empty()) {
             (Some(_), false) => return Err(BuildError::ActorsAndKinds),
             (Some(actors), true) => Some(actors),
@@ -186,7 +190,7 @@ impl ActivationBuilder {
             ctx,
             host,
             client,
-            _driver: driver,
+            driver,
         })
     }
 }
@@ -200,7 +204,17 @@ pub struct ActivationNode {
     ctx: ClusterProviderContext,
     host: Option<Arc<ActivationHost>>,
     client: Arc<ActivationClient>,
-    _driver: Option<TaskHandle>,
+    /// The host's event driver: it ends with the node (dropped or shut down), not with the
+    /// event stream, which the host's own context keeps open.
+    driver: Option<TaskHandle>,
+}
+
+impl Drop for ActivationNode {
+    fn drop(&mut self) {
+        if let Some(driver) = &self.driver {
+            driver.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for ActivationNode {
@@ -262,6 +276,22 @@ impl ActivationNode {
         provider.start_member(self.ctx.clone()).await
     }
 
+    /// Joins through `provider` as incarnation `id` of this node's member: after a start that
+    /// failed, the next attempt is a new incarnation (`MemberId::successor`), and the host
+    /// serves as it from now on.
+    pub async fn start_member_as(
+        &self,
+        provider: &dyn ClusterProvider,
+        id: MemberId,
+    ) -> Result<(), ProviderError> {
+        if let Some(host) = &self.host {
+            host.begin_as(id.clone());
+        }
+        provider
+            .start_member(self.ctx.clone().with_member_id(id))
+            .await
+    }
+
     /// Watches the cluster through `provider` as a client.
     pub async fn start_client(&self, provider: &dyn ClusterProvider) -> Result<(), ProviderError> {
         provider.start_client(self.ctx.clone()).await
@@ -277,6 +307,9 @@ impl ActivationNode {
     ) -> Result<(), ProviderError> {
         if let Some(host) = &self.host {
             host.shutdown().await;
+        }
+        if let Some(driver) = &self.driver {
+            driver.abort();
         }
         provider.shutdown(graceful).await
     }
@@ -343,10 +376,7 @@ mod tests {
         );
         assert_eq!(
             err(ActivationNode::builder(ctx(&[])).kind("a", echo)),
-            BuildError::NotAdvertised {
-                kind: "a".into(),
-                advertised: vec![]
-            }
+            BuildError::ClientWithActors
         );
         let kinds = Arc::new(Kinds::new(BTreeMap::new()));
         assert_eq!(
@@ -367,5 +397,26 @@ mod tests {
         assert!(member.host().is_some());
         let client = ActivationNode::builder(ctx(&[])).build().unwrap();
         assert!(client.host().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_start_retried_as_a_new_incarnation_is_served_as_it() {
+        let c = ctx(&["a"]);
+        let node = ActivationNode::builder(c.clone())
+            .kind("a", echo)
+            .build()
+            .unwrap();
+        let host = node.host().unwrap();
+        assert_eq!(host.member_id(), c.member.id);
+        let next = c.member.id.successor(c.clock.as_ref());
+        assert_ne!(next, c.member.id);
+        // The in-memory provider: a start, then one as the next incarnation (its first start
+        // is refused as already started, which is all the retry needs here).
+        let provider = crate::provider::memory::InMemoryProvider::new(
+            crate::provider::memory::InMemoryRegistry::new(),
+        );
+        node.start_member(&provider).await.unwrap();
+        let _ = node.start_member_as(&provider, next.clone()).await;
+        assert_eq!(host.member_id(), next);
     }
 }

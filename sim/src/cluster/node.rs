@@ -242,7 +242,11 @@ impl NodeSpec {
             let started = if self.is_client {
                 provider.start_client(ctx.clone()).await
             } else {
-                provider.start_member(ctx.clone()).await
+                // As the incarnation of this attempt (a retry is a new one): the host serves
+                // as it too.
+                activation
+                    .start_member_as(provider.as_ref(), ctx.member.id.clone())
+                    .await
             };
             match started {
                 Ok(()) => break,
