@@ -415,3 +415,106 @@ async fn malformed_calls_get_a_clear_status_and_the_member_keeps_serving() {
     })
     .await;
 }
+
+/// One registered kind's activation: counts its calls, hands the count over.
+struct Counted(u64);
+
+#[async_trait]
+impl shoal::activation::Actor for Counted {
+    async fn call(&mut self, _payload: Vec<u8>) -> Vec<u8> {
+        self.0 += 1;
+        self.0.to_le_bytes().to_vec()
+    }
+    async fn deactivate(self: Box<Self>, _reason: Deactivation) -> Option<Vec<u8>> {
+        Some(self.0.to_le_bytes().to_vec())
+    }
+}
+
+/// Where a started member's `ActivationNode` is put once it joined.
+type NodeSlot = Arc<Mutex<Option<Arc<shoal::activation::ActivationNode>>>>;
+
+/// Starts member `i` as `ActivationNode` wires it: kind `k` registered with its own factory,
+/// the service served before the join. Returns the node's id and its activation node.
+fn start_built_member(
+    i: usize,
+    ctx: ClusterProviderContext,
+    registry: InMemoryRegistry,
+) -> (madsim::task::NodeId, NodeSlot, Arc<InMemoryProvider>) {
+    let slot: NodeSlot = Arc::default();
+    let out = slot.clone();
+    let provider = Arc::new(InMemoryProvider::new(registry));
+    let p = provider.clone();
+    let node = Handle::current()
+        .create_node()
+        .name(format!("m{i}"))
+        .ip(ip(i))
+        .init(move || {
+            let (ctx, slot, provider) = (ctx.clone(), slot.clone(), p.clone());
+            async move {
+                let counted = |_id: String, handed: Option<Vec<u8>>| async move {
+                    let n = handed.map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
+                    Ok(Box::new(Counted(n)) as Box<dyn shoal::activation::Actor>)
+                };
+                let node = Arc::new(
+                    shoal::activation::ActivationNode::builder(ctx.clone())
+                        .kind("k", counted)
+                        .call_timeout(Duration::from_secs(1))
+                        .build()
+                        .unwrap(),
+                );
+                madsim::task::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(node.service())
+                        .serve(SocketAddr::new(ip(i), 4000)),
+                );
+                node.start_member(provider.as_ref()).await.unwrap();
+                *slot.lock().unwrap() = Some(node);
+                std::future::pending::<()>().await;
+            }
+        })
+        .build();
+    (node.id(), out, provider)
+}
+
+/// Kinds registered with their own factory, wired by `ActivationNode`: the identity counts on
+/// its owner, moves with its count when a joining member takes it over, and a member that
+/// shuts down through the node deactivates what it held before it leaves.
+#[madsim::test]
+async fn registered_kinds_move_with_their_state_and_shut_down_before_leaving() {
+    let registry = InMemoryRegistry::new();
+    let (a, b, c) = (ctx(0), ctx(1), ctx(2));
+    let x = moving_identity(&a, &b, &c);
+    let (_, _a, _) = start_built_member(0, a.clone(), registry.clone());
+    let (b_node, b_slot, _) = start_built_member(1, b.clone(), registry.clone());
+    sleep(Duration::from_secs(1)).await;
+    let call_from_b = |x: String| {
+        let node = b_slot.lock().unwrap().clone().expect("started");
+        on(b_node, async move { node.call("k", &x, Vec::new()).await })
+    };
+    for want in 1..=3u64 {
+        let reply = call_from_b(x.clone()).await.result.unwrap();
+        assert_eq!(reply.served_by, a.member.id);
+        assert_eq!(reply.payload, want.to_le_bytes().to_vec());
+    }
+    // c joins: x moves to c with its count.
+    let (c_node, c_slot, c_provider) = start_built_member(2, c.clone(), registry.clone());
+    sleep(Duration::from_secs(1)).await;
+    let reply = call_from_b(x.clone()).await.result.unwrap();
+    assert_eq!(reply.served_by, c.member.id);
+    assert!(reply.activated);
+    assert_eq!(reply.payload, 4u64.to_le_bytes().to_vec());
+    // c shuts down through its node: x is deactivated before c leaves, and a takes it back
+    // once c is gone (from nothing: a member that left is not asked, so what it kept does not
+    // move, the documented limit).
+    let node = c_slot.lock().unwrap().clone().expect("started");
+    on(c_node, async move {
+        node.shutdown(c_provider.as_ref(), true).await.unwrap();
+        assert!(node.host().unwrap().active().is_empty());
+    })
+    .await;
+    sleep(Duration::from_secs(1)).await;
+    let reply = call_from_b(x.clone()).await.result.unwrap();
+    assert_eq!(reply.served_by, a.member.id);
+    assert!(reply.activated);
+    assert_eq!(reply.payload, 1u64.to_le_bytes().to_vec());
+}
