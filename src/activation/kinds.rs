@@ -65,7 +65,9 @@ type Slot = Arc<tokio::sync::Mutex<Option<Box<dyn Actor>>>>;
 /// identity again only after its `deactivate` returned).
 pub struct Kinds {
     kinds: BTreeMap<String, Arc<dyn ActorKind>>,
-    live: Mutex<BTreeMap<(String, String), Slot>>,
+    /// The activations held, by kind, then identity (looked up by `&str`: a call allocates
+    /// no key).
+    live: Mutex<BTreeMap<String, BTreeMap<String, Slot>>>,
 }
 
 impl Kinds {
@@ -84,17 +86,15 @@ impl Kinds {
 
     /// How many activations are held.
     pub fn live(&self) -> usize {
-        self.lock().len()
+        self.lock().values().map(BTreeMap::len).sum()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<(String, String), Slot>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, BTreeMap<String, Slot>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn slot(&self, kind: &str, identity: &str) -> Option<Slot> {
-        self.lock()
-            .get(&(kind.to_string(), identity.to_string()))
-            .cloned()
+        self.lock().get(kind)?.get(identity).cloned()
     }
 }
 
@@ -121,9 +121,13 @@ impl Actors for Kinds {
             )));
         };
         let actor = factory.activate(identity, handed).await?;
-        let key = (kind.to_string(), identity.to_string());
         let slot = Arc::new(tokio::sync::Mutex::new(Some(actor)));
-        if self.lock().insert(key, slot).is_some() {
+        let replaced = self
+            .lock()
+            .entry(kind.to_string())
+            .or_default()
+            .insert(identity.to_string(), slot);
+        if replaced.is_some() {
             // The host activates an identity only after its deactivate returned: an
             // activation still held here means that order was broken.
             tracing::error!(
@@ -156,9 +160,15 @@ impl Actors for Kinds {
         identity: &str,
         reason: Deactivation,
     ) -> Option<Vec<u8>> {
-        let slot = self
-            .lock()
-            .remove(&(kind.to_string(), identity.to_string()))?;
+        let slot = {
+            let mut live = self.lock();
+            let of_kind = live.get_mut(kind)?;
+            let slot = of_kind.remove(identity);
+            if of_kind.is_empty() {
+                live.remove(kind);
+            }
+            slot?
+        };
         let actor = slot.lock().await.take()?;
         actor.deactivate(reason).await
     }
